@@ -1,0 +1,161 @@
+"""Datasets that ship inside installed packages, so nothing is downloaded at run time.
+
+| name      | source                                 | train         | val              | test               |
+|-----------|----------------------------------------|---------------|------------------|--------------------|
+| `faces`   | `skimage.data.lfw_subset()`, 100 faces | 0-69          | 70-79            | 80-99              |
+| `digits`  | `sklearn.datasets.load_digits()`       | 0-1399        | 1400-1599        | 1600-1796          |
+| `patches` | crops of scikit-image sample images    | 9 images x 64 | 2 images x 16    | 4 images x 16      |
+| `stripes` | synthetic sinusoidal stripes           | seeds 0-4999  | seeds 1,000,000+ | seeds 2,000,000+   |
+
+`patches` sources: train = moon, clock, hubble_deep_field, immunohistochemistry, grass, gravel,
+brick, cell, retina; val = rocket, coins; test = camera, astronaut, coffee, chelsea. `stripes` val and
+test have 500 images each.
+
+Splits are fixed index ranges (or, for `patches`, disjoint source images; for `stripes`, disjoint
+seed ranges), so they are deterministic and disjoint by construction. Every image is resized to the
+requested square size (bicubic, anti-aliased when shrinking, clipped to [0, 1]) and converted to the
+requested channel count (grey is repeated to RGB; RGB becomes grey by ITU-R 601 luminance).
+Ids are ``<name>-<split>-<index>`` with the index into the source (stable across sizes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+NAMES = ("faces", "digits", "patches", "stripes")
+
+FACES_SPLITS = {"train": range(0, 70), "val": range(70, 80), "test": range(80, 100)}
+DIGITS_SPLITS = {"train": range(0, 1400), "val": range(1400, 1600), "test": range(1600, 1797)}
+PATCH_SOURCES = {
+    "train": ("moon", "clock", "hubble_deep_field", "immunohistochemistry", "grass", "gravel",
+              "brick", "cell", "retina"),
+    "val": ("rocket", "coins"),
+    "test": ("camera", "astronaut", "coffee", "chelsea"),
+}
+PATCHES_PER_SOURCE = {"train": 64, "val": 16, "test": 16}
+STRIPES_SPLITS = {"train": (0, 5000), "val": (1_000_000, 500), "test": (2_000_000, 500)}
+# Stripe frequency in cycles per image side, so the pattern does not depend on the pixel size.
+STRIPES_CYCLES = (1.5, 6.0)
+
+
+@dataclass
+class ImageSet:
+    """Images as float32 ``(N, C, S, S)`` in [0, 1] with one string id per image."""
+
+    ids: list[str]
+    images: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, n: int | None) -> ImageSet:
+        return self if n is None else ImageSet(self.ids[:n], self.images[:n])
+
+
+def load_embedded(name: str, split: str = "train", size: int = 32, channels: int = 1,
+                  n: int | None = None) -> ImageSet:
+    """Load split ``split`` of embedded dataset ``name`` at ``size`` x ``size`` with ``channels``."""
+    if name not in NAMES:
+        raise ValueError(f"unknown embedded dataset '{name}'; choose one of {', '.join(NAMES)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if size < 4:
+        raise ValueError(f"size must be at least 4, got {size}")
+    ids, images = _LOADERS[name](split, size)
+    images = _to_channels(images, channels)
+    return ImageSet(list(ids), np.ascontiguousarray(images, dtype=np.float32)).subset(n)
+
+
+def resize_square(img: np.ndarray, size: int) -> np.ndarray:
+    """Resize an (H, W) or (H, W, C) image in [0, 1] to (size, size[, C]), clipped to [0, 1]."""
+    from skimage.transform import resize
+
+    shrink = min(img.shape[:2]) > size
+    out = resize(img, (size, size) + img.shape[2:], order=3, mode="reflect", anti_aliasing=shrink)
+    return np.clip(out, 0.0, 1.0)
+
+
+def _to_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """(N, H, W) or (N, H, W, 3) -> (N, C, H, W)."""
+    if images.ndim == 3:
+        images = images[:, None]
+    else:
+        images = np.moveaxis(images, -1, 1)
+    if images.shape[1] == channels:
+        return images
+    if channels == 3:
+        return np.repeat(images, 3, axis=1)
+    w = np.array([0.299, 0.587, 0.114], dtype=images.dtype)
+    return np.tensordot(w, images, axes=([0], [1]))[:, None]
+
+
+@lru_cache(maxsize=1)
+def _lfw_faces() -> np.ndarray:
+    from skimage.data import lfw_subset
+
+    return lfw_subset()[:100]  # the first 100 of the 200 are faces, the rest are not
+
+
+def _faces(split: str, size: int) -> tuple[list[str], np.ndarray]:
+    idx = FACES_SPLITS[split]
+    faces = _lfw_faces()
+    return [f"faces-{split}-{i:05d}" for i in idx], np.stack([resize_square(faces[i], size) for i in idx])
+
+
+@lru_cache(maxsize=1)
+def _sk_digits() -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    return load_digits().images / 16.0
+
+
+def _digits(split: str, size: int) -> tuple[list[str], np.ndarray]:
+    idx = DIGITS_SPLITS[split]
+    digits = _sk_digits()
+    return [f"digits-{split}-{i:05d}" for i in idx], np.stack([resize_square(digits[i], size) for i in idx])
+
+
+def _patches(split: str, size: int) -> tuple[list[str], np.ndarray]:
+    import skimage.data
+    from skimage.color import gray2rgb
+
+    ids, out = [], []
+    for s, src in enumerate(PATCH_SOURCES[split]):
+        img = getattr(skimage.data, src)()
+        img = img.astype(np.float64) / np.iinfo(img.dtype).max if img.dtype.kind == "u" else img.astype(np.float64)
+        if img.ndim == 2:
+            img = gray2rgb(img)
+        img = img[..., :3]
+        h, w = img.shape[:2]
+        crop = min(h, w) // 4  # a quarter of the short side: objects, not just texture
+        rng = np.random.default_rng(1000 + s + 100 * SPLITS.index(split))
+        for k in range(PATCHES_PER_SOURCE[split]):
+            y0, x0 = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
+            ids.append(f"patches-{split}-{src}-{k:03d}")
+            out.append(resize_square(img[y0:y0 + crop, x0:x0 + crop], size))
+    return ids, np.stack(out)
+
+
+def stripe(seed: int, size: int) -> np.ndarray:
+    """One stripe image ``0.5 + 0.5 sin(2 pi f (u cos a + v sin a) + phase)`` from its seed."""
+    rng = np.random.default_rng(seed)
+    cycles = rng.uniform(*STRIPES_CYCLES)
+    angle = rng.uniform(0.0, np.pi)
+    phase = rng.uniform(0.0, 2 * np.pi)
+    v, u = np.meshgrid(np.arange(size) / size, np.arange(size) / size, indexing="ij")
+    return 0.5 + 0.5 * np.sin(2 * np.pi * cycles * (u * np.cos(angle) + v * np.sin(angle)) + phase)
+
+
+def _stripes(split: str, size: int) -> tuple[list[str], np.ndarray]:
+    start, count = STRIPES_SPLITS[split]
+    seeds = range(start, start + count)
+    return [f"stripes-{split}-{s:07d}" for s in seeds], np.stack([stripe(s, size) for s in seeds])
+
+
+_LOADERS = {"faces": _faces, "digits": _digits, "patches": _patches, "stripes": _stripes}

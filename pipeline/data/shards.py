@@ -1,0 +1,221 @@
+"""Parquet image shards on any fsspec URI, readable without this package.
+
+A dataset is a folder of ``shard-00000.parquet, shard-00001.parquet, ...``. Image columns are the
+Hugging Face ``datasets`` layout, a struct ``{bytes: binary, path: string}``; the bytes are a PNG
+(8- or 16-bit, grey or RGB) or, for values outside [0, 1], a float32 ``.npy`` (``path`` ends in
+``.npy``). The Parquet schema carries the ``huggingface`` metadata that makes
+``datasets.Dataset.from_parquet`` decode these columns as images; pandas and DuckDB see a plain
+struct column.
+
+Arrays in this module are ``(H, W)`` or ``(H, W, C)`` in their stored dtype (uint8, uint16,
+float32); :func:`to_float` turns one into the ``(C, H, W)`` float32 in [0, 1] that models use.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.data.storage import join, open_fs
+
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+SHARD_PATTERN = "shard-{:05d}.parquet"
+
+
+class ShardError(ValueError):
+    """A shard or one of its rows cannot be read; the message names the shard, row and id."""
+
+
+# ---------------------------------------------------------------- encoding
+def encode_png(img: np.ndarray) -> bytes:
+    """PNG bytes of an (H, W) or (H, W, C) uint8/uint16 array, C in {1, 3}."""
+    if img.dtype not in (np.uint8, np.uint16):
+        raise TypeError(f"encode_png takes uint8 or uint16 arrays, got {img.dtype}")
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):
+        raise ValueError(f"encode_png takes (H, W) or (H, W, 3) arrays, got shape {img.shape}")
+    if img.dtype == np.uint8:
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG", compress_level=6)
+        return buf.getvalue()
+    import png  # pypng: Pillow cannot write 16-bit RGB
+
+    h, w = img.shape[:2]
+    planes = 1 if img.ndim == 2 else 3
+    buf = io.BytesIO()
+    png.Writer(w, h, greyscale=planes == 1, bitdepth=16).write(buf, img.reshape(h, w * planes).tolist())
+    return buf.getvalue()
+
+
+def encode_npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_image(data: bytes, path: str = "") -> np.ndarray:
+    """Decode PNG (any bit depth, grey/RGB/RGBA as stored) or ``.npy`` bytes to an array."""
+    if data is None or len(data) == 0:
+        raise ValueError("empty image bytes")
+    if path.endswith(".npy") or data[:6] == b"\x93NUMPY":
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+        return arr
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError(f"not a PNG (starts with {data[:8]!r})")
+    bit_depth = data[24] if len(data) > 24 else 8
+    if bit_depth == 16:
+        import png
+
+        w, h, rows, info = png.Reader(bytes=data).asDirect()
+        planes = info["planes"]
+        arr = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(h, w, planes)
+        return arr[:, :, 0] if planes == 1 else arr
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        if im.mode in ("1", "P", "LA"):
+            im = im.convert("RGBA" if "transparency" in im.info or im.mode == "LA" else "L")
+        return np.asarray(im)
+
+
+def from_float(img: np.ndarray, bits: int = 8) -> np.ndarray:
+    """(C, H, W) float in [0, 1] -> (H, W[, C]) uint8/uint16, rounded to nearest."""
+    if bits not in (8, 16):
+        raise ValueError(f"bits must be 8 or 16, got {bits}")
+    top = 255 if bits == 8 else 65535
+    q = np.rint(np.clip(img, 0.0, 1.0) * top).astype(np.uint8 if bits == 8 else np.uint16)
+    q = np.moveaxis(q, 0, -1)
+    return q[:, :, 0] if q.shape[2] == 1 else q
+
+
+def to_float(arr: np.ndarray) -> np.ndarray:
+    """(H, W[, C]) stored array -> (C, H, W) float32; integers are scaled to [0, 1]."""
+    a = arr[:, :, None] if arr.ndim == 2 else arr
+    if a.dtype.kind == "u":
+        a = a.astype(np.float32) / np.iinfo(a.dtype).max
+    return np.ascontiguousarray(np.moveaxis(a.astype(np.float32), -1, 0))
+
+
+def image_cell(img: np.ndarray, name: str, bits: int = 8) -> dict[str, object]:
+    """The ``{bytes, path}`` struct for one image: PNG for integer arrays or [0,1] floats
+    (quantised to ``bits``), ``.npy`` for (C, H, W) floats that leave [0, 1]."""
+    if img.dtype.kind == "u":
+        return {"bytes": encode_png(img), "path": f"{name}.png"}
+    if np.all(np.isfinite(img)) and img.min() >= 0.0 and img.max() <= 1.0:
+        return {"bytes": encode_png(from_float(img, bits)), "path": f"{name}.png"}
+    return {"bytes": encode_npy(img), "path": f"{name}.npy"}
+
+
+# ---------------------------------------------------------------- writing
+def hf_metadata(image_columns: Sequence[str], other: dict[str, pa.DataType]) -> dict[bytes, bytes]:
+    features: dict[str, object] = {c: {"_type": "Image"} for c in image_columns}
+    names = {"float": "float32", "double": "float64", "halffloat": "float16", "large_string": "string"}
+    for name, typ in other.items():
+        features[name] = {"dtype": names.get(str(typ), str(typ)), "_type": "Value"}
+    return {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
+
+
+def write_table(uri: str, table: pa.Table) -> None:
+    fs, path = open_fs(uri)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as f:
+        pq.write_table(table, f, compression="zstd")
+
+
+def write_image_shards(uri: str, ids: Sequence[str], images: Sequence[np.ndarray] | np.ndarray,
+                       column: str = "image", shard_size: int = 1000, bits: int = 8,
+                       extra: dict[str, Sequence[object]] | None = None) -> list[str]:
+    """Write ``images`` (float (C,H,W) in [0,1], or stored-dtype arrays) as shards under ``uri``.
+
+    Returns the shard URIs written. ``extra`` adds plain columns (same length as ``ids``).
+    """
+    if len(ids) != len(images):
+        raise ValueError(f"{len(ids)} ids but {len(images)} images")
+    if len(set(ids)) != len(ids):
+        raise ValueError("ids must be unique within a dataset")
+    fs, root = open_fs(uri)
+    fs.makedirs(root, exist_ok=True)
+    written = []
+    for k, start in enumerate(range(0, max(len(ids), 1), shard_size)):
+        sl = slice(start, start + shard_size)
+        cols: dict[str, pa.Array] = {
+            "id": pa.array(list(ids[sl]), pa.string()),
+            column: pa.array([image_cell(np.asarray(im), i, bits) for i, im in zip(ids[sl], images[sl])],
+                             IMAGE_TYPE),
+        }
+        for name, values in (extra or {}).items():
+            cols[name] = pa.array(list(values[sl]))
+        table = pa.table(cols)
+        table = table.replace_schema_metadata(
+            hf_metadata([column], {n: table.schema.field(n).type for n in cols if n != column}))
+        shard_uri = join(uri, SHARD_PATTERN.format(k))
+        write_table(shard_uri, table)
+        written.append(shard_uri)
+    return written
+
+
+# ---------------------------------------------------------------- reading
+def list_shards(uri: str) -> list[str]:
+    """The dataset's shard URIs in a stable (sorted) order."""
+    fs, root = open_fs(uri)
+    if not fs.exists(root):
+        raise ShardError(f"{uri}: no such dataset folder")
+    paths = sorted(p for p in fs.ls(root, detail=False) if p.rsplit("/", 1)[-1].endswith(".parquet"))
+    if not paths:
+        raise ShardError(f"{uri}: no .parquet shards in this folder")
+    return [join(uri, p.rsplit("/", 1)[-1]) for p in paths]
+
+
+def read_table(shard_uri: str, columns: Sequence[str] | None = None) -> pa.Table:
+    fs, path = open_fs(shard_uri)
+    try:
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+    except Exception as exc:
+        raise ShardError(f"{shard_uri}: cannot read Parquet ({exc})") from exc
+    if columns:
+        missing = [c for c in columns if c not in table.column_names]
+        if missing:
+            raise ShardError(f"{shard_uri}: missing column(s) {missing}; has {table.column_names}")
+        table = table.select(list(columns))
+    return table
+
+
+def iter_images(shard_uri: str, column: str = "image") -> Iterator[tuple[int, str, np.ndarray]]:
+    """Yield ``(row, id, stored array)`` for each row; a bad row raises :class:`ShardError`."""
+    table = read_table(shard_uri, ["id", column])
+    ids = table.column("id").to_pylist()
+    cells = table.column(column).to_pylist()
+    for row, (id_, cell) in enumerate(zip(ids, cells)):
+        try:
+            if cell is None:
+                raise ValueError("image is null")
+            yield row, id_, decode_image(cell["bytes"], cell.get("path") or "")
+        except ShardError:
+            raise
+        except Exception as exc:
+            raise ShardError(f"{shard_uri}: row {row} (id {id_!r}), column '{column}': "
+                             f"cannot decode image: {exc}") from exc
+
+
+def read_images(uri: str, column: str = "image") -> tuple[list[str], list[np.ndarray]]:
+    """All ``(ids, stored arrays)`` of a dataset folder (or of one ``.parquet`` shard)."""
+    shards = [uri] if str(uri).endswith(".parquet") else list_shards(uri)
+    ids: list[str] = []
+    arrays: list[np.ndarray] = []
+    for shard in shards:
+        for _row, id_, arr in iter_images(shard, column):
+            ids.append(id_)
+            arrays.append(arr)
+    return ids, arrays

@@ -1,0 +1,199 @@
+"""Single-process training of one diffusion prior; Ray Train reuses :class:`Trainer` unchanged.
+
+One step: draw a batch (with random horizontal flips if configured), compute the DSM loss at
+stratified random times, AdamW with linear warm-up, clip the gradient norm, update the EMA.
+All randomness (batch indices, flips, times, noise) comes from one ``torch.Generator`` whose state is
+checkpointed, so a resumed run continues the exact sequence an uninterrupted run would have drawn.
+
+Layout under ``output``:
+``state/step-000500/{model,ema,optimizer}.safetensors + state.json`` (kept: the last two),
+``state/latest.json`` (written last, so a crash mid-checkpoint never points at a partial state),
+``model/`` (the final EMA export, a :func:`pipeline.diffusion.checkpoint.save_model` folder).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from pipeline.config import PriorConfig
+from pipeline.data.storage import join, open_fs
+from pipeline.diffusion.checkpoint import (
+    CheckpointError,
+    build_model,
+    read_json,
+    read_tensors,
+    save_model,
+    write_json,
+    write_tensors,
+)
+from pipeline.diffusion.ema import EMA
+from pipeline.diffusion.losses import random_dsm_loss
+from pipeline.diffusion.sde import VPSDE
+from pipeline.diffusion.unet import UNet
+
+KEEP_STATES = 2
+
+
+def lr_at(step: int, base_lr: float, warmup: int) -> float:
+    """Linear warm-up from ``base_lr / warmup`` to ``base_lr`` over ``warmup`` steps, then constant."""
+    return base_lr * min(1.0, (step + 1) / warmup) if warmup > 0 else base_lr
+
+
+class Trainer:
+    """Owns model, EMA, optimiser and RNG for one prior; ``step(x0)`` takes one optimisation step."""
+
+    def __init__(self, config: PriorConfig, device: torch.device | str = "cpu"):
+        self.config = config
+        tc = config.train
+        self.device = torch.device(device)
+        torch.manual_seed(tc.seed)  # initial weights
+        self.model = UNet(config.unet).to(self.device)
+        self.sde = VPSDE(**config.sde.model_dump())
+        self.ema = EMA(self.model, tc.ema_decay)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.generator = torch.Generator(device=self.device).manual_seed(tc.seed + 1)
+        self.step_count = 0
+        self.losses: list[float] = []
+        self.train_seconds = 0.0  # wall time over all (resumed) sessions
+
+    # ------------------------------------------------------------- one step
+    def draw_batch(self, data: torch.Tensor) -> torch.Tensor:
+        """A random batch (with replacement) of network-space images, flipped if configured."""
+        g = self.generator
+        idx = torch.randint(data.shape[0], (self.config.train.batch_size,), generator=g, device=self.device)
+        x0 = data[idx]
+        if self.config.data.hflip:
+            flip = torch.rand(x0.shape[0], generator=g, device=self.device) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        return x0
+
+    def step(self, x0: torch.Tensor) -> float:
+        tc = self.config.train
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step_count, tc.lr, tc.warmup_steps)
+        self.model.train()
+        loss = random_dsm_loss(self.model, self.sde, x0, self.generator)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        self.opt.step()
+        self.ema.update(self.model)
+        self.step_count += 1
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss became {value} at step {self.step_count}; lower train.lr")
+        self.losses.append(value)
+        return value
+
+    # ------------------------------------------------------------- state
+    def save_state(self, root: str) -> str:
+        """Write the full training state under ``root/state`` and point ``latest.json`` at it."""
+        step_dir = join(root, "state", f"step-{self.step_count:07d}")
+        fs, path = open_fs(step_dir)
+        fs.makedirs(path, exist_ok=True)
+        write_tensors(join(step_dir, "model.safetensors"), self.model.state_dict())
+        write_tensors(join(step_dir, "ema.safetensors"), self.ema.state_dict())
+        opt_tensors, opt_meta = _flatten_optimizer(self.opt.state_dict())
+        write_tensors(join(step_dir, "optimizer.safetensors"), opt_tensors)
+        rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+        write_tensors(join(step_dir, "rng.safetensors"), rng)
+        write_json(join(step_dir, "state.json"), {
+            "step": self.step_count, "ema_updates": self.ema.num_updates, "optimizer": opt_meta,
+            "losses": self.losses, "train_seconds": self.train_seconds,
+            "config": self.config.model_dump(),
+        })
+        write_json(join(root, "state", "latest.json"), {"step": self.step_count, "dir": f"step-{self.step_count:07d}"})
+        self._prune(root)
+        return step_dir
+
+    def _prune(self, root: str) -> None:
+        fs, path = open_fs(join(root, "state"))
+        dirs = sorted(p for p in fs.ls(path, detail=False) if p.rsplit("/", 1)[-1].startswith("step-"))
+        for old in dirs[:-KEEP_STATES]:
+            fs.rm(old, recursive=True)
+
+    def load_state(self, root: str) -> bool:
+        """Resume from ``root/state/latest.json`` if present; returns whether it resumed."""
+        latest_uri = join(root, "state", "latest.json")
+        fs, latest_path = open_fs(latest_uri)
+        if not fs.exists(latest_path):
+            return False
+        latest = read_json(latest_uri)
+        step_dir = join(root, "state", latest["dir"])
+        meta = read_json(join(step_dir, "state.json"))
+        saved_unet = meta["config"]["unet"]
+        if saved_unet != self.config.unet.model_dump():
+            raise CheckpointError(
+                f"{step_dir}: the saved training state has a different U-Net ({saved_unet}) than the "
+                f"config ({self.config.unet.model_dump()}); use a new output folder or the old config")
+        self.model = build_model(self.config.unet, read_tensors(join(step_dir, "model.safetensors")),
+                                 step_dir).to(self.device)
+        self.ema = EMA(self.model, self.config.train.ema_decay)
+        self.ema.load_state_dict(read_tensors(join(step_dir, "ema.safetensors")), meta["ema_updates"])
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.config.train.lr,
+                                     weight_decay=self.config.train.weight_decay)
+        self.opt.load_state_dict(_unflatten_optimizer(read_tensors(join(step_dir, "optimizer.safetensors")),
+                                                      meta["optimizer"]))
+        rng = read_tensors(join(step_dir, "rng.safetensors"))
+        self.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        self.step_count = int(meta["step"])
+        self.losses = list(meta["losses"])
+        self.train_seconds = float(meta.get("train_seconds", 0.0))
+        return True
+
+    def export(self, uri: str, meta: dict[str, Any]) -> None:
+        """Publish the EMA weights as a model folder."""
+        save_model(uri, self.ema.model, self.sde, meta)
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {}
+    for idx, per_param in state["state"].items():
+        for name, value in per_param.items():
+            tensors[f"{idx}.{name}"] = torch.as_tensor(value)
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def fit(trainer: Trainer, data: torch.Tensor, output: str,
+        on_step: Callable[[int, float], None] | None = None,
+        stop_after: int | None = None) -> dict[str, Any]:
+    """Train until ``config.train.steps`` (resuming from ``output`` if a state exists).
+
+    ``on_step(step, loss)`` is called after each step (progress bars live in the caller).
+    ``stop_after`` ends the call after that many new steps (for tests that interrupt a run).
+    Returns a summary dict (steps, final loss, seconds).
+    """
+    tc = trainer.config.train
+    resumed = trainer.load_state(output)
+    start_step = trainer.step_count
+    t0 = time.perf_counter()
+    new = 0
+    while trainer.step_count < tc.steps and (stop_after is None or new < stop_after):
+        ts = time.perf_counter()
+        loss = trainer.step(trainer.draw_batch(data))
+        trainer.train_seconds += time.perf_counter() - ts
+        new += 1
+        if on_step is not None:
+            on_step(trainer.step_count, loss)
+        if trainer.step_count % tc.checkpoint_every == 0 or trainer.step_count == tc.steps:
+            trainer.save_state(output)
+    seconds = time.perf_counter() - t0
+    tail = trainer.losses[-100:]
+    return {"resumed": resumed, "start_step": start_step, "steps": trainer.step_count,
+            "final_loss": sum(tail) / max(len(tail), 1), "seconds": seconds,
+            "sde": asdict(trainer.sde)}

@@ -1,0 +1,144 @@
+"""U-Net shapes, DSM loss, EMA, checkpoints, and resumable training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.diffusion.checkpoint import CheckpointError, load_model, save_model
+from pipeline.diffusion.ema import EMA
+from pipeline.diffusion.losses import heldout_loss
+from pipeline.diffusion.sde import VPSDE
+from pipeline.diffusion.train import Trainer, fit
+from pipeline.diffusion.unet import UNet, UNetConfig
+from pipeline.training import to_network, train_prior
+from tests.conftest import tiny_config
+
+
+@pytest.mark.parametrize("size,channels,mults,attn", [
+    (16, 1, [1, 2], [8]), (32, 3, [1, 2, 2], []), (64, 3, [1, 2, 2, 2], [16]), (256, 1, [1, 1, 2, 2, 2, 2], []),
+])
+def test_unet_shapes(size, channels, mults, attn):
+    cfg = UNetConfig(image_size=size, channels=channels, base_channels=8, channel_mults=mults,
+                     attention_resolutions=attn)
+    net = UNet(cfg)
+    x = torch.randn(2, channels, size, size)
+    out = net(x, torch.rand(2))
+    assert out.shape == x.shape
+
+
+@pytest.mark.parametrize("bad", [{"image_size": 48}, {"image_size": 8}, {"image_size": 512}, {"channels": 2},
+                                 {"image_size": 16, "channel_mults": [1, 2, 2, 2]}, {"dropuot": 0.1}])
+def test_unet_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        UNetConfig(**bad)
+
+
+def test_dsm_loss_decreases_on_tiny_run(tmp_path):
+    from pipeline.data.embedded import load_embedded
+
+    cfg = tiny_config(str(tmp_path / "run"), steps=150, checkpoint_every=1000)
+    test = to_network(torch.from_numpy(load_embedded("digits", "val", 16, 1, n=64).images))
+    trainer = Trainer(cfg)
+    before = heldout_loss(trainer.model, trainer.sde, test)
+    data = to_network(torch.from_numpy(load_embedded("digits", "train", 16, 1).images))
+    fit(trainer, data, cfg.output)
+    after = heldout_loss(trainer.model, trainer.sde, test)
+    assert before > 0.9  # zero-initialised output layer: e_theta = 0, loss = E[e^2] = 1
+    assert after < 0.75 * before, (before, after)
+
+
+def test_ema_update_is_exact():
+    net = torch.nn.Linear(3, 2)
+    ema = EMA(net, decay=0.9, warmup=False)
+    start = [p.detach().clone() for p in net.parameters()]
+    expected = [p.clone() for p in start]
+    for k in range(3):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(float(k + 1))
+        ema.update(net)
+        expected = [0.9 * e + 0.1 * p.detach() for e, p in zip(expected, net.parameters())]
+    for e, p in zip(expected, ema.model.parameters()):
+        assert torch.equal(e, p)
+    warm = EMA(net, decay=0.999, warmup=True)
+    assert warm.current_decay() == pytest.approx(0.1)
+    warm.update(net)
+    assert warm.current_decay() == pytest.approx(2 / 11)
+
+
+def _tiny_model() -> UNet:
+    torch.manual_seed(3)
+    net = UNet(UNetConfig(image_size=16, base_channels=8, channel_mults=[1, 2], attention_resolutions=[8]))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return net
+
+
+def test_checkpoint_round_trip_is_bit_exact(tmp_path):
+    net = _tiny_model()
+    save_model(str(tmp_path / "m"), net, VPSDE(beta_max=15.0), {"name": "x"})
+    loaded, sde, meta = load_model(str(tmp_path / "m"))
+    assert sde == VPSDE(beta_max=15.0) and meta == {"name": "x"}
+    for (k, a), (k2, b) in zip(net.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b) and a.dtype == b.dtype
+    x = torch.randn(2, 1, 16, 16)
+    net.eval()
+    assert torch.equal(net(x, torch.rand(2).fill_(0.3)), loaded(x, torch.rand(2).fill_(0.3)))
+
+
+def test_pickled_checkpoint_is_refused(tmp_path):
+    net = _tiny_model()
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_model(str(tmp_path / "model.pt"))
+    save_model(str(tmp_path / "m"), net, VPSDE())
+    torch.save(net.state_dict(), tmp_path / "m" / "weights.safetensors")  # a pickle under the right name
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_model(str(tmp_path / "m"))
+
+
+def test_mismatched_config_is_refused_with_a_clear_message(tmp_path):
+    save_model(str(tmp_path / "m"), _tiny_model(), VPSDE())
+    cfg_path = tmp_path / "m" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["unet"]["base_channels"] = 16
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="do not match the architecture") as err:
+        load_model(str(tmp_path / "m"))
+    assert "differ in shape" in str(err.value)
+    cfg["unet"]["base_channels"] = 8
+    cfg["unet"]["attention_resolutions"] = []
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="the config does not build"):
+        load_model(str(tmp_path / "m"))
+
+
+def test_interrupted_training_resumes_to_identical_weights(tmp_path):
+    straight = tiny_config(str(tmp_path / "a"))
+    summary = train_prior(straight, progress=False)
+    assert summary["steps"] == 10 and not summary["resumed"]
+
+    resumed = tiny_config(str(tmp_path / "b"))
+    first = train_prior(resumed, progress=False, stop_after=7)  # killed after step 7; last state at 6
+    assert first["steps"] == 7
+    second = train_prior(resumed, progress=False)
+    assert second["resumed"] and second["start_step"] == 6 and second["steps"] == 10
+
+    a, _, meta_a = load_model(str(tmp_path / "a" / "model"))
+    b, _, meta_b = load_model(str(tmp_path / "b" / "model"))
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), k
+    assert meta_a["steps"] == meta_b["steps"] == 10
+    assert meta_a["heldout_loss"] == pytest.approx(meta_b["heldout_loss"])
+
+
+def test_resume_refuses_a_different_architecture(tmp_path):
+    train_prior(tiny_config(str(tmp_path / "a")), progress=False, stop_after=3)
+    other = tiny_config(str(tmp_path / "a"))
+    other = other.model_copy(update={"unet": other.unet.model_copy(update={"base_channels": 16})})
+    with pytest.raises(CheckpointError, match="different U-Net"):
+        train_prior(other, progress=False)

@@ -1,0 +1,54 @@
+"""Embedded datasets: shapes, ranges, and fixed, disjoint splits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.data.embedded import NAMES, SPLITS, load_embedded
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_splits_are_disjoint_deterministic_and_in_range(name):
+    sets = {s: load_embedded(name, s, size=16, channels=1) for s in SPLITS}
+    ids = {s: set(d.ids) for s, d in sets.items()}
+    assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"] and not ids["val"] & ids["test"]
+    for s, d in sets.items():
+        assert len(set(d.ids)) == len(d)
+        assert d.images.shape == (len(d), 1, 16, 16) and d.images.dtype == np.float32
+        assert d.images.min() >= 0.0 and d.images.max() <= 1.0
+        again = load_embedded(name, s, size=16, channels=1)
+        assert again.ids == d.ids and np.array_equal(again.images, d.images)
+    # no test image is a copy of a training image (content, not only ids)
+    train = sets["train"].images.reshape(len(sets["train"]), -1)
+    for img in sets["test"].images.reshape(len(sets["test"]), -1)[:50]:
+        assert np.abs(train - img).max(1).min() > 1e-6
+
+
+def test_documented_split_sizes():
+    assert [len(load_embedded("faces", s)) for s in SPLITS] == [70, 10, 20]
+    assert [len(load_embedded("digits", s)) for s in SPLITS] == [1400, 200, 197]
+    patches = {s: load_embedded("patches", s) for s in SPLITS}
+    sources = {s: {i.split("-")[2] for i in d.ids} for s, d in patches.items()}
+    assert not sources["train"] & sources["test"] and not sources["val"] & sources["test"]
+    assert sources["test"] == {"camera", "astronaut", "coffee", "chelsea"}
+
+
+def test_channels_and_sizes():
+    rgb = load_embedded("patches", "test", size=64, channels=3, n=4)
+    assert rgb.images.shape == (4, 3, 64, 64)
+    grey_faces = load_embedded("faces", "test", size=32, channels=3, n=2)
+    assert np.array_equal(grey_faces.images[:, 0], grey_faces.images[:, 2])  # grey repeated
+
+
+def test_stripes_are_sinusoids():
+    s = load_embedded("stripes", "val", size=32, n=3).images
+    # a pure sinusoid 0.5 + 0.5 sin(...) spans most of [0, 1] and has mean close to 0.5
+    assert np.all(s.reshape(3, -1).max(1) > 0.9) and np.all(s.reshape(3, -1).min(1) < 0.1)
+
+
+def test_unknown_names_are_rejected():
+    with pytest.raises(ValueError, match="unknown embedded dataset"):
+        load_embedded("celeba")
+    with pytest.raises(ValueError, match="unknown split"):
+        load_embedded("faces", "validation")

@@ -18,7 +18,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = load_config(PriorConfig, args.config, args.set)
     print(f"training prior '{config.name}' on {config.data.source}/{config.data.split} "
           f"for {config.train.steps} steps -> {config.output}", file=sys.stderr)
-    summary = train_prior(config, progress=not args.quiet)
+    try:
+        summary = train_prior(config, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the training state is saved in {config.output}/state. "
+              "Run the same command again to resume.", file=sys.stderr)
+        return 130
     if summary["steps"] >= config.train.steps:
         print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
               f"held-out loss {summary.get('heldout_loss') or float('nan'):.4f}, "

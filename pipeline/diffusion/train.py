@@ -13,9 +13,12 @@ Layout under ``output``:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -169,6 +172,20 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+@contextlib.contextmanager
+def _defer_sigint() -> Iterator[list[bool]]:
+    """Turn SIGINT into a flag checked between steps, so a state is never saved mid-step."""
+    flag: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: flag.append(True))
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def fit(trainer: Trainer, data: torch.Tensor, output: str,
         on_step: Callable[[int, float], None] | None = None,
         stop_after: int | None = None) -> dict[str, Any]:
@@ -183,15 +200,21 @@ def fit(trainer: Trainer, data: torch.Tensor, output: str,
     start_step = trainer.step_count
     t0 = time.perf_counter()
     new = 0
-    while trainer.step_count < tc.steps and (stop_after is None or new < stop_after):
-        ts = time.perf_counter()
-        loss = trainer.step(trainer.draw_batch(data))
-        trainer.train_seconds += time.perf_counter() - ts
-        new += 1
-        if on_step is not None:
-            on_step(trainer.step_count, loss)
-        if trainer.step_count % tc.checkpoint_every == 0 or trainer.step_count == tc.steps:
-            trainer.save_state(output)
+    with _defer_sigint() as interrupted:
+        while trainer.step_count < tc.steps and (stop_after is None or new < stop_after):
+            ts = time.perf_counter()
+            loss = trainer.step(trainer.draw_batch(data))
+            trainer.train_seconds += time.perf_counter() - ts
+            new += 1
+            if on_step is not None:
+                on_step(trainer.step_count, loss)
+            if trainer.step_count % tc.checkpoint_every == 0 or trainer.step_count == tc.steps:
+                trainer.save_state(output)
+            if interrupted:
+                # Ctrl-C: the step in flight finished; keep it, then stop.
+                if trainer.step_count % tc.checkpoint_every:
+                    trainer.save_state(output)
+                raise KeyboardInterrupt
     seconds = time.perf_counter() - t0
     tail = trainer.losses[-100:]
     return {"resumed": resumed, "start_step": start_step, "steps": trainer.step_count,

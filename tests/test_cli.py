@@ -1,0 +1,119 @@
+"""The ``jointdiff`` command end to end (subprocesses, as a user runs it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline.data.shards import read_images
+from pipeline.priors import SHIPPED, resolve_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def jointdiff(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=kw.pop("cwd", ROOT), timeout=kw.pop("timeout", 300), **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"jointdiff {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def _tiny_yaml(tmp_path: Path, steps: int, every: int) -> Path:
+    cfg = {"name": "tiny", "data": {"source": "digits", "size": 16},
+           "unet": {"image_size": 16, "base_channels": 8, "channel_mults": [1, 2], "attention_resolutions": []},
+           "train": {"steps": steps, "batch_size": 8, "checkpoint_every": every, "warmup_steps": 2, "threads": 1},
+           "output": str(tmp_path / "run")}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_train_resumes_after_being_killed(tmp_path):
+    cfg = _tiny_yaml(tmp_path, steps=100_000, every=5)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "--config", str(cfg), "--quiet"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    latest = tmp_path / "run" / "state" / "latest.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (latest.exists() and json.loads(latest.read_text())["step"] >= 10):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(latest.read_text())["step"]
+    assert killed_at >= 10
+    done = jointdiff("train", "--config", str(cfg), "--quiet", "--set", f"train.steps={killed_at + 3}")
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["resumed"] is True and summary["start_step"] == killed_at
+    assert summary["steps"] == killed_at + 3
+    meta = json.loads((tmp_path / "run" / "model" / "config.json").read_text())["meta"]
+    assert meta["steps"] == killed_at + 3 and meta["heldout_loss"] > 0
+
+
+def test_ctrl_c_saves_state_and_says_how_to_resume(tmp_path):
+    cfg = _tiny_yaml(tmp_path, steps=100_000, every=1000)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "--config", str(cfg), "--quiet"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # imports and a few steps
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Run the same command again to resume" in err
+    step = json.loads((tmp_path / "run" / "state" / "latest.json").read_text())["step"]
+    assert step >= 1  # saved although no periodic checkpoint was due
+
+
+def test_bad_config_exits_with_a_message_not_a_traceback(tmp_path):
+    cfg = _tiny_yaml(tmp_path, 1, 1)
+    proc = jointdiff("train", "--config", str(cfg), "--set", "train.stepz=3", check=False)
+    assert proc.returncode == 2 and "train.stepz" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_export_embedded_writes_readable_shards(tmp_path):
+    jointdiff("export-embedded", "digits", str(tmp_path / "d"), "--split", "val", "--n", "30",
+              "--shard-size", "12", "--bits", "16")
+    ids, arrays = read_images(str(tmp_path / "d"))
+    assert len(ids) == 30 and ids[0] == "digits-val-01400"
+    assert arrays[0].dtype == np.uint16 and arrays[0].shape == (32, 32)
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
+        "shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
+
+
+def test_train_on_a_shard_uri_then_sample(tmp_path):
+    jointdiff("export-embedded", "digits", str(tmp_path / "d"), "--size", "16", "--n", "64")
+    cfg = _tiny_yaml(tmp_path, steps=3, every=3)
+    jointdiff("train", "--config", str(cfg), "--quiet", "--set", f"data.source={tmp_path / 'd'}")
+    out = tmp_path / "grid.png"
+    jointdiff("sample", str(tmp_path / "run" / "model"), "--n", "6", "--nrow", "3", "--steps", "5",
+              "--out", str(out), "--quiet")
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == ((16 * 2 + 2) * 2 + 2, (16 * 2 + 2) * 3 + 2)
+
+
+def test_sample_refuses_a_pickle(tmp_path):
+    import torch
+
+    torch.save({"w": torch.zeros(1)}, tmp_path / "prior.pt")
+    proc = jointdiff("sample", str(tmp_path / "prior.pt"), check=False)
+    assert proc.returncode == 1 and "pickle" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(not all((Path(resolve_model.__globals__["_HERE"]) / n / "weights.safetensors").exists()
+                            for n in SHIPPED), reason="shipped priors not trained yet")
+def test_demo_writes_a_sample_grid_from_the_shipped_priors(tmp_path):
+    proc = jointdiff("demo", "--out", str(tmp_path), "--n", "3", "--steps", "10")
+    img = np.asarray(Image.open(tmp_path / "samples.png"))
+    assert img.shape[0] == 3 * (32 * 3 + 2) + 2  # one row per shipped prior
+    assert "faces" in proc.stderr and "digits" in proc.stderr and "stripes" in proc.stderr

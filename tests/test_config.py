@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import ConfigError, PriorConfig, load_config
+
+
+def test_demo_configs_load():
+    for name in ("faces", "digits", "stripes"):
+        cfg = load_config(PriorConfig, f"configs/prior_{name}.yaml")
+        assert cfg.name == name and cfg.data.source == name
+        assert cfg.unet.image_size == cfg.data.size == 32
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(PriorConfig, "configs/prior_faces.yaml",
+                      ["train.steps=7", "data.hflip=false", "unet.attention_resolutions=[16, 8]", "output=/x"])
+    assert cfg.train.steps == 7 and cfg.data.hflip is False
+    assert cfg.unet.attention_resolutions == [16, 8] and cfg.output == "/x"
+
+
+def test_unknown_and_bad_keys_name_the_key_and_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.lerning_rate") as err:
+        load_config(PriorConfig, "configs/prior_faces.yaml", ["train.lerning_rate=1"])
+    assert "configs/prior_faces.yaml" in str(err.value)
+    with pytest.raises(ConfigError, match=r"unet\.image_size"):
+        load_config(PriorConfig, "configs/prior_faces.yaml", ["unet.image_size=48"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(PriorConfig, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(PriorConfig, bad)
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(PriorConfig, "configs/prior_faces.yaml", ["train.steps"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.data.embedded import NAMES, ImageSet, load_embedded, resize_square
+from pipeline.data.embedded import NAMES, ImageSet, load_embedded, resize_square, to_channels
 from pipeline.data.shards import read_images, to_float
 
 
@@ -16,13 +16,11 @@ def load_images(source: str, split: str = "train", size: int = 32, channels: int
     ids, arrays = read_images(source, column)
     out = []
     for id_, arr in zip(ids, arrays):
-        img = to_float(arr)
-        if img.shape[0] == 4:
-            img = img[:3]
-        if img.shape[0] != channels:
-            img = np.repeat(img, 3, 0) if channels == 3 else img.mean(0, keepdims=True)
+        img = to_float(arr)[:3]  # drop alpha
         if img.shape[1:] != (size, size):
             img = np.moveaxis(resize_square(np.moveaxis(img, 0, -1), size), -1, 0)
+        if img.shape[0] != channels:
+            img = to_channels(np.moveaxis(img, 0, -1)[None] if img.shape[0] == 3 else img, channels)[0]
         if not np.all(np.isfinite(img)):
             raise ValueError(f"{source}: image {id_!r} has non-finite values")
         out.append(img.astype(np.float32))

@@ -68,7 +68,7 @@ def load_embedded(name: str, split: str = "train", size: int = 32, channels: int
     if size < 4:
         raise ValueError(f"size must be at least 4, got {size}")
     ids, images = _LOADERS[name](split, size)
-    images = _to_channels(images, channels)
+    images = to_channels(images, channels)
     return ImageSet(list(ids), np.ascontiguousarray(images, dtype=np.float32)).subset(n)
 
 
@@ -81,8 +81,8 @@ def resize_square(img: np.ndarray, size: int) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
-def _to_channels(images: np.ndarray, channels: int) -> np.ndarray:
-    """(N, H, W) or (N, H, W, 3) -> (N, C, H, W)."""
+def to_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """(N, H, W) or (N, H, W, 3) -> (N, C, H, W): grey repeated to RGB, RGB to grey by luminance."""
     if images.ndim == 3:
         images = images[:, None]
     else:

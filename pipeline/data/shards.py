@@ -181,7 +181,9 @@ def read_table(shard_uri: str, columns: Sequence[str] | None = None) -> pa.Table
     fs, path = open_fs(shard_uri)
     try:
         with fs.open(path, "rb") as f:
-            table = pq.read_table(f)
+            # use_threads=False: reading through a Python file object with Arrow's thread pool
+            # aborts or hangs the interpreter at exit now and then (apache/arrow#34314, #50482).
+            table = pq.read_table(f, use_threads=False)
     except Exception as exc:
         raise ShardError(f"{shard_uri}: cannot read Parquet ({exc})") from exc
     if columns:

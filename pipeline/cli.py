@@ -57,10 +57,20 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.nearest:
         from pipeline.training import memorisation_report
 
+        if args.n % args.nrow:
+            raise ConfigError("--nearest needs --n to be a multiple of --nrow")
+
         if not meta.get("dataset"):
             raise ConfigError(f"{args.checkpoint}: its config.json names no training dataset; "
                               "--nearest needs one")
-        rep = memorisation_report(images, meta["dataset"], model.config.image_size, model.config.channels)
+        rep, nearest = memorisation_report(images, meta["dataset"], model.config.image_size,
+                                           model.config.channels)
+        # pairs of rows: samples, then the training image nearest to each
+        pairs = torch.stack([images.view(-1, args.nrow, *images.shape[1:]),
+                             nearest.view(-1, args.nrow, *images.shape[1:])], 1).flatten(0, 2)
+        pair_path = str(args.out).rsplit(".", 1)[0] + "_nearest.png"
+        save_grid(pairs.numpy(), pair_path, nrow=args.nrow)
+        rep["pairs_png"] = pair_path
         print(f"nearest training image, RMS distance on [0,1]: samples median {rep['samples_median']:.3f} "
               f"(min {rep['samples_min']:.3f}, max {rep['samples_max']:.3f}); unseen test images median "
               f"{rep['test_median']:.3f} (min {rep['test_min']:.3f})", file=sys.stderr)
@@ -127,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="samples.png", help="PNG path or URI (default samples.png)")
     s.add_argument("--nrow", type=int, default=8)
     s.add_argument("--nearest", action="store_true",
-                   help="report each sample's distance to its nearest training image (memorisation check)")
+                   help="report each sample's distance to its nearest training image (memorisation "
+                   "check) and write OUT_nearest.png: rows of samples above their nearest training images")
     s.add_argument("--device", default="cpu")
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--quiet", action="store_true")

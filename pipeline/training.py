@@ -92,25 +92,29 @@ def train_prior(config: PriorConfig, progress: bool = True, stop_after: int | No
     return summary
 
 
-def nearest_distances(queries: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    """Per-query RMS pixel distance (on [0, 1] images) to the nearest reference image."""
+def nearest_distances(queries: torch.Tensor, references: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query RMS pixel distance (on [0, 1] images) to the nearest reference, and its index."""
     q = queries.flatten(1).double()
     r = references.flatten(1).double()
     d2 = (q.pow(2).sum(1, keepdim=True) - 2 * q @ r.T + r.pow(2).sum(1)[None]).clamp_min(0)
-    return (d2.min(1).values / q.shape[1]).sqrt().float()
+    best = d2.min(1)
+    return (best.values / q.shape[1]).sqrt().float(), best.indices
 
 
-def memorisation_report(samples: torch.Tensor, dataset: str, size: int, channels: int) -> dict[str, float]:
+def memorisation_report(samples: torch.Tensor, dataset: str, size: int,
+                        channels: int) -> tuple[dict[str, Any], torch.Tensor]:
     """How far samples are from the training set, next to how far unseen test images are.
 
     A prior that copies its training images gives sample distances near 0, far below the
     test-image distances; a prior that generalises gives distances of the same order.
+    Returns the report and, for each sample, its nearest training image.
     """
     train = torch.from_numpy(load_images(dataset, "train", size, channels).images)
     test = torch.from_numpy(load_images(dataset, "test", size, channels).images)
-    ds = nearest_distances(samples, train)
-    dt_ = nearest_distances(test, train)
-    return {"samples_min": float(ds.min()), "samples_median": float(ds.median()),
-            "samples_max": float(ds.max()), "test_min": float(dt_.min()),
-            "test_median": float(dt_.median()), "n_samples": int(ds.numel()), "n_test": int(dt_.numel()),
-            "per_sample": [round(float(v), 4) for v in ds]}
+    ds, idx = nearest_distances(samples, train)
+    dt_, _ = nearest_distances(test, train)
+    report = {"samples_min": float(ds.min()), "samples_median": float(ds.median()),
+              "samples_max": float(ds.max()), "test_min": float(dt_.min()),
+              "test_median": float(dt_.median()), "n_samples": int(ds.numel()), "n_test": int(dt_.numel()),
+              "per_sample": [round(float(v), 4) for v in ds]}
+    return report, train[idx]

@@ -142,3 +142,19 @@ def test_resume_refuses_a_different_architecture(tmp_path):
     other = other.model_copy(update={"unet": other.unet.model_copy(update={"base_channels": 16})})
     with pytest.raises(CheckpointError, match="different U-Net"):
         train_prior(other, progress=False)
+
+
+def test_memorisation_report_flags_copies():
+    from pipeline.data.embedded import load_embedded
+    from pipeline.training import memorisation_report, nearest_distances
+
+    train = torch.from_numpy(load_embedded("digits", "train", 16, 1).images)
+    copies = train[[5, 17, 300]]
+    d, idx = nearest_distances(copies, train)
+    assert torch.allclose(d, torch.zeros(3), atol=1e-6) and idx.tolist() == [5, 17, 300]
+    report, nearest = memorisation_report(copies, "digits", 16, 1)
+    assert report["samples_max"] < 1e-6 < report["test_min"]  # copies sit far closer than unseen digits
+    assert torch.equal(nearest, copies)
+    noise = torch.rand(4, 1, 16, 16)
+    far, _ = memorisation_report(noise, "digits", 16, 1)
+    assert far["samples_min"] > far["test_median"]

@@ -163,7 +163,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        emb = self.temb(timestep_embedding(t * self.config.time_scale, self.config.base_channels))
+        emb = self.temb(timestep_embedding(t * self.config.time_scale, self.config.base_channels).to(x.dtype))
         h = self.conv_in(x)
         hs = [h]
         for blocks in self.down:

@@ -91,6 +91,22 @@ def _cmd_export_embedded(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_corrupt(args: argparse.Namespace) -> int:
+    from pipeline.data.corrupt import corrupt, write_observations
+    from pipeline.data.datasets import load_images
+
+    clean = load_images(args.clean, args.split, args.size, args.channels)
+    noise_channels = 1 if args.noise_channel == "random" else args.channels
+    noise = load_images(args.noise, args.split, args.size, noise_channels)
+    n = args.n or len(clean)
+    obs = corrupt(clean, noise, n, alpha=args.alpha, seed=args.seed, forward=args.forward,
+                  sigma_y=args.sigma_y, noise_channel=args.noise_channel)
+    shards = write_observations(args.out, obs, shard_size=args.shard_size)
+    print(f"wrote {n} observations ({args.forward}, alpha {args.alpha}, seed {args.seed}) of {args.clean} under "
+          f"{args.noise} in {len(shards)} shard(s) to {args.out}", file=sys.stderr)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -154,6 +170,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, default=None, help="only the first N images")
     e.add_argument("--shard-size", type=int, default=1000, help="images per shard")
     e.set_defaults(func=_cmd_export_embedded)
+
+    c = sub.add_parser("corrupt", help="build an observation dataset: clean images under structured noise")
+    c.add_argument("clean", help="clean images: embedded name (faces, patches...) or a shard URI")
+    c.add_argument("noise", help="noise images: embedded name (digits, stripes...) or a shard URI")
+    c.add_argument("out", help="destination folder or URI for the observation shards")
+    c.add_argument("--alpha", type=float, default=0.5, help="blend weight of the noise (default 0.5)")
+    c.add_argument("--forward", default="blend", choices=["blend", "sum"])
+    c.add_argument("--sigma-y", type=float, default=0.0, help="Gaussian read-out noise std ([0, 1] units)")
+    c.add_argument("--split", default="test", choices=["train", "val", "test"],
+                   help="split of embedded datasets (default test)")
+    c.add_argument("--n", type=int, default=None, help="observations (default: one per clean image)")
+    c.add_argument("--size", type=int, default=32)
+    c.add_argument("--channels", type=int, default=1, choices=[1, 3])
+    c.add_argument("--noise-channel", default="all", choices=["all", "random"],
+                   help="grey noise on RGB images: in every channel, or in one random channel (the paper)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--shard-size", type=int, default=1000)
+    c.set_defaults(func=_cmd_corrupt)
 
     d = sub.add_parser("demo", help="the demo (for now: a sample sheet from each shipped prior)")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")

@@ -133,36 +133,47 @@ def write_table(uri: str, table: pa.Table) -> None:
         pq.write_table(table, f, compression="zstd")
 
 
-def write_image_shards(uri: str, ids: Sequence[str], images: Sequence[np.ndarray] | np.ndarray,
-                       column: str = "image", shard_size: int = 1000, bits: int = 8,
-                       extra: dict[str, Sequence[object]] | None = None) -> list[str]:
-    """Write ``images`` (float (C,H,W) in [0,1], or stored-dtype arrays) as shards under ``uri``.
+def write_dataset(uri: str, ids: Sequence[str], images: dict[str, Sequence[np.ndarray] | np.ndarray],
+                  bits: dict[str, int] | None = None, extra: dict[str, pa.Array | Sequence[object]] | None = None,
+                  shard_size: int = 1000) -> list[str]:
+    """Write shards with an ``id`` column, image columns (``{name: images}``) and plain columns.
 
-    Returns the shard URIs written. ``extra`` adds plain columns (same length as ``ids``).
+    Images are float (C, H, W) in [0, 1] (PNG at ``bits[name]``, default 8), stored-dtype integer
+    arrays (PNG as they are), or floats outside [0, 1] (``.npy``). Returns the shard URIs written.
     """
-    if len(ids) != len(images):
-        raise ValueError(f"{len(ids)} ids but {len(images)} images")
     if len(set(ids)) != len(ids):
         raise ValueError("ids must be unique within a dataset")
+    for name, col in {**images, **(extra or {})}.items():
+        if len(col) != len(ids):
+            raise ValueError(f"column '{name}' has {len(col)} values for {len(ids)} ids")
     fs, root = open_fs(uri)
     fs.makedirs(root, exist_ok=True)
     written = []
     for k, start in enumerate(range(0, max(len(ids), 1), shard_size)):
         sl = slice(start, start + shard_size)
-        cols: dict[str, pa.Array] = {
-            "id": pa.array(list(ids[sl]), pa.string()),
-            column: pa.array([image_cell(np.asarray(im), i, bits) for i, im in zip(ids[sl], images[sl])],
-                             IMAGE_TYPE),
-        }
+        cols: dict[str, pa.Array] = {"id": pa.array(list(ids[sl]), pa.string())}
+        for name, arrays in images.items():
+            b = (bits or {}).get(name, 8)
+            cols[name] = pa.array([image_cell(np.asarray(im), i, b) for i, im in zip(ids[sl], arrays[sl])],
+                                  IMAGE_TYPE)
         for name, values in (extra or {}).items():
-            cols[name] = pa.array(list(values[sl]))
+            cols[name] = values[sl] if isinstance(values, pa.Array) else pa.array(list(values[sl]))
         table = pa.table(cols)
         table = table.replace_schema_metadata(
-            hf_metadata([column], {n: table.schema.field(n).type for n in cols if n != column}))
+            hf_metadata(list(images), {n: table.schema.field(n).type for n in cols if n not in images}))
         shard_uri = join(uri, SHARD_PATTERN.format(k))
         write_table(shard_uri, table)
         written.append(shard_uri)
     return written
+
+
+def write_image_shards(uri: str, ids: Sequence[str], images: Sequence[np.ndarray] | np.ndarray,
+                       column: str = "image", shard_size: int = 1000, bits: int = 8,
+                       extra: dict[str, Sequence[object]] | None = None) -> list[str]:
+    """Write one image column (an images dataset, DESIGN.md) as shards under ``uri``."""
+    if len(ids) != len(images):
+        raise ValueError(f"{len(ids)} ids but {len(images)} images")
+    return write_dataset(uri, ids, {column: images}, {column: bits}, extra, shard_size)
 
 
 # ---------------------------------------------------------------- reading

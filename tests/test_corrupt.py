@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data.corrupt import corrupt, write_observations
+from pipeline.data.embedded import ImageSet, load_embedded
+from pipeline.data.shards import read_images, read_table, to_float
+from pipeline.diffusion.sde import VPSDE
+from pipeline.posterior.denoise import Denoiser, truth_metrics
+from pipeline.posterior.forward import Blend, Sum
+from pipeline.posterior.priors import GaussianPrior
+from pipeline.posterior.sampler import SamplerConfig
+
+
+def test_corrupt_pairs_reproducibly_and_keeps_the_truth(tmp_path):
+    faces, digits = load_embedded("faces", "test"), load_embedded("digits", "test")
+    obs = corrupt(faces, digits, 50, alpha=0.5, seed=7)
+    again = corrupt(faces, digits, 50, alpha=0.5, seed=7)
+    assert obs.ids == again.ids and np.array_equal(obs.observation, again.observation)
+    assert len(set(obs.ids)) == 50
+    # each of the 20 faces appears under several different digits
+    under = {}
+    for i in obs.ids:
+        f, d = i.split("+")
+        under.setdefault(f, set()).add(d)
+    assert len(under) == 20 and all(len(v) >= 2 for v in under.values())
+    assert np.allclose(obs.observation, 0.5 * obs.clean + 0.5 * obs.noise, atol=1e-6)
+    write_observations(str(tmp_path / "obs"), obs, shard_size=20)
+    ids, ys = read_images(str(tmp_path / "obs"), "observation")
+    _, cleans = read_images(str(tmp_path / "obs"), "clean")
+    assert ids == obs.ids and ys[0].dtype == np.uint16
+    assert np.abs(np.stack([to_float(a) for a in ys]) - obs.observation).max() < 1e-4
+    assert np.abs(np.stack([to_float(a) for a in cleans]) - obs.clean).max() <= 0.5 / 255 + 1e-6
+    table = read_table(str(tmp_path / "obs" / "shard-00000.parquet"))
+    assert table.column("alpha").to_pylist() == [0.5] * 20
+
+
+def test_sum_observations_leave_unit_range_and_are_stored_as_npy(tmp_path):
+    faces, digits = load_embedded("faces", "test"), load_embedded("digits", "test")
+    obs = corrupt(faces, digits, 4, forward="sum", seed=0)
+    assert obs.observation.max() > 1.0
+    write_observations(str(tmp_path / "obs"), obs)
+    _, ys = read_images(str(tmp_path / "obs"), "observation")
+    assert ys[0].dtype == np.float32 and np.array_equal(np.stack(ys), obs.observation)
+
+
+def test_grey_noise_goes_into_one_random_colour_channel():
+    rgb = load_embedded("patches", "test", channels=3, n=6)
+    digits = load_embedded("digits", "test", channels=1)
+    obs = corrupt(rgb, digits, 6, noise_channel="random", seed=1)
+    lit = (obs.noise.reshape(6, 3, -1).max(2) > 0).sum(1)
+    assert (lit == 1).all()
+    with pytest.raises(ValueError, match="same size"):
+        corrupt(rgb, ImageSet(["d"], np.zeros((1, 1, 16, 16), np.float32)), 1)
+
+
+def test_denoiser_returns_mean_spread_and_reference_free_figures():
+    sde = VPSDE()
+    xm, nm = GaussianPrior(0.0, 0.3, sde), GaussianPrior(-0.5, 0.2, sde)
+    y = torch.rand(3, 1, 16, 16)
+    cfg = SamplerConfig(rule="tweedie", schedule="sde", steps=20, n_samples=4, data_var_x=0.3, data_var_n=0.2)
+    out = Denoiser(xm, nm, sde, Blend(sigma_y=0.1), cfg)(["a", "b", "c"], y)
+    assert out.denoised.shape == y.shape and out.uncertainty is not None and out.uncertainty.shape == y.shape
+    assert (out.spread > 0).all() and out.nfe == 21 and out.backward
+    alone = Denoiser(xm, nm, sde, Blend(sigma_y=0.1), cfg)(["b"], y[1:2])
+    assert torch.allclose(alone.denoised[0], out.denoised[1], atol=1e-5)
+    single = Denoiser(xm, nm, sde, Sum(), cfg.model_copy(update={"n_samples": 1}))(["a"], y[:1])
+    assert single.uncertainty is None and torch.isnan(single.spread).all()
+    m = truth_metrics(out.denoised, y, y)
+    assert torch.isinf(m["psnr_input"]).all() and set(m) == {"psnr", "ssim", "psnr_input", "ssim_input"}

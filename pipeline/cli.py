@@ -107,6 +107,19 @@ def _cmd_corrupt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_denoise(args: argparse.Namespace) -> int:
+    from pipeline.clean import denoise_dataset
+    from pipeline.config import CleanConfig, load_config
+
+    cfg = load_config(CleanConfig, args.config, args.set)
+    summary = denoise_dataset(args.input, args.output, cfg, run_id=args.run_id, progress=not args.quiet)
+    print(f"run {summary['run_id']}: {summary['cleaned']} cleaned, {summary['errors']} rejected of "
+          f"{summary['inputs']} rows in {summary['shards']} shard(s); outputs in {summary['output']}/"
+          "{cleaned,metrics,errors}", file=sys.stderr)
+    print(json.dumps(summary))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -188,6 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--shard-size", type=int, default=1000)
     c.set_defaults(func=_cmd_corrupt)
+
+    dn = sub.add_parser("denoise", help="clean an observation dataset in this process (no Ray)")
+    dn.add_argument("input", help="observation dataset: folder or URI of Parquet shards")
+    dn.add_argument("output", help="output root; the run goes to OUTPUT/runs/RUN_ID/")
+    dn.add_argument("--config", default=None, help="YAML clean config (default: built-in faces+digits, dps)")
+    dn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, e.g. --set sampler.steps=100")
+    dn.add_argument("--run-id", default=None, help="default: a hash of input, models and sampler config")
+    dn.add_argument("--quiet", action="store_true")
+    dn.set_defaults(func=_cmd_denoise)
 
     d = sub.add_parser("demo", help="the demo (for now: a sample sheet from each shipped prior)")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.diffusion.unet import UNetConfig
+from pipeline.posterior.sampler import SamplerConfig
 
 
 class ConfigError(ValueError):
@@ -70,6 +71,24 @@ class PriorConfig(_Strict):
     sde: SDEConfig = Field(default_factory=SDEConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: str = Field(..., description="folder or URI for training state and the exported model")
+
+
+class ForwardConfig(_Strict):
+    name: str = Field("blend", description="blend or sum")
+    alpha: float | None = Field(None, gt=0, lt=1, description="blend weight; default: each row's alpha column")
+    sigma_y: float = Field(0.0, ge=0, description="Gaussian read-out noise std, [0, 1] units")
+
+
+class CleanConfig(_Strict):
+    """``jointdiff denoise`` (and, later, the Ray cleaning job)."""
+
+    image_prior: str = "faces"
+    noise_prior: str = "digits"
+    forward: ForwardConfig = Field(default_factory=ForwardConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    batch_size: int = Field(32, ge=1)
+    device: str = "cpu"
+    threads: int | None = Field(None, ge=1)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -117,3 +118,45 @@ def test_demo_writes_a_sample_grid_from_the_shipped_priors(tmp_path):
     img = np.asarray(Image.open(tmp_path / "samples.png"))
     assert img.shape[0] == 3 * (32 * 3 + 2) + 2  # one row per shipped prior
     assert "faces" in proc.stderr and "digits" in proc.stderr and "stripes" in proc.stderr
+
+
+def _tiny_prior(tmp_path: Path, name: str) -> Path:
+    cfg = _tiny_yaml(tmp_path, steps=2, every=2)
+    out = tmp_path / name
+    jointdiff("train", "--config", str(cfg), "--quiet", "--set", f"output={out}", "--set", f"name={name}")
+    return out / "model"
+
+
+def test_denoise_cleans_good_rows_and_rejects_bad_ones(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    xm, nm = _tiny_prior(tmp_path, "img"), _tiny_prior(tmp_path, "noise")
+    jointdiff("corrupt", "faces", "digits", str(tmp_path / "obs"), "--size", "16", "--n", "5")
+    shard = tmp_path / "obs" / "shard-00000.parquet"
+    table = pq.read_table(shard)
+    rows = table.to_pylist()
+    rows[1]["observation"] = {"bytes": rows[1]["observation"]["bytes"][:40], "path": "x.png"}  # truncated PNG
+    rows.append(dict(rows[0]))  # duplicate id
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), shard)
+    proc = jointdiff("denoise", str(tmp_path / "obs"), str(tmp_path / "out"), "--config", "configs/denoise.yaml",
+                     "--set", f"image_prior={xm}", "--set", f"noise_prior={nm}", "--set", "sampler.steps=3",
+                     "--set", "batch_size=2", "--run-id", "r1", "--quiet")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary == {**summary, "run_id": "r1", "inputs": 6, "cleaned": 4, "errors": 2}
+    run = tmp_path / "out" / "runs" / "r1"
+    cleaned = pq.read_table(run / "cleaned" / "shard-00000.parquet")
+    errors = pq.read_table(run / "errors" / "shard-00000.parquet").to_pylist()
+    metrics = pq.read_table(run / "metrics" / "run_id=r1" / "shard-00000.parquet")
+    assert cleaned.column("id").to_pylist() == [rows[k]["id"] for k in (0, 2, 3, 4)]
+    assert sorted(e["row"] for e in errors) == [1, 5]
+    assert {e["stage"] for e in errors} == {"decode", "validate"}
+    assert "duplicate id" in [e for e in errors if e["row"] == 5][0]["reason"]
+    m = metrics.to_pylist()
+    assert len(m) == 4 and all(-1 <= r["ssim"] <= 1 and r["psnr"] > 0 and r["residual"] >= 0 for r in m)
+    assert all(r["psnr_input"] > 5 and r["nfe"] == 4 for r in m)
+    # accounting: every input row once, in cleaned or errors
+    assert sorted([r["row"] for r in m] + [e["row"] for e in errors]) == list(range(6))
+    den = cleaned.column("denoised").to_pylist()[0]
+    assert den["path"].endswith(".png")
+    assert np.asarray(Image.open(io.BytesIO(den["bytes"]))).shape == (16, 16)

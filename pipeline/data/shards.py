@@ -151,20 +151,27 @@ def write_dataset(uri: str, ids: Sequence[str], images: dict[str, Sequence[np.nd
     written = []
     for k, start in enumerate(range(0, max(len(ids), 1), shard_size)):
         sl = slice(start, start + shard_size)
-        cols: dict[str, pa.Array] = {"id": pa.array(list(ids[sl]), pa.string())}
-        for name, arrays in images.items():
-            b = (bits or {}).get(name, 8)
-            cols[name] = pa.array([image_cell(np.asarray(im), i, b) for i, im in zip(ids[sl], arrays[sl])],
-                                  IMAGE_TYPE)
-        for name, values in (extra or {}).items():
-            cols[name] = values[sl] if isinstance(values, pa.Array) else pa.array(list(values[sl]))
-        table = pa.table(cols)
-        table = table.replace_schema_metadata(
-            hf_metadata(list(images), {n: table.schema.field(n).type for n in cols if n not in images}))
+        table = build_table(ids[sl], {n: v[sl] for n, v in images.items()}, bits,
+                            {n: v[sl] for n, v in (extra or {}).items()})
         shard_uri = join(uri, SHARD_PATTERN.format(k))
         write_table(shard_uri, table)
         written.append(shard_uri)
     return written
+
+
+def build_table(ids: Sequence[str], images: dict[str, Sequence[np.ndarray] | np.ndarray],
+                bits: dict[str, int] | None = None,
+                extra: dict[str, pa.Array | Sequence[object]] | None = None) -> pa.Table:
+    """One shard's table: ``id``, image struct columns, plain columns, and the HF features metadata."""
+    cols: dict[str, pa.Array] = {"id": pa.array(list(ids), pa.string())}
+    for name, arrays in images.items():
+        b = (bits or {}).get(name, 8)
+        cols[name] = pa.array([image_cell(np.asarray(im), i, b) for i, im in zip(ids, arrays)], IMAGE_TYPE)
+    for name, values in (extra or {}).items():
+        cols[name] = values if isinstance(values, pa.Array) else pa.array(list(values))
+    table = pa.table(cols)
+    return table.replace_schema_metadata(
+        hf_metadata(list(images), {n: table.schema.field(n).type for n in cols if n not in images}))
 
 
 def write_image_shards(uri: str, ids: Sequence[str], images: Sequence[np.ndarray] | np.ndarray,

@@ -1,0 +1,209 @@
+"""Cleaning an observation dataset in one process (``jointdiff denoise``).
+
+Reads each shard of an observation dataset (DESIGN.md "observations"), decodes and checks every
+row, runs the joint posterior sampler in batches and writes, per source shard, under
+``<output>/runs/<run_id>/``:
+
+* ``cleaned/<shard>``: ``id, denoised, noise_estimate[, uncertainty]`` (16-bit PNG), the metric
+  columns, ``run_id, model_ids, sampler, nfe, seconds``;
+* ``metrics/run_id=<run_id>/<shard>``: one row per image for dashboards (Hive-partitioned by run id);
+* ``errors/<shard>``: one row per rejected input row (``run_id, dataset, shard, row, id, stage, reason``).
+
+Output files are named by source shard, so re-running replaces rather than duplicates. The default
+run id hashes (input URI, models, sampler config). :class:`ShardCleaner` holds the models and does
+one shard's rows; the Ray job will run the same object inside its actors.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.config import CleanConfig
+from pipeline.data.shards import build_table, decode_image, list_shards, read_table, to_float, write_table
+from pipeline.data.storage import join
+from pipeline.diffusion.checkpoint import load_model
+from pipeline.posterior.denoise import Denoiser, truth_metrics
+from pipeline.posterior.forward import make_forward
+from pipeline.priors import resolve_model
+
+METRIC_COLUMNS = ("psnr", "ssim", "psnr_input", "ssim_input", "residual", "spread", "removed_energy")
+ERRORS_SCHEMA = pa.schema([("run_id", pa.string()), ("dataset", pa.string()), ("shard", pa.string()),
+                           ("row", pa.int64()), ("id", pa.string()), ("stage", pa.string()),
+                           ("reason", pa.string())])
+
+
+def run_id_for(input_uri: str, cfg: CleanConfig) -> str:
+    """A stable run id from what determines the results: input, models and sampler config."""
+    key = json.dumps({"input": str(input_uri).rstrip("/"), "image_prior": cfg.image_prior,
+                      "noise_prior": cfg.noise_prior, "forward": cfg.forward.model_dump(),
+                      "sampler": cfg.sampler.model_dump()}, sort_keys=True)
+    return "run-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+@dataclass
+class ShardResult:
+    cleaned: dict[str, list[Any]] = field(default_factory=dict)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ShardCleaner:
+    """Loads both priors once; :meth:`clean_shard` turns one observation shard into outputs."""
+
+    def __init__(self, cfg: CleanConfig):
+        self.cfg = cfg
+        self.x_model, self.sde, x_meta = load_model(resolve_model(cfg.image_prior), cfg.device)
+        self.n_model, n_sde, n_meta = load_model(resolve_model(cfg.noise_prior), cfg.device)
+        if n_sde != self.sde:
+            raise ValueError(f"the two priors use different SDEs ({self.sde} vs {n_sde}); they must match")
+        if self.x_model.config.image_size != self.n_model.config.image_size:
+            raise ValueError("the image and noise priors must have the same image size")
+        self.shape = (self.x_model.config.channels, self.x_model.config.image_size, self.x_model.config.image_size)
+        self.model_ids = f"{x_meta.get('name', cfg.image_prior)}+{n_meta.get('name', cfg.noise_prior)}"
+
+    def _decode(self, cell: dict[str, Any] | None, what: str) -> np.ndarray:
+        if cell is None:
+            raise ValueError(f"{what} is null")
+        img = to_float(decode_image(cell["bytes"], cell.get("path") or ""))
+        if img.shape != self.shape:
+            raise ValueError(f"{what} is {img.shape[0]}x{img.shape[1]}x{img.shape[2]} (CxHxW) but the priors "
+                             f"expect {self.shape[0]}x{self.shape[1]}x{self.shape[2]}")
+        if not np.all(np.isfinite(img)):
+            raise ValueError(f"{what} has NaN or infinite values")
+        return img
+
+    def clean_shard(self, shard_uri: str, run_id: str, dataset: str,
+                    progress: Callable[[int], None] | None = None) -> ShardResult:
+        shard = shard_uri.rsplit("/", 1)[-1]
+        table = read_table(shard_uri)
+        if "id" not in table.column_names or "observation" not in table.column_names:
+            raise ValueError(f"{shard_uri}: an observation shard needs 'id' and 'observation' columns; "
+                             f"it has {table.column_names}")
+        cols = {c: table.column(c).to_pylist() for c in table.column_names}
+        has_truth = "clean" in cols
+        result = ShardResult()
+        valid: list[tuple[int, str, np.ndarray, np.ndarray | None, float]] = []
+        seen: set[str] = set()
+        for row, id_ in enumerate(cols["id"]):
+            def reject(stage: str, reason: str, row: int = row, id_: Any = id_) -> None:
+                result.errors.append({"run_id": run_id, "dataset": dataset, "shard": shard, "row": row,
+                                      "id": None if id_ is None else str(id_), "stage": stage, "reason": reason})
+            if id_ is None or id_ in seen:
+                reject("validate", "missing id" if id_ is None else f"duplicate id {id_!r} (an earlier row has it)")
+                continue
+            seen.add(id_)
+            try:
+                y = self._decode(cols["observation"][row], "observation")
+                clean = self._decode(cols["clean"][row], "clean") if has_truth and cols["clean"][row] else None
+            except Exception as exc:
+                reject("decode", str(exc))
+                continue
+            alpha = self.cfg.forward.alpha or (cols.get("alpha") or [None] * (row + 1))[row]
+            if self.cfg.forward.name == "blend" and (alpha is None or not 0 < alpha < 1 or math.isnan(alpha)):
+                reject("validate", f"blend needs alpha in (0, 1); the row has {alpha!r} and the config none")
+                continue
+            valid.append((row, id_, y, clean, float(alpha or 0.5)))
+        started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        for alpha in sorted({v[4] for v in valid}):
+            group = [v for v in valid if v[4] == alpha]
+            forward = make_forward(self.cfg.forward.name, alpha=alpha, sigma_y=self.cfg.forward.sigma_y)
+            denoiser = Denoiser(self.x_model, self.n_model, self.sde, forward, self.cfg.sampler)
+            for start in range(0, len(group), self.cfg.batch_size):
+                batch = group[start:start + self.cfg.batch_size]
+                self._run_batch(batch, denoiser, result, run_id, dataset, shard, started)
+                if progress is not None:
+                    progress(len(batch))
+        return result
+
+    def _run_batch(self, batch: list, denoiser: Denoiser, result: ShardResult, run_id: str, dataset: str,
+                   shard: str, started: str) -> None:
+        ids = [b[1] for b in batch]
+        y = torch.from_numpy(np.stack([b[2] for b in batch])).to(self.cfg.device)
+        out = denoiser(ids, y)
+        figures = {"residual": out.residual, "spread": out.spread, "removed_energy": out.removed_energy}
+        truth_rows = [k for k, b in enumerate(batch) if b[3] is not None]
+        truth = {c: [None] * len(batch) for c in ("psnr", "ssim", "psnr_input", "ssim_input")}
+        if truth_rows:
+            clean = torch.from_numpy(np.stack([batch[k][3] for k in truth_rows])).to(self.cfg.device)
+            tm = truth_metrics(out.denoised[truth_rows], clean, y[truth_rows].clamp(0, 1))
+            for c, v in tm.items():
+                for k, val in zip(truth_rows, v.tolist()):
+                    truth[c][k] = val
+        c = result.cleaned
+        for k, b in enumerate(batch):
+            c.setdefault("row", []).append(b[0])
+            c.setdefault("id", []).append(b[1])
+            c.setdefault("denoised", []).append(out.denoised[k].cpu().numpy())
+            c.setdefault("noise_estimate", []).append(out.noise_estimate[k].cpu().numpy())
+            if out.uncertainty is not None:
+                c.setdefault("uncertainty", []).append(out.uncertainty[k].cpu().numpy())
+            for name in ("psnr", "ssim", "psnr_input", "ssim_input"):
+                c.setdefault(name, []).append(_finite_or_none(truth[name][k]))
+            for name, v in figures.items():
+                c.setdefault(name, []).append(_finite_or_none(float(v[k])))
+            c.setdefault("alpha", []).append(b[4])
+            c.setdefault("seconds", []).append(out.seconds)
+            c.setdefault("nfe", []).append(out.nfe)
+            c.setdefault("started_at", []).append(started)
+
+
+def _finite_or_none(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+def write_shard_outputs(output: str, run_id: str, dataset: str, shard: str, result: ShardResult,
+                        cfg: CleanConfig, model_ids: str) -> None:
+    """Write the cleaned, metrics and errors files of one source shard (replacing earlier ones)."""
+    run = join(output, "runs", run_id)
+    c = result.cleaned
+    n = len(c.get("id", []))
+    sampler = json.dumps(cfg.sampler.model_dump(), sort_keys=True)
+    metric_cols = {m: pa.array(c.get(m, []), pa.float64()) for m in METRIC_COLUMNS}
+    images = {k: c.get(k, []) for k in ("denoised", "noise_estimate", "uncertainty") if k in c}
+    extra = {**metric_cols, "run_id": pa.array([run_id] * n, pa.string()),
+             "model_ids": pa.array([model_ids] * n, pa.string()), "sampler": pa.array([sampler] * n, pa.string()),
+             "nfe": pa.array(c.get("nfe", []), pa.int32()), "seconds": pa.array(c.get("seconds", []), pa.float64())}
+    write_table(join(run, "cleaned", shard),
+                build_table(c.get("id", []), images, bits={k: 16 for k in images}, extra=extra))
+    metrics = pa.table({
+        "run_id": pa.array([run_id] * n, pa.string()), "started_at": pa.array(c.get("started_at", []), pa.string()),
+        "dataset": pa.array([dataset] * n, pa.string()), "shard": pa.array([shard] * n, pa.string()),
+        "row": pa.array(c.get("row", []), pa.int64()), "id": pa.array(c.get("id", []), pa.string()),
+        **metric_cols, "alpha": pa.array(c.get("alpha", []), pa.float32()),
+        "nfe": pa.array(c.get("nfe", []), pa.int32()), "seconds": pa.array(c.get("seconds", []), pa.float64()),
+    })
+    write_table(join(run, "metrics", f"run_id={run_id}", shard), metrics.drop_columns(["run_id"]))
+    write_table(join(run, "errors", shard), pa.Table.from_pylist(result.errors, schema=ERRORS_SCHEMA))
+
+
+def denoise_dataset(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None = None,
+                    progress: bool = True) -> dict[str, Any]:
+    """Clean every shard of ``input_uri`` into ``output``; returns counts and the run id."""
+    from tqdm import tqdm
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_id = run_id or run_id_for(input_uri, cfg)
+    cleaner = ShardCleaner(cfg)
+    shards = list_shards(input_uri)
+    total = sum(read_table(s, ["id"]).num_rows for s in shards)
+    dataset = str(input_uri).rstrip("/")
+    counts = {"inputs": total, "cleaned": 0, "errors": 0, "shards": len(shards)}
+    with tqdm(total=total, desc=f"denoise {run_id}", unit="img", disable=not progress) as bar:
+        for shard_uri in shards:
+            res = cleaner.clean_shard(shard_uri, run_id, dataset, progress=bar.update)
+            shard = shard_uri.rsplit("/", 1)[-1]
+            write_shard_outputs(output, run_id, dataset, shard, res, cfg, cleaner.model_ids)
+            counts["cleaned"] += len(res.cleaned.get("id", []))
+            counts["errors"] += len(res.errors)
+            bar.update(len(res.errors))
+    return {"run_id": run_id, **counts, "output": join(output, "runs", run_id)}

@@ -13,6 +13,7 @@ from pipeline.config import ConfigError
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from pipeline.config import PriorConfig, load_config
+    from pipeline.diffusion.train import TrainingInterrupted
     from pipeline.training import train_prior
 
     config = load_config(PriorConfig, args.config, args.set)
@@ -20,8 +21,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
           f"for {config.train.steps} steps -> {config.output}", file=sys.stderr)
     try:
         summary = train_prior(config, progress=not args.quiet)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; the training state is saved in {config.output}/state. "
+    except TrainingInterrupted as stop:
+        print(f"\ninterrupted at step {stop.step}; the training state is saved in {config.output}/state. "
               "Run the same command again to resume.", file=sys.stderr)
         return 130
     if summary["steps"] >= config.train.steps:
@@ -231,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:  # CheckpointError, ShardError are ValueErrors
         print(f"jointdiff {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\njointdiff {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

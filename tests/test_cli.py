@@ -63,17 +63,21 @@ def test_train_resumes_after_being_killed(tmp_path):
 
 
 def test_ctrl_c_saves_state_and_says_how_to_resume(tmp_path):
-    cfg = _tiny_yaml(tmp_path, steps=100_000, every=1000)
+    cfg = _tiny_yaml(tmp_path, steps=100_000, every=7)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "--config", str(cfg), "--quiet"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(8)  # imports and a few steps
+    latest = tmp_path / "run" / "state" / "latest.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and not latest.exists():  # the training loop is running
+        time.sleep(0.1)
+    time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Run the same command again to resume" in err
-    step = json.loads((tmp_path / "run" / "state" / "latest.json").read_text())["step"]
-    assert step >= 1  # saved although no periodic checkpoint was due
+    step = int(err.split("interrupted at step ")[1].split(";")[0])
+    assert json.loads(latest.read_text())["step"] == step >= 7  # saved at the interrupt, due or not
 
 
 def test_bad_config_exits_with_a_message_not_a_traceback(tmp_path):

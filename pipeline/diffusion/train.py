@@ -172,6 +172,14 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`fit`; the state at ``step`` was saved before this was raised."""
+
+    def __init__(self, step: int):
+        super().__init__(step)
+        self.step = step
+
+
 @contextlib.contextmanager
 def _defer_sigint() -> Iterator[list[bool]]:
     """Turn SIGINT into a flag checked between steps, so a state is never saved mid-step."""
@@ -214,7 +222,7 @@ def fit(trainer: Trainer, data: torch.Tensor, output: str,
                 # Ctrl-C: the step in flight finished; keep it, then stop.
                 if trainer.step_count % tc.checkpoint_every:
                     trainer.save_state(output)
-                raise KeyboardInterrupt
+                raise TrainingInterrupted(trainer.step_count)
     seconds = time.perf_counter() - t0
     tail = trainer.losses[-100:]
     return {"resumed": resumed, "start_step": start_step, "steps": trainer.step_count,

@@ -121,6 +121,39 @@ def _cmd_denoise(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    from pipeline.bench import quality as q
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = _int_list(args.steps) if args.steps else None
+    rules = args.rules.split(",") if args.rules else None
+    if args.kind == "tune":
+        res = q.tune(steps or [50, 100, 200], rules or list(q.TUNE_GRIDS), n_val=args.n_val or 20,
+                     log=lambda m: print(m, file=sys.stderr))
+        print(f"default rule {res['default_rule']}; weights written to {q.GUIDANCE_FILE}", file=sys.stderr)
+        return 0
+    t0 = time.perf_counter()
+    rows = q.quality(quick=args.quick, n=args.n, steps=steps, rules=rules,
+                     scenarios=args.scenarios.split(",") if args.scenarios else None, n_val=args.n_val,
+                     log=lambda m: print(m, file=sys.stderr))
+    print(q.table(rows))
+    if args.json:
+        q.write_json(rows, args.json, {"command": " ".join(sys.argv), "seconds": time.perf_counter() - t0,
+                                       "threads": torch.get_num_threads(), "machine": platform.machine(),
+                                       "guidance": q.load_guidance().get("status")})
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -212,6 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
     dn.add_argument("--run-id", default=None, help="default: a hash of input, models and sampler config")
     dn.add_argument("--quiet", action="store_true")
     dn.set_defaults(func=_cmd_denoise)
+
+    b = sub.add_parser("bench", help="benchmarks: quality (denoising vs baselines), tune (guidance weights)")
+    b.add_argument("kind", choices=["quality", "tune"])
+    b.add_argument("--quick", action="store_true", help="a few images and steps (a smoke test, minutes)")
+    b.add_argument("--json", default=None, help="write the rows as JSON here")
+    b.add_argument("--n", type=int, default=None, help="test observations per scenario (default 100)")
+    b.add_argument("--n-val", type=int, default=None, help="validation observations for tuning (default 20)")
+    b.add_argument("--steps", default=None, help="comma-separated step counts (default 50,100,200)")
+    b.add_argument("--rules", default=None, help="comma-separated guidance rules (default all)")
+    b.add_argument("--scenarios", default=None, help="comma-separated: main,stripes,alpha0.3,alpha0.7,ood")
+    b.add_argument("--threads", type=int, default=None)
+    b.set_defaults(func=_cmd_bench)
 
     d = sub.add_parser("demo", help="the demo (for now: a sample sheet from each shipped prior)")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")

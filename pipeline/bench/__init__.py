@@ -1,0 +1,1 @@
+"""Benchmarks: ``jointdiff bench quality`` / ``bench tune`` (print a table, write JSON)."""

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline.diffusion.unet import UNetConfig
+from pipeline.diffusion.unet import UNetConfig, check_channels
 from pipeline.posterior.sampler import SamplerConfig
 
 
@@ -39,12 +39,7 @@ class DataConfig(_Strict):
     hflip: bool = Field(False, description="random horizontal flips (faces: yes; digits: no)")
     column: str = Field("image", description="image column of a shard dataset")
 
-    @field_validator("channels")
-    @classmethod
-    def _channels(cls, v: int) -> int:
-        if v not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {v}")
-        return v
+    _channels = field_validator("channels")(classmethod(lambda cls, v: check_channels(v)))
 
 
 class TrainConfig(_Strict):

@@ -17,6 +17,13 @@ from torch import nn
 from torch.nn import functional as F
 
 
+def check_channels(v: int) -> int:
+    """Images are grey (1 channel) or RGB (3)."""
+    if v not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {v}")
+    return v
+
+
 class UNetConfig(BaseModel):
     """Architecture of the score network; stored next to the weights in every checkpoint."""
 
@@ -38,12 +45,7 @@ class UNetConfig(BaseModel):
             raise ValueError(f"image_size must be a power of two from 16 to 256, got {v}")
         return v
 
-    @field_validator("channels")
-    @classmethod
-    def _channels(cls, v: int) -> int:
-        if v not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {v}")
-        return v
+    _channels = field_validator("channels")(classmethod(lambda cls, v: check_channels(v)))
 
     @model_validator(mode="after")
     def _depth_fits(self) -> UNetConfig:

@@ -107,11 +107,13 @@ class ShardCleaner:
             except Exception as exc:
                 reject("decode", str(exc))
                 continue
-            alpha = self.cfg.forward.alpha or (cols.get("alpha") or [None] * (row + 1))[row]
-            if self.cfg.forward.name == "blend" and (alpha is None or not 0 < alpha < 1 or math.isnan(alpha)):
-                reject("validate", f"blend needs alpha in (0, 1); the row has {alpha!r} and the config none")
-                continue
-            valid.append((row, id_, y, clean, float(alpha or 0.5)))
+            alpha = 0.0  # only the blend has an alpha
+            if self.cfg.forward.name == "blend":
+                alpha = self.cfg.forward.alpha or (cols.get("alpha") or [None] * (row + 1))[row]
+                if alpha is None or math.isnan(alpha) or not 0 < alpha < 1:
+                    reject("validate", f"blend needs alpha in (0, 1); the row has {alpha!r} and the config none")
+                    continue
+            valid.append((row, id_, y, clean, float(alpha)))
         started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         for alpha in sorted({v[4] for v in valid}):
             group = [v for v in valid if v[4] == alpha]

@@ -43,7 +43,7 @@ def test_sum_observations_leave_unit_range_and_are_stored_as_npy(tmp_path):
     assert obs.observation.max() > 1.0
     write_observations(str(tmp_path / "obs"), obs)
     _, ys = read_images(str(tmp_path / "obs"), "observation")
-    assert ys[0].dtype == np.float32 and np.array_equal(np.stack(ys), obs.observation)
+    assert ys[0].dtype == np.float32 and np.array_equal(np.stack([to_float(a) for a in ys]), obs.observation)
 
 
 def test_grey_noise_goes_into_one_random_colour_channel():
@@ -70,3 +70,20 @@ def test_denoiser_returns_mean_spread_and_reference_free_figures():
     assert single.uncertainty is None and torch.isnan(single.spread).all()
     m = truth_metrics(out.denoised, y, y)
     assert torch.isinf(m["psnr_input"]).all() and set(m) == {"psnr", "ssim", "psnr_input", "ssim_input"}
+
+
+def test_sum_observations_are_cleaned_not_lost(tmp_path):
+    """The sum model has no alpha (NaN in the column): every row must still be cleaned."""
+    from pipeline.clean import ShardCleaner
+    from pipeline.config import CleanConfig
+    from pipeline.diffusion.checkpoint import save_model
+    from pipeline.diffusion.unet import UNet, UNetConfig
+
+    net = UNet(UNetConfig(image_size=16, base_channels=8, channel_mults=[1, 2]))
+    save_model(str(tmp_path / "m"), net, VPSDE(), {"name": "tiny"})
+    obs = corrupt(load_embedded("faces", "test", 16), load_embedded("digits", "test", 16), 3, forward="sum")
+    write_observations(str(tmp_path / "obs"), obs)
+    cfg = CleanConfig(image_prior=str(tmp_path / "m"), noise_prior=str(tmp_path / "m"),
+                      forward={"name": "sum"}, sampler={"steps": 2})
+    res = ShardCleaner(cfg).clean_shard(str(tmp_path / "obs" / "shard-00000.parquet"), "r", "obs")
+    assert res.cleaned["id"] == obs.ids and res.errors == []

@@ -106,13 +106,14 @@ def to_float(arr: np.ndarray) -> np.ndarray:
 
 
 def image_cell(img: np.ndarray, name: str, bits: int = 8) -> dict[str, object]:
-    """The ``{bytes, path}`` struct for one image: PNG for integer arrays or [0,1] floats
-    (quantised to ``bits``), ``.npy`` for (C, H, W) floats that leave [0, 1]."""
+    """The ``{bytes, path}`` struct for one image: PNG for integer (H, W[, C]) arrays or (C, H, W)
+    floats in [0, 1] (quantised to ``bits``), an (H, W, C) float32 ``.npy`` for floats that leave
+    [0, 1] or are not finite (so a bad value is kept, not hidden, and validation can reject it)."""
     if img.dtype.kind == "u":
         return {"bytes": encode_png(img), "path": f"{name}.png"}
     if np.all(np.isfinite(img)) and img.min() >= 0.0 and img.max() <= 1.0:
         return {"bytes": encode_png(from_float(img, bits)), "path": f"{name}.png"}
-    return {"bytes": encode_npy(img), "path": f"{name}.npy"}
+    return {"bytes": encode_npy(np.moveaxis(img, 0, -1)), "path": f"{name}.npy"}  # (H, W, C) like PNG
 
 
 # ---------------------------------------------------------------- writing

@@ -140,8 +140,45 @@ def test_resume_refuses_a_different_architecture(tmp_path):
     train_prior(tiny_config(str(tmp_path / "a")), progress=False, stop_after=3)
     other = tiny_config(str(tmp_path / "a"))
     other = other.model_copy(update={"unet": other.unet.model_copy(update={"base_channels": 16})})
-    with pytest.raises(CheckpointError, match="different U-Net"):
+    with pytest.raises(CheckpointError, match="different unet"):
         train_prior(other, progress=False)
+    other_sde = tiny_config(str(tmp_path / "a"))
+    other_sde = other_sde.model_copy(update={"sde": other_sde.sde.model_copy(update={"beta_max": 10.0})})
+    with pytest.raises(CheckpointError, match="different sde"):
+        train_prior(other_sde, progress=False)
+
+
+def test_resume_with_dropout_and_flips_matches_model_ema_and_optimizer(tmp_path):
+    """The faces config draws dropout masks (global RNG) and flips (trainer generator): both must resume."""
+    def cfg(out):
+        c = tiny_config(out)
+        return c.model_copy(update={"unet": c.unet.model_copy(update={"dropout": 0.1}),
+                                    "data": c.data.model_copy(update={"hflip": True})})
+    from pipeline.data.embedded import load_embedded
+
+    data = to_network(torch.from_numpy(load_embedded("digits", "train", 16, 1).images))
+    a = Trainer(cfg(str(tmp_path / "a")))
+    fit(a, data, str(tmp_path / "a"))
+    b = Trainer(cfg(str(tmp_path / "b")))
+    fit(b, data, str(tmp_path / "b"), stop_after=4)  # last state at step 3
+    torch.manual_seed(123)  # a fresh process would not share the global RNG state
+    b2 = Trainer(cfg(str(tmp_path / "b")))
+    fit(b2, data, str(tmp_path / "b"))
+    assert b2.step_count == a.step_count == 10
+    for x, y in zip(a.model.state_dict().values(), b2.model.state_dict().values()):
+        assert torch.equal(x, y)
+    for x, y in zip(a.ema.state_dict().values(), b2.ema.state_dict().values()):
+        assert torch.equal(x, y)
+    sa, sb = a.opt.state_dict()["state"], b2.opt.state_dict()["state"]
+    assert all(torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"]) for k in sa)
+
+
+def test_a_torn_latest_pointer_falls_back_to_the_newest_complete_state(tmp_path):
+    cfg = tiny_config(str(tmp_path / "a"))
+    train_prior(cfg, progress=False, stop_after=7)  # states at steps 3 and 6
+    (tmp_path / "a" / "state" / "latest.json").write_text('{"step": 6, "di')  # killed mid-write
+    t = Trainer(cfg)
+    assert t.load_state(cfg.output) and t.step_count == 6
 
 
 def test_memorisation_report_flags_copies():

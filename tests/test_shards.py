@@ -12,6 +12,7 @@ import pytest
 from pipeline.data.shards import (
     IMAGE_TYPE,
     ShardError,
+    decode_image,
     encode_png,
     from_float,
     list_shards,
@@ -107,3 +108,26 @@ def test_from_float_to_float_round_trip():
         top = 255 if bits == 8 else 65535
         back = to_float(from_float(x, bits))
         assert back.shape == x.shape and np.abs(back - x).max() <= 0.5 / top + 1e-7
+
+
+def test_decodes_png_variants_written_by_other_tools():
+    import png
+    from PIL import Image
+
+    buf = io.BytesIO()  # 16-bit data with an sBIT chunk (12 significant bits)
+    png.Writer(2, 1, greyscale=True, bitdepth=12).write(buf, [[0, 4095]])
+    arr = decode_image(buf.getvalue())
+    assert arr.dtype == np.uint16 and to_float(arr).max() == 1.0
+    buf = io.BytesIO()  # 16-bit grey with a tRNS chunk: stays one channel
+    png.Writer(2, 1, greyscale=True, bitdepth=16, transparent=0).write(buf, [[0, 65535]])
+    assert decode_image(buf.getvalue()).shape == (1, 2)
+    pal = Image.new("P", (3, 1))
+    pal.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255])
+    pal.putdata([0, 1, 2])
+    buf = io.BytesIO()
+    pal.save(buf, "PNG")
+    assert np.array_equal(decode_image(buf.getvalue()), np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255]]]))
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((2, 2, 1), np.int64))
+    with pytest.raises(ValueError, match="dtype int64"):
+        decode_image(buf.getvalue(), "x.npy")

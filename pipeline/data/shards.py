@@ -67,6 +67,8 @@ def decode_image(data: bytes, path: str = "") -> np.ndarray:
         raise ValueError("empty image bytes")
     if path.endswith(".npy") or data[:6] == b"\x93NUMPY":
         arr = np.load(io.BytesIO(data), allow_pickle=False)
+        if arr.dtype.kind not in "fu":
+            raise ValueError(f".npy image of dtype {arr.dtype}: expected float or unsigned integers")
         return arr
     if data[:8] != b"\x89PNG\r\n\x1a\n":
         raise ValueError(f"not a PNG (starts with {data[:8]!r})")
@@ -74,7 +76,8 @@ def decode_image(data: bytes, path: str = "") -> np.ndarray:
     if bit_depth == 16:
         import png
 
-        w, h, rows, info = png.Reader(bytes=data).asDirect()
+        # read(), not asDirect(): asDirect() shifts values down to an sBIT depth and adds alpha for tRNS
+        w, h, rows, info = png.Reader(bytes=data).read()
         planes = info["planes"]
         arr = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(h, w, planes)
         return arr[:, :, 0] if planes == 1 else arr
@@ -82,8 +85,12 @@ def decode_image(data: bytes, path: str = "") -> np.ndarray:
 
     with Image.open(io.BytesIO(data)) as im:
         im.load()
-        if im.mode in ("1", "P", "LA"):
-            im = im.convert("RGBA" if "transparency" in im.info or im.mode == "LA" else "L")
+        if im.mode == "P":  # a palette holds colours: never collapse it to grey
+            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        elif im.mode in ("1", "LA"):
+            im = im.convert("L")
+        elif im.mode not in ("L", "RGB", "RGBA", "I;16", "I;16B", "I;16L"):
+            im = im.convert("RGB")
         return np.asarray(im)
 
 

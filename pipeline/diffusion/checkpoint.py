@@ -60,11 +60,19 @@ def read_tensors(uri: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{uri}: not a valid safetensors file ({exc})") from exc
 
 
-def write_json(uri: str, obj: dict[str, Any]) -> None:
+def write_json(uri: str, obj: dict[str, Any], atomic: bool = False) -> None:
+    """Write JSON; ``atomic=True`` makes a reader see the old or the new file, never a partial one
+    (a temporary file renamed into place; an object store's PUT is atomic already)."""
     fs, path = open_fs(uri)
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    if atomic and "file" in fs.protocol:
+        tmp = f"{path}.tmp"
+        with fs.open(tmp, "w") as f:
+            f.write(text)
+        fs.mv(tmp, path)
+        return
     with fs.open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(text)
 
 
 def read_json(uri: str) -> dict[str, Any]:

@@ -105,13 +105,16 @@ class Trainer:
         opt_tensors, opt_meta = _flatten_optimizer(self.opt.state_dict())
         write_tensors(join(step_dir, "optimizer.safetensors"), opt_tensors)
         rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+        if self.device.type == "cuda":  # dropout on a GPU draws from the CUDA generator
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         write_tensors(join(step_dir, "rng.safetensors"), rng)
         write_json(join(step_dir, "state.json"), {
             "step": self.step_count, "ema_updates": self.ema.num_updates, "optimizer": opt_meta,
             "losses": self.losses, "train_seconds": self.train_seconds,
             "config": self.config.model_dump(),
         })
-        write_json(join(root, "state", "latest.json"), {"step": self.step_count, "dir": f"step-{self.step_count:07d}"})
+        write_json(join(root, "state", "latest.json"), {"step": self.step_count, "dir": f"step-{self.step_count:07d}"},
+                   atomic=True)
         self._prune(root)
         return step_dir
 
@@ -121,20 +124,34 @@ class Trainer:
         for old in dirs[:-KEEP_STATES]:
             fs.rm(old, recursive=True)
 
+    def _latest_dir(self, root: str) -> str | None:
+        """The state folder ``latest.json`` names; if it is unreadable, the newest complete one."""
+        state = join(root, "state")
+        fs, path = open_fs(state)
+        if not fs.exists(path):
+            return None
+        try:
+            return join(state, read_json(join(state, "latest.json"))["dir"])
+        except (CheckpointError, KeyError):
+            dirs = sorted(p for p in fs.ls(path, detail=False) if p.rsplit("/", 1)[-1].startswith("step-"))
+            for d in reversed(dirs):
+                if fs.exists(f"{d}/state.json") and fs.exists(f"{d}/rng.safetensors"):
+                    return join(state, d.rsplit("/", 1)[-1])
+            return None
+
     def load_state(self, root: str) -> bool:
-        """Resume from ``root/state/latest.json`` if present; returns whether it resumed."""
-        latest_uri = join(root, "state", "latest.json")
-        fs, latest_path = open_fs(latest_uri)
-        if not fs.exists(latest_path):
+        """Resume from the latest training state under ``root/state``; returns whether it resumed."""
+        step_dir = self._latest_dir(root)
+        if step_dir is None:
             return False
-        latest = read_json(latest_uri)
-        step_dir = join(root, "state", latest["dir"])
         meta = read_json(join(step_dir, "state.json"))
-        saved_unet = meta["config"]["unet"]
-        if saved_unet != self.config.unet.model_dump():
-            raise CheckpointError(
-                f"{step_dir}: the saved training state has a different U-Net ({saved_unet}) than the "
-                f"config ({self.config.unet.model_dump()}); use a new output folder or the old config")
+        saved = meta["config"]
+        for section in ("unet", "sde"):
+            mine = getattr(self.config, section).model_dump()
+            if saved.get(section, mine) != mine:
+                raise CheckpointError(
+                    f"{step_dir}: the saved training state has a different {section} ({saved[section]}) than the "
+                    f"config ({mine}); use a new output folder or the old config")
         self.model = build_model(self.config.unet, read_tensors(join(step_dir, "model.safetensors")),
                                  step_dir).to(self.device)
         self.ema = EMA(self.model, self.config.train.ema_decay)
@@ -146,6 +163,8 @@ class Trainer:
         rng = read_tensors(join(step_dir, "rng.safetensors"))
         self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.step_count = int(meta["step"])
         self.losses = list(meta["losses"])
         self.train_seconds = float(meta.get("train_seconds", 0.0))

@@ -65,8 +65,11 @@ class ShardCleaner:
         self.n_model, n_sde, n_meta = load_model(resolve_model(cfg.noise_prior), cfg.device)
         if n_sde != self.sde:
             raise ValueError(f"the two priors use different SDEs ({self.sde} vs {n_sde}); they must match")
-        if self.x_model.config.image_size != self.n_model.config.image_size:
-            raise ValueError("the image and noise priors must have the same image size")
+        xc, nc = self.x_model.config, self.n_model.config
+        if (xc.image_size, xc.channels) != (nc.image_size, nc.channels):
+            raise ValueError(f"the image prior is {xc.channels}x{xc.image_size}x{xc.image_size} but the noise prior is "
+                             f"{nc.channels}x{nc.image_size}x{nc.image_size}; they must match (for grey noise on "
+                             "RGB images, train the noise prior on RGB noise, e.g. corrupt --noise-channel random)")
         self.shape = (self.x_model.config.channels, self.x_model.config.image_size, self.x_model.config.image_size)
         self.model_ids = f"{x_meta.get('name', cfg.image_prior)}+{n_meta.get('name', cfg.noise_prior)}"
 
@@ -82,7 +85,9 @@ class ShardCleaner:
         return img
 
     def clean_shard(self, shard_uri: str, run_id: str, dataset: str,
-                    progress: Callable[[int], None] | None = None) -> ShardResult:
+                    progress: Callable[[int], None] | None = None, seen: set[str] | None = None) -> ShardResult:
+        """Clean one shard. ``seen`` carries the ids of earlier shards of the run, so a later copy of
+        an id anywhere in the dataset becomes an error row and ids in cleaned stay unique."""
         shard = shard_uri.rsplit("/", 1)[-1]
         table = read_table(shard_uri)
         if "id" not in table.column_names or "observation" not in table.column_names:
@@ -92,13 +97,14 @@ class ShardCleaner:
         has_truth = "clean" in cols
         result = ShardResult()
         valid: list[tuple[int, str, np.ndarray, np.ndarray | None, float]] = []
-        seen: set[str] = set()
+        seen = set() if seen is None else seen
         for row, id_ in enumerate(cols["id"]):
             def reject(stage: str, reason: str, row: int = row, id_: Any = id_) -> None:
                 result.errors.append({"run_id": run_id, "dataset": dataset, "shard": shard, "row": row,
                                       "id": None if id_ is None else str(id_), "stage": stage, "reason": reason})
             if id_ is None or id_ in seen:
-                reject("validate", "missing id" if id_ is None else f"duplicate id {id_!r} (an earlier row has it)")
+                reject("validate", "missing id" if id_ is None else
+                       f"duplicate id {id_!r} (an earlier row of this run has it)")
                 continue
             seen.add(id_)
             try:
@@ -140,8 +146,14 @@ class ShardCleaner:
             for c, v in tm.items():
                 for k, val in zip(truth_rows, v.tolist()):
                     truth[c][k] = val
+        finite = torch.isfinite(out.denoised.flatten(1)).all(1) & torch.isfinite(out.noise_estimate.flatten(1)).all(1)
         c = result.cleaned
         for k, b in enumerate(batch):
+            if not finite[k]:
+                result.errors.append({"run_id": run_id, "dataset": dataset, "shard": shard, "row": b[0], "id": b[1],
+                                      "stage": "sample", "reason": "the sampler diverged (non-finite values); "
+                                      "lower sampler.lambda_x / sampler.kappa_n or use more steps"})
+                continue
             c.setdefault("row", []).append(b[0])
             c.setdefault("id", []).append(b[1])
             c.setdefault("denoised", []).append(out.denoised[k].cpu().numpy())
@@ -170,7 +182,8 @@ def write_shard_outputs(output: str, run_id: str, dataset: str, shard: str, resu
     n = len(c.get("id", []))
     sampler = json.dumps(cfg.sampler.model_dump(), sort_keys=True)
     metric_cols = {m: pa.array(c.get(m, []), pa.float64()) for m in METRIC_COLUMNS}
-    images = {k: c.get(k, []) for k in ("denoised", "noise_estimate", "uncertainty") if k in c}
+    image_cols = ["denoised", "noise_estimate"] + (["uncertainty"] if cfg.sampler.n_samples > 1 else [])
+    images = {k: c.get(k, []) for k in image_cols}  # present even when every row was rejected
     extra = {**metric_cols, "run_id": pa.array([run_id] * n, pa.string()),
              "model_ids": pa.array([model_ids] * n, pa.string()), "sampler": pa.array([sampler] * n, pa.string()),
              "nfe": pa.array(c.get("nfe", []), pa.int32()), "seconds": pa.array(c.get("seconds", []), pa.float64())}
@@ -200,9 +213,10 @@ def denoise_dataset(input_uri: str, output: str, cfg: CleanConfig, run_id: str |
     total = sum(read_table(s, ["id"]).num_rows for s in shards)
     dataset = str(input_uri).rstrip("/")
     counts = {"inputs": total, "cleaned": 0, "errors": 0, "shards": len(shards)}
+    seen: set[str] = set()
     with tqdm(total=total, desc=f"denoise {run_id}", unit="img", disable=not progress) as bar:
         for shard_uri in shards:
-            res = cleaner.clean_shard(shard_uri, run_id, dataset, progress=bar.update)
+            res = cleaner.clean_shard(shard_uri, run_id, dataset, progress=bar.update, seen=seen)
             shard = shard_uri.rsplit("/", 1)[-1]
             write_shard_outputs(output, run_id, dataset, shard, res, cfg, cleaner.model_ids)
             counts["cleaned"] += len(res.cleaned.get("id", []))

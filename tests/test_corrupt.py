@@ -37,6 +37,15 @@ def test_corrupt_pairs_reproducibly_and_keeps_the_truth(tmp_path):
     assert table.column("alpha").to_pylist() == [0.5] * 20
 
 
+def test_pairs_never_repeat_and_impossible_counts_are_refused():
+    clean = ImageSet([f"c{k}" for k in range(20)], np.zeros((20, 1, 4, 4), np.float32))
+    noise = ImageSet([f"n{k}" for k in range(30)], np.zeros((30, 1, 4, 4), np.float32))
+    obs = corrupt(clean, noise, 600)
+    assert len(set(obs.ids)) == 600
+    with pytest.raises(ValueError, match="distinct"):
+        corrupt(clean, noise, 601)
+
+
 def test_sum_observations_leave_unit_range_and_are_stored_as_npy(tmp_path):
     faces, digits = load_embedded("faces", "test"), load_embedded("digits", "test")
     obs = corrupt(faces, digits, 4, forward="sum", seed=0)
@@ -63,7 +72,7 @@ def test_denoiser_returns_mean_spread_and_reference_free_figures():
     cfg = SamplerConfig(rule="tweedie", schedule="sde", steps=20, n_samples=4, data_var_x=0.3, data_var_n=0.2)
     out = Denoiser(xm, nm, sde, Blend(sigma_y=0.1), cfg)(["a", "b", "c"], y)
     assert out.denoised.shape == y.shape and out.uncertainty is not None and out.uncertainty.shape == y.shape
-    assert (out.spread > 0).all() and out.nfe == 21 and out.backward
+    assert (out.spread > 0).all() and out.nfe == 21 * 4 and out.backward  # per image: steps+1 per sample
     alone = Denoiser(xm, nm, sde, Blend(sigma_y=0.1), cfg)(["b"], y[1:2])
     assert torch.allclose(alone.denoised[0], out.denoised[1], atol=1e-5)
     single = Denoiser(xm, nm, sde, Sum(), cfg.model_copy(update={"n_samples": 1}))(["a"], y[:1])

@@ -1,8 +1,8 @@
 """Observation datasets: clean images hidden under structured noise, with the truth kept.
 
-Observation ``k`` pairs clean image ``k mod N_clean`` with a noise image drawn without replacement
-(a fresh permutation each time the noise set is used up) from a generator seeded by ``seed``, so a
-clean image can appear under several different noise images and the dataset is reproducible. Ids are
+Observation ``k`` pairs clean image ``c = k mod N_clean`` with the ``(k div N_clean)``-th entry of a
+random permutation of the noise images drawn for ``c`` (generator seeded by ``seed``), so a clean image
+appears under several different noise images, no pair repeats, and the dataset is reproducible. Ids are
 ``<clean id>+<noise id>``. Grey noise on RGB images goes either into every channel or, as the paper
 does with MNIST on CelebA, into one random colour channel (``noise_channel="random"``).
 
@@ -40,11 +40,19 @@ def pair_noise(clean: ImageSet, noise: ImageSet, n: int, seed: int,
     """Pairs ``(ids, clean images, noise images)`` for ``n`` observations (see module docstring)."""
     if len(clean) == 0 or len(noise) == 0:
         raise ValueError("corrupt needs at least one clean and one noise image")
+    if n > len(clean) * len(noise):
+        raise ValueError(f"{n} observations need more distinct (clean, noise) pairs than the "
+                         f"{len(clean)} x {len(noise)} available")
     rng = np.random.default_rng(seed)
-    order: list[int] = []
-    while len(order) < n:
-        order.extend(rng.permutation(len(noise)).tolist())
-    c_idx = [k % len(clean) for k in range(n)]
+    # clean image c takes its j-th noise image from its own permutation: pairs never repeat
+    perms: dict[int, np.ndarray] = {}
+    c_idx, order = [], []
+    for k in range(n):
+        c = k % len(clean)
+        if c not in perms:
+            perms[c] = rng.permutation(len(noise))
+        c_idx.append(c)
+        order.append(int(perms[c][k // len(clean)]))
     x = clean.images[c_idx]
     nz = noise.images[order[:n]]
     if nz.shape[1] == 1 and x.shape[1] == 3:

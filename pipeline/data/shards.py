@@ -128,7 +128,11 @@ def hf_metadata(image_columns: Sequence[str], other: dict[str, pa.DataType]) -> 
     features: dict[str, object] = {c: {"_type": "Image"} for c in image_columns}
     names = {"float": "float32", "double": "float64", "halffloat": "float16", "large_string": "string"}
     for name, typ in other.items():
-        features[name] = {"dtype": names.get(str(typ), str(typ)), "_type": "Value"}
+        if typ == IMAGE_TYPE:  # an image column holding .npy arrays: a plain {bytes, path} struct
+            features[name] = {"bytes": {"dtype": "binary", "_type": "Value"},
+                              "path": {"dtype": "string", "_type": "Value"}}
+        else:
+            features[name] = {"dtype": names.get(str(typ), str(typ)), "_type": "Value"}
     return {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
 
 
@@ -178,8 +182,10 @@ def build_table(ids: Sequence[str], images: dict[str, Sequence[np.ndarray] | np.
     for name, values in (extra or {}).items():
         cols[name] = values if isinstance(values, pa.Array) else pa.array(list(values))
     table = pa.table(cols)
+    # `datasets` decodes an Image feature with PIL, which cannot read .npy cells: declare those plain
+    png_cols = [n for n in images if not any(str(p).endswith(".npy") for p in cols[n].field("path").to_pylist())]
     return table.replace_schema_metadata(
-        hf_metadata(list(images), {n: table.schema.field(n).type for n in cols if n not in images}))
+        hf_metadata(png_cols, {n: table.schema.field(n).type for n in cols if n not in png_cols}))
 
 
 def write_image_shards(uri: str, ids: Sequence[str], images: Sequence[np.ndarray] | np.ndarray,

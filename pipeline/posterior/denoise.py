@@ -28,7 +28,7 @@ class DenoiseOutput:
     residual: torch.Tensor  # (B,)
     spread: torch.Tensor
     removed_energy: torch.Tensor
-    nfe: int
+    nfe: int  # network evaluations per prior per image: (steps + 1) x posterior samples
     backward: bool
     seconds: float  # wall time of the batch / B
 
@@ -57,7 +57,7 @@ class Denoiser:
             denoised=x_hat, noise_estimate=n_hat, uncertainty=xs.std(0) if k > 1 else None,
             residual=metrics.residual(y, self.forward.apply(x_hat, n_hat)),
             spread=metrics.spread(xs), removed_energy=metrics.removed_energy(y, x_hat, self.forward.coef_x),
-            nfe=out.nfe, backward=out.backward, seconds=(time.perf_counter() - t0) / max(b, 1))
+            nfe=out.nfe * k, backward=out.backward, seconds=(time.perf_counter() - t0) / max(b, 1))
 
 
 def truth_metrics(x_hat: torch.Tensor, clean: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:

@@ -69,8 +69,8 @@ class SamplerConfig(BaseModel):
 
     rule: Literal["tweedie", "dps", "projection"] = "dps"
     steps: int = Field(200, ge=1)
-    lambda_x: float = Field(1.0, ge=0)
-    kappa_n: float = Field(1.0, ge=0)
+    lambda_x: float = Field(10.0, ge=0, description="data-consistency weight on the image")
+    kappa_n: float = Field(10.0, ge=0, description="data-consistency weight on the noise")
     schedule: Literal["constant", "sde", "r2"] = "constant"
     data_var_x: float = Field(1.0, gt=0, description="prior variance of x_0 (network units) for Sigma_t")
     data_var_n: float = Field(1.0, gt=0, description="prior variance of n_0 (network units) for Sigma_t")

@@ -12,12 +12,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import yaml
 from PIL import Image
 
 from pipeline.data.shards import read_images
-from pipeline.priors import SHIPPED, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,8 +113,6 @@ def test_sample_refuses_a_pickle(tmp_path):
     assert proc.returncode == 1 and "pickle" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.skipif(not all((Path(resolve_model.__globals__["_HERE"]) / n / "weights.safetensors").exists()
-                            for n in SHIPPED), reason="shipped priors not trained yet")
 def test_demo_writes_a_sample_grid_from_the_shipped_priors(tmp_path):
     proc = jointdiff("demo", "--out", str(tmp_path), "--n", "3", "--steps", "10")
     img = np.asarray(Image.open(tmp_path / "samples.png"))
@@ -143,11 +139,13 @@ def test_denoise_cleans_good_rows_and_rejects_bad_ones(tmp_path):
     rows[1]["observation"] = {"bytes": rows[1]["observation"]["bytes"][:40], "path": "x.png"}  # truncated PNG
     rows.append(dict(rows[0]))  # duplicate id
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), shard)
+    # a second shard holding only a copy of an id from the first: rejected, and its cleaned file keeps the schema
+    pq.write_table(pa.Table.from_pylist([dict(rows[2])], schema=table.schema), tmp_path / "obs" / "shard-00001.parquet")
     proc = jointdiff("denoise", str(tmp_path / "obs"), str(tmp_path / "out"), "--config", "configs/denoise.yaml",
                      "--set", f"image_prior={xm}", "--set", f"noise_prior={nm}", "--set", "sampler.steps=3",
                      "--set", "batch_size=2", "--run-id", "r1", "--quiet")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary == {**summary, "run_id": "r1", "inputs": 6, "cleaned": 4, "errors": 2}
+    assert summary == {**summary, "run_id": "r1", "inputs": 7, "cleaned": 4, "errors": 3}
     run = tmp_path / "out" / "runs" / "r1"
     cleaned = pq.read_table(run / "cleaned" / "shard-00000.parquet")
     errors = pq.read_table(run / "errors" / "shard-00000.parquet").to_pylist()
@@ -161,6 +159,26 @@ def test_denoise_cleans_good_rows_and_rejects_bad_ones(tmp_path):
     assert all(r["psnr_input"] > 5 and r["nfe"] == 4 for r in m)
     # accounting: every input row once, in cleaned or errors
     assert sorted([r["row"] for r in m] + [e["row"] for e in errors]) == list(range(6))
+    second = pq.read_table(run / "errors" / "shard-00001.parquet").to_pylist()
+    assert [(e["row"], e["id"]) for e in second] == [(0, rows[2]["id"])] and "duplicate id" in second[0]["reason"]
+    empty = pq.read_table(run / "cleaned" / "shard-00001.parquet")
+    assert empty.num_rows == 0 and empty.schema == cleaned.schema
     den = cleaned.column("denoised").to_pylist()[0]
     assert den["path"].endswith(".png")
     assert np.asarray(Image.open(io.BytesIO(den["bytes"]))).shape == (16, 16)
+
+
+def test_bench_quality_quick_writes_every_row_key(tmp_path):
+    out = tmp_path / "q.json"
+    proc = jointdiff("bench", "quality", "--quick", "--scenarios", "main", "--n", "2", "--n-val", "2",
+                     "--steps", "2", "--json", str(out), timeout=600)
+    rows = json.loads(out.read_text())["rows"]
+    methods = {r["method"] for r in rows}
+    assert {"observation", "nlm", "tv", "gaussian", "joint-dps", "joint-tweedie", "joint-projection"} <= methods
+    keys = {"method", "rule", "solver", "clean", "noise", "alpha", "steps", "nfe", "backward", "n_images",
+            "psnr_mean", "psnr_std", "psnr_median", "ssim_mean", "ssim_std", "ssim_median", "seconds_per_image"}
+    for r in rows:
+        assert keys <= set(r) and r["n_images"] == 2 and r["clean"] == "faces" and r["noise"] == "digits"
+    proj = [r for r in rows if r["method"] == "joint-projection"][0]
+    assert proj["backward"] is False and proj["nfe"] == 3
+    assert "| main | joint-dps | 2 | 3 |" in proc.stdout

@@ -72,9 +72,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         pair_path = str(args.out).rsplit(".", 1)[0] + "_nearest.png"
         save_grid(pairs.numpy(), pair_path, nrow=args.nrow)
         rep["pairs_png"] = pair_path
+        unseen = ("" if rep["test_median"] is None else
+                  f"; unseen test images median {rep['test_median']:.3f} (min {rep['test_min']:.3f})")
         print(f"nearest training image, RMS distance on [0,1]: samples median {rep['samples_median']:.3f} "
-              f"(min {rep['samples_min']:.3f}, max {rep['samples_max']:.3f}); unseen test images median "
-              f"{rep['test_median']:.3f} (min {rep['test_min']:.3f})", file=sys.stderr)
+              f"(min {rep['samples_min']:.3f}, max {rep['samples_max']:.3f}){unseen}", file=sys.stderr)
         result["nearest"] = rep
     print(f"wrote {args.n} samples to {args.out} in {seconds:.1f} s", file=sys.stderr)
     print(json.dumps(result))
@@ -156,14 +157,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     import numpy as np
-    import torch
 
     from pipeline.diffusion.checkpoint import load_model
     from pipeline.diffusion.sampling import sample
     from pipeline.priors import SHIPPED, resolve_model
     from pipeline.viz import save_grid
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     rows = []
     for name in SHIPPED:

@@ -99,10 +99,13 @@ def test_train_on_a_shard_uri_then_sample(tmp_path):
     cfg = _tiny_yaml(tmp_path, steps=3, every=3)
     jointdiff("train", "--config", str(cfg), "--quiet", "--set", f"data.source={tmp_path / 'd'}")
     out = tmp_path / "grid.png"
-    jointdiff("sample", str(tmp_path / "run" / "model"), "--n", "6", "--nrow", "3", "--steps", "5",
-              "--out", str(out), "--quiet")
+    proc = jointdiff("sample", str(tmp_path / "run" / "model"), "--n", "6", "--nrow", "3", "--steps", "5",
+                     "--out", str(out), "--quiet", "--nearest")
     grid = np.asarray(Image.open(out))
     assert grid.shape == ((16 * 2 + 2) * 2 + 2, (16 * 2 + 2) * 3 + 2)
+    nearest = json.loads(proc.stdout.strip().splitlines()[-1])["nearest"]
+    assert nearest["test_median"] is None and len(nearest["per_sample"]) == 6  # no held-out split in shards
+    assert np.asarray(Image.open(tmp_path / "grid_nearest.png")).shape[0] == 2 * grid.shape[0] - 2
 
 
 def test_sample_refuses_a_pickle(tmp_path):

@@ -53,12 +53,27 @@ def test_joint_sampler_recovers_the_gaussian_posterior(forward):
     assert rel_x < 0.3 and rel_n < 0.3, (rel_x, rel_n, xs.var(0), var_x)
 
 
-def test_a_broken_sampler_fails_the_gaussian_check():
-    """Guidance with the wrong sign (or none) misses the closed-form posterior mean by far."""
+@pytest.mark.parametrize("broken", ["no guidance", "wrong sign"])
+def test_a_broken_sampler_fails_the_gaussian_check(broken, monkeypatch):
+    """Guidance switched off, or pushing away from the data, misses the closed-form posterior mean."""
+    from pipeline.posterior import sampler as S
+
     forward = Blend(sigma_y=0.1, alpha=0.5)
     y = torch.full((1, 1, 2, 2), 0.9)
     k = 2000
-    cfg = SamplerConfig(rule="tweedie", schedule="sde", steps=200, lambda_x=0.0, kappa_n=0.0)
+    lam = 1.0
+    if broken == "no guidance":
+        lam = 0.0
+    else:
+        real = S.guidance
+
+        def ascent(*args, **kw):
+            ex, en, gx, gn, r = real(*args, **kw)
+            return ex, en, -gx, -gn, r
+
+        monkeypatch.setattr(S, "guidance", ascent)
+    cfg = SamplerConfig(rule="tweedie", schedule="sde", steps=200, lambda_x=lam, kappa_n=lam,
+                        data_var_x=V_X, data_var_n=V_N)
     out = joint_sample(GaussianPrior(MU_X, V_X, SDE), GaussianPrior(MU_N, V_N, SDE), SDE,
                        y.expand(k, 1, 2, 2).reshape(k, 1, 2, 2), forward, cfg,
                        generator=torch.Generator().manual_seed(0))

@@ -142,7 +142,7 @@ class ShardCleaner:
         truth = {c: [None] * len(batch) for c in ("psnr", "ssim", "psnr_input", "ssim_input")}
         if truth_rows:
             clean = torch.from_numpy(np.stack([batch[k][3] for k in truth_rows])).to(self.cfg.device)
-            tm = truth_metrics(out.denoised[truth_rows], clean, y[truth_rows].clamp(0, 1))
+            tm = truth_metrics(out.denoised[truth_rows], clean, y[truth_rows])
             for c, v in tm.items():
                 for k, val in zip(truth_rows, v.tolist()):
                     truth[c][k] = val

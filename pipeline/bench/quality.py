@@ -35,9 +35,10 @@ from pipeline.data.corrupt import Observations, corrupt
 from pipeline.data.embedded import load_embedded
 from pipeline.diffusion.checkpoint import load_model
 from pipeline.posterior.baselines import BASELINES, GRIDS, bm3d_available
+from pipeline.posterior.denoise import Denoiser
 from pipeline.posterior.forward import Blend
 from pipeline.posterior.priors import GaussianPrior
-from pipeline.posterior.sampler import RULES, SamplerConfig, joint_sample, seed_for
+from pipeline.posterior.sampler import RULES, SamplerConfig
 from pipeline.priors import resolve_model
 
 GUIDANCE_FILE = Path(__file__).resolve().parents[2] / "configs" / "guidance.yaml"
@@ -98,16 +99,14 @@ def score(x_hat: torch.Tensor, clean: torch.Tensor) -> dict[str, float]:
 
 def run_joint(x_model: torch.nn.Module, n_model: torch.nn.Module, sde: Any, obs: Observations, cfg: SamplerConfig,
               batch_size: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
-    """The joint sampler on every observation (per-image seeds), returning ``(x_hat, n_hat)``."""
+    """The :class:`Denoiser` on every observation (per-image seeds), returning ``(x_hat, n_hat)``."""
     y = torch.from_numpy(obs.observation)
-    forward = Blend(alpha=obs.alpha)
+    denoiser = Denoiser(x_model, n_model, sde, Blend(alpha=obs.alpha), cfg)
     xs, ns = [], []
     for start in range(0, len(obs.ids), batch_size):
-        ids = obs.ids[start:start + batch_size]
-        out = joint_sample(x_model, n_model, sde, y[start:start + batch_size], forward, cfg,
-                           seeds=[seed_for(i, cfg.seed) for i in ids])
-        xs.append(out.x.clamp(0, 1))
-        ns.append(out.n.clamp(0, 1))
+        out = denoiser(obs.ids[start:start + batch_size], y[start:start + batch_size])
+        xs.append(out.denoised)
+        ns.append(out.noise_estimate)
     return torch.cat(xs), torch.cat(ns)
 
 

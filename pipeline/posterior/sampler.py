@@ -39,6 +39,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from pipeline import metrics
+from pipeline.diffusion.sampling import tweedie
 from pipeline.diffusion.sde import VPSDE, _bcast
 from pipeline.posterior.forward import ForwardModel
 
@@ -199,9 +201,6 @@ def joint_sample(x_model: nn.Module, n_model: nn.Module, sde: VPSDE, y: torch.Te
         if callback is not None:
             callback(i, x, n)
     t = ts[-1].expand(shape[0])
-    a = _bcast(sde.alpha(t), x)
-    s = _bcast(sde.sigma(t), x)
-    x0 = _to01((x - s * x_model(x, t)) / a)
-    n0 = _to01((n - s * n_model(n, t)) / a)
-    res = (y - forward.apply(x0, n0)).pow(2).flatten(1).mean(1).sqrt()
-    return JointResult(x0, n0, res, cfg.nfe, rule.backward)
+    x0 = _to01(tweedie(x_model, sde, x, t))
+    n0 = _to01(tweedie(n_model, sde, n, t))
+    return JointResult(x0, n0, metrics.residual(y, forward.apply(x0, n0)), cfg.nfe, rule.backward)

@@ -16,7 +16,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pipeline.diffusion.train import TrainingInterrupted
     from pipeline.training import train_prior
 
-    config = load_config(PriorConfig, args.config, args.set)
+    config = load_config(PriorConfig, args.config, args.set, section=args.section)
     print(f"training prior '{config.name}' on {config.data.source}/{config.data.split} "
           f"for {config.train.steps} steps -> {config.output}", file=sys.stderr)
     try:
@@ -93,19 +93,30 @@ def _cmd_export_embedded(args: argparse.Namespace) -> int:
     return 0
 
 
+CORRUPT_FLAGS = ("clean", "noise", "out", "alpha", "forward", "sigma_y", "split", "n", "size", "channels",
+                 "noise_channel", "seed", "shard_size")
+
+
 def _cmd_corrupt(args: argparse.Namespace) -> int:
+    from pipeline.config import CorruptConfig, load_config
     from pipeline.data.corrupt import corrupt, write_observations
     from pipeline.data.datasets import load_images
 
-    clean = load_images(args.clean, args.split, args.size, args.channels)
-    noise_channels = 1 if args.noise_channel == "random" else args.channels
-    noise = load_images(args.noise, args.split, args.size, noise_channels)
-    n = args.n or len(clean)
-    obs = corrupt(clean, noise, n, alpha=args.alpha, seed=args.seed, forward=args.forward,
-                  sigma_y=args.sigma_y, noise_channel=args.noise_channel)
-    shards = write_observations(args.out, obs, shard_size=args.shard_size)
-    print(f"wrote {n} observations ({args.forward}, alpha {args.alpha}, seed {args.seed}) of {args.clean} under "
-          f"{args.noise} in {len(shards)} shard(s) to {args.out}", file=sys.stderr)
+    # a config file (or section) gives the defaults; flags given on the command line win
+    given = [f"{k}={json.dumps(getattr(args, k))}" for k in CORRUPT_FLAGS if getattr(args, k) is not None]
+    c = load_config(CorruptConfig, args.config, given, section=args.section)
+    missing = [k for k in ("clean", "noise", "out") if getattr(c, k) is None]
+    if missing:
+        raise ConfigError(f"corrupt needs {', '.join(missing).upper()} (arguments, or keys of --config)")
+    clean = load_images(c.clean, c.split, c.size, c.channels)
+    noise_channels = 1 if c.noise_channel == "random" else c.channels
+    noise = load_images(c.noise, c.split, c.size, noise_channels)
+    n = c.n or len(clean)
+    obs = corrupt(clean, noise, n, alpha=c.alpha, seed=c.seed, forward=c.forward,
+                  sigma_y=c.sigma_y, noise_channel=c.noise_channel)
+    shards = write_observations(c.out, obs, shard_size=c.shard_size)
+    print(f"wrote {n} observations ({c.forward}, alpha {c.alpha}, seed {c.seed}) of {c.clean} under "
+          f"{c.noise} in {len(shards)} shard(s) to {c.out}", file=sys.stderr)
     return 0
 
 
@@ -113,7 +124,7 @@ def _cmd_denoise(args: argparse.Namespace) -> int:
     from pipeline.clean import denoise_dataset
     from pipeline.config import CleanConfig, load_config
 
-    cfg = load_config(CleanConfig, args.config, args.set)
+    cfg = load_config(CleanConfig, args.config, args.set, section=args.section)
     summary = denoise_dataset(args.input, args.output, cfg, run_id=args.run_id, progress=not args.quiet)
     print(f"run {summary['run_id']}: {summary['cleaned']} cleaned, {summary['errors']} rejected of "
           f"{summary['inputs']} rows in {summary['shards']} shard(s); outputs in {summary['output']}/"
@@ -185,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train one diffusion prior in this process")
     t.add_argument("--config", required=True, help="YAML config, e.g. configs/prior_faces.yaml")
+    t.add_argument("--section", default=None,
+                   help="top-level section of a recipe config (configs/celeba_mnist.yaml: image_prior, noise_prior)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.steps=100 (repeatable)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -218,21 +231,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_export_embedded)
 
     c = sub.add_parser("corrupt", help="build an observation dataset: clean images under structured noise")
-    c.add_argument("clean", help="clean images: embedded name (faces, patches...) or a shard URI")
-    c.add_argument("noise", help="noise images: embedded name (digits, stripes...) or a shard URI")
-    c.add_argument("out", help="destination folder or URI for the observation shards")
-    c.add_argument("--alpha", type=float, default=0.5, help="blend weight of the noise (default 0.5)")
-    c.add_argument("--forward", default="blend", choices=["blend", "sum"])
-    c.add_argument("--sigma-y", type=float, default=0.0, help="Gaussian read-out noise std ([0, 1] units)")
-    c.add_argument("--split", default="test", choices=["train", "val", "test"],
+    c.add_argument("clean", nargs="?", help="clean images: embedded name (faces, patches...) or a shard URI")
+    c.add_argument("noise", nargs="?", help="noise images: embedded name (digits, stripes...) or a shard URI")
+    c.add_argument("out", nargs="?", help="destination folder or URI for the observation shards")
+    c.add_argument("--config", default=None, help="YAML with these keys (flags given here win)")
+    c.add_argument("--section", default=None, help="top-level section of --config (e.g. corrupt)")
+    c.add_argument("--alpha", type=float, default=None, help="blend weight of the noise (default 0.5)")
+    c.add_argument("--forward", default=None, choices=["blend", "sum"], help="default blend")
+    c.add_argument("--sigma-y", type=float, default=None, help="Gaussian read-out noise std ([0, 1] units; default 0)")
+    c.add_argument("--split", default=None, choices=["train", "val", "test"],
                    help="split of embedded datasets (default test)")
     c.add_argument("--n", type=int, default=None, help="observations (default: one per clean image)")
-    c.add_argument("--size", type=int, default=32)
-    c.add_argument("--channels", type=int, default=1, choices=[1, 3])
-    c.add_argument("--noise-channel", default="all", choices=["all", "random"],
-                   help="grey noise on RGB images: in every channel, or in one random channel (the paper)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--shard-size", type=int, default=1000)
+    c.add_argument("--size", type=int, default=None, help="default 32")
+    c.add_argument("--channels", type=int, default=None, choices=[1, 3], help="default 1")
+    c.add_argument("--noise-channel", default=None, choices=["all", "random"],
+                   help="grey noise on RGB images: in every channel (default), or in one random channel (the paper)")
+    c.add_argument("--seed", type=int, default=None, help="default 0")
+    c.add_argument("--shard-size", type=int, default=None, help="default 1000")
     c.set_defaults(func=_cmd_corrupt)
 
     dn = sub.add_parser("denoise", help="clean an observation dataset in this process (no Ray)")
@@ -241,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     dn.add_argument("--config", default=None, help="YAML clean config (default: built-in faces+digits, dps)")
     dn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key, e.g. --set sampler.steps=100")
+    dn.add_argument("--section", default=None, help="top-level section of --config (e.g. clean)")
     dn.add_argument("--run-id", default=None, help="default: a hash of input, models and sampler config")
     dn.add_argument("--quiet", action="store_true")
     dn.set_defaults(func=_cmd_denoise)

@@ -7,7 +7,7 @@ dotted path instead of being silently ignored.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -38,6 +38,9 @@ class DataConfig(_Strict):
     channels: int = 1
     hflip: bool = Field(False, description="random horizontal flips (faces: yes; digits: no)")
     column: str = Field("image", description="image column of a shard dataset")
+    grey_to_rgb: Literal["replicate", "random"] = Field(
+        "replicate", description="grey images for a 3-channel prior: copied into every channel, or drawn "
+                                 "into one random channel per training example (the paper's MNIST prior)")
 
     _channels = field_validator("channels")(classmethod(lambda cls, v: check_channels(v)))
 
@@ -72,6 +75,26 @@ class ForwardConfig(_Strict):
     name: str = Field("blend", description="blend or sum")
     alpha: float | None = Field(None, gt=0, lt=1, description="blend weight; default: each row's alpha column")
     sigma_y: float = Field(0.0, ge=0, description="Gaussian read-out noise std, [0, 1] units")
+
+
+class CorruptConfig(_Strict):
+    """``jointdiff corrupt``: observations of clean images under structured noise."""
+
+    clean: str | None = Field(None, description="clean images: embedded name or shard URI")
+    noise: str | None = Field(None, description="noise images: embedded name or shard URI")
+    out: str | None = Field(None, description="destination folder or URI of the observation shards")
+    alpha: float = Field(0.5, gt=0, lt=1)
+    forward: Literal["blend", "sum"] = "blend"
+    sigma_y: float = Field(0.0, ge=0)
+    split: Literal["train", "val", "test"] = "test"
+    n: int | None = Field(None, ge=1, description="observations (default: one per clean image)")
+    size: int = Field(32, ge=4)
+    channels: int = 1
+    noise_channel: Literal["all", "random"] = "all"
+    seed: int = 0
+    shard_size: int = Field(1000, ge=1)
+
+    _channels = field_validator("channels")(classmethod(lambda cls, v: check_channels(v)))
 
 
 class CleanConfig(_Strict):
@@ -111,10 +134,14 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(model: type[BaseModel], path: str | Path | None, overrides: list[str] | None = None,
-                defaults: dict[str, Any] | None = None) -> Any:
-    """Load ``path`` (YAML) into ``model``, applying ``--set`` overrides; errors name key and file."""
+                defaults: dict[str, Any] | None = None, section: str | None = None) -> Any:
+    """Load ``path`` (YAML) into ``model``, applying ``--set`` overrides; errors name key and file.
+
+    ``section`` picks one top-level mapping of a recipe file that configures several commands
+    (``configs/celeba_mnist.yaml``: ``image_prior``, ``noise_prior``, ``corrupt``, ``clean``).
+    """
     raw: dict[str, Any] = dict(defaults or {})
-    where = str(path) if path else "<defaults>"
+    where = f"{path} [{section}]" if path and section else str(path) if path else "<defaults>"
     if path is not None:
         p = Path(path)
         if not p.exists():
@@ -125,6 +152,10 @@ def load_config(model: type[BaseModel], path: str | Path | None, overrides: list
             raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level")
+        if section is not None:
+            if not isinstance(loaded.get(section), dict):
+                raise ConfigError(f"{p}: no section '{section}'; it has {', '.join(map(str, loaded)) or 'none'}")
+            loaded = loaded[section]
         raw = deep_merge(raw, loaded)
     raw = deep_merge(raw, parse_overrides(overrides or []))
     try:

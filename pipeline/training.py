@@ -44,8 +44,11 @@ def train_prior(config: PriorConfig, progress: bool = True, stop_after: int | No
     if tc.threads:
         torch.set_num_threads(tc.threads)
     d = config.data
-    train_set = load_images(d.source, d.split, d.size, d.channels, d.column)
-    if train_set.images.shape[1:] != (config.unet.channels, config.unet.image_size, config.unet.image_size):
+    random_channel = d.grey_to_rgb == "random" and d.channels == 3
+    # grey_to_rgb=random: load grey, and the trainer draws each example into a random channel
+    train_set = load_images(d.source, d.split, d.size, 1 if random_channel else d.channels, d.column)
+    if train_set.images.shape[1:] != ((1 if random_channel else config.unet.channels), config.unet.image_size,
+                                      config.unet.image_size):
         raise ValueError(f"data gives {train_set.images.shape[1:]} images but the U-Net expects "
                          f"({config.unet.channels}, {config.unet.image_size}, {config.unet.image_size}); "
                          "set data.size/data.channels and unet.image_size/unet.channels alike")
@@ -73,9 +76,12 @@ def train_prior(config: PriorConfig, progress: bool = True, stop_after: int | No
         return summary
     heldout = None
     if d.source in NAMES:
-        test = load_images(d.source, "test", d.size, d.channels)
-        heldout = heldout_loss(trainer.ema.model, trainer.sde,
-                               to_network(torch.from_numpy(test.images)).to(tc.device))
+        test = to_network(torch.from_numpy(load_images(d.source, "test", d.size, 1 if random_channel else d.channels)
+                                           .images))
+        if random_channel:  # test image k in channel k mod 3, as training draws them
+            onehot = torch.eye(3)[torch.arange(len(test)) % 3][:, :, None, None]
+            test = onehot * test + (onehot - 1)
+        heldout = heldout_loss(trainer.ema.model, trainer.sde, test.to(tc.device))
     meta = {
         "name": config.name, "dataset": d.source, "split": d.split, "n_train_images": len(train_set),
         "size": d.size, "channels": d.channels, "steps": trainer.step_count,

@@ -159,7 +159,7 @@ def test_denoise_cleans_good_rows_and_rejects_bad_ones(tmp_path):
     assert "duplicate id" in [e for e in errors if e["row"] == 5][0]["reason"]
     m = metrics.to_pylist()
     assert len(m) == 4 and all(-1 <= r["ssim"] <= 1 and r["psnr"] > 0 and r["residual"] >= 0 for r in m)
-    assert all(r["psnr_input"] > 5 and r["nfe"] == 4 for r in m)
+    assert all(r["psnr_input"] > 5 and r["nfe"] == 3 for r in m)
     # accounting: every input row once, in cleaned or errors
     assert sorted([r["row"] for r in m] + [e["row"] for e in errors]) == list(range(6))
     second = pq.read_table(run / "errors" / "shard-00001.parquet").to_pylist()
@@ -183,5 +183,5 @@ def test_bench_quality_quick_writes_every_row_key(tmp_path):
     for r in rows:
         assert keys <= set(r) and r["n_images"] == 2 and r["clean"] == "faces" and r["noise"] == "digits"
     proj = [r for r in rows if r["method"] == "joint-projection"][0]
-    assert proj["backward"] is False and proj["nfe"] == 3
-    assert "| main | joint-dps | 2 | 3 |" in proc.stdout
+    assert proj["backward"] is False and proj["nfe"] == 2
+    assert "| main | joint-dps | 2 | 2 |" in proc.stdout

@@ -72,7 +72,7 @@ def test_denoiser_returns_mean_spread_and_reference_free_figures():
     cfg = SamplerConfig(rule="tweedie", schedule="sde", steps=20, n_samples=4, data_var_x=0.3, data_var_n=0.2)
     out = Denoiser(xm, nm, sde, Blend(sigma_y=0.1), cfg)(["a", "b", "c"], y)
     assert out.denoised.shape == y.shape and out.uncertainty is not None and out.uncertainty.shape == y.shape
-    assert (out.spread > 0).all() and out.nfe == 21 * 4 and out.backward  # per image: steps+1 per sample
+    assert (out.spread > 0).all() and out.nfe == 20 * 4 and out.backward  # per image: steps per sample
     alone = Denoiser(xm, nm, sde, Blend(sigma_y=0.1), cfg)(["b"], y[1:2])
     assert torch.allclose(alone.denoised[0], out.denoised[1], atol=1e-5)
     single = Denoiser(xm, nm, sde, Sum(), cfg.model_copy(update={"n_samples": 1}))(["a"], y[:1])

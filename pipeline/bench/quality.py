@@ -200,21 +200,23 @@ def write_json(rows: list[dict[str, Any]], path: str, meta: dict[str, Any]) -> N
 
 
 # Grids for `bench tune` (lambda_x = kappa_n first, then the ratio kappa_n / lambda_x).
+# per rule: the schedule and the lambda_x grid at 200 steps (scaled by sqrt(200 / steps) for other counts)
 TUNE_GRIDS: dict[str, tuple[str, list[float]]] = {
-    "dps": ("constant", [3.0, 6.0, 10.0, 20.0, 40.0]),
-    "projection": ("constant", [0.5, 1.0, 2.0, 4.0, 8.0]),
-    "tweedie": ("r2", [0.003, 0.01, 0.03, 0.1, 0.3]),
+    "dps": ("constant", [4.0, 7.0, 10.0, 14.0]),
+    "projection": ("constant", [1.0, 2.0, 4.0, 8.0]),
+    "tweedie": ("pigdm", [0.1, 0.3, 1.0, 3.0]),
 }
-TUNE_RATIOS = [0.5, 2.0]
+TUNE_START_RATIO = 0.5  # kappa_n / lambda_x while lambda_x is searched: the digits prior needs less pull
+TUNE_RATIOS = [0.25, 1.0]
 
 
 def tune(steps: list[int], rules: list[str], n_val: int = 20, out: Path = GUIDANCE_FILE,
          log: Any = print) -> dict[str, Any]:
     """Tune ``lambda_x`` / ``kappa_n`` per rule and step count on the main scenario's validation split.
 
-    A coordinate search: the tied weight over the rule's grid, then the ratio ``kappa_n / lambda_x``
-    over :data:`TUNE_RATIOS` at the best tied weight. Mean validation PSNR decides; a diverging
-    setting (NaN) scores minus infinity. Writes the winners (and every score) to ``out``.
+    A coordinate search: ``lambda_x`` over the rule's grid with ``kappa_n = lambda_x / 2``, then the
+    ratio ``kappa_n / lambda_x`` over :data:`TUNE_RATIOS` at the best ``lambda_x``. Mean validation
+    PSNR decides; a diverging setting (NaN) scores minus infinity. Writes the winners (and every score) to ``out``.
     """
     sc = SCENARIOS[0]
     val = observations(sc, "val", n_val, seed=100)
@@ -228,6 +230,9 @@ def tune(steps: list[int], rules: list[str], n_val: int = 20, out: Path = GUIDAN
         schedule, grid = TUNE_GRIDS[rule]
         result["rules"][rule] = {}
         for st in steps:
+            # fewer steps need a larger pull per step: the grid is given for 200 steps and scaled
+            scaled = [round(g * (200 / st) ** 0.5, 3) for g in grid]
+
             def evaluate(lam: float, kap: float, rule: str = rule, st: int = st, schedule: str = schedule) -> float:
                 cfg = SamplerConfig(rule=rule, steps=st, lambda_x=lam, kappa_n=kap, schedule=schedule)
                 x_hat, _ = run_joint(x_model, n_model, sde, val, cfg)
@@ -236,9 +241,9 @@ def tune(steps: list[int], rules: list[str], n_val: int = 20, out: Path = GUIDAN
                 result["scores"][f"{rule}/{st}/{lam:g}/{kap:g}"] = round(p, 3)
                 log(f"tune {rule:10s} steps {st:4d} lambda_x {lam:7.3g} kappa_n {kap:7.3g}: val PSNR {p:6.2f}")
                 return p
-            tied = {lam: evaluate(lam, lam) for lam in grid}
-            lam = max(tied, key=tied.get)
-            ratios = {1.0: tied[lam], **{r: evaluate(lam, lam * r) for r in TUNE_RATIOS}}
+            first = {lam: evaluate(lam, lam * TUNE_START_RATIO) for lam in scaled}
+            lam = max(first, key=first.get)
+            ratios = {TUNE_START_RATIO: first[lam], **{r: evaluate(lam, lam * r) for r in TUNE_RATIOS}}
             r = max(ratios, key=ratios.get)
             result["rules"][rule][st] = {"lambda_x": lam, "kappa_n": lam * r, "schedule": schedule}
             if st == max(steps):

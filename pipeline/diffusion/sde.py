@@ -56,9 +56,14 @@ class VPSDE:
                        device: torch.device | str = "cpu") -> torch.Tensor:
         return torch.randn(shape, generator=generator, device=device)
 
-    def timesteps(self, n_steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """``n_steps + 1`` times from 1 down to ``eps``: the sampler steps from ``ts[i]`` to ``ts[i+1]``."""
-        return torch.linspace(1.0, self.eps, n_steps + 1, device=device, dtype=torch.float64).float()
+    def timesteps(self, n_steps: int, device: torch.device | str = "cpu", power: float = 1.0) -> torch.Tensor:
+        """``n_steps + 1`` times from 1 down to ``eps``: the sampler steps from ``ts[i]`` to ``ts[i+1]``.
+
+        ``power > 1`` packs the steps closer together near ``eps``: ``t_i = eps + (1 - eps) u_i^power``
+        with ``u`` evenly spaced from 1 to 0.
+        """
+        u = torch.linspace(1.0, 0.0, n_steps + 1, device=device, dtype=torch.float64)
+        return (self.eps + (1.0 - self.eps) * u**power).float()
 
     def reverse_step(self, x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor | float,
                      score: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:

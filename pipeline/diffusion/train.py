@@ -71,6 +71,11 @@ class Trainer:
         g = self.generator
         idx = torch.randint(data.shape[0], (self.config.train.batch_size,), generator=g, device=self.device)
         x0 = data[idx]
+        if self.config.data.grey_to_rgb == "random" and x0.shape[1] == 1 and self.model.config.channels == 3:
+            # the grey image in one random colour channel, black (-1) in the other two
+            chan = torch.randint(3, (x0.shape[0],), generator=g, device=self.device)
+            onehot = torch.nn.functional.one_hot(chan, 3).to(x0.dtype)[:, :, None, None]
+            x0 = onehot * x0 + (onehot - 1)
         if self.config.data.hflip:
             flip = torch.rand(x0.shape[0], generator=g, device=self.device) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)

@@ -40,7 +40,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from pipeline import metrics
-from pipeline.diffusion.sampling import tweedie
 from pipeline.diffusion.sde import VPSDE, _bcast
 from pipeline.posterior.forward import ForwardModel
 
@@ -65,7 +64,7 @@ RULES = {
 
 
 class SamplerConfig(BaseModel):
-    """How to sample the joint posterior. ``nfe = steps + 1`` per prior per posterior sample."""
+    """How to sample the joint posterior. ``nfe = steps`` per prior per posterior sample."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -73,15 +72,19 @@ class SamplerConfig(BaseModel):
     steps: int = Field(200, ge=1)
     lambda_x: float = Field(10.0, ge=0, description="data-consistency weight on the image")
     kappa_n: float = Field(10.0, ge=0, description="data-consistency weight on the noise")
-    schedule: Literal["constant", "sde", "r2"] = "constant"
+    schedule: Literal["constant", "sde", "r2", "pigdm"] = "constant"
+    solver: Literal["euler-maruyama", "ddim"] = "euler-maruyama"
+    eta: float = Field(1.0, ge=0, le=1, description="ddim only: 0 deterministic, 1 ancestral (DDPM-like)")
     data_var_x: float = Field(1.0, gt=0, description="prior variance of x_0 (network units) for Sigma_t")
     data_var_n: float = Field(1.0, gt=0, description="prior variance of n_0 (network units) for Sigma_t")
+    time_power: float = Field(1.0, ge=1, description="1: evenly spaced times; > 1: denser near t = 0")
+    final_projection: bool = Field(True, description="end with the least-distance move onto y = A(x, n)")
     n_samples: int = Field(1, ge=1, description="posterior samples per image (mean and spread)")
     seed: int = 0
 
     @property
     def nfe(self) -> int:
-        return self.steps + 1
+        return self.steps
 
 
 def seed_for(image_id: str, base_seed: int = 0, sample: int = 0) -> int:
@@ -120,6 +123,8 @@ def _weight(schedule: str, sde: VPSDE, t: torch.Tensor, dt: torch.Tensor) -> tor
         return torch.ones_like(t)
     if schedule == "sde":
         return sde.beta(t) * dt
+    if schedule == "pigdm":
+        return sde.alpha(t)
     sig2 = (sde.sigma(t) / sde.alpha(t)) ** 2
     return sig2 / (1 + sig2)
 
@@ -173,6 +178,17 @@ def guidance(rule: GuidanceRule, x_model: nn.Module, n_model: nn.Module, sde: VP
     return ex, en, g0x / a, g0n / a, r.detach()
 
 
+def _ddim_step(sde: VPSDE, x: torch.Tensor, e: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
+               eta: float, noise: _Noise) -> torch.Tensor:
+    """DDIM (Song et al., 2021) from ``t`` to ``t_next`` with stochasticity ``eta``."""
+    a, s = sde.alpha(t), sde.sigma(t)
+    a2, s2 = sde.alpha(t_next), sde.sigma(t_next)
+    x0 = (x - s * e) / a
+    c = eta * torch.sqrt((s2 / s) ** 2 * (1 - (a / a2) ** 2)).clamp_min(0) if eta > 0 else torch.zeros(())
+    out = a2 * x0 + torch.sqrt((s2**2 - c**2).clamp_min(0)) * e
+    return out + c * noise.randn(tuple(x.shape)) if eta > 0 else out
+
+
 @torch.no_grad()
 def joint_sample(x_model: nn.Module, n_model: nn.Module, sde: VPSDE, y: torch.Tensor, forward: ForwardModel,
                  cfg: SamplerConfig, seeds: Sequence[int] | None = None,
@@ -189,18 +205,42 @@ def joint_sample(x_model: nn.Module, n_model: nn.Module, sde: VPSDE, y: torch.Te
     noise = _Noise(seeds, generator, device)
     x = noise.randn(shape)
     n = noise.randn(shape)
-    ts = sde.timesteps(cfg.steps, device=device)
+    # `steps` evaluations at `steps` times from 1 down to eps; the last one's guided Tweedie estimate is
+    # the result, so the sampler makes exactly `steps` network evaluations per prior
+    ts = sde.timesteps(cfg.steps - 1, device=device, power=cfg.time_power)
     for i in range(cfg.steps):
         t = ts[i].expand(shape[0])
-        dt = ts[i] - ts[i + 1]
+        dt = ts[i] - ts[i + 1] if i + 1 < cfg.steps else (ts[i - 1] - ts[i] if i > 0 else ts[i] - sde.eps)
         ex, en, gx, gn, _ = guidance(rule, x_model, n_model, sde, forward, y, x, n, t, cfg)
         w = _bcast(_weight(cfg.schedule, sde, t, dt), x)
-        s = _bcast(sde.sigma(t), x)
-        x = sde.reverse_step(x, t, dt, -ex / s, noise.randn(shape)) - cfg.lambda_x * w * gx
-        n = sde.reverse_step(n, t, dt, -en / s, noise.randn(shape)) - cfg.kappa_n * w * gn
+        if i + 1 == cfg.steps:
+            a, s = _bcast(sde.alpha(t), x), _bcast(sde.sigma(t), x)
+            x = (x - s * ex - cfg.lambda_x * w * gx) / a
+            n = (n - s * en - cfg.kappa_n * w * gn) / a
+        elif cfg.solver == "ddim":
+            x = _ddim_step(sde, x, ex, ts[i], ts[i + 1], cfg.eta, noise) - cfg.lambda_x * w * gx
+            n = _ddim_step(sde, n, en, ts[i], ts[i + 1], cfg.eta, noise) - cfg.kappa_n * w * gn
+        else:
+            s = _bcast(sde.sigma(t), x)
+            x = sde.reverse_step(x, t, dt, -ex / s, noise.randn(shape)) - cfg.lambda_x * w * gx
+            n = sde.reverse_step(n, t, dt, -en / s, noise.randn(shape)) - cfg.kappa_n * w * gn
         if callback is not None:
             callback(i, x, n)
-    t = ts[-1].expand(shape[0])
-    x0 = _to01(tweedie(x_model, sde, x, t))
-    n0 = _to01(tweedie(n_model, sde, n, t))
+    x0, n0 = _to01(x), _to01(n)
+    if cfg.final_projection:
+        x0, n0 = project(forward, y, x0, n0)
     return JointResult(x0, n0, metrics.residual(y, forward.apply(x0, n0)), cfg.nfe, rule.backward)
+
+
+def project(forward: ForwardModel, y: torch.Tensor, x: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Move ``(x, n)`` the least distance (``||dx||^2 + ||dn||^2``) that explains the residual of ``y``.
+
+    With read-out noise, only the part of the residual above ``sigma_y`` is removed: per sample the
+    correction is shrunk by ``max(0, 1 - sigma_y / rms(r))``, leaving a residual of RMS ``sigma_y``.
+    """
+    r = y - forward.apply(x, n)
+    if forward.sigma_y > 0:
+        rms = r.pow(2).flatten(1).mean(1).sqrt()
+        r = r * _bcast((1 - forward.sigma_y / rms.clamp_min(1e-20)).clamp(0, 1), r)
+    c = forward.coef_x**2 + forward.coef_n**2
+    return x + forward.coef_x / c * r, n + forward.coef_n / c * r

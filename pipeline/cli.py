@@ -156,7 +156,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     rows = q.quality(quick=args.quick, n=args.n, steps=steps, rules=rules,
                      scenarios=args.scenarios.split(",") if args.scenarios else None, n_val=args.n_val,
-                     log=lambda m: print(m, file=sys.stderr))
+                     figure=args.figure, log=lambda m: print(m, file=sys.stderr))
     print(q.table(rows))
     if args.json:
         q.write_json(rows, args.json, {"command": " ".join(sys.argv), "seconds": time.perf_counter() - t0,
@@ -270,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", default=None, help="comma-separated step counts (default 50,100,200)")
     b.add_argument("--rules", default=None, help="comma-separated guidance rules (default all)")
     b.add_argument("--scenarios", default=None, help="comma-separated: main,stripes,alpha0.3,alpha0.7,ood")
+    b.add_argument("--figure", default=None,
+                   help="quality: write a PNG of 8 main-scenario test images (observation, joint, gaussian, "
+                   "NLM, truth, noise estimate)")
     b.add_argument("--threads", type=int, default=None)
     b.set_defaults(func=_cmd_bench)
 

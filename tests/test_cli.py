@@ -174,7 +174,7 @@ def test_denoise_cleans_good_rows_and_rejects_bad_ones(tmp_path):
 def test_bench_quality_quick_writes_every_row_key(tmp_path):
     out = tmp_path / "q.json"
     proc = jointdiff("bench", "quality", "--quick", "--scenarios", "main", "--n", "2", "--n-val", "2",
-                     "--steps", "2", "--json", str(out), timeout=600)
+                     "--steps", "2", "--json", str(out), "--figure", str(tmp_path / "q.png"), timeout=600)
     rows = json.loads(out.read_text())["rows"]
     methods = {r["method"] for r in rows}
     assert {"observation", "nlm", "tv", "gaussian", "joint-dps", "joint-tweedie", "joint-projection"} <= methods
@@ -185,3 +185,5 @@ def test_bench_quality_quick_writes_every_row_key(tmp_path):
     proj = [r for r in rows if r["method"] == "joint-projection"][0]
     assert proj["backward"] is False and proj["nfe"] == 2
     assert "| main | joint-dps | 2 | 2 |" in proc.stdout
+    # the figure: 6 rows (observation, joint, gaussian, NLM, truth, noise estimate) of the 2 images, 3x scale
+    assert Image.open(tmp_path / "q.png").size == (2 * (96 + 2) + 2, 6 * (96 + 2) + 2)

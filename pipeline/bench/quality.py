@@ -40,6 +40,7 @@ from pipeline.posterior.forward import Blend
 from pipeline.posterior.priors import GaussianPrior
 from pipeline.posterior.sampler import RULES, SamplerConfig
 from pipeline.priors import resolve_model
+from pipeline.viz import save_grid
 
 GUIDANCE_FILE = Path(__file__).resolve().parents[2] / "configs" / "guidance.yaml"
 
@@ -118,8 +119,12 @@ def tune_baseline(name: str, sc: Scenario, n_val: int) -> float:
 
 def quality(quick: bool = False, n: int | None = None, steps: list[int] | None = None,
             rules: list[str] | None = None, scenarios: list[str] | None = None, n_val: int | None = None,
-            log: Any = print) -> list[dict[str, Any]]:
-    """Run the quality benchmark; returns one row per method x scenario (x step count)."""
+            figure: str | None = None, log: Any = print) -> list[dict[str, Any]]:
+    """Run the quality benchmark; returns one row per method x scenario (x step count).
+
+    ``figure``: a PNG of the main scenario's first 8 test observations, one row each of observation,
+    joint (default rule, most steps), gaussian, NLM, truth, and the joint sampler's noise estimate.
+    """
     guidance = load_guidance()
     n = n or (8 if quick else 100)
     n_val = n_val or (4 if quick else 20)
@@ -140,10 +145,12 @@ def quality(quick: bool = False, n: int | None = None, steps: list[int] | None =
         obs = observations(sc, "test", n)
         y, clean = torch.from_numpy(obs.observation), torch.from_numpy(obs.clean)
         base = {"clean": sc.clean, "noise": sc.noise, "alpha": sc.alpha, "scenario": sc.name}
+        shown: dict[str, torch.Tensor] = {"observation": y.clamp(0, 1)}
         for m in methods:
             param = tune_baseline(m, sc, n_val)
             t0 = time.perf_counter()
             x_hat = BASELINES[m](y, param)
+            shown[m] = x_hat
             sec = (time.perf_counter() - t0) / len(obs.ids)
             rows.append({**base, "method": m, "rule": None, "solver": None, "steps": None, "nfe": 0,
                          "backward": False, "param": param, **score(x_hat, clean), "seconds_per_image": sec})
@@ -155,8 +162,10 @@ def quality(quick: bool = False, n: int | None = None, steps: list[int] | None =
         for rule, st in plan:
             cfg = sampler_config(guidance, rule, st)
             t0 = time.perf_counter()
-            x_hat, _ = run_joint(x_model, n_model, sde, obs, cfg)
+            x_hat, n_hat = run_joint(x_model, n_model, sde, obs, cfg)
             sec = (time.perf_counter() - t0) / len(obs.ids)
+            if (rule, st) == (default_rule, max(steps)):
+                shown["joint"], shown["noise estimate"] = x_hat, n_hat
             rows.append({**base, "method": f"joint-{rule}", "rule": rule, "solver": "euler-maruyama", "steps": st,
                          "nfe": cfg.nfe, "backward": RULES[rule].backward, "param": None,
                          "lambda_x": cfg.lambda_x, "kappa_n": cfg.kappa_n, **score(x_hat, clean),
@@ -169,6 +178,13 @@ def quality(quick: bool = False, n: int | None = None, steps: list[int] | None =
         t0 = time.perf_counter()
         x_hat, _ = run_joint(x_model, g_prior, sde, obs, cfg)
         sec = (time.perf_counter() - t0) / len(obs.ids)
+        shown["gaussian"] = x_hat
+        if figure and sc.name == "main":
+            panel = ["observation", "joint", "gaussian", "nlm", "truth", "noise estimate"]
+            shown["truth"] = clean
+            k = min(8, len(obs.ids))
+            save_grid(torch.cat([shown[p][:k] for p in panel if p in shown]).numpy(), figure, nrow=k, scale=3)
+            log(f"wrote {figure}: rows {', '.join(p for p in panel if p in shown)}")
         rows.append({**base, "method": "gaussian", "rule": default_rule, "solver": "euler-maruyama",
                      "steps": cfg.steps, "nfe": cfg.nfe, "backward": RULES[default_rule].backward, "param": None,
                      **score(x_hat, clean), "seconds_per_image": sec})

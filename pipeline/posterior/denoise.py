@@ -2,7 +2,8 @@
 
 This is the unit of work a Ray actor will run (one batch in, one batch out); it knows nothing of
 storage. ``denoised`` is the posterior mean of ``x`` over the ``K`` samples, ``noise_estimate`` that
-of ``n``, ``uncertainty`` the per-pixel standard deviation of ``x`` (only when ``K > 1``).
+of ``n``, ``uncertainty`` the per-pixel standard deviation of ``x`` (only when ``K > 1``), ``residual``
+the RMS by which the priors' estimates missed ``y`` before the final projection (mean over samples).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class Denoiser:
         x_hat, n_hat = xs.mean(0), ns.mean(0)
         return DenoiseOutput(
             denoised=x_hat, noise_estimate=n_hat, uncertainty=xs.std(0) if k > 1 else None,
-            residual=metrics.residual(y, self.forward.apply(x_hat, n_hat)),
+            residual=out.residual.reshape(k, b).mean(0),
             spread=metrics.spread(xs), removed_energy=metrics.removed_energy(y, x_hat, self.forward.coef_x),
             nfe=out.nfe * k, backward=out.backward, seconds=(time.perf_counter() - t0) / max(b, 1))
 

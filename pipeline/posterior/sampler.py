@@ -113,7 +113,7 @@ class JointResult:
 
     x: torch.Tensor
     n: torch.Tensor
-    residual: torch.Tensor  # per sample RMS of y - A(x, n) at the end
+    residual: torch.Tensor  # per sample RMS of y - A(x, n) at the end, before the final projection
     nfe: int
     backward: bool
 
@@ -227,9 +227,11 @@ def joint_sample(x_model: nn.Module, n_model: nn.Module, sde: VPSDE, y: torch.Te
         if callback is not None:
             callback(i, x, n)
     x0, n0 = _to01(x), _to01(n)
+    # the residual is measured before the projection: how far the priors' estimate is from explaining y
+    residual = metrics.residual(y, forward.apply(x0, n0))
     if cfg.final_projection:
         x0, n0 = project(forward, y, x0, n0)
-    return JointResult(x0, n0, metrics.residual(y, forward.apply(x0, n0)), cfg.nfe, rule.backward)
+    return JointResult(x0, n0, residual, cfg.nfe, rule.backward)
 
 
 def project(forward: ForwardModel, y: torch.Tensor, x: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pipeline.config import ConfigError, PriorConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_configs_load():
@@ -33,3 +37,17 @@ def test_unknown_and_bad_keys_name_the_key_and_file(tmp_path):
         load_config(PriorConfig, bad)
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(PriorConfig, "configs/prior_faces.yaml", ["train.steps"])
+
+
+def test_default_sampler_and_denoise_config_use_the_tuned_winner():
+    """The defaults are the rule and weights that `jointdiff bench tune` chose on the validation split."""
+    from pipeline.bench.quality import load_guidance
+    from pipeline.config import CleanConfig
+    from pipeline.posterior.sampler import SamplerConfig
+
+    tuned = load_guidance()
+    assert tuned["status"] == "tuned"
+    for cfg in (SamplerConfig(), load_config(CleanConfig, ROOT / "configs" / "denoise.yaml").sampler):
+        entry = tuned["rules"][tuned["default_rule"]][cfg.steps]
+        assert (cfg.rule, cfg.lambda_x, cfg.kappa_n, cfg.schedule) == (
+            tuned["default_rule"], entry["lambda_x"], entry["kappa_n"], entry["schedule"])

@@ -70,8 +70,9 @@ class SamplerConfig(BaseModel):
 
     rule: Literal["tweedie", "dps", "projection"] = "dps"
     steps: int = Field(200, ge=1)
+    # defaults: the weights `jointdiff bench tune` found for dps at 200 steps (configs/guidance.yaml)
     lambda_x: float = Field(10.0, ge=0, description="data-consistency weight on the image")
-    kappa_n: float = Field(10.0, ge=0, description="data-consistency weight on the noise")
+    kappa_n: float = Field(5.0, ge=0, description="data-consistency weight on the noise")
     schedule: Literal["constant", "sde", "r2", "pigdm"] = "constant"
     solver: Literal["euler-maruyama", "ddim"] = "euler-maruyama"
     eta: float = Field(1.0, ge=0, le=1, description="ddim only: 0 deterministic, 1 ancestral (DDPM-like)")

@@ -29,8 +29,10 @@ import pyarrow as pa
 import torch
 
 from pipeline.config import CleanConfig
-from pipeline.data.shards import build_table, decode_image, list_shards, read_table, to_float, write_table
+from pipeline.data.accounting import AccountingError, check_run, mark_done, plan
+from pipeline.data.shards import build_table, read_table, write_table
 from pipeline.data.storage import join
+from pipeline.data.validate import RowError, conform, decode_any
 from pipeline.diffusion.checkpoint import load_model
 from pipeline.posterior.denoise import Denoiser, truth_metrics
 from pipeline.posterior.forward import make_forward
@@ -71,31 +73,44 @@ class ShardCleaner:
                              f"{nc.channels}x{nc.image_size}x{nc.image_size}; they must match (for grey noise on "
                              "RGB images, train the noise prior on RGB noise, e.g. corrupt --noise-channel random)")
         self.shape = (self.x_model.config.channels, self.x_model.config.image_size, self.x_model.config.image_size)
+        self.policy = cfg.policy.model_copy(update={"size": self.shape[1], "channels": self.shape[0]})
         self.model_ids = f"{x_meta.get('name', cfg.image_prior)}+{n_meta.get('name', cfg.noise_prior)}"
 
     def _decode(self, cell: dict[str, Any] | None, what: str) -> np.ndarray:
         if cell is None:
-            raise ValueError(f"{what} is null")
-        img = to_float(decode_image(cell["bytes"], cell.get("path") or ""))
-        if img.shape != self.shape:
-            raise ValueError(f"{what} is {img.shape[0]}x{img.shape[1]}x{img.shape[2]} (CxHxW) but the priors "
-                             f"expect {self.shape[0]}x{self.shape[1]}x{self.shape[2]}")
-        if not np.all(np.isfinite(img)):
-            raise ValueError(f"{what} has NaN or infinite values")
+            raise RowError("decode", f"{what} is null")
+        try:
+            img = conform(decode_any(cell["bytes"], cell.get("path") or "", self.policy.max_pixels), self.policy)
+        except RowError as exc:
+            raise RowError(exc.stage, f"{what}: {exc.reason}") from None
+        if img.shape != self.shape:  # the policy converts or rejects, so this is a bug guard
+            raise RowError("validate", f"{what} is {img.shape} (CxHxW) but the priors expect {self.shape}")
         return img
 
     def clean_shard(self, shard_uri: str, run_id: str, dataset: str,
                     progress: Callable[[int], None] | None = None, seen: set[str] | None = None) -> ShardResult:
         """Clean one shard. ``seen`` carries the ids of earlier shards of the run, so a later copy of
-        an id anywhere in the dataset becomes an error row and ids in cleaned stay unique."""
+        an id anywhere in the dataset becomes an error row and ids in cleaned stay unique. A shard that
+        cannot be read, or lacks a column, puts its rows (or, unreadable, one row -1) in the errors."""
         shard = shard_uri.rsplit("/", 1)[-1]
-        table = read_table(shard_uri)
-        if "id" not in table.column_names or "observation" not in table.column_names:
-            raise ValueError(f"{shard_uri}: an observation shard needs 'id' and 'observation' columns; "
-                             f"it has {table.column_names}")
+        result = ShardResult()
+        try:
+            table = read_table(shard_uri)
+        except Exception as exc:
+            result.errors.append({"run_id": run_id, "dataset": dataset, "shard": shard, "row": -1, "id": None,
+                                  "stage": "read", "reason": f"the shard cannot be read: {exc}"})
+            return result
+        missing = [c for c in ("id", "observation") if c not in table.column_names]
+        if missing:
+            ids = table.column("id").to_pylist() if "id" in table.column_names else [None] * table.num_rows
+            for row, id_ in enumerate(ids):
+                result.errors.append({"run_id": run_id, "dataset": dataset, "shard": shard, "row": row,
+                                      "id": None if id_ is None else str(id_), "stage": "validate",
+                                      "reason": f"the shard lacks column(s) {missing}; an observation shard "
+                                                f"needs 'id' and 'observation' (it has {table.column_names})"})
+            return result
         cols = {c: table.column(c).to_pylist() for c in table.column_names}
         has_truth = "clean" in cols
-        result = ShardResult()
         valid: list[tuple[int, str, np.ndarray, np.ndarray | None, float]] = []
         seen = set() if seen is None else seen
         for row, id_ in enumerate(cols["id"]):
@@ -110,8 +125,8 @@ class ShardCleaner:
             try:
                 y = self._decode(cols["observation"][row], "observation")
                 clean = self._decode(cols["clean"][row], "clean") if has_truth and cols["clean"][row] else None
-            except Exception as exc:
-                reject("decode", str(exc))
+            except RowError as exc:
+                reject(exc.stage, exc.reason)
                 continue
             alpha = 0.0  # only the blend has an alpha
             if self.cfg.forward.name == "blend":
@@ -202,24 +217,45 @@ def write_shard_outputs(output: str, run_id: str, dataset: str, shard: str, resu
 
 def denoise_dataset(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None = None,
                     progress: bool = True) -> dict[str, Any]:
-    """Clean every shard of ``input_uri`` into ``output``; returns counts and the run id."""
+    """Clean the pending shards of ``input_uri`` into ``output``; returns counts and the run id.
+
+    Shards already complete for this run id (a marker in ``_done/``) are skipped, so a re-run
+    resumes. At the end every input row must appear once in cleaned or errors
+    (:func:`~pipeline.data.accounting.check_run`), else :class:`AccountingError`.
+    """
     from tqdm import tqdm
 
+    from pipeline.data import storage
+
+    storage.configure(cfg.storage)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_id = run_id or run_id_for(input_uri, cfg)
-    cleaner = ShardCleaner(cfg)
-    shards = list_shards(input_uri)
-    total = sum(read_table(s, ["id"]).num_rows for s in shards)
+    run = join(output, "runs", run_id)
+    shards = plan(input_uri, run)
+    pending = [s for s in shards if not s.done]
     dataset = str(input_uri).rstrip("/")
-    counts = {"inputs": total, "cleaned": 0, "errors": 0, "shards": len(shards)}
     seen: set[str] = set()
+    for s in shards:  # ids cleaned by earlier sessions of this run still count as seen
+        if s.done:
+            seen.update(read_table(join(run, "metrics", f"run_id={run_id}", s.name), ["id"]).column("id").to_pylist())
+    cleaner = ShardCleaner(cfg) if pending else None
+    total = 0
+    for s in pending:
+        try:
+            total += read_table(s.uri, ["id"]).num_rows
+        except Exception:
+            total += 1
+    counts = {"shards": len(shards), "skipped_shards": len(shards) - len(pending)}
     with tqdm(total=total, desc=f"denoise {run_id}", unit="img", disable=not progress) as bar:
-        for shard_uri in shards:
-            res = cleaner.clean_shard(shard_uri, run_id, dataset, progress=bar.update, seen=seen)
-            shard = shard_uri.rsplit("/", 1)[-1]
-            write_shard_outputs(output, run_id, dataset, shard, res, cfg, cleaner.model_ids)
-            counts["cleaned"] += len(res.cleaned.get("id", []))
-            counts["errors"] += len(res.errors)
+        for s in pending:
+            res = cleaner.clean_shard(s.uri, run_id, dataset, progress=bar.update, seen=seen)
+            write_shard_outputs(output, run_id, dataset, s.name, res, cfg, cleaner.model_ids)
+            mark_done(run, s.name, {"run_id": run_id, "cleaned": len(res.cleaned.get("id", [])),
+                                    "errors": len(res.errors)})
             bar.update(len(res.errors))
-    return {"run_id": run_id, **counts, "output": join(output, "runs", run_id)}
+    acc = check_run(input_uri, run)
+    if not acc.ok:
+        raise AccountingError(f"run {run_id}: {acc.describe()}")
+    return {"run_id": run_id, "inputs": acc.inputs, "cleaned": acc.cleaned, "errors": acc.errors, **counts,
+            "output": run}

@@ -120,6 +120,25 @@ def _cmd_corrupt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.data import storage
+    from pipeline.data.ingest import IngestConfig, ingest
+
+    flags = {"policy.size": args.size, "policy.channels": args.channels, "policy.resize": args.resize,
+             "shard_size": args.shard_size, "bits": args.bits}
+    given = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    cfg = load_config(IngestConfig, args.config, args.set + given, section=args.section)
+    storage.configure(cfg.storage)
+    summary = ingest(args.src, args.dst, cfg, progress=not args.quiet,
+                     log=None if args.quiet else (lambda m: print(f"rejected: {m}", file=sys.stderr)))
+    print(f"{summary['inputs']} inputs: {summary['ingested']} ingested, {summary['errors']} rejected "
+          f"(see {args.dst.rstrip('/')}/_errors/); {len(summary['written'])} shard(s) written, "
+          f"{len(summary['skipped'])} already complete", file=sys.stderr)
+    print(json.dumps(summary))
+    return 0
+
+
 def _cmd_denoise(args: argparse.Namespace) -> int:
     from pipeline.clean import denoise_dataset
     from pipeline.config import CleanConfig, load_config
@@ -154,7 +173,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(f"default rule {res['default_rule']}; weights written to {q.GUIDANCE_FILE}", file=sys.stderr)
         return 0
     t0 = time.perf_counter()
-    rows = q.quality(quick=args.quick, n=args.n, steps=steps, rules=rules,
+    rows = q.quality(quick=args.quick, n=args.n, n_robust=args.n_robust, steps=steps, rules=rules,
                      scenarios=args.scenarios.split(",") if args.scenarios else None, n_val=args.n_val,
                      figure=args.figure, log=lambda m: print(m, file=sys.stderr))
     print(q.table(rows))
@@ -250,6 +269,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--shard-size", type=int, default=None, help="default 1000")
     c.set_defaults(func=_cmd_corrupt)
 
+    ig = sub.add_parser("ingest", help="image files (folder, tar or zip on any URI) -> observation shards")
+    ig.add_argument("src", help="folder, .tar[.gz] or .zip of PNG/JPEG/TIFF/BMP/WebP/.npy images (any URI)")
+    ig.add_argument("dst", help="destination folder or URI of the shards")
+    ig.add_argument("--config", default=None, help="YAML ingest config (policy, shard_size, bits, storage)")
+    ig.add_argument("--section", default=None, help="top-level section of --config")
+    ig.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, e.g. --set policy.alpha=white")
+    ig.add_argument("--size", type=int, default=None, help="square size to produce (default: keep)")
+    ig.add_argument("--channels", type=int, default=None, choices=[1, 3], help="channels to produce (default: keep)")
+    ig.add_argument("--resize", default=None, choices=["error", "resize", "center-crop"],
+                    help="images of another size: reject (default), resize, or centre-crop then resize")
+    ig.add_argument("--shard-size", type=int, default=None, help="inputs per shard (default 1000)")
+    ig.add_argument("--bits", type=int, default=None, choices=[8, 16], help="PNG bit depth (default 16)")
+    ig.add_argument("--quiet", action="store_true")
+    ig.set_defaults(func=_cmd_ingest)
+
     dn = sub.add_parser("denoise", help="clean an observation dataset in this process (no Ray)")
     dn.add_argument("input", help="observation dataset: folder or URI of Parquet shards")
     dn.add_argument("output", help="output root; the run goes to OUTPUT/runs/RUN_ID/")
@@ -266,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="a few images and steps (a smoke test, minutes)")
     b.add_argument("--json", default=None, help="write the rows as JSON here")
     b.add_argument("--n", type=int, default=None, help="test observations per scenario (default 100)")
+    b.add_argument("--n-robust", type=int, default=None,
+                   help="test observations for the other scenarios (stripes, alpha 0.3/0.7, ood; default 50)")
     b.add_argument("--n-val", type=int, default=None, help="validation observations for tuning (default 20)")
     b.add_argument("--steps", default=None, help="comma-separated step counts (default 50,100,200)")
     b.add_argument("--rules", default=None, help="comma-separated guidance rules (default all)")

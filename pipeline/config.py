@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pipeline.data.storage import StorageConfig
+from pipeline.data.validate import ImagePolicy
 from pipeline.diffusion.unet import UNetConfig, check_channels
 from pipeline.posterior.sampler import SamplerConfig
 
@@ -107,6 +109,10 @@ class CleanConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     device: str = "cpu"
     threads: int | None = Field(None, ge=1)
+    policy: ImagePolicy = Field(default_factory=ImagePolicy,
+                                description="inputs of another size or channel count: reject (default) or convert; "
+                                            "size and channels always come from the priors")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -22,3 +22,42 @@ def tiny_config(output: str, **train) -> PriorConfig:
                   "checkpoint_every": 3, "seed": 0, **train},
         "output": output,
     })
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 protocol endpoint: moto's server on 127.0.0.1 (a free port), for the whole session."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """An empty bucket on the moto server, reachable through the standard AWS environment variables
+    (as a user would configure it); yields ``(bucket URI, endpoint)``."""
+    import uuid
+
+    import s3fs
+
+    from pipeline.data import storage
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-do-not-print")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    storage.configure(None)
+    s3fs.S3FileSystem.clear_instance_cache()
+    bucket = f"bucket-{uuid.uuid4().hex[:8]}"
+    fs, _ = storage.open_fs(f"s3://{bucket}")
+    fs.mkdir(bucket)
+    yield f"s3://{bucket}", s3_server
+    s3fs.S3FileSystem.clear_instance_cache()

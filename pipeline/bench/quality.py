@@ -117,7 +117,7 @@ def tune_baseline(name: str, sc: Scenario, n_val: int) -> float:
     return max(GRIDS[name], key=lambda p: metrics.psnr(BASELINES[name](y, p), clean).mean().item())
 
 
-def quality(quick: bool = False, n: int | None = None, steps: list[int] | None = None,
+def quality(quick: bool = False, n: int | None = None, n_robust: int | None = None, steps: list[int] | None = None,
             rules: list[str] | None = None, scenarios: list[str] | None = None, n_val: int | None = None,
             figure: str | None = None, log: Any = print) -> list[dict[str, Any]]:
     """Run the quality benchmark; returns one row per method x scenario (x step count).
@@ -127,6 +127,7 @@ def quality(quick: bool = False, n: int | None = None, steps: list[int] | None =
     """
     guidance = load_guidance()
     n = n or (8 if quick else 100)
+    n_robust = n_robust or (n if quick else 50)  # the robustness scenarios: fewer images keep the run under an hour
     n_val = n_val or (4 if quick else 20)
     steps = steps or ([10] if quick else [50, 100, 200])
     rules = rules or list(RULES)
@@ -142,7 +143,7 @@ def quality(quick: bool = False, n: int | None = None, steps: list[int] | None =
         return models[name]
 
     for sc in chosen:
-        obs = observations(sc, "test", n)
+        obs = observations(sc, "test", n if sc.name == "main" else min(n, n_robust))
         y, clean = torch.from_numpy(obs.observation), torch.from_numpy(obs.clean)
         base = {"clean": sc.clean, "noise": sc.noise, "alpha": sc.alpha, "scenario": sc.name}
         shown: dict[str, torch.Tensor] = {"observation": y.clamp(0, 1)}

@@ -1,0 +1,130 @@
+"""The shard plan of a run and its accounting: every input row once, in cleaned or in errors.
+
+A run lives under ``<output>/runs/<run_id>/`` (DESIGN.md). Each source shard, once all its outputs
+are written, gets a completion marker ``_done/<shard>.json`` (written last, atomically); the plan
+lists the input's shards in a stable order and marks those already complete, so a re-run with the
+same run id does only the rest. :func:`check_run` then proves that every input row ``(shard, row)``
+appears exactly once: in ``metrics/`` (the cleaned rows, with their shard and row) or in ``errors/``.
+A shard that cannot be read at all is accounted for by one error row with ``row = -1``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from pipeline.data.shards import list_shards, read_table
+from pipeline.data.storage import join, open_fs, write_atomic
+
+
+class AccountingError(RuntimeError):
+    """Some input rows are missing from a run's outputs, or appear more than once."""
+
+
+@dataclass(frozen=True)
+class PlannedShard:
+    uri: str
+    name: str
+    done: bool
+
+
+def marker_uri(run_uri: str, shard: str) -> str:
+    return join(run_uri, "_done", shard.replace(".parquet", ".json"))
+
+
+def plan(input_uri: str, run_uri: str) -> list[PlannedShard]:
+    """The input's shards in a stable (sorted) order; ``done`` where the run's marker exists."""
+    fs, root = open_fs(join(run_uri, "_done"))
+    done = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)} if fs.exists(root) else set()
+    out = []
+    for uri in list_shards(input_uri):
+        name = uri.rsplit("/", 1)[-1]
+        out.append(PlannedShard(uri, name, name.replace(".parquet", ".json") in done))
+    return out
+
+
+def mark_done(run_uri: str, shard: str, info: dict[str, Any]) -> None:
+    """Write the shard's completion marker: last, after all of its outputs, and atomically."""
+    write_atomic(marker_uri(run_uri, shard), json.dumps(info, sort_keys=True).encode())
+
+
+def input_rows(shard_uri: str) -> int | None:
+    """Row count from the Parquet footer (None if the file cannot be read as Parquet)."""
+    fs, path = open_fs(shard_uri)
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    except Exception:
+        return None
+
+
+@dataclass
+class Accounting:
+    inputs: int = 0
+    cleaned: int = 0
+    errors: int = 0
+    missing: list[tuple[str, int]] = field(default_factory=list)
+    duplicated: list[tuple[str, int, int]] = field(default_factory=list)  # (shard, row, times)
+    unexpected: list[tuple[str, int]] = field(default_factory=list)  # rows that no input has
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.duplicated or self.unexpected)
+
+    def describe(self, limit: int = 10) -> str:
+        if self.ok:
+            return f"accounting ok: {self.inputs} input rows = {self.cleaned} cleaned + {self.errors} errors"
+        parts = []
+        for label, items in (("missing", self.missing), ("duplicated", self.duplicated),
+                             ("unexpected", self.unexpected)):
+            if items:
+                shown = ", ".join(f"{i[0]} row {i[1]}" + (f" x{i[2]}" if len(i) > 2 else "") for i in items[:limit])
+                more = f" and {len(items) - limit} more" if len(items) > limit else ""
+                parts.append(f"{len(items)} {label}: {shown}{more}")
+        return f"accounting FAILED for {self.inputs} input rows: " + "; ".join(parts)
+
+
+def _rows(run_uri: str, sub: str) -> list[tuple[str, int]]:
+    fs, root = open_fs(join(run_uri, sub))
+    if not fs.exists(root):
+        return []
+    out: list[tuple[str, int]] = []
+    for p in sorted(fs.find(root)):
+        if p.endswith(".parquet"):
+            t = read_table(join(run_uri, sub, p[len(root.rstrip("/")) + 1:]), ["shard", "row"])
+            out.extend(zip(t.column("shard").to_pylist(), t.column("row").to_pylist()))
+    return out
+
+
+def check_run(input_uri: str, run_uri: str) -> Accounting:
+    """Every input row ``(shard, row)`` exactly once in the run's metrics (cleaned) or errors."""
+    acc = Accounting()
+    expected: dict[tuple[str, int], int] = {}
+    unreadable: set[str] = set()
+    for uri in list_shards(input_uri):
+        name = uri.rsplit("/", 1)[-1]
+        n = input_rows(uri)
+        if n is None:
+            unreadable.add(name)
+            expected[(name, -1)] = 0
+            acc.inputs += 1
+            continue
+        acc.inputs += n
+        for r in range(n):
+            expected[(name, r)] = 0
+    cleaned = _rows(run_uri, "metrics")
+    errors = _rows(run_uri, "errors")
+    acc.cleaned, acc.errors = len(cleaned), len(errors)
+    for key, count in Counter(cleaned + errors).items():
+        if key not in expected:
+            acc.unexpected.append(key)
+        else:
+            expected[key] = count
+    acc.missing = sorted(k for k, c in expected.items() if c == 0)
+    acc.duplicated = sorted((k[0], k[1], c) for k, c in expected.items() if c > 1)
+    acc.unexpected.sort()
+    return acc

@@ -1,0 +1,182 @@
+"""``jointdiff ingest SRC DST``: a folder, tar or zip of images on any URI -> observation shards.
+
+Sources are listed in a stable (sorted) order and cut into shards of ``shard_size`` inputs; input
+``k`` of the listing always lands in shard ``k // shard_size``, so re-running over the same source
+writes the same shards. The id of an image is its path relative to ``SRC`` (inside the archive for a
+tar or zip). Each input ends up in exactly one place:
+
+* ``DST/shard-NNNNN.parquet``: ``id, observation`` (16-bit PNG by default) and ``source`` (the
+  relative path), for inputs that decode and pass the :class:`~pipeline.data.validate.ImagePolicy`;
+* ``DST/_errors/shard-NNNNN.parquet``: ``run_id, shard, row, id, stage, reason`` for the others (``row``
+  is the input's index within its shard);
+* ``DST/_done/shard-NNNNN.json``: the completion marker, written last and atomically. A re-run skips
+  shards whose marker is present and matches the inputs, so it resumes an interrupted ingest; delete
+  a marker to redo that shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.data.shards import SHARD_PATTERN, build_table, read_table, write_table
+from pipeline.data.storage import StorageConfig, join, open_fs, write_atomic
+from pipeline.data.validate import ImagePolicy, RowError, conform, decode_any
+
+ARCHIVES = (".tar", ".tar.gz", ".tgz", ".zip")
+ERRORS_SCHEMA = pa.schema([("run_id", pa.string()), ("shard", pa.string()), ("row", pa.int64()),
+                           ("id", pa.string()), ("stage", pa.string()), ("reason", pa.string())])
+
+
+class IngestConfig(BaseModel):
+    """``jointdiff ingest``: how to turn image files into observation shards."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: ImagePolicy = Field(default_factory=ImagePolicy)
+    shard_size: int = Field(1000, ge=1, description="inputs per shard")
+    bits: int = Field(16, description="PNG bit depth of the observation column (8 or 16)")
+    extensions: list[str] = Field(default_factory=lambda: [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp",
+                                                           ".webp", ".npy"])
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input file: its id (relative path) and how to read its bytes."""
+
+    id: str
+    read: Callable[[], bytes]
+
+
+def _is_archive(uri: str) -> bool:
+    return str(uri).lower().endswith(ARCHIVES)
+
+
+def list_sources(src: str) -> list[Source]:
+    """Every file under ``src`` (or in the archive ``src``), sorted by relative path; hidden files
+    (a path part starting with ``.``, like ``.DS_Store``) are not inputs."""
+    fs, root = open_fs(src)
+    if not fs.exists(root):
+        raise FileNotFoundError(f"{src}: no such folder or archive")
+    if _is_archive(src):
+        data = fs.cat_file(root)
+        if src.lower().endswith(".zip"):
+            zf = zipfile.ZipFile(io.BytesIO(data))
+            names = [i.filename for i in zf.infolist() if not i.is_dir()]
+            members = [(n, (lambda n=n: zf.read(n))) for n in names]
+        else:
+            tf = tarfile.open(fileobj=io.BytesIO(data))
+            infos = [m for m in tf.getmembers() if m.isfile()]
+            members = [(m.name, (lambda m=m: tf.extractfile(m).read())) for m in infos]
+        out = [Source(n.lstrip("./"), r) for n, r in members]
+    else:
+        root = root.rstrip("/")
+        paths = [p for p in fs.find(root) if not fs.isdir(p)]
+        out = [Source(p[len(root) + 1:], (lambda p=p: fs.cat_file(p))) for p in paths]
+    out = [s for s in out if not any(part.startswith(".") for part in s.id.split("/"))]  # hidden: not inputs
+    return sorted(out, key=lambda s: s.id)  # stable; equal ids (possible in a tar) keep archive order
+
+
+def ingest_id(src: str, cfg: IngestConfig) -> str:
+    key = json.dumps({"src": str(src).rstrip("/"), "policy": cfg.policy.model_dump(), "bits": cfg.bits,
+                      "extensions": cfg.extensions}, sort_keys=True)
+    return "ingest-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def _marker(dst: str, shard: str) -> str:
+    return join(dst, "_done", shard.replace(".parquet", ".json"))
+
+
+def _fingerprint(sources: list[Source], run_id: str) -> str:
+    return hashlib.sha256("\n".join([run_id] + [s.id for s in sources]).encode()).hexdigest()
+
+
+def _marker_ok(dst: str, shard: str, fingerprint: str) -> bool:
+    fs, path = open_fs(_marker(dst, shard))
+    try:
+        return json.loads(fs.cat_file(path))["fingerprint"] == fingerprint
+    except Exception:
+        return False
+
+
+def _read_one(source: Source, cfg: IngestConfig) -> Any:
+    ext = "." + source.id.rsplit(".", 1)[-1].lower() if "." in source.id.rsplit("/", 1)[-1] else ""
+    if ext not in cfg.extensions:
+        raise RowError("decode", f"unsupported file type {ext or '(no extension)'}; ingest reads "
+                                 f"{', '.join(cfg.extensions)}")
+    try:
+        data = source.read()
+    except Exception as exc:
+        raise RowError("read", f"cannot read the file: {exc}") from None
+    return conform(decode_any(data, source.id, cfg.policy.max_pixels), cfg.policy)
+
+
+def iter_shard_plan(sources: list[Source], shard_size: int) -> Iterator[tuple[int, str, list[Source]]]:
+    for k in range(0, len(sources), shard_size):
+        yield k // shard_size, SHARD_PATTERN.format(k // shard_size), sources[k:k + shard_size]
+
+
+def ingest(src: str, dst: str, cfg: IngestConfig | None = None, progress: bool = True,
+           log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Ingest ``src`` into ``dst``; returns counts and which shards were written or skipped."""
+    from tqdm import tqdm
+
+    cfg = cfg or IngestConfig()
+    if cfg.bits not in (8, 16):
+        raise ValueError(f"bits must be 8 or 16, got {cfg.bits}")
+    run_id = ingest_id(src, cfg)
+    sources = list_sources(src)
+    if not sources:
+        raise FileNotFoundError(f"{src}: no files to ingest")
+    counts: dict[str, Any] = {"run_id": run_id, "inputs": len(sources), "ingested": 0, "errors": 0,
+                              "written": [], "skipped": []}
+    seen: set[str] = set()
+    with tqdm(total=len(sources), desc=f"ingest {src}", unit="file", disable=not progress) as bar:
+        for _, shard, chunk in iter_shard_plan(sources, cfg.shard_size):
+            fp = _fingerprint(chunk, run_id)
+            if _marker_ok(dst, shard, fp):
+                fs, path = open_fs(_marker(dst, shard))
+                done = json.loads(fs.cat_file(path))
+                seen.update(read_table(join(dst, shard), ["id"]).column("id").to_pylist())
+                counts["ingested"] += done["rows"]
+                counts["errors"] += done["errors"]
+                counts["skipped"].append(shard)
+                bar.update(len(chunk))
+                continue
+            ids, images, names, errors = [], [], [], []
+            for row, source in enumerate(chunk):
+                try:
+                    if source.id in seen:
+                        raise RowError("validate", f"duplicate id {source.id!r} (an earlier input has the same path)")
+                    img = _read_one(source, cfg)
+                    seen.add(source.id)
+                    ids.append(source.id)
+                    images.append(img)
+                    names.append(source.id)
+                except RowError as exc:
+                    errors.append({"run_id": run_id, "shard": shard, "row": row, "id": source.id,
+                                   "stage": exc.stage, "reason": exc.reason})
+                bar.update(1)
+            table = build_table(ids, {"observation": images}, bits={"observation": cfg.bits},
+                                extra={"source": pa.array(names, pa.string())})
+            write_table(join(dst, shard), table)
+            write_table(join(dst, "_errors", shard), pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA))
+            write_atomic(_marker(dst, shard), json.dumps({"fingerprint": fp, "rows": len(ids),
+                                                          "errors": len(errors), "run_id": run_id}).encode())
+            counts["ingested"] += len(ids)
+            counts["errors"] += len(errors)
+            counts["written"].append(shard)
+            if log is not None:
+                for e in errors:
+                    log(f"{shard} row {e['row']} ({e['id']}): {e['stage']}: {e['reason']}")
+    return counts

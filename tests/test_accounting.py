@@ -1,0 +1,89 @@
+"""The shard plan (resume by completion markers) and the accounting check of a cleaning run."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.clean import denoise_dataset
+from pipeline.config import CleanConfig
+from pipeline.data.accounting import AccountingError, check_run, plan
+from pipeline.data.corrupt import corrupt, write_observations
+from pipeline.data.embedded import load_embedded
+from pipeline.posterior.sampler import SamplerConfig
+from pipeline.training import train_prior
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("acc")
+    models = []
+    for name in ("img", "noise"):
+        train_prior(tiny_config(str(root / name), steps=2, checkpoint_every=2), progress=False)
+        models.append(str(root / name / "model"))
+    obs = corrupt(load_embedded("faces", "test", 16), load_embedded("digits", "test", 16), 9, seed=0)
+    write_observations(str(root / "obs"), obs, shard_size=3)
+    good = pq.read_table(root / "obs" / "shard-00000.parquet")
+    # a shard without its observation column, an empty shard, and a file that is not Parquet at all
+    nocol = good.slice(0, 2).drop_columns(["observation"]).set_column(0, "id", pa.array(["m0", "m1"]))
+    pq.write_table(nocol, root / "obs" / "shard-00003.parquet")
+    pq.write_table(good.slice(0, 0), root / "obs" / "shard-00004.parquet")
+    (root / "obs" / "shard-00005.parquet").write_bytes(b"PAR1 but not really")
+    cfg = CleanConfig(image_prior=models[0], noise_prior=models[1], sampler=SamplerConfig(steps=2), batch_size=4)
+    return root, cfg
+
+
+def _mtimes(run):
+    return {p.relative_to(run).as_posix(): p.stat().st_mtime_ns for p in run.rglob("*.parquet")}
+
+
+def test_every_row_is_accounted_for_and_a_rerun_redoes_only_unmarked_shards(setup, tmp_path):
+    root, cfg = setup
+    out = tmp_path / "out"
+    first = denoise_dataset(str(root / "obs"), str(out), cfg, run_id="r", progress=False)
+    # 9 good rows + 2 rows of the shard without 'observation' + 1 for the unreadable shard
+    assert (first["inputs"], first["cleaned"], first["errors"], first["skipped_shards"]) == (12, 9, 3, 0)
+    run = out / "runs" / "r"
+    errors = pq.read_table(run / "errors").to_pylist()
+    reasons = {(e["shard"], e["row"]): e["reason"] for e in errors}
+    assert "lacks column(s) ['observation']" in reasons[("shard-00003.parquet", 0)]
+    assert "cannot be read" in reasons[("shard-00005.parquet", -1)]
+    assert check_run(str(root / "obs"), str(run)).ok
+    ids = pq.read_table(run / "cleaned").column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 9
+
+    before = _mtimes(run)
+    again = denoise_dataset(str(root / "obs"), str(out), cfg, run_id="r", progress=False)
+    assert again["skipped_shards"] == 6 and again["cleaned"] == 9 and _mtimes(run) == before
+    (run / "_done" / "shard-00001.json").unlink()
+    assert [s.name for s in plan(str(root / "obs"), str(run)) if not s.done] == ["shard-00001.parquet"]
+    redo = denoise_dataset(str(root / "obs"), str(out), cfg, run_id="r", progress=False)
+    after = _mtimes(run)
+    changed = sorted(k for k in after if after[k] != before[k])
+    assert changed == ["cleaned/shard-00001.parquet", "errors/shard-00001.parquet",
+                       "metrics/run_id=r/shard-00001.parquet"]
+    assert redo["skipped_shards"] == 5 and (redo["cleaned"], redo["errors"]) == (9, 3)
+    # the redone shard's results are the same (per-image seeds), so nothing downstream moves
+    assert pq.read_table(run / "cleaned").column("id").to_pylist() == ids
+
+
+def test_accounting_names_missing_and_duplicated_rows_and_fails_the_run(setup, tmp_path):
+    root, cfg = setup
+    out = tmp_path / "out"
+    denoise_dataset(str(root / "obs"), str(out), cfg, run_id="r", progress=False)
+    run = out / "runs" / "r"
+    m0 = run / "metrics" / "run_id=r" / "shard-00000.parquet"
+    pq.write_table(pq.read_table(m0).slice(1), m0)  # row 0 of shard 0 is lost
+    e1 = run / "errors" / "shard-00003.parquet"
+    t = pq.read_table(e1)
+    pq.write_table(pa.concat_tables([t, t.slice(1, 1)]), e1)  # row 1 of shard 3 counted twice
+    acc = check_run(str(root / "obs"), str(run))
+    assert not acc.ok
+    assert acc.missing == [("shard-00000.parquet", 0)]
+    assert acc.duplicated == [("shard-00003.parquet", 1, 2)]
+    text = acc.describe()
+    assert "1 missing: shard-00000.parquet row 0" in text and "1 duplicated: shard-00003.parquet row 1 x2" in text
+    with pytest.raises(AccountingError, match="shard-00000.parquet row 0"):
+        denoise_dataset(str(root / "obs"), str(out), cfg, run_id="r", progress=False)

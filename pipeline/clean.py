@@ -32,16 +32,13 @@ from pipeline.config import CleanConfig
 from pipeline.data.accounting import AccountingError, check_run, mark_done, plan
 from pipeline.data.shards import build_table, read_table, write_table
 from pipeline.data.storage import join
-from pipeline.data.validate import RowError, conform, decode_any
+from pipeline.data.validate import ERRORS_SCHEMA, RowError, conform, decode_any
 from pipeline.diffusion.checkpoint import load_model
 from pipeline.posterior.denoise import Denoiser, truth_metrics
 from pipeline.posterior.forward import make_forward
 from pipeline.priors import resolve_model
 
 METRIC_COLUMNS = ("psnr", "ssim", "psnr_input", "ssim_input", "residual", "spread", "removed_energy")
-ERRORS_SCHEMA = pa.schema([("run_id", pa.string()), ("dataset", pa.string()), ("shard", pa.string()),
-                           ("row", pa.int64()), ("id", pa.string()), ("stage", pa.string()),
-                           ("reason", pa.string())])
 
 
 def run_id_for(input_uri: str, cfg: CleanConfig) -> str:

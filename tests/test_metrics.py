@@ -40,3 +40,20 @@ def test_reference_free_figures():
     assert torch.allclose(spread(samples), torch.full((2,), float(np.std([0, 1], ddof=1))))
     assert torch.isnan(spread(samples[:1])).all()
     assert torch.allclose(removed_energy(y, torch.full_like(y, 0.6), 0.5), torch.full((2,), 0.2))
+
+
+def test_quality_bench_reports_a_diverged_method_instead_of_crashing_or_hiding_it(tmp_path):
+    import json
+
+    from pipeline.bench.quality import score, table, write_json
+
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(4, 1, 16, 16, generator=g)
+    x_hat = clean.clone()
+    x_hat[2] = float("nan")
+    row = {"scenario": "main", "method": "joint-tweedie", "steps": 50, "nfe": 50, "seconds_per_image": 0.1,
+           **score(x_hat, clean)}
+    assert row["n_diverged"] == 1 and row["psnr_mean"] != row["psnr_mean"]  # NaN: no mean over survivors
+    assert "diverged on 1 of 4 images" in table([row])
+    write_json([row], str(tmp_path / "q.json"), {})
+    assert json.loads((tmp_path / "q.json").read_text())["rows"][0]["psnr_mean"] is None

@@ -21,6 +21,7 @@ The test split is never used for tuning.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -86,16 +87,20 @@ def sampler_config(guidance: dict[str, Any], rule: str, steps: int) -> SamplerCo
 
 
 def _summary(values: list[float]) -> tuple[float, float, float]:
+    """Mean, population std and median; NaN for all three when any image diverged (non-finite)."""
+    if not all(math.isfinite(v) for v in values):
+        return math.nan, math.nan, math.nan
     return (statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0,
             statistics.median(values))
 
 
-def score(x_hat: torch.Tensor, clean: torch.Tensor) -> dict[str, float]:
+def score(x_hat: torch.Tensor, clean: torch.Tensor) -> dict[str, float | int]:
     p, s = metrics.psnr(x_hat, clean).tolist(), metrics.ssim(x_hat, clean).tolist()
     pm, ps, pmed = _summary(p)
     sm, ss, smed = _summary(s)
+    diverged = int((~torch.isfinite(x_hat.flatten(1)).all(1)).sum())
     return {"psnr_mean": pm, "psnr_std": ps, "psnr_median": pmed, "ssim_mean": sm, "ssim_std": ss,
-            "ssim_median": smed, "n_images": len(p)}
+            "ssim_median": smed, "n_images": len(p), "n_diverged": diverged}
 
 
 def run_joint(x_model: torch.nn.Module, n_model: torch.nn.Module, sde: Any, obs: Observations, cfg: SamplerConfig,
@@ -195,6 +200,9 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
 
 def _fmt(r: dict[str, Any]) -> str:
     steps = "" if r["steps"] is None else str(r["steps"])
+    if r.get("n_diverged"):
+        return (f"{r['scenario']:9s} {r['method']:16s} {steps:>5s} {r['nfe']:>5d}  diverged on {r['n_diverged']} of "
+                f"{r['n_images']} images  {r['seconds_per_image']:.3f} s/img")
     return (f"{r['scenario']:9s} {r['method']:16s} {steps:>5s} {r['nfe']:>5d}  PSNR {r['psnr_mean']:6.2f} "
             f"± {r['psnr_std']:5.2f} (med {r['psnr_median']:6.2f})  SSIM {r['ssim_mean']:.3f} "
             f"± {r['ssim_std']:.3f}  {r['seconds_per_image']:.3f} s/img")
@@ -204,6 +212,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     head = "| scenario | method | steps | NFE | PSNR mean ± std (median) | SSIM mean ± std (median) | s/image |"
     lines = [head, "| --- | --- | ---: | ---: | --- | --- | ---: |"]
     for r in rows:
+        if r.get("n_diverged"):
+            lines.append(f"| {r['scenario']} | {r['method']} | {r['steps'] or ''} | {r['nfe']} | diverged on "
+                         f"{r['n_diverged']} of {r['n_images']} images | | {r['seconds_per_image']:.3f} |")
+            continue
         lines.append(f"| {r['scenario']} | {r['method']} | {r['steps'] or ''} | {r['nfe']} | "
                      f"{r['psnr_mean']:.2f} ± {r['psnr_std']:.2f} ({r['psnr_median']:.2f}) | "
                      f"{r['ssim_mean']:.3f} ± {r['ssim_std']:.3f} ({r['ssim_median']:.3f}) | "
@@ -213,7 +225,11 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def write_json(rows: list[dict[str, Any]], path: str, meta: dict[str, Any]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    def finite(v: Any) -> Any:  # NaN (a diverged method) is not JSON: write null
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    rows = [{k: finite(v) for k, v in r.items()} for r in rows]
+    Path(path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, allow_nan=False) + "\n")
 
 
 # Grids for `bench tune` (lambda_x = kappa_n first, then the ratio kappa_n / lambda_x).

@@ -5,10 +5,10 @@ Sources are listed in a stable (sorted) order and cut into shards of ``shard_siz
 writes the same shards. The id of an image is its path relative to ``SRC`` (inside the archive for a
 tar or zip). Each input ends up in exactly one place:
 
-* ``DST/shard-NNNNN.parquet``: ``id, observation`` (16-bit PNG by default) and ``source`` (the
-  relative path), for inputs that decode and pass the :class:`~pipeline.data.validate.ImagePolicy`;
-* ``DST/_errors/shard-NNNNN.parquet``: ``run_id, shard, row, id, stage, reason`` for the others (``row``
-  is the input's index within its shard);
+* ``DST/shard-NNNNN.parquet``: ``id, observation`` (16-bit PNG by default), for inputs that decode
+  and pass the :class:`~pipeline.data.validate.ImagePolicy`;
+* ``DST/_errors/shard-NNNNN.parquet``: ``run_id, dataset, shard, row, id, stage, reason`` for the
+  others (``dataset`` is ``SRC``, ``row`` the input's index within its shard);
 * ``DST/_done/shard-NNNNN.json``: the completion marker, written last and atomically. A re-run skips
   shards whose marker is present and matches the inputs, so it resumes an interrupted ingest; delete
   a marker to redo that shard.
@@ -30,11 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.data.shards import SHARD_PATTERN, build_table, read_table, write_table
 from pipeline.data.storage import StorageConfig, join, open_fs, write_atomic
-from pipeline.data.validate import ImagePolicy, RowError, conform, decode_any
+from pipeline.data.validate import ERRORS_SCHEMA, ImagePolicy, RowError, conform, decode_any
 
 ARCHIVES = (".tar", ".tar.gz", ".tgz", ".zip")
-ERRORS_SCHEMA = pa.schema([("run_id", pa.string()), ("shard", pa.string()), ("row", pa.int64()),
-                           ("id", pa.string()), ("stage", pa.string()), ("reason", pa.string())])
 
 
 class IngestConfig(BaseModel):
@@ -153,7 +151,7 @@ def ingest(src: str, dst: str, cfg: IngestConfig | None = None, progress: bool =
                 counts["skipped"].append(shard)
                 bar.update(len(chunk))
                 continue
-            ids, images, names, errors = [], [], [], []
+            ids, images, errors = [], [], []
             for row, source in enumerate(chunk):
                 try:
                     if source.id in seen:
@@ -162,13 +160,11 @@ def ingest(src: str, dst: str, cfg: IngestConfig | None = None, progress: bool =
                     seen.add(source.id)
                     ids.append(source.id)
                     images.append(img)
-                    names.append(source.id)
                 except RowError as exc:
-                    errors.append({"run_id": run_id, "shard": shard, "row": row, "id": source.id,
-                                   "stage": exc.stage, "reason": exc.reason})
+                    errors.append({"run_id": run_id, "dataset": str(src).rstrip("/"), "shard": shard, "row": row,
+                                   "id": source.id, "stage": exc.stage, "reason": exc.reason})
                 bar.update(1)
-            table = build_table(ids, {"observation": images}, bits={"observation": cfg.bits},
-                                extra={"source": pa.array(names, pa.string())})
+            table = build_table(ids, {"observation": images}, bits={"observation": cfg.bits})
             write_table(join(dst, shard), table)
             write_table(join(dst, "_errors", shard), pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA))
             write_atomic(_marker(dst, shard), json.dumps({"fingerprint": fp, "rows": len(ids),

@@ -14,10 +14,16 @@ import io
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.data.embedded import resize_square, to_channels
 from pipeline.data.shards import decode_image, to_float
+
+# the errors table (DESIGN.md): one row per rejected input row; row -1 stands for a whole unreadable shard
+ERRORS_SCHEMA = pa.schema([("run_id", pa.string()), ("dataset", pa.string()), ("shard", pa.string()),
+                           ("row", pa.int64()), ("id", pa.string()), ("stage", pa.string()),
+                           ("reason", pa.string())])
 
 
 class RowError(ValueError):

@@ -76,6 +76,8 @@ class ShardCleaner:
     def _decode(self, cell: dict[str, Any] | None, what: str) -> np.ndarray:
         if cell is None:
             raise RowError("decode", f"{what} is null")
+        if not isinstance(cell, dict) or not isinstance(cell.get("bytes"), bytes):
+            raise RowError("decode", f"{what} is a {type(cell).__name__}, not an image struct {{bytes, path}}")
         try:
             img = conform(decode_any(cell["bytes"], cell.get("path") or "", self.policy.max_pixels), self.policy)
         except RowError as exc:
@@ -114,6 +116,7 @@ class ShardCleaner:
             def reject(stage: str, reason: str, row: int = row, id_: Any = id_) -> None:
                 result.errors.append({"run_id": run_id, "dataset": dataset, "shard": shard, "row": row,
                                       "id": None if id_ is None else str(id_), "stage": stage, "reason": reason})
+            id_ = None if id_ is None else str(id_)
             if id_ is None or id_ in seen:
                 reject("validate", "missing id" if id_ is None else
                        f"duplicate id {id_!r} (an earlier row of this run has it)")
@@ -233,9 +236,10 @@ def denoise_dataset(input_uri: str, output: str, cfg: CleanConfig, run_id: str |
     pending = [s for s in shards if not s.done]
     dataset = str(input_uri).rstrip("/")
     seen: set[str] = set()
-    for s in shards:  # ids cleaned by earlier sessions of this run still count as seen
+    for s in shards:  # ids that earlier sessions of this run cleaned or rejected still count as seen
         if s.done:
-            seen.update(read_table(join(run, "metrics", f"run_id={run_id}", s.name), ["id"]).column("id").to_pylist())
+            for part in (join(run, "metrics", f"run_id={run_id}", s.name), join(run, "errors", s.name)):
+                seen.update(i for i in read_table(part, ["id"]).column("id").to_pylist() if i is not None)
     cleaner = ShardCleaner(cfg) if pending else None
     total = 0
     for s in pending:
@@ -249,7 +253,7 @@ def denoise_dataset(input_uri: str, output: str, cfg: CleanConfig, run_id: str |
             res = cleaner.clean_shard(s.uri, run_id, dataset, progress=bar.update, seen=seen)
             write_shard_outputs(output, run_id, dataset, s.name, res, cfg, cleaner.model_ids)
             mark_done(run, s.name, {"run_id": run_id, "cleaned": len(res.cleaned.get("id", [])),
-                                    "errors": len(res.errors)})
+                                    "errors": len(res.errors), "input_size": s.size})
             bar.update(len(res.errors))
     acc = check_run(input_uri, run)
     if not acc.ok:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import ConfigError
+from pipeline.data.accounting import AccountingError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -130,6 +131,8 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     given = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
     cfg = load_config(IngestConfig, args.config, args.set + given, section=args.section)
     storage.configure(cfg.storage)
+    if any(u.startswith("s3") for u in (args.src, args.dst)):
+        print(f"storage: {cfg.storage.describe()}", file=sys.stderr)
     summary = ingest(args.src, args.dst, cfg, progress=not args.quiet,
                      log=None if args.quiet else (lambda m: print(f"rejected: {m}", file=sys.stderr)))
     print(f"{summary['inputs']} inputs: {summary['ingested']} ingested, {summary['errors']} rejected "
@@ -144,6 +147,8 @@ def _cmd_denoise(args: argparse.Namespace) -> int:
     from pipeline.config import CleanConfig, load_config
 
     cfg = load_config(CleanConfig, args.config, args.set, section=args.section)
+    if any(str(u).startswith("s3") for u in (args.input, args.output, cfg.image_prior, cfg.noise_prior)):
+        print(f"storage: {cfg.storage.describe()}", file=sys.stderr)
     summary = denoise_dataset(args.input, args.output, cfg, run_id=args.run_id, progress=not args.quiet)
     print(f"run {summary['run_id']}: {summary['cleaned']} cleaned, {summary['errors']} rejected of "
           f"{summary['inputs']} rows in {summary['shards']} shard(s); outputs in {summary['output']}/"
@@ -332,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:  # CheckpointError, ShardError are ValueErrors
         print(f"jointdiff {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except AccountingError as exc:
+        print(f"jointdiff {args.command}: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"\njointdiff {args.command}: interrupted", file=sys.stderr)
         return 130

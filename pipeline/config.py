@@ -155,7 +155,11 @@ def load_config(model: type[BaseModel], path: str | Path | None, overrides: list
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+            # where, not what: the offending line could hold a secret
+            mark = getattr(exc, "problem_mark", None)
+            where_ = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or "parse error"
+            raise ConfigError(f"{p}: not valid YAML{where_}: {problem}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level")
         if section is not None:

@@ -87,3 +87,29 @@ def test_accounting_names_missing_and_duplicated_rows_and_fails_the_run(setup, t
     assert "1 missing: shard-00000.parquet row 0" in text and "1 duplicated: shard-00003.parquet row 1 x2" in text
     with pytest.raises(AccountingError, match="shard-00000.parquet row 0"):
         denoise_dataset(str(root / "obs"), str(out), cfg, run_id="r", progress=False)
+
+
+def test_a_resumed_run_rejects_the_same_duplicate_ids_as_a_fresh_one(setup, tmp_path):
+    """The first copy of 'dup' fails to decode; its later copy in another shard is still a duplicate,
+    also when only that later shard is redone (ids seen in done shards' errors count too)."""
+    root, cfg = setup
+    good = pq.read_table(root / "obs" / "shard-00000.parquet")
+    rows = good.slice(0, 2).to_pylist()
+    rows[1]["id"] = "dup"
+    rows[1]["observation"] = {"bytes": rows[1]["observation"]["bytes"][:30], "path": "dup.png"}  # truncated
+    later = dict(good.slice(2, 1).to_pylist()[0], id="dup")
+    (tmp_path / "obs").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=good.schema), tmp_path / "obs" / "shard-00000.parquet")
+    pq.write_table(pa.Table.from_pylist([later], schema=good.schema), tmp_path / "obs" / "shard-00001.parquet")
+    out = tmp_path / "out"
+    denoise_dataset(str(tmp_path / "obs"), str(out), cfg, run_id="r", progress=False)
+    run = out / "runs" / "r"
+
+    def dup_errors():
+        return sorted((e["shard"], e["stage"]) for e in pq.read_table(run / "errors").to_pylist() if e["id"] == "dup")
+
+    fresh = dup_errors()
+    assert fresh == [("shard-00000.parquet", "decode"), ("shard-00001.parquet", "validate")]
+    (run / "_done" / "shard-00001.json").unlink()
+    summary = denoise_dataset(str(tmp_path / "obs"), str(out), cfg, run_id="r", progress=False)
+    assert dup_errors() == fresh and summary["cleaned"] == 1

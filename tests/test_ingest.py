@@ -159,7 +159,7 @@ def test_ingest_from_a_bucket_to_a_bucket_read_back_with_pyarrow(s3, tmp_path):
     for name, data in files.items():
         fs.pipe_file(f"{bucket[5:]}/raw/{name}", data)
     proc = jointdiff("ingest", f"{bucket}/raw", f"{bucket}/obs", "--size", "16", "--channels", "1",
-                     "--resize", "resize", "--shard-size", "4", "--quiet")
+                     "--resize", "resize", "--shard-size", "4")  # not quiet: everything it says is checked
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["inputs"] == len(files) and summary["errors"] == 6
     afs, path = storage.arrow_fs(f"{bucket}/obs")
@@ -167,6 +167,7 @@ def test_ingest_from_a_bucket_to_a_bucket_read_back_with_pyarrow(s3, tmp_path):
     assert sorted(table.column("id").to_pylist()) == sorted(n for n in files if not n.startswith("bad/"))
     errs = pq.read_table(f"{path}/_errors", filesystem=afs)
     assert errs.num_rows == 6 and set(errs.column_names) >= {"run_id", "shard", "id", "stage", "reason"}
+    assert "rejected: " in proc.stderr and "storage: {'endpoint_url': 'http://127.0.0.1" in proc.stderr
     assert "testing-secret" not in proc.stderr + proc.stdout
 
 
@@ -177,3 +178,36 @@ def test_ingested_observations_keep_their_values(tmp_path, bits):
     ingest(str(tmp_path / "src"), str(tmp_path / "obs"), IngestConfig(bits=bits), progress=False)
     cell = pq.read_table(tmp_path / "obs").column("observation").to_pylist()[0]
     assert np.abs(to_float(decode_image(cell["bytes"])) - to_float(arr)).max() < 1e-6
+
+
+def test_zip_sources_and_a_shrinking_source_leave_no_stale_shards(tmp_path):
+    import zipfile
+
+    rng = np.random.default_rng(6)
+    blobs = {f"d/img{k}.png": png((rng.random((16, 16)) * 255).astype(np.uint8)) for k in range(5)}
+    with zipfile.ZipFile(tmp_path / "src.zip", "w") as zf:
+        for name, data in blobs.items():
+            zf.writestr(f"./{name}", data)
+        zf.writestr("./d/._img0.png", b"AppleDouble junk")  # hidden (a macOS resource fork): not an input
+    cfg = IngestConfig(policy=POLICY, shard_size=2)
+    out = ingest(str(tmp_path / "src.zip"), str(tmp_path / "obs"), cfg, progress=False)
+    assert out["inputs"] == 5 and out["ingested"] == 5 and len(out["written"]) == 3
+    assert sorted(pq.read_table(tmp_path / "obs").column("id").to_pylist()) == sorted(blobs)
+    # the source shrinks to 3 files: shard 2 (inputs 4-5) must go, with its errors file and marker
+    with zipfile.ZipFile(tmp_path / "src.zip", "w") as zf:
+        for name in list(blobs)[:3]:
+            zf.writestr(name, blobs[name])
+    out = ingest(str(tmp_path / "src.zip"), str(tmp_path / "obs"), cfg, progress=False)
+    assert out["removed"] == ["_done/shard-00002.json", "_errors/shard-00002.parquet", "shard-00002.parquet"]
+    assert sorted(pq.read_table(tmp_path / "obs").column("id").to_pylist()) == sorted(blobs)[:3]
+
+
+def test_a_changed_input_file_redoes_its_shard(tmp_path):
+    rng = np.random.default_rng(7)
+    write_tree(tmp_path / "src", {f"img{k}.png": png((rng.random((16, 16)) * 255).astype(np.uint8))
+                                  for k in range(4)})
+    cfg = IngestConfig(policy=POLICY, shard_size=2)
+    ingest(str(tmp_path / "src"), str(tmp_path / "obs"), cfg, progress=False)
+    write_tree(tmp_path / "src", {"img3.png": png((rng.random((16, 16)) * 255).astype(np.uint8))})  # new content
+    again = ingest(str(tmp_path / "src"), str(tmp_path / "obs"), cfg, progress=False)
+    assert again["written"] == ["shard-00001.parquet"] and again["skipped"] == ["shard-00000.parquet"]

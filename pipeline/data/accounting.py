@@ -30,6 +30,7 @@ class PlannedShard:
     uri: str
     name: str
     done: bool
+    size: int  # bytes of the input shard, recorded in its marker: a rewritten shard is redone
 
 
 def marker_uri(run_uri: str, shard: str) -> str:
@@ -37,13 +38,23 @@ def marker_uri(run_uri: str, shard: str) -> str:
 
 
 def plan(input_uri: str, run_uri: str) -> list[PlannedShard]:
-    """The input's shards in a stable (sorted) order; ``done`` where the run's marker exists."""
+    """The input's shards in a stable (sorted) order; ``done`` where the run's marker exists and was
+    written for an input shard of the same size (a shard replaced since is planned again)."""
     fs, root = open_fs(join(run_uri, "_done"))
-    done = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)} if fs.exists(root) else set()
+    markers = {p.rsplit("/", 1)[-1]: p for p in fs.ls(root, detail=False)} if fs.exists(root) else {}
     out = []
     for uri in list_shards(input_uri):
         name = uri.rsplit("/", 1)[-1]
-        out.append(PlannedShard(uri, name, name.replace(".parquet", ".json") in done))
+        in_fs, in_path = open_fs(uri)
+        size = int(in_fs.size(in_path) or 0)
+        done = False
+        marker = markers.get(name.replace(".parquet", ".json"))
+        if marker is not None:
+            try:
+                done = json.loads(fs.cat_file(marker)).get("input_size") == size
+            except Exception:
+                done = False  # a torn or foreign marker: redo the shard
+        out.append(PlannedShard(uri, name, done, size))
     return out
 
 
@@ -101,29 +112,35 @@ def _rows(run_uri: str, sub: str) -> list[tuple[str, int]]:
 
 
 def check_run(input_uri: str, run_uri: str) -> Accounting:
-    """Every input row ``(shard, row)`` exactly once in the run's metrics (cleaned) or errors."""
+    """Every input row ``(shard, row)`` exactly once in the run's metrics (cleaned) or errors.
+
+    An error row with ``row = -1`` stands for its whole shard (one the cleaner could not read).
+    """
     acc = Accounting()
     expected: dict[tuple[str, int], int] = {}
-    unreadable: set[str] = set()
+    rows_of: dict[str, int] = {}
     for uri in list_shards(input_uri):
         name = uri.rsplit("/", 1)[-1]
         n = input_rows(uri)
-        if n is None:
-            unreadable.add(name)
+        if n is None:  # not even a Parquet footer: the shard is one unit, accounted by its row -1
             expected[(name, -1)] = 0
             acc.inputs += 1
             continue
+        rows_of[name] = n
         acc.inputs += n
         for r in range(n):
             expected[(name, r)] = 0
     cleaned = _rows(run_uri, "metrics")
     errors = _rows(run_uri, "errors")
     acc.cleaned, acc.errors = len(cleaned), len(errors)
-    for key, count in Counter(cleaned + errors).items():
-        if key not in expected:
-            acc.unexpected.append(key)
+    for (shard, row), count in Counter(cleaned + errors).items():
+        if row == -1 and shard in rows_of:  # a footer that reads over data that does not: every row
+            for r in range(rows_of[shard]):
+                expected[(shard, r)] += count
+        elif (shard, row) in expected:
+            expected[(shard, row)] += count
         else:
-            expected[key] = count
+            acc.unexpected.append((shard, row))
     acc.missing = sorted(k for k, c in expected.items() if c == 0)
     acc.duplicated = sorted((k[0], k[1], c) for k, c in expected.items() if c > 1)
     acc.unexpected.sort()

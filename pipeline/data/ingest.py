@@ -16,6 +16,7 @@ tar or zip). Each input ends up in exactly one place:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -50,9 +51,11 @@ class IngestConfig(BaseModel):
 
 @dataclass(frozen=True)
 class Source:
-    """One input file: its id (relative path) and how to read its bytes."""
+    """One input file: its id (relative path), a version (size and ETag, mtime or CRC: changes when the
+    file does), and how to read its bytes."""
 
     id: str
+    version: str
     read: Callable[[], bytes]
 
 
@@ -70,19 +73,32 @@ def list_sources(src: str) -> list[Source]:
         data = fs.cat_file(root)
         if src.lower().endswith(".zip"):
             zf = zipfile.ZipFile(io.BytesIO(data))
-            names = [i.filename for i in zf.infolist() if not i.is_dir()]
-            members = [(n, (lambda n=n: zf.read(n))) for n in names]
+            out = [Source(_clean_name(i.filename), f"{i.file_size}/{i.CRC}", (lambda n=i.filename: zf.read(n)))
+                   for i in zf.infolist() if not i.is_dir()]
         else:
-            tf = tarfile.open(fileobj=io.BytesIO(data))
-            infos = [m for m in tf.getmembers() if m.isfile()]
-            members = [(m.name, (lambda m=m: tf.extractfile(m).read())) for m in infos]
-        out = [Source(n.lstrip("./"), r) for n, r in members]
+            # members are read once, in archive order: a compressed tar cannot seek backwards cheaply
+            with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+                blobs = [(m.name, f"{m.size}/{m.mtime}", tf.extractfile(m).read())
+                         for m in tf.getmembers() if m.isfile()]
+            out = [Source(_clean_name(n), v, functools.partial(bytes, b)) for n, v, b in blobs]
     else:
         root = root.rstrip("/")
-        paths = [p for p in fs.find(root) if not fs.isdir(p)]
-        out = [Source(p[len(root) + 1:], (lambda p=p: fs.cat_file(p))) for p in paths]
+        infos = fs.find(root, detail=True)
+        out = [Source(p[len(root) + 1:], _version(i), (lambda p=p: fs.cat_file(p)))
+               for p, i in infos.items() if i.get("type") != "directory"]
     out = [s for s in out if not any(part.startswith(".") for part in s.id.split("/"))]  # hidden: not inputs
     return sorted(out, key=lambda s: s.id)  # stable; equal ids (possible in a tar) keep archive order
+
+
+def _version(info: dict[str, Any]) -> str:
+    tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return f"{info.get('size')}/{tag}"
+
+
+def _clean_name(name: str) -> str:
+    while name.startswith("./"):
+        name = name[2:]
+    return name.lstrip("/")
 
 
 def ingest_id(src: str, cfg: IngestConfig) -> str:
@@ -96,7 +112,8 @@ def _marker(dst: str, shard: str) -> str:
 
 
 def _fingerprint(sources: list[Source], run_id: str) -> str:
-    return hashlib.sha256("\n".join([run_id] + [s.id for s in sources]).encode()).hexdigest()
+    """What a shard was made from: the ingest settings and each input's path and version."""
+    return hashlib.sha256("\n".join([run_id] + [f"{s.id}\t{s.version}" for s in sources]).encode()).hexdigest()
 
 
 def _marker_ok(dst: str, shard: str, fingerprint: str) -> bool:
@@ -175,4 +192,23 @@ def ingest(src: str, dst: str, cfg: IngestConfig | None = None, progress: bool =
             if log is not None:
                 for e in errors:
                     log(f"{shard} row {e['row']} ({e['id']}): {e['stage']}: {e['reason']}")
+    counts["removed"] = _remove_stale(dst, -(-len(sources) // cfg.shard_size))
     return counts
+
+
+def _remove_stale(dst: str, n_shards: int) -> list[str]:
+    """Drop shards (and their errors and markers) left by an earlier ingest of a larger source or with
+    a smaller shard size: their index is past this plan's last shard."""
+    fs, root = open_fs(dst)
+    removed = []
+    for sub, suffix in (("", ".parquet"), ("_errors", ".parquet"), ("_done", ".json")):
+        folder = f"{root.rstrip('/')}/{sub}" if sub else root.rstrip("/")
+        if not fs.exists(folder):
+            continue
+        for p in fs.ls(folder, detail=False):
+            name = p.rsplit("/", 1)[-1]
+            if name.startswith("shard-") and name.endswith(suffix) and name[6:-len(suffix)].isdigit() \
+                    and int(name[6:-len(suffix)]) >= n_shards:
+                fs.rm_file(p)
+                removed.append(f"{sub}/{name}" if sub else name)
+    return sorted(removed)

@@ -59,12 +59,12 @@ class StorageConfig(BaseModel):
             return dict(self.options)
         r = self.resolved()
         out: dict[str, Any] = {"anon": r.anon}
-        if r.key and r.secret:
+        if r.key and r.secret and not r.anon:
             out["key"], out["secret"] = r.key, r.secret.get_secret_value()
-        if r.token:
+        if r.token and not r.anon:
             out["token"] = r.token.get_secret_value()
         if r.endpoint_url:
-            out["endpoint_url"] = r.endpoint_url
+            out["endpoint_url"] = r.endpoint_url if "://" in r.endpoint_url else f"https://{r.endpoint_url}"
         if r.region:
             out["client_kwargs"] = {"region_name": r.region}
         return {**out, **self.options}
@@ -106,16 +106,17 @@ def arrow_fs(uri: str, config: StorageConfig | None = None) -> tuple[Any, str]:
     if proto in ("s3", "s3a"):
         r = (config or _DEFAULT).resolved()
         kw: dict[str, Any] = {"anonymous": r.anon}
-        if r.key and r.secret:
+        if r.key and r.secret and not r.anon:
             kw.update(access_key=r.key, secret_key=r.secret.get_secret_value())
             if r.token:
                 kw["session_token"] = r.token.get_secret_value()
         if r.region:
             kw["region"] = r.region
         if r.endpoint_url:
-            parsed = urlparse(r.endpoint_url)
-            kw["endpoint_override"] = parsed.netloc or parsed.path
-            kw["scheme"] = parsed.scheme or "https"
+            url = r.endpoint_url if "://" in r.endpoint_url else f"https://{r.endpoint_url}"
+            parsed = urlparse(url)
+            kw["endpoint_override"] = parsed.netloc
+            kw["scheme"] = parsed.scheme
         return pafs.S3FileSystem(**kw), uri.split("://", 1)[1]
     if proto == "file":
         return pafs.LocalFileSystem(), url_to_fs(uri)[1]

@@ -78,12 +78,14 @@ def decode_any(data: bytes | None, name: str = "", max_pixels: int = 16_777_216)
     if pixels is not None and pixels > max_pixels:
         raise RowError("decode", f"image has {pixels:,} pixels, over the limit of {max_pixels:,} "
                                  "(raise max_pixels in the ingest policy to accept it)")
-    is_png = data[:8] == b"\x89PNG\r\n\x1a\n"
-    if is_png or name.endswith(".npy") or data[:6] == b"\x93NUMPY":
+    is_png16 = data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 24 and data[24] == 16
+    # 16-bit PNG and .npy through the shard decoder (pypng keeps 16 bits); 8-bit PNG through Pillow
+    # below, which keeps a grey image's alpha channel for the policy
+    if is_png16 or name.endswith(".npy") or data[:6] == b"\x93NUMPY":
         try:
             arr = decode_image(data, name)
         except Exception as exc:
-            raise RowError("decode", f"cannot decode {'PNG' if is_png else '.npy'}: {exc}") from None
+            raise RowError("decode", f"cannot decode {'PNG' if is_png16 else '.npy'}: {exc}") from None
         return arr
     from PIL import Image, UnidentifiedImageError
 
@@ -112,7 +114,8 @@ def decode_any(data: bytes | None, name: str = "", max_pixels: int = 16_777_216)
     except RowError:
         raise
     except Exception as exc:
-        raise RowError("decode", f"cannot decode image: {exc}") from None
+        kind = "PNG" if data[:8] == b"\x89PNG\r\n\x1a\n" else "image"
+        raise RowError("decode", f"cannot decode {kind}: {exc}") from None
 
 
 def conform(arr: np.ndarray, policy: ImagePolicy) -> np.ndarray:

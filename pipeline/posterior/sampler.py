@@ -69,7 +69,7 @@ class SamplerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rule: Literal["tweedie", "dps", "projection"] = "dps"
-    steps: int = Field(200, ge=1)
+    steps: int = Field(200, ge=2, description="network evaluations per prior, from t = 1 down to t = eps")
     # defaults: the weights `jointdiff bench tune` found for dps at 200 steps (configs/guidance.yaml)
     lambda_x: float = Field(10.0, ge=0, description="data-consistency weight on the image")
     kappa_n: float = Field(5.0, ge=0, description="data-consistency weight on the noise")

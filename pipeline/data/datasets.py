@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.data.embedded import NAMES, ImageSet, load_embedded, resize_square, to_channels
-from pipeline.data.shards import read_images, to_float
+from pipeline.data.embedded import NAMES, ImageSet, load_embedded
+from pipeline.data.shards import read_images
+from pipeline.data.validate import ImagePolicy, RowError, conform
 
 
 def load_images(source: str, split: str = "train", size: int = 32, channels: int = 1,
@@ -14,14 +15,12 @@ def load_images(source: str, split: str = "train", size: int = 32, channels: int
     if source in NAMES:
         return load_embedded(source, split, size, channels)
     ids, arrays = read_images(source, column)
+    # training images: any size is resized, alpha dropped, channels converted; non-finite is an error
+    policy = ImagePolicy(size=size, channels=channels, resize="resize", alpha="drop", max_pixels=2**62)
     out = []
     for id_, arr in zip(ids, arrays):
-        img = to_float(arr)[:3]  # drop alpha
-        if img.shape[1:] != (size, size):
-            img = np.moveaxis(resize_square(np.moveaxis(img, 0, -1), size), -1, 0)
-        if img.shape[0] != channels:
-            img = to_channels(np.moveaxis(img, 0, -1)[None] if img.shape[0] == 3 else img, channels)[0]
-        if not np.all(np.isfinite(img)):
-            raise ValueError(f"{source}: image {id_!r} has non-finite values")
-        out.append(img.astype(np.float32))
+        try:
+            out.append(conform(arr, policy))
+        except RowError as exc:
+            raise ValueError(f"{source}: image {id_!r}: {exc.reason}") from None
     return ImageSet(ids, np.stack(out))

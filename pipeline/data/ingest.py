@@ -29,8 +29,9 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.data.accounting import mark_done, marker_uri
 from pipeline.data.shards import SHARD_PATTERN, build_table, read_table, write_table
-from pipeline.data.storage import StorageConfig, join, open_fs, write_atomic
+from pipeline.data.storage import StorageConfig, join, open_fs
 from pipeline.data.validate import ERRORS_SCHEMA, ImagePolicy, RowError, conform, decode_any
 
 ARCHIVES = (".tar", ".tar.gz", ".tgz", ".zip")
@@ -107,21 +108,17 @@ def ingest_id(src: str, cfg: IngestConfig) -> str:
     return "ingest-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def _marker(dst: str, shard: str) -> str:
-    return join(dst, "_done", shard.replace(".parquet", ".json"))
-
-
 def _fingerprint(sources: list[Source], run_id: str) -> str:
     """What a shard was made from: the ingest settings and each input's path and version."""
     return hashlib.sha256("\n".join([run_id] + [f"{s.id}\t{s.version}" for s in sources]).encode()).hexdigest()
 
 
-def _marker_ok(dst: str, shard: str, fingerprint: str) -> bool:
-    fs, path = open_fs(_marker(dst, shard))
+def _read_marker(dst: str, shard: str) -> dict[str, Any] | None:
+    fs, path = open_fs(marker_uri(dst, shard))
     try:
-        return json.loads(fs.cat_file(path))["fingerprint"] == fingerprint
+        return json.loads(fs.cat_file(path))
     except Exception:
-        return False
+        return None  # absent or torn: the shard is redone
 
 
 def _read_one(source: Source, cfg: IngestConfig) -> Any:
@@ -159,9 +156,8 @@ def ingest(src: str, dst: str, cfg: IngestConfig | None = None, progress: bool =
     with tqdm(total=len(sources), desc=f"ingest {src}", unit="file", disable=not progress) as bar:
         for _, shard, chunk in iter_shard_plan(sources, cfg.shard_size):
             fp = _fingerprint(chunk, run_id)
-            if _marker_ok(dst, shard, fp):
-                fs, path = open_fs(_marker(dst, shard))
-                done = json.loads(fs.cat_file(path))
+            done = _read_marker(dst, shard)
+            if done is not None and done.get("fingerprint") == fp:
                 seen.update(read_table(join(dst, shard), ["id"]).column("id").to_pylist())
                 counts["ingested"] += done["rows"]
                 counts["errors"] += done["errors"]
@@ -184,8 +180,7 @@ def ingest(src: str, dst: str, cfg: IngestConfig | None = None, progress: bool =
             table = build_table(ids, {"observation": images}, bits={"observation": cfg.bits})
             write_table(join(dst, shard), table)
             write_table(join(dst, "_errors", shard), pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA))
-            write_atomic(_marker(dst, shard), json.dumps({"fingerprint": fp, "rows": len(ids),
-                                                          "errors": len(errors), "run_id": run_id}).encode())
+            mark_done(dst, shard, {"fingerprint": fp, "rows": len(ids), "errors": len(errors), "run_id": run_id})
             counts["ingested"] += len(ids)
             counts["errors"] += len(errors)
             counts["written"].append(shard)

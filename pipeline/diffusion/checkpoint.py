@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from pipeline.data.storage import join, open_fs
+from pipeline.data.storage import join, open_fs, write_atomic
 from pipeline.diffusion.sde import VPSDE
 from pipeline.diffusion.unet import UNet, UNetConfig
 
@@ -63,14 +63,11 @@ def read_tensors(uri: str) -> dict[str, torch.Tensor]:
 def write_json(uri: str, obj: dict[str, Any], atomic: bool = False) -> None:
     """Write JSON; ``atomic=True`` makes a reader see the old or the new file, never a partial one
     (a temporary file renamed into place; an object store's PUT is atomic already)."""
-    fs, path = open_fs(uri)
     text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-    if atomic and "file" in fs.protocol:
-        tmp = f"{path}.tmp"
-        with fs.open(tmp, "w") as f:
-            f.write(text)
-        fs.mv(tmp, path)
+    if atomic:
+        write_atomic(uri, text.encode())
         return
+    fs, path = open_fs(uri)
     with fs.open(path, "w") as f:
         f.write(text)
 

@@ -39,6 +39,7 @@ class DataConfig(_Strict):
     size: int = Field(32, ge=4)
     channels: int = 1
     hflip: bool = Field(False, description="random horizontal flips (faces: yes; digits: no)")
+    shift: int = Field(0, ge=0, description="random translations by up to this many pixels (edge-replicated)")
     column: str = Field("image", description="image column of a shard dataset")
     grey_to_rgb: Literal["replicate", "random"] = Field(
         "replicate", description="grey images for a 3-channel prior: copied into every channel, or drawn "

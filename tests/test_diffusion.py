@@ -195,3 +195,19 @@ def test_memorisation_report_flags_copies():
     noise = torch.rand(4, 1, 16, 16)
     far, _ = memorisation_report(noise, "digits", 16, 1)
     assert far["samples_min"] > far["test_median"]
+
+
+def test_random_shift_translates_each_image_by_its_own_offset():
+    from pipeline.diffusion.train import _random_shift
+
+    x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).reshape(2, 1, 6, 6)
+    g = torch.Generator().manual_seed(0)
+    out = _random_shift(x.repeat(20, 1, 1, 1), 2, g)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
+    offsets = set()
+    for i in range(out.shape[0]):
+        src = padded[i % 2]
+        match = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(out[i], src[:, dy:dy + 6, dx:dx + 6])]
+        assert len(match) == 1  # a pure translation of its own image, nothing else
+        offsets.add(match[0])
+    assert len(offsets) > 5  # and the offsets vary

@@ -43,6 +43,19 @@ from pipeline.diffusion.unet import UNet
 KEEP_STATES = 2
 
 
+def _random_shift(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
+    """Translate each image by its own random (dy, dx) in [-k, k], repeating the edge pixels."""
+    b, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (k, k, k, k), mode="replicate")
+    dy = torch.randint(0, 2 * k + 1, (b,), generator=g, device=x.device)
+    dx = torch.randint(0, 2 * k + 1, (b,), generator=g, device=x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)[None])[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device)[None])[:, None, None, :]
+    idx = torch.arange(b, device=x.device)[:, None, None, None]
+    chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[idx, chan, rows, cols]
+
+
 def lr_at(step: int, base_lr: float, warmup: int) -> float:
     """Linear warm-up from ``base_lr / warmup`` to ``base_lr`` over ``warmup`` steps, then constant."""
     return base_lr * min(1.0, (step + 1) / warmup) if warmup > 0 else base_lr
@@ -76,6 +89,8 @@ class Trainer:
             chan = torch.randint(3, (x0.shape[0],), generator=g, device=self.device)
             onehot = torch.nn.functional.one_hot(chan, 3).to(x0.dtype)[:, :, None, None]
             x0 = onehot * x0 + (onehot - 1)
+        if self.config.data.shift:
+            x0 = _random_shift(x0, self.config.data.shift, g)
         if self.config.data.hflip:
             flip = torch.rand(x0.shape[0], generator=g, device=self.device) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)

@@ -29,7 +29,7 @@ class DenoiseOutput:
     residual: torch.Tensor  # (B,)
     spread: torch.Tensor
     removed_energy: torch.Tensor
-    nfe: int  # network evaluations per prior per image: (steps + 1) x posterior samples
+    nfe: int  # network evaluations per prior per image: steps x posterior samples
     backward: bool
     seconds: float  # wall time of the batch / B
 

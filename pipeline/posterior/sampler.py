@@ -21,8 +21,13 @@ Guidance rules (:data:`RULES`):
 * ``projection``: the ``dps`` loss with ``d x0_hat / d x_t`` taken as ``I / a_t``: no backward pass
   through the networks. Its weights do not carry over from the other rules.
 
-Schedules multiply ``lambda_x`` / ``kappa_n`` by ``w(t)``: ``constant`` (1), ``sde`` (``beta(t) dt``)
-or ``r2`` (``sigma_t^2 / (1 + sigma_t^2)``, as the authors' code scales the step).
+Schedules multiply ``lambda_x`` / ``kappa_n`` by ``w(t)``: ``constant`` (1), ``sde`` (``beta(t) dt``),
+``r2`` (``sigma_t^2 / (1 + sigma_t^2)``, as the authors' code scales the step) or ``pigdm`` (``a_t``).
+
+The step of item 3 is Euler-Maruyama by default, or DDIM (``solver="ddim"``, stochasticity ``eta``).
+The sampler evaluates the networks at ``steps`` times from 1 down to ``eps``; the last evaluation's
+guided Tweedie estimate is the result, so NFE = ``steps`` per prior. ``final_projection`` then moves
+``(x, n)`` the least distance that explains ``y`` (:func:`project`).
 
 Every quantity is per sample and each sample's noise comes from its own generator, seeded from
 its image id, so a result never depends on the rest of its batch.

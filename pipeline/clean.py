@@ -32,7 +32,7 @@ from pipeline.config import CleanConfig
 from pipeline.data.accounting import AccountingError, check_run, mark_done, plan
 from pipeline.data.shards import build_table, read_table, write_table
 from pipeline.data.storage import join
-from pipeline.data.validate import ERRORS_SCHEMA, RowError, conform, decode_any
+from pipeline.data.validate import ERRORS_SCHEMA, RowError, conform, decode_any, error_row
 from pipeline.diffusion.checkpoint import load_model
 from pipeline.posterior.denoise import Denoiser, truth_metrics
 from pipeline.posterior.forward import make_forward
@@ -96,17 +96,16 @@ class ShardCleaner:
         try:
             table = read_table(shard_uri)
         except Exception as exc:
-            result.errors.append({"run_id": run_id, "dataset": dataset, "shard": shard, "row": -1, "id": None,
-                                  "stage": "read", "reason": f"the shard cannot be read: {exc}"})
+            result.errors.append(error_row(run_id, dataset, shard, -1, None, "read",
+                                           f"the shard cannot be read: {exc}"))
             return result
         missing = [c for c in ("id", "observation") if c not in table.column_names]
         if missing:
             ids = table.column("id").to_pylist() if "id" in table.column_names else [None] * table.num_rows
             for row, id_ in enumerate(ids):
-                result.errors.append({"run_id": run_id, "dataset": dataset, "shard": shard, "row": row,
-                                      "id": None if id_ is None else str(id_), "stage": "validate",
-                                      "reason": f"the shard lacks column(s) {missing}; an observation shard "
-                                                f"needs 'id' and 'observation' (it has {table.column_names})"})
+                result.errors.append(error_row(run_id, dataset, shard, row, id_, "validate",
+                                               f"the shard lacks column(s) {missing}; an observation shard needs "
+                                               f"'id' and 'observation' (it has {table.column_names})"))
             return result
         cols = {c: table.column(c).to_pylist() for c in table.column_names}
         has_truth = "clean" in cols
@@ -114,8 +113,7 @@ class ShardCleaner:
         seen = set() if seen is None else seen
         for row, id_ in enumerate(cols["id"]):
             def reject(stage: str, reason: str, row: int = row, id_: Any = id_) -> None:
-                result.errors.append({"run_id": run_id, "dataset": dataset, "shard": shard, "row": row,
-                                      "id": None if id_ is None else str(id_), "stage": stage, "reason": reason})
+                result.errors.append(error_row(run_id, dataset, shard, row, id_, stage, reason))
             id_ = None if id_ is None else str(id_)
             if id_ is None or id_ in seen:
                 reject("validate", "missing id" if id_ is None else
@@ -165,9 +163,9 @@ class ShardCleaner:
         c = result.cleaned
         for k, b in enumerate(batch):
             if not finite[k]:
-                result.errors.append({"run_id": run_id, "dataset": dataset, "shard": shard, "row": b[0], "id": b[1],
-                                      "stage": "sample", "reason": "the sampler diverged (non-finite values); "
-                                      "lower sampler.lambda_x / sampler.kappa_n or use more steps"})
+                result.errors.append(error_row(run_id, dataset, shard, b[0], b[1], "sample",
+                                               "the sampler diverged (non-finite values); lower sampler.lambda_x / "
+                                               "sampler.kappa_n or use more steps"))
                 continue
             c.setdefault("row", []).append(b[0])
             c.setdefault("id", []).append(b[1])

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.data.accounting import mark_done, marker_uri
 from pipeline.data.shards import SHARD_PATTERN, build_table, read_table, write_table
 from pipeline.data.storage import StorageConfig, join, open_fs
-from pipeline.data.validate import ERRORS_SCHEMA, ImagePolicy, RowError, conform, decode_any
+from pipeline.data.validate import ERRORS_SCHEMA, ImagePolicy, RowError, conform, decode_any, error_row
 
 ARCHIVES = (".tar", ".tar.gz", ".tgz", ".zip")
 
@@ -174,8 +174,8 @@ def ingest(src: str, dst: str, cfg: IngestConfig | None = None, progress: bool =
                     ids.append(source.id)
                     images.append(img)
                 except RowError as exc:
-                    errors.append({"run_id": run_id, "dataset": str(src).rstrip("/"), "shard": shard, "row": row,
-                                   "id": source.id, "stage": exc.stage, "reason": exc.reason})
+                    errors.append(error_row(run_id, str(src).rstrip("/"), shard, row, source.id, exc.stage,
+                                            exc.reason))
                 bar.update(1)
             table = build_table(ids, {"observation": images}, bits={"observation": cfg.bits})
             write_table(join(dst, shard), table)

@@ -26,6 +26,12 @@ ERRORS_SCHEMA = pa.schema([("run_id", pa.string()), ("dataset", pa.string()), ("
                            ("reason", pa.string())])
 
 
+def error_row(run_id: str, dataset: str, shard: str, row: int, id_: object, stage: str, reason: str) -> dict:
+    """One row of the errors table (:data:`ERRORS_SCHEMA`)."""
+    return {"run_id": run_id, "dataset": dataset, "shard": shard, "row": row,
+            "id": None if id_ is None else str(id_), "stage": stage, "reason": reason}
+
+
 class RowError(ValueError):
     """One row cannot be used; ``stage`` is where it failed (decode, validate, sample)."""
 

@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 lint: $(VENV)
-	$(BIN)/ruff check pipeline tests
+	$(BIN)/ruff check pipeline flows tests
 
 test: $(VENV) lint
 	$(BIN)/python -m pytest -q

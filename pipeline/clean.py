@@ -10,8 +10,15 @@ row, runs the joint posterior sampler in batches and writes, per source shard, u
 * ``errors/<shard>``: one row per rejected input row (``run_id, dataset, shard, row, id, stage, reason``).
 
 Output files are named by source shard, so re-running replaces rather than duplicates. The default
-run id hashes (input URI, models, sampler config). :class:`ShardCleaner` holds the models and does
-one shard's rows; the Ray job will run the same object inside its actors.
+run id hashes (input URI, models, sampler config).
+
+The pieces are shared with the Ray job (:mod:`pipeline.jobs.clean`), so both give the same results:
+
+* :func:`prepare_run` plans the shards (done ones are skipped) and decides, from the ids alone and in
+  shard order, which rows are later copies of an id (error rows), so no worker needs another's ids;
+* :class:`ShardCleaner` holds both priors and :func:`process_shard` turns one source shard into its
+  outputs and completion marker (in this process, or inside a Ray actor);
+* :func:`finish_run` checks the accounting and appends the run's row to ``<output>/summary/``.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ import datetime as dt
 import hashlib
 import json
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,14 +37,15 @@ import pyarrow as pa
 import torch
 
 from pipeline.config import CleanConfig
-from pipeline.data.accounting import AccountingError, check_run, mark_done, plan
+from pipeline.data.accounting import Accounting, AccountingError, PlannedShard, check_run, input_rows, mark_done, plan
 from pipeline.data.shards import build_table, read_table, write_table
-from pipeline.data.storage import join
+from pipeline.data.storage import join, open_fs
 from pipeline.data.validate import ERRORS_SCHEMA, RowError, conform, decode_any, error_row
 from pipeline.diffusion.checkpoint import load_model
 from pipeline.posterior.denoise import Denoiser, truth_metrics
 from pipeline.posterior.forward import make_forward
 from pipeline.priors import resolve_model
+from pipeline.summary import append_summary, summary_row
 
 METRIC_COLUMNS = ("psnr", "ssim", "psnr_input", "ssim_input", "residual", "spread", "removed_energy")
 
@@ -55,13 +64,21 @@ class ShardResult:
     errors: list[dict[str, Any]] = field(default_factory=list)
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` is ``cuda`` when torch sees a GPU, else ``cpu``; anything else is kept."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 class ShardCleaner:
     """Loads both priors once; :meth:`clean_shard` turns one observation shard into outputs."""
 
     def __init__(self, cfg: CleanConfig):
         self.cfg = cfg
-        self.x_model, self.sde, x_meta = load_model(resolve_model(cfg.image_prior), cfg.device)
-        self.n_model, n_sde, n_meta = load_model(resolve_model(cfg.noise_prior), cfg.device)
+        self.device = resolve_device(cfg.device)
+        self.x_model, self.sde, x_meta = load_model(resolve_model(cfg.image_prior), self.device)
+        self.n_model, n_sde, n_meta = load_model(resolve_model(cfg.noise_prior), self.device)
         if n_sde != self.sde:
             raise ValueError(f"the two priors use different SDEs ({self.sde} vs {n_sde}); they must match")
         xc, nc = self.x_model.config, self.n_model.config
@@ -87,10 +104,12 @@ class ShardCleaner:
         return img
 
     def clean_shard(self, shard_uri: str, run_id: str, dataset: str,
-                    progress: Callable[[int], None] | None = None, seen: set[str] | None = None) -> ShardResult:
-        """Clean one shard. ``seen`` carries the ids of earlier shards of the run, so a later copy of
-        an id anywhere in the dataset becomes an error row and ids in cleaned stay unique. A shard that
-        cannot be read, or lacks a column, puts its rows (or, unreadable, one row -1) in the errors."""
+                    progress: Callable[[int], None] | None = None,
+                    duplicates: Mapping[int, str] | None = None) -> ShardResult:
+        """Clean one shard. ``duplicates`` maps the rows holding a later copy of an id (found by
+        :func:`prepare_run` across the whole run) to their reason: they become error rows, so ids in
+        cleaned stay unique. A shard that cannot be read, or lacks a column, puts its rows (or,
+        unreadable, one row -1) in the errors."""
         shard = shard_uri.rsplit("/", 1)[-1]
         result = ShardResult()
         try:
@@ -110,16 +129,14 @@ class ShardCleaner:
         cols = {c: table.column(c).to_pylist() for c in table.column_names}
         has_truth = "clean" in cols
         valid: list[tuple[int, str, np.ndarray, np.ndarray | None, float]] = []
-        seen = set() if seen is None else seen
+        duplicates = duplicates or {}
         for row, id_ in enumerate(cols["id"]):
             def reject(stage: str, reason: str, row: int = row, id_: Any = id_) -> None:
                 result.errors.append(error_row(run_id, dataset, shard, row, id_, stage, reason))
             id_ = None if id_ is None else str(id_)
-            if id_ is None or id_ in seen:
-                reject("validate", "missing id" if id_ is None else
-                       f"duplicate id {id_!r} (an earlier row of this run has it)")
+            if id_ is None or row in duplicates:
+                reject("validate", "missing id" if id_ is None else duplicates[row])
                 continue
-            seen.add(id_)
             try:
                 y = self._decode(cols["observation"][row], "observation")
                 clean = self._decode(cols["clean"][row], "clean") if has_truth and cols["clean"][row] else None
@@ -133,7 +150,7 @@ class ShardCleaner:
                     reject("validate", f"blend needs alpha in (0, 1); the row has {alpha!r} and the config none")
                     continue
             valid.append((row, id_, y, clean, float(alpha)))
-        started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        started = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
         for alpha in sorted({v[4] for v in valid}):
             group = [v for v in valid if v[4] == alpha]
             forward = make_forward(self.cfg.forward.name, alpha=alpha, sigma_y=self.cfg.forward.sigma_y)
@@ -146,15 +163,15 @@ class ShardCleaner:
         return result
 
     def _run_batch(self, batch: list, denoiser: Denoiser, result: ShardResult, run_id: str, dataset: str,
-                   shard: str, started: str) -> None:
+                   shard: str, started: dt.datetime) -> None:
         ids = [b[1] for b in batch]
-        y = torch.from_numpy(np.stack([b[2] for b in batch])).to(self.cfg.device)
+        y = torch.from_numpy(np.stack([b[2] for b in batch])).to(self.device)
         out = denoiser(ids, y)
         figures = {"residual": out.residual, "spread": out.spread, "removed_energy": out.removed_energy}
         truth_rows = [k for k, b in enumerate(batch) if b[3] is not None]
         truth = {c: [None] * len(batch) for c in ("psnr", "ssim", "psnr_input", "ssim_input")}
         if truth_rows:
-            clean = torch.from_numpy(np.stack([batch[k][3] for k in truth_rows])).to(self.cfg.device)
+            clean = torch.from_numpy(np.stack([batch[k][3] for k in truth_rows])).to(self.device)
             tm = truth_metrics(out.denoised[truth_rows], clean, y[truth_rows])
             for c, v in tm.items():
                 for k, val in zip(truth_rows, v.tolist()):
@@ -203,7 +220,8 @@ def write_shard_outputs(output: str, run_id: str, dataset: str, shard: str, resu
     write_table(join(run, "cleaned", shard),
                 build_table(c.get("id", []), images, bits={k: 16 for k in images}, extra=extra))
     metrics = pa.table({
-        "run_id": pa.array([run_id] * n, pa.string()), "started_at": pa.array(c.get("started_at", []), pa.string()),
+        "run_id": pa.array([run_id] * n, pa.string()),
+        "started_at": pa.array(c.get("started_at", []), pa.timestamp("s", tz="UTC")),
         "dataset": pa.array([dataset] * n, pa.string()), "shard": pa.array([shard] * n, pa.string()),
         "row": pa.array(c.get("row", []), pa.int64()), "id": pa.array(c.get("id", []), pa.string()),
         **metric_cols, "alpha": pa.array(c.get("alpha", []), pa.float32()),
@@ -213,9 +231,110 @@ def write_shard_outputs(output: str, run_id: str, dataset: str, shard: str, resu
     write_table(join(run, "errors", shard), pa.Table.from_pylist(result.errors, schema=ERRORS_SCHEMA))
 
 
+@dataclass
+class RunPlan:
+    """What a run (or a resumed run) has to do: computed once, on the driver."""
+
+    input_uri: str
+    output: str
+    run_id: str
+    run_uri: str
+    dataset: str
+    shards: list[PlannedShard]
+    duplicates: dict[str, dict[int, str]]  # shard -> {row: reason} for later copies of an id
+    pending_rows: int  # rows of the pending shards (an unreadable shard counts as one)
+    started_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+
+    @property
+    def pending(self) -> list[PlannedShard]:
+        return [s for s in self.shards if not s.done]
+
+
+def prepare_run(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None = None) -> RunPlan:
+    """Plan a run: its shards (complete ones marked done) and the rows that repeat an earlier id.
+
+    Ids are read alone (one column), in shard order: ids of complete shards (their metrics and errors)
+    come first, then each pending shard's rows in order; the second and later copies of an id are
+    rejected. Deciding this up front lets shards be cleaned in any order, by any worker.
+    """
+    run_id = run_id or run_id_for(input_uri, cfg)
+    run = join(output, "runs", run_id)
+    shards = plan(input_uri, run)
+    seen: set[str] = set()
+    for s in shards:
+        if s.done:
+            for part in (join(run, "metrics", f"run_id={run_id}", s.name), join(run, "errors", s.name)):
+                fs, path = open_fs(part)
+                if fs.exists(path):
+                    seen.update(i for i in read_table(part, ["id"]).column("id").to_pylist() if i is not None)
+    duplicates: dict[str, dict[int, str]] = {}
+    rows = 0
+    for s in shards:
+        if s.done:
+            continue
+        try:
+            ids = read_table(s.uri, ["id"]).column("id").to_pylist()
+        except Exception:  # unreadable, or no id column: clean_shard reports it per row or as row -1
+            rows += input_rows(s.uri) or 1
+            continue
+        rows += len(ids)
+        for row, id_ in enumerate(ids):
+            if id_ is None:
+                continue
+            key = str(id_)
+            if key in seen:
+                duplicates.setdefault(s.name, {})[row] = f"duplicate id {key!r} (an earlier row of this run has it)"
+            seen.add(key)
+    return RunPlan(str(input_uri), str(output), run_id, run, str(input_uri).rstrip("/"), shards, duplicates, rows)
+
+
+def process_shard(cleaner: ShardCleaner, run: RunPlan, shard: PlannedShard,
+                  progress: Callable[[int], None] | None = None, duplicates: Mapping[int, str] | None = None,
+                  before_marker: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Clean one source shard and write its outputs, then its completion marker (last).
+
+    ``duplicates`` defaults to the run plan's entry for this shard."""
+    t0 = time.perf_counter()
+    if duplicates is None:
+        duplicates = run.duplicates.get(shard.name)
+    res = cleaner.clean_shard(shard.uri, run.run_id, run.dataset, progress=progress, duplicates=duplicates)
+    write_shard_outputs(run.output, run.run_id, run.dataset, shard.name, res, cleaner.cfg, cleaner.model_ids)
+    if before_marker is not None:
+        before_marker(shard.name)
+    info = {"run_id": run.run_id, "cleaned": len(res.cleaned.get("id", [])), "errors": len(res.errors),
+            "input_size": shard.size}
+    mark_done(run.run_uri, shard.name, info)
+    return {"shard": shard.name, "cleaned": info["cleaned"], "errors": info["errors"],
+            "seconds": time.perf_counter() - t0}
+
+
+def verify_run(run: RunPlan) -> Accounting:
+    """The accounting check: every input row once, in cleaned or errors; :class:`AccountingError` if not."""
+    acc = check_run(run.input_uri, run.run_uri)
+    if not acc.ok:
+        raise AccountingError(f"run {run.run_id}: {acc.describe()}")
+    return acc
+
+
+def record_run(run: RunPlan, cfg: CleanConfig, acc: Accounting, processed: int, executor: str,
+               wall_seconds: float) -> dict[str, Any]:
+    """Append the run's summary row to ``<output>/summary/``; returns it, with the shard counts and
+    the ``output`` (run) and ``summary`` (row file) URIs."""
+    row = summary_row(run, cfg, acc, processed=processed, executor=executor, wall_seconds=wall_seconds)
+    where = append_summary(run.output, row)
+    return {**row, "shards": len(run.shards), "skipped_shards": len(run.shards) - len(run.pending),
+            "output": run.run_uri, "summary": where}
+
+
+def finish_run(run: RunPlan, cfg: CleanConfig, processed: int, executor: str, wall_seconds: float) -> dict[str, Any]:
+    """:func:`verify_run`, then :func:`record_run`."""
+    return record_run(run, cfg, verify_run(run), processed, executor, wall_seconds)
+
+
 def denoise_dataset(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None = None,
                     progress: bool = True) -> dict[str, Any]:
-    """Clean the pending shards of ``input_uri`` into ``output``; returns counts and the run id.
+    """Clean the pending shards of ``input_uri`` into ``output`` in this process; returns the run's
+    summary row (counts, metric aggregates, images/s) with the run id and output URI.
 
     Shards already complete for this run id (a marker in ``_done/``) are skipped, so a re-run
     resumes. At the end every input row must appear once in cleaned or errors
@@ -225,36 +344,16 @@ def denoise_dataset(input_uri: str, output: str, cfg: CleanConfig, run_id: str |
 
     from pipeline.data import storage
 
+    t0 = time.perf_counter()
     storage.configure(cfg.storage)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run_id = run_id or run_id_for(input_uri, cfg)
-    run = join(output, "runs", run_id)
-    shards = plan(input_uri, run)
-    pending = [s for s in shards if not s.done]
-    dataset = str(input_uri).rstrip("/")
-    seen: set[str] = set()
-    for s in shards:  # ids that earlier sessions of this run cleaned or rejected still count as seen
-        if s.done:
-            for part in (join(run, "metrics", f"run_id={run_id}", s.name), join(run, "errors", s.name)):
-                seen.update(i for i in read_table(part, ["id"]).column("id").to_pylist() if i is not None)
-    cleaner = ShardCleaner(cfg) if pending else None
-    total = 0
-    for s in pending:
-        try:
-            total += read_table(s.uri, ["id"]).num_rows
-        except Exception:
-            total += 1
-    counts = {"shards": len(shards), "skipped_shards": len(shards) - len(pending)}
-    with tqdm(total=total, desc=f"denoise {run_id}", unit="img", disable=not progress) as bar:
-        for s in pending:
-            res = cleaner.clean_shard(s.uri, run_id, dataset, progress=bar.update, seen=seen)
-            write_shard_outputs(output, run_id, dataset, s.name, res, cfg, cleaner.model_ids)
-            mark_done(run, s.name, {"run_id": run_id, "cleaned": len(res.cleaned.get("id", [])),
-                                    "errors": len(res.errors), "input_size": s.size})
-            bar.update(len(res.errors))
-    acc = check_run(input_uri, run)
-    if not acc.ok:
-        raise AccountingError(f"run {run_id}: {acc.describe()}")
-    return {"run_id": run_id, "inputs": acc.inputs, "cleaned": acc.cleaned, "errors": acc.errors, **counts,
-            "output": run}
+    run = prepare_run(input_uri, output, cfg, run_id)
+    cleaner = ShardCleaner(cfg) if run.pending else None
+    processed = 0
+    with tqdm(total=run.pending_rows, desc=f"denoise {run.run_id}", unit="img", disable=not progress) as bar:
+        for s in run.pending:
+            done = process_shard(cleaner, run, s, progress=bar.update)
+            bar.update(done["errors"])
+            processed += done["cleaned"]
+    return finish_run(run, cfg, processed, "local", time.perf_counter() - t0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -144,16 +145,38 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 def _cmd_denoise(args: argparse.Namespace) -> int:
     from pipeline.clean import denoise_dataset
+    from pipeline.summary import format_summary
+
+    cfg, input_uri, output = _load_clean(args)
+    summary = denoise_dataset(input_uri, output, cfg, run_id=args.run_id, progress=not args.quiet)
+    print(format_summary(summary), file=sys.stderr)
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+def _load_clean(args: argparse.Namespace) -> tuple[object, str, str]:
     from pipeline.config import CleanConfig, load_config
 
     cfg = load_config(CleanConfig, args.config, args.set, section=args.section)
-    if any(str(u).startswith("s3") for u in (args.input, args.output, cfg.image_prior, cfg.noise_prior)):
+    input_uri, output = args.input or cfg.input, args.output or cfg.output
+    if not input_uri or not output:
+        raise ConfigError(f"{args.command} needs INPUT and OUTPUT (arguments, or the config's input: and output:)")
+    if any(str(u).startswith("s3") for u in (input_uri, output, cfg.image_prior, cfg.noise_prior)):
         print(f"storage: {cfg.storage.describe()}", file=sys.stderr)
-    summary = denoise_dataset(args.input, args.output, cfg, run_id=args.run_id, progress=not args.quiet)
-    print(f"run {summary['run_id']}: {summary['cleaned']} cleaned, {summary['errors']} rejected of "
-          f"{summary['inputs']} rows in {summary['shards']} shard(s); outputs in {summary['output']}/"
-          "{cleaned,metrics,errors}", file=sys.stderr)
-    print(json.dumps(summary))
+    return cfg, input_uri, output
+
+
+def _cmd_clean(args: argparse.Namespace) -> int:
+    from pipeline.jobs.clean import run_clean
+    from pipeline.summary import format_summary
+
+    cfg, input_uri, output = _load_clean(args)
+    over = {k: v for k, v in {"address": args.ray_address, "actors": args.actors}.items() if v is not None}
+    if over:
+        cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update=over)})
+    summary = run_clean(input_uri, output, cfg, run_id=args.run_id, progress=not args.quiet)
+    print(format_summary(summary), file=sys.stderr)
+    print(json.dumps({k: v for k, v in summary.items() if k != "job"}, default=str))
     return 0
 
 
@@ -191,25 +214,36 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import numpy as np
+    from pipeline.data.corrupt import corrupt, write_observations
+    from pipeline.data.datasets import load_images
 
-    from pipeline.diffusion.checkpoint import load_model
-    from pipeline.diffusion.sampling import sample
-    from pipeline.priors import SHIPPED, resolve_model
-    from pipeline.viz import save_grid
+    # the temporary Prefect server's usage analytics cannot reach the network from most demo machines
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        from flows.clean_dataset import clean_dataset
+    except ImportError as exc:
+        raise ConfigError(f"the demo runs the Prefect flow in flows/, which did not import ({exc}); "
+                          "install jointdiff with `make demo` or `pip install -e .`") from exc
 
-    out = Path(args.out)
-    rows = []
-    for name in SHIPPED:
-        model, sde, meta = load_model(resolve_model(name))
-        t0 = time.perf_counter()
-        rows.append(sample(model, sde, args.n, args.steps, seed=args.seed).numpy())
-        print(f"  {name:8s} prior ({meta.get('parameters', 0) / 1e6:.2f}M parameters, {meta.get('steps')} "
-              f"training steps): {args.n} samples x {args.steps} steps in {time.perf_counter() - t0:.1f} s",
-              file=sys.stderr)
-    path = out / "samples.png"
-    save_grid(np.concatenate(rows), path, nrow=args.n, scale=3)
-    print(f"wrote {path}: one row per shipped prior ({', '.join(SHIPPED)})", file=sys.stderr)
+    out = Path(args.out).resolve()
+    bucket = out / "bucket"
+    obs_uri = (bucket / "observations").as_uri()
+    print(f"1/3 corrupting {args.n} test faces with test digits (alpha 0.5) into {obs_uri}", file=sys.stderr)
+    clean, noise = load_images("faces", "test", 32, 1), load_images("digits", "test", 32, 1)
+    obs = corrupt(clean, noise, args.n, alpha=0.5, seed=args.seed)
+    shards = write_observations(obs_uri, obs, shard_size=args.shard_size)
+    print(f"    {len(shards)} shard(s) of up to {args.shard_size} observations", file=sys.stderr)
+    print("2/3 running the Prefect flow clean-dataset on a local Ray (shipped priors faces + digits, "
+          f"dps, {args.steps} steps)", file=sys.stderr)
+    summary = clean_dataset(obs_uri, (bucket / "cleaning").as_uri(), config=None,
+                            overrides=[f"sampler.steps={args.steps}"] + args.set, run_id=args.run_id,
+                            progress=not args.quiet)
+    run = summary["output"]
+    print(f"3/3 done: the run is in {run}, its summary row in {summary['summary']}", file=sys.stderr)
+    print(f"\nlook at it with DuckDB:\n  duckdb -c \"SELECT id, psnr_input, psnr, ssim FROM "
+          f"read_parquet('{run.removeprefix('file://')}/metrics/*/*.parquet') ORDER BY psnr LIMIT 5\"",
+          file=sys.stderr)
+    print(json.dumps(summary, default=str))
     return 0
 
 
@@ -290,16 +324,28 @@ def build_parser() -> argparse.ArgumentParser:
     ig.add_argument("--quiet", action="store_true")
     ig.set_defaults(func=_cmd_ingest)
 
-    dn = sub.add_parser("denoise", help="clean an observation dataset in this process (no Ray)")
-    dn.add_argument("input", help="observation dataset: folder or URI of Parquet shards")
-    dn.add_argument("output", help="output root; the run goes to OUTPUT/runs/RUN_ID/")
-    dn.add_argument("--config", default=None, help="YAML clean config (default: built-in faces+digits, dps)")
-    dn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config key, e.g. --set sampler.steps=100")
-    dn.add_argument("--section", default=None, help="top-level section of --config (e.g. clean)")
-    dn.add_argument("--run-id", default=None, help="default: a hash of input, models and sampler config")
-    dn.add_argument("--quiet", action="store_true")
-    dn.set_defaults(func=_cmd_denoise)
+    for name, func, text in (("denoise", _cmd_denoise, "clean an observation dataset in this process (no Ray)"),
+                             ("clean", _cmd_clean, "clean an observation dataset on Ray: an in-process local Ray, "
+                                                   "or a cluster with --ray-address / RAY_ADDRESS")):
+        dn = sub.add_parser(name, help=text)
+        dn.add_argument("input", nargs="?", help="observation dataset: folder or URI of Parquet shards "
+                        "(default: the config's input:)")
+        dn.add_argument("output", nargs="?", help="output root; the run goes to OUTPUT/runs/RUN_ID/ and its "
+                        "summary row to OUTPUT/summary/ (default: the config's output:)")
+        dn.add_argument("--config", default=None, help="YAML clean config (default: built-in faces+digits, dps)")
+        dn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set sampler.steps=100")
+        dn.add_argument("--section", default=None, help="top-level section of --config (e.g. clean)")
+        dn.add_argument("--run-id", default=None, help="default: a hash of input, models and sampler config, so "
+                        "re-running over a grown dataset cleans only its new shards")
+        if name == "clean":
+            dn.add_argument("--ray-address", default=None,
+                            help="Ray cluster to run on (ray://HEAD:10001 or HEAD:6379; default RAY_ADDRESS, else "
+                            "a local Ray in this process); not the Jobs API (http://HEAD:8265) of `ray job submit`")
+            dn.add_argument("--actors", type=int, default=None, help="sampler actors (default: one per GPU, "
+                            "else CPUs / ray.threads_per_actor)")
+        dn.add_argument("--quiet", action="store_true")
+        dn.set_defaults(func=func)
 
     b = sub.add_parser("bench", help="benchmarks: quality (denoising vs baselines), tune (guidance weights)")
     b.add_argument("kind", choices=["quality", "tune"])
@@ -318,11 +364,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=None)
     b.set_defaults(func=_cmd_bench)
 
-    d = sub.add_parser("demo", help="the demo (for now: a sample sheet from each shipped prior)")
-    d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    d.add_argument("--n", type=int, default=12, help="samples per prior")
-    d.add_argument("--steps", type=int, default=250, help="Euler-Maruyama steps")
-    d.add_argument("--seed", type=int, default=0)
+    d = sub.add_parser("demo", help="the main job on embedded data: corrupt test faces with test digits, clean them "
+                       "with the Prefect flow on a local Ray, print the summary and where the outputs are")
+    d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); the object-store "
+                   "folder is OUT/bucket")
+    d.add_argument("--n", type=int, default=100, help="observations (default 100: each test face under 5 digits)")
+    d.add_argument("--shard-size", type=int, default=25, help="observations per shard (default 25)")
+    d.add_argument("--steps", type=int, default=200, help="sampler steps (default 200, the tuned setting)")
+    d.add_argument("--seed", type=int, default=0, help="corruption seed")
+    d.add_argument("--run-id", default=None, help="default: derived from input, models and sampler config")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="clean config override")
+    d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=_cmd_demo)
     return p
 

@@ -100,20 +100,35 @@ class CorruptConfig(_Strict):
     _channels = field_validator("channels")(classmethod(lambda cls, v: check_channels(v)))
 
 
-class CleanConfig(_Strict):
-    """``jointdiff denoise`` (and, later, the Ray cleaning job)."""
+class RayConfig(_Strict):
+    """Where and how the Ray cleaning job (``jointdiff clean``) runs its actors."""
 
+    address: str | None = Field(None, description="Ray cluster address (ray://host:10001 or host:6379); default "
+                                                   "RAY_ADDRESS, else an in-process local Ray")
+    actors: int | None = Field(None, ge=1, description="sampler actors; default one per GPU, else CPUs / threads")
+    gpus_per_actor: float | None = Field(None, ge=0, description="default 1 when the cluster has GPUs, else 0")
+    threads_per_actor: int | None = Field(None, ge=1, description="torch threads (and Ray CPUs) of a CPU actor; "
+                                                                  "default min(4, CPUs)")
+
+
+class CleanConfig(_Strict):
+    """``jointdiff denoise`` (one process) and ``jointdiff clean`` / the flow (Ray)."""
+
+    input: str | None = Field(None, description="observation dataset URI (when not given on the command line)")
+    output: str | None = Field(None, description="output root URI (when not given on the command line)")
     image_prior: str = "faces"
     noise_prior: str = "digits"
     forward: ForwardConfig = Field(default_factory=ForwardConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     batch_size: int = Field(32, ge=1)
-    device: str = "cpu"
-    threads: int | None = Field(None, ge=1)
+    device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (cuda when torch sees a GPU)")
+    threads: int | None = Field(None, ge=1, description="torch threads of `denoise` "
+                                                        "(the Ray job: ray.threads_per_actor)")
     policy: ImagePolicy = Field(default_factory=ImagePolicy,
                                 description="inputs of another size or channel count: reject (default) or convert; "
                                             "size and channels always come from the priors")
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -1,7 +1,16 @@
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
+
+# Prefect and Ray settings for the whole test session (and the CLI subprocesses it starts): a private,
+# throw-away Prefect home with no analytics; Ray's token auth off (tests that test auth turn it on).
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="jointdiff-prefect-")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["RAY_AUTH_MODE"] = "disabled"
 
 from pipeline.config import PriorConfig
 
@@ -61,3 +70,38 @@ def s3(s3_server, monkeypatch):
     fs.mkdir(bucket)
     yield f"s3://{bucket}", s3_server
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the session: 4 logical CPUs on the 2 real cores, and one logical GPU so that
+    GPU scheduling is exercised (actors that request it still run on the CPU)."""
+    import ray
+
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, object_store_memory=256 * 1024**2,
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's test harness (a temporary API and database), once per session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_priors(tmp_path_factory):
+    """Two tiny 16x16 priors (2 training steps each): ``(image prior, noise prior)`` model folders."""
+    from pipeline.training import train_prior
+
+    root = tmp_path_factory.mktemp("tiny-priors")
+    models = []
+    for name in ("img", "noise"):
+        train_prior(tiny_config(str(root / name), steps=2, checkpoint_every=2).model_copy(update={"name": name}),
+                    progress=False)
+        models.append(str(root / name / "model"))
+    return tuple(models)

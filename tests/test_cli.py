@@ -116,11 +116,16 @@ def test_sample_refuses_a_pickle(tmp_path):
     assert proc.returncode == 1 and "pickle" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_demo_writes_a_sample_grid_from_the_shipped_priors(tmp_path):
-    proc = jointdiff("demo", "--out", str(tmp_path), "--n", "3", "--steps", "10")
-    img = np.asarray(Image.open(tmp_path / "samples.png"))
-    assert img.shape[0] == 3 * (32 * 3 + 2) + 2  # one row per shipped prior
-    assert "faces" in proc.stderr and "digits" in proc.stderr and "stripes" in proc.stderr
+def test_demo_corrupts_cleans_with_the_flow_and_says_where_the_outputs_are(tmp_path):
+    proc = jointdiff("demo", "--out", str(tmp_path), "--n", "4", "--shard-size", "2", "--steps", "2", "--quiet")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (summary["inputs"], summary["cleaned"], summary["errors"], summary["executor"]) == (4, 4, 0, "ray")
+    run = tmp_path / "bucket" / "cleaning" / "runs" / summary["run_id"]
+    assert summary["output"] == run.as_uri()
+    assert len(list((run / "cleaned").glob("shard-*.parquet"))) == 2 and len(list((run / "_done").iterdir())) == 2
+    assert len(list((tmp_path / "bucket" / "cleaning" / "summary").glob("*.parquet"))) == 1
+    for text in ("PSNR", "images/s", f"{run.as_uri()}/metrics/", "duckdb -c"):
+        assert text in proc.stderr, text
 
 
 def _tiny_prior(tmp_path: Path, name: str) -> Path:

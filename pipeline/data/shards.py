@@ -215,15 +215,14 @@ def read_table(shard_uri: str, columns: Sequence[str] | None = None) -> pa.Table
         with fs.open(path, "rb") as f:
             # use_threads=False: reading through a Python file object with Arrow's thread pool
             # aborts or hangs the interpreter at exit now and then (apache/arrow#34314, #50482).
-            table = pq.read_table(f, use_threads=False)
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            missing = [c for c in columns or () if c not in names]
+            if not missing:  # only the columns asked for are read (an id scan skips the images)
+                return pf.read(columns=list(columns) if columns else None, use_threads=False)
     except Exception as exc:
         raise ShardError(f"{shard_uri}: cannot read Parquet ({exc})") from exc
-    if columns:
-        missing = [c for c in columns if c not in table.column_names]
-        if missing:
-            raise ShardError(f"{shard_uri}: missing column(s) {missing}; has {table.column_names}")
-        table = table.select(list(columns))
-    return table
+    raise ShardError(f"{shard_uri}: missing column(s) {missing}; has {names}")
 
 
 def iter_images(shard_uri: str, column: str = "image") -> Iterator[tuple[int, str, np.ndarray]]:

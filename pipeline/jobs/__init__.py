@@ -1,0 +1,1 @@
+"""Ray programs, each runnable with ``python -m`` (what ``ray job submit`` runs)."""

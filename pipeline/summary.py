@@ -1,0 +1,133 @@
+"""The run history: one summary row per cleaning run in ``<output>/summary/`` (DESIGN.md).
+
+Every invocation of a run (``jointdiff clean``, the Prefect flow, or ``jointdiff denoise``) appends
+one Parquet file ``summary/<finished_at>-<run_id>.parquet`` holding one row, so appending never
+rewrites (or races on) an existing file, and ``read_parquet('<output>/summary/*.parquet')`` in DuckDB
+or pandas reads the whole history. A resumed run appends a second row: its counts and metric
+aggregates cover the whole run so far, while ``processed``, ``wall_seconds`` and ``images_per_s``
+cover that invocation alone.
+
+Metric aggregates are over the run's cleaned images (``metrics/``): mean, median and 5th percentile
+of PSNR and SSIM (null without ground truth), the input's PSNR/SSIM means, and the means of the
+reference-free figures (residual, spread, removed-noise energy).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.data.shards import read_table, write_table
+from pipeline.data.storage import join, open_fs
+
+if TYPE_CHECKING:
+    from pipeline.clean import RunPlan
+    from pipeline.config import CleanConfig
+    from pipeline.data.accounting import Accounting
+
+_F = pa.float64()
+_TS = pa.timestamp("s", tz="UTC")
+SUMMARY_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("started_at", _TS), ("finished_at", _TS), ("dataset", pa.string()),
+    ("inputs", pa.int64()), ("cleaned", pa.int64()), ("errors", pa.int64()), ("processed", pa.int64()),
+    ("psnr_mean", _F), ("psnr_median", _F), ("psnr_p05", _F),
+    ("ssim_mean", _F), ("ssim_median", _F), ("ssim_p05", _F),
+    ("psnr_input_mean", _F), ("ssim_input_mean", _F),
+    ("residual_mean", _F), ("spread_mean", _F), ("removed_energy_mean", _F),
+    ("wall_seconds", _F), ("images_per_s", _F), ("nfe", pa.int64()), ("models", pa.string()),
+    ("sampler", pa.string()), ("config_hash", pa.string()), ("executor", pa.string()), ("output", pa.string()),
+])
+
+
+def config_hash(cfg: CleanConfig) -> str:
+    """A short hash of the clean config, less where it reads, writes and runs: what shapes the results."""
+    body = json.dumps(cfg.model_dump(mode="json", exclude={"storage", "ray", "input", "output"}), sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:12]
+
+
+def read_parts(uri: str) -> pa.Table | None:
+    """All ``.parquet`` files under ``uri`` (recursively, sorted) as one table; None if there are none."""
+    fs, root = open_fs(uri)
+    if not fs.exists(root):
+        return None
+    parts = [read_table(join(uri, p[len(root.rstrip("/")) + 1:]))
+             for p in sorted(fs.find(root)) if p.endswith(".parquet")]
+    parts = [t for t in parts if t.num_rows]
+    return pa.concat_tables(parts, promote_options="default") if parts else None
+
+
+def _stats(values: list[float | None]) -> tuple[float | None, float | None, float | None]:
+    v = np.array([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    if not v.size:
+        return None, None, None
+    return float(v.mean()), float(np.median(v)), float(np.percentile(v, 5))
+
+
+def summary_row(run: RunPlan, cfg: CleanConfig, acc: Accounting, processed: int, executor: str,
+                wall_seconds: float) -> dict[str, Any]:
+    """The run's summary row (see the module docstring for what each aggregate covers)."""
+    metrics = read_parts(join(run.run_uri, "metrics"))
+
+    def col(name: str) -> list[Any]:
+        return metrics.column(name).to_pylist() if metrics is not None and name in metrics.column_names else []
+    psnr, ssim = _stats(col("psnr")), _stats(col("ssim"))
+    return {
+        "run_id": run.run_id, "started_at": run.started_at.replace(microsecond=0),
+        "finished_at": dt.datetime.now(dt.timezone.utc).replace(microsecond=0), "dataset": run.dataset,
+        "inputs": acc.inputs, "cleaned": acc.cleaned, "errors": acc.errors, "processed": processed,
+        "psnr_mean": psnr[0], "psnr_median": psnr[1], "psnr_p05": psnr[2],
+        "ssim_mean": ssim[0], "ssim_median": ssim[1], "ssim_p05": ssim[2],
+        "psnr_input_mean": _stats(col("psnr_input"))[0], "ssim_input_mean": _stats(col("ssim_input"))[0],
+        "residual_mean": _stats(col("residual"))[0], "spread_mean": _stats(col("spread"))[0],
+        "removed_energy_mean": _stats(col("removed_energy"))[0],
+        "wall_seconds": float(wall_seconds),
+        "images_per_s": processed / wall_seconds if wall_seconds > 0 and processed else None,
+        "nfe": cfg.sampler.steps * cfg.sampler.n_samples,
+        "models": json.dumps({"image_prior": cfg.image_prior, "noise_prior": cfg.noise_prior}),
+        "sampler": json.dumps(cfg.sampler.model_dump(mode="json"), sort_keys=True),
+        "config_hash": config_hash(cfg), "executor": executor, "output": run.run_uri,
+    }
+
+
+def append_summary(output: str, row: dict[str, Any]) -> str:
+    """Append ``row`` to ``<output>/summary/`` as its own file; returns the file's URI."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    uri = join(output, "summary", f"{stamp}-{row['run_id']}.parquet")
+    write_table(uri, pa.Table.from_pylist([row], schema=SUMMARY_SCHEMA))
+    return uri
+
+
+def read_summaries(output: str) -> pa.Table | None:
+    """The run history under ``<output>/summary/`` (None when no run has finished there)."""
+    return read_parts(join(output, "summary"))
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def format_summary(row: dict[str, Any]) -> str:
+    """A few lines for people: counts, quality before and after, speed, and where the outputs are."""
+    lines = [f"run {row['run_id']}: {row['cleaned']} cleaned, {row['errors']} rejected of {row['inputs']} input rows"
+             + (f" ({row['skipped_shards']} of {row['shards']} shard(s) were already done)"
+                if row.get("skipped_shards") else "")]
+    if row.get("psnr_mean") is not None:
+        lines.append(f"  PSNR {_fmt(row['psnr_input_mean'], '.2f')} -> {row['psnr_mean']:.2f} dB (mean; median "
+                     f"{row['psnr_median']:.2f}, p05 {row['psnr_p05']:.2f})   SSIM "
+                     f"{_fmt(row['ssim_input_mean'], '.3f')} -> {row['ssim_mean']:.3f}")
+    else:
+        lines.append(f"  no ground truth: residual {_fmt(row['residual_mean'], '.4f')}, removed-noise energy "
+                     f"{_fmt(row['removed_energy_mean'], '.4f')} (means)")
+    lines.append(f"  {row['processed']} image(s) cleaned now in {row['wall_seconds']:.1f} s: "
+                 f"{_fmt(row['images_per_s'], '.2f')} images/s, NFE {row['nfe']} per prior per image")
+    run = row["output"]
+    lines.append(f"  outputs: {run}/cleaned/, {run}/metrics/, {run}/errors/")
+    if row.get("summary"):
+        lines.append(f"  run history row: {row['summary']}")
+    return "\n".join(lines)

@@ -1,0 +1,203 @@
+"""The Ray cleaning job (pipeline.jobs.clean) and the Prefect flow (flows.clean_dataset), on a real local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from pipeline.clean import denoise_dataset
+from pipeline.config import CleanConfig, RayConfig
+from pipeline.data.accounting import check_run
+from pipeline.data.corrupt import corrupt, write_observations
+from pipeline.data.embedded import load_embedded
+from pipeline.data.shards import decode_image, read_table, to_float
+from pipeline.data.storage import open_fs
+from pipeline.jobs.clean import run_clean
+from pipeline.metrics import psnr, ssim
+from pipeline.posterior.sampler import SamplerConfig
+from pipeline.summary import read_summaries
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _observations(uri: str, n: int, shard_size: int, bad_row: bool = True) -> None:
+    obs = corrupt(load_embedded("faces", "test", 16), load_embedded("digits", "test", 16), n, seed=0)
+    write_observations(uri, obs, shard_size=shard_size)
+    if bad_row:  # a truncated PNG in the first shard: one error row, the rest of the run goes on
+        fs, root = open_fs(uri)
+        path = f"{root.rstrip('/')}/shard-00000.parquet"
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+        rows = table.to_pylist()
+        rows[1]["observation"] = {"bytes": rows[1]["observation"]["bytes"][:40], "path": "x.png"}
+        with fs.open(path, "wb") as f:
+            pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), f)
+
+
+def _cfg(priors, steps: int = 3, **ray) -> CleanConfig:
+    return CleanConfig(image_prior=priors[0], noise_prior=priors[1], sampler=SamplerConfig(steps=steps),
+                       batch_size=2, device="auto", ray=RayConfig(**ray))
+
+
+def _table(uri: str) -> pa.Table:
+    fs, root = open_fs(uri)
+    parts = [pq.read_table(fs.open(p, "rb")) for p in sorted(fs.find(root)) if p.endswith(".parquet")]
+    return pa.concat_tables([p for p in parts if p.num_rows]) if parts else pa.table({})
+
+
+def _img(cell) -> torch.Tensor:
+    return torch.from_numpy(to_float(decode_image(cell["bytes"], cell["path"]))).reshape(1, 1, 16, 16)
+
+
+def test_ray_job_on_s3_equals_single_process_and_its_metrics_match_the_written_images(
+        s3, ray_local, tiny_priors, tmp_path):
+    bucket, _ = s3
+    fs, _ = open_fs(bucket)
+    models = []
+    for name, local in zip(("img", "noise"), tiny_priors):  # the actors load the priors from the bucket
+        fs.put(local, f"{bucket.removeprefix('s3://')}/models/{name}", recursive=True)
+        models.append(f"{bucket}/models/{name}")
+    _observations(f"{bucket}/obs", n=8, shard_size=3)
+    cfg = _cfg(models)
+    summary = run_clean(f"{bucket}/obs", f"{bucket}/out", cfg, progress=False)
+
+    assert (summary["inputs"], summary["cleaned"], summary["errors"], summary["executor"]) == (8, 7, 1, "ray")
+    run = summary["output"]
+    assert run.startswith(f"{bucket}/out/runs/run-") and check_run(f"{bucket}/obs", run).ok
+    # scheduled on the logical GPU (one actor, one GPU), and run on the CPU since torch sees none
+    job = summary["job"]
+    assert job["gpus_per_actor"] == 1.0 and job["actors"] == 1 and ray_local.cluster_resources()["GPU"] == 1
+    assert {(r["device"], r["gpu_ids"]) for r in job["shards"]} == {("cpu", "0")}
+    assert sorted(r["shard"] for r in job["shards"]) == [f"shard-0000{k}.parquet" for k in range(3)]
+
+    cleaned, metrics = _table(f"{run}/cleaned"), _table(f"{run}/metrics")
+    ids = cleaned.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 7 and set(ids) == set(metrics.column("id").to_pylist())
+    assert pa.types.is_timestamp(metrics.schema.field("started_at").type)
+    errors = _table(f"{run}/errors").to_pylist()
+    assert [(e["shard"], e["row"], e["stage"]) for e in errors] == [("shard-00000.parquet", 1, "decode")]
+
+    # the metrics are what pipeline.metrics computes on the images written (16-bit PNG)
+    truth = {r["id"]: r for r in _table(f"{bucket}/obs").to_pylist()}
+    by_id = {m["id"]: m for m in metrics.to_pylist()}
+    for row in cleaned.to_pylist():
+        den, clean, obs = _img(row["denoised"]), _img(truth[row["id"]]["clean"]), _img(truth[row["id"]]["observation"])
+        m = by_id[row["id"]]
+        assert abs(float(psnr(den, clean)) - m["psnr"]) < 1e-3 and abs(float(ssim(den, clean)) - m["ssim"]) < 1e-4
+        assert abs(float(psnr(obs, clean)) - m["psnr_input"]) < 1e-3 and m["nfe"] == 3 and row["nfe"] == 3
+
+    # the single-process `denoise` gives the same images for the same ids and seeds
+    local = denoise_dataset(f"{bucket}/obs", str(tmp_path / "local"), cfg, progress=False)
+    assert local["run_id"] == summary["run_id"]  # same input, models and sampler: same run id
+    single = {r["id"]: r for r in _table(str(Path(local["output"]) / "cleaned")).to_pylist()}
+    assert set(single) == set(ids)
+    for row in cleaned.to_pylist():
+        for col in ("denoised", "noise_estimate"):
+            assert np.array_equal(decode_image(row[col]["bytes"]), decode_image(single[row["id"]][col]["bytes"]))
+
+    history = read_summaries(f"{bucket}/out")
+    assert history.num_rows == 1 and history.column("cleaned").to_pylist() == [7]
+
+
+def test_a_killed_actor_is_replaced_and_nothing_is_lost_or_duplicated(ray_local, tiny_priors, tmp_path):
+    _observations(str(tmp_path / "obs"), n=10, shard_size=2)
+    crash = tmp_path / "crashed"
+    cfg = _cfg(tiny_priors, actors=2, gpus_per_actor=0, threads_per_actor=1)
+    summary = run_clean(str(tmp_path / "obs"), str(tmp_path / "out"), cfg, run_id="r", progress=False,
+                        crash_once=str(crash))
+    dead_pid, dead_shard = crash.read_text().split()  # an actor really died (os._exit) mid-shard
+    assert (summary["inputs"], summary["cleaned"], summary["errors"]) == (10, 9, 1)
+    results = summary["job"]["shards"]
+    assert sorted(r["shard"] for r in results) == [f"shard-0000{k}.parquet" for k in range(5)]  # each once
+    redone = [r for r in results if r["shard"] == dead_shard]
+    assert len(redone) == 1 and str(redone[0]["pid"]) != dead_pid  # redone by the replacement actor
+    run = tmp_path / "out" / "runs" / "r"
+    ids = pq.read_table(run / "cleaned").column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 9 and check_run(str(tmp_path / "obs"), str(run)).ok
+
+
+def test_a_run_stopped_half_way_finishes_only_the_missing_shards(ray_local, tiny_priors, tmp_path):
+    _observations(str(tmp_path / "obs"), n=24, shard_size=2, bad_row=False)
+    cfg = _cfg(tiny_priors, steps=60, actors=1, gpus_per_actor=0, threads_per_actor=1)
+    config = tmp_path / "clean.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    run = tmp_path / "out" / "runs" / "r"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.jobs.clean", str(tmp_path / "obs"), str(tmp_path / "out"),
+                             "--config", str(config), "--run-id", "r", "--quiet"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while len(list((run / "_done").glob("*.json")) if (run / "_done").exists() else []) < 2:
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "the job marked no shard in 240 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    done_before = {p.name.replace(".json", ".parquet"): p.stat().st_mtime_ns for p in (run / "_done").iterdir()}
+    assert 2 <= len(done_before) < 12, done_before
+
+    summary = run_clean(str(tmp_path / "obs"), str(tmp_path / "out"), cfg, run_id="r", progress=False)
+    redone = sorted(r["shard"] for r in summary["job"]["shards"])
+    assert redone == sorted({f"shard-{k:05d}.parquet" for k in range(12)} - set(done_before))
+    assert summary["skipped_shards"] == len(done_before) and summary["cleaned"] == 24
+    assert all((run / "_done" / s.replace(".parquet", ".json")).stat().st_mtime_ns == t for s, t in done_before.items())
+    ids = pq.read_table(run / "cleaned").column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 24 and check_run(str(tmp_path / "obs"), str(run)).ok
+
+
+def test_the_prefect_flow_records_the_run_and_publishes_artifacts(prefect_harness, ray_local, tiny_priors, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.clean_dataset import clean_dataset
+
+    _observations(str(tmp_path / "obs"), n=5, shard_size=3)
+    config = tmp_path / "clean.yaml"
+    config.write_text(yaml.safe_dump(_cfg(tiny_priors).model_dump(mode="json")))
+    state = clean_dataset(str(tmp_path / "obs"), str(tmp_path / "out"), config=str(config),
+                          overrides=["sampler.steps=2"], progress=False, return_state=True)
+    assert state.is_completed()
+    summary = state.result()
+    assert (summary["inputs"], summary["cleaned"], summary["errors"], summary["nfe"]) == (5, 4, 1, 2)
+    history = read_summaries(str(tmp_path / "out")).to_pylist()
+    assert len(history) == 1 and history[0]["run_id"] == summary["run_id"] and history[0]["psnr_mean"] > 0
+    assert history[0]["images_per_s"] > 0 and history[0]["config_hash"] == summary["config_hash"]
+
+    key = summary["run_id"].lower()
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=[f"clean-summary-{key}", f"clean-outputs-{key}"])))
+    by_type = {a.type: a for a in arts}
+    assert set(by_type) == {"table", "markdown"}
+    table = json.loads(by_type["table"].data) if isinstance(by_type["table"].data, str) else by_type["table"].data
+    assert table[0]["cleaned"] == 4 and table[0]["run_id"] == summary["run_id"]
+    assert f"{summary['output']}/metrics/" in by_type["markdown"].data
+
+
+def test_the_summary_row_without_ground_truth_has_reference_free_figures(ray_local, tiny_priors, tmp_path):
+    obs = corrupt(load_embedded("faces", "test", 16), load_embedded("digits", "test", 16), 3, seed=1)
+    write_observations(str(tmp_path / "obs"), obs, shard_size=3)
+    t = read_table(str(tmp_path / "obs" / "shard-00000.parquet")).drop_columns(["clean", "noise"])
+    pq.write_table(t, tmp_path / "obs" / "shard-00000.parquet")
+    row = run_clean(str(tmp_path / "obs"), str(tmp_path / "out"), _cfg(tiny_priors), progress=False)
+    assert row["psnr_mean"] is None and row["ssim_p05"] is None and row["psnr_input_mean"] is None
+    assert row["residual_mean"] > 0 and row["removed_energy_mean"] > 0 and row["cleaned"] == 3
+
+
+def test_clean_config_refuses_unknown_ray_keys():
+    with pytest.raises(ValueError, match="actorz"):
+        CleanConfig.model_validate({"ray": {"actorz": 2}})
+

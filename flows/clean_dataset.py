@@ -12,7 +12,8 @@ run: a table of the summary row and a markdown note of where the outputs are.
 
 Run it with ``python -m flows.clean_dataset INPUT OUTPUT [--config C] [--ray-address A]`` or from
 Python; ``jointdiff demo`` runs it on embedded data. The parameters are plain strings, so a
-deployment (``deploy/prefect.yaml``) can schedule it.
+deployment can schedule it. Prefect stores flow parameters in its database in plain text, so the
+flow refuses credentials among its ``overrides``: they belong in the config file or the environment.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.clean import RunPlan, prepare_run, record_run, verify_run
-from pipeline.config import CleanConfig, load_config
+from pipeline.config import SECRET_KEYS, CleanConfig, ConfigError, load_config, with_ray
 from pipeline.data import storage
-from pipeline.data.accounting import Accounting
-from pipeline.jobs.clean import JobStats, init_ray, run_job
+from pipeline.data.accounting import Accounting, AccountingError
+from pipeline.jobs.clean import JobStats, ray_session, run_job
 from pipeline.summary import format_summary
 
 
@@ -43,21 +44,29 @@ def plan_run(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None) 
     return run
 
 
-@task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def _retry_unless(*final: type[BaseException]):
+    """A Prefect ``retry_condition_fn``: retry any failure but the ``final`` exception types."""
+    def condition(task: Any, task_run: Any, state: Any) -> bool:
+        try:
+            state.result()
+        except final:
+            return False
+        except Exception:
+            return True
+        return False
+    return condition
+
+
+@task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE,
+      retry_condition_fn=_retry_unless(ConfigError, FileNotFoundError))
 def clean_shards(run: RunPlan, cfg: CleanConfig, progress: bool) -> JobStats:
     if not run.pending:
-        return JobStats([], 0, 0.0, 0, 0.0, 0)
-    started = init_ray(cfg.ray.address)
-    try:
+        return JobStats.empty()
+    with ray_session(cfg.ray.address):
         return run_job(run, cfg, progress=progress)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
 
 
-@task(cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=_retry_unless(AccountingError))
 def verify_accounting(run: RunPlan) -> Accounting:
     acc = verify_run(run)
     print(acc.describe())
@@ -104,9 +113,12 @@ def clean_dataset(input_uri: str, output: str, config: str | None = None, overri
     Returns the run's summary row.
     """
     t0 = time.perf_counter()
-    cfg = load_config(CleanConfig, config, overrides or [])
-    if ray_address:
-        cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"address": ray_address})})
+    secret = [o for o in overrides or [] if o.split("=", 1)[0].strip() in SECRET_KEYS]
+    if secret:
+        raise ConfigError(f"clean-dataset: {', '.join(o.split('=', 1)[0] for o in secret)} may not be given as a "
+                          "flow parameter (Prefect stores parameters in plain text); put credentials in the config "
+                          "file's storage: section or the AWS environment variables")
+    cfg = with_ray(load_config(CleanConfig, config, overrides or []), address=ray_address)
     storage.configure(cfg.storage)
     run = plan_run(input_uri, output, cfg, run_id)
     stats = clean_shards(run, cfg, progress)

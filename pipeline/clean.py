@@ -39,7 +39,7 @@ import torch
 from pipeline.config import CleanConfig
 from pipeline.data.accounting import Accounting, AccountingError, PlannedShard, check_run, input_rows, mark_done, plan
 from pipeline.data.shards import build_table, read_table, write_table
-from pipeline.data.storage import join, open_fs
+from pipeline.data.storage import join
 from pipeline.data.validate import ERRORS_SCHEMA, RowError, conform, decode_any, error_row
 from pipeline.diffusion.checkpoint import load_model
 from pipeline.posterior.denoise import Denoiser, truth_metrics
@@ -50,11 +50,23 @@ from pipeline.summary import append_summary, summary_row
 METRIC_COLUMNS = ("psnr", "ssim", "psnr_input", "ssim_input", "residual", "spread", "removed_energy")
 
 
+def model_fingerprint(name_or_uri: str) -> str:
+    """A short hash of a model's ``config.json`` (architecture, SDE and training card, which records
+    when and from which commit it was trained): a retrained prior of the same name hashes differently."""
+    from pipeline.diffusion.checkpoint import CONFIG, read_json
+
+    cfg = read_json(join(resolve_model(name_or_uri), CONFIG))
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def run_id_for(input_uri: str, cfg: CleanConfig) -> str:
-    """A stable run id from what determines the results: input, models and sampler config."""
-    key = json.dumps({"input": str(input_uri).rstrip("/"), "image_prior": cfg.image_prior,
-                      "noise_prior": cfg.noise_prior, "forward": cfg.forward.model_dump(),
-                      "sampler": cfg.sampler.model_dump()}, sort_keys=True)
+    """A stable run id from what determines the results: the input URI, both models (name and
+    fingerprint), the forward model, the sampler config and the input policy."""
+    key = json.dumps({"input": str(input_uri).rstrip("/"),
+                      "image_prior": [cfg.image_prior, model_fingerprint(cfg.image_prior)],
+                      "noise_prior": [cfg.noise_prior, model_fingerprint(cfg.noise_prior)],
+                      "forward": cfg.forward.model_dump(), "sampler": cfg.sampler.model_dump(),
+                      "policy": cfg.policy.model_dump(mode="json")}, sort_keys=True)
     return "run-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -113,7 +125,7 @@ class ShardCleaner:
         shard = shard_uri.rsplit("/", 1)[-1]
         result = ShardResult()
         try:
-            table = read_table(shard_uri)
+            table = read_table(shard_uri, attempts=3)
         except Exception as exc:
             result.errors.append(error_row(run_id, dataset, shard, -1, None, "read",
                                            f"the shard cannot be read: {exc}"))
@@ -242,42 +254,44 @@ class RunPlan:
     dataset: str
     shards: list[PlannedShard]
     duplicates: dict[str, dict[int, str]]  # shard -> {row: reason} for later copies of an id
-    pending_rows: int  # rows of the pending shards (an unreadable shard counts as one)
+    rows: dict[str, int]  # rows of each pending shard (an unreadable shard counts as one)
     started_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
 
     @property
     def pending(self) -> list[PlannedShard]:
         return [s for s in self.shards if not s.done]
 
+    @property
+    def pending_rows(self) -> int:
+        return sum(self.rows.values())
+
 
 def prepare_run(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None = None) -> RunPlan:
     """Plan a run: its shards (complete ones marked done) and the rows that repeat an earlier id.
 
-    Ids are read alone (one column), in shard order: ids of complete shards (their metrics and errors)
-    come first, then each pending shard's rows in order; the second and later copies of an id are
-    rejected. Deciding this up front lets shards be cleaned in any order, by any worker.
+    The ``id`` column of every input shard, done or not, is read alone, in sorted shard order and row
+    order; the second and later copies of an id are rejected. The answer depends on the input only, not
+    on which shards a previous session finished, so shards can be cleaned in any order, by any worker,
+    and a resumed run decides exactly as a fresh one would. A shard whose ids cannot be read (not
+    Parquet after 3 attempts, or no ``id`` column) is left to :meth:`ShardCleaner.clean_shard`.
     """
+    from pipeline.data.shards import ShardError
+
     run_id = run_id or run_id_for(input_uri, cfg)
     run = join(output, "runs", run_id)
     shards = plan(input_uri, run)
     seen: set[str] = set()
-    for s in shards:
-        if s.done:
-            for part in (join(run, "metrics", f"run_id={run_id}", s.name), join(run, "errors", s.name)):
-                fs, path = open_fs(part)
-                if fs.exists(path):
-                    seen.update(i for i in read_table(part, ["id"]).column("id").to_pylist() if i is not None)
     duplicates: dict[str, dict[int, str]] = {}
-    rows = 0
+    rows: dict[str, int] = {}
     for s in shards:
-        if s.done:
-            continue
         try:
-            ids = read_table(s.uri, ["id"]).column("id").to_pylist()
-        except Exception:  # unreadable, or no id column: clean_shard reports it per row or as row -1
-            rows += input_rows(s.uri) or 1
+            ids = read_table(s.uri, ["id"], attempts=3).column("id").to_pylist()
+        except ShardError:  # unreadable, or no id column (MissingColumnError)
+            if not s.done:
+                rows[s.name] = input_rows(s.uri) or 1
             continue
-        rows += len(ids)
+        if not s.done:
+            rows[s.name] = len(ids)
         for row, id_ in enumerate(ids):
             if id_ is None:
                 continue
@@ -306,6 +320,24 @@ def process_shard(cleaner: ShardCleaner, run: RunPlan, shard: PlannedShard,
     mark_done(run.run_uri, shard.name, info)
     return {"shard": shard.name, "cleaned": info["cleaned"], "errors": info["errors"],
             "seconds": time.perf_counter() - t0}
+
+
+def fail_shard(cleaner: ShardCleaner, run: RunPlan, shard: PlannedShard, reason: str) -> dict[str, Any]:
+    """Give up on a shard: every row of it to the errors table (one row -1 if it cannot be read), its
+    other outputs empty, and its marker, so the run completes and the accounting holds."""
+    from pipeline.data.shards import ShardError
+
+    res = ShardResult()
+    try:
+        ids = read_table(shard.uri, ["id"], attempts=3).column("id").to_pylist()
+    except ShardError:
+        ids = None
+    for row, id_ in ([(-1, None)] if ids is None else enumerate(ids)):
+        res.errors.append(error_row(run.run_id, run.dataset, shard.name, row, id_, "sample", reason))
+    write_shard_outputs(run.output, run.run_id, run.dataset, shard.name, res, cleaner.cfg, cleaner.model_ids)
+    mark_done(run.run_uri, shard.name, {"run_id": run.run_id, "cleaned": 0, "errors": len(res.errors),
+                                        "input_size": shard.size, "failed": reason})
+    return {"shard": shard.name, "cleaned": 0, "errors": len(res.errors), "seconds": 0.0}
 
 
 def verify_run(run: RunPlan) -> Accounting:

@@ -167,13 +167,12 @@ def _load_clean(args: argparse.Namespace) -> tuple[object, str, str]:
 
 
 def _cmd_clean(args: argparse.Namespace) -> int:
+    from pipeline.config import with_ray
     from pipeline.jobs.clean import run_clean
     from pipeline.summary import format_summary
 
     cfg, input_uri, output = _load_clean(args)
-    over = {k: v for k, v in {"address": args.ray_address, "actors": args.actors}.items() if v is not None}
-    if over:
-        cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update=over)})
+    cfg = with_ray(cfg, address=args.ray_address, actors=args.actors)
     summary = run_clean(input_uri, output, cfg, run_id=args.run_id, progress=not args.quiet)
     print(format_summary(summary), file=sys.stderr)
     print(json.dumps({k: v for k, v in summary.items() if k != "job"}, default=str))

@@ -107,8 +107,8 @@ class RayConfig(_Strict):
                                                    "RAY_ADDRESS, else an in-process local Ray")
     actors: int | None = Field(None, ge=1, description="sampler actors; default one per GPU, else CPUs / threads")
     gpus_per_actor: float | None = Field(None, ge=0, description="default 1 when the cluster has GPUs, else 0")
-    threads_per_actor: int | None = Field(None, ge=1, description="torch threads (and Ray CPUs) of a CPU actor; "
-                                                                  "default min(4, CPUs)")
+    threads_per_actor: int | None = Field(None, ge=1, description="torch threads (and Ray CPUs) of each actor; "
+                                                                  "default 2 for GPU actors, else min(4, CPUs)")
 
 
 class CleanConfig(_Strict):
@@ -129,6 +129,21 @@ class CleanConfig(_Strict):
                                             "size and channels always come from the priors")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+
+SECRET_KEYS = ("storage.key", "storage.secret", "storage.token")
+
+
+def with_ray(cfg: CleanConfig, **settings: Any) -> CleanConfig:
+    """``cfg`` with the given ``ray`` settings (those not None), validated like the config file."""
+    over = {k: v for k, v in settings.items() if v is not None}
+    if not over:
+        return cfg
+    try:
+        ray = RayConfig.model_validate({**cfg.ray.model_dump(), **over})
+    except ValidationError as exc:
+        raise ConfigError(f"invalid Ray setting: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+    return cfg.model_copy(update={"ray": ray})
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

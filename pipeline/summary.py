@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.data.shards import read_table, write_table
-from pipeline.data.storage import join, open_fs
+from pipeline.data.shards import list_parts, read_table, write_table
+from pipeline.data.storage import join
 
 if TYPE_CHECKING:
     from pipeline.clean import RunPlan
@@ -46,19 +46,16 @@ SUMMARY_SCHEMA = pa.schema([
 
 
 def config_hash(cfg: CleanConfig) -> str:
-    """A short hash of the clean config, less where it reads, writes and runs: what shapes the results."""
-    body = json.dumps(cfg.model_dump(mode="json", exclude={"storage", "ray", "input", "output"}), sort_keys=True)
+    """A short hash of what shapes the results: the clean config less where it reads, writes and runs
+    (input, output, storage, ray, device, threads, batch_size; results do not depend on batching)."""
+    where = {"storage", "ray", "input", "output", "device", "threads", "batch_size"}
+    body = json.dumps(cfg.model_dump(mode="json", exclude=where), sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:12]
 
 
 def read_parts(uri: str) -> pa.Table | None:
     """All ``.parquet`` files under ``uri`` (recursively, sorted) as one table; None if there are none."""
-    fs, root = open_fs(uri)
-    if not fs.exists(root):
-        return None
-    parts = [read_table(join(uri, p[len(root.rstrip("/")) + 1:]))
-             for p in sorted(fs.find(root)) if p.endswith(".parquet")]
-    parts = [t for t in parts if t.num_rows]
+    parts = [t for t in (read_table(p, attempts=3) for p in list_parts(uri)) if t.num_rows]
     return pa.concat_tables(parts, promote_options="default") if parts else None
 
 
@@ -88,7 +85,7 @@ def summary_row(run: RunPlan, cfg: CleanConfig, acc: Accounting, processed: int,
         "removed_energy_mean": _stats(col("removed_energy"))[0],
         "wall_seconds": float(wall_seconds),
         "images_per_s": processed / wall_seconds if wall_seconds > 0 and processed else None,
-        "nfe": cfg.sampler.steps * cfg.sampler.n_samples,
+        "nfe": cfg.sampler.nfe * cfg.sampler.n_samples,
         "models": json.dumps({"image_prior": cfg.image_prior, "noise_prior": cfg.noise_prior}),
         "sampler": json.dumps(cfg.sampler.model_dump(mode="json"), sort_keys=True),
         "config_hash": config_hash(cfg), "executor": executor, "output": run.run_uri,

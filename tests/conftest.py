@@ -79,7 +79,7 @@ def ray_local():
     import ray
 
     ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, object_store_memory=256 * 1024**2,
-             log_to_driver=False)
+             log_to_driver=True)
     yield ray
     ray.shutdown()
 

@@ -89,6 +89,21 @@ def test_accounting_names_missing_and_duplicated_rows_and_fails_the_run(setup, t
         denoise_dataset(str(root / "obs"), str(out), cfg, run_id="r", progress=False)
 
 
+def test_accounting_fails_when_an_id_is_cleaned_twice(setup, tmp_path):
+    root, cfg = setup
+    out = tmp_path / "out"
+    denoise_dataset(str(root / "obs"), str(out), cfg, run_id="r", progress=False)
+    run = out / "runs" / "r"
+    m0, m1 = (run / "metrics" / "run_id=r" / f"shard-0000{k}.parquet" for k in (0, 1))
+    t1 = pq.read_table(m1)
+    copied = pq.read_table(m0).column("id")[0].as_py()
+    pq.write_table(t1.set_column(t1.schema.get_field_index("id"), "id",
+                                 pa.array([copied] + t1.column("id").to_pylist()[1:])), m1)
+    acc = check_run(str(root / "obs"), str(run))  # every row once, but one id twice among the cleaned
+    assert not acc.ok and not acc.missing and not acc.duplicated and acc.duplicate_ids == [(copied, 2)]
+    assert f"1 id(s) cleaned more than once: {copied!r} x2" in acc.describe()
+
+
 def test_a_resumed_run_rejects_the_same_duplicate_ids_as_a_fresh_one(setup, tmp_path):
     """The first copy of 'dup' fails to decode; its later copy in another shard is still a duplicate,
     also when only that later shard is redone (ids seen in done shards' errors count too)."""

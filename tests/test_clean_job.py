@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -27,23 +28,40 @@ from pipeline.data.storage import open_fs
 from pipeline.jobs.clean import run_clean
 from pipeline.metrics import psnr, ssim
 from pipeline.posterior.sampler import SamplerConfig
-from pipeline.summary import read_summaries
+from pipeline.summary import read_parts, read_summaries
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _observations(uri: str, n: int, shard_size: int, bad_row: bool = True) -> None:
+def _edit_shard(uri: str, shard: str, edit) -> None:
+    fs, root = open_fs(uri)
+    path = f"{root.rstrip('/')}/{shard}"
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f)
+    rows = table.to_pylist()
+    edit(rows)
+    with fs.open(path, "wb") as f:
+        pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), f)
+
+
+def _observations(uri: str, n: int, shard_size: int, bad_row: bool = True, dup_in: str | None = None) -> str | None:
+    """Observation shards; optionally a truncated PNG at shard 0 row 1, and shard 0 row 0's id copied
+    into row 0 of ``dup_in`` (returned)."""
     obs = corrupt(load_embedded("faces", "test", 16), load_embedded("digits", "test", 16), n, seed=0)
     write_observations(uri, obs, shard_size=shard_size)
-    if bad_row:  # a truncated PNG in the first shard: one error row, the rest of the run goes on
-        fs, root = open_fs(uri)
-        path = f"{root.rstrip('/')}/shard-00000.parquet"
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f)
-        rows = table.to_pylist()
-        rows[1]["observation"] = {"bytes": rows[1]["observation"]["bytes"][:40], "path": "x.png"}
-        with fs.open(path, "wb") as f:
-            pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), f)
+    if bad_row:  # one error row; the rest of the run goes on
+
+        def truncate(rows):
+            rows[1]["observation"] = {"bytes": rows[1]["observation"]["bytes"][:40], "path": "x.png"}
+        _edit_shard(uri, "shard-00000.parquet", truncate)
+    if dup_in:
+        dup = obs.ids[0]
+
+        def copy_id(rows):
+            rows[0]["id"] = dup
+        _edit_shard(uri, dup_in, copy_id)
+        return dup
+    return None
 
 
 def _cfg(priors, steps: int = 3, **ray) -> CleanConfig:
@@ -52,9 +70,7 @@ def _cfg(priors, steps: int = 3, **ray) -> CleanConfig:
 
 
 def _table(uri: str) -> pa.Table:
-    fs, root = open_fs(uri)
-    parts = [pq.read_table(fs.open(p, "rb")) for p in sorted(fs.find(root)) if p.endswith(".parquet")]
-    return pa.concat_tables([p for p in parts if p.num_rows]) if parts else pa.table({})
+    return read_parts(uri)  # every non-empty .parquet file under uri, as one table
 
 
 def _img(cell) -> torch.Tensor:
@@ -69,14 +85,14 @@ def test_ray_job_on_s3_equals_single_process_and_its_metrics_match_the_written_i
     for name, local in zip(("img", "noise"), tiny_priors):  # the actors load the priors from the bucket
         fs.put(local, f"{bucket.removeprefix('s3://')}/models/{name}", recursive=True)
         models.append(f"{bucket}/models/{name}")
-    _observations(f"{bucket}/obs", n=8, shard_size=3)
-    cfg = _cfg(models)
+    dup = _observations(f"{bucket}/obs", n=8, shard_size=3, dup_in="shard-00002.parquet")
+    cfg = _cfg(models).model_copy(update={"device": "cpu"})
     summary = run_clean(f"{bucket}/obs", f"{bucket}/out", cfg, progress=False)
 
-    assert (summary["inputs"], summary["cleaned"], summary["errors"], summary["executor"]) == (8, 7, 1, "ray")
+    assert (summary["inputs"], summary["cleaned"], summary["errors"], summary["executor"]) == (8, 6, 2, "ray")
     run = summary["output"]
     assert run.startswith(f"{bucket}/out/runs/run-") and check_run(f"{bucket}/obs", run).ok
-    # scheduled on the logical GPU (one actor, one GPU), and run on the CPU since torch sees none
+    # scheduled on the logical GPU (one actor, one GPU slot), sampling on the CPU as configured
     job = summary["job"]
     assert job["gpus_per_actor"] == 1.0 and job["actors"] == 1 and ray_local.cluster_resources()["GPU"] == 1
     assert {(r["device"], r["gpu_ids"]) for r in job["shards"]} == {("cpu", "0")}
@@ -84,17 +100,23 @@ def test_ray_job_on_s3_equals_single_process_and_its_metrics_match_the_written_i
 
     cleaned, metrics = _table(f"{run}/cleaned"), _table(f"{run}/metrics")
     ids = cleaned.column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == 7 and set(ids) == set(metrics.column("id").to_pylist())
+    assert len(ids) == len(set(ids)) == 6 and set(ids) == set(metrics.column("id").to_pylist()) and dup in ids
     assert pa.types.is_timestamp(metrics.schema.field("started_at").type)
-    errors = _table(f"{run}/errors").to_pylist()
-    assert [(e["shard"], e["row"], e["stage"]) for e in errors] == [("shard-00000.parquet", 1, "decode")]
+    errors = sorted(_table(f"{run}/errors").to_pylist(), key=lambda e: e["shard"])
+    assert [(e["shard"], e["row"], e["stage"]) for e in errors] == [("shard-00000.parquet", 1, "decode"),
+                                                                    ("shard-00002.parquet", 0, "validate")]
+    assert errors[1]["id"] == dup and "duplicate id" in errors[1]["reason"]
+    assert metrics.filter(pc.equal(metrics.column("id"), dup)).column("shard").to_pylist() == [
+        "shard-00000.parquet"]  # the first copy is the one cleaned
 
     # the metrics are what pipeline.metrics computes on the images written (16-bit PNG)
-    truth = {r["id"]: r for r in _table(f"{bucket}/obs").to_pylist()}
+    truth = {(f"shard-0000{k}.parquet", r): row for k in range(3)  # by (shard, row): the repeated id is in two
+             for r, row in enumerate(read_table(f"{bucket}/obs/shard-0000{k}.parquet").to_pylist())}
     by_id = {m["id"]: m for m in metrics.to_pylist()}
     for row in cleaned.to_pylist():
-        den, clean, obs = _img(row["denoised"]), _img(truth[row["id"]]["clean"]), _img(truth[row["id"]]["observation"])
         m = by_id[row["id"]]
+        t = truth[(m["shard"], m["row"])]
+        den, clean, obs = _img(row["denoised"]), _img(t["clean"]), _img(t["observation"])
         assert abs(float(psnr(den, clean)) - m["psnr"]) < 1e-3 and abs(float(ssim(den, clean)) - m["ssim"]) < 1e-4
         assert abs(float(psnr(obs, clean)) - m["psnr_input"]) < 1e-3 and m["nfe"] == 3 and row["nfe"] == 3
 
@@ -108,7 +130,25 @@ def test_ray_job_on_s3_equals_single_process_and_its_metrics_match_the_written_i
             assert np.array_equal(decode_image(row[col]["bytes"]), decode_image(single[row["id"]][col]["bytes"]))
 
     history = read_summaries(f"{bucket}/out")
-    assert history.num_rows == 1 and history.column("cleaned").to_pylist() == [7]
+    assert history.num_rows == 1 and history.column("cleaned").to_pylist() == [6]
+
+
+def test_a_resumed_run_decides_duplicates_as_a_fresh_one_whatever_finished_first(tiny_priors, tmp_path):
+    from pipeline.clean import ShardCleaner, prepare_run, process_shard
+
+    dup = _observations(str(tmp_path / "obs"), n=6, shard_size=2, bad_row=False, dup_in="shard-00002.parquet")
+    cfg = _cfg(tiny_priors)
+    first = prepare_run(str(tmp_path / "obs"), str(tmp_path / "out"), cfg, "r")
+    assert first.duplicates == {"shard-00002.parquet": {0: f"duplicate id {dup!r} (an earlier row of this run has it)"}}
+    # the later shard finishes first (as on Ray), then the run stops
+    process_shard(ShardCleaner(cfg), first, next(s for s in first.shards if s.name == "shard-00002.parquet"))
+    resumed = prepare_run(str(tmp_path / "obs"), str(tmp_path / "out"), cfg, "r")
+    assert resumed.duplicates == first.duplicates and [s.name for s in resumed.pending] == [
+        "shard-00000.parquet", "shard-00001.parquet"]
+    summary = denoise_dataset(str(tmp_path / "obs"), str(tmp_path / "out"), cfg, run_id="r", progress=False)
+    assert (summary["cleaned"], summary["errors"], summary["skipped_shards"]) == (5, 1, 1)
+    metrics = pq.read_table(tmp_path / "out" / "runs" / "r" / "metrics").to_pylist()
+    assert [m["shard"] for m in metrics if m["id"] == dup] == ["shard-00000.parquet"]
 
 
 def test_a_killed_actor_is_replaced_and_nothing_is_lost_or_duplicated(ray_local, tiny_priors, tmp_path):
@@ -128,6 +168,21 @@ def test_a_killed_actor_is_replaced_and_nothing_is_lost_or_duplicated(ray_local,
     assert len(ids) == len(set(ids)) == 9 and check_run(str(tmp_path / "obs"), str(run)).ok
 
 
+def test_a_shard_that_kills_every_actor_is_given_up_and_the_run_completes(ray_local, tiny_priors, tmp_path):
+    from pipeline.jobs.clean import MAX_SHARD_ATTEMPTS
+
+    _observations(str(tmp_path / "obs"), n=4, shard_size=2, bad_row=False)
+    cfg = _cfg(tiny_priors, actors=1, gpus_per_actor=0, threads_per_actor=1)
+    summary = run_clean(str(tmp_path / "obs"), str(tmp_path / "out"), cfg, run_id="r", progress=False,
+                        crash_shard="shard-00001.parquet")
+    assert (summary["inputs"], summary["cleaned"], summary["errors"]) == (4, 2, 2)
+    run = tmp_path / "out" / "runs" / "r"
+    errors = pq.read_table(run / "errors" / "shard-00001.parquet").to_pylist()
+    assert [e["row"] for e in errors] == [0, 1] and all("gave up after 3 attempts" in e["reason"] for e in errors)
+    attempts = json.loads((run / "_attempts" / "shard-00001.json").read_text())["attempts"]
+    assert attempts == MAX_SHARD_ATTEMPTS + 1  # three deaths, then the giving up
+
+
 def test_a_run_stopped_half_way_finishes_only_the_missing_shards(ray_local, tiny_priors, tmp_path):
     _observations(str(tmp_path / "obs"), n=24, shard_size=2, bad_row=False)
     cfg = _cfg(tiny_priors, steps=60, actors=1, gpus_per_actor=0, threads_per_actor=1)
@@ -135,17 +190,24 @@ def test_a_run_stopped_half_way_finishes_only_the_missing_shards(ray_local, tiny
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     run = tmp_path / "out" / "runs" / "r"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.jobs.clean", str(tmp_path / "obs"), str(tmp_path / "out"),
-                             "--config", str(config), "--run-id", "r", "--quiet"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while len(list((run / "_done").glob("*.json")) if (run / "_done").exists() else []) < 2:
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "the job marked no shard in 240 s"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C
-    proc.communicate(timeout=120)
+    log = tmp_path / "job.log"
+    with open(log, "w") as out:  # a file, not a pipe nobody reads while the job runs
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.jobs.clean", str(tmp_path / "obs"),
+                                 str(tmp_path / "out"), "--config", str(config), "--run-id", "r", "--quiet"],
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 240
+        while len(list((run / "_done").glob("*.json")) if (run / "_done").exists() else []) < 2:
+            assert proc.poll() is None, log.read_text()
+            assert time.time() < deadline, "the job marked no 2 shards in 240 s:\n" + log.read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        proc.wait(timeout=120)
     assert proc.returncode != 0
+    try:  # and whatever of its local Ray is left: no straggler may write after the snapshot below
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    time.sleep(1)
     done_before = {p.name.replace(".json", ".parquet"): p.stat().st_mtime_ns for p in (run / "_done").iterdir()}
     assert 2 <= len(done_before) < 12, done_before
 
@@ -197,7 +259,33 @@ def test_the_summary_row_without_ground_truth_has_reference_free_figures(ray_loc
     assert row["residual_mean"] > 0 and row["removed_energy_mean"] > 0 and row["cleaned"] == 3
 
 
-def test_clean_config_refuses_unknown_ray_keys():
+def test_ray_settings_are_validated_from_the_file_and_from_flags():
+    from pipeline.config import ConfigError, with_ray
+
     with pytest.raises(ValueError, match="actorz"):
         CleanConfig.model_validate({"ray": {"actorz": 2}})
+    with pytest.raises(ConfigError, match="actors"):
+        with_ray(CleanConfig(), actors=0)
+    assert with_ray(CleanConfig(), actors=3, address=None).ray.actors == 3
+
+
+def test_the_flow_refuses_credentials_as_parameters(prefect_harness, tmp_path):
+    from flows.clean_dataset import clean_dataset
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="storage.secret may not be given as a flow parameter"):
+        clean_dataset(str(tmp_path / "obs"), str(tmp_path / "out"), overrides=["storage.secret=hunter2"])
+
+
+def test_an_actor_layout_no_node_can_host_fails_at_once(ray_local):
+    from pipeline.config import ConfigError, with_ray
+    from pipeline.jobs.clean import actor_layout
+
+    assert actor_layout(CleanConfig(), 10) == (1, 1.0, 2)  # the one logical GPU: one GPU actor
+    assert actor_layout(with_ray(CleanConfig(), gpus_per_actor=0, threads_per_actor=1), 10) == (4, 0.0, 1)
+    assert actor_layout(with_ray(CleanConfig(), gpus_per_actor=0), 10) == (1, 0.0, 4)
+    with pytest.raises(ConfigError, match="no live node has that many GPUs"):
+        actor_layout(with_ray(CleanConfig(), gpus_per_actor=2), 10)
+    with pytest.raises(ConfigError, match="no live node has that many CPUs"):
+        actor_layout(with_ray(CleanConfig(), gpus_per_actor=0, threads_per_actor=16), 10)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline.data.shards import list_shards, read_table
+from pipeline.data.shards import list_parts, list_shards, read_table
 from pipeline.data.storage import join, open_fs, write_atomic
 
 
@@ -81,10 +81,11 @@ class Accounting:
     missing: list[tuple[str, int]] = field(default_factory=list)
     duplicated: list[tuple[str, int, int]] = field(default_factory=list)  # (shard, row, times)
     unexpected: list[tuple[str, int]] = field(default_factory=list)  # rows that no input has
+    duplicate_ids: list[tuple[str, int]] = field(default_factory=list)  # (id, times) among the cleaned rows
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.duplicated or self.unexpected)
+        return not (self.missing or self.duplicated or self.unexpected or self.duplicate_ids)
 
     def describe(self, limit: int = 10) -> str:
         if self.ok:
@@ -96,23 +97,26 @@ class Accounting:
                 shown = ", ".join(f"{i[0]} row {i[1]}" + (f" x{i[2]}" if len(i) > 2 else "") for i in items[:limit])
                 more = f" and {len(items) - limit} more" if len(items) > limit else ""
                 parts.append(f"{len(items)} {label}: {shown}{more}")
+        if self.duplicate_ids:
+            shown = ", ".join(f"{i!r} x{c}" for i, c in self.duplicate_ids[:limit])
+            parts.append(f"{len(self.duplicate_ids)} id(s) cleaned more than once: {shown}")
         return f"accounting FAILED for {self.inputs} input rows: " + "; ".join(parts)
 
 
-def _rows(run_uri: str, sub: str) -> list[tuple[str, int]]:
-    fs, root = open_fs(join(run_uri, sub))
-    if not fs.exists(root):
-        return []
-    out: list[tuple[str, int]] = []
-    for p in sorted(fs.find(root)):
-        if p.endswith(".parquet"):
-            t = read_table(join(run_uri, sub, p[len(root.rstrip("/")) + 1:]), ["shard", "row"])
-            out.extend(zip(t.column("shard").to_pylist(), t.column("row").to_pylist()))
-    return out
+def _rows(run_uri: str, sub: str, with_ids: bool = False) -> tuple[list[tuple[str, int]], list[str | None]]:
+    rows: list[tuple[str, int]] = []
+    ids: list[str | None] = []
+    for part in list_parts(join(run_uri, sub)):
+        t = read_table(part, ["shard", "row", "id"] if with_ids else ["shard", "row"], attempts=3)
+        rows.extend(zip(t.column("shard").to_pylist(), t.column("row").to_pylist()))
+        if with_ids:
+            ids.extend(t.column("id").to_pylist())
+    return rows, ids
 
 
 def check_run(input_uri: str, run_uri: str) -> Accounting:
-    """Every input row ``(shard, row)`` exactly once in the run's metrics (cleaned) or errors.
+    """Every input row ``(shard, row)`` exactly once in the run's metrics (cleaned) or errors, and no
+id cleaned twice.
 
     An error row with ``row = -1`` stands for its whole shard (one the cleaner could not read).
     """
@@ -130,9 +134,10 @@ def check_run(input_uri: str, run_uri: str) -> Accounting:
         acc.inputs += n
         for r in range(n):
             expected[(name, r)] = 0
-    cleaned = _rows(run_uri, "metrics")
-    errors = _rows(run_uri, "errors")
+    cleaned, cleaned_ids = _rows(run_uri, "metrics", with_ids=True)
+    errors, _ = _rows(run_uri, "errors")
     acc.cleaned, acc.errors = len(cleaned), len(errors)
+    acc.duplicate_ids = sorted((i, c) for i, c in Counter(cleaned_ids).items() if c > 1)
     for (shard, row), count in Counter(cleaned + errors).items():
         if row == -1 and shard in rows_of:  # a footer that reads over data that does not: every row
             for r in range(rows_of[shard]):

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data.storage import join, open_fs
+from pipeline.data.storage import join, open_fs, write_atomic
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 SHARD_PATTERN = "shard-{:05d}.parquet"
@@ -137,12 +138,11 @@ def hf_metadata(image_columns: Sequence[str], other: dict[str, pa.DataType]) -> 
 
 
 def write_table(uri: str, table: pa.Table) -> None:
-    fs, path = open_fs(uri)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
+    """Write ``table`` as Parquet, atomically: a reader, or a second writer of the same file (a retried
+    shard whose first attempt is still finishing), never leaves or sees a torn file."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    write_atomic(uri, buf.getvalue())
 
 
 def write_dataset(uri: str, ids: Sequence[str], images: dict[str, Sequence[np.ndarray] | np.ndarray],
@@ -209,20 +209,42 @@ def list_shards(uri: str) -> list[str]:
     return [join(uri, p.rsplit("/", 1)[-1]) for p in paths]
 
 
-def read_table(shard_uri: str, columns: Sequence[str] | None = None) -> pa.Table:
-    fs, path = open_fs(shard_uri)
-    try:
-        with fs.open(path, "rb") as f:
-            # use_threads=False: reading through a Python file object with Arrow's thread pool
-            # aborts or hangs the interpreter at exit now and then (apache/arrow#34314, #50482).
-            pf = pq.ParquetFile(f)
-            names = pf.schema_arrow.names
-            missing = [c for c in columns or () if c not in names]
-            if not missing:  # only the columns asked for are read (an id scan skips the images)
-                return pf.read(columns=list(columns) if columns else None, use_threads=False)
-    except Exception as exc:
-        raise ShardError(f"{shard_uri}: cannot read Parquet ({exc})") from exc
-    raise ShardError(f"{shard_uri}: missing column(s) {missing}; has {names}")
+class MissingColumnError(ShardError):
+    """The shard is readable but lacks a column that was asked for."""
+
+
+def read_table(shard_uri: str, columns: Sequence[str] | None = None, attempts: int = 1,
+               retry_delay: float = 1.0) -> pa.Table:
+    """Read a shard (only ``columns``, when given). A failed read is tried ``attempts`` times in all,
+    ``retry_delay`` seconds apart (doubling), so a transient storage error is not taken for a broken
+    shard; a missing column fails at once (:class:`MissingColumnError`)."""
+    for attempt in range(attempts):
+        fs, path = open_fs(shard_uri)
+        try:
+            with fs.open(path, "rb") as f:
+                # use_threads=False: reading through a Python file object with Arrow's thread pool
+                # aborts or hangs the interpreter at exit now and then (apache/arrow#34314, #50482).
+                pf = pq.ParquetFile(f)
+                names = pf.schema_arrow.names
+                missing = [c for c in columns or () if c not in names]
+                if not missing:  # only the columns asked for are read (an id scan skips the images)
+                    return pf.read(columns=list(columns) if columns else None, use_threads=False)
+            raise MissingColumnError(f"{shard_uri}: missing column(s) {missing}; has {names}")
+        except MissingColumnError:
+            raise
+        except Exception as exc:
+            if attempt + 1 >= attempts:
+                raise ShardError(f"{shard_uri}: cannot read Parquet ({exc})") from exc
+            time.sleep(retry_delay * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+def list_parts(uri: str) -> list[str]:
+    """URIs of every ``.parquet`` file under ``uri``, recursively, sorted (none if it does not exist)."""
+    fs, root = open_fs(uri)
+    if not fs.exists(root):
+        return []
+    return [join(uri, p[len(root.rstrip("/")) + 1:]) for p in sorted(fs.find(root)) if p.endswith(".parquet")]
 
 
 def iter_images(shard_uri: str, column: str = "image") -> Iterator[tuple[int, str, np.ndarray]]:

@@ -21,10 +21,13 @@ what can be finished, marked done and skipped on resume; an unreadable shard fai
 item (one error row) instead of failing a whole ``read_parquet``. Within a shard the sampler runs in
 batches of ``batch_size``.
 
-Fault tolerance is Ray's: pool actors restart when their process dies (``max_restarts=-1``) and the
-shard they held is retried on the replacement; its files are rewritten and its marker written only
-then. A driver killed half-way leaves complete shards marked; running again with the same run id
-does only the rest.
+Fault tolerance: Ray Data's pool actors restart when their process dies, and the shard they held is
+retried on the replacement. Each attempt is counted in ``_attempts/<shard>.json`` before it starts; a
+shard whose attempts reach ``MAX_SHARD_ATTEMPTS`` (one that kills its actor every time, say by running
+out of memory) is given up: its rows go to the errors table and the run completes, instead of looping
+forever. A retried shard's files are rewritten (atomically, so a straggling first attempt cannot tear
+them) and its marker written only then. A driver killed half-way leaves complete shards marked;
+running again with the same run id does only the rest (and counts attempts afresh).
 
 Storage settings are resolved on the driver (config ``storage:`` section, then the AWS environment
 variables) and handed to the actors, so workers reach the same buckets as the driver.
@@ -37,19 +40,24 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
-from pipeline.clean import RunPlan, ShardCleaner, finish_run, prepare_run, process_shard
-from pipeline.config import CleanConfig
+from pipeline.clean import RunPlan, ShardCleaner, fail_shard, finish_run, prepare_run, process_shard
+from pipeline.config import CleanConfig, ConfigError
 from pipeline.data.accounting import PlannedShard, plan
+
+MAX_SHARD_ATTEMPTS = 3
 
 
 class ShardActor:
     """A pool actor: both priors loaded once; each call cleans the shards of its batch."""
 
-    def __init__(self, cfg: CleanConfig, run: RunPlan, threads: int, crash_once: str | None = None):
+    def __init__(self, cfg: CleanConfig, run: RunPlan, threads: int, crash_once: str | None = None,
+                 crash_shard: str | None = None):
         import ray
         import torch
 
@@ -59,15 +67,23 @@ class ShardActor:
         torch.set_num_threads(threads)
         self.cleaner = ShardCleaner(cfg)
         self.run = run
-        self.crash_once = crash_once
+        self.crash_once, self.crash_shard = crash_once, crash_shard
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
 
     def _maybe_crash(self, shard: str) -> None:
-        # Test hook: the first actor to get here (outputs written, marker not yet) dies for real.
-        if self.crash_once and not os.path.exists(self.crash_once):
-            with open(self.crash_once, "w") as f:
-                f.write(f"{os.getpid()} {shard}\n")
+        # Test hooks: the first actor to get here (outputs written, marker not yet) dies for real, or
+        # every actor that gets here with `crash_shard`.
+        if shard == self.crash_shard:
             os._exit(1)
+        if not self.crash_once:
+            return
+        try:
+            fd = os.open(self.crash_once, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # exactly one actor wins
+        except FileExistsError:
+            return
+        os.write(fd, f"{os.getpid()} {shard}\n".encode())
+        os.close(fd)
+        os._exit(1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {k: [] for k in ("shard", "cleaned", "errors", "seconds", "pid", "device",
@@ -75,7 +91,12 @@ class ShardActor:
         for i in range(len(batch["name"])):
             shard = PlannedShard(str(batch["uri"][i]), str(batch["name"][i]), False, int(batch["size"][i]))
             dups = {int(k): v for k, v in json.loads(str(batch["duplicates"][i])).items()}
-            res = process_shard(self.cleaner, self.run, shard, duplicates=dups, before_marker=self._maybe_crash)
+            attempt = count_attempt(self.run, shard.name)
+            if attempt > MAX_SHARD_ATTEMPTS:
+                res = fail_shard(self.cleaner, self.run, shard, f"gave up after {MAX_SHARD_ATTEMPTS} attempts: the "
+                                 "worker cleaning this shard died each time (out of memory? a crash in a decoder?)")
+            else:
+                res = process_shard(self.cleaner, self.run, shard, duplicates=dups, before_marker=self._maybe_crash)
             for k in ("shard", "cleaned", "errors", "seconds"):
                 out[k].append(res[k])
             out["pid"].append(os.getpid())
@@ -84,9 +105,25 @@ class ShardActor:
         return out
 
 
+def count_attempt(run: RunPlan, shard: str) -> int:
+    """Record one more attempt at ``shard`` in ``_attempts/`` and return its number in this driver
+    session (1 for the first; attempts of an earlier, interrupted session do not count).
+
+    One actor holds a shard at a time, so a plain read-then-write is enough."""
+    from pipeline.data.storage import join, open_fs, write_atomic
+
+    uri = join(run.run_uri, "_attempts", shard.replace(".parquet", ".json"))
+    session = run.started_at.isoformat()
+    fs, path = open_fs(uri)
+    last = json.loads(fs.cat_file(path)) if fs.exists(path) else {}
+    n = last.get("attempts", 0) + 1 if last.get("session") == session else 1
+    write_atomic(uri, json.dumps({"attempts": n, "session": session, "pid": os.getpid()}).encode())
+    return n
+
+
 def init_ray(address: str | None = None) -> bool:
-    """Connect to ``address`` (else ``RAY_ADDRESS``), or start an in-process local Ray; reuse a Ray
-    already initialised in this process. Returns whether this call started it."""
+    """Connect to ``address`` (else ``RAY_ADDRESS``), or start a new in-process local Ray; reuse a Ray
+    already initialised in this process. Returns whether this call started or connected it."""
     import ray
 
     if ray.is_initialized():
@@ -94,39 +131,72 @@ def init_ray(address: str | None = None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address)
-    else:
-        ray.init(include_dashboard=False)
+    else:  # "local": a new instance, never a cluster that `ray start` left running on this machine
+        ray.init(address="local", include_dashboard=False)
     return True
+
+
+@contextmanager
+def ray_session(address: str | None = None) -> Iterator[None]:
+    """:func:`init_ray` for the duration of a block; shut down on exit only if the block started it."""
+    import ray
+
+    started = init_ray(address)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
 @dataclasses.dataclass
 class JobStats:
-    shards: list[dict[str, Any]]  # one result per shard cleaned: shard, cleaned, errors, seconds, pid, device
+    shards: list[dict[str, Any]]  # per shard cleaned: shard, cleaned, errors, seconds, pid, device, gpu_ids
     processed: int  # images cleaned by this job
     seconds: float  # wall time of the Ray part (actor start-up included)
     actors: int
     gpus_per_actor: float
     threads_per_actor: int
 
+    @classmethod
+    def empty(cls) -> JobStats:
+        return cls([], 0, 0.0, 0, 0.0, 0)
+
 
 def actor_layout(cfg: CleanConfig, n_pending: int) -> tuple[int, float, int]:
-    """``(actors, gpus per actor, threads per actor)`` from the config and the cluster's resources."""
+    """``(actors, gpus per actor, threads per actor)`` from the config and the live nodes' resources.
+
+    Defaults: one actor per GPU when the cluster has GPUs (each also holds ``threads`` CPUs, 2 by
+    default); otherwise CPU actors of ``min(4, CPUs of the largest node)`` threads, as many as fit on
+    the nodes. An explicit choice that no node can host fails here rather than waiting forever.
+    """
     import ray
 
-    res = ray.cluster_resources()
-    cpus, gpus = max(1, int(res.get("CPU", 1))), float(res.get("GPU", 0))
-    g = cfg.ray.gpus_per_actor if cfg.ray.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
-    threads = cfg.ray.threads_per_actor or (2 if g else min(4, cpus))
-    actors = cfg.ray.actors or (max(1, int(gpus // g)) if g else max(1, cpus // threads))
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")] or [ray.cluster_resources()]
+    node_cpus = [int(n.get("CPU", 0)) for n in nodes]
+    node_gpus = [int(n.get("GPU", 0)) for n in nodes]
+    r = cfg.ray
+    g = r.gpus_per_actor if r.gpus_per_actor is not None else (1.0 if max(node_gpus) >= 1 else 0.0)
+    threads = r.threads_per_actor or (2 if g else max(1, min(4, max(node_cpus))))
+    if g > max(node_gpus):
+        raise ConfigError(f"ray.gpus_per_actor={g:g} but no live node has that many GPUs ({max(node_gpus)} at most); "
+                          "set ray.gpus_per_actor: 0 to run on CPUs")
+    if threads > max(node_cpus):
+        raise ConfigError(f"ray.threads_per_actor={threads} but no live node has that many CPUs "
+                          f"({max(node_cpus)} at most)")
+    fit = sum(min(c // threads, int(gp // g) if g else c // threads) for c, gp in zip(node_cpus, node_gpus))
+    actors = r.actors or max(1, fit)
     return max(1, min(actors, n_pending)), g, threads
 
 
-def run_job(run: RunPlan, cfg: CleanConfig, progress: bool = True, crash_once: str | None = None) -> JobStats:
+def run_job(run: RunPlan, cfg: CleanConfig, progress: bool = True, crash_once: str | None = None,
+            crash_shard: str | None = None) -> JobStats:
     """Clean the run's pending shards on the actor pool (Ray must be initialised, see :func:`init_ray`).
 
     Shards completed since ``run`` was planned (by a concurrent or failed-then-retried attempt) are
-    skipped. ``crash_once`` is a test hook: a file path; the first actor to finish writing a shard's
-    outputs creates it and exits its process (``os._exit``), as a killed worker would.
+    skipped. ``crash_once`` and ``crash_shard`` are test hooks: a file path that the first actor to
+    finish writing a shard's outputs creates before it exits its process (``os._exit``), as a killed
+    worker would; a shard name whose every attempt kills its actor so.
     """
     import ray
     from ray.data import ActorPoolStrategy, DataContext
@@ -136,36 +206,45 @@ def run_job(run: RunPlan, cfg: CleanConfig, progress: bool = True, crash_once: s
     done_now = {s.name for s in plan(run.input_uri, run.run_uri) if s.done}
     pending = [s for s in run.pending if s.name not in done_now]
     if not pending:
-        return JobStats([], 0, time.perf_counter() - t0, 0, 0.0, 0)
+        return JobStats.empty()
     actors, gpus, threads = actor_layout(cfg, len(pending))
-    cfg = cfg.model_copy(update={"storage": cfg.storage.resolved()})
+    update: dict[str, Any] = {"storage": cfg.storage.resolved()}
+    if not gpus and cfg.device == "auto":  # an actor without a GPU slot must not take a GPU it sees
+        update["device"] = "cpu"
+    cfg = cfg.model_copy(update=update)
     light = dataclasses.replace(run, shards=[], duplicates={})  # per-shard duplicates travel with each item
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False  # our own bar below counts images
     items = [{"uri": s.uri, "name": s.name, "size": s.size,
               "duplicates": json.dumps(run.duplicates.get(s.name, {}))} for s in pending]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    results = ds.map_batches(
-        ShardActor, batch_size=1,
-        compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
-        num_gpus=gpus, num_cpus=threads,
-        fn_constructor_kwargs={"cfg": cfg, "run": light, "threads": threads, "crash_once": crash_once})
     where = "GPU" if gpus else "CPU"
     print(f"clean {run.run_id}: {len(pending)} shard(s) on {actors} {where} actor(s) "
           f"({gpus:g} GPU, {threads} thread(s) each)", file=sys.stderr)
+    ctx = DataContext.get_current()
+    bars = ctx.enable_progress_bars
+    ctx.enable_progress_bars = False  # our own bar below counts images
     shards: list[dict[str, Any]] = []
-    with tqdm(total=run.pending_rows, desc=f"clean {run.run_id}", unit="img", disable=not progress) as bar:
-        for row in results.iter_rows():
-            row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
-            shards.append(row)
-            bar.update(int(row["cleaned"]) + int(row["errors"]))
-            bar.set_postfix(shards=f"{len(shards)}/{len(pending)}")
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        results = ds.map_batches(
+            ShardActor, batch_size=1,
+            compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
+            num_gpus=gpus, num_cpus=threads,
+            fn_constructor_kwargs={"cfg": cfg, "run": light, "threads": threads, "crash_once": crash_once,
+                                   "crash_shard": crash_shard})
+        total = sum(run.rows.get(s.name, 1) for s in pending)
+        with tqdm(total=total, desc=f"clean {run.run_id}", unit="img", disable=not progress) as bar:
+            for row in results.iter_rows():
+                row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+                shards.append(row)
+                bar.update(int(row["cleaned"]) + int(row["errors"]))
+                bar.set_postfix(shards=f"{len(shards)}/{len(pending)}")
+    finally:
+        ctx.enable_progress_bars = bars
     processed = sum(int(r["cleaned"]) for r in shards)
     return JobStats(shards, processed, time.perf_counter() - t0, actors, gpus, threads)
 
 
 def run_clean(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None = None, progress: bool = True,
-              crash_once: str | None = None) -> dict[str, Any]:
+              crash_once: str | None = None, crash_shard: str | None = None) -> dict[str, Any]:
     """The whole run: plan, clean the pending shards on Ray, check the accounting, append the summary.
 
     Returns the summary row plus ``shards``, ``skipped_shards``, ``output`` (the run's URI),
@@ -176,16 +255,10 @@ def run_clean(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None 
     t0 = time.perf_counter()
     storage.configure(cfg.storage)
     run = prepare_run(input_uri, output, cfg, run_id)
-    stats = JobStats([], 0, 0.0, 0, 0.0, 0)
+    stats = JobStats.empty()
     if run.pending:
-        started = init_ray(cfg.ray.address)
-        try:
-            stats = run_job(run, cfg, progress=progress, crash_once=crash_once)
-        finally:
-            if started:
-                import ray
-
-                ray.shutdown()
+        with ray_session(cfg.ray.address):
+            stats = run_job(run, cfg, progress=progress, crash_once=crash_once, crash_shard=crash_shard)
     summary = finish_run(run, cfg, stats.processed, "ray", time.perf_counter() - t0)
     summary["job"] = dataclasses.asdict(stats)
     return summary

@@ -322,9 +322,10 @@ def process_shard(cleaner: ShardCleaner, run: RunPlan, shard: PlannedShard,
             "seconds": time.perf_counter() - t0}
 
 
-def fail_shard(cleaner: ShardCleaner, run: RunPlan, shard: PlannedShard, reason: str) -> dict[str, Any]:
+def fail_shard(cfg: CleanConfig, run: RunPlan, shard: PlannedShard, reason: str) -> dict[str, Any]:
     """Give up on a shard: every row of it to the errors table (one row -1 if it cannot be read), its
-    other outputs empty, and its marker, so the run completes and the accounting holds."""
+    other outputs empty, and its marker, so the run completes and the accounting holds. Needs no model,
+    so it works even when loading the models is what kills the worker."""
     from pipeline.data.shards import ShardError
 
     res = ShardResult()
@@ -334,7 +335,7 @@ def fail_shard(cleaner: ShardCleaner, run: RunPlan, shard: PlannedShard, reason:
         ids = None
     for row, id_ in ([(-1, None)] if ids is None else enumerate(ids)):
         res.errors.append(error_row(run.run_id, run.dataset, shard.name, row, id_, "sample", reason))
-    write_shard_outputs(run.output, run.run_id, run.dataset, shard.name, res, cleaner.cfg, cleaner.model_ids)
+    write_shard_outputs(run.output, run.run_id, run.dataset, shard.name, res, cfg, model_ids="")  # no rows
     mark_done(run.run_uri, shard.name, {"run_id": run.run_id, "cleaned": 0, "errors": len(res.errors),
                                         "input_size": shard.size, "failed": reason})
     return {"shard": shard.name, "cleaned": 0, "errors": len(res.errors), "seconds": 0.0}

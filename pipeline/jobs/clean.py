@@ -106,14 +106,14 @@ class ShardActor:
             dups = {int(k): v for k, v in json.loads(str(batch["duplicates"][i])).items()}
             attempt = count_attempt(self.run, shard.name)
             if attempt > MAX_SHARD_ATTEMPTS:
-                res = fail_shard(self.cleaner, self.run, shard, f"gave up after {MAX_SHARD_ATTEMPTS} attempts: the "
+                res = fail_shard(self.cfg, self.run, shard, f"gave up after {MAX_SHARD_ATTEMPTS} attempts: the "
                                  "worker cleaning this shard died each time (out of memory? a crash in a decoder?)")
             else:
                 res = process_shard(self.cleaner, self.run, shard, duplicates=dups, before_marker=self._maybe_crash)
             for k in ("shard", "cleaned", "errors", "seconds"):
                 out[k].append(res[k])
             out["pid"].append(os.getpid())
-            out["device"].append(self.cleaner.device)
+            out["device"].append(self._cleaner.device if self._cleaner else self.cfg.device)
             out["gpu_ids"].append(",".join(self.gpu_ids))
         return out
 

@@ -9,6 +9,7 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -48,8 +49,20 @@ def load_train_data(config: PriorConfig) -> tuple[Any, torch.Tensor, bool]:
     return train_set, to_network(torch.from_numpy(train_set.images)).to(config.train.device), random_channel
 
 
+def images_hash(images: Any) -> str:
+    """A short hash of the training images' ids and pixels (the card's ``dataset_hash``)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for id_ in images.ids:
+        h.update(str(id_).encode() + b"\0")
+    h.update(np.ascontiguousarray(images.images).tobytes())
+    return h.hexdigest()[:16]
+
+
 def finish_training(config: PriorConfig, trainer: Trainer, summary: dict[str, Any], n_train_images: int,
-                    random_channel: bool, extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+                    random_channel: bool, extra_meta: dict[str, Any] | None = None,
+                    dataset_hash: str | None = None) -> dict[str, Any]:
     """Held-out loss, the training card, and the EMA export to ``<output>/model``; returns the summary."""
     d, tc = config.data, config.train
     heldout = None
@@ -62,6 +75,7 @@ def finish_training(config: PriorConfig, trainer: Trainer, summary: dict[str, An
         heldout = heldout_loss(trainer.ema.model, trainer.sde, test.to(tc.device))
     meta = {
         "name": config.name, "dataset": d.source, "split": d.split, "n_train_images": n_train_images,
+        "dataset_hash": dataset_hash,
         "size": d.size, "channels": d.channels, "steps": trainer.step_count,
         "final_loss": summary["final_loss"], "heldout_loss": heldout,
         "heldout_loss_definition": "DSM loss of the EMA model on the test split at 10 times in [eps, 1], "
@@ -107,7 +121,8 @@ def train_prior(config: PriorConfig, progress: bool = True, stop_after: int | No
     summary["seconds_total"] = trainer.train_seconds
     if trainer.step_count < tc.steps:
         return summary
-    summary = finish_training(config, trainer, summary, len(train_set), random_channel)
+    summary = finish_training(config, trainer, summary, len(train_set), random_channel,
+                              dataset_hash=images_hash(train_set))
     summary["export_seconds"] = time.perf_counter() - t0 - summary["seconds"]
     return summary
 

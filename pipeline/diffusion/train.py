@@ -104,7 +104,8 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step_count, tc.lr, tc.warmup_steps)
         self.model.train()
-        loss = random_dsm_loss(self.net or self.model, self.sde, x0, self.generator)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
+            loss = random_dsm_loss(self.net or self.model, self.sde, x0, self.generator).float()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
@@ -116,6 +117,13 @@ class Trainer:
             raise FloatingPointError(f"loss became {value} at step {self.step_count}; lower train.lr")
         self.losses.append(value)
         return value
+
+    def prepare_net(self, wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> None:
+        """Set what the loss runs through: the model, wrapped (e.g. DDP) and/or compiled as configured."""
+        net = wrap(self.model) if wrap is not None else self.model
+        if self.config.train.compile:
+            net = torch.compile(net)
+        self.net = net if net is not self.model else None
 
     # ------------------------------------------------------------- state
     def save_state(self, root: str) -> str:
@@ -250,6 +258,7 @@ def fit(trainer: Trainer, data: torch.Tensor, output: str,
     """
     tc = trainer.config.train
     resumed = trainer.load_state(output)
+    trainer.prepare_net()
     if after_resume is not None:
         after_resume(trainer)
     start_step = trainer.step_count

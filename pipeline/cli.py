@@ -19,6 +19,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pipeline.training import train_prior
 
     config = load_config(PriorConfig, args.config, args.set, section=args.section)
+    if args.ray_address or args.workers:
+        from pipeline.jobs.train_prior import train_distributed
+
+        workers = args.workers or 2
+        print(f"training prior '{config.name}' on {workers} Ray Train worker(s) for {config.train.steps} steps "
+              f"-> {config.output}", file=sys.stderr)
+        meta = train_distributed(config, num_workers=workers, use_gpu=args.gpu, ray_address=args.ray_address,
+                                 registry=args.registry)
+        print(f"done: {meta['steps']} steps, final loss {meta['final_loss']:.4f}; model in {config.output}/model"
+              + (f", published as {meta['published']}" if meta.get("published") else ""), file=sys.stderr)
+        print(json.dumps(meta, default=str))
+        return 0
     print(f"training prior '{config.name}' on {config.data.source}/{config.data.split} "
           f"for {config.train.steps} steps -> {config.output}", file=sys.stderr)
     try:
@@ -27,6 +39,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"\ninterrupted at step {stop.step}; the training state is saved in {config.output}/state. "
               "Run the same command again to resume.", file=sys.stderr)
         return 130
+    if summary["steps"] >= config.train.steps and args.registry:
+        from pipeline.registry import publish
+
+        summary["published"] = publish(f"{config.output}/model", args.registry, config.name)
     if summary["steps"] >= config.train.steps:
         print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
               f"held-out loss {summary.get('heldout_loss') or float('nan'):.4f}, "
@@ -258,6 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.steps=100 (repeatable)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--ray-address", default=None, help="train data-parallel on this Ray cluster (Ray Train, DDP); "
+                   "without it and without --workers, training stays in this process")
+    t.add_argument("--workers", type=int, default=None, help="Ray Train workers (default 2 with --ray-address; "
+                   "alone, on an in-process local Ray)")
+    t.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker (NCCL)")
+    t.add_argument("--registry", default=None, help="publish the final model to ROOT/models/NAME/VERSION/ "
+                   "(and point ROOT/models/NAME/latest at it)")
     t.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("sample", help="draw unconditional samples from a prior into a PNG grid")

@@ -61,6 +61,9 @@ class TrainConfig(_Strict):
     log_every: int = Field(25, ge=1)
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     device: str = "cpu"
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: the forward and backward pass under "
+                                                                  "bfloat16 autocast (weights, EMA, optimiser in fp32)")
+    compile: bool = Field(False, description="torch.compile the network (GPUs; slow to start on a CPU)")
 
 
 class PriorConfig(_Strict):

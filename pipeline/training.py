@@ -9,6 +9,7 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -34,15 +35,8 @@ def to_network(images: torch.Tensor) -> torch.Tensor:
     return images * 2.0 - 1.0
 
 
-def train_prior(config: PriorConfig, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
-    """Train ``config`` to its step count (resuming), export the EMA model to ``<output>/model``.
-
-    Returns the summary (also written into the model's ``config.json`` meta). With ``stop_after``
-    the call ends early (no export), as an interrupted run would.
-    """
-    tc = config.train
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
+def load_train_data(config: PriorConfig) -> tuple[Any, torch.Tensor, bool]:
+    """The training images: ``(ImageSet, network-space tensor on the device, grey-to-random-channel)``."""
     d = config.data
     random_channel = d.grey_to_rgb == "random" and d.channels == 3
     # grey_to_rgb=random: load grey, and the trainer draws each example into a random channel
@@ -52,7 +46,60 @@ def train_prior(config: PriorConfig, progress: bool = True, stop_after: int | No
         raise ValueError(f"data gives {train_set.images.shape[1:]} images but the U-Net expects "
                          f"({config.unet.channels}, {config.unet.image_size}, {config.unet.image_size}); "
                          "set data.size/data.channels and unet.image_size/unet.channels alike")
-    data = to_network(torch.from_numpy(train_set.images)).to(tc.device)
+    return train_set, to_network(torch.from_numpy(train_set.images)).to(config.train.device), random_channel
+
+
+def images_hash(images: Any) -> str:
+    """A short hash of the training images' ids and pixels (the card's ``dataset_hash``)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for id_ in images.ids:
+        h.update(str(id_).encode() + b"\0")
+    h.update(np.ascontiguousarray(images.images).tobytes())
+    return h.hexdigest()[:16]
+
+
+def finish_training(config: PriorConfig, trainer: Trainer, summary: dict[str, Any], n_train_images: int,
+                    random_channel: bool, extra_meta: dict[str, Any] | None = None,
+                    dataset_hash: str | None = None) -> dict[str, Any]:
+    """Held-out loss, the training card, and the EMA export to ``<output>/model``; returns the summary."""
+    d, tc = config.data, config.train
+    heldout = None
+    if d.source in NAMES:
+        test = to_network(torch.from_numpy(load_images(d.source, "test", d.size, 1 if random_channel else d.channels)
+                                           .images))
+        if random_channel:  # test image k in channel k mod 3, as training draws them
+            onehot = torch.eye(3)[torch.arange(len(test)) % 3][:, :, None, None]
+            test = onehot * test + (onehot - 1)
+        heldout = heldout_loss(trainer.ema.model, trainer.sde, test.to(tc.device))
+    meta = {
+        "name": config.name, "dataset": d.source, "split": d.split, "n_train_images": n_train_images,
+        "dataset_hash": dataset_hash,
+        "size": d.size, "channels": d.channels, "steps": trainer.step_count,
+        "final_loss": summary["final_loss"], "heldout_loss": heldout,
+        "heldout_loss_definition": "DSM loss of the EMA model on the test split at 10 times in [eps, 1], "
+                                   "noise seed 0",
+        "train_seconds": trainer.train_seconds, "parameters": count_parameters(trainer.model),
+        "train_config": config.train.model_dump(), "git_commit": git_commit(),
+        "created_by": getpass.getuser(), "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **(extra_meta or {}),
+    }
+    trainer.export(join(config.output, "model"), meta)
+    summary.update(meta)
+    return summary
+
+
+def train_prior(config: PriorConfig, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+    """Train ``config`` to its step count (resuming), export the EMA model to ``<output>/model``.
+
+    Returns the summary (also written into the model's ``config.json`` meta). With ``stop_after``
+    the call ends early (no export), as an interrupted run would.
+    """
+    tc = config.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    train_set, data, random_channel = load_train_data(config)
     trainer = Trainer(config, tc.device)
     bar = None
     if progress:
@@ -74,26 +121,8 @@ def train_prior(config: PriorConfig, progress: bool = True, stop_after: int | No
     summary["seconds_total"] = trainer.train_seconds
     if trainer.step_count < tc.steps:
         return summary
-    heldout = None
-    if d.source in NAMES:
-        test = to_network(torch.from_numpy(load_images(d.source, "test", d.size, 1 if random_channel else d.channels)
-                                           .images))
-        if random_channel:  # test image k in channel k mod 3, as training draws them
-            onehot = torch.eye(3)[torch.arange(len(test)) % 3][:, :, None, None]
-            test = onehot * test + (onehot - 1)
-        heldout = heldout_loss(trainer.ema.model, trainer.sde, test.to(tc.device))
-    meta = {
-        "name": config.name, "dataset": d.source, "split": d.split, "n_train_images": len(train_set),
-        "size": d.size, "channels": d.channels, "steps": trainer.step_count,
-        "final_loss": summary["final_loss"], "heldout_loss": heldout,
-        "heldout_loss_definition": "DSM loss of the EMA model on the test split at 10 times in [eps, 1], "
-                                   "noise seed 0",
-        "train_seconds": trainer.train_seconds, "parameters": count_parameters(trainer.model),
-        "train_config": config.train.model_dump(), "git_commit": git_commit(),
-        "created_by": getpass.getuser(), "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    trainer.export(join(config.output, "model"), meta)
-    summary.update(meta)
+    summary = finish_training(config, trainer, summary, len(train_set), random_channel,
+                              dataset_hash=images_hash(train_set))
     summary["export_seconds"] = time.perf_counter() - t0 - summary["seconds"]
     return summary
 

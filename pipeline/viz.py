@@ -39,3 +39,25 @@ def save_png(mosaic: np.ndarray, uri: str | Path) -> None:
 
 def save_grid(images: np.ndarray, uri: str | Path, nrow: int = 8, scale: int = 2) -> None:
     save_png(grid(images, nrow=nrow, scale=scale), uri)
+
+
+def loss_curve(losses: list[float], width: int = 480, height: int = 200, smooth: int = 25) -> np.ndarray:
+    """A line plot of training losses (moving average over ``smooth`` steps, log scale) as an
+    (H, W, 3) uint8 image; no plotting library needed."""
+    from PIL import Image, ImageDraw
+
+    v = np.log10(np.maximum(np.asarray(losses, dtype=np.float64), 1e-12))
+    if smooth > 1 and len(v) >= smooth:
+        v = np.convolve(v, np.ones(smooth) / smooth, mode="valid")
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    m = 24
+    lo, hi = (float(v.min()), float(v.max())) if len(v) else (0.0, 1.0)
+    hi = hi if hi > lo else lo + 1.0
+    pts = [(m + (width - 2 * m) * k / max(len(v) - 1, 1), height - m - (height - 2 * m) * (x - lo) / (hi - lo))
+           for k, x in enumerate(v)]
+    draw.rectangle([m, m, width - m, height - m], outline="grey")
+    if len(pts) > 1:
+        draw.line(pts, fill="navy", width=2)
+    draw.text((m, 4), f"log10 loss {10**hi:.3g} .. {10**lo:.3g}, {len(losses)} steps", fill="black")
+    return np.asarray(img)

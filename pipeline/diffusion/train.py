@@ -77,6 +77,9 @@ class Trainer:
         self.step_count = 0
         self.losses: list[float] = []
         self.train_seconds = 0.0  # wall time over all (resumed) sessions
+        # what the loss runs through: the model itself, or a DistributedDataParallel wrapper of it that
+        # Ray Train sets (pipeline.jobs.train_prior); EMA, checkpoints and export always use self.model
+        self.net: torch.nn.Module | None = None
 
     # ------------------------------------------------------------- one step
     def draw_batch(self, data: torch.Tensor) -> torch.Tensor:
@@ -101,7 +104,8 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step_count, tc.lr, tc.warmup_steps)
         self.model.train()
-        loss = random_dsm_loss(self.model, self.sde, x0, self.generator)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
+            loss = random_dsm_loss(self.net or self.model, self.sde, x0, self.generator).float()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
@@ -113,6 +117,13 @@ class Trainer:
             raise FloatingPointError(f"loss became {value} at step {self.step_count}; lower train.lr")
         self.losses.append(value)
         return value
+
+    def prepare_net(self, wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> None:
+        """Set what the loss runs through: the model, wrapped (e.g. DDP) and/or compiled as configured."""
+        net = wrap(self.model) if wrap is not None else self.model
+        if self.config.train.compile:
+            net = torch.compile(net)
+        self.net = net if net is not self.model else None
 
     # ------------------------------------------------------------- state
     def save_state(self, root: str) -> str:
@@ -235,15 +246,21 @@ def _defer_sigint() -> Iterator[list[bool]]:
 
 def fit(trainer: Trainer, data: torch.Tensor, output: str,
         on_step: Callable[[int, float], None] | None = None,
-        stop_after: int | None = None) -> dict[str, Any]:
+        stop_after: int | None = None, chief: bool = True,
+        after_resume: Callable[[Trainer], None] | None = None) -> dict[str, Any]:
     """Train until ``config.train.steps`` (resuming from ``output`` if a state exists).
 
     ``on_step(step, loss)`` is called after each step (progress bars live in the caller).
     ``stop_after`` ends the call after that many new steps (for tests that interrupt a run).
+    Data-parallel workers pass ``chief=False`` on all but one rank (only the chief writes states) and
+    ``after_resume`` to wrap the (re)loaded model for DDP.
     Returns a summary dict (steps, final loss, seconds).
     """
     tc = trainer.config.train
     resumed = trainer.load_state(output)
+    trainer.prepare_net()
+    if after_resume is not None:
+        after_resume(trainer)
     start_step = trainer.step_count
     t0 = time.perf_counter()
     new = 0
@@ -255,11 +272,11 @@ def fit(trainer: Trainer, data: torch.Tensor, output: str,
             new += 1
             if on_step is not None:
                 on_step(trainer.step_count, loss)
-            if trainer.step_count % tc.checkpoint_every == 0 or trainer.step_count == tc.steps:
+            if chief and (trainer.step_count % tc.checkpoint_every == 0 or trainer.step_count == tc.steps):
                 trainer.save_state(output)
             if interrupted:
                 # Ctrl-C: the step in flight finished; keep it, then stop.
-                if trainer.step_count % tc.checkpoint_every:
+                if chief and trainer.step_count % tc.checkpoint_every:
                     trainer.save_state(output)
                 raise TrainingInterrupted(trainer.step_count)
     seconds = time.perf_counter() - t0

@@ -14,7 +14,8 @@ _HERE = Path(__file__).resolve().parent
 
 
 def resolve_model(name_or_uri: str) -> str:
-    """A shipped prior's folder for a bare name, else the URI unchanged."""
+    """A shipped prior's folder for a bare name; a registry's ``.../models/<name>/latest`` resolved to
+    its newest version; else the URI unchanged."""
     if name_or_uri in SHIPPED:
         folder = _HERE / name_or_uri
         if not (folder / "weights.safetensors").exists():
@@ -22,4 +23,6 @@ def resolve_model(name_or_uri: str) -> str:
                 f"shipped prior '{name_or_uri}' is missing from {folder}; reinstall jointdiff or train it "
                 f"with: jointdiff train --config configs/prior_{name_or_uri}.yaml")
         return str(folder)
-    return name_or_uri
+    from pipeline.registry import resolve_latest
+
+    return resolve_latest(name_or_uri)

@@ -1,0 +1,81 @@
+"""Prefect flow ``train-priors``: train the image prior and the noise prior with Ray Train, publish both.
+
+Each prior is one task (``train_one``, one retry: a retry resumes from the
+latest training state). Both run at once when the Ray cluster has CPUs (or GPUs) for both worker
+groups, else one after the other. Each trained prior is published to the registry, and the flow
+emits a markdown artifact per prior with its card, loss curve and a grid of unconditional samples.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from pipeline.config import PriorConfig, load_config
+from pipeline.jobs.clean import ray_session
+from pipeline.jobs.train_prior import train_distributed
+
+
+@task(retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def train_one(config: PriorConfig, workers: int, use_gpu: bool, registry: str) -> dict[str, Any]:
+    meta = train_distributed(config, num_workers=workers, use_gpu=use_gpu, registry=registry)
+    print(f"prior {config.name}: {meta['steps']} steps, final loss {meta['final_loss']:.4f}, "
+          f"published as {meta['published']}")
+    return meta
+
+
+def _png(mosaic: Any) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(mosaic[:, :, 0] if mosaic.shape[2] == 1 else mosaic).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def publish_artifact(config: PriorConfig, meta: dict[str, Any], n_samples: int = 16, steps: int = 100) -> None:
+    """Card, loss curve and unconditional samples of one published prior, as a markdown artifact."""
+    from pipeline.data.storage import join
+    from pipeline.diffusion.checkpoint import load_model, read_json
+    from pipeline.diffusion.sampling import sample
+    from pipeline.viz import grid, loss_curve
+
+    state = read_json(join(config.output, "state", "latest.json"))
+    losses = read_json(join(config.output, "state", state["dir"], "state.json"))["losses"]
+    model, sde, _ = load_model(meta["published"])
+    samples = sample(model, sde, n_samples, steps, seed=0).numpy()
+    card = "\n".join(f"| {k} | {meta.get(k)} |" for k in ("steps", "final_loss", "heldout_loss", "workers",
+                                                          "dataset", "dataset_hash", "git_commit", "created_at"))
+    sheet = _png(grid(samples, 8, scale=2))
+    create_markdown_artifact(
+        f"# Prior `{config.name}`\n\npublished: `{meta['published']}`\n\n| key | value |\n| --- | --- |\n{card}\n\n"
+        f"## Loss\n\n![loss](data:image/png;base64,{_png(loss_curve(losses))})\n\n"
+        f"## {n_samples} samples ({steps} steps)\n\n![samples](data:image/png;base64,{sheet})",
+        key=f"prior-{''.join(c if c.isalnum() else '-' for c in config.name.lower())}",
+        description=f"Training of prior {config.name}")
+
+
+@flow(name="train-priors", log_prints=True)
+def train_priors(image_config: str, noise_config: str, registry: str, workers: int = 2, use_gpu: bool = False,
+                 ray_address: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train both priors (configs are YAML paths; ``overrides`` apply to both) and publish them to
+    ``registry``; returns ``{name: card}``."""
+    import ray
+
+    configs = [load_config(PriorConfig, path, overrides or []) for path in (image_config, noise_config)]
+    with ray_session(ray_address):
+        res = ray.cluster_resources()
+        need = [workers * (1 if use_gpu else (c.train.threads or 1)) for c in configs]
+        have = res.get("GPU", 0) if use_gpu else res.get("CPU", 0)
+        if sum(need) <= have:  # room for both worker groups: train them at once
+            futures = [train_one.submit(c, workers, use_gpu, registry) for c in configs]
+            metas = [f.result() for f in futures]
+        else:
+            metas = [train_one(c, workers, use_gpu, registry) for c in configs]
+    for c, m in zip(configs, metas):
+        publish_artifact(c, m)
+    return {c.name: m for c, m in zip(configs, metas)}

@@ -1,0 +1,121 @@
+"""Ray Train data-parallel training (pipeline.jobs.train_prior) — work in progress for issue 6."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from pipeline.diffusion.checkpoint import load_model
+from pipeline.jobs.train_prior import train_distributed
+from pipeline.training import train_prior
+from tests.conftest import tiny_config
+
+
+def test_one_worker_gives_the_weights_of_single_process_training(ray_local, tmp_path):
+    single = tiny_config(str(tmp_path / "single"), steps=4, checkpoint_every=2, threads=1)
+    train_prior(single, progress=False)
+    dist = single.model_copy(update={"output": str(tmp_path / "dist")})
+    card = train_distributed(dist, num_workers=1)
+    assert card["steps"] == 4 and card["workers"] == 1
+    a, _, _ = load_model(str(tmp_path / "single" / "model"))
+    b, _, _ = load_model(str(tmp_path / "dist" / "model"))
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_two_workers_train_and_publish_a_model_that_loads(ray_local, tmp_path):
+    cfg = tiny_config(str(tmp_path / "two"), steps=30, checkpoint_every=10, threads=1, lr=2e-3)
+    card = train_distributed(cfg, num_workers=2)
+    assert card["workers"] == 2 and card["steps"] == 30
+    model, _, meta = load_model(str(tmp_path / "two" / "model"))
+    state = json.loads((tmp_path / "two" / "state" / "step-0000030" / "state.json").read_text())
+    losses = state["losses"]  # rank 0's losses, each the DSM loss of its half of the data
+    assert len(losses) == 30 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+def test_two_workers_on_s3_checkpoint_and_publish_to_the_registry_and_the_sampler_loads_latest(
+        s3, ray_local, tmp_path):
+    from pipeline.data.embedded import load_embedded
+    from pipeline.data.shards import write_image_shards
+    from pipeline.data.storage import open_fs
+    from pipeline.diffusion.sampling import sample
+    from pipeline.priors import resolve_model
+    from pipeline.registry import card
+
+    bucket, _ = s3
+    digits = load_embedded("digits", "train", 16, n=400)
+    write_image_shards(f"{bucket}/digits", digits.ids, digits.images, shard_size=100)  # 4 shards: 2 per worker
+    cfg = tiny_config(f"{bucket}/train/tiny", steps=30, checkpoint_every=10, threads=1, lr=2e-3)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": f"{bucket}/digits"})})
+    meta = train_distributed(cfg, num_workers=2, registry=f"{bucket}/registry")
+    fs, _ = open_fs(bucket)
+    root = bucket.removeprefix("s3://")
+    assert fs.exists(f"{root}/train/tiny/state/step-0000030/model.safetensors")
+    losses = json.loads(fs.cat_file(f"{root}/train/tiny/state/step-0000030/state.json"))["losses"]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5  # the loss goes down
+    assert meta["n_train_images"] == 400  # both workers' shards counted
+    assert meta["published"].startswith(f"{bucket}/registry/models/tiny/v")
+    latest = resolve_model(f"{bucket}/registry/models/tiny/latest")
+    assert latest == meta["published"]
+    c = card(latest)
+    assert c["steps"] == 30 and c["workers"] == 2 and c["dataset"] == f"{bucket}/digits"
+    assert len(c["dataset_hash"]) == 16 and c["git_commit"]
+    model, sde, _ = load_model(latest)
+    x = sample(model, sde, 2, 3, seed=0)
+    assert x.shape == (2, 1, 16, 16) and torch.isfinite(x).all()
+
+
+def test_running_again_with_more_steps_continues_the_count(ray_local, tmp_path):
+    cfg = tiny_config(str(tmp_path / "r"), steps=4, checkpoint_every=2, threads=1)
+    train_distributed(cfg, num_workers=2)
+    first = json.loads((tmp_path / "r" / "state" / "step-0000004" / "state.json").read_text())["losses"]
+    more = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 6})})
+    meta = train_distributed(more, num_workers=2)
+    losses = json.loads((tmp_path / "r" / "state" / "step-0000006" / "state.json").read_text())["losses"]
+    assert meta["steps"] == 6 and len(losses) == 6 and losses[:4] == first  # no step redone from zero
+
+
+def test_the_train_priors_flow_publishes_both_priors_with_artifacts(prefect_harness, ray_local, tmp_path):
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.train_priors import train_priors
+    from pipeline.registry import resolve_latest
+
+    paths = []
+    for name in ("img", "noise"):
+        cfg = tiny_config(str(tmp_path / name), steps=4, checkpoint_every=2, threads=1)
+        cfg = cfg.model_copy(update={"name": name})
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+        paths.append(str(path))
+    cards = train_priors(paths[0], paths[1], str(tmp_path / "registry"), workers=1)
+    assert set(cards) == {"img", "noise"} and all(c["steps"] == 4 for c in cards.values())
+    for name in ("img", "noise"):
+        latest = resolve_latest(str(tmp_path / "registry" / "models" / name / "latest"))
+        assert latest == cards[name]["published"] and load_model(latest)[2]["name"] == name
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=["prior-img", "prior-noise"])))
+    assert len(arts) == 2 and all("data:image/png;base64," in a.data for a in arts)
+
+
+def test_a_run_stopped_after_a_checkpoint_resumes_without_redoing_steps(ray_local, tmp_path):
+    cfg = tiny_config(str(tmp_path / "s"), steps=6, checkpoint_every=2, threads=1)
+    assert train_distributed(cfg, num_workers=2, stop_after=3) is None  # stopped at step 3; state at step 2
+    state = tmp_path / "s" / "state"
+    assert json.loads((state / "latest.json").read_text())["step"] == 2 and not (tmp_path / "s" / "model").exists()
+    first = json.loads((state / "step-0000002" / "state.json").read_text())["losses"]
+    meta = train_distributed(cfg, num_workers=2)
+    losses = json.loads((state / "step-0000006" / "state.json").read_text())["losses"]
+    assert meta["steps"] == 6 and len(losses) == 6 and losses[:2] == first  # continued from step 2
+
+
+def test_bf16_autocast_trains_with_fp32_weights(tmp_path):
+    cfg = tiny_config(str(tmp_path / "bf16"), steps=3, checkpoint_every=3, threads=1, precision="bf16")
+    summary = train_prior(cfg, progress=False)
+    model, _, _ = load_model(str(tmp_path / "bf16" / "model"))
+    assert summary["steps"] == 3 and 0 < summary["final_loss"] < 10
+    assert all(p.dtype == torch.float32 for p in model.parameters())

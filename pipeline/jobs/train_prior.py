@@ -12,6 +12,10 @@ loss, EMA, optimiser, schedule and checkpoints are those of single-process train
 * only rank 0 writes training states (``<output>/state``) and the final export (``<output>/model``);
   every rank resumes from the latest state, so re-running with the same output continues the run.
 
+``python -m pipeline.jobs.train_prior --config C [--workers N] [--registry ROOT]`` (what ``ray job
+submit`` runs) is ``jointdiff train`` on Ray Train, with 2 workers unless ``--workers`` says otherwise;
+it joins the cluster of ``RAY_ADDRESS`` (set by ``ray job submit``) or starts a local Ray.
+
 """
 
 from __future__ import annotations
@@ -126,3 +130,12 @@ def train_distributed(config: PriorConfig, num_workers: int = 2, use_gpu: bool =
 
         meta["published"] = publish(join(config.output, "model"), registry, config.name)
     return meta
+
+
+if __name__ == "__main__":  # what `ray job submit` runs: `jointdiff train`, always on Ray Train
+    import sys
+
+    from pipeline.cli import main
+
+    argv = sys.argv[1:]
+    sys.exit(main(["train", *argv] + ([] if "--workers" in argv else ["--workers", "2"])))

@@ -28,6 +28,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows import artifact_key
 from pipeline.clean import RunPlan, prepare_run, record_run, verify_run
 from pipeline.config import SECRET_KEYS, CleanConfig, ConfigError, load_config, with_ray
 from pipeline.data import storage
@@ -79,17 +80,13 @@ def record_summary(run: RunPlan, cfg: CleanConfig, acc: Accounting, stats: JobSt
     return record_run(run, cfg, acc, stats.processed, "ray", wall_seconds)
 
 
-def _artifact_key(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:60] or "run"
-
-
 def publish_artifacts(summary: dict[str, Any]) -> None:
     """A table artifact of the summary row and a markdown artifact with the outputs' URIs."""
     shown = ("run_id", "dataset", "inputs", "cleaned", "errors", "processed", "psnr_input_mean", "psnr_mean",
              "psnr_median", "psnr_p05", "ssim_input_mean", "ssim_mean", "ssim_median", "ssim_p05",
              "residual_mean", "images_per_s", "nfe", "models", "config_hash")
     row = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items() if k in shown}
-    create_table_artifact([row], key=f"clean-summary-{_artifact_key(summary['run_id'])}",
+    create_table_artifact([row], key=f"clean-summary-{artifact_key(summary['run_id'])}",
                           description=f"Cleaning run {summary['run_id']} of {summary['dataset']}")
     run = summary["output"]
     create_markdown_artifact(
@@ -100,7 +97,7 @@ def publish_artifacts(summary: dict[str, Any]) -> None:
                    f"- rejected rows: `{run}/errors/`",
                    f"- run history row: `{summary['summary']}`", "",
                    f"{summary['cleaned']} cleaned, {summary['errors']} rejected of {summary['inputs']} rows."]),
-        key=f"clean-outputs-{_artifact_key(summary['run_id'])}", description="Where the run's outputs are")
+        key=f"clean-outputs-{artifact_key(summary['run_id'])}", description="Where the run's outputs are")
 
 
 @flow(name="clean-dataset", log_prints=True)

@@ -9,13 +9,13 @@ emits a markdown artifact per prior with its card, loss curve and a grid of unco
 from __future__ import annotations
 
 import base64
-import io
 from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows import artifact_key
 from pipeline.config import PriorConfig, load_config
 from pipeline.jobs.clean import ray_session
 from pipeline.jobs.train_prior import train_distributed
@@ -30,11 +30,9 @@ def train_one(config: PriorConfig, workers: int, use_gpu: bool, registry: str) -
 
 
 def _png(mosaic: Any) -> str:
-    from PIL import Image
+    from pipeline.viz import png_bytes
 
-    buf = io.BytesIO()
-    Image.fromarray(mosaic[:, :, 0] if mosaic.shape[2] == 1 else mosaic).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
+    return base64.b64encode(png_bytes(mosaic)).decode()
 
 
 def publish_artifact(config: PriorConfig, meta: dict[str, Any], n_samples: int = 16, steps: int = 100) -> None:
@@ -55,7 +53,7 @@ def publish_artifact(config: PriorConfig, meta: dict[str, Any], n_samples: int =
         f"# Prior `{config.name}`\n\npublished: `{meta['published']}`\n\n| key | value |\n| --- | --- |\n{card}\n\n"
         f"## Loss\n\n![loss](data:image/png;base64,{_png(loss_curve(losses))})\n\n"
         f"## {n_samples} samples ({steps} steps)\n\n![samples](data:image/png;base64,{sheet})",
-        key=f"prior-{''.join(c if c.isalnum() else '-' for c in config.name.lower())}",
+        key=f"prior-{artifact_key(config.name)}",
         description=f"Training of prior {config.name}")
 
 

@@ -25,16 +25,24 @@ def grid(images: np.ndarray, nrow: int = 8, pad: int = 2, scale: int = 1, fill: 
     return np.moveaxis(out, 0, -1)
 
 
-def save_png(mosaic: np.ndarray, uri: str | Path) -> None:
+def png_bytes(mosaic: np.ndarray) -> bytes:
+    """An (H, W, C) uint8 mosaic as PNG bytes (grey when C is 1)."""
+    import io
+
     from PIL import Image
 
+    buf = io.BytesIO()
+    Image.fromarray(mosaic[:, :, 0] if mosaic.shape[2] == 1 else mosaic).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_png(mosaic: np.ndarray, uri: str | Path) -> None:
     fs, path = open_fs(str(uri))
     parent = path.rsplit("/", 1)[0]
     if parent and parent != path:
         fs.makedirs(parent, exist_ok=True)
-    img = Image.fromarray(mosaic[:, :, 0] if mosaic.shape[2] == 1 else mosaic)
     with fs.open(path, "wb") as f:
-        img.save(f, format="PNG")
+        f.write(png_bytes(mosaic))
 
 
 def save_grid(images: np.ndarray, uri: str | Path, nrow: int = 8, scale: int = 2) -> None:

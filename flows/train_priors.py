@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import artifact_key
 from pipeline.config import PriorConfig, load_config
+from pipeline.data.storage import join
 from pipeline.jobs.clean import ray_session
 from pipeline.jobs.train_prior import train_distributed
 
@@ -37,7 +38,6 @@ def _png(mosaic: Any) -> str:
 
 def publish_artifact(config: PriorConfig, meta: dict[str, Any], n_samples: int = 16, steps: int = 100) -> None:
     """Card, loss curve and unconditional samples of one published prior, as a markdown artifact."""
-    from pipeline.data.storage import join
     from pipeline.diffusion.checkpoint import load_model, read_json
     from pipeline.diffusion.sampling import sample
     from pipeline.viz import grid, loss_curve
@@ -59,12 +59,16 @@ def publish_artifact(config: PriorConfig, meta: dict[str, Any], n_samples: int =
 
 @flow(name="train-priors", log_prints=True)
 def train_priors(image_config: str, noise_config: str, registry: str, workers: int = 2, use_gpu: bool = False,
-                 ray_address: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+                 ray_address: str | None = None, overrides: list[str] | None = None,
+                 output_root: str | None = None) -> dict[str, Any]:
     """Train both priors (configs are YAML paths; ``overrides`` apply to both) and publish them to
-    ``registry``; returns ``{name: card}``."""
+    ``registry``; returns ``{name: card}``. ``output_root`` puts each prior's training state and model in
+    ``<output_root>/<name>`` instead of its config's ``output`` (on a cluster: a bucket every worker reaches)."""
     import ray
 
     configs = [load_config(PriorConfig, path, overrides or []) for path in (image_config, noise_config)]
+    if output_root:
+        configs = [c.model_copy(update={"output": join(output_root, c.name)}) for c in configs]
     with ray_session(ray_address):
         res = ray.cluster_resources()
         need = [workers * (1 if use_gpu else (c.train.threads or 1)) for c in configs]

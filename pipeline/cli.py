@@ -262,6 +262,59 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline.jobs import submit as sj
+
+    if args.action in sj.ENTRYPOINTS:
+        job_id = sj.submit(args.action, args.job_args, args.address, working_dir=args.working_dir,
+                           runtime_env=args.runtime_env, submission_id=args.job_id,
+                           entrypoint_num_cpus=args.entrypoint_num_cpus)
+        print(job_id)
+        address = sj.jobs_address(args.address)
+        if not args.follow:
+            print(f"submitted. Follow it with: jointdiff submit logs {job_id} --address {address} --follow",
+                  file=sys.stderr)
+            return 0
+        return _follow(sj, sj.connect(args.address), job_id, address)
+    client = sj.connect(args.address)
+    if args.action == "list":
+        jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0, reverse=True)[: args.limit]
+        print(f"{'job id':<44} {'status':<10} {'started (UTC)':<26} entrypoint")
+        for j in jobs:
+            start = sj.describe(client, j.submission_id or j.job_id)["start_time"] or ""
+            print(f"{(j.submission_id or j.job_id):<44} {j.status.value:<10} {start:<26} {j.entrypoint[:80]}")
+        return 0
+    if args.action == "status":
+        info = sj.describe(client, args.job)
+        if args.json:
+            print(json.dumps(info))
+        else:
+            for key in ("job_id", "status", "message", "entrypoint", "start_time", "end_time", "driver_exit_code"):
+                print(f"{key + ':':<18} {info[key]}")
+        return 0
+    if args.action == "logs":
+        if args.follow:
+            return _follow(sj, client, args.job, sj.jobs_address(args.address))
+        sys.stdout.write(client.get_job_logs(args.job))
+        return 0
+    if args.action == "stop":
+        stopped = client.stop_job(args.job)
+        print(f"{args.job}: " + ("stop requested" if stopped else "not running (already finished)"), file=sys.stderr)
+        return 0
+    raise AssertionError(args.action)
+
+
+def _follow(sj, client, job_id: str, address: str) -> int:  # noqa: ANN001 (module and client are lazy imports)
+    try:
+        status = sj.follow(client, job_id)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job keeps running. Stop it with: jointdiff submit stop {job_id} "
+              f"--address {address}", file=sys.stderr)
+        return 130
+    print(f"job {job_id}: {status}", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jointdiff", description="Remove structured noise from image "
                                 "datasets with two diffusion priors and joint posterior sampling.")
@@ -398,11 +451,51 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="clean config override")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=_cmd_demo)
+
+    sm = sub.add_parser("submit", help="run train or clean on a Ray cluster through the Ray Jobs API (as `ray job "
+                        "submit`), and look after submitted jobs: status, logs, stop, list")
+    sa = sm.add_subparsers(dest="action", required=True)
+    for kind, text in (("clean", "submit `jointdiff clean ARGS` (INPUT OUTPUT --config ... --set ...)"),
+                       ("train", "submit `jointdiff train ARGS` on Ray Train (--config ... --workers N --gpu "
+                                 "--registry ...)")):
+        k = sa.add_parser(kind, help=text, description=text + ". Arguments other than the ones below are the "
+                          f"job's own, checked here by `jointdiff {kind}`'s parser before submitting.")
+        k.add_argument("--follow", action="store_true", help="print the job's logs until it ends; exit 0 if it "
+                       "succeeded, 1 if not")
+        k.add_argument("--working-dir", default=".", help="folder shipped to the cluster as the job's working "
+                       "directory (default: here); --config must be inside it")
+        k.add_argument("--runtime-env", default=None, help="runtime env YAML (default: WORKING_DIR/"
+                       "deploy/runtime_env.yaml when present)")
+        k.add_argument("--job-id", default=None, help="submission id (default jointdiff-KIND-UTCSTAMP-XXXX)")
+        k.add_argument("--entrypoint-num-cpus", type=float, default=None,
+                       help="CPUs reserved for the job's driver (default: none)")
+        k.set_defaults(passthrough=True)
+    for action, text in (("status", "a job's status, message and times"), ("logs", "a job's logs"),
+                         ("stop", "stop a running job"), ("list", "the cluster's jobs, newest first")):
+        a = sa.add_parser(action, help=text)
+        if action != "list":
+            a.add_argument("job", help="job (submission) id, as printed by `jointdiff submit clean|train`")
+        if action == "logs":
+            a.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+        if action == "status":
+            a.add_argument("--json", action="store_true", help="print JSON")
+        if action == "list":
+            a.add_argument("--limit", type=int, default=20)
+    for a in sa.choices.values():
+        a.add_argument("--address", default=None, help="the Ray Jobs API, http://HEAD:8265 (as for `ray job "
+                       "submit`; default RAY_API_SERVER_ADDRESS). Not a ray:// cluster address. The auth token is "
+                       "read from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
+    sm.set_defaults(func=_cmd_submit)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "passthrough", False):
+        args.job_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except ConfigError as exc:

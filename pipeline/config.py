@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.data.storage import StorageConfig
 from pipeline.data.validate import ImagePolicy
@@ -112,6 +112,16 @@ class RayConfig(_Strict):
     gpus_per_actor: float | None = Field(None, ge=0, description="default 1 when the cluster has GPUs, else 0")
     threads_per_actor: int | None = Field(None, ge=1, description="torch threads (and Ray CPUs) of each actor; "
                                                                   "default 2 for GPU actors, else min(4, CPUs)")
+    autoscaling: bool = Field(False, description="the cluster adds nodes on demand (KubeRay autoscaler, cluster "
+                                                 "launcher): take ray.actors and ray.gpus_per_actor as given, "
+                                                 "without checking them against the nodes alive now")
+
+    @model_validator(mode="after")
+    def _autoscaling_needs_a_layout(self) -> RayConfig:
+        if self.autoscaling and (self.actors is None or self.gpus_per_actor is None):
+            raise ValueError("ray.autoscaling needs ray.actors and ray.gpus_per_actor: the nodes that would decide "
+                             "them do not exist yet")
+        return self
 
 
 class CleanConfig(_Strict):
@@ -145,7 +155,9 @@ def with_ray(cfg: CleanConfig, **settings: Any) -> CleanConfig:
     try:
         ray = RayConfig.model_validate({**cfg.ray.model_dump(), **over})
     except ValidationError as exc:
-        raise ConfigError(f"invalid Ray setting: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+        err = exc.errors()[0]
+        where = f"ray.{err['loc'][0]}: " if err["loc"] else ""
+        raise ConfigError(f"invalid Ray setting: {where}{err['msg']}") from None
     return cfg.model_copy(update={"ray": ray})
 
 

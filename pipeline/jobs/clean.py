@@ -181,14 +181,19 @@ def actor_layout(cfg: CleanConfig, n_pending: int) -> tuple[int, float, int]:
 
     Defaults: one actor per GPU when the cluster has GPUs (each also holds ``threads`` CPUs, 2 by
     default); otherwise CPU actors of ``min(4, CPUs of the largest node)`` threads, as many as fit on
-    the nodes. An explicit choice that no node can host fails here rather than waiting forever.
+    the nodes. An explicit choice that no node can host fails here rather than waiting forever, unless
+    ``ray.autoscaling`` says the cluster adds nodes on demand: then the explicit choice stands.
     """
     import ray
 
+    r = cfg.ray
+    if r.autoscaling:
+        assert r.actors is not None and r.gpus_per_actor is not None  # RayConfig's validator
+        threads = r.threads_per_actor or (2 if r.gpus_per_actor else 4)
+        return max(1, min(r.actors, n_pending)), r.gpus_per_actor, threads
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")] or [ray.cluster_resources()]
     node_cpus = [int(n.get("CPU", 0)) for n in nodes]
     node_gpus = [int(n.get("GPU", 0)) for n in nodes]
-    r = cfg.ray
     g = r.gpus_per_actor if r.gpus_per_actor is not None else (1.0 if max(node_gpus) >= 1 else 0.0)
     threads = r.threads_per_actor or (2 if g else max(1, min(4, max(node_cpus))))
     if g > max(node_gpus):

@@ -1,0 +1,213 @@
+"""``jointdiff submit``: run training or cleaning on a Ray cluster through the Ray Jobs API.
+
+A thin client over :class:`ray.job_submission.JobSubmissionClient`, the API behind ``ray job submit``.
+The job's entry point is the same command the user would run in place
+(``python -m pipeline.jobs.clean ...`` or ``python -m pipeline.jobs.train_prior ...``), with the
+arguments checked here by the real argument parser first, so a typo fails on the laptop and not on
+the cluster. The runtime environment comes from ``deploy/runtime_env.yaml`` (the file the KubeRay
+``RayJob`` manifests and the Prefect deployments share): the working directory is shipped to the
+cluster, so the job runs this checkout's code, and the config file goes with it (it must live inside
+the working directory; its path is rewritten relative to it).
+
+Addresses: ``--address http://HEAD:8265`` is the Ray Jobs API (the dashboard's port, as for
+``ray job submit``; default ``RAY_API_SERVER_ADDRESS``). It is not ``--ray-address`` of
+``jointdiff clean``/``train``, which names a Ray cluster (``ray://HEAD:10001`` or ``HEAD:6379``) to
+run on from this process.
+
+Authentication: Ray 2.60 clusters require a token by default. It is read the way Ray reads it --
+``RAY_AUTH_TOKEN``, else the file named by ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token`` -- and
+sent as an ``Authorization: Bearer`` header whatever this process's ``RAY_AUTH_MODE`` is. It is
+never printed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import os
+import secrets
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+import yaml
+
+from pipeline.config import ConfigError
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
+
+ENTRYPOINTS = {"clean": "pipeline.jobs.clean", "train": "pipeline.jobs.train_prior"}
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+RUNTIME_ENV_FILE = "deploy/runtime_env.yaml"  # relative to the working directory
+ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"
+
+
+def read_token() -> str | None:
+    """The Ray auth token from ``RAY_AUTH_TOKEN``, the file ``RAY_AUTH_TOKEN_PATH``, or ``~/.ray/auth_token``."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        try:
+            token = Path(path).expanduser().read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"RAY_AUTH_TOKEN_PATH names {path}, which cannot be read: {exc.strerror}") from exc
+        if not token:
+            raise ConfigError(f"RAY_AUTH_TOKEN_PATH names {path}, which is empty")
+        return token
+    default = Path.home() / ".ray" / "auth_token"
+    if default.is_file():
+        return default.read_text().strip() or None
+    return None
+
+
+def jobs_address(address: str | None) -> str:
+    """The Ray Jobs API address: ``address``, else ``RAY_API_SERVER_ADDRESS``; must be ``http(s)://``."""
+    address = address or os.environ.get(ADDRESS_ENV)
+    if not address:
+        raise ConfigError("no Ray Jobs API address: give --address http://HEAD:8265 (the dashboard port, as "
+                          f"for `ray job submit`) or set {ADDRESS_ENV}")
+    if not address.startswith(("http://", "https://")):
+        raise ConfigError(f"--address {address!r} is not a Ray Jobs API address: it must look like "
+                          "http://HEAD:8265 (the dashboard port). A ray:// or HEAD:6379 address names the cluster "
+                          "itself; use it with `jointdiff clean --ray-address` to run from this process instead")
+    return address.rstrip("/")
+
+
+def connect(address: str | None) -> JobSubmissionClient:
+    """A Jobs API client with the auth token (if any) in its headers; clear errors when refused."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    url = jobs_address(address)
+    token = read_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    try:
+        return JobSubmissionClient(url, headers=headers)
+    except AuthenticationError:
+        raise ConfigError(_auth_message(url, token is not None)) from None
+    except ConnectionError as exc:
+        raise ConfigError(f"cannot reach the Ray Jobs API at {url}: is the head running, and is its dashboard "
+                          "port (8265) reachable from here (e.g. `kubectl port-forward svc/HEAD-svc 8265`)?") from exc
+
+
+def _auth_message(url: str, had_token: bool) -> str:
+    if had_token:
+        return (f"the Ray cluster at {url} refused this process's token: check RAY_AUTH_TOKEN / "
+                "RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token against the cluster's token")
+    return (f"the Ray cluster at {url} requires an auth token: set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file "
+            "holding it, or put it in ~/.ray/auth_token (on KubeRay: the auth_token key of the cluster's Secret)")
+
+
+def load_runtime_env(working_dir: Path, path: str | None = None) -> dict[str, Any]:
+    """The runtime environment of ``path`` (default ``deploy/runtime_env.yaml`` in ``working_dir``, if there),
+    with its ``working_dir`` set to ``working_dir``."""
+    file = Path(path) if path else working_dir / RUNTIME_ENV_FILE
+    env: dict[str, Any] = {}
+    if path or file.is_file():
+        try:
+            env = yaml.safe_load(file.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"runtime env file {file} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"runtime env file {file} is not valid YAML: {exc}") from None
+        if not isinstance(env, dict):
+            raise ConfigError(f"runtime env file {file} must hold a mapping (working_dir, excludes, env_vars...)")
+    env = dict(env)
+    env["working_dir"] = str(working_dir)
+    return env
+
+
+def _option(args: list[str], name: str) -> int | None:
+    """Index of the value of ``--name VALUE`` / ``--name=VALUE`` in ``args`` (the last one), else None."""
+    found = None
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            found = i + 1
+        elif a.startswith(name + "="):
+            found = i
+    return found
+
+
+def job_command(kind: str, job_args: Sequence[str], working_dir: Path) -> list[str]:
+    """The job's entry point as argv: ``python -m <module> ARGS``, checked by the real parser, with the
+    config path made relative to ``working_dir`` (the job runs there, on the cluster)."""
+    from pipeline.cli import build_parser
+
+    if kind not in ENTRYPOINTS:
+        raise ConfigError(f"cannot submit {kind!r}: choose one of {', '.join(ENTRYPOINTS)}")
+    args = list(job_args)
+    if any(a == "--ray-address" or a.startswith("--ray-address=") for a in args):
+        raise ConfigError("--ray-address is set by the cluster for a submitted job (RAY_ADDRESS); leave it out")
+    i = _option(args, "--config")
+    if i is not None:
+        value = args[i].split("=", 1)[1] if args[i].startswith("--config=") else args[i]
+        config = Path(value).expanduser().resolve()
+        if not config.is_file():
+            raise ConfigError(f"--config {value}: no such file")
+        try:
+            rel = config.relative_to(working_dir.resolve())
+        except ValueError:
+            raise ConfigError(f"--config {value} is outside the working directory {working_dir}, which is what is "
+                              "shipped to the cluster: move it inside, or pass --working-dir") from None
+        args[i] = f"--config={rel}" if args[i].startswith("--config=") else str(rel)
+    parser = build_parser()
+    check = ["train", *args] if kind == "train" else ["clean", *args]
+    try:
+        parser.parse_args(check)
+    except SystemExit as exc:  # argparse printed the problem
+        raise ConfigError(f"the arguments for `{kind}` were refused by its parser (above): {shlex.join(args)}") \
+            from exc
+    return ["python", "-m", ENTRYPOINTS[kind], *args]
+
+
+def submit(kind: str, job_args: Sequence[str], address: str | None = None, *, working_dir: str | Path = ".",
+           runtime_env: str | None = None, submission_id: str | None = None, entrypoint_num_cpus: float | None = None,
+           log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> str:
+    """Submit ``jointdiff <kind> ARGS`` as a Ray job; returns its submission id."""
+    wd = Path(working_dir).expanduser().resolve()
+    if not wd.is_dir():
+        raise ConfigError(f"--working-dir {working_dir}: no such folder")
+    argv = job_command(kind, job_args, wd)
+    env = load_runtime_env(wd, runtime_env)
+    client = connect(address)
+    submission_id = submission_id or (f"jointdiff-{kind}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-"
+                                      f"{secrets.token_hex(2)}")
+    metadata = {"jointdiff": kind, "submitted_by": getpass.getuser(), "working_dir": str(wd)}
+    log(f"submitting `{shlex.join(argv)}` to {jobs_address(address)} (working dir {wd})")
+    job_id = client.submit_job(entrypoint=shlex.join(argv), submission_id=submission_id, runtime_env=env,
+                               metadata=metadata, entrypoint_num_cpus=entrypoint_num_cpus)
+    return job_id
+
+
+def follow(client: JobSubmissionClient, job_id: str, out: TextIO | None = None, poll_s: float = 1.0) -> str:
+    """Print the job's logs as they grow (to ``out``, default stdout) until it ends; returns its final status."""
+    out = out or sys.stdout
+    printed = 0
+    while True:
+        status = str(client.get_job_status(job_id).value)
+        logs = client.get_job_logs(job_id)
+        if len(logs) > printed:
+            out.write(logs[printed:])
+            out.flush()
+            printed = len(logs)
+        if status in TERMINAL:
+            return status
+        time.sleep(poll_s)
+
+
+def describe(client: JobSubmissionClient, job_id: str) -> dict[str, Any]:
+    """Status, message, entry point and times of one job, as plain values."""
+    info = client.get_job_info(job_id)
+
+    def stamp(ms: int | None) -> str | None:
+        return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="seconds") if ms else None
+
+    return {"job_id": info.submission_id or info.job_id, "status": str(info.status.value), "message": info.message,
+            "entrypoint": info.entrypoint, "start_time": stamp(info.start_time), "end_time": stamp(info.end_time),
+            "metadata": info.metadata or {}, "driver_exit_code": info.driver_exit_code}

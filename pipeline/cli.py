@@ -263,6 +263,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
+    try:
+        return _submit_action(args)
+    except RuntimeError as exc:  # what Ray's Jobs API client raises for an HTTP error
+        job = getattr(args, "job", None) or getattr(args, "job_id", None)
+        if "404" in str(exc) and job:
+            print(f"jointdiff submit {args.action}: no job {job!r} on that cluster (see `jointdiff submit list`)",
+                  file=sys.stderr)
+        else:
+            print(f"jointdiff submit {args.action}: the Ray Jobs API said: {exc}", file=sys.stderr)
+        return 1
+
+
+def _submit_action(args: argparse.Namespace) -> int:
     from pipeline.jobs import submit as sj
 
     if args.action in sj.ENTRYPOINTS:

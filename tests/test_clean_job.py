@@ -289,3 +289,8 @@ def test_an_actor_layout_no_node_can_host_fails_at_once(ray_local):
     with pytest.raises(ConfigError, match="no live node has that many CPUs"):
         actor_layout(with_ray(CleanConfig(), gpus_per_actor=0, threads_per_actor=16), 10)
 
+    # an autoscaling cluster adds the nodes later: the explicit layout stands, and must be explicit
+    assert actor_layout(with_ray(CleanConfig(), autoscaling=True, actors=8, gpus_per_actor=2), 10) == (8, 2.0, 2)
+    assert actor_layout(with_ray(CleanConfig(), autoscaling=True, actors=8, gpus_per_actor=1), 3) == (3, 1.0, 2)
+    with pytest.raises(ConfigError, match="ray.autoscaling needs ray.actors and ray.gpus_per_actor"):
+        with_ray(CleanConfig(), autoscaling=True, actors=8)

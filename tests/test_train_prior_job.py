@@ -91,8 +91,11 @@ def test_the_train_priors_flow_publishes_both_priors_with_artifacts(prefect_harn
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
         paths.append(str(path))
-    cards = train_priors(paths[0], paths[1], str(tmp_path / "registry"), workers=1)
+    cards = train_priors(paths[0], paths[1], str(tmp_path / "registry"), workers=1,
+                         output_root=str(tmp_path / "train"))  # instead of each config's output
     assert set(cards) == {"img", "noise"} and all(c["steps"] == 4 for c in cards.values())
+    assert all((tmp_path / "train" / n / "model" / "weights.safetensors").is_file() for n in ("img", "noise"))
+    assert not (tmp_path / "img").exists()
     for name in ("img", "noise"):
         latest = resolve_latest(str(tmp_path / "registry" / "models" / name / "latest"))
         assert latest == cards[name]["published"] and load_model(latest)[2]["name"] == name

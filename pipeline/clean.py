@@ -27,6 +27,7 @@ import datetime as dt
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -307,8 +308,9 @@ def process_shard(cleaner: ShardCleaner, run: RunPlan, shard: PlannedShard,
                   before_marker: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Clean one source shard and write its outputs, then its completion marker (last).
 
-    ``duplicates`` defaults to the run plan's entry for this shard."""
-    t0 = time.perf_counter()
+    ``duplicates`` defaults to the run plan's entry for this shard. Returns its counts, ``seconds`` and
+    its ``started``/``finished`` wall-clock times (epoch seconds, for throughput without start-up)."""
+    t0, started = time.perf_counter(), time.time()
     if duplicates is None:
         duplicates = run.duplicates.get(shard.name)
     res = cleaner.clean_shard(shard.uri, run.run_id, run.dataset, progress=progress, duplicates=duplicates)
@@ -319,7 +321,7 @@ def process_shard(cleaner: ShardCleaner, run: RunPlan, shard: PlannedShard,
             "input_size": shard.size}
     mark_done(run.run_uri, shard.name, info)
     return {"shard": shard.name, "cleaned": info["cleaned"], "errors": info["errors"],
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "started": started, "finished": time.time()}
 
 
 def fail_shard(cfg: CleanConfig, run: RunPlan, shard: PlannedShard, reason: str) -> dict[str, Any]:
@@ -338,7 +340,9 @@ def fail_shard(cfg: CleanConfig, run: RunPlan, shard: PlannedShard, reason: str)
     write_shard_outputs(run.output, run.run_id, run.dataset, shard.name, res, cfg, model_ids="")  # no rows
     mark_done(run.run_uri, shard.name, {"run_id": run.run_id, "cleaned": 0, "errors": len(res.errors),
                                         "input_size": shard.size, "failed": reason})
-    return {"shard": shard.name, "cleaned": 0, "errors": len(res.errors), "seconds": 0.0}
+    now = time.time()
+    return {"shard": shard.name, "cleaned": 0, "errors": len(res.errors), "seconds": 0.0, "started": now,
+            "finished": now}
 
 
 def verify_run(run: RunPlan) -> Accounting:
@@ -367,7 +371,8 @@ def finish_run(run: RunPlan, cfg: CleanConfig, processed: int, executor: str, wa
 def denoise_dataset(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None = None,
                     progress: bool = True) -> dict[str, Any]:
     """Clean the pending shards of ``input_uri`` into ``output`` in this process; returns the run's
-    summary row (counts, metric aggregates, images/s) with the run id and output URI.
+    summary row (counts, metric aggregates, images/s) with the run id and output URI, and under ``job``
+    the per-shard results (as :func:`pipeline.jobs.clean.run_clean` does for the Ray job).
 
     Shards already complete for this run id (a marker in ``_done/``) are skipped, so a re-run
     resumes. At the end every input row must appear once in cleaned or errors
@@ -383,10 +388,20 @@ def denoise_dataset(input_uri: str, output: str, cfg: CleanConfig, run_id: str |
         torch.set_num_threads(cfg.threads)
     run = prepare_run(input_uri, output, cfg, run_id)
     cleaner = ShardCleaner(cfg) if run.pending else None
-    processed = 0
+    processed, shards = 0, []
     with tqdm(total=run.pending_rows, desc=f"denoise {run.run_id}", unit="img", disable=not progress) as bar:
         for s in run.pending:
             done = process_shard(cleaner, run, s, progress=bar.update)
             bar.update(done["errors"])
             processed += done["cleaned"]
-    return finish_run(run, cfg, processed, "local", time.perf_counter() - t0)
+            shards.append({**done, "pid": os.getpid(), "peak_rss_mb": peak_rss_mb()})
+    summary = finish_run(run, cfg, processed, "local", time.perf_counter() - t0)
+    summary["job"] = {"shards": shards, "processed": processed}
+    return summary
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux ``ru_maxrss`` is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -46,7 +46,15 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.clean import RunPlan, ShardCleaner, fail_shard, finish_run, prepare_run, process_shard
+from pipeline.clean import (
+    RunPlan,
+    ShardCleaner,
+    fail_shard,
+    finish_run,
+    peak_rss_mb,
+    prepare_run,
+    process_shard,
+)
 from pipeline.config import CleanConfig, ConfigError
 from pipeline.data.accounting import PlannedShard, plan
 
@@ -99,8 +107,9 @@ class ShardActor:
         return self._cleaner
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {k: [] for k in ("shard", "cleaned", "errors", "seconds", "pid", "device",
-                                                     "gpu_ids")}
+        keys = ("shard", "cleaned", "errors", "seconds", "started", "finished")
+        out: dict[str, list[Any]] = {k: [] for k in (*keys, "pid", "device", "gpu_ids", "peak_rss_mb",
+                                                     "peak_cuda_mb")}
         for i in range(len(batch["name"])):
             shard = PlannedShard(str(batch["uri"][i]), str(batch["name"][i]), False, int(batch["size"][i]))
             dups = {int(k): v for k, v in json.loads(str(batch["duplicates"][i])).items()}
@@ -110,12 +119,21 @@ class ShardActor:
                                  "worker cleaning this shard died each time (out of memory? a crash in a decoder?)")
             else:
                 res = process_shard(self.cleaner, self.run, shard, duplicates=dups, before_marker=self._maybe_crash)
-            for k in ("shard", "cleaned", "errors", "seconds"):
+            for k in keys:
                 out[k].append(res[k])
             out["pid"].append(os.getpid())
+            out["peak_rss_mb"].append(peak_rss_mb())
+            out["peak_cuda_mb"].append(_peak_cuda_mb())
             out["device"].append(self._cleaner.device if self._cleaner else self.cfg.device)
             out["gpu_ids"].append(",".join(self.gpu_ids))
         return out
+
+
+def _peak_cuda_mb() -> float:
+    """Peak CUDA memory allocated by this process's tensors so far, in MiB (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
 
 
 def count_attempt(run: RunPlan, shard: str) -> int:

@@ -210,6 +210,40 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     steps = _int_list(args.steps) if args.steps else None
     rules = args.rules.split(",") if args.rules else None
+    if args.kind == "speed":
+        from pipeline.bench import speed as sp
+
+        doc = sp.speed(quick=args.quick, steps=steps[0] if steps else None, rules=rules, threads=args.threads,
+                       batches=tuple(_int_list(args.batches)) if args.batches else None, device=args.device,
+                       log=lambda m: print(m, file=sys.stderr))
+        doc["meta"]["command"] = "jointdiff " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else \
+            doc["meta"]["command"]
+        print(sp.table(doc))
+        print(f"\noverhead_ratio {doc['overhead_ratio']:.3f}  ray_vs_single_ratio {doc['ray_vs_single_ratio']:.3f}  "
+              f"({doc['meta']['seconds']:.0f} s)", file=sys.stderr)
+        if args.json:
+            sp.write_json(doc, args.json)
+            print(f"wrote {args.json}", file=sys.stderr)
+        return 0
+    if args.kind == "nfe":
+        from pipeline.bench import nfe
+
+        solvers = args.solvers.split(",") if args.solvers else None
+        doc = nfe.nfe_curve(quick=args.quick, n=args.n, n_val=args.n_val, solvers=solvers,
+                            steps={s: steps for s in (solvers or list(nfe.SOLVERS))} if steps else None,
+                            log=lambda m: print(m, file=sys.stderr))
+        doc["target"] = nfe.target(doc)
+        print(nfe.table(doc))
+        t = doc["target"]
+        if t["reference"]:
+            print(f"\nbest at <= 50 NFE: {t['best']['curve']} at {t['best']['steps']} steps, "
+                  f"{t['best']['psnr_mean']:.2f} dB; em at 600: {t['reference']['psnr_mean']:.2f} dB; gap "
+                  f"{t['gap_db']:.2f} dB (target <= 0.3: {'met' if t['met'] else 'not met'})", file=sys.stderr)
+        nfe.write(doc, args.json, args.figure)
+        for path in (args.json, args.figure):
+            if path:
+                print(f"wrote {path}", file=sys.stderr)
+        return 0
     if args.kind == "tune":
         res = q.tune(steps or [50, 100, 200], rules or list(q.TUNE_GRIDS), n_val=args.n_val or 20,
                      log=lambda m: print(m, file=sys.stderr))
@@ -435,8 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
         dn.add_argument("--quiet", action="store_true")
         dn.set_defaults(func=func)
 
-    b = sub.add_parser("bench", help="benchmarks: quality (denoising vs baselines), tune (guidance weights)")
-    b.add_argument("kind", choices=["quality", "tune"])
+    b = sub.add_parser("bench", help="benchmarks: quality (denoising vs baselines), tune (guidance weights), "
+                       "speed (compute floor, images/s, Ray vs one process, memory), nfe (PSNR against NFE per solver)")
+    b.add_argument("kind", choices=["quality", "tune", "speed", "nfe"])
     b.add_argument("--quick", action="store_true", help="a few images and steps (a smoke test, minutes)")
     b.add_argument("--json", default=None, help="write the rows as JSON here")
     b.add_argument("--n", type=int, default=None, help="test observations per scenario (default 100)")
@@ -448,8 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--scenarios", default=None, help="comma-separated: main,stripes,alpha0.3,alpha0.7,ood")
     b.add_argument("--figure", default=None,
                    help="quality: write a PNG of 8 main-scenario test images (observation, joint, gaussian, "
-                   "NLM, truth, noise estimate)")
+                   "NLM, truth, noise estimate); nfe: an SVG of PSNR against NFE")
     b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--batches", default=None, help="speed: comma-separated batch sizes (default 1,8,32,128)")
+    b.add_argument("--device", default="cpu", help="speed: cpu or cuda")
+    b.add_argument("--solvers", default=None, help="nfe: comma-separated solvers (default em,ddim,ddim-tp2)")
     b.set_defaults(func=_cmd_bench)
 
     d = sub.add_parser("demo", help="the main job on embedded data: corrupt test faces with test digits, clean them "

@@ -118,7 +118,8 @@ def throughput(x_model: Any, n_model: Any, sde: Any, batch: int, steps: int, rul
             "nfe_default": per_image_steps, "images_per_s_at_default": batch / (per_step * per_image_steps)}
 
 
-def ray_vs_single(n_images: int, shard_size: int, steps: int, threads: int, log: Callable[[str], None]) -> dict[str, Any]:
+def ray_vs_single(n_images: int, shard_size: int, steps: int, threads: int,
+                  log: Callable[[str], None]) -> dict[str, Any]:
     """The same shards through ``denoise_dataset`` and the Ray job (one actor, ``threads`` threads)."""
     from pipeline.clean import denoise_dataset
     from pipeline.config import CleanConfig, RayConfig
@@ -150,7 +151,8 @@ def ray_vs_single(n_images: int, shard_size: int, steps: int, threads: int, log:
            "single_wall_s": single_wall, "ray_wall_s": ray_wall,
            "single_span_s": span(s_shards), "ray_span_s": span(r_shards),
            "single_images_per_s": n / span(s_shards), "ray_images_per_s": ray["cleaned"] / span(r_shards),
-           "single_images_per_s_with_startup": n / single_wall, "ray_images_per_s_with_startup": ray["cleaned"] / ray_wall,
+           "single_images_per_s_with_startup": n / single_wall,
+           "ray_images_per_s_with_startup": ray["cleaned"] / ray_wall,
            "ray_actor_peak_rss_mb": max(s["peak_rss_mb"] for s in r_shards),
            "ray_actor_peak_cuda_mb": max(s.get("peak_cuda_mb", 0.0) for s in r_shards),
            "single_peak_rss_mb": max(s["peak_rss_mb"] for s in s_shards)}
@@ -160,8 +162,9 @@ def ray_vs_single(n_images: int, shard_size: int, steps: int, threads: int, log:
 
 
 def speed(quick: bool = False, steps: int | None = None, batches: tuple[int, ...] | None = None,
-          rules: list[str] | None = None, threads: int | None = None, device: str = "cpu", repeats: int | None = None,
-          image_prior: str = "faces", noise_prior: str = "digits", log: Callable[[str], None] = print) -> dict[str, Any]:
+          rules: list[str] | None = None, threads: int | None = None, device: str = "cpu",
+          repeats: int | None = None, image_prior: str = "faces", noise_prior: str = "digits",
+          log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the speed benchmark; returns the JSON document (figures under the keys the README names)."""
     t_start = time.perf_counter()
     dev = torch.device(device)

@@ -230,7 +230,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         solvers = args.solvers.split(",") if args.solvers else None
         doc = nfe.nfe_curve(quick=args.quick, n=args.n, n_val=args.n_val, solvers=solvers,
-                            steps={s: steps for s in (solvers or list(nfe.SOLVERS))} if steps else None,
+                            steps={s: steps for s in (solvers or nfe.DEFAULT_SOLVERS)} if steps else None,
                             log=lambda m: print(m, file=sys.stderr))
         doc["target"] = nfe.target(doc)
         print(nfe.table(doc))
@@ -487,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--batches", default=None, help="speed: comma-separated batch sizes (default 1,8,32,128)")
     b.add_argument("--device", default="cpu", help="speed: cpu or cuda")
-    b.add_argument("--solvers", default=None, help="nfe: comma-separated solvers (default em,ddim,ddim-tp2)")
+    b.add_argument("--solvers", default=None, help="nfe: comma-separated solvers: em, ddim, ddim-tp2 (default em,ddim)")
     b.set_defaults(func=_cmd_bench)
 
     d = sub.add_parser("demo", help="the main job on embedded data: corrupt test faces with test digits, clean them "

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.data.shards import decode_image, list_parts, read_table, to_float
+from pipeline.data.shards import decode_image, read_table, to_float
 from pipeline.data.storage import join, open_fs, write_atomic
 
 PER_GROUP = 8
@@ -165,7 +165,8 @@ def pick_images(run: RunData, per_group: int = PER_GROUP) -> dict[str, list[dict
     k = min(per_group, len(ranked))
     ordered = sorted(rows, key=lambda r: (r["shard"], r["row"]))
     sample = random.Random(run.run_id).sample(ordered, min(per_group, len(ordered)))
-    return {"best": ranked[:k], "worst": ranked[::-1][:k], "random": sorted(sample, key=lambda r: (r["shard"], r["row"]))}
+    sample.sort(key=lambda r: (r["shard"], r["row"]))
+    return {"best": ranked[:k], "worst": ranked[::-1][:k], "random": sample}
 
 
 def _float_image(cell: dict[str, Any] | None) -> np.ndarray | None:
@@ -399,7 +400,8 @@ def _summary_html(run: RunData) -> str:
     if s:
         models = json.loads(s["models"]) if s.get("models") else {}
         pairs += [("input dataset", f"<code>{html.escape(str(s['dataset']))}</code>"),
-                  ("started / finished (UTC)", f"{s['started_at']:%Y-%m-%d %H:%M:%S} / {s['finished_at']:%Y-%m-%d %H:%M:%S}"),
+                  ("started / finished (UTC)",
+                   f"{s['started_at']:%Y-%m-%d %H:%M:%S} / {s['finished_at']:%Y-%m-%d %H:%M:%S}"),
                   ("input rows", s["inputs"]), ("cleaned", s["cleaned"]), ("errors", s["errors"]),
                   ("cleaned by the last invocation", s["processed"]),
                   ("wall time (last invocation)", f"{s['wall_seconds']:.1f} s"),

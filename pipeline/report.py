@@ -539,8 +539,10 @@ def read_history(uri: str) -> pa.Table:
 
 
 def history_rows(uri: str, limit: int | None = 20) -> list[dict[str, Any]]:
-    """Summary rows, newest first (by ``finished_at``), at most ``limit``."""
-    rows = sorted(read_history(uri).to_pylist(), key=lambda r: (r["finished_at"], r["run_id"]), reverse=True)
+    """Summary rows, newest first (by ``finished_at``; rows of the same second in the order their files
+    were appended, which their names, stamped to the microsecond, keep), at most ``limit``."""
+    rows = read_history(uri).to_pylist()
+    rows = [r for _, r in sorted(enumerate(rows), key=lambda kr: (kr[1]["finished_at"], kr[0]), reverse=True)]
     return rows[:limit] if limit else rows
 
 

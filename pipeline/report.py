@@ -340,15 +340,14 @@ def plot_specs(run: RunData) -> list[tuple[str, str]]:
     after) and their per-shard means; without, the reference-free figures the same way."""
     if run.metrics is None or not run.metrics.num_rows:
         return []
-    rows = run.metrics.to_pylist()
-    shards = sorted({r["shard"] for r in rows})
+    by_shard: dict[str, list[dict[str, Any]]] = {}
+    for r in run.metrics.to_pylist():
+        by_shard.setdefault(r["shard"], []).append(r)
+    shards = sorted(by_shard)
 
     def per_shard(col: str) -> list[float | None]:
-        out = []
-        for s in shards:
-            v = _finite([r[col] for r in rows if r["shard"] == s])
-            out.append(float(v.mean()) if v.size else None)
-        return out
+        means = [_finite([r[col] for r in by_shard[s]]) for s in shards]
+        return [float(v.mean()) if v.size else None for v in means]
     if run.has_truth:
         return [
             ("psnr-hist", svg_histogram("psnr-hist", "PSNR per image", "PSNR (dB)",

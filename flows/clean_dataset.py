@@ -2,13 +2,16 @@
 
 A thin layer over :mod:`pipeline.clean` and :mod:`pipeline.jobs.clean` (the same steps as
 ``jointdiff clean``), with Prefect's retries on the tasks that touch storage and two artifacts per
-run: a table of the summary row and a markdown note of where the outputs are.
+run: a table of the summary row and a markdown note of where the outputs are, with a link to the
+run's HTML report (and a link artifact of it).
 
 - ``plan_run`` (3 retries): lists the shards, skips complete ones, finds repeated ids;
 - ``clean_shards`` (2 retries): the Ray job; in-process local Ray unless ``ray_address`` or
   ``RAY_ADDRESS`` names a cluster. A retry cleans only the shards still unmarked;
 - ``verify_accounting`` (no retries: a failed check is a finding, not a glitch): every input row once;
-- ``record_summary`` (3 retries): appends the summary row to ``<output>/summary/``.
+- ``record_summary`` (3 retries): appends the summary row to ``<output>/summary/``;
+- ``write_run_report`` (3 retries): writes the run's HTML report, ``<run>/report.html``
+  (:mod:`pipeline.report`), which the markdown artifact links, along with a link artifact.
 
 Run it with ``python -m flows.clean_dataset INPUT OUTPUT [--config C] [--ray-address A]`` or from
 Python; ``jointdiff demo`` runs it on embedded data. The parameters are plain strings, so a
@@ -25,7 +28,7 @@ import time
 from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import artifact_key
@@ -34,6 +37,7 @@ from pipeline.config import SECRET_KEYS, CleanConfig, ConfigError, load_config, 
 from pipeline.data import storage
 from pipeline.data.accounting import Accounting, AccountingError
 from pipeline.jobs.clean import JobStats, ray_session, run_job
+from pipeline.report import write_report
 from pipeline.summary import format_summary
 
 
@@ -80,8 +84,14 @@ def record_summary(run: RunPlan, cfg: CleanConfig, acc: Accounting, stats: JobSt
     return record_run(run, cfg, acc, stats.processed, "ray", wall_seconds)
 
 
+@task(retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def write_run_report(run_uri: str) -> str:
+    return write_report(run_uri)
+
+
 def publish_artifacts(summary: dict[str, Any]) -> None:
-    """A table artifact of the summary row and a markdown artifact with the outputs' URIs."""
+    """A table artifact of the summary row, a markdown artifact with the outputs' URIs and a link to
+    the report, and a link artifact of the report."""
     shown = ("run_id", "dataset", "inputs", "cleaned", "errors", "processed", "psnr_input_mean", "psnr_mean",
              "psnr_median", "psnr_p05", "ssim_input_mean", "ssim_mean", "ssim_median", "ssim_p05",
              "residual_mean", "images_per_s", "nfe", "models", "config_hash")
@@ -95,9 +105,13 @@ def publish_artifacts(summary: dict[str, Any]) -> None:
                    f"- cleaned shards: `{run}/cleaned/`",
                    f"- per-image metrics (Hive-partitioned by run id): `{run}/metrics/`",
                    f"- rejected rows: `{run}/errors/`",
-                   f"- run history row: `{summary['summary']}`", "",
+                   f"- run history row: `{summary['summary']}`",
+                   f"- report: [report.html]({summary['report']}) (`{summary['report']}`)", "",
                    f"{summary['cleaned']} cleaned, {summary['errors']} rejected of {summary['inputs']} rows."]),
         key=f"clean-outputs-{artifact_key(summary['run_id'])}", description="Where the run's outputs are")
+    create_link_artifact(summary["report"], link_text=f"report of run {summary['run_id']}",
+                         key=f"clean-report-{artifact_key(summary['run_id'])}",
+                         description="The run's HTML report: summary, plots, images, errors")
 
 
 @flow(name="clean-dataset", log_prints=True)
@@ -107,7 +121,7 @@ def clean_dataset(input_uri: str, output: str, config: str | None = None, overri
 
     ``config`` is a clean config (YAML path, e.g. ``configs/denoise.yaml``), ``overrides`` its
     ``key=value`` overrides; ``ray_address`` (else ``RAY_ADDRESS``) a Ray cluster to run on.
-    Returns the run's summary row.
+    Returns the run's summary row, with ``report``: the URI of the run's HTML report.
     """
     t0 = time.perf_counter()
     secret = [o for o in overrides or [] if o.split("=", 1)[0].strip() in SECRET_KEYS]
@@ -121,6 +135,7 @@ def clean_dataset(input_uri: str, output: str, config: str | None = None, overri
     stats = clean_shards(run, cfg, progress)
     acc = verify_accounting(run)
     summary = record_summary(run, cfg, acc, stats, time.perf_counter() - t0)
+    summary = {**summary, "report": write_run_report(run.run_uri)}
     publish_artifacts(summary)
     print(format_summary(summary))
     return summary

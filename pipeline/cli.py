@@ -262,6 +262,26 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import write_report
+
+    out = write_report(args.run_uri, args.out, per_group=args.per_group)
+    print(f"report of {args.run_uri.rstrip('/')} written to {out}", file=sys.stderr)
+    print(out)
+    return 0
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from pipeline.report import history_rows, runs_table
+
+    rows = history_rows(args.metrics_uri, args.limit)
+    if args.json:
+        print(json.dumps(rows, default=str))
+    else:
+        print(runs_table(rows))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.data.corrupt import corrupt, write_observations
     from pipeline.data.datasets import load_images
@@ -291,6 +311,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"3/3 done: the run is in {run}, its summary row in {summary['summary']}", file=sys.stderr)
     print(f"\nlook at it with DuckDB:\n  duckdb -c \"SELECT id, psnr_input, psnr, ssim FROM "
           f"read_parquet('{run.removeprefix('file://')}/metrics/*/*.parquet') ORDER BY psnr LIMIT 5\"",
+          file=sys.stderr)
+    print(f"the run history: jointdiff runs {(bucket / 'cleaning').as_uri()}", file=sys.stderr)
+    print(f"the report (written by the flow; open it in a browser):\n  {summary['report'].removeprefix('file://')}",
           file=sys.stderr)
     print(json.dumps(summary, default=str))
     return 0
@@ -489,6 +512,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="speed: cpu or cuda")
     b.add_argument("--solvers", default=None, help="nfe: comma-separated solvers: em, ddim, ddim-tp2 (default em,ddim)")
     b.set_defaults(func=_cmd_bench)
+
+    r = sub.add_parser("report", help="one self-contained HTML report of a cleaning run (summary, plots, images, "
+                       "errors)")
+    r.add_argument("run_uri", metavar="RUN_URI", help="the run folder OUTPUT/runs/RUN_ID (any URI: path, file://, s3://)")
+    r.add_argument("--out", default=None, help="where to write the HTML (any URI; default RUN_URI/report.html)")
+    r.add_argument("--per-group", type=int, default=8,
+                   help="images in each of the best / worst / random groups (default 8)")
+    r.set_defaults(func=_cmd_report)
+
+    h = sub.add_parser("runs", help="the run history: one line per run invocation from OUTPUT/summary/, newest first")
+    h.add_argument("metrics_uri", metavar="METRICS_URI", help="the output root of the runs (it holds summary/), "
+                   "or its summary/ folder (any URI)")
+    h.add_argument("--limit", type=int, default=20, help="newest N rows (default 20; 0 for all)")
+    h.add_argument("--json", action="store_true", help="the full summary rows as JSON instead of a table")
+    h.set_defaults(func=_cmd_runs)
 
     d = sub.add_parser("demo", help="the main job on embedded data: corrupt test faces with test digits, clean them "
                        "with the Prefect flow on a local Ray, print the summary and where the outputs are")

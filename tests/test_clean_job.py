@@ -241,12 +241,21 @@ def test_the_prefect_flow_records_the_run_and_publishes_artifacts(prefect_harnes
     key = summary["run_id"].lower()
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
-            any_=[f"clean-summary-{key}", f"clean-outputs-{key}"])))
-    by_type = {a.type: a for a in arts}
-    assert set(by_type) == {"table", "markdown"}
-    table = json.loads(by_type["table"].data) if isinstance(by_type["table"].data, str) else by_type["table"].data
+            any_=[f"clean-summary-{key}", f"clean-outputs-{key}", f"clean-report-{key}"])))
+    by_key = {a.key: a for a in arts}
+    assert {k: a.type for k, a in by_key.items()} == {  # Prefect stores a link artifact as markdown
+        f"clean-summary-{key}": "table", f"clean-outputs-{key}": "markdown", f"clean-report-{key}": "markdown"}
+    data = by_key[f"clean-summary-{key}"].data
+    table = json.loads(data) if isinstance(data, str) else data
     assert table[0]["cleaned"] == 4 and table[0]["run_id"] == summary["run_id"]
-    assert f"{summary['output']}/metrics/" in by_type["markdown"].data
+    outputs = by_key[f"clean-outputs-{key}"].data
+    assert f"{summary['output']}/metrics/" in outputs
+    # the report is written by the flow and linked from its artifacts
+    report = tmp_path / "out" / "runs" / summary["run_id"] / "report.html"
+    assert summary["report"] == f"{summary['output']}/report.html" and report.stat().st_size > 0
+    assert f"[report.html]({summary['report']})" in outputs
+    assert by_key[f"clean-report-{key}"].data == f"[report of run {summary['run_id']}]({summary['report']})"
+    assert report.read_text().count('class="panel"') == 3 * 4 * 4  # best/worst/random of the 4 cleaned, 4 panels
 
 
 def test_the_summary_row_without_ground_truth_has_reference_free_figures(ray_local, tiny_priors, tmp_path):

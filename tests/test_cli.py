@@ -126,6 +126,11 @@ def test_demo_corrupts_cleans_with_the_flow_and_says_where_the_outputs_are(tmp_p
     assert len(list((tmp_path / "bucket" / "cleaning" / "summary").glob("*.parquet"))) == 1
     for text in ("PSNR", "images/s", f"{run.as_uri()}/metrics/", "duckdb -c"):
         assert text in proc.stderr, text
+    # it ends by pointing at the report the flow wrote
+    report = run / "report.html"
+    ours = [line for line in proc.stderr.splitlines() if "| INFO" not in line]  # less Prefect's server log
+    assert ours[-1].strip() == str(report) and report.stat().st_size > 0
+    assert summary["report"] == report.as_uri()
 
 
 def _tiny_prior(tmp_path: Path, name: str) -> Path:

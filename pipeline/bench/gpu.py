@@ -212,7 +212,8 @@ def timed_sampler(b: Bench, name: str, nets: tuple[Any, Any], sde: VPSDE, y: tor
            "peak_memory_mb": _peak_mb(device), "finite": bool(torch.isfinite(x).all() and torch.isfinite(n).all())}
     b.log(f"{name:9s} {nfe:4d} NFE: {ips:9.2f} images/s (batch {batch}, {steps} steps in {s:.1f} s"
           f"{', extrapolated' if steps < nfe else ''}), networks at {flops / 1e12:.2f} TFLOP/s = "
-          f"{100 * flops / H200_BF16_FLOPS:.1f}% of 790 TFLOP/s, peak {row['peak_memory_mb'] or 0:.0f} MiB")
+          f"{100 * flops / H200_BF16_FLOPS:.1f}% of 790 TFLOP/s"
+          + (f", peak {row['peak_memory_mb']:.0f} MiB" if row["peak_memory_mb"] is not None else ""))
     return row
 
 

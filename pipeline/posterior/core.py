@@ -320,8 +320,9 @@ def measure_step_bytes(x_model: Net, n_model: Net, sde: VPSDE, forward: ForwardM
                        device: torch.device | str, cfg: LoopSettings, batches: tuple[int, int] = (2, 6),
                        ) -> tuple[float, float]:
     """``(per_sample, fixed)`` CUDA bytes of one sampler step (both networks, their vector-Jacobian
-    products, the update): the step's peak above what was allocated before it, at two batch sizes,
-    fitted as ``fixed + B per_sample``. The models must already be wrapped (see :meth:`Runtime.wrap`)."""
+    products, the update): the step's peak above what was allocated before it, at two batch sizes (each
+    measured on its second call), fitted as ``fixed + B per_sample``. The models must already be wrapped
+    (:meth:`Runtime.wrap`), preferably without compiling: eager memory is the larger, so the safer, figure."""
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError(f"measuring step memory needs a CUDA device, got {device}")
@@ -331,6 +332,8 @@ def measure_step_bytes(x_model: Net, n_model: Net, sde: VPSDE, forward: ForwardM
         y = torch.rand(b, *shape, device=device)
         x, n = torch.randn_like(y), torch.randn_like(y)
         t = torch.full((b,), 0.5, device=device)
+        # a first call at this shape does any one-off work (cuDNN autotuning and its workspaces) unmeasured
+        guidance(rule, x_model, n_model, sde, forward, y, x, n, t, cfg)
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)

@@ -43,8 +43,9 @@ from pipeline.data.shards import build_table, read_table, write_table
 from pipeline.data.storage import join
 from pipeline.data.validate import ERRORS_SCHEMA, RowError, conform, decode_any, error_row
 from pipeline.diffusion.checkpoint import load_model
+from pipeline.posterior.core import Runtime, auto_batch_size
 from pipeline.posterior.denoise import Denoiser, truth_metrics
-from pipeline.posterior.forward import make_forward
+from pipeline.posterior.forward import Blend, make_forward
 from pipeline.priors import resolve_model
 from pipeline.summary import append_summary, summary_row
 
@@ -102,6 +103,24 @@ class ShardCleaner:
         self.shape = (self.x_model.config.channels, self.x_model.config.image_size, self.x_model.config.image_size)
         self.policy = cfg.policy.model_copy(update={"size": self.shape[1], "channels": self.shape[0]})
         self.model_ids = f"{x_meta.get('name', cfg.image_prior)}+{n_meta.get('name', cfg.noise_prior)}"
+        # the sampler differentiates with respect to its inputs only: no weight gradients to track
+        self.x_model.requires_grad_(False)
+        self.n_model.requires_grad_(False)
+        self.runtime = cfg.gpu.runtime(self.device)
+        if torch.device(self.device).type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions
+        self.batch_size = self._batch_size()
+
+    def _batch_size(self) -> int:
+        """``cfg.batch_size``, or for ``auto`` the batch that fills ``gpu.memory_margin`` of the free GPU
+        memory (measured with the networks as they will run, less compilation; 32 on a CPU)."""
+        if self.cfg.batch_size != "auto":
+            return int(self.cfg.batch_size)
+        probe = Runtime(self.runtime.precision, self.runtime.channels_last, compile=False)
+        return auto_batch_size(probe.wrap(self.x_model, self.device), probe.wrap(self.n_model, self.device),
+                               self.sde, Blend(alpha=0.5), self.shape, self.device, self.cfg.sampler, default=32,
+                               n_samples=self.cfg.sampler.n_samples, margin=self.cfg.gpu.memory_margin,
+                               cap=self.cfg.gpu.max_batch)
 
     def _decode(self, cell: dict[str, Any] | None, what: str) -> np.ndarray:
         if cell is None:
@@ -167,9 +186,9 @@ class ShardCleaner:
         for alpha in sorted({v[4] for v in valid}):
             group = [v for v in valid if v[4] == alpha]
             forward = make_forward(self.cfg.forward.name, alpha=alpha, sigma_y=self.cfg.forward.sigma_y)
-            denoiser = Denoiser(self.x_model, self.n_model, self.sde, forward, self.cfg.sampler)
-            for start in range(0, len(group), self.cfg.batch_size):
-                batch = group[start:start + self.cfg.batch_size]
+            denoiser = Denoiser(self.x_model, self.n_model, self.sde, forward, self.cfg.sampler, self.runtime)
+            for start in range(0, len(group), self.batch_size):
+                batch = group[start:start + self.batch_size]
                 self._run_batch(batch, denoiser, result, run_id, dataset, shard, started)
                 if progress is not None:
                     progress(len(batch))

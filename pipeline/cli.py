@@ -200,6 +200,13 @@ def _int_list(text: str) -> list[int]:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.kind == "gpu":  # the standalone torch-only script; its other options: python pipeline/bench/gpu.py -h
+        from pipeline.bench import gpu
+
+        argv = (["--quick"] if args.quick else []) + (["--json", args.json] if args.json else [])
+        argv += ["--device", args.device] if args.device else []
+        return gpu.main(argv + (["--threads", str(args.threads)] if args.threads else []))
+
     import platform
 
     import torch
@@ -214,7 +221,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from pipeline.bench import speed as sp
 
         doc = sp.speed(quick=args.quick, steps=steps[0] if steps else None, rules=rules, threads=args.threads,
-                       batches=tuple(_int_list(args.batches)) if args.batches else None, device=args.device,
+                       batches=tuple(_int_list(args.batches)) if args.batches else None, device=args.device or "cpu",
                        log=lambda m: print(m, file=sys.stderr))
         doc["meta"]["command"] = "jointdiff " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else \
             doc["meta"]["command"]
@@ -493,8 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
         dn.set_defaults(func=func)
 
     b = sub.add_parser("bench", help="benchmarks: quality (denoising vs baselines), tune (guidance weights), "
-                       "speed (compute floor, images/s, Ray vs one process, memory), nfe (PSNR against NFE per solver)")
-    b.add_argument("kind", choices=["quality", "tune", "speed", "nfe"])
+                       "speed (compute floor, images/s, Ray vs one process, memory), nfe (PSNR against NFE per "
+                       "solver), gpu (the paper's setting on one GPU: images/s, memory, FLOP/s; pipeline/bench/gpu.py)")
+    b.add_argument("kind", choices=["quality", "tune", "speed", "nfe", "gpu"])
     b.add_argument("--quick", action="store_true", help="a few images and steps (a smoke test, minutes)")
     b.add_argument("--json", default=None, help="write the rows as JSON here")
     b.add_argument("--n", type=int, default=None, help="test observations per scenario (default 100)")
@@ -509,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "NLM, truth, noise estimate); nfe: an SVG of PSNR against NFE")
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--batches", default=None, help="speed: comma-separated batch sizes (default 1,8,32,128)")
-    b.add_argument("--device", default="cpu", help="speed: cpu or cuda")
+    b.add_argument("--device", default=None, help="speed: cpu (default) or cuda; gpu: default cuda when torch "
+                   "sees a GPU")
     b.add_argument("--solvers", default=None, help="nfe: comma-separated solvers: em, ddim, ddim-tp2 (default em,ddim)")
     b.set_defaults(func=_cmd_bench)
 

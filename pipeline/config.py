@@ -7,7 +7,7 @@ dotted path instead of being silently ignored.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.data.storage import StorageConfig
 from pipeline.data.validate import ImagePolicy
 from pipeline.diffusion.unet import UNetConfig, check_channels
+from pipeline.posterior.core import Runtime
 from pipeline.posterior.sampler import SamplerConfig
 
 
@@ -124,6 +125,29 @@ class RayConfig(_Strict):
         return self
 
 
+class GPUConfig(_Strict):
+    """How the two networks run (``jointdiff denoise`` / ``clean``): speed, not the sampler's math.
+
+    ``auto`` means on when the device is CUDA and off elsewhere, so a CPU run is unchanged."""
+
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16: each network call under bfloat16 autocast; the state x, n, the residual, "
+                            "the guidance loss and its gradients stay float32. auto: bf16 on CUDA, else fp32")
+    channels_last: bool | Literal["auto"] = Field(
+        "auto", description="networks and their inputs in channels-last (NHWC) memory format, as tensor-core "
+                            "convolutions want; the same numbers. auto: on CUDA")
+    compile: bool | Literal["auto"] = Field(
+        False, description="torch.compile each network once per worker: fused kernels, but tens of seconds "
+                           "to start per network (minutes on a small CPU). auto: on CUDA")
+    memory_margin: float = Field(0.8, gt=0, le=1, description="batch_size auto: fill this fraction of the "
+                                                              "free GPU memory")
+    max_batch: int = Field(512, ge=1, description="batch_size auto: at most this many sampler rows per batch")
+
+    def runtime(self, device: str) -> Runtime:
+        """The resolved settings for ``device`` (``auto`` -> on for CUDA)."""
+        return Runtime.resolve(device, self.precision, self.channels_last, self.compile)
+
+
 class CleanConfig(_Strict):
     """``jointdiff denoise`` (one process) and ``jointdiff clean`` / the flow (Ray)."""
 
@@ -133,8 +157,12 @@ class CleanConfig(_Strict):
     noise_prior: str = "digits"
     forward: ForwardConfig = Field(default_factory=ForwardConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
-    batch_size: int = Field(32, ge=1)
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        32, description="images per sampler batch; auto: sized from the free GPU memory (one step's peak "
+                              "memory measured at two small batches, gpu.memory_margin of what is free, at most "
+                              "gpu.max_batch rows), 32 on a CPU")
     device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (cuda when torch sees a GPU)")
+    gpu: GPUConfig = Field(default_factory=GPUConfig, description="bf16, channels-last, torch.compile")
     threads: int | None = Field(None, ge=1, description="torch threads of `denoise` "
                                                         "(the Ray job: ray.threads_per_actor)")
     policy: ImagePolicy = Field(default_factory=ImagePolicy,

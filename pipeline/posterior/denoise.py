@@ -17,6 +17,7 @@ from torch import nn
 
 from pipeline import metrics
 from pipeline.diffusion.sde import VPSDE
+from pipeline.posterior.core import Runtime
 from pipeline.posterior.forward import ForwardModel
 from pipeline.posterior.sampler import SamplerConfig, joint_sample, seed_for
 
@@ -41,6 +42,7 @@ class Denoiser:
     sde: VPSDE
     forward: ForwardModel
     config: SamplerConfig
+    runtime: Runtime | None = None  # bf16 / channels-last / compile (pipeline.posterior.core); None: as given
 
     @torch.no_grad()
     def __call__(self, ids: list[str], y: torch.Tensor) -> DenoiseOutput:
@@ -50,7 +52,7 @@ class Denoiser:
         # sample j of image i sits at row j * B + i; its seed depends only on (id, j, config seed)
         seeds = [seed_for(i, self.config.seed, j) for j in range(k) for i in ids]
         out = joint_sample(self.x_model, self.n_model, self.sde, y.repeat(k, 1, 1, 1), self.forward,
-                           self.config, seeds=seeds)
+                           self.config, seeds=seeds, runtime=self.runtime)
         xs = out.x.clamp(0, 1).reshape(k, b, *y.shape[1:])
         ns = out.n.clamp(0, 1).reshape(k, b, *y.shape[1:])
         x_hat, n_hat = xs.mean(0), ns.mean(0)

@@ -24,6 +24,10 @@ Guidance rules (:data:`RULES`):
 Schedules multiply ``lambda_x`` / ``kappa_n`` by ``w(t)``: ``constant`` (1), ``sde`` (``beta(t) dt``),
 ``r2`` (``sigma_t^2 / (1 + sigma_t^2)``, as the authors' code scales the step) or ``pigdm`` (``a_t``).
 
+The loop itself, the guidance and the GPU settings (:class:`~pipeline.posterior.core.Runtime`: bf16
+autocast, channels-last, ``torch.compile``) are plain torch in :mod:`pipeline.posterior.core`, shared
+with ``pipeline/bench/gpu.py``; this module adds the validated config, the seeds and the result.
+
 The step of item 3 is Euler-Maruyama by default, or DDIM (``solver="ddim"``, stochasticity ``eta``).
 The sampler evaluates the networks at ``steps`` times from 1 down to ``eps``; the last evaluation's
 guided Tweedie estimate is the result, so NFE = ``steps`` per prior. ``final_projection`` then moves
@@ -38,34 +42,26 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from pipeline import metrics
-from pipeline.diffusion.sde import VPSDE, _bcast
+from pipeline.diffusion.sde import VPSDE
+from pipeline.posterior.core import (  # noqa: F401  (re-exported: the loop's pieces, in plain torch)
+    RULES,
+    GuidanceRule,
+    Noise,
+    Runtime,
+    _posterior_var01,
+    _to01,
+    guidance,
+    project,
+    run_steps,
+)
 from pipeline.posterior.forward import ForwardModel
-
-
-@dataclass(frozen=True)
-class GuidanceRule:
-    name: str
-    loss: Literal["gaussian", "norm"]
-    jacobian: Literal["network", "identity"]
-
-    @property
-    def backward(self) -> bool:
-        """Whether the rule runs a backward pass through the networks."""
-        return self.jacobian == "network"
-
-
-RULES = {
-    "tweedie": GuidanceRule("tweedie", "gaussian", "network"),
-    "dps": GuidanceRule("dps", "norm", "network"),
-    "projection": GuidanceRule("projection", "norm", "identity"),
-}
 
 
 class SamplerConfig(BaseModel):
@@ -99,20 +95,6 @@ def seed_for(image_id: str, base_seed: int = 0, sample: int = 0) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-class _Noise:
-    """Standard normal draws: one generator per sample (batch-independent) or one for the batch."""
-
-    def __init__(self, seeds: Sequence[int] | None, generator: torch.Generator | None, device: torch.device):
-        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds] if seeds is not None else None
-        self.generator = generator
-        self.device = device
-
-    def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
-        if self.gens is None:
-            return torch.randn(shape, generator=self.generator).to(self.device)
-        return torch.stack([torch.randn(shape[1:], generator=g) for g in self.gens]).to(self.device)
-
-
 @dataclass
 class JointResult:
     """Posterior draws in [0, 1] units (``x`` clean image, ``n`` noise), shape (B, C, H, W)."""
@@ -124,131 +106,30 @@ class JointResult:
     backward: bool
 
 
-def _weight(schedule: str, sde: VPSDE, t: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
-    if schedule == "constant":
-        return torch.ones_like(t)
-    if schedule == "sde":
-        return sde.beta(t) * dt
-    if schedule == "pigdm":
-        return sde.alpha(t)
-    sig2 = (sde.sigma(t) / sde.alpha(t)) ** 2
-    return sig2 / (1 + sig2)
-
-
-def _posterior_var01(sde: VPSDE, t: torch.Tensor, v0: float) -> torch.Tensor:
-    """Var[x_0 | x_t] for N(., v0) data, converted from network units to [0, 1] units."""
-    sig2 = (sde.sigma(t) / sde.alpha(t)) ** 2
-    return v0 * sig2 / (v0 + sig2) / 4.0
-
-
-def _to01(z: torch.Tensor) -> torch.Tensor:
-    return (z + 1.0) / 2.0
-
-
-def guidance(rule: GuidanceRule, x_model: nn.Module, n_model: nn.Module, sde: VPSDE, forward: ForwardModel,
-             y: torch.Tensor, x: torch.Tensor, n: torch.Tensor, t: torch.Tensor,
-             cfg: SamplerConfig) -> tuple[torch.Tensor, ...]:
-    """One evaluation of both priors and the data-consistency gradients.
-
-    Returns ``(e_x, e_n, grad_x, grad_n, r)``; the gradients are of the per-sample loss ``L``
-    with respect to ``x_t`` and ``n_t``.
-    """
-    a = _bcast(sde.alpha(t), x)
-    s = _bcast(sde.sigma(t), x)
-
-    def loss(x0: torch.Tensor, n0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r = y - forward.apply(_to01(x0), _to01(n0))
-        sq = r.pow(2).flatten(1).sum(1)
-        if rule.loss == "norm":
-            return torch.sqrt(sq + 1e-12), r
-        sigma2 = (forward.sigma_y**2 + forward.coef_x**2 * _posterior_var01(sde, t, cfg.data_var_x)
-                  + forward.coef_n**2 * _posterior_var01(sde, t, cfg.data_var_n))
-        return sq / (2 * sigma2), r
-
-    if rule.jacobian == "network":
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            ng = n.detach().requires_grad_(True)
-            ex, en = x_model(xg, t), n_model(ng, t)
-            per_sample, r = loss((xg - s * ex) / a, (ng - s * en) / a)
-            # per-sample losses are independent, so the gradient of their sum is each one's gradient
-            gx, gn = torch.autograd.grad(per_sample.sum(), [xg, ng])
-        return ex.detach(), en.detach(), gx, gn, r.detach()
-    with torch.no_grad():
-        ex, en = x_model(x, t), n_model(n, t)
-    with torch.enable_grad():
-        x0 = ((x - s * ex) / a).requires_grad_(True)
-        n0 = ((n - s * en) / a).requires_grad_(True)
-        per_sample, r = loss(x0, n0)
-        g0x, g0n = torch.autograd.grad(per_sample.sum(), [x0, n0])
-    return ex, en, g0x / a, g0n / a, r.detach()
-
-
-def _ddim_step(sde: VPSDE, x: torch.Tensor, e: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
-               eta: float, noise: _Noise) -> torch.Tensor:
-    """DDIM (Song et al., 2021) from ``t`` to ``t_next`` with stochasticity ``eta``."""
-    a, s = sde.alpha(t), sde.sigma(t)
-    a2, s2 = sde.alpha(t_next), sde.sigma(t_next)
-    x0 = (x - s * e) / a
-    c = eta * torch.sqrt((s2 / s) ** 2 * (1 - (a / a2) ** 2)).clamp_min(0) if eta > 0 else torch.zeros(())
-    out = a2 * x0 + torch.sqrt((s2**2 - c**2).clamp_min(0)) * e
-    return out + c * noise.randn(tuple(x.shape)) if eta > 0 else out
-
-
 @torch.no_grad()
 def joint_sample(x_model: nn.Module, n_model: nn.Module, sde: VPSDE, y: torch.Tensor, forward: ForwardModel,
                  cfg: SamplerConfig, seeds: Sequence[int] | None = None,
                  generator: torch.Generator | None = None,
-                 callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> JointResult:
+                 callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+                 runtime: Runtime | None = None) -> JointResult:
     """Draw one joint posterior sample ``(x, n)`` per observation in ``y`` ([0, 1] units, (B, C, H, W)).
 
     ``seeds`` (one per row; see :func:`seed_for`) make each row's result independent of its batch;
     without them, one ``generator`` serves the whole batch (faster; for tests and benchmarks).
+    ``runtime`` (:class:`~pipeline.posterior.core.Runtime`) sets how the networks run: bf16 autocast,
+    channels-last, ``torch.compile``; the default (float32, as given) changes nothing.
     """
     rule = RULES[cfg.rule]
-    device = y.device
-    shape = tuple(y.shape)
-    noise = _Noise(seeds, generator, device)
-    x = noise.randn(shape)
-    n = noise.randn(shape)
-    # `steps` evaluations at `steps` times from 1 down to eps; the last one's guided Tweedie estimate is
-    # the result, so the sampler makes exactly `steps` network evaluations per prior
-    ts = sde.timesteps(cfg.steps - 1, device=device, power=cfg.time_power)
-    for i in range(cfg.steps):
-        t = ts[i].expand(shape[0])
-        dt = ts[i] - ts[i + 1] if i + 1 < cfg.steps else (ts[i - 1] - ts[i] if i > 0 else ts[i] - sde.eps)
-        ex, en, gx, gn, _ = guidance(rule, x_model, n_model, sde, forward, y, x, n, t, cfg)
-        w = _bcast(_weight(cfg.schedule, sde, t, dt), x)
-        if i + 1 == cfg.steps:
-            a, s = _bcast(sde.alpha(t), x), _bcast(sde.sigma(t), x)
-            x = (x - s * ex - cfg.lambda_x * w * gx) / a
-            n = (n - s * en - cfg.kappa_n * w * gn) / a
-        elif cfg.solver == "ddim":
-            x = _ddim_step(sde, x, ex, ts[i], ts[i + 1], cfg.eta, noise) - cfg.lambda_x * w * gx
-            n = _ddim_step(sde, n, en, ts[i], ts[i + 1], cfg.eta, noise) - cfg.kappa_n * w * gn
-        else:
-            s = _bcast(sde.sigma(t), x)
-            x = sde.reverse_step(x, t, dt, -ex / s, noise.randn(shape)) - cfg.lambda_x * w * gx
-            n = sde.reverse_step(n, t, dt, -en / s, noise.randn(shape)) - cfg.kappa_n * w * gn
-        if callback is not None:
-            callback(i, x, n)
+    noise = Noise(seeds, generator, y.device)
+    xm: Any = x_model
+    nm: Any = n_model
+    if runtime is not None:
+        xm, nm = runtime.wrap(x_model, y.device), runtime.wrap(n_model, y.device)
+    # `guidance` is looked up here at each call, so a test can replace it in this module
+    x, n = run_steps(xm, nm, sde, y, forward, cfg, noise, guide=lambda *a: guidance(*a), callback=callback)
     x0, n0 = _to01(x), _to01(n)
     # the residual is measured before the projection: how far the priors' estimate is from explaining y
     residual = metrics.residual(y, forward.apply(x0, n0))
     if cfg.final_projection:
         x0, n0 = project(forward, y, x0, n0)
     return JointResult(x0, n0, residual, cfg.nfe, rule.backward)
-
-
-def project(forward: ForwardModel, y: torch.Tensor, x: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Move ``(x, n)`` the least distance (``||dx||^2 + ||dn||^2``) that explains the residual of ``y``.
-
-    With read-out noise, only the part of the residual above ``sigma_y`` is removed: per sample the
-    correction is shrunk by ``max(0, 1 - sigma_y / rms(r))``, leaving a residual of RMS ``sigma_y``.
-    """
-    r = y - forward.apply(x, n)
-    if forward.sigma_y > 0:
-        rms = r.pow(2).flatten(1).mean(1).sqrt()
-        r = r * _bcast((1 - forward.sigma_y / rms.clamp_min(1e-20)).clamp(0, 1), r)
-    c = forward.coef_x**2 + forward.coef_n**2
-    return x + forward.coef_x / c * r, n + forward.coef_n / c * r

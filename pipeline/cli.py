@@ -195,6 +195,11 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def argv_of(args: argparse.Namespace) -> list[str]:
+    """The command line that produced ``args`` (for a benchmark's record of how it was run)."""
+    return getattr(args, "argv", None) or sys.argv[1:]
+
+
 def _int_list(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
@@ -223,8 +228,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         doc = sp.speed(quick=args.quick, steps=steps[0] if steps else None, rules=rules, threads=args.threads,
                        batches=tuple(_int_list(args.batches)) if args.batches else None, device=args.device or "cpu",
                        log=lambda m: print(m, file=sys.stderr))
-        doc["meta"]["command"] = "jointdiff " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else \
-            doc["meta"]["command"]
+        doc["meta"]["command"] = "jointdiff " + " ".join(argv_of(args))
         print(sp.table(doc))
         print(f"\noverhead_ratio {doc['overhead_ratio']:.3f}  ray_vs_single_ratio {doc['ray_vs_single_ratio']:.3f}  "
               f"({doc['meta']['seconds']:.0f} s)", file=sys.stderr)
@@ -240,6 +244,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                             steps={s: steps for s in (solvers or nfe.DEFAULT_SOLVERS)} if steps else None,
                             log=lambda m: print(m, file=sys.stderr))
         doc["target"] = nfe.target(doc)
+        doc["meta"]["command"] = "jointdiff " + " ".join(argv_of(args))
         print(nfe.table(doc))
         t = doc["target"]
         if t["reference"]:
@@ -590,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     if getattr(args, "passthrough", False):
         args.job_args = extra
     elif extra:

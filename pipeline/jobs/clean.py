@@ -38,7 +38,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -267,16 +269,42 @@ def run_job(run: RunPlan, cfg: CleanConfig, progress: bool = True, crash_once: s
             fn_constructor_kwargs={"cfg": cfg, "run": light, "threads": threads, "crash_once": crash_once,
                                    "crash_shard": crash_shard})
         total = sum(run.rows.get(s.name, 1) for s in pending)
-        with tqdm(total=total, desc=f"clean {run.run_id}", unit="img", disable=not progress) as bar:
+        with tqdm(total=total, desc=f"clean {run.run_id}", unit="img", disable=not progress) as bar, \
+                _interruptible() as interrupted:
             for row in results.iter_rows():
                 row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
                 shards.append(row)
                 bar.update(int(row["cleaned"]) + int(row["errors"]))
                 bar.set_postfix(shards=f"{len(shards)}/{len(pending)}")
+                if interrupted.is_set():
+                    raise KeyboardInterrupt
+            if interrupted.is_set():
+                raise KeyboardInterrupt
     finally:
         ctx.enable_progress_bars = bars
     processed = sum(int(r["cleaned"]) for r in shards)
     return JobStats(shards, processed, time.perf_counter() - t0, actors, gpus, threads)
+
+
+@contextmanager
+def _interruptible() -> Iterator[threading.Event]:
+    """Ctrl-C during the job stops it even where Ray Data's iterator swallows the KeyboardInterrupt (seen:
+    a job interrupted after 2 of 12 shards ran to the end): the handler also sets an event, checked
+    after every shard. Only in the main thread, where signal handlers live."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def run_clean(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None = None, progress: bool = True,

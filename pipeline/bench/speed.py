@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from pipeline.bench.quality import SCENARIOS, observations
 from pipeline.diffusion.checkpoint import load_model
 from pipeline.posterior.denoise import Denoiser
 from pipeline.posterior.forward import Blend
@@ -47,8 +48,7 @@ def compute_floor(x_model: torch.nn.Module, n_model: torch.nn.Module, sde: Any, 
                   device: torch.device, backward: bool = True) -> float:
     """Seconds for ``steps`` evaluations of both networks at ``batch`` (with the vector-Jacobian product
     through each when ``backward``): the work no sampler can avoid."""
-    size = x_model.config.image_size if hasattr(x_model, "config") else 32
-    ch = x_model.config.channels if hasattr(x_model, "config") else 1
+    size, ch = x_model.config.image_size, x_model.config.channels
     x = torch.randn(batch, ch, size, size, device=device)
     n = torch.randn(batch, ch, size, size, device=device)
     vx, vn = torch.randn_like(x), torch.randn_like(n)
@@ -83,17 +83,15 @@ def sampler_seconds(x_model: torch.nn.Module, n_model: torch.nn.Module, sde: Any
     return time.perf_counter() - t0
 
 
-def _observations(n: int, size: int) -> Any:
-    from pipeline.data.corrupt import corrupt
-    from pipeline.data.embedded import load_embedded
-
-    return corrupt(load_embedded("faces", "test", size), load_embedded("digits", "test", size), n, seed=0)
+def _observations(n: int) -> Any:
+    """The quality benchmark's main-scenario test observations (32x32, what the shipped priors take)."""
+    return observations(SCENARIOS[0], "test", n)
 
 
 def overhead(x_model: Any, n_model: Any, sde: Any, batch: int, steps: int, rule: str, device: torch.device,
              repeats: int) -> dict[str, Any]:
     """Floor and sampler timed alternately ``repeats`` times; medians and their ratio."""
-    y = torch.from_numpy(_observations(batch, x_model.config.image_size).observation)
+    y = torch.from_numpy(_observations(batch).observation)
     cfg = SamplerConfig(rule=rule, steps=steps)
     backward = RULES[rule].backward
     compute_floor(x_model, n_model, sde, batch, 2, device, backward)  # warm-up (allocator, kernels)
@@ -109,7 +107,7 @@ def overhead(x_model: Any, n_model: Any, sde: Any, batch: int, steps: int, rule:
 
 def throughput(x_model: Any, n_model: Any, sde: Any, batch: int, steps: int, rule: str, device: torch.device,
                per_image_steps: int) -> dict[str, Any]:
-    y = torch.from_numpy(_observations(batch, x_model.config.image_size).observation)
+    y = torch.from_numpy(_observations(batch).observation)
     cfg = SamplerConfig(rule=rule, steps=steps)
     sampler_seconds(x_model, n_model, sde, y, cfg.model_copy(update={"steps": 2}), device)  # warm-up
     sec = sampler_seconds(x_model, n_model, sde, y, cfg, device)
@@ -130,7 +128,7 @@ def ray_vs_single(n_images: int, shard_size: int, steps: int, threads: int,
         return max(s["finished"] for s in shards) - min(s["started"] for s in shards)
 
     with tempfile.TemporaryDirectory(prefix="jointdiff-bench-speed-") as tmp:
-        write_observations(f"{tmp}/obs", _observations(n_images, 32), shard_size=shard_size)
+        write_observations(f"{tmp}/obs", _observations(n_images), shard_size=shard_size)
         sampler = SamplerConfig(steps=steps)
         single_cfg = CleanConfig(sampler=sampler, device="cpu", threads=threads)
         ray_cfg = CleanConfig(sampler=sampler, device="cpu",

@@ -33,6 +33,8 @@ def test_bench_speed_quick_reports_every_figure_consistently(ray_local, tmp_path
         assert row["images_per_s_at_default"] == pytest.approx(row["images_per_s"] * row["steps"] / 200)
     rv = doc["ray_vs_single"]
     assert rv["images"] == 8 and rv["shards"] == 2
+    assert [len(rv["runs"][side]) for side in ("single", "ray")] == [1, 1]
+    assert rv["single_span_s"] == min(r["span_s"] for r in rv["runs"]["single"])
     assert doc["ray_vs_single_ratio"] == pytest.approx(rv["ray_images_per_s"] / rv["single_images_per_s"])
     assert rv["ray_span_s"] <= rv["ray_wall_s"] and rv["single_span_s"] <= rv["single_wall_s"]
     assert doc["peak_memory_mb"]["ray_actor_rss"] > 100  # an actor holding torch and two U-Nets

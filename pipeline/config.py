@@ -112,7 +112,8 @@ class RayConfig(_Strict):
     actors: int | None = Field(None, ge=1, description="sampler actors; default one per GPU, else CPUs / threads")
     gpus_per_actor: float | None = Field(None, ge=0, description="default 1 when the cluster has GPUs, else 0")
     threads_per_actor: int | None = Field(None, ge=1, description="torch threads (and Ray CPUs) of each actor; "
-                                                                  "default 2 for GPU actors, else min(4, CPUs)")
+                                                                  "default 2 for GPU actors, else the CPUs shared "
+                                                                  "out over the pending shards (1 to 4)")
     autoscaling: bool = Field(False, description="the cluster adds nodes on demand (KubeRay autoscaler, cluster "
                                                  "launcher): take ray.actors and ray.gpus_per_actor as given, "
                                                  "without checking them against the nodes alive now")

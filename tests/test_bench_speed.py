@@ -34,6 +34,8 @@ def test_bench_speed_quick_reports_every_figure_consistently(ray_local, tmp_path
     rv = doc["ray_vs_single"]
     assert rv["images"] == 8 and rv["shards"] == 2
     assert [len(rv["runs"][side]) for side in ("single", "ray")] == [1, 1]
+    # the job's own CPU layout on the session's Ray (4 logical CPUs): 2 shards, 2 actors of 2 threads
+    assert (rv["ray_actors"], rv["ray_threads_per_actor"]) == (2, 2)
     assert rv["single_span_s"] == min(r["span_s"] for r in rv["runs"]["single"])
     assert doc["ray_vs_single_ratio"] == pytest.approx(rv["ray_images_per_s"] / rv["single_images_per_s"])
     assert rv["ray_span_s"] <= rv["ray_wall_s"] and rv["single_span_s"] <= rv["single_wall_s"]

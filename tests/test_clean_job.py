@@ -294,7 +294,10 @@ def test_an_actor_layout_no_node_can_host_fails_at_once(ray_local):
 
     assert actor_layout(CleanConfig(), 10) == (1, 1.0, 2)  # the one logical GPU: one GPU actor
     assert actor_layout(with_ray(CleanConfig(), gpus_per_actor=0, threads_per_actor=1), 10) == (4, 0.0, 1)
-    assert actor_layout(with_ray(CleanConfig(), gpus_per_actor=0), 10) == (1, 0.0, 4)
+    # CPU actors: one thread each while there are at least as many shards as CPUs, more for fewer
+    assert actor_layout(with_ray(CleanConfig(), gpus_per_actor=0), 10) == (4, 0.0, 1)
+    assert actor_layout(with_ray(CleanConfig(), gpus_per_actor=0), 2) == (2, 0.0, 2)
+    assert actor_layout(with_ray(CleanConfig(), gpus_per_actor=0), 1) == (1, 0.0, 4)
     with pytest.raises(ConfigError, match="no live node has that many GPUs"):
         actor_layout(with_ray(CleanConfig(), gpus_per_actor=2), 10)
     with pytest.raises(ConfigError, match="no live node has that many CPUs"):

@@ -10,8 +10,8 @@
    ``steps`` steps and also stated per image at the default step count (the cost of a step does not
    depend on how many there are).
 3. **Ray against one process.** The same observation shards cleaned by ``jointdiff denoise`` (this
-   process) and by the Ray job (``jointdiff clean``: an in-process local Ray, one actor holding the
-   same threads), both at ``threads`` threads, alternately (twice each; once with ``--quick``):
+   process, ``threads`` threads) and by the Ray job (``jointdiff clean`` with its own CPU actor layout,
+   on an in-process local Ray of ``threads`` CPUs), alternately (twice each; once with ``--quick``):
    images/s with start-up (whole wall time) and without it (first shard's start to last shard's end,
    on each side), from each side's fastest run.
 4. **Peak memory** (resident set) of the Ray actor and of this process, and CUDA memory when on a GPU.
@@ -135,8 +135,8 @@ def ray_vs_single(n_images: int, shard_size: int, steps: int, threads: int, log:
         write_observations(f"{tmp}/obs", _observations(n_images), shard_size=shard_size)
         sampler = SamplerConfig(steps=steps)
         single_cfg = CleanConfig(sampler=sampler, device="cpu", threads=threads)
-        ray_cfg = CleanConfig(sampler=sampler, device="cpu",
-                              ray=RayConfig(actors=1, gpus_per_actor=0, threads_per_actor=threads))
+        # the Ray job's own CPU layout (jobs.clean.actor_layout) on a local Ray of `threads` CPUs
+        ray_cfg = CleanConfig(sampler=sampler, device="cpu", ray=RayConfig(gpus_per_actor=0))
         prev = torch.get_num_threads()
         for k in range(repeats):
             for side in ("single", "ray"):
@@ -146,12 +146,23 @@ def ray_vs_single(n_images: int, shard_size: int, steps: int, threads: int, log:
                     res = denoise_dataset(f"{tmp}/obs", out_uri, single_cfg, progress=False)
                     torch.set_num_threads(prev)
                 else:
-                    res = run_clean(f"{tmp}/obs", out_uri, ray_cfg, progress=False)
+                    import ray
+
+                    started = not ray.is_initialized()  # a Ray this process already runs is used as it is
+                    if started:
+                        ray.init(address="local", num_cpus=threads, include_dashboard=False)
+                    try:
+                        res = run_clean(f"{tmp}/obs", out_uri, ray_cfg, progress=False)
+                    finally:
+                        if started:
+                            ray.shutdown()
                 wall = time.perf_counter() - t0
                 shards = res["job"]["shards"]
                 runs[side].append({"images": res["cleaned"], "shards": len(shards), "wall_s": wall,
                                    "span_s": span(shards), "peak_rss_mb": max(s["peak_rss_mb"] for s in shards),
-                                   "peak_cuda_mb": max(s.get("peak_cuda_mb", 0.0) for s in shards)})
+                                   "peak_cuda_mb": max(s.get("peak_cuda_mb", 0.0) for s in shards),
+                                   "actors": res["job"].get("actors") or 1,
+                                   "threads_per_actor": res["job"].get("threads_per_actor") or threads})
                 r = runs[side][-1]
                 log(f"  {'single process' if side == 'single' else 'Ray job':14s} run {k + 1}/{repeats}: "
                     f"{r['images']} images, {r['span_s']:.1f} s from first shard to last ({r['wall_s']:.1f} s "
@@ -159,6 +170,7 @@ def ray_vs_single(n_images: int, shard_size: int, steps: int, threads: int, log:
     single = min(runs["single"], key=lambda r: r["span_s"])
     ray = min(runs["ray"], key=lambda r: r["span_s"])
     out = {"images": single["images"], "shards": single["shards"], "steps": steps, "threads": threads,
+           "ray_actors": ray["actors"], "ray_threads_per_actor": ray["threads_per_actor"],
            "repeats": repeats, "runs": runs,
            "single_wall_s": min(r["wall_s"] for r in runs["single"]),
            "ray_wall_s": min(r["wall_s"] for r in runs["ray"]),
@@ -244,7 +256,9 @@ def table(doc: dict[str, Any]) -> str:
         lines.append(f"| {r['batch']} | {r['rule']} | {r['images_per_s']:.2f} | {r['images_per_s_at_default']:.3f} |")
     rv = doc["ray_vs_single"]
     lines += ["", f"Ray job against one process ({rv['images']} images in {rv['shards']} shards, {rv['steps']} steps, "
-              f"{rv['threads']} threads each; fastest of {rv.get('repeats', 1)} alternating run(s) per side):", "",
+              f"{rv['threads']} CPUs each side: one process of {rv['threads']} threads, "
+              f"{rv['ray_actors']} actor(s) of {rv['ray_threads_per_actor']} thread(s); fastest of "
+              f"{rv['repeats']} alternating run(s) per side):", "",
               "| | one process | Ray job | Ray / one process |", "| --- | ---: | ---: | ---: |",
               f"| images/s without start-up | {rv['single_images_per_s']:.3f} | {rv['ray_images_per_s']:.3f} | "
               f"{rv['ratio']:.3f} |",

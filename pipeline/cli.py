@@ -524,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batches", default=None, help="speed: comma-separated batch sizes (default 1,8,32,128)")
     b.add_argument("--device", default=None, help="speed: cpu (default) or cuda; gpu: default cuda when torch "
                    "sees a GPU")
-    b.add_argument("--solvers", default=None, help="nfe: comma-separated solvers: em, ddim, ddim-tp2 (default em,ddim)")
+    b.add_argument("--solvers", default=None, help="nfe: comma-separated solvers: em, ddim, ddim-noclip, ddim-tp2 "
+                   "(default em,ddim)")
     b.set_defaults(func=_cmd_bench)
 
     r = sub.add_parser("report", help="one self-contained HTML report of a cleaning run (summary, plots, images, "

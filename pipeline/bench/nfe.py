@@ -7,9 +7,10 @@ scaled by ``sqrt(200 / steps)`` with ``kappa_n = lambda_x / 2``, then the ratio 
 then scored on the test split. The test split is never used for tuning.
 
 Solvers (:data:`SOLVERS`): ``em`` is the Euler-Maruyama sampler of the paper (50, 100, 200 and 600 steps,
-600 being the paper's setting); ``ddim`` is DDIM with ancestral noise (``eta = 1``) at 25, 50 and 100
-steps; ``ddim-tp2`` (times packed towards ``t = 0``, ``time_power = 2``) is there to be asked for with
-``--solvers``. The tuned weights are written to ``configs/guidance.yaml`` under ``solvers:``, next to
+600 being the paper's setting); ``ddim`` is DDIM with ancestral noise (``eta = 1``) and its Tweedie
+estimates clipped to the data range (``clip_denoised``) at 25, 50 and 100 steps; ``ddim-noclip`` (without
+the clipping) and ``ddim-tp2`` (times packed towards ``t = 0``, ``time_power = 2``) are there to be asked
+for with ``--solvers``. The tuned weights are written to ``configs/guidance.yaml`` under ``solvers:``, next to
 ``bench tune``'s per-rule table.
 """
 
@@ -41,10 +42,11 @@ from pipeline.priors import resolve_model
 
 SOLVERS: dict[str, dict[str, Any]] = {
     "em": {"solver": "euler-maruyama"},
-    "ddim": {"solver": "ddim", "eta": 1.0},
-    "ddim-tp2": {"solver": "ddim", "eta": 1.0, "time_power": 2.0},
+    "ddim": {"solver": "ddim", "eta": 1.0, "clip_denoised": True},
+    "ddim-noclip": {"solver": "ddim", "eta": 1.0, "clip_denoised": False},
+    "ddim-tp2": {"solver": "ddim", "eta": 1.0, "clip_denoised": True, "time_power": 2.0},
 }
-STEPS = {"em": [50, 100, 200, 600], "ddim": [25, 50, 100], "ddim-tp2": [25, 50, 100]}
+STEPS = {"em": [50, 100, 200, 600], "ddim": [25, 50, 100], "ddim-noclip": [25, 50, 100], "ddim-tp2": [25, 50, 100]}
 DEFAULT_SOLVERS = ["em", "ddim"]
 LAMBDA_GRID = [5.0, 10.0, 20.0]  # at 200 steps; scaled by sqrt(200 / steps)
 

@@ -67,6 +67,7 @@ class LoopSettings(Protocol):
     data_var_x: float
     data_var_n: float
     time_power: float
+    clip_denoised: bool
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class StepConfig:
     data_var_x: float = 1.0
     data_var_n: float = 1.0
     time_power: float = 1.0
+    clip_denoised: bool = True
 
 
 class Noise:
@@ -163,11 +165,18 @@ def guidance(rule: GuidanceRule, x_model: Net, n_model: Net, sde: VPSDE, forward
 
 
 def ddim_step(sde: VPSDE, x: torch.Tensor, e: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
-              eta: float, noise: Noise) -> torch.Tensor:
-    """DDIM (Song et al., 2021) from ``t`` to ``t_next`` with stochasticity ``eta``."""
+              eta: float, noise: Noise, clip: bool = False) -> torch.Tensor:
+    """DDIM (Song et al., 2021) from ``t`` to ``t_next`` with stochasticity ``eta``.
+
+    ``clip``: Tweedie's estimate ``x0`` is clipped to the data range [-1, 1] and the noise estimate
+    recomputed to match (``e = (x - a x0) / s``), as DDPM's ``clip_denoised``: an estimate that the
+    guidance has pushed out of range cannot carry the trajectory further away."""
     a, s = sde.alpha(t), sde.sigma(t)
     a2, s2 = sde.alpha(t_next), sde.sigma(t_next)
     x0 = (x - s * e) / a
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
+        e = (x - a * x0) / s
     c = eta * torch.sqrt((s2 / s) ** 2 * (1 - (a / a2) ** 2)).clamp_min(0) if eta > 0 else torch.zeros(())
     out = a2 * x0 + torch.sqrt((s2**2 - c**2).clamp_min(0)) * e
     return out + c * noise.randn(tuple(x.shape)) if eta > 0 else out
@@ -201,8 +210,9 @@ def run_steps(x_model: Net, n_model: Net, sde: VPSDE, y: torch.Tensor, forward: 
             x = (x - s * ex - cfg.lambda_x * w * gx) / a
             n = (n - s * en - cfg.kappa_n * w * gn) / a
         elif cfg.solver == "ddim":
-            x = ddim_step(sde, x, ex, ts[i], ts[i + 1], cfg.eta, noise) - cfg.lambda_x * w * gx
-            n = ddim_step(sde, n, en, ts[i], ts[i + 1], cfg.eta, noise) - cfg.kappa_n * w * gn
+            clip = cfg.clip_denoised
+            x = ddim_step(sde, x, ex, ts[i], ts[i + 1], cfg.eta, noise, clip) - cfg.lambda_x * w * gx
+            n = ddim_step(sde, n, en, ts[i], ts[i + 1], cfg.eta, noise, clip) - cfg.kappa_n * w * gn
         else:
             s = _bcast(sde.sigma(t), x)
             x = sde.reverse_step(x, t, dt, -ex / s, noise.randn(shape)) - cfg.lambda_x * w * gx

@@ -28,7 +28,8 @@ The loop itself, the guidance and the GPU settings (:class:`~pipeline.posterior.
 autocast, channels-last, ``torch.compile``) are plain torch in :mod:`pipeline.posterior.core`, shared
 with ``pipeline/bench/gpu.py``; this module adds the validated config, the seeds and the result.
 
-The step of item 3 is Euler-Maruyama by default, or DDIM (``solver="ddim"``, stochasticity ``eta``).
+The step of item 3 is Euler-Maruyama by default, or DDIM (``solver="ddim"``, stochasticity ``eta``;
+with ``clip_denoised`` its Tweedie estimates are clipped to the data range in each step).
 The sampler evaluates the networks at ``steps`` times from 1 down to ``eps``; the last evaluation's
 guided Tweedie estimate is the result, so NFE = ``steps`` per prior. ``final_projection`` then moves
 ``(x, n)`` the least distance that explains ``y`` (:func:`project`).
@@ -77,6 +78,8 @@ class SamplerConfig(BaseModel):
     schedule: Literal["constant", "sde", "r2", "pigdm"] = "constant"
     solver: Literal["euler-maruyama", "ddim"] = "euler-maruyama"
     eta: float = Field(1.0, ge=0, le=1, description="ddim only: 0 deterministic, 1 ancestral (DDPM-like)")
+    clip_denoised: bool = Field(True, description="ddim only: clip Tweedie's estimates to [-1, 1] in each step "
+                                                  "(a few trajectories run away at 50 steps without it)")
     data_var_x: float = Field(1.0, gt=0, description="prior variance of x_0 (network units) for Sigma_t")
     data_var_n: float = Field(1.0, gt=0, description="prior variance of n_0 (network units) for Sigma_t")
     time_power: float = Field(1.0, ge=1, description="1: evenly spaced times; > 1: denser near t = 0")

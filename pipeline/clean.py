@@ -67,7 +67,7 @@ def run_id_for(input_uri: str, cfg: CleanConfig) -> str:
     key = json.dumps({"input": str(input_uri).rstrip("/"),
                       "image_prior": [cfg.image_prior, model_fingerprint(cfg.image_prior)],
                       "noise_prior": [cfg.noise_prior, model_fingerprint(cfg.noise_prior)],
-                      "forward": cfg.forward.model_dump(), "sampler": cfg.sampler.model_dump(),
+                      "forward": cfg.forward.model_dump(), "sampler": cfg.sampler.identity(),
                       "policy": cfg.policy.model_dump(mode="json")}, sort_keys=True)
     return "run-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 

@@ -314,10 +314,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     obs = corrupt(clean, noise, args.n, alpha=0.5, seed=args.seed)
     shards = write_observations(obs_uri, obs, shard_size=args.shard_size)
     print(f"    {len(shards)} shard(s) of up to {args.shard_size} observations", file=sys.stderr)
+    from pipeline.posterior.sampler import SamplerConfig
+
+    default = SamplerConfig()
+    steps = args.steps or default.steps
     print("2/3 running the Prefect flow clean-dataset on a local Ray (shipped priors faces + digits, "
-          f"dps, {args.steps} steps)", file=sys.stderr)
+          f"{default.rule}, {default.solver} {steps} steps)", file=sys.stderr)
     summary = clean_dataset(obs_uri, (bucket / "cleaning").as_uri(), config=None,
-                            overrides=[f"sampler.steps={args.steps}"] + args.set, run_id=args.run_id,
+                            overrides=([f"sampler.steps={args.steps}"] if args.steps else []) + args.set,
+                            run_id=args.run_id,
                             progress=not args.quiet)
     run = summary["output"]
     print(f"3/3 done: the run is in {run}, its summary row in {summary['summary']}", file=sys.stderr)
@@ -549,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "folder is OUT/bucket")
     d.add_argument("--n", type=int, default=100, help="observations (default 100: each test face under 5 digits)")
     d.add_argument("--shard-size", type=int, default=25, help="observations per shard (default 25)")
-    d.add_argument("--steps", type=int, default=200, help="sampler steps (default 200, the tuned setting)")
+    d.add_argument("--steps", type=int, default=None, help="sampler steps (default: the sampler's tuned default)")
     d.add_argument("--seed", type=int, default=0, help="corruption seed")
     d.add_argument("--run-id", default=None, help="default: derived from input, models and sampler config")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="clean config override")

@@ -113,7 +113,8 @@ class RayConfig(_Strict):
     gpus_per_actor: float | None = Field(None, ge=0, description="default 1 when the cluster has GPUs, else 0")
     threads_per_actor: int | None = Field(None, ge=1, description="torch threads (and Ray CPUs) of each actor; "
                                                                   "default 2 for GPU actors, else the CPUs shared "
-                                                                  "out over the pending shards (1 to 4)")
+                                                                  "out over the pending shards or ray.actors (1 to "
+                                                                  "4; 4 with ray.autoscaling)")
     autoscaling: bool = Field(False, description="the cluster adds nodes on demand (KubeRay autoscaler, cluster "
                                                  "launcher): take ray.actors and ray.gpus_per_actor as given, "
                                                  "without checking them against the nodes alive now")

@@ -298,6 +298,7 @@ def test_an_actor_layout_no_node_can_host_fails_at_once(ray_local):
     assert actor_layout(with_ray(CleanConfig(), gpus_per_actor=0), 10) == (4, 0.0, 1)
     assert actor_layout(with_ray(CleanConfig(), gpus_per_actor=0), 2) == (2, 0.0, 2)
     assert actor_layout(with_ray(CleanConfig(), gpus_per_actor=0), 1) == (1, 0.0, 4)
+    assert actor_layout(with_ray(CleanConfig(), gpus_per_actor=0, actors=1), 10) == (1, 0.0, 4)  # one asked for
     with pytest.raises(ConfigError, match="no live node has that many GPUs"):
         actor_layout(with_ray(CleanConfig(), gpus_per_actor=2), 10)
     with pytest.raises(ConfigError, match="no live node has that many CPUs"):

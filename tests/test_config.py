@@ -40,14 +40,33 @@ def test_unknown_and_bad_keys_name_the_key_and_file(tmp_path):
 
 
 def test_default_sampler_and_denoise_config_use_the_tuned_winner():
-    """The defaults are the rule and weights that `jointdiff bench tune` chose on the validation split."""
+    """The defaults are the rule, solver, step count and weights chosen on the validation split: the
+    rule by `jointdiff bench tune`, the solver's weights by `jointdiff bench nfe` (configs/guidance.yaml)."""
     from pipeline.bench.quality import load_guidance
     from pipeline.config import CleanConfig
     from pipeline.posterior.sampler import SamplerConfig
 
     tuned = load_guidance()
     assert tuned["status"] == "tuned"
+    default = tuned["default_sampler"]
     for cfg in (SamplerConfig(), load_config(CleanConfig, ROOT / "configs" / "denoise.yaml").sampler):
-        entry = tuned["rules"][tuned["default_rule"]][cfg.steps]
-        assert (cfg.rule, cfg.lambda_x, cfg.kappa_n, cfg.schedule) == (
-            tuned["default_rule"], entry["lambda_x"], entry["kappa_n"], entry["schedule"])
+        entry = tuned["solvers"][default["curve"]][default["steps"]]
+        assert (cfg.rule, cfg.steps, cfg.schedule) == (tuned["default_rule"], default["steps"], "constant")
+        assert {k: getattr(cfg, k) for k in entry} == entry
+
+
+def test_run_id_changes_with_the_sampler_settings_that_matter_only():
+    """DDIM's own settings (eta, clip_denoised) are part of a DDIM run's id and no part of an
+    Euler-Maruyama run's: a setting that cannot change the results must not restart a nightly run."""
+    from pipeline.clean import run_id_for
+    from pipeline.config import CleanConfig
+    from pipeline.posterior.sampler import SamplerConfig
+
+    def rid(**sampler: object) -> str:
+        return run_id_for("file:///data/obs", CleanConfig(sampler=SamplerConfig(**sampler)))
+
+    em = {"solver": "euler-maruyama", "steps": 200}
+    assert rid(**em) == rid(**em, clip_denoised=False) == rid(**em, eta=0.5)
+    assert rid(**em) != rid(**{**em, "steps": 100})
+    ddim = {"solver": "ddim", "steps": 100}
+    assert len({rid(**ddim), rid(**ddim, clip_denoised=False), rid(**ddim, eta=0.5), rid(**em)}) == 4

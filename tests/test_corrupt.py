@@ -69,7 +69,8 @@ def test_denoiser_returns_mean_spread_and_reference_free_figures():
     sde = VPSDE()
     xm, nm = GaussianPrior(0.0, 0.3, sde), GaussianPrior(-0.5, 0.2, sde)
     y = torch.rand(3, 1, 16, 16)
-    cfg = SamplerConfig(rule="tweedie", schedule="sde", steps=20, n_samples=4, data_var_x=0.3, data_var_n=0.2)
+    cfg = SamplerConfig(rule="tweedie", schedule="sde", solver="euler-maruyama", steps=20, n_samples=4,
+                        data_var_x=0.3, data_var_n=0.2)
     out = Denoiser(xm, nm, sde, Blend(sigma_y=0.1), cfg)(["a", "b", "c"], y)
     assert out.denoised.shape == y.shape and out.uncertainty is not None and out.uncertainty.shape == y.shape
     assert (out.spread > 0).all() and out.nfe == 20 * 4 and out.backward  # per image: steps per sample

@@ -60,7 +60,8 @@ def setting():
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     y = Blend().apply(torch.rand(4, 1, 16, 16, generator=g), torch.rand(4, 1, 16, 16, generator=g))
-    cfg = SamplerConfig(steps=10, final_projection=False)
+    # Euler-Maruyama: the broken variant below stores its state in bf16 through `reverse_step`
+    cfg = SamplerConfig(solver="euler-maruyama", steps=10, lambda_x=10.0, kappa_n=5.0, final_projection=False)
     ref = joint_sample(Prior(0), Prior(1), SDE, y, Blend(), cfg, seeds=range(4))
     return y, cfg, ref
 

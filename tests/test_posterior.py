@@ -40,7 +40,7 @@ def test_joint_sampler_recovers_the_gaussian_posterior(forward):
     y = forward.observe((x_true + 1) / 2, (n_true + 1) / 2, generator=g)
     k = 4000
     # the exact posterior SDE alone: the final projection (a point estimate's finish) is off
-    cfg = SamplerConfig(rule="tweedie", schedule="sde", steps=500, lambda_x=1.0, kappa_n=1.0,
+    cfg = SamplerConfig(rule="tweedie", schedule="sde", solver="euler-maruyama", steps=500, lambda_x=1.0, kappa_n=1.0,
                         data_var_x=V_X, data_var_n=V_N, final_projection=False)
     out = joint_sample(GaussianPrior(MU_X, V_X, SDE), GaussianPrior(MU_N, V_N, SDE), SDE,
                        y.expand(k, 1, 2, 2).reshape(k, 1, 2, 2), forward, cfg, generator=g)
@@ -73,7 +73,7 @@ def test_a_broken_sampler_fails_the_gaussian_check(broken, monkeypatch):
             return ex, en, -gx, -gn, r
 
         monkeypatch.setattr(S, "guidance", ascent)
-    cfg = SamplerConfig(rule="tweedie", schedule="sde", steps=200, lambda_x=lam, kappa_n=lam,
+    cfg = SamplerConfig(rule="tweedie", schedule="sde", solver="euler-maruyama", steps=200, lambda_x=lam, kappa_n=lam,
                         data_var_x=V_X, data_var_n=V_N, final_projection=False)
     out = joint_sample(GaussianPrior(MU_X, V_X, SDE), GaussianPrior(MU_N, V_N, SDE), SDE,
                        y.expand(k, 1, 2, 2).reshape(k, 1, 2, 2), forward, cfg,
@@ -228,7 +228,8 @@ def test_ddim_solver_samples_the_prior_when_guidance_is_off(eta):
     solver that skipped the noise term (or the prediction) would shrink the variance or shift the mean.
     The variance converges from below as steps grow (ancestral, 100 steps: 0.89 of the prior's; 400: 0.94)."""
     k = 4000
-    cfg = SamplerConfig(solver="ddim", eta=eta, steps=400, lambda_x=0.0, kappa_n=0.0, final_projection=False)
+    cfg = SamplerConfig(solver="ddim", eta=eta, steps=400, lambda_x=0.0, kappa_n=0.0, final_projection=False,
+                        clip_denoised=False)  # these priors reach beyond [-1, 1]: the bare solver
     y = torch.zeros(k, 1, 2, 2)
     out = joint_sample(GaussianPrior(MU_X, V_X, SDE), GaussianPrior(MU_N, V_N, SDE), SDE, y, Blend(), cfg,
                        generator=torch.Generator().manual_seed(0))
@@ -243,10 +244,33 @@ def test_ddim_eta_sets_how_much_fresh_noise_enters():
     k = 2000
     corr = {}
     for eta in (0.0, 1.0):
-        cfg = SamplerConfig(solver="ddim", eta=eta, steps=50, lambda_x=0.0, kappa_n=0.0, final_projection=False)
+        cfg = SamplerConfig(solver="ddim", eta=eta, steps=50, lambda_x=0.0, kappa_n=0.0, final_projection=False,
+                            clip_denoised=False)
         out = joint_sample(GaussianPrior(MU_X, V_X, SDE), GaussianPrior(MU_N, V_N, SDE), SDE,
                            torch.zeros(k, 1, 2, 2), Blend(), cfg, generator=torch.Generator().manual_seed(0))
         x_start = torch.randn((k, 1, 2, 2), generator=torch.Generator().manual_seed(0))  # the sampler's first draw
         a, b = x_start.flatten(), (out.x * 2 - 1 - MU_X).flatten()
         corr[eta] = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
     assert corr[0.0] > 0.99 and corr[1.0] < 0.5, corr
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_clipping_keeps_samples_in_the_data_range_and_changes_nothing_inside_it(eta):
+    """``clip_denoised`` clips Tweedie's estimate to [-1, 1] at every DDIM step: a prior of standard deviation
+    2 is then sampled inside the data range (up to the last step's own small move), where the bare solver
+    spreads it over [-6, 6]; a prior whose estimates stay inside the range is sampled exactly as without it."""
+    k = 1000
+
+    def sample(mu: float, var: float, clip: bool) -> torch.Tensor:
+        cfg = SamplerConfig(solver="ddim", eta=eta, steps=50, lambda_x=0.0, kappa_n=0.0, final_projection=False,
+                            clip_denoised=clip)
+        prior = GaussianPrior(torch.full((1, 2, 2), mu), var, SDE)
+        out = joint_sample(prior, prior, SDE, torch.zeros(k, 1, 2, 2), Blend(), cfg,
+                           generator=torch.Generator().manual_seed(0))
+        return out.x * 2 - 1
+
+    wide_bare, wide_clipped = sample(0.0, 4.0, False), sample(0.0, 4.0, True)
+    assert wide_bare.std() > 1.8 and wide_bare.abs().max() > 4
+    assert wide_clipped.abs().max() < 1.05 and wide_clipped.std() > 0.5
+    narrow = (sample(0.2, 0.01, False), sample(0.2, 0.01, True))
+    assert torch.allclose(*narrow, atol=1e-5)

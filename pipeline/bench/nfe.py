@@ -121,7 +121,7 @@ def save_weights(weights: dict[str, dict[int, dict[str, float]]], path: Path = G
     """Record the tuned weights in ``configs/guidance.yaml`` under ``solvers:`` (the rest unchanged)."""
     header = "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
     doc = yaml.safe_load(path.read_text())
-    doc["solvers"] = weights
+    doc["solvers"] = {**(doc.get("solvers") or {}), **weights}  # solvers not run this time keep their entries
     path.write_text(header + yaml.safe_dump(doc, sort_keys=False))
 
 

@@ -83,7 +83,7 @@ def sampler_config(guidance: dict[str, Any], rule: str, steps: int) -> SamplerCo
         entry = table[nearest]
     else:
         entry = table[steps]
-    return SamplerConfig(rule=rule, steps=steps, **entry)
+    return SamplerConfig(rule=rule, steps=steps, **{"solver": "euler-maruyama", **entry})  # the table is EM's
 
 
 def _summary(values: list[float]) -> tuple[float, float, float]:
@@ -267,7 +267,8 @@ def tune(steps: list[int], rules: list[str], n_val: int = 20, out: Path = GUIDAN
             scaled = [round(g * (200 / st) ** 0.5, 3) for g in grid]
 
             def evaluate(lam: float, kap: float, rule: str = rule, st: int = st, schedule: str = schedule) -> float:
-                cfg = SamplerConfig(rule=rule, steps=st, lambda_x=lam, kappa_n=kap, schedule=schedule)
+                cfg = SamplerConfig(rule=rule, steps=st, lambda_x=lam, kappa_n=kap, schedule=schedule,
+                                    solver="euler-maruyama")
                 x_hat, _ = run_joint(x_model, n_model, sde, val, cfg)
                 p = metrics.psnr(x_hat, clean).mean().item()
                 p = p if p == p else float("-inf")

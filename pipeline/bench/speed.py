@@ -119,9 +119,9 @@ def throughput(x_model: Any, n_model: Any, sde: Any, batch: int, steps: int, rul
 
 def ray_vs_single(n_images: int, shard_size: int, steps: int, threads: int, log: Callable[[str], None],
                   repeats: int = 1) -> dict[str, Any]:
-    """The same shards through ``denoise_dataset`` and the Ray job (one actor, ``threads`` threads),
-    alternately ``repeats`` times; each side's figures are from its fastest run (the run least
-    disturbed by the rest of the machine), and every run is listed."""
+    """The same shards through ``denoise_dataset`` (``threads`` threads) and the Ray job (its own CPU actor
+    layout on a local Ray of ``threads`` CPUs), alternately ``repeats`` times; each side's figures are from
+    its fastest run (the run least disturbed by the rest of the machine), and every run is listed."""
     from pipeline.clean import denoise_dataset
     from pipeline.config import CleanConfig, RayConfig
     from pipeline.data.corrupt import write_observations
@@ -151,6 +151,7 @@ def ray_vs_single(n_images: int, shard_size: int, steps: int, threads: int, log:
                     started = not ray.is_initialized()  # a Ray this process already runs is used as it is
                     if started:
                         ray.init(address="local", num_cpus=threads, include_dashboard=False)
+                    ray_cpus = int(ray.cluster_resources().get("CPU", threads))
                     try:
                         res = run_clean(f"{tmp}/obs", out_uri, ray_cfg, progress=False)
                     finally:
@@ -162,7 +163,8 @@ def ray_vs_single(n_images: int, shard_size: int, steps: int, threads: int, log:
                                    "span_s": span(shards), "peak_rss_mb": max(s["peak_rss_mb"] for s in shards),
                                    "peak_cuda_mb": max(s.get("peak_cuda_mb", 0.0) for s in shards),
                                    "actors": res["job"].get("actors") or 1,
-                                   "threads_per_actor": res["job"].get("threads_per_actor") or threads})
+                                   "threads_per_actor": res["job"].get("threads_per_actor") or threads,
+                                   "cpus": ray_cpus if side == "ray" else threads})
                 r = runs[side][-1]
                 log(f"  {'single process' if side == 'single' else 'Ray job':14s} run {k + 1}/{repeats}: "
                     f"{r['images']} images, {r['span_s']:.1f} s from first shard to last ({r['wall_s']:.1f} s "
@@ -170,7 +172,7 @@ def ray_vs_single(n_images: int, shard_size: int, steps: int, threads: int, log:
     single = min(runs["single"], key=lambda r: r["span_s"])
     ray = min(runs["ray"], key=lambda r: r["span_s"])
     out = {"images": single["images"], "shards": single["shards"], "steps": steps, "threads": threads,
-           "ray_actors": ray["actors"], "ray_threads_per_actor": ray["threads_per_actor"],
+           "ray_actors": ray["actors"], "ray_threads_per_actor": ray["threads_per_actor"], "ray_cpus": ray["cpus"],
            "repeats": repeats, "runs": runs,
            "single_wall_s": min(r["wall_s"] for r in runs["single"]),
            "ray_wall_s": min(r["wall_s"] for r in runs["ray"]),
@@ -256,7 +258,7 @@ def table(doc: dict[str, Any]) -> str:
         lines.append(f"| {r['batch']} | {r['rule']} | {r['images_per_s']:.2f} | {r['images_per_s_at_default']:.3f} |")
     rv = doc["ray_vs_single"]
     lines += ["", f"Ray job against one process ({rv['images']} images in {rv['shards']} shards, {rv['steps']} steps, "
-              f"{rv['threads']} CPUs each side: one process of {rv['threads']} threads, "
+              f"one process of {rv['threads']} threads against a Ray of {rv['ray_cpus']} CPUs: "
               f"{rv['ray_actors']} actor(s) of {rv['ray_threads_per_actor']} thread(s); fastest of "
               f"{rv['repeats']} alternating run(s) per side):", "",
               "| | one process | Ray job | Ray / one process |", "| --- | ---: | ---: | ---: |",

@@ -197,7 +197,8 @@ class JobStats:
 
 
 def cpu_threads(node_cpus: list[int], n_pending: int) -> int:
-    """Torch threads per CPU actor: the CPUs shared out over the pending shards, 1 to 4 each.
+    """Torch threads per CPU actor: the CPUs shared out over ``n_pending`` shards (or over the actors
+    asked for, when fewer), 1 to 4 each.
 
     Processes scale better than threads on a sampler step's small tensors: on 2 cores, two actors of
     one thread each cleaned 2.13 images/s where one actor of two threads cleaned 1.86 (``jointdiff
@@ -226,7 +227,7 @@ def actor_layout(cfg: CleanConfig, n_pending: int) -> tuple[int, float, int]:
     node_cpus = [int(n.get("CPU", 0)) for n in nodes]
     node_gpus = [int(n.get("GPU", 0)) for n in nodes]
     g = r.gpus_per_actor if r.gpus_per_actor is not None else (1.0 if max(node_gpus) >= 1 else 0.0)
-    threads = r.threads_per_actor or (2 if g else cpu_threads(node_cpus, n_pending))
+    threads = r.threads_per_actor or (2 if g else cpu_threads(node_cpus, min(r.actors or n_pending, n_pending)))
     if g > max(node_gpus):
         raise ConfigError(f"ray.gpus_per_actor={g:g} but no live node has that many GPUs ({max(node_gpus)} at most); "
                           "set ray.gpus_per_actor: 0 to run on CPUs")

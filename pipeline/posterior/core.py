@@ -75,11 +75,11 @@ class StepConfig:
     """A plain :class:`LoopSettings` with ``SamplerConfig``'s defaults (unvalidated; for torch-only code)."""
 
     rule: str = "dps"
-    steps: int = 200
-    lambda_x: float = 10.0
-    kappa_n: float = 5.0
+    steps: int = 50
+    lambda_x: float = 20.0
+    kappa_n: float = 20.0
     schedule: str = "constant"
-    solver: str = "euler-maruyama"
+    solver: str = "ddim"
     eta: float = 1.0
     data_var_x: float = 1.0
     data_var_n: float = 1.0

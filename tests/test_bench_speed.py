@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.bench import nfe
 from pipeline.cli import main
-from pipeline.posterior.sampler import RULES
+from pipeline.posterior.sampler import RULES, SamplerConfig
 
 
 def test_bench_speed_quick_reports_every_figure_consistently(ray_local, tmp_path, capsys):
@@ -26,11 +26,13 @@ def test_bench_speed_quick_reports_every_figure_consistently(ray_local, tmp_path
         assert f["floor_s"] > 0 and f["sampler_s"] > 0 and f["ratio"] == pytest.approx(f["sampler_s"] / f["floor_s"])
         assert f["batch"] == 8 and len(f["floor_runs"]) == len(f["sampler_runs"]) == 1
     assert doc["overhead_ratio"] == doc["overhead"]["dps"]["ratio"]
+    default_nfe = SamplerConfig().nfe
+    assert doc["meta"]["nfe_default"] == default_nfe
     assert set(doc["images_per_s"]["by_batch"]) == {"1", "8"} and set(doc["images_per_s"]["by_rule"]) == set(RULES)
     for row in doc["throughput_rows"]:
         assert row["images_per_s"] == pytest.approx(row["batch"] / row["seconds"])
-        # the per-image cost at the default NFE is the timed steps' cost scaled to 200 steps
-        assert row["images_per_s_at_default"] == pytest.approx(row["images_per_s"] * row["steps"] / 200)
+        # the per-image cost at the default NFE is the timed steps' cost scaled to the default step count
+        assert row["images_per_s_at_default"] == pytest.approx(row["images_per_s"] * row["steps"] / default_nfe)
     rv = doc["ray_vs_single"]
     assert rv["images"] == 8 and rv["shards"] == 2
     assert [len(rv["runs"][side]) for side in ("single", "ray")] == [1, 1]

@@ -201,9 +201,10 @@ def cpu_threads(node_cpus: list[int], n_pending: int) -> int:
     asked for, when fewer), 1 to 4 each.
 
     Processes scale better than threads on a sampler step's small tensors: on 2 cores, two actors of
-    one thread each cleaned 2.13 images/s where one actor of two threads cleaned 1.86 (``jointdiff
-    bench speed``'s shards, 50 steps). More threads per actor only when there are fewer shards than
-    CPUs, so that no CPU idles; each actor holds both priors (about 0.7 GB resident)."""
+    one thread each cleaned 2.12-2.14 images/s where one process of two threads cleaned 1.86 (ad-hoc
+    runs on ``jointdiff bench speed``'s 4 shards, 50 steps; the benchmark itself: 1.07x and 1.13x).
+    More threads per actor only when there are fewer shards than CPUs, so that no CPU idles; each actor
+    holds both priors (about 0.7 GB resident)."""
     return max(1, min(4, max(node_cpus), sum(node_cpus) // max(1, n_pending)))
 
 

@@ -94,11 +94,10 @@ class SamplerConfig(BaseModel):
         return self.steps
 
     def identity(self) -> dict[str, Any]:
-        """The settings that decide the results (for run ids): DDIM's own settings only with DDIM, so
-        adding one does not change the id of an Euler-Maruyama run."""
+        """The settings that decide the results (for run ids). ``clip_denoised`` (added after ``eta``) only
+        with DDIM, so an Euler-Maruyama run keeps the id it had before that setting existed."""
         d = self.model_dump()
         if self.solver != "ddim":
-            d.pop("eta")
             d.pop("clip_denoised")
         return d
 

@@ -40,7 +40,7 @@ import torch
 from pipeline.config import CleanConfig
 from pipeline.data.accounting import Accounting, AccountingError, PlannedShard, check_run, input_rows, mark_done, plan
 from pipeline.data.shards import build_table, read_table, write_table
-from pipeline.data.storage import join
+from pipeline.data.storage import absolute_uri, join, local_path
 from pipeline.data.validate import ERRORS_SCHEMA, RowError, conform, decode_any, error_row
 from pipeline.diffusion.checkpoint import load_model
 from pipeline.posterior.core import Runtime, auto_batch_size
@@ -64,12 +64,28 @@ def model_fingerprint(name_or_uri: str) -> str:
 def run_id_for(input_uri: str, cfg: CleanConfig) -> str:
     """A stable run id from what determines the results: the input URI, both models (name and
     fingerprint), the forward model, the sampler config and the input policy."""
-    key = json.dumps({"input": str(input_uri).rstrip("/"),
-                      "image_prior": [cfg.image_prior, model_fingerprint(cfg.image_prior)],
-                      "noise_prior": [cfg.noise_prior, model_fingerprint(cfg.noise_prior)],
+    # local inputs and models hash as absolute paths: `obs`, `../obs`, `/abs/obs` and `file:///abs/obs` are
+    # one dataset, with the id an absolute path always had
+    key = json.dumps({"input": local_path(absolute_uri(input_uri)).rstrip("/"),
+                      "image_prior": [local_path(cfg.image_prior), model_fingerprint(cfg.image_prior)],
+                      "noise_prior": [local_path(cfg.noise_prior), model_fingerprint(cfg.noise_prior)],
                       "forward": cfg.forward.model_dump(), "sampler": cfg.sampler.identity(),
                       "policy": cfg.policy.model_dump(mode="json")}, sort_keys=True)
     return "run-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def model_uri(name_or_uri: str) -> str:
+    """A shipped prior's name unchanged; a local model path as an absolute ``file://`` URI; other URIs unchanged."""
+    from pipeline.priors import SHIPPED
+
+    return name_or_uri if name_or_uri in SHIPPED else absolute_uri(name_or_uri)
+
+
+def resolve_paths(input_uri: str, output: str, cfg: CleanConfig) -> tuple[str, str, CleanConfig]:
+    """The input, the output root and both priors with local paths made absolute ``file://`` URIs, on the
+    driver, before any worker sees them (a worker resolves a relative path against its own folder)."""
+    cfg = cfg.model_copy(update={"image_prior": model_uri(cfg.image_prior), "noise_prior": model_uri(cfg.noise_prior)})
+    return absolute_uri(input_uri), absolute_uri(output), cfg
 
 
 @dataclass
@@ -297,6 +313,7 @@ def prepare_run(input_uri: str, output: str, cfg: CleanConfig, run_id: str | Non
     """
     from pipeline.data.shards import ShardError
 
+    input_uri, output = absolute_uri(input_uri), absolute_uri(output)
     run_id = run_id or run_id_for(input_uri, cfg)
     run = join(output, "runs", run_id)
     shards = plan(input_uri, run)
@@ -322,13 +339,25 @@ def prepare_run(input_uri: str, output: str, cfg: CleanConfig, run_id: str | Non
     return RunPlan(str(input_uri), str(output), run_id, run, str(input_uri).rstrip("/"), shards, duplicates, rows)
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: the message says how far it got and how to resume."""
+
+    def __init__(self, run: RunPlan):
+        done = sum(s.done for s in plan(run.input_uri, run.run_uri))
+        super().__init__(f"interrupted: {done} of {len(run.shards)} shard(s) of run {run.run_id} are complete in "
+                         f"{local_path(run.run_uri)}. Run the same command again to resume: complete shards are "
+                         f"skipped (or pass --run-id {run.run_id}).")
+
+
 def process_shard(cleaner: ShardCleaner, run: RunPlan, shard: PlannedShard,
                   progress: Callable[[int], None] | None = None, duplicates: Mapping[int, str] | None = None,
-                  before_marker: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  before_marker: Callable[[str], None] | None = None,
+                  worker: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Clean one source shard and write its outputs, then its completion marker (last).
 
-    ``duplicates`` defaults to the run plan's entry for this shard. Returns its counts, ``seconds`` and
-    its ``started``/``finished`` wall-clock times (epoch seconds, for throughput without start-up)."""
+    ``duplicates`` defaults to the run plan's entry for this shard; ``worker`` (who cleaned it: the Ray
+    node id, the process) goes into the marker. Returns its counts, ``seconds`` and its
+    ``started``/``finished`` wall-clock times (epoch seconds, for throughput without start-up)."""
     t0, started = time.perf_counter(), time.time()
     if duplicates is None:
         duplicates = run.duplicates.get(shard.name)
@@ -337,7 +366,7 @@ def process_shard(cleaner: ShardCleaner, run: RunPlan, shard: PlannedShard,
     if before_marker is not None:
         before_marker(shard.name)
     info = {"run_id": run.run_id, "cleaned": len(res.cleaned.get("id", [])), "errors": len(res.errors),
-            "input_size": shard.size}
+            "input_size": shard.size, "pid": os.getpid(), **(worker or {})}
     mark_done(run.run_uri, shard.name, info)
     return {"shard": shard.name, "cleaned": info["cleaned"], "errors": info["errors"],
             "seconds": time.perf_counter() - t0, "started": started, "finished": time.time()}
@@ -402,18 +431,22 @@ def denoise_dataset(input_uri: str, output: str, cfg: CleanConfig, run_id: str |
     from pipeline.data import storage
 
     t0 = time.perf_counter()
+    input_uri, output, cfg = resolve_paths(input_uri, output, cfg)
     storage.configure(cfg.storage)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = prepare_run(input_uri, output, cfg, run_id)
     cleaner = ShardCleaner(cfg) if run.pending else None
     processed, shards = 0, []
-    with tqdm(total=run.pending_rows, desc=f"denoise {run.run_id}", unit="img", disable=not progress) as bar:
-        for s in run.pending:
-            done = process_shard(cleaner, run, s, progress=bar.update)
-            bar.update(done["errors"])
-            processed += done["cleaned"]
-            shards.append({**done, "pid": os.getpid(), "peak_rss_mb": peak_rss_mb()})
+    try:
+        with tqdm(total=run.pending_rows, desc=f"denoise {run.run_id}", unit="img", disable=not progress) as bar:
+            for s in run.pending:
+                done = process_shard(cleaner, run, s, progress=bar.update)
+                bar.update(done["errors"])
+                processed += done["cleaned"]
+                shards.append({**done, "pid": os.getpid(), "peak_rss_mb": peak_rss_mb()})
+    except KeyboardInterrupt:
+        raise RunInterrupted(run) from None
     summary = finish_run(run, cfg, processed, "local", time.perf_counter() - t0)
     summary["job"] = {"shards": shards, "processed": processed}
     return summary

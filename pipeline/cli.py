@@ -20,6 +20,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(PriorConfig, args.config, args.set, section=args.section)
     if args.ray_address or args.workers:
+        from pipeline.jobs.clean import cluster_address
+
+        cluster_address(args.ray_address, "train")  # ray:// and http:// fail here, before anything starts
         from pipeline.jobs.train_prior import train_distributed
 
         workers = args.workers or 2
@@ -617,8 +620,8 @@ def main(argv: list[str] | None = None) -> int:
     except AccountingError as exc:
         print(f"jointdiff {args.command}: {exc}", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
-        print(f"\njointdiff {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"\njointdiff {args.command}: {exc or 'interrupted'}", file=sys.stderr)
         return 130
 
 

@@ -104,20 +104,48 @@ class CorruptConfig(_Strict):
     _channels = field_validator("channels")(classmethod(lambda cls, v: check_channels(v)))
 
 
+def check_ray_address(address: str | None, what: str = "--ray-address", command: str = "clean") -> None:
+    """Refuse addresses that cannot run a jointdiff job: ``ray://`` (Ray Client, under which Ray Data
+    and Ray Train fail: ``'Worker' object has no attribute 'core_worker'``) and the Jobs API's ``http://``."""
+    if not address:
+        return
+    if address.startswith("ray://"):
+        raise ConfigError(
+            f"{what} {address}: a ray:// (Ray Client) address cannot run Ray Data or Ray Train jobs. From a machine "
+            "of the cluster use the GCS address (HEAD:6379) or auto; from outside it, submit the job: "
+            f"`jointdiff submit {command} ... --address http://HEAD:8265`")
+    if address.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"{what} {address}: that is the Jobs API (the dashboard's port), not a cluster address: submit the job "
+            f"with `jointdiff submit {command} ... --address {address}`, or give the GCS address HEAD:6379")
+
+
 class RayConfig(_Strict):
     """Where and how the Ray cleaning job (``jointdiff clean``) runs its actors."""
 
-    address: str | None = Field(None, description="Ray cluster address (ray://host:10001 or host:6379); default "
-                                                   "RAY_ADDRESS, else an in-process local Ray")
+    address: str | None = Field(None, description="Ray cluster to run the driver on: HEAD:6379 (the GCS address) or "
+                                                   "auto, from a machine of the cluster; default RAY_ADDRESS, else "
+                                                   "an in-process local Ray. Not ray:// (Ray Client cannot run Ray "
+                                                   "Data): from outside the cluster use `jointdiff submit`")
     actors: int | None = Field(None, ge=1, description="sampler actors; default one per GPU, else CPUs / threads")
     gpus_per_actor: float | None = Field(None, ge=0, description="default 1 when the cluster has GPUs, else 0")
     threads_per_actor: int | None = Field(None, ge=1, description="torch threads (and Ray CPUs) of each actor; "
                                                                   "default 2 for GPU actors, else the CPUs shared "
                                                                   "out over the pending shards or ray.actors (1 to "
                                                                   "4; 4 with ray.autoscaling)")
+    stall_timeout_s: float = Field(600, ge=0, description="when no shard finishes for this long while the nodes "
+                                                          "alive hold fewer actors than planned (a lost node), "
+                                                          "start a fresh pool for the pending shards on the "
+                                                          "nodes left (0: never)")
     autoscaling: bool = Field(False, description="the cluster adds nodes on demand (KubeRay autoscaler, cluster "
                                                  "launcher): take ray.actors and ray.gpus_per_actor as given, "
                                                  "without checking them against the nodes alive now")
+
+    @field_validator("address")
+    @classmethod
+    def _no_ray_client(cls, v: str | None) -> str | None:
+        check_ray_address(v, "ray.address")
+        return v
 
     @model_validator(mode="after")
     def _autoscaling_needs_a_layout(self) -> RayConfig:
@@ -182,6 +210,7 @@ def with_ray(cfg: CleanConfig, **settings: Any) -> CleanConfig:
     over = {k: v for k, v in settings.items() if v is not None}
     if not over:
         return cfg
+    check_ray_address(over.get("address"))
     try:
         ray = RayConfig.model_validate({**cfg.ray.model_dump(), **over})
     except ValidationError as exc:

@@ -124,6 +124,27 @@ def arrow_fs(uri: str, config: StorageConfig | None = None) -> tuple[Any, str]:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
+def absolute_uri(uri: str) -> str:
+    """A local path (relative, absolute, ``~``, or ``file://``) as an absolute ``file://`` URI; any other URI
+    (``s3://``, ``memory://`` ...) unchanged.
+
+    Done on the driver before a run is planned: a relative path handed to Ray workers would be resolved
+    against each worker's own folder (Ray's temporary working directory), and the same dataset spelled
+    ``obs``, ``../obs`` and ``/abs/obs`` must be one dataset (one run id)."""
+    from pathlib import Path
+
+    uri = str(uri)
+    if "://" in uri and not uri.startswith("file://"):
+        return uri
+    # not Path.as_uri(): fsspec takes a file:// path as it is, without percent-decoding it
+    return "file://" + str(Path(uri.removeprefix("file://")).expanduser().resolve())
+
+
+def local_path(uri: str) -> str:
+    """The path of a ``file://`` URI (what users see and type); other URIs unchanged."""
+    return str(uri).removeprefix("file://")
+
+
 def join(uri: str, *parts: str) -> str:
     """Join URI parts with ``/`` (works for local paths and remote URIs alike)."""
     out = str(uri).rstrip("/")

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import queue
 import signal
 import sys
 import threading
@@ -49,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.clean import (
+    RunInterrupted,
     RunPlan,
     ShardCleaner,
     fail_shard,
@@ -61,13 +63,14 @@ from pipeline.config import CleanConfig, ConfigError
 from pipeline.data.accounting import PlannedShard, plan
 
 MAX_SHARD_ATTEMPTS = 3
+MAX_REPLANS = 2  # fresh actor pools after a stall (a lost node that Ray Data cannot recover from)
 
 
 class ShardActor:
     """A pool actor: both priors loaded once; each call cleans the shards of its batch."""
 
     def __init__(self, cfg: CleanConfig, run: RunPlan, threads: int, crash_once: str | None = None,
-                 crash_shard: str | None = None):
+                 crash_shard: str | None = None, hang_once: str | None = None):
         import ray
         import torch
 
@@ -78,8 +81,9 @@ class ShardActor:
         self.cfg, self.threads = cfg, threads
         self._cleaner: ShardCleaner | None = None
         self.run = run
-        self.crash_once, self.crash_shard = crash_once, crash_shard
+        self.crash_once, self.crash_shard, self.hang_once = crash_once, crash_shard, hang_once
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        self.node_id = ray.get_runtime_context().get_node_id()
 
     def _maybe_crash(self, shard: str) -> None:
         # Test hooks: the first actor to get here (outputs written, marker not yet) dies for real, or
@@ -96,6 +100,19 @@ class ShardActor:
         os.close(fd)
         os._exit(1)
 
+    def _maybe_hang(self) -> None:
+        # Test hook: ``PATH`` or ``PATH@NODE_ID``: the first actor (on that node) to start a shard never finishes
+        # it, as an actor stuck on a lost node would look to the driver.
+        path, _, node = (self.hang_once or "").partition("@")
+        if not path or (node and node != self.node_id):
+            return
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        while True:
+            time.sleep(3600)
+
     @property
     def cleaner(self) -> ShardCleaner:
         # Built on the first call, in the thread that runs the calls (Ray Data calls the UDF from a
@@ -110,20 +127,23 @@ class ShardActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         keys = ("shard", "cleaned", "errors", "seconds", "started", "finished")
-        out: dict[str, list[Any]] = {k: [] for k in (*keys, "pid", "device", "gpu_ids", "peak_rss_mb",
+        out: dict[str, list[Any]] = {k: [] for k in (*keys, "pid", "node_id", "device", "gpu_ids", "peak_rss_mb",
                                                      "peak_cuda_mb")}
         for i in range(len(batch["name"])):
             shard = PlannedShard(str(batch["uri"][i]), str(batch["name"][i]), False, int(batch["size"][i]))
             dups = {int(k): v for k, v in json.loads(str(batch["duplicates"][i])).items()}
-            attempt = count_attempt(self.run, shard.name)
+            attempt = count_attempt(self.run, shard.name, self.node_id)
+            self._maybe_hang()
             if attempt > MAX_SHARD_ATTEMPTS:
                 res = fail_shard(self.cfg, self.run, shard, f"gave up after {MAX_SHARD_ATTEMPTS} attempts: the "
                                  "worker cleaning this shard died each time (out of memory? a crash in a decoder?)")
             else:
-                res = process_shard(self.cleaner, self.run, shard, duplicates=dups, before_marker=self._maybe_crash)
+                res = process_shard(self.cleaner, self.run, shard, duplicates=dups, before_marker=self._maybe_crash,
+                                    worker={"node_id": self.node_id})
             for k in keys:
                 out[k].append(res[k])
             out["pid"].append(os.getpid())
+            out["node_id"].append(self.node_id)
             out["peak_rss_mb"].append(peak_rss_mb())
             out["peak_cuda_mb"].append(_peak_cuda_mb())
             out["device"].append(self._cleaner.device if self._cleaner else self.cfg.device)
@@ -138,9 +158,10 @@ def _peak_cuda_mb() -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
 
 
-def count_attempt(run: RunPlan, shard: str) -> int:
-    """Record one more attempt at ``shard`` in ``_attempts/`` and return its number in this driver
-    session (1 for the first; attempts of an earlier, interrupted session do not count).
+def count_attempt(run: RunPlan, shard: str, node_id: str | None = None) -> int:
+    """Record one more attempt at ``shard`` in ``_attempts/`` (with the Ray node and process that make it)
+    and return its number in this driver session (1 for the first; attempts of an earlier, interrupted
+    session do not count).
 
     One actor holds a shard at a time, so a plain read-then-write is enough."""
     from pipeline.data.storage import join, open_fs, write_atomic
@@ -150,18 +171,34 @@ def count_attempt(run: RunPlan, shard: str) -> int:
     fs, path = open_fs(uri)
     last = json.loads(fs.cat_file(path)) if fs.exists(path) else {}
     n = last.get("attempts", 0) + 1 if last.get("session") == session else 1
-    write_atomic(uri, json.dumps({"attempts": n, "session": session, "pid": os.getpid()}).encode())
+    write_atomic(uri, json.dumps({"attempts": n, "session": session, "pid": os.getpid(), "node_id": node_id,
+                                  "started": time.time()}).encode())
     return n
+
+
+def cluster_address(address: str | None, command: str = "clean") -> str | None:
+    """The Ray cluster to join: ``address``, else ``RAY_ADDRESS``, else None (a new local Ray); a ``ray://``
+    or ``http://`` address is refused with a one-line :class:`ConfigError` saying what to use instead."""
+    from pipeline.config import check_ray_address
+
+    check_ray_address(address, command=command)
+    if not address and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
+        check_ray_address(address, "RAY_ADDRESS", command)
+    return address or None
 
 
 def init_ray(address: str | None = None) -> bool:
     """Connect to ``address`` (else ``RAY_ADDRESS``), or start a new in-process local Ray; reuse a Ray
-    already initialised in this process. Returns whether this call started or connected it."""
+    already initialised in this process. Returns whether this call started or connected it.
+
+    A ``ray://`` (Ray Client) address is refused before anything starts: Ray Data does not run under
+    Ray Client (``'Worker' object has no attribute 'core_worker'`` half-way through the job)."""
     import ray
 
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = cluster_address(address)
     if address:
         ray.init(address=address)
     else:  # "local": a new instance, never a cluster that `ray start` left running on this machine
@@ -170,21 +207,36 @@ def init_ray(address: str | None = None) -> bool:
 
 
 @contextmanager
-def ray_session(address: str | None = None) -> Iterator[None]:
-    """:func:`init_ray` for the duration of a block; shut down on exit only if the block started it."""
+def ray_session(address: str | None = None) -> Iterator[bool]:
+    """:func:`init_ray` for the duration of a block (which gets whether it started or joined Ray itself);
+    shut down on exit only if the block started it."""
     import ray
 
     started = init_ray(address)
     try:
-        yield
+        yield started
     finally:
         if started:
             ray.shutdown()
 
 
+class Stalled(RuntimeError):
+    """No shard finished for ``ray.stall_timeout_s`` while the live nodes hold fewer actors than planned: Ray
+    Data can wait forever for actors of a lost node that it cannot place again."""
+
+
+def live_capacity(threads: int, gpus: float) -> int:
+    """How many actors of ``threads`` CPUs and ``gpus`` GPUs the nodes alive now can hold."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    return sum(min(int(n.get("CPU", 0)) // threads, int(n.get("GPU", 0) // gpus) if gpus else 10**6)
+               for n in nodes)
+
+
 @dataclasses.dataclass
 class JobStats:
-    shards: list[dict[str, Any]]  # per shard cleaned: shard, cleaned, errors, seconds, pid, device, gpu_ids
+    shards: list[dict[str, Any]]  # per shard cleaned: shard, cleaned, errors, seconds, pid, node_id, device, gpu_ids
     processed: int  # images cleaned by this job
     seconds: float  # wall time of the Ray part (actor start-up included)
     actors: int
@@ -280,23 +332,102 @@ def run_job(run: RunPlan, cfg: CleanConfig, progress: bool = True, crash_once: s
             compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
             num_gpus=gpus, num_cpus=threads,
             fn_constructor_kwargs={"cfg": cfg, "run": light, "threads": threads, "crash_once": crash_once,
-                                   "crash_shard": crash_shard})
+                                   "crash_shard": crash_shard,
+                                   "hang_once": os.environ.get("JOINTDIFF_TEST_HANG_ONCE") or None})
         total = sum(run.rows.get(s.name, 1) for s in pending)
+        stall_s = cfg.ray.stall_timeout_s
         with tqdm(total=total, desc=f"clean {run.run_id}", unit="img", disable=not progress) as bar, \
                 _interruptible() as interrupted:
-            for row in results.iter_rows():
+            last = time.monotonic()
+            for row in _rows_or_ticks(results):
+                if interrupted.is_set():
+                    raise KeyboardInterrupt
+                if row is None:  # a second without a finished shard
+                    if stall_s and time.monotonic() - last > stall_s and live_capacity(threads, gpus) < actors:
+                        raise Stalled(f"no shard finished for {stall_s:g} s and the nodes alive hold "
+                                      f"{live_capacity(threads, gpus)} of the {actors} actors planned")
+                    continue
+                last = time.monotonic()
                 row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
                 shards.append(row)
                 bar.update(int(row["cleaned"]) + int(row["errors"]))
                 bar.set_postfix(shards=f"{len(shards)}/{len(pending)}")
-                if interrupted.is_set():
-                    raise KeyboardInterrupt
-            if interrupted.is_set():
-                raise KeyboardInterrupt
     finally:
         ctx.enable_progress_bars = bars
     processed = sum(int(r["cleaned"]) for r in shards)
     return JobStats(shards, processed, time.perf_counter() - t0, actors, gpus, threads)
+
+
+def _rows_or_ticks(results: Any, tick_s: float = 1.0) -> Iterator[dict[str, Any] | None]:
+    """The rows of a Ray dataset as they come, read in a thread, with ``None`` for every ``tick_s`` without one:
+    the driver keeps control (Ctrl-C, the stall check) even when Ray Data waits forever."""
+    q: queue.Queue = queue.Queue()
+
+    def consume() -> None:
+        try:
+            for row in results.iter_rows():
+                q.put(("row", row))
+            q.put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 (re-raised in the driver's thread)
+            q.put(("error", exc))
+
+    threading.Thread(target=consume, name="ray-data-rows", daemon=True).start()
+    while True:
+        try:
+            kind, item = q.get(timeout=tick_s)
+        except queue.Empty:
+            yield None
+            continue
+        if kind == "end":
+            return
+        if kind == "error":
+            raise item
+        yield item
+
+
+# Lines Ray prints to the driver's stderr (from C++, so no logging filter sees them) on every run that are not
+# about this run: Ray Data puts its own map function in the object store and passes it to each pool actor,
+# and Ray's core worker logs that at ERROR level for any restartable actor (ray-project/ray#57733).
+KNOWN_RAY_NOISE = (b"has constructor arguments in the object store and max_restarts > 0",)
+
+
+@contextmanager
+def quiet_ray_noise() -> Iterator[None]:
+    """Drop the lines of :data:`KNOWN_RAY_NOISE` from this process's standard error (file descriptor 2)
+    while the block runs; everything else passes through unchanged and at once (progress bars included).
+
+    A pipe replaces descriptor 2 and a thread copies it to the real one. The thread stays for the life of
+    the process: processes started meanwhile (a local Ray's) may still hold the pipe."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump() -> None:
+        buf = b""
+        while chunk := os.read(read_end, 65536):
+            buf += chunk
+            while (nl := buf.find(b"\n")) >= 0:
+                line, buf = buf[:nl + 1], buf[nl + 1:]
+                if not any(n in line for n in KNOWN_RAY_NOISE):
+                    os.write(saved, line)
+            if buf and not buf.startswith(b"["):  # not the start of a Ray log line: a progress bar's update
+                os.write(saved, buf)
+                buf = b""
+        if buf:
+            os.write(saved, buf)
+
+    threading.Thread(target=pump, name="quiet-ray-noise", daemon=True).start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
 
 
 @contextmanager
@@ -327,15 +458,32 @@ def run_clean(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None 
     Returns the summary row plus ``shards``, ``skipped_shards``, ``output`` (the run's URI),
     ``summary`` (the row's file) and ``job`` (actor layout and per-shard results).
     """
+    from pipeline.clean import resolve_paths
     from pipeline.data import storage
 
     t0 = time.perf_counter()
+    cluster_address(cfg.ray.address)  # a ray:// address fails here, before the work starts
+    input_uri, output, cfg = resolve_paths(input_uri, output, cfg)
     storage.configure(cfg.storage)
     run = prepare_run(input_uri, output, cfg, run_id)
     stats = JobStats.empty()
-    if run.pending:
-        with ray_session(cfg.ray.address):
-            stats = run_job(run, cfg, progress=progress, crash_once=crash_once, crash_shard=crash_shard)
+    for replan in range(MAX_REPLANS + 1):
+        if not run.pending:
+            break
+        try:
+            with quiet_ray_noise(), ray_session(cfg.ray.address) as started:
+                part = run_job(run, cfg, progress=progress, crash_once=crash_once, crash_shard=crash_shard)
+            stats = dataclasses.replace(part, shards=stats.shards + part.shards,
+                                        processed=stats.processed + part.processed)
+            break
+        except KeyboardInterrupt:
+            raise RunInterrupted(run) from None
+        except Stalled as exc:
+            # leaving the session disconnected this driver, which ends every actor it owns, the stuck ones too
+            if not started or replan == MAX_REPLANS:
+                raise RuntimeError(f"run {run.run_id}: {exc}; the shards done so far are kept: run the same "
+                                   "command again to clean the rest") from None
+            print(f"clean {run.run_id}: {exc}: re-planning the pending shards on the nodes left", file=sys.stderr)
     summary = finish_run(run, cfg, stats.processed, "ray", time.perf_counter() - t0)
     summary["job"] = dataclasses.asdict(stats)
     return summary

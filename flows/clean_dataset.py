@@ -7,7 +7,11 @@ run's HTML report (and a link artifact of it).
 
 - ``plan_run`` (3 retries): lists the shards, skips complete ones, finds repeated ids;
 - ``clean_shards`` (2 retries): the Ray job; in-process local Ray unless ``ray_address`` or
-  ``RAY_ADDRESS`` names a cluster. A retry cleans only the shards still unmarked;
+  ``RAY_ADDRESS`` names a cluster to join as the driver. A retry cleans only the shards still unmarked;
+- or, with ``jobs_address`` / ``RAY_API_SERVER_ADDRESS`` (the shipped nightly deployment), ``submit_clean_job``
+  (1 retry, none for a config, accounting or rejected-rows failure) instead of the four tasks around it:
+  ``jointdiff clean`` submitted through the Ray Jobs API, followed, its summary row read from its logs; the
+  flow fails when the job fails. No Ray driver runs where the flow runs;
 - ``verify_accounting`` (no retries: a failed check is a finding, not a glitch): every input row once;
 - ``record_summary`` (3 retries): appends the summary row to ``<output>/summary/``;
 - ``write_run_report`` (3 retries): writes the run's HTML report, ``<run>/report.html``
@@ -32,11 +36,12 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 
 from flows import artifact_key
-from pipeline.clean import RunPlan, prepare_run, record_run, verify_run
+from pipeline.clean import RunPlan, prepare_run, record_run, resolve_paths, verify_run
 from pipeline.config import SECRET_KEYS, CleanConfig, ConfigError, load_config, with_ray
 from pipeline.data import storage
 from pipeline.data.accounting import Accounting, AccountingError
-from pipeline.jobs.clean import JobStats, ray_session, run_job
+from pipeline.data.storage import absolute_uri
+from pipeline.jobs.clean import JobStats, cluster_address, quiet_ray_noise, ray_session, run_job
 from pipeline.report import write_report
 from pipeline.summary import format_summary
 
@@ -67,7 +72,7 @@ def _retry_unless(*final: type[BaseException]):
 def clean_shards(run: RunPlan, cfg: CleanConfig, progress: bool) -> JobStats:
     if not run.pending:
         return JobStats.empty()
-    with ray_session(cfg.ray.address):
+    with quiet_ray_noise(), ray_session(cfg.ray.address):
         return run_job(run, cfg, progress=progress)
 
 
@@ -114,15 +119,104 @@ def publish_artifacts(summary: dict[str, Any]) -> None:
                          description="The run's HTML report: summary, plots, images, errors")
 
 
+class JobFailed(RuntimeError):
+    """A submitted cleaning job ended without success; ``exit_code`` is its driver's (2 config, 3 accounting,
+    4 too many rejected rows: findings that a retry would repeat)."""
+
+    def __init__(self, message: str, exit_code: int | None):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _retry_job(task: Any, task_run: Any, state: Any) -> bool:
+    try:
+        state.result()
+    except JobFailed as exc:
+        return exc.exit_code not in (2, 3, 4)
+    except ConfigError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+class _PrintLines:
+    """A text stream that prints whole lines (so that Prefect's ``log_prints`` logs a followed job's output)."""
+
+    def __init__(self) -> None:
+        self.buffer = ""
+
+    def write(self, text: str) -> int:
+        self.buffer += text
+        *lines, self.buffer = self.buffer.split("\n")
+        for line in lines:
+            print(line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def job_summary(logs: str, key: str = "run_id") -> dict[str, Any] | None:
+    """The last JSON object with ``key`` that a job printed on a line of its own (`jointdiff clean`: its
+    summary row; `jointdiff train`: the model's card), if any."""
+    for line in reversed(logs.splitlines()):
+        if line.startswith("{") and f'"{key}"' in line:
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    return None
+
+
+@task(retries=1, retry_delay_seconds=30, cache_policy=NO_CACHE, retry_condition_fn=_retry_job)
+def submit_clean_job(input_uri: str, output: str, config: str | None, overrides: list[str], run_id: str | None,
+                     jobs_address: str) -> dict[str, Any]:
+    """Submit `jointdiff clean` to the cluster through the Ray Jobs API, follow its logs, and return the summary
+    row it printed; :class:`JobFailed` when the job does not succeed. A retry resumes: done shards are skipped."""
+    args = [input_uri, output, *(["--config", config] if config else []),
+            *[x for o in overrides for x in ("--set", o)], *(["--run-id", run_id] if run_id else []), "--quiet"]
+    return run_submitted("clean", args, jobs_address, "run_id")
+
+
+def run_submitted(kind: str, args: list[str], jobs_address: str, key: str) -> dict[str, Any]:
+    """Submit `jointdiff KIND ARGS` through the Ray Jobs API (working directory: here), print its logs as they
+    come, and return the last JSON line with ``key`` it printed; :class:`JobFailed` if it does not succeed."""
+    from pipeline.jobs import submit as sj
+
+    job_id = sj.submit(kind, args, jobs_address, working_dir=".", log=print)
+    client = sj.connect(jobs_address)
+    status = sj.follow(client, job_id, out=_PrintLines())  # type: ignore[arg-type]
+    info = sj.describe(client, job_id)
+    if status != "SUCCEEDED":
+        raise JobFailed(f"{kind} job {job_id} {status} (exit code {info['driver_exit_code']}): {info['message']}",
+                        info["driver_exit_code"])
+    result = job_summary(client.get_job_logs(job_id), key)
+    if result is None:
+        raise JobFailed(f"{kind} job {job_id} succeeded but printed no result line with {key!r}", None)
+    return result
+
+
 @flow(name="clean-dataset", log_prints=True)
 def clean_dataset(input_uri: str, output: str, config: str | None = None, overrides: list[str] | None = None,
-                  run_id: str | None = None, ray_address: str | None = None, progress: bool = True) -> dict[str, Any]:
+                  run_id: str | None = None, ray_address: str | None = None, progress: bool = True,
+                  jobs_address: str | None = None) -> dict[str, Any]:
     """Clean the pending shards of ``input_uri`` into ``output/runs/<run_id>/`` and record the run.
 
     ``config`` is a clean config (YAML path, e.g. ``configs/denoise.yaml``), ``overrides`` its
-    ``key=value`` overrides; ``ray_address`` (else ``RAY_ADDRESS``) a Ray cluster to run on.
+    ``key=value`` overrides. Where the work runs:
+
+    - ``jobs_address`` (else ``RAY_API_SERVER_ADDRESS``): a cluster's Ray Jobs API, ``http://HEAD:8265``. The
+      flow submits ``jointdiff clean`` as a Ray job, follows its logs and fails when the job fails; no Ray driver
+      runs where the flow runs (the shipped nightly deployment);
+    - else ``ray_address`` (else ``RAY_ADDRESS``): a Ray cluster that this process joins as the driver
+      (``HEAD:6379`` or ``auto``, on a machine of the cluster);
+    - else a Ray started in this process.
+
     Returns the run's summary row, with ``report``: the URI of the run's HTML report.
     """
+    import os
+
     t0 = time.perf_counter()
     secret = [o for o in overrides or [] if o.split("=", 1)[0].strip() in SECRET_KEYS]
     if secret:
@@ -131,6 +225,17 @@ def clean_dataset(input_uri: str, output: str, config: str | None = None, overri
                           "file's storage: section or the AWS environment variables")
     cfg = with_ray(load_config(CleanConfig, config, overrides or []), address=ray_address)
     storage.configure(cfg.storage)
+    jobs_address = jobs_address or os.environ.get("RAY_API_SERVER_ADDRESS") or None
+    if jobs_address:
+        summary = submit_clean_job(absolute_uri(input_uri), absolute_uri(output), config, overrides or [], run_id,
+                                   jobs_address)
+        if not summary.get("report"):
+            summary = {**summary, "report": write_run_report(summary["output"])}
+        publish_artifacts(summary)
+        print(format_summary(summary))
+        return summary
+    input_uri, output, cfg = resolve_paths(input_uri, output, cfg)
+    cluster_address(cfg.ray.address)
     run = plan_run(input_uri, output, cfg, run_id)
     stats = clean_shards(run, cfg, progress)
     acc = verify_accounting(run)
@@ -148,10 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--run-id", default=None)
-    p.add_argument("--ray-address", default=None)
+    p.add_argument("--ray-address", default=None, help="a cluster to join as the driver (HEAD:6379 or auto)")
+    p.add_argument("--jobs-address", default=None, help="a cluster's Ray Jobs API (http://HEAD:8265): submit the "
+                   "work as a Ray job (default RAY_API_SERVER_ADDRESS)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    summary = clean_dataset(a.input, a.output, a.config, a.set, a.run_id, a.ray_address, progress=not a.quiet)
+    summary = clean_dataset(a.input, a.output, a.config, a.set, a.run_id, a.ray_address, progress=not a.quiet,
+                            jobs_address=a.jobs_address)
     print(json.dumps(summary, default=str))
     return 0
 

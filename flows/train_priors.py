@@ -16,10 +16,23 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import artifact_key
+from flows.clean_dataset import _retry_job, run_submitted
 from pipeline.config import PriorConfig, load_config
 from pipeline.data.storage import join
 from pipeline.jobs.clean import ray_session
 from pipeline.jobs.train_prior import train_distributed
+
+
+@task(retries=1, retry_delay_seconds=30, cache_policy=NO_CACHE, retry_condition_fn=_retry_job)
+def submit_train_job(config_path: str, overrides: list[str], workers: int, use_gpu: bool, registry: str,
+                     output: str | None, jobs_address: str) -> dict[str, Any]:
+    """`jointdiff train` of one prior submitted through the Ray Jobs API and followed; returns its card."""
+    args = ["--config", config_path, "--workers", str(workers), "--registry", registry,
+            *(["--gpu"] if use_gpu else []), *[x for o in overrides for x in ("--set", o)],
+            *(["--set", f"output={output}"] if output else [])]
+    meta = run_submitted("train", args, jobs_address, "steps")
+    print(f"prior: {meta['steps']} steps, final loss {meta['final_loss']:.4f}, published as {meta.get('published')}")
+    return meta
 
 
 @task(retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
@@ -60,15 +73,30 @@ def publish_artifact(config: PriorConfig, meta: dict[str, Any], n_samples: int =
 @flow(name="train-priors", log_prints=True)
 def train_priors(image_config: str, noise_config: str, registry: str, workers: int = 2, use_gpu: bool = False,
                  ray_address: str | None = None, overrides: list[str] | None = None,
-                 output_root: str | None = None) -> dict[str, Any]:
+                 output_root: str | None = None, jobs_address: str | None = None) -> dict[str, Any]:
     """Train both priors (configs are YAML paths; ``overrides`` apply to both) and publish them to
     ``registry``; returns ``{name: card}``. ``output_root`` puts each prior's training state and model in
-    ``<output_root>/<name>`` instead of its config's ``output`` (on a cluster: a bucket every worker reaches)."""
+    ``<output_root>/<name>`` instead of its config's ``output`` (on a cluster: a bucket every worker reaches).
+
+    With ``jobs_address`` (else ``RAY_API_SERVER_ADDRESS``), each prior is a `jointdiff train` job submitted
+    through the Ray Jobs API and followed (the shipped deployment); else this process is the Ray Train driver,
+    on ``ray_address`` (else ``RAY_ADDRESS``) or a Ray started here."""
+    import os
+
     import ray
 
     configs = [load_config(PriorConfig, path, overrides or []) for path in (image_config, noise_config)]
     if output_root:
         configs = [c.model_copy(update={"output": join(output_root, c.name)}) for c in configs]
+    jobs_address = jobs_address or os.environ.get("RAY_API_SERVER_ADDRESS") or None
+    if jobs_address:
+        futures = [submit_train_job.submit(path, overrides or [], workers, use_gpu, registry,
+                                           c.output if output_root else None, jobs_address)
+                   for path, c in zip((image_config, noise_config), configs)]
+        metas = [f.result() for f in futures]
+        for c, m in zip(configs, metas):
+            publish_artifact(c, m)
+        return {c.name: m for c, m in zip(configs, metas)}
     with ray_session(ray_address):
         res = ray.cluster_resources()
         need = [workers * (1 if use_gpu else (c.train.threads or 1)) for c in configs]

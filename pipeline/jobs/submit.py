@@ -1,18 +1,22 @@
 """``jointdiff submit``: run training or cleaning on a Ray cluster through the Ray Jobs API.
 
 A thin client over :class:`ray.job_submission.JobSubmissionClient`, the API behind ``ray job submit``.
-The job's entry point is the same command the user would run in place
-(``python -m pipeline.jobs.clean ...`` or ``python -m pipeline.jobs.train_prior ...``), with the
-arguments checked here by the real argument parser first, so a typo fails on the laptop and not on
-the cluster. The runtime environment comes from ``deploy/runtime_env.yaml`` (the file the KubeRay
-``RayJob`` manifests and the Prefect deployments share): the working directory is shipped to the
-cluster, so the job runs this checkout's code, and the config file goes with it (it must live inside
-the working directory; its path is rewritten relative to it).
+The job's entry point is the same command the user would run in place, ``jointdiff clean ARGS`` or
+``jointdiff train ARGS``, as ``python3 -m pipeline.jobs.entry KIND ARGS`` (:mod:`pipeline.jobs.entry`:
+it runs the job with the Python that runs Ray when the head's ``python3`` lacks the requirements, and
+says in one line what the cluster is missing otherwise). The arguments are checked here by the real
+argument parser first, so a typo fails on the laptop and not on the cluster, and local INPUT/OUTPUT paths
+become absolute ``file://`` URIs (the job runs in a folder of its own). The runtime environment comes
+from ``deploy/runtime_env.yaml`` (the file the KubeRay ``RayJob`` manifests and the Prefect deployments
+share); the ``pipeline`` package itself travels as a ``py_modules`` entry, so the job runs this code
+whatever the cluster has installed and whatever folder it is submitted from; the working directory is
+shipped too, and the config file goes with it (it must live inside the working directory; its path is
+rewritten relative to it).
 
 Addresses: ``--address http://HEAD:8265`` is the Ray Jobs API (the dashboard's port, as for
 ``ray job submit``; default ``RAY_API_SERVER_ADDRESS``). It is not ``--ray-address`` of
-``jointdiff clean``/``train``, which names a Ray cluster (``ray://HEAD:10001`` or ``HEAD:6379``) to
-run on from this process.
+``jointdiff clean``/``train``, which names a Ray cluster's GCS (``HEAD:6379`` or ``auto``) for a driver
+on a machine of the cluster. ``ray://`` (Ray Client) is refused everywhere: Ray Data cannot run under it.
 
 Authentication: Ray 2.60 clusters require a token by default. It is read the way Ray reads it --
 ``RAY_AUTH_TOKEN``, else the file named by ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token`` -- and
@@ -35,12 +39,14 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import yaml
 
+import pipeline
 from pipeline.config import ConfigError
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
 ENTRYPOINTS = {"clean": "pipeline.jobs.clean", "train": "pipeline.jobs.train_prior"}
+CLEAN_FLAGS = ("--quiet", "-h", "--help")  # the options of `jointdiff clean` that take no value
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 RUNTIME_ENV_FILE = "deploy/runtime_env.yaml"  # relative to the working directory
 ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"
@@ -74,8 +80,8 @@ def jobs_address(address: str | None) -> str:
                           f"for `ray job submit`) or set {ADDRESS_ENV}")
     if not address.startswith(("http://", "https://")):
         raise ConfigError(f"--address {address!r} is not a Ray Jobs API address: it must look like "
-                          "http://HEAD:8265 (the dashboard port). A ray:// or HEAD:6379 address names the cluster "
-                          "itself; use it with `jointdiff clean --ray-address` to run from this process instead")
+                          "http://HEAD:8265 (the dashboard port). A HEAD:6379 address names the cluster itself: use it "
+                          "with `jointdiff clean --ray-address` on a machine of the cluster instead")
     return address.rstrip("/")
 
 
@@ -120,6 +126,9 @@ def load_runtime_env(working_dir: Path, path: str | None = None) -> dict[str, An
             raise ConfigError(f"runtime env file {file} must hold a mapping (working_dir, excludes, env_vars...)")
     env = dict(env)
     env["working_dir"] = str(working_dir)
+    # the code itself travels with the job, whatever the working directory holds and whatever the cluster has
+    # installed: the job runs this jointdiff (its requirements must be on the cluster: pipeline/jobs/entry.py)
+    env["py_modules"] = [*env.get("py_modules", []), str(Path(pipeline.__file__).resolve().parent)]
     return env
 
 
@@ -159,11 +168,30 @@ def job_command(kind: str, job_args: Sequence[str], working_dir: Path) -> list[s
     parser = build_parser()
     check = ["train", *args] if kind == "train" else ["clean", *args]
     try:
-        parser.parse_args(check)
+        parsed = parser.parse_args(check)
     except SystemExit as exc:  # argparse printed the problem
         raise ConfigError(f"the arguments for `{kind}` were refused by its parser (above): {shlex.join(args)}") \
             from exc
-    return ["python", "-m", ENTRYPOINTS[kind], *args]
+    if kind == "clean":
+        args = _absolute_positionals(args, [parsed.input, parsed.output])
+    return ["python3", "-m", "pipeline.jobs.entry", kind, *args]
+
+
+def _absolute_positionals(args: list[str], values: list[str | None]) -> list[str]:
+    """``args`` with the positional INPUT and OUTPUT, where local paths, made absolute ``file://`` URIs (the
+    job runs in a folder of its own on the cluster, where a relative path means something else)."""
+    from pipeline.data.storage import absolute_uri
+
+    out, skip, todo = [], False, [v for v in values if v]
+    for a in args:
+        if skip:
+            skip = False
+        elif a.startswith("-"):
+            skip = "=" not in a and a not in CLEAN_FLAGS  # an option's value is never a positional
+        elif not a.startswith("-") and todo and a == todo[0]:
+            a = absolute_uri(todo.pop(0))
+        out.append(a)
+    return out
 
 
 def submit(kind: str, job_args: Sequence[str], address: str | None = None, *, working_dir: str | Path = ".",

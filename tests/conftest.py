@@ -72,16 +72,38 @@ def s3(s3_server, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+def start_test_ray() -> None:
+    """The session's local Ray: a new instance (``address="local"``, as the product starts one), never a cluster
+    that a ``ray start`` left behind in ``/tmp/ray/ray_current_cluster``, live or dead."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False,
+             object_store_memory=256 * 1024**2, log_to_driver=True)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the session: 4 logical CPUs on the 2 real cores, and one logical GPU so that
     GPU scheduling is exercised (actors that request it still run on the CPU)."""
     import ray
 
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, object_store_memory=256 * 1024**2,
-             log_to_driver=True)
+    start_test_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real multi-process cluster for the session (tests/raycluster.py): ``ray start --head`` on 127.0.0.1
+    with token authentication, started the way a user who did not activate the project's virtualenv would (its
+    ``python3`` is the system one); stopped at the end."""
+    import secrets
+
+    from tests.raycluster import Cluster
+
+    cluster = Cluster(num_cpus=4, token=secrets.token_hex(16))
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")

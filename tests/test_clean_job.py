@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -205,6 +206,10 @@ def test_a_run_stopped_half_way_finishes_only_the_missing_shards(ray_local, tiny
         marked_at_signal = len(list((run / "_done").glob("*.json")))
         proc.wait(timeout=120)
     assert proc.returncode != 0, f"the job finished ({marked_at_signal} markers at Ctrl-C):\n{log.read_text()}"
+    # it says how far it got and how to resume, in one line, without a traceback
+    assert proc.returncode == 130 and "Traceback" not in log.read_text(), log.read_text()
+    assert re.search(r"interrupted: \d+ of 12 shard\(s\) of run r are complete in .*/out/runs/r\. Run the same "
+                     r"command again to resume", log.read_text()), log.read_text()
     try:  # and whatever of its local Ray is left: no straggler may write after the snapshot below
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:

@@ -10,11 +10,8 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -241,8 +238,8 @@ def test_the_runtime_env_is_the_same_in_every_copy():
             assert yaml.safe_load(doc["spec"]["runtimeEnvYAML"]) == {**env, "working_dir": _workdir_in_image()}
     for d in _yaml(DEPLOY / "prefect.yaml")["deployments"]:
         assert env["env_vars"].items() <= d["work_pool"]["job_variables"]["env"].items()
-    shipped = sj.load_runtime_env(REPO)  # what `jointdiff submit` sends from a checkout
-    assert shipped == {**env, "working_dir": str(REPO)}
+    shipped = sj.load_runtime_env(REPO)  # what `jointdiff submit` sends from a checkout: the package travels too
+    assert shipped == {**env, "working_dir": str(REPO), "py_modules": [str(REPO / "pipeline")]}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -251,12 +248,16 @@ def test_the_runtime_env_is_the_same_in_every_copy():
 def test_job_command_checks_the_arguments_and_ships_the_config_relative_to_the_working_dir(tmp_path, monkeypatch):
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "c.yaml").write_text("sampler: {steps: 2}\n")
-    argv = sj.job_command("clean", ["in", "out", "--config", str(tmp_path / "cfg" / "c.yaml"), "--set", "x=1"],
-                          tmp_path)
-    assert argv == ["python", "-m", "pipeline.jobs.clean", "in", "out", "--config", "cfg/c.yaml", "--set", "x=1"]
+    monkeypatch.chdir(tmp_path)
+    argv = sj.job_command("clean", ["--set", "in=1", "in", "out", "--config", str(tmp_path / "cfg" / "c.yaml"),
+                                    "--quiet", "--set", "x=1"], tmp_path)
+    # local INPUT and OUTPUT become absolute file:// URIs; an option's value that looks like them does not
+    assert argv == ["python3", "-m", "pipeline.jobs.entry", "clean", "--set", "in=1", f"file://{tmp_path}/in",
+                    f"file://{tmp_path}/out", "--config", "cfg/c.yaml", "--quiet", "--set", "x=1"]
+    assert sj.job_command("clean", ["s3://b/in", "memory://out"], tmp_path)[4:] == ["s3://b/in", "memory://out"]
     monkeypatch.chdir(tmp_path / "cfg")  # a relative --config is taken from the current directory
     assert sj.job_command("train", ["--config=c.yaml", "--gpu"], tmp_path) == \
-        ["python", "-m", "pipeline.jobs.train_prior", "--config=cfg/c.yaml", "--gpu"]
+        ["python3", "-m", "pipeline.jobs.entry", "train", "--config=cfg/c.yaml", "--gpu"]
     with pytest.raises(ConfigError, match="outside the working directory"):
         sj.job_command("clean", ["in", "out", "--config", str(REPO / "configs" / "denoise.yaml")], tmp_path)
     with pytest.raises(ConfigError, match="no such file"):
@@ -301,65 +302,10 @@ def test_the_token_is_read_from_the_environment_then_the_token_path_then_the_hom
 # ---------------------------------------------------------------------------------------------------
 # A real Ray head with token authentication, on 127.0.0.1
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):  # ephemeral ports, outside Ray's worker port range (10002-19999)
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-@pytest.fixture(scope="module")
-def ray_head():
-    """``ray start --head`` with RAY_AUTH_MODE=token (whatever the rest of the suite sets), its own temp
-    dir and ports; yields ``(jobs API URL, GCS address, token)``; stopped at the end by killing its process
-    group (not `ray stop`, which would stop every Ray on the machine)."""
-    import secrets
-    import urllib.request
-
-    token = secrets.token_hex(16)
-    gcs, dash, agent, client_port = _free_ports(4)
-    temp = Path(tempfile.mkdtemp(prefix="jd-head-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    log = open(temp / "head.log", "w")
-    # not --block: a helper that fails to start (Ray Client's server, say) must not take the head down
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
-         "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-         "--dashboard-agent-listen-port", str(agent), "--ray-client-server-port", str(client_port),
-         "--num-cpus", "4", "--num-gpus", "0", "--object-store-memory", str(200 * 1024**2),
-         "--temp-dir", str(temp / "ray"), "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 120
-    try:
-        while True:  # the Jobs API answers (401 without the token) once the dashboard is up
-            try:
-                urllib.request.urlopen(f"{url}/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                assert proc.poll() in (None, 0), (temp / "head.log").read_text()
-                assert time.time() < deadline, "no Ray head in 120 s:\n" + (temp / "head.log").read_text()
-                time.sleep(0.5)
-        yield url, f"127.0.0.1:{gcs}", token
-    finally:  # the head's processes stay in the process group `ray start` led (they do not setsid)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            time.sleep(3)
-        proc.wait(timeout=10)
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
+@pytest.fixture
+def ray_head(ray_cluster):
+    """The session's ``ray start --head`` (token auth, tests/conftest.py): ``(jobs API URL, GCS address, token)``."""
+    return ray_cluster.url, ray_cluster.gcs, ray_cluster.token
 
 
 def _tiny_job(tmp_path: Path, tiny_priors, n: int = 5, steps: int = 2) -> tuple[Path, Path]:
@@ -385,8 +331,9 @@ def test_submit_clean_runs_on_a_token_authenticated_head(ray_head, tiny_priors, 
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token of the machine's user
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)
-    monkeypatch.chdir(wd)
-    rc = main(["submit", "clean", str(obs), str(out), "--config", "configs/clean.yaml", "--address", url,
+    monkeypatch.chdir(wd)  # a folder without the code: `submit` ships the package (py_modules)
+    # relative paths, as a user types them: made absolute file:// URIs before the job sees them
+    rc = main(["submit", "clean", "../obs", "../out", "--config", "configs/clean.yaml", "--address", url,
                "--follow", "--job-id", "jd-test-clean"])
     captured = capsys.readouterr()
     assert rc == 0, captured.out + captured.err
@@ -402,7 +349,10 @@ def test_submit_clean_runs_on_a_token_authenticated_head(ray_head, tiny_priors, 
     assert main(["submit", "status", "jd-test-clean", "--address", url, "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["status"] == "SUCCEEDED" and status["driver_exit_code"] == 0
-    assert status["entrypoint"] == (f"python -m pipeline.jobs.clean {obs} {out} --config configs/clean.yaml")
+    assert status["entrypoint"] == (f"python3 -m pipeline.jobs.entry clean file://{obs} file://{out} "
+                                    "--config configs/clean.yaml")
+    # the head's python3 is not the one that runs Ray (tests/raycluster.py): the job found Ray's own
+    assert "running the job with Ray's own Python" in captured.out
     assert status["metadata"]["jointdiff"] == "clean"
     assert main(["submit", "logs", "jd-test-clean", "--address", url]) == 0
     assert f"run {summary['run_id']}" in capsys.readouterr().out or summary["run_id"] in captured.out
@@ -458,7 +408,7 @@ def test_prefect_deploy_registers_both_deployments_and_a_worker_completes_a_sche
 
     from pipeline.summary import read_summaries
 
-    _, gcs, token = ray_head
+    url, _, token = ray_head
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     prefect = shutil.which("prefect", path=env["PATH"])
@@ -484,16 +434,33 @@ def test_prefect_deploy_registers_both_deployments_and_a_worker_completes_a_sche
     obs, wd = _tiny_job(tmp_path, tiny_priors)
     params = {"input_uri": str(obs), "output": str(tmp_path / "out"), "config": "configs/clean.yaml",
               "overrides": []}
-    job_vars = {"working_dir": str(wd), "env": {"RAY_ADDRESS": gcs, "PYTHONUNBUFFERED": "1"}}
+    # the deployment reaches the cluster through its Jobs API (no Ray driver in the worker)
+    job_vars = {"working_dir": str(wd), "env": {"RAY_API_SERVER_ADDRESS": url, "PYTHONUNBUFFERED": "1"}}
     out = cli("deployment", "run", "clean-dataset/nightly", "--params", json.dumps(params),
               "--job-variable", f"working_dir={wd}", "--job-variable", f"env={json.dumps(job_vars['env'])}")
     run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
     # the worker holds the cluster's token in its environment (never in the deployment)
-    cli("worker", "start", "--pool", pool, "--run-once",
-        extra_env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, timeout=420)
+    cli("worker", "start", "--pool", pool, "--run-once", extra_env={"RAY_AUTH_TOKEN": token}, timeout=420)
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(run_id)
     assert run.state.is_completed(), run.state
     assert run.job_variables["working_dir"] == str(wd)
     (summary,) = read_summaries(str(tmp_path / "out")).to_pylist()
     assert (summary["inputs"], summary["cleaned"], summary["errors"]) == (5, 4, 1)
+    jobs = [j for j in sj.connect(url).list_jobs() if (j.metadata or {}).get("working_dir") == str(wd)]
+    assert [(j.metadata["jointdiff"], str(j.status.value)) for j in jobs] == [("clean", "SUCCEEDED")]
+
+
+def test_the_flow_fails_when_its_submitted_job_fails(prefect_harness, ray_head, tiny_priors, tmp_path, monkeypatch):
+    from flows.clean_dataset import JobFailed, clean_dataset
+
+    url, _, token = ray_head
+    _, wd = _tiny_job(tmp_path, tiny_priors)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    monkeypatch.chdir(wd)
+    state = clean_dataset(str(tmp_path / "no-such-input"), str(tmp_path / "out"), config="configs/clean.yaml",
+                          progress=False, jobs_address=url, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(JobFailed, match=r"clean job .* FAILED \(exit code [12]\)"):
+        state.result()
+    assert not (tmp_path / "out" / "summary").exists()

@@ -417,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.steps=100 (repeatable)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.add_argument("--ray-address", default=None, help="train data-parallel on this Ray cluster (Ray Train, DDP); "
+    t.add_argument("--ray-address", default=None, help="train data-parallel on this Ray cluster (Ray Train, DDP), "
+                   "from a machine of it: HEAD:6379 or auto (not ray://; from outside, `jointdiff submit train`); "
                    "without it and without --workers, training stays in this process")
     t.add_argument("--workers", type=int, default=None, help="Ray Train workers (default 2 with --ray-address; "
                    "alone, on an in-process local Ray)")
@@ -505,8 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "re-running over a grown dataset cleans only its new shards")
         if name == "clean":
             dn.add_argument("--ray-address", default=None,
-                            help="Ray cluster to run on (ray://HEAD:10001 or HEAD:6379; default RAY_ADDRESS, else "
-                            "a local Ray in this process); not the Jobs API (http://HEAD:8265) of `ray job submit`")
+                            help="Ray cluster to run on as its driver, from a machine of the cluster: HEAD:6379 "
+                            "(the GCS address) or auto (default RAY_ADDRESS, else a local Ray in this process). "
+                            "Not ray:// (Ray Client cannot run Ray Data) nor the Jobs API (http://HEAD:8265): from "
+                            "outside the cluster use `jointdiff submit clean`")
             dn.add_argument("--actors", type=int, default=None, help="sampler actors (default: one per GPU, "
                             "else CPUs / ray.threads_per_actor)")
         dn.add_argument("--quiet", action="store_true")

@@ -197,3 +197,25 @@ def test_bench_quality_quick_writes_every_row_key(tmp_path):
     assert "| main | joint-dps | 2 | 2 |" in proc.stdout
     # the figure: 6 rows (observation, joint, gaussian, NLM, truth, noise estimate) of the 2 images, 3x scale
     assert Image.open(tmp_path / "q.png").size == (2 * (96 + 2) + 2, 6 * (96 + 2) + 2)
+
+
+def test_ctrl_c_during_denoise_says_how_far_it_got_and_how_to_resume(tiny_priors, tmp_path):
+    from pipeline.data.corrupt import corrupt, write_observations
+    from pipeline.data.embedded import load_embedded
+
+    obs = corrupt(load_embedded("faces", "test", 16), load_embedded("digits", "test", 16), 12, seed=0)
+    write_observations(str(tmp_path / "obs"), obs, shard_size=2)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "denoise", "obs", "out", "--run-id", "r", "--quiet",
+                             "--set", f"image_prior={tiny_priors[0]}", "--set", f"noise_prior={tiny_priors[1]}",
+                             "--set", "sampler.steps=80", "--set", "threads=1"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done = tmp_path / "out" / "runs" / "r" / "_done"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (done.exists() and any(done.iterdir())):
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert f"of 6 shard(s) of run r are complete in {tmp_path}/out/runs/r. Run the same command again to resume" in err

@@ -447,7 +447,11 @@ def test_prefect_deploy_registers_both_deployments_and_a_worker_completes_a_sche
     assert run.job_variables["working_dir"] == str(wd)
     (summary,) = read_summaries(str(tmp_path / "out")).to_pylist()
     assert (summary["inputs"], summary["cleaned"], summary["errors"]) == (5, 4, 1)
-    jobs = [j for j in sj.connect(url).list_jobs() if (j.metadata or {}).get("working_dir") == str(wd)]
+    os.environ["RAY_AUTH_TOKEN"] = token  # this process asks the cluster too
+    try:
+        jobs = [j for j in sj.connect(url).list_jobs() if (j.metadata or {}).get("working_dir") == str(wd)]
+    finally:
+        del os.environ["RAY_AUTH_TOKEN"]
     assert [(j.metadata["jointdiff"], str(j.status.value)) for j in jobs] == [("clean", "SUCCEEDED")]
 
 

@@ -82,6 +82,7 @@ class ShardActor:
         self._cleaner: ShardCleaner | None = None
         self.run = run
         self.crash_once, self.crash_shard, self.hang_once = crash_once, crash_shard, hang_once
+        self._started = 0
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         self.node_id = ray.get_runtime_context().get_node_id()
 
@@ -101,10 +102,11 @@ class ShardActor:
         os._exit(1)
 
     def _maybe_hang(self) -> None:
-        # Test hook: ``PATH`` or ``PATH@NODE_ID``: the first actor (on that node) to start a shard never finishes
-        # it, as an actor stuck on a lost node would look to the driver.
+        # Test hook: ``PATH`` or ``PATH@NODE_ID``: the first actor (on that node) to start its second shard never
+        # finishes it, as an actor stuck on a lost node would look to the driver.
+        self._started += 1
         path, _, node = (self.hang_once or "").partition("@")
-        if not path or (node and node != self.node_id):
+        if not path or (node and node != self.node_id) or self._started != 2:
             return
         try:
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
@@ -260,14 +262,15 @@ def cpu_threads(node_cpus: list[int], n_pending: int) -> int:
     return max(1, min(4, max(node_cpus), sum(node_cpus) // max(1, n_pending)))
 
 
-def actor_layout(cfg: CleanConfig, n_pending: int) -> tuple[int, float, int]:
+def actor_layout(cfg: CleanConfig, n_pending: int, fit_to_live: bool = False) -> tuple[int, float, int]:
     """``(actors, gpus per actor, threads per actor)`` from the config and the live nodes' resources.
 
     Defaults: one actor per GPU when the cluster has GPUs (each also holds ``threads`` CPUs, 2 by
     default); otherwise CPU actors, as many as fit on the nodes, of :func:`cpu_threads` threads: one
     each when there are at least as many pending shards as CPUs. An explicit choice that no node can
     host fails here rather than waiting forever, unless ``ray.autoscaling`` says the cluster adds nodes
-    on demand: then the explicit choice stands.
+    on demand: then the explicit choice stands. ``fit_to_live`` (a re-plan after a lost node) caps an explicit
+    ``ray.actors`` at what the nodes alive hold.
     """
     import ray
 
@@ -288,12 +291,12 @@ def actor_layout(cfg: CleanConfig, n_pending: int) -> tuple[int, float, int]:
         raise ConfigError(f"ray.threads_per_actor={threads} but no live node has that many CPUs "
                           f"({max(node_cpus)} at most)")
     fit = sum(min(c // threads, int(gp // g) if g else c // threads) for c, gp in zip(node_cpus, node_gpus))
-    actors = r.actors or max(1, fit)
+    actors = min(r.actors, max(1, fit)) if r.actors and fit_to_live else r.actors or max(1, fit)
     return max(1, min(actors, n_pending)), g, threads
 
 
 def run_job(run: RunPlan, cfg: CleanConfig, progress: bool = True, crash_once: str | None = None,
-            crash_shard: str | None = None) -> JobStats:
+            crash_shard: str | None = None, replan: bool = False) -> JobStats:
     """Clean the run's pending shards on the actor pool (Ray must be initialised, see :func:`init_ray`).
 
     Shards completed since ``run`` was planned (by a concurrent or failed-then-retried attempt) are
@@ -310,7 +313,7 @@ def run_job(run: RunPlan, cfg: CleanConfig, progress: bool = True, crash_once: s
     pending = [s for s in run.pending if s.name not in done_now]
     if not pending:
         return JobStats.empty()
-    actors, gpus, threads = actor_layout(cfg, len(pending))
+    actors, gpus, threads = actor_layout(cfg, len(pending), fit_to_live=replan)
     update: dict[str, Any] = {"storage": cfg.storage.resolved()}
     if not gpus and cfg.device == "auto":  # an actor without a GPU slot must not take a GPU it sees
         update["device"] = "cpu"
@@ -472,7 +475,8 @@ def run_clean(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None 
             break
         try:
             with quiet_ray_noise(), ray_session(cfg.ray.address) as started:
-                part = run_job(run, cfg, progress=progress, crash_once=crash_once, crash_shard=crash_shard)
+                part = run_job(run, cfg, progress=progress, crash_once=crash_once, crash_shard=crash_shard,
+                               replan=replan > 0)
             stats = dataclasses.replace(part, shards=stats.shards + part.shards,
                                         processed=stats.processed + part.processed)
             break

@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     missing = missing_requirements()
     if missing:
         other = ray_worker_python()
-        if other and os.environ.get(_REEXEC) != "1" and os.path.realpath(other) != os.path.realpath(sys.executable):
+        # paths, not their targets: a virtualenv's python3 is a link to the very interpreter that lacks them
+        if other and os.environ.get(_REEXEC) != "1" and os.path.abspath(other) != os.path.abspath(sys.executable):
             print(f"jointdiff job: {sys.executable} lacks {', '.join(missing)}; running the job with Ray's own Python, "
                   f"{other}", file=sys.stderr)
             os.environ[_REEXEC] = "1"

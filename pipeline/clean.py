@@ -14,6 +14,8 @@ run id hashes (input URI, models, sampler config).
 
 The pieces are shared with the Ray job (:mod:`pipeline.jobs.clean`), so both give the same results:
 
+* :func:`preflight_run` checks what can be checked before any work, each failure one line (exit 2): read
+  access to the input and write access to an existing output bucket;
 * :func:`prepare_run` plans the shards (done ones are skipped) and decides, from the ids alone and in
   shard order, which rows are later copies of an id (error rows), so no worker needs another's ids;
 * :class:`ShardCleaner` holds both priors and :func:`process_shard` turns one source shard into its
@@ -83,6 +85,14 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def preflight_run(input_uri: str, output: str, cfg: CleanConfig, ray: bool = False) -> None:
+    """What can be checked before a cleaning run does any work, each failure one line (:class:`ConfigError`):
+    the input can be read and the output bucket written (:func:`pipeline.data.storage.preflight`)."""
+    from pipeline.data import storage
+
+    storage.preflight(input_uri, output, cfg.storage)
 
 
 class ShardCleaner:
@@ -403,6 +413,7 @@ def denoise_dataset(input_uri: str, output: str, cfg: CleanConfig, run_id: str |
 
     t0 = time.perf_counter()
     storage.configure(cfg.storage)
+    preflight_run(input_uri, output, cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = prepare_run(input_uri, output, cfg, run_id)

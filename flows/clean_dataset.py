@@ -5,6 +5,8 @@ A thin layer over :mod:`pipeline.clean` and :mod:`pipeline.jobs.clean` (the same
 run: a table of the summary row and a markdown note of where the outputs are, with a link to the
 run's HTML report (and a link artifact of it).
 
+- first, no task and no retries: :func:`pipeline.clean.preflight_run` (storage access, priors, device),
+  so a wrong bucket or credential fails the flow at once, with one line;
 - ``plan_run`` (3 retries): lists the shards, skips complete ones, finds repeated ids;
 - ``clean_shards`` (2 retries): the Ray job; in-process local Ray unless ``ray_address`` or
   ``RAY_ADDRESS`` names a cluster to join as the driver. A retry cleans only the shards still unmarked;
@@ -36,7 +38,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 
 from flows import artifact_key
-from pipeline.clean import RunPlan, prepare_run, record_run, resolve_paths, verify_run
+from pipeline.clean import RunPlan, preflight_run, prepare_run, record_run, resolve_paths, verify_run
 from pipeline.config import SECRET_KEYS, CleanConfig, ConfigError, load_config, with_ray
 from pipeline.data import storage
 from pipeline.data.accounting import Accounting, AccountingError
@@ -236,6 +238,8 @@ def clean_dataset(input_uri: str, output: str, config: str | None = None, overri
         return summary
     input_uri, output, cfg = resolve_paths(input_uri, output, cfg)
     cluster_address(cfg.ray.address)
+    # the job does its own checks on the cluster; here, the driver's: no retries, what they find is no glitch
+    preflight_run(input_uri, output, cfg, ray=True)
     run = plan_run(input_uri, output, cfg, run_id)
     stats = clean_shards(run, cfg, progress)
     acc = verify_accounting(run)

@@ -14,6 +14,8 @@ run id hashes (input URI, models, sampler config).
 
 The pieces are shared with the Ray job (:mod:`pipeline.jobs.clean`), so both give the same results:
 
+* :func:`preflight_run` checks what can be checked before any work, each failure one line (exit 2): the
+  device, read access to the input and write access to an existing output bucket, both priors;
 * :func:`prepare_run` plans the shards (done ones are skipped) and decides, from the ids alone and in
   shard order, which rows are later copies of an id (error rows), so no worker needs another's ids;
 * :class:`ShardCleaner` holds both priors and :func:`process_shard` turns one source shard into its
@@ -37,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.config import CleanConfig
+from pipeline.config import CleanConfig, ConfigError
 from pipeline.data.accounting import Accounting, AccountingError, PlannedShard, check_run, input_rows, mark_done, plan
 from pipeline.data.shards import build_table, read_table, write_table
 from pipeline.data.storage import absolute_uri, join, local_path
@@ -99,6 +101,68 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def check_device(device: str) -> None:
+    """:class:`ConfigError` unless ``device`` is ``auto`` or a device this machine has (``cpu``; ``cuda`` or
+    ``cuda:N`` with N below the GPU count; ``mps`` where torch offers it)."""
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device={device!r} is not a device; use --set device=cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigError(f"device={device}: torch sees no CUDA GPU on this machine; use --set device=cpu "
+                              "(or device=auto: the GPU where there is one)")
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(f"device={device}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}; use "
+                              "--set device=cuda:0, or --set device=cpu")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={device}: torch offers no MPS device here; use --set device=cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device={device}: jointdiff runs on cpu, cuda, cuda:N or mps; use --set device=cpu")
+
+
+def check_models(cfg: CleanConfig) -> None:
+    """:class:`ConfigError` unless both priors resolve to a folder holding ``config.json`` and
+    ``weights.safetensors`` (read here, on the driver, before any shard is touched)."""
+    from pipeline.data import storage
+    from pipeline.diffusion.checkpoint import CONFIG, WEIGHTS, CheckpointError
+
+    for key in ("image_prior", "noise_prior"):
+        name = getattr(cfg, key)
+        try:
+            uri = resolve_model(name)
+            fs, path = storage.open_fs(join(uri, WEIGHTS))
+            if not fs.exists(path):
+                raise CheckpointError(f"{join(uri, WEIGHTS)}: no such file (a model folder holds {CONFIG} and "
+                                      f"{WEIGHTS})")
+        except (CheckpointError, FileNotFoundError) as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+        except Exception as exc:
+            cause = storage.describe_error(exc, cfg.storage)
+            if cause is None:
+                raise
+            raise ConfigError(f"{key}: {name}: cannot read the model: {cause}") from None
+
+
+def preflight_run(input_uri: str, output: str, cfg: CleanConfig, ray: bool = False) -> None:
+    """What can be checked before a cleaning run does any work, each failure one line (:class:`ConfigError`):
+    the device exists on this machine, the input can be read and the output bucket written
+    (:func:`pipeline.data.storage.preflight`), both priors resolve.
+
+    For the Ray job (``ray=True``) the device is resolved by each actor on its own node, so it is checked
+    here only when the config names one (not ``auto``) and no cluster is named (``ray.address`` or
+    ``RAY_ADDRESS``): then the actors run on this machine."""
+    from pipeline.data import storage
+
+    if not ray or (cfg.device != "auto" and not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))):
+        check_device(cfg.device)
+    storage.preflight(input_uri, output, cfg.storage)
+    check_models(cfg)
 
 
 class ShardCleaner:
@@ -433,6 +497,7 @@ def denoise_dataset(input_uri: str, output: str, cfg: CleanConfig, run_id: str |
     t0 = time.perf_counter()
     input_uri, output, cfg = resolve_paths(input_uri, output, cfg)
     storage.configure(cfg.storage)
+    preflight_run(input_uri, output, cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = prepare_run(input_uri, output, cfg, run_id)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import ConfigError
+from pipeline.data import storage
 from pipeline.data.accounting import AccountingError
 
 
@@ -613,10 +614,14 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.func(args)
+        with storage.errors_named():  # an object-store error half-way (expired credentials): URI and cause
+            return args.func(args)
     except ConfigError as exc:
         print(f"jointdiff: {exc}", file=sys.stderr)
         return 2
+    except storage.StorageError as exc:
+        print(f"jointdiff {args.command}: storage error: {exc}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, ValueError) as exc:  # CheckpointError, ShardError are ValueErrors
         print(f"jointdiff {args.command}: error: {exc}", file=sys.stderr)
         return 1
@@ -626,6 +631,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print(f"\njointdiff {args.command}: {exc or 'interrupted'}", file=sys.stderr)
         return 130
+    except OSError as exc:  # a local disk full, a folder not writable: the message names the path
+        print(f"jointdiff {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """Typed configs (pydantic), loaded from YAML with ``--set key.sub=value`` overrides.
 
 Every section forbids unknown keys, so a typo (``lerning_rate``) fails at load with the key's
-dotted path instead of being silently ignored.
+dotted path instead of being silently ignored, the nearest valid key of that section when one is close
+(``sampler.setps``: "did you mean sampler.steps?"), the file, and ``--set KEY=...`` when the key came
+from an override. Every error is one line; an override's value is never repeated (it may be a secret).
 """
 
 from __future__ import annotations
 
+import difflib
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -233,8 +237,64 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {pair!r}: {p} is set twice")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or "parse error"
+            raise ConfigError(f"--set {key.strip()}=...: the value is not valid YAML ({problem}); quote it to "
+                              f"pass it as text, e.g. --set '{key.strip()}=\"...\"'") from None
     return out
+
+
+def _model_in(tp: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (``X``, ``X | None``, ``Annotated[X, ...]``), if any."""
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    for arg in typing.get_args(tp):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
+    """The keys of the section that holds ``loc[-1]`` (empty if the path leaves the models)."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        sub = _model_in(field.annotation) if field is not None else None
+        if sub is None:
+            return []
+        model = sub
+    return list(model.model_fields)
+
+
+def _override_at(over: dict[str, Any], loc: tuple[str, ...]) -> str | None:
+    """``"leaf"`` or ``"section"`` where the overrides set ``loc``; None where they do not."""
+    node: Any = over
+    for part in loc:
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return "section" if isinstance(node, dict) else "leaf"
+
+
+def _explain(model: type[BaseModel], err: Any, over: dict[str, Any]) -> str:
+    """One validation error as ``KEY: problem``; KEY is ``--set KEY=...`` when an override set it."""
+    loc = tuple(str(x) for x in err["loc"])
+    key = ".".join(loc) or "<top>"
+    problem = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden" and loc:
+        fields = _fields_at(model, loc)
+        section = ".".join(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], fields, n=1, cutoff=0.6)
+        if close:
+            problem = f"unknown key; did you mean {section + '.' if section else ''}{close[0]}?"
+        else:
+            problem = f"unknown key; {section or 'the config'} has {', '.join(fields)}" if fields else "unknown key"
+    origin = _override_at(over, loc) if loc else None
+    if origin == "leaf":
+        return f"--set {key}=...: {problem}"
+    return f"{key} (set by --set): {problem}" if origin == "section" else f"{key}: {problem}"
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -252,7 +312,7 @@ def load_config(model: type[BaseModel], path: str | Path | None, overrides: list
     (``configs/celeba_mnist.yaml``: ``image_prior``, ``noise_prior``, ``corrupt``, ``clean``).
     """
     raw: dict[str, Any] = dict(defaults or {})
-    where = f"{path} [{section}]" if path and section else str(path) if path else "<defaults>"
+    where = f"{path} [{section}]" if path and section else str(path)
     if path is not None:
         p = Path(path)
         if not p.exists():
@@ -272,12 +332,11 @@ def load_config(model: type[BaseModel], path: str | Path | None, overrides: list
                 raise ConfigError(f"{p}: no section '{section}'; it has {', '.join(map(str, loaded)) or 'none'}")
             loaded = loaded[section]
         raw = deep_merge(raw, loaded)
-    raw = deep_merge(raw, parse_overrides(overrides or []))
+    over = parse_overrides(overrides or [])
+    raw = deep_merge(raw, over)
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        msgs = []
-        for err in exc.errors():
-            key = ".".join(str(x) for x in err["loc"]) or "<top>"
-            msgs.append(f"  {key}: {err['msg']}")
-        raise ConfigError(f"{where}: invalid config\n" + "\n".join(msgs)) from None
+        msgs = "; ".join(_explain(model, err, over) for err in exc.errors())
+        head = f"{where}: invalid config" if path is not None else "invalid config"
+        raise ConfigError(f"{head}: {msgs}") from None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.storage import open_fs
+from pipeline.data.storage import makedirs, open_fs
 
 
 def grid(images: np.ndarray, nrow: int = 8, pad: int = 2, scale: int = 1, fill: float = 1.0) -> np.ndarray:
@@ -40,7 +40,7 @@ def save_png(mosaic: np.ndarray, uri: str | Path) -> None:
     fs, path = open_fs(str(uri))
     parent = path.rsplit("/", 1)[0]
     if parent and parent != path:
-        fs.makedirs(parent, exist_ok=True)
+        makedirs(fs, parent)
     with fs.open(path, "wb") as f:
         f.write(png_bytes(mosaic))
 

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.data.accounting import mark_done, marker_uri
 from pipeline.data.shards import SHARD_PATTERN, build_table, read_table, write_table
-from pipeline.data.storage import StorageConfig, join, open_fs
+from pipeline.data.storage import StorageConfig, join, open_fs, preflight
 from pipeline.data.validate import ERRORS_SCHEMA, ImagePolicy, RowError, conform, decode_any, error_row
 
 ARCHIVES = (".tar", ".tar.gz", ".tgz", ".zip")
@@ -147,6 +147,7 @@ def ingest(src: str, dst: str, cfg: IngestConfig | None = None, progress: bool =
     if cfg.bits not in (8, 16):
         raise ValueError(f"bits must be 8 or 16, got {cfg.bits}")
     run_id = ingest_id(src, cfg)
+    preflight(src, dst)  # SRC readable, DST's bucket there and writable: one line if not, before any work
     sources = list_sources(src)
     if not sources:
         raise FileNotFoundError(f"{src}: no files to ingest")

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data.storage import join, open_fs, write_atomic
+from pipeline.data.storage import join, makedirs, open_fs, write_atomic
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 SHARD_PATTERN = "shard-{:05d}.parquet"
@@ -159,7 +159,7 @@ def write_dataset(uri: str, ids: Sequence[str], images: dict[str, Sequence[np.nd
         if len(col) != len(ids):
             raise ValueError(f"column '{name}' has {len(col)} values for {len(ids)} ids")
     fs, root = open_fs(uri)
-    fs.makedirs(root, exist_ok=True)
+    makedirs(fs, root)
     written = []
     for k, start in enumerate(range(0, max(len(ids), 1), shard_size)):
         sl = slice(start, start + shard_size)

@@ -11,11 +11,26 @@ fsspec (s3fs) and pyarrow get the same settings: :func:`open_fs` for fsspec, :fu
 ``pyarrow.fs`` (which, unlike boto, ignores ``AWS_ENDPOINT_URL``: the endpoint is passed to it
 explicitly as ``endpoint_override``). A process sets its defaults once with :func:`configure`;
 every :func:`open_fs` call without explicit options then uses them.
+
+Buckets are never created. s3fs's ``makedirs`` creates a *bucket* that does not exist (so a typo'd
+output bucket would appear wherever the credentials allow it); object stores have no folders to make,
+so :func:`makedirs` makes folders only on filesystems that have them, and writing into a missing bucket
+fails with ``NoSuchBucket``.
+
+:func:`preflight` checks, before a command does any work, that its input can be read and its output
+bucket exists and can be written (a short timeout and one retry, so an unreachable endpoint fails in
+seconds), and turns what goes wrong into one line naming the URI and the cause: wrong credentials
+(``InvalidAccessKeyId``, ``SignatureDoesNotMatch``, 403), a missing bucket (``NoSuchBucket``), an
+unreachable endpoint (connection refused, timeout). :func:`errors_named` does the same for a storage
+error later in a run (credentials that expire half-way), naming the URI last opened.
 """
 
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlparse
 
@@ -87,12 +102,32 @@ def _protocol(uri: str) -> str:
     return uri.split("://", 1)[0] if "://" in uri else "file"
 
 
+_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"}
+_last_remote_uri: str | None = None  # what errors_named names when a storage error carries no URI
+
+
+def is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is an object store (buckets of keys, no real folders)."""
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return bool(_OBJECT_STORES.intersection(protocols))
+
+
+def makedirs(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Make the folder ``path`` (and its parents) where folders exist; on an object store nothing: its
+    folders are key prefixes, and s3fs's ``makedirs`` would create a missing *bucket*."""
+    if not is_object_store(fs):
+        fs.makedirs(path, exist_ok=True)
+
+
 def open_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return ``(filesystem, path)`` for ``uri``; the path is what the filesystem's methods take.
 
     Without ``storage_options`` the process defaults (:func:`configure`, then the environment) apply.
     """
+    global _last_remote_uri
     uri = str(uri)
+    if _protocol(uri) in _OBJECT_STORES:
+        _last_remote_uri = uri
     opts = storage_options if storage_options is not None else _DEFAULT.fsspec_options(_protocol(uri))
     return url_to_fs(uri, **opts)
 
@@ -161,7 +196,7 @@ def write_atomic(uri: str, data: bytes) -> None:
     fs, path = open_fs(uri)
     parent = path.rsplit("/", 1)[0]
     if parent and parent != path:
-        fs.makedirs(parent, exist_ok=True)
+        makedirs(fs, parent)
     if _protocol(str(uri)) == "file":
         tmp = f"{path}.tmp-{os.getpid()}"
         with fs.open(tmp, "wb") as f:
@@ -169,3 +204,160 @@ def write_atomic(uri: str, data: bytes) -> None:
         os.replace(tmp, path)
     else:
         fs.pipe_file(path, data)
+
+
+# ---------------------------------------------------------------- checks and errors
+class StorageError(OSError):
+    """Object storage refused a request or cannot be reached; the message is one line: URI and cause."""
+
+
+PREFLIGHT_TIMEOUT = 3.0  # seconds to connect (and one retry), so an unreachable endpoint fails in seconds
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what caused it (``__cause__``, else an unsuppressed ``__context__``)."""
+    out: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and all(e is not o for o in out):
+        out.append(e)
+        e = e.__cause__ if e.__cause__ is not None else (None if e.__suppress_context__ else e.__context__)
+    return out
+
+
+def _endpoint_of(exc: BaseException, config: StorageConfig | None) -> str:
+    configured = (config or _DEFAULT).resolved().endpoint_url
+    if configured:
+        return configured
+    url = str(getattr(exc, "kwargs", {}).get("endpoint_url") or "")
+    parsed = urlparse(url)
+    return f"{parsed.scheme}://{parsed.netloc}" if parsed.netloc else "the AWS S3 endpoint"
+
+
+def describe_error(exc: BaseException, config: StorageConfig | None = None, bucket: str | None = None) -> str | None:
+    """The cause of an object-store error in one line (what went wrong and what to check), or None when
+    neither ``exc`` nor what caused it is a botocore error."""
+    try:
+        import botocore.exceptions as be
+    except ImportError:  # no s3fs installed: no object-store errors either
+        return None
+    for e in _chain(exc):
+        if isinstance(e, be.ClientError):
+            err = e.response.get("Error", {})
+            code = str(err.get("Code") or "")
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return _client_cause(code, status, str(err.get("Message") or e), bucket)
+        if isinstance(e, be.NoCredentialsError):
+            return ("no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or storage.key and "
+                    "storage.secret), or storage.anon: true for a public bucket")
+        if isinstance(e, (be.ConnectTimeoutError, be.ReadTimeoutError)):
+            return (f"cannot reach the endpoint {_endpoint_of(e, config)} (timed out); check AWS_ENDPOINT_URL or "
+                    "storage.endpoint_url, and the network")
+        if isinstance(e, be.EndpointConnectionError):
+            low = str(getattr(e, "kwargs", {}).get("error") or e).lower()
+            why = ("connection refused" if "refused" in low or "connect call failed" in low else
+                   "name not resolved" if "name" in low and ("resolv" in low or "known" in low) else
+                   "cannot connect")
+            return (f"cannot reach the endpoint {_endpoint_of(e, config)} ({why}); check AWS_ENDPOINT_URL or "
+                    "storage.endpoint_url, and the network")
+        if isinstance(e, be.BotoCoreError):
+            return " ".join(str(e).split())
+    return None
+
+
+def _client_cause(code: str, status: int | None, message: str, bucket: str | None) -> str:
+    if code == "InvalidAccessKeyId":
+        return ("wrong credentials: the endpoint does not know this access key id (InvalidAccessKeyId); check "
+                "AWS_ACCESS_KEY_ID or storage.key")
+    if code == "SignatureDoesNotMatch":
+        return ("wrong credentials: the secret key does not match the access key id (SignatureDoesNotMatch); check "
+                "AWS_SECRET_ACCESS_KEY or storage.secret")
+    if code in ("ExpiredToken", "ExpiredTokenException", "TokenRefreshRequired", "InvalidToken"):
+        return f"the session token has expired or is invalid ({code}); renew the credentials (AWS_SESSION_TOKEN)"
+    if code == "NoSuchBucket":
+        return f"the bucket {bucket + ' ' if bucket else ''}does not exist (NoSuchBucket)"
+    if code in ("AccessDenied", "AllAccessDisabled"):
+        return f"access denied ({code}): these credentials may not do this; check the key's permissions on the bucket"
+    if code == "403" or status == 403:  # a HEAD request: no body, so no error code to tell the two apart
+        return ("access denied (403 Forbidden): wrong credentials, or credentials not allowed to do this; check "
+                "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (or storage.key, storage.secret) and the key's permissions")
+    return f"{code or status}: {' '.join(message.split())}"
+
+
+def _preflight_fs(config: StorageConfig, timeout: float) -> Any:
+    """A fresh s3fs with the run's settings but a short connect timeout and one retry."""
+    import s3fs
+
+    opts = config.fsspec_options("s3")
+    quick = {"connect_timeout": timeout, "read_timeout": 4 * timeout, "retries": {"max_attempts": 2,
+                                                                                  "mode": "standard"}}
+    opts["config_kwargs"] = {**quick, **opts.get("config_kwargs", {})}
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
+    fs.retries = 1  # s3fs's own retry loop on top of botocore's
+    return fs
+
+
+def _bucket_key(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.split("://", 1)[1].partition("/")
+    return bucket, key.strip("/")
+
+
+def preflight(input_uri: str | None, output: str | None, config: StorageConfig | None = None,
+              timeout: float = PREFLIGHT_TIMEOUT) -> None:
+    """Before any work: on an object store (``s3://``), ``input_uri`` can be listed and read, and ``output``
+    lies in an existing bucket that these credentials may write to (a zero-byte probe object under
+    ``output`` is written and deleted). Raises :class:`~pipeline.config.ConfigError` with one line naming
+    the URI and the cause. Local and ``memory://`` URIs are left to the run. Never creates a bucket."""
+    from pipeline.config import ConfigError
+
+    cfg = config or _DEFAULT
+    checks = [(str(u), role) for u, role in ((input_uri, "input"), (output, "output"))
+              if u and _protocol(str(u)) in ("s3", "s3a")]
+    if not checks:
+        return
+    fs = _preflight_fs(cfg, timeout)
+    for uri, role in checks:
+        bucket, key = _bucket_key(uri)
+        try:
+            if role == "input":
+                found = []
+                for prefix in ([f"{key}/", key] if key else [""]):  # a folder, else a single object (an archive)
+                    found = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1).get("Contents")
+                    if found:
+                        break
+                if found:  # listing may be allowed where reading is not
+                    fs.call_s3("head_object", Bucket=bucket, Key=found[0]["Key"])
+            else:
+                probe = f"{key}/.jointdiff-preflight-{uuid.uuid4().hex}" if key else \
+                    f".jointdiff-preflight-{uuid.uuid4().hex}"
+                fs.call_s3("put_object", Bucket=bucket, Key=probe, Body=b"")
+                try:
+                    fs.call_s3("delete_object", Bucket=bucket, Key=probe)
+                except Exception:  # allowed to write but not to delete: the empty probe stays, harmless
+                    pass
+        except Exception as exc:
+            cause = describe_error(exc, cfg, f"'{bucket}'")
+            if cause is None:
+                raise
+            if "NoSuchBucket" in cause and role == "output":
+                cause += "; jointdiff does not create buckets: create it first, or fix the name"
+            action = "cannot read the input" if role == "input" else "cannot write the output"
+            raise ConfigError(f"{uri}: {action}: {cause}") from None
+
+
+@contextmanager
+def errors_named() -> Iterator[None]:
+    """Turn an object-store error (botocore's own, or s3fs's ``OSError`` made from one) raised in the block
+    into a :class:`StorageError` of one line: the object-store URI opened last in this process (the one
+    being read or written) and the cause. Other exceptions pass unchanged."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as exc:
+        botocore_own = type(exc).__module__.startswith("botocore")
+        bucket = _bucket_key(_last_remote_uri)[0] if _last_remote_uri else None
+        cause = describe_error(exc, bucket=f"'{bucket}'" if bucket else None) \
+            if isinstance(exc, OSError) or botocore_own else None
+        if cause is None:
+            raise
+        raise StorageError(f"{_last_remote_uri or 'object storage'}: {cause}") from exc

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from pipeline.data.storage import join, open_fs, write_atomic
+from pipeline.data.storage import join, makedirs, open_fs, write_atomic
 from pipeline.diffusion.sde import VPSDE
 from pipeline.diffusion.unet import UNet, UNetConfig
 
@@ -86,7 +86,7 @@ def read_json(uri: str) -> dict[str, Any]:
 def save_model(uri: str, model: UNet, sde: VPSDE, meta: dict[str, Any] | None = None) -> None:
     """Write ``model``'s weights and config to the folder ``uri``."""
     fs, path = open_fs(uri)
-    fs.makedirs(path, exist_ok=True)
+    makedirs(fs, path)
     write_tensors(join(uri, WEIGHTS), model.state_dict(), metadata={"format": MODEL_FORMAT})
     write_json(join(uri, CONFIG), {"format": MODEL_FORMAT, "unet": model.config.model_dump(),
                                    "sde": asdict(sde), "meta": meta or {}})

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from pipeline.config import PriorConfig
-from pipeline.data.storage import join, open_fs
+from pipeline.data.storage import join, makedirs, open_fs
 from pipeline.diffusion.checkpoint import (
     CheckpointError,
     build_model,
@@ -130,7 +130,7 @@ class Trainer:
         """Write the full training state under ``root/state`` and point ``latest.json`` at it."""
         step_dir = join(root, "state", f"step-{self.step_count:07d}")
         fs, path = open_fs(step_dir)
-        fs.makedirs(path, exist_ok=True)
+        makedirs(fs, path)
         write_tensors(join(step_dir, "model.safetensors"), self.model.state_dict())
         write_tensors(join(step_dir, "ema.safetensors"), self.ema.state_dict())
         opt_tensors, opt_meta = _flatten_optimizer(self.opt.state_dict())

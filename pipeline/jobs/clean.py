@@ -3,6 +3,8 @@
 ``python -m pipeline.jobs.clean INPUT OUTPUT --config C`` (what ``ray job submit`` runs) is the same
 command as ``jointdiff clean``. The driver:
 
+0. checks, before Ray starts, what :func:`pipeline.clean.preflight_run` checks (storage access, both
+   priors, an explicit device when no cluster is named), each failure one line;
 1. plans the run (:func:`pipeline.clean.prepare_run`): the input's shards, those already complete for
    this run id (skipped), and the rows that repeat an earlier id (decided from the ids alone, so shards
    can be cleaned in any order);
@@ -56,6 +58,7 @@ from pipeline.clean import (
     fail_shard,
     finish_run,
     peak_rss_mb,
+    preflight_run,
     prepare_run,
     process_shard,
 )
@@ -468,6 +471,7 @@ def run_clean(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None 
     cluster_address(cfg.ray.address)  # a ray:// address fails here, before the work starts
     input_uri, output, cfg = resolve_paths(input_uri, output, cfg)
     storage.configure(cfg.storage)
+    preflight_run(input_uri, output, cfg, ray=True)
     run = prepare_run(input_uri, output, cfg, run_id)
     stats = JobStats.empty()
     for replan in range(MAX_REPLANS + 1):

@@ -1,8 +1,10 @@
 """Demo priors shipped with the package (EMA weights + config; see README "Shipped priors").
 
 ``faces`` (image prior) and ``digits`` / ``stripes`` (noise priors), all 32x32 grey, trained with
-``configs/prior_<name>.yaml``. A model argument anywhere in jointdiff may be one of these names or
-the URI of a model folder.
+``configs/prior_<name>.yaml``. A model argument anywhere in jointdiff may be one of these names, the
+folder or URI of a model (``config.json`` + ``weights.safetensors``, what ``jointdiff train`` writes to
+``OUTPUT/model``), or a registry's ``ROOT/models/NAME/latest``; anything else is refused with a line
+that lists these forms.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ _HERE = Path(__file__).resolve().parent
 
 def resolve_model(name_or_uri: str) -> str:
     """A shipped prior's folder for a bare name; a registry's ``.../models/<name>/latest`` resolved to
-    its newest version; else the URI unchanged."""
+    its newest version; else the URI unchanged, when it holds a ``config.json``. Anything else raises
+    :class:`~pipeline.diffusion.checkpoint.CheckpointError` naming the shipped priors and the accepted forms."""
     if name_or_uri in SHIPPED:
         folder = _HERE / name_or_uri
         if not (folder / "weights.safetensors").exists():
@@ -23,6 +26,19 @@ def resolve_model(name_or_uri: str) -> str:
                 f"shipped prior '{name_or_uri}' is missing from {folder}; reinstall jointdiff or train it "
                 f"with: jointdiff train --config configs/prior_{name_or_uri}.yaml")
         return str(folder)
+    from pipeline.data.storage import open_fs
+    from pipeline.diffusion.checkpoint import _PICKLE_SUFFIXES, CONFIG, WEIGHTS, CheckpointError
     from pipeline.registry import resolve_latest
 
-    return resolve_latest(name_or_uri)
+    uri = resolve_latest(name_or_uri)
+    if str(uri).lower().endswith(_PICKLE_SUFFIXES):
+        return uri  # load_model refuses it, saying why
+    fs, path = open_fs(uri)
+    if fs.exists(f"{path.rstrip('/')}/{CONFIG}"):
+        return uri
+    what = ("is a folder without config.json" if fs.isdir(path) else "is a file, not a model folder"
+            if fs.exists(path) else "does not exist")
+    raise CheckpointError(
+        f"unknown model '{name_or_uri}': not a shipped prior ({', '.join(SHIPPED)}), and {uri} {what}. A model "
+        f"is a shipped name, a folder or URI holding {CONFIG} + {WEIGHTS} (jointdiff train writes OUTPUT/model), "
+        "or a registry's ROOT/models/NAME/latest")

@@ -77,10 +77,15 @@ def run_id_for(input_uri: str, cfg: CleanConfig) -> str:
 
 
 def model_uri(name_or_uri: str) -> str:
-    """A shipped prior's name unchanged; a local model path as an absolute ``file://`` URI; other URIs unchanged."""
+    """A shipped prior's name unchanged; an existing local model path as an absolute ``file://`` URI; anything
+    else unchanged (a name that is neither is refused by :func:`check_models` as the user wrote it)."""
+    from pathlib import Path
+
     from pipeline.priors import SHIPPED
 
-    return name_or_uri if name_or_uri in SHIPPED else absolute_uri(name_or_uri)
+    if name_or_uri in SHIPPED or "://" in name_or_uri or not Path(name_or_uri).expanduser().exists():
+        return name_or_uri
+    return absolute_uri(name_or_uri)
 
 
 def resolve_paths(input_uri: str, output: str, cfg: CleanConfig) -> tuple[str, str, CleanConfig]:

@@ -49,7 +49,9 @@ MAX_ERROR_ROWS = 500
 REPORT_NAME = "report.html"
 
 # The dashboard contract: what a dashboard (DuckDB, Superset, Grafana) runs over OUTPUT, the output
-# root of the runs. The README shows these verbatim; tests/test_report.py runs them.
+# root of the runs. The README shows these verbatim; tests/test_report.py runs them. The error rate reads
+# each run's latest summary row, not errors/: a run that rejected nothing writes no errors file, and
+# DuckDB fails on a pattern that matches no file.
 PSNR_TREND_PER_DAY = """\
 SELECT CAST(timezone('UTC', started_at) AS DATE) AS day,
        count(*) AS images,
@@ -64,19 +66,16 @@ GROUP BY day
 ORDER BY day;"""
 
 ERROR_RATE_PER_DATASET = """\
-WITH cleaned AS (
-    SELECT dataset, count(*) AS n
-    FROM read_parquet('OUTPUT/runs/*/metrics/*/*.parquet', hive_partitioning = true)
-    GROUP BY dataset),
-rejected AS (
-    SELECT dataset, count(*) AS n
-    FROM read_parquet('OUTPUT/runs/*/errors/*.parquet')
-    GROUP BY dataset)
+WITH latest AS (
+    SELECT dataset, inputs, errors
+    FROM read_parquet('OUTPUT/summary/*.parquet', filename = true)
+    QUALIFY row_number() OVER (PARTITION BY run_id ORDER BY finished_at DESC, filename DESC) = 1)
 SELECT dataset,
-       coalesce(cleaned.n, 0) + coalesce(rejected.n, 0) AS input_rows,
-       coalesce(rejected.n, 0) AS errors,
-       coalesce(rejected.n, 0) / (coalesce(cleaned.n, 0) + coalesce(rejected.n, 0)) AS error_rate
-FROM cleaned FULL OUTER JOIN rejected USING (dataset)
+       sum(inputs) AS input_rows,
+       sum(errors) AS errors,
+       sum(errors) / sum(inputs) AS error_rate
+FROM latest
+GROUP BY dataset
 ORDER BY dataset;"""
 
 DASHBOARD_QUERIES = {"psnr_trend_per_day": PSNR_TREND_PER_DAY, "error_rate_per_dataset": ERROR_RATE_PER_DATASET}
@@ -132,9 +131,11 @@ def load_run(run_uri: str) -> RunData:
     """Read what the report needs from a run folder; :class:`RunNotFoundError` if it is not one."""
     run_uri = str(run_uri).rstrip("/")
     fs, path = open_fs(run_uri)
-    if not fs.exists(path) or not (fs.exists(f"{path}/metrics") or fs.exists(f"{path}/errors")):
+    # a folder holds files only for rows it has, so a run may lack metrics/ or errors/ (not both, unless
+    # its input had no row at all: then only its completion markers, _done/, are there)
+    if not fs.exists(path) or not any(fs.exists(f"{path}/{sub}") for sub in ("metrics", "errors", "_done")):
         raise RunNotFoundError(f"{run_uri}: not a cleaning run folder (expected OUTPUT/runs/RUN_ID/ holding "
-                               "metrics/ and errors/, as written by jointdiff clean, denoise or the flow)")
+                               "metrics/, errors/ or _done/, as written by jointdiff clean, denoise or the flow)")
     run_id = run_uri.rsplit("/", 1)[-1]
     output = run_uri.rsplit("/runs/", 1)[0] if "/runs/" in run_uri else None
     summaries: list[dict[str, Any]] = []

@@ -408,8 +408,9 @@ def finish_run(run: RunPlan, cfg: CleanConfig, processed: int, executor: str, wa
 def denoise_dataset(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None = None,
                     progress: bool = True) -> dict[str, Any]:
     """Clean the pending shards of ``input_uri`` into ``output`` in this process; returns the run's
-    summary row (counts, metric aggregates, images/s) with the run id and output URI, and under ``job``
-    the per-shard results (as :func:`pipeline.jobs.clean.run_clean` does for the Ray job).
+    summary row (counts, metric aggregates, images/s) with the run id and output URI, under ``job``
+    the per-shard results (as :func:`pipeline.jobs.clean.run_clean` does for the Ray job), and under
+    ``report`` the URI of the run's HTML report, written at the end as the flow writes it.
 
     Shards already complete for this run id (a marker in ``_done/``) are skipped, so a re-run
     resumes. At the end every input row must appear once in cleaned or errors
@@ -418,6 +419,7 @@ def denoise_dataset(input_uri: str, output: str, cfg: CleanConfig, run_id: str |
     from tqdm import tqdm
 
     from pipeline.data import storage
+    from pipeline.report import write_report
 
     t0 = time.perf_counter()
     storage.configure(cfg.storage)
@@ -434,6 +436,7 @@ def denoise_dataset(input_uri: str, output: str, cfg: CleanConfig, run_id: str |
             shards.append({**done, "pid": os.getpid(), "peak_rss_mb": peak_rss_mb()})
     summary = finish_run(run, cfg, processed, "local", time.perf_counter() - t0)
     summary["job"] = {"shards": shards, "processed": processed}
+    summary["report"] = write_report(run.run_uri)  # as the flow does
     return summary
 
 

@@ -130,4 +130,6 @@ def format_summary(row: dict[str, Any]) -> str:
     lines.append("  outputs: " + (", ".join(f"{run}/{f}/" for f in folders) or f"{run} (no rows)"))
     if row.get("summary"):
         lines.append(f"  run history row: {row['summary']}")
+    if row.get("report"):
+        lines.append(f"  report: {row['report']}")
     return "\n".join(lines)

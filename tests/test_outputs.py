@@ -1,23 +1,25 @@
 """Every output folder of a run loads in the four readers the README names (Hugging Face ``datasets``,
 polars, pandas, DuckDB), on a run with errors and on one without; no output file has zero rows; a
-redone shard leaves no stale file.
+redone shard leaves no stale file; every cleaning verb writes the run's report.
 
 Expected row counts come from the Parquet files read with pyarrow, not from the code under test.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.clean import ShardCleaner, denoise_dataset, fail_shard, prepare_run, process_shard
-from pipeline.config import CleanConfig
+from pipeline.config import CleanConfig, RayConfig
 from pipeline.data.accounting import check_run
 from pipeline.posterior.sampler import SamplerConfig
 from pipeline.report import dashboard_sql
 from tests.test_clean_job import _edit_shard, _observations
+from tests.test_cli import jointdiff
 
 FOLDERS = ("cleaned", "metrics", "errors")
 
@@ -138,3 +140,32 @@ def test_a_redone_shard_leaves_no_stale_file(tiny_priors, tmp_path):
     assert _files(s / "cleaned") == [] and _files(s / "metrics") == []
     assert [e["row"] for e in pq.read_table(s / "errors" / shard.name).to_pylist()] == [0, 1]
     assert check_run(str(obs), str(s)).missing == [("shard-00000.parquet", 0), ("shard-00000.parquet", 1)]
+
+
+def test_denoise_and_clean_write_the_report_and_print_its_path(tiny_priors, tmp_path, ray_local):
+    from pipeline.jobs.clean import run_clean
+
+    _observations(str(tmp_path / "obs"), n=2, shard_size=2, bad_row=False)
+    args = [str(tmp_path / "obs"), str(tmp_path / "out"), "--set", f"image_prior={tiny_priors[0]}",
+            "--set", f"noise_prior={tiny_priors[1]}", "--set", "sampler.steps=2", "--set", "device=cpu", "--quiet"]
+    proc = jointdiff("denoise", *args)
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = Path(summary["report"])
+    assert report == tmp_path / "out" / "runs" / summary["run_id"] / "report.html" and report.exists()
+    assert f"  report: {report}" in proc.stderr.splitlines()
+    assert "errors/" not in proc.stderr  # no rejected row: no errors folder to point at
+    report.unlink()
+    cfg = _cfg(tiny_priors).model_copy(update={"ray": RayConfig(actors=1)})
+    ray_summary = run_clean(str(tmp_path / "obs"), str(tmp_path / "out-ray"), cfg, progress=False)
+    assert Path(ray_summary["report"]).exists() and ray_summary["report"].endswith("/report.html")
+    assert "<table class=\"grid\"" in Path(ray_summary["report"]).read_text()
+
+
+def test_a_run_whose_input_has_no_row_still_has_a_report(tiny_priors, tmp_path):
+    _observations(str(tmp_path / "obs"), n=2, shard_size=2, bad_row=False)
+    table = pq.read_table(tmp_path / "obs" / "shard-00000.parquet")
+    pq.write_table(table.slice(0, 0), tmp_path / "obs" / "shard-00000.parquet")
+    summary = denoise_dataset(str(tmp_path / "obs"), str(tmp_path / "out"), _cfg(tiny_priors), progress=False)
+    assert (summary["inputs"], summary["cleaned"], summary["errors"]) == (0, 0, 0)
+    assert Path(summary["report"]).exists()
+    assert list((tmp_path / "out").rglob("*.parquet")) == list((tmp_path / "out" / "summary").glob("*.parquet"))

@@ -78,7 +78,6 @@ def _load_everywhere(folder: Path, pattern: str, tmp_path: Path) -> dict[str, in
 def test_every_output_folder_loads_in_datasets_polars_pandas_and_duckdb(runs, which, tmp_path):
     out = runs["root"] / which
     run = out / "runs" / runs[which]["run_id"]
-    assert [p for p in out.rglob("*.parquet") if pq.read_metadata(p).num_rows == 0] == []  # no zero-row file
     folders = {f: (run / f, "*/*.parquet" if f == "metrics" else "*.parquet") for f in FOLDERS}
     folders["summary"] = (out / "summary", "*.parquet")
     loaded = {}
@@ -91,6 +90,7 @@ def test_every_output_folder_loads_in_datasets_polars_pandas_and_duckdb(runs, wh
         counts = _load_everywhere(folder, pattern, tmp_path)
         assert counts == dict.fromkeys(counts, rows), (name, counts)
         loaded[name] = rows
+    assert [p for p in out.rglob("*.parquet") if pq.read_metadata(p).num_rows == 0] == []  # no zero-row file
     summary = runs[which]
     assert loaded == {"cleaned": summary["cleaned"], "metrics": summary["cleaned"], "errors": summary["errors"],
                       "summary": 1}

@@ -111,7 +111,7 @@ def publish_artifacts(summary: dict[str, Any]) -> None:
                    f"- input: `{summary['dataset']}`",
                    f"- cleaned shards: `{run}/cleaned/`",
                    f"- per-image metrics (Hive-partitioned by run id): `{run}/metrics/`",
-                   f"- rejected rows: `{run}/errors/`",
+                   f"- rejected rows: `{run}/errors/`" if summary["errors"] else "- rejected rows: none",
                    f"- run history row: `{summary['summary']}`",
                    f"- report: [report.html]({summary['report']}) (`{summary['report']}`)", "",
                    f"{summary['cleaned']} cleaned, {summary['errors']} rejected of {summary['inputs']} rows."]),

@@ -9,8 +9,10 @@ row, runs the joint posterior sampler in batches and writes, per source shard, u
 * ``metrics/run_id=<run_id>/<shard>``: one row per image for dashboards (Hive-partitioned by run id);
 * ``errors/<shard>``: one row per rejected input row (``run_id, dataset, shard, row, id, stage, reason``).
 
-Output files are named by source shard, so re-running replaces rather than duplicates. The default
-run id hashes (input URI, models, sampler config).
+Output files are named by source shard, so re-running replaces rather than duplicates. A folder holds
+a shard's file only when the shard has rows for it (a run that rejected nothing has no ``errors/``
+files, a shard whose every row was rejected no ``cleaned/`` or ``metrics/`` file): a zero-row Parquet
+file breaks Hugging Face ``datasets``. The default run id hashes (input URI, models, sampler config).
 
 The pieces are shared with the Ray job (:mod:`pipeline.jobs.clean`), so both give the same results:
 
@@ -42,7 +44,7 @@ import torch
 from pipeline.config import CleanConfig, ConfigError
 from pipeline.data.accounting import Accounting, AccountingError, PlannedShard, check_run, input_rows, mark_done, plan
 from pipeline.data.shards import build_table, read_table, write_table
-from pipeline.data.storage import absolute_uri, join, local_path
+from pipeline.data.storage import absolute_uri, join, local_path, open_fs
 from pipeline.data.validate import ERRORS_SCHEMA, RowError, conform, decode_any, error_row
 from pipeline.diffusion.checkpoint import load_model
 from pipeline.posterior.core import Runtime, auto_batch_size
@@ -323,7 +325,9 @@ def _finite_or_none(v: float | None) -> float | None:
 
 def write_shard_outputs(output: str, run_id: str, dataset: str, shard: str, result: ShardResult,
                         cfg: CleanConfig, model_ids: str) -> None:
-    """Write the cleaned, metrics and errors files of one source shard (replacing earlier ones)."""
+    """Write the cleaned, metrics and errors files of one source shard (replacing earlier ones). A folder
+    gets no file for the shard when the shard has no row for it (no zero-row files), and an earlier file
+    of the shard there is removed."""
     run = join(output, "runs", run_id)
     c = result.cleaned
     n = len(c.get("id", []))
@@ -334,7 +338,7 @@ def write_shard_outputs(output: str, run_id: str, dataset: str, shard: str, resu
     extra = {**metric_cols, "run_id": pa.array([run_id] * n, pa.string()),
              "model_ids": pa.array([model_ids] * n, pa.string()), "sampler": pa.array([sampler] * n, pa.string()),
              "nfe": pa.array(c.get("nfe", []), pa.int32()), "seconds": pa.array(c.get("seconds", []), pa.float64())}
-    write_table(join(run, "cleaned", shard),
+    _write_rows(join(run, "cleaned", shard),
                 build_table(c.get("id", []), images, bits={k: 16 for k in images}, extra=extra))
     metrics = pa.table({
         "run_id": pa.array([run_id] * n, pa.string()),
@@ -344,8 +348,22 @@ def write_shard_outputs(output: str, run_id: str, dataset: str, shard: str, resu
         **metric_cols, "alpha": pa.array(c.get("alpha", []), pa.float32()),
         "nfe": pa.array(c.get("nfe", []), pa.int32()), "seconds": pa.array(c.get("seconds", []), pa.float64()),
     })
-    write_table(join(run, "metrics", f"run_id={run_id}", shard), metrics.drop_columns(["run_id"]))
-    write_table(join(run, "errors", shard), pa.Table.from_pylist(result.errors, schema=ERRORS_SCHEMA))
+    _write_rows(join(run, "metrics", f"run_id={run_id}", shard), metrics.drop_columns(["run_id"]))
+    _write_rows(join(run, "errors", shard), pa.Table.from_pylist(result.errors, schema=ERRORS_SCHEMA))
+
+
+def _write_rows(uri: str, table: pa.Table) -> None:
+    """Write ``table`` to ``uri``, or, when it has no row, make sure no file is there: a zero-row Parquet
+    file breaks Hugging Face ``datasets`` (``BatchSize must be greater than 0``), and a file left by an
+    earlier attempt at the shard (a redone shard that now has no row for this folder) would be stale."""
+    if table.num_rows:
+        write_table(uri, table)
+        return
+    fs, path = open_fs(uri)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
 
 
 @dataclass
@@ -442,9 +460,9 @@ def process_shard(cleaner: ShardCleaner, run: RunPlan, shard: PlannedShard,
 
 
 def fail_shard(cfg: CleanConfig, run: RunPlan, shard: PlannedShard, reason: str) -> dict[str, Any]:
-    """Give up on a shard: every row of it to the errors table (one row -1 if it cannot be read), its
-    other outputs empty, and its marker, so the run completes and the accounting holds. Needs no model,
-    so it works even when loading the models is what kills the worker."""
+    """Give up on a shard: every row of it to the errors table (one row -1 if it cannot be read), no
+    cleaned or metrics file (an earlier attempt's are removed), and its marker, so the run completes and
+    the accounting holds. Needs no model, so it works even when loading the models is what kills the worker."""
     from pipeline.data.shards import ShardError
 
     res = ShardResult()
@@ -488,8 +506,9 @@ def finish_run(run: RunPlan, cfg: CleanConfig, processed: int, executor: str, wa
 def denoise_dataset(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None = None,
                     progress: bool = True) -> dict[str, Any]:
     """Clean the pending shards of ``input_uri`` into ``output`` in this process; returns the run's
-    summary row (counts, metric aggregates, images/s) with the run id and output URI, and under ``job``
-    the per-shard results (as :func:`pipeline.jobs.clean.run_clean` does for the Ray job).
+    summary row (counts, metric aggregates, images/s) with the run id and output URI, under ``job``
+    the per-shard results (as :func:`pipeline.jobs.clean.run_clean` does for the Ray job), and under
+    ``report`` the URI of the run's HTML report, written at the end as the flow writes it.
 
     Shards already complete for this run id (a marker in ``_done/``) are skipped, so a re-run
     resumes. At the end every input row must appear once in cleaned or errors
@@ -498,6 +517,7 @@ def denoise_dataset(input_uri: str, output: str, cfg: CleanConfig, run_id: str |
     from tqdm import tqdm
 
     from pipeline.data import storage
+    from pipeline.report import write_report
 
     t0 = time.perf_counter()
     input_uri, output, cfg = resolve_paths(input_uri, output, cfg)
@@ -519,6 +539,7 @@ def denoise_dataset(input_uri: str, output: str, cfg: CleanConfig, run_id: str |
         raise RunInterrupted(run) from None
     summary = finish_run(run, cfg, processed, "local", time.perf_counter() - t0)
     summary["job"] = {"shards": shards, "processed": processed}
+    summary["report"] = write_report(run.run_uri)  # as the flow does
     return summary
 
 

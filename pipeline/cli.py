@@ -287,6 +287,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from pipeline.export import export_run
+
+    done = export_run(args.run, args.dir, run_id=args.run_id, noise=args.noise, progress=not args.quiet,
+                      log=lambda m: print(m, file=sys.stderr))
+    print(done.describe(), file=sys.stderr)
+    print(json.dumps(dataclasses.asdict(done)))
+    return 0
+
+
 def _cmd_runs(args: argparse.Namespace) -> int:
     from pipeline.report import history_rows, runs_table
 
@@ -547,6 +559,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--per-group", type=int, default=8,
                    help="images in each of the best / worst / random groups (default 8)")
     r.set_defaults(func=_cmd_report)
+
+    x = sub.add_parser("export", help="write a run's cleaned images as PNG files, named by row id, with "
+                       "DIR/export.csv mapping file to id")
+    x.add_argument("run", metavar="RUN", help="a run folder OUTPUT/runs/RUN_ID, or an output root (then its only "
+                   "run, --run-id, or else the newest); any URI")
+    x.add_argument("dir", metavar="DIR", help="folder to write into (created if missing; any URI); files are "
+                   "written only inside it")
+    x.add_argument("--run-id", default=None, help="the run to export when RUN is an output root")
+    x.add_argument("--noise", action="store_true", help="also write the noise estimates, as DIR/noise/NAME.png")
+    x.add_argument("--quiet", action="store_true", help="no progress bar")
+    x.set_defaults(func=_cmd_export)
 
     h = sub.add_parser("runs", help="the run history: one line per run invocation from OUTPUT/summary/, newest first")
     h.add_argument("metrics_uri", metavar="METRICS_URI", help="the output root of the runs (it holds summary/), "

@@ -14,10 +14,13 @@ Decisions (where DESIGN.md is silent):
 * **No JavaScript, no plotting library.** Plots are inline SVG drawn here (histograms and per-shard
   lines), images are 8-bit PNG data URIs; a Content-Security-Policy meta tag forbids every network
   fetch, so the file opens offline and a stray external reference shows up as a console error.
-* **Which images.** With ground truth, images are ranked by PSNR; without it, by the data-consistency
-  residual (lower is better). The report shows the best, the worst and a random sample (seeded by the
-  run id, so the same run gives the same report) of :data:`PER_GROUP` images each; an image may
-  appear in more than one group when the run is small.
+* **Which images.** With ground truth, images are ranked by PSNR and the groups are the best and the
+  worst; without it, by the data-consistency residual, and the groups are named by it ("lowest
+  residual", "highest residual"), never best or worst: a low residual can mean that the noise prior
+  explained away part of the image. Then comes a random sample of the other images (seeded by the run
+  id, so the same run gives the same report). Groups never share an image: a run of at most
+  :data:`PER_GROUP` images shows them all, ranked, in one group; a larger one the top and bottom
+  ``min(PER_GROUP, ranked // 2)`` and a sample of at most :data:`PER_GROUP` of the rest.
 * **Panels per image**: observation (read back from the input shard, when it is reachable),
   cleaned, noise estimate, uncertainty (when several posterior samples were drawn; scaled so that
   the group's largest standard deviation is white) and truth (when known). Values outside [0, 1]
@@ -34,7 +37,7 @@ import html
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +52,9 @@ MAX_ERROR_ROWS = 500
 REPORT_NAME = "report.html"
 
 # The dashboard contract: what a dashboard (DuckDB, Superset, Grafana) runs over OUTPUT, the output
-# root of the runs. The README shows these verbatim; tests/test_report.py runs them.
+# root of the runs. The README shows these verbatim; tests/test_report.py runs them. The error rate reads
+# each run's latest summary row, not errors/: a run that rejected nothing writes no errors file, and
+# DuckDB fails on a pattern that matches no file.
 PSNR_TREND_PER_DAY = """\
 SELECT CAST(timezone('UTC', started_at) AS DATE) AS day,
        count(*) AS images,
@@ -64,19 +69,16 @@ GROUP BY day
 ORDER BY day;"""
 
 ERROR_RATE_PER_DATASET = """\
-WITH cleaned AS (
-    SELECT dataset, count(*) AS n
-    FROM read_parquet('OUTPUT/runs/*/metrics/*/*.parquet', hive_partitioning = true)
-    GROUP BY dataset),
-rejected AS (
-    SELECT dataset, count(*) AS n
-    FROM read_parquet('OUTPUT/runs/*/errors/*.parquet')
-    GROUP BY dataset)
+WITH latest AS (
+    SELECT dataset, inputs, errors
+    FROM read_parquet('OUTPUT/summary/*.parquet', filename = true)
+    QUALIFY row_number() OVER (PARTITION BY run_id ORDER BY finished_at DESC, filename DESC) = 1)
 SELECT dataset,
-       coalesce(cleaned.n, 0) + coalesce(rejected.n, 0) AS input_rows,
-       coalesce(rejected.n, 0) AS errors,
-       coalesce(rejected.n, 0) / (coalesce(cleaned.n, 0) + coalesce(rejected.n, 0)) AS error_rate
-FROM cleaned FULL OUTER JOIN rejected USING (dataset)
+       sum(inputs) AS input_rows,
+       sum(errors) AS errors,
+       sum(errors) / sum(inputs) AS error_rate
+FROM latest
+GROUP BY dataset
 ORDER BY dataset;"""
 
 DASHBOARD_QUERIES = {"psnr_trend_per_day": PSNR_TREND_PER_DAY, "error_rate_per_dataset": ERROR_RATE_PER_DATASET}
@@ -88,7 +90,7 @@ def dashboard_sql(name: str, output: str) -> str:
 
 
 class RunNotFoundError(FileNotFoundError):
-    """The URI is not a run folder (``<output>/runs/<run_id>/`` with ``metrics/`` or ``errors/``)."""
+    """The URI is not a run folder (``<output>/runs/<run_id>/`` with ``metrics/``, ``errors/`` or ``_done/``)."""
 
 
 # ---------------------------------------------------------------- reading a run
@@ -132,9 +134,11 @@ def load_run(run_uri: str) -> RunData:
     """Read what the report needs from a run folder; :class:`RunNotFoundError` if it is not one."""
     run_uri = str(run_uri).rstrip("/")
     fs, path = open_fs(run_uri)
-    if not fs.exists(path) or not (fs.exists(f"{path}/metrics") or fs.exists(f"{path}/errors")):
+    # a folder holds files only for rows it has, so a run may lack metrics/ or errors/ (not both, unless
+    # its input had no row at all: then only its completion markers, _done/, are there)
+    if not fs.exists(path) or not any(fs.exists(f"{path}/{sub}") for sub in ("metrics", "errors", "_done")):
         raise RunNotFoundError(f"{run_uri}: not a cleaning run folder (expected OUTPUT/runs/RUN_ID/ holding "
-                               "metrics/ and errors/, as written by jointdiff clean, denoise or the flow)")
+                               "metrics/, errors/ or _done/, as written by jointdiff clean, denoise or the flow)")
     run_id = run_uri.rsplit("/", 1)[-1]
     output = run_uri.rsplit("/runs/", 1)[0] if "/runs/" in run_uri else None
     summaries: list[dict[str, Any]] = []
@@ -154,19 +158,30 @@ def _finite(values: Sequence[Any]) -> np.ndarray:
 
 
 def pick_images(run: RunData, per_group: int = PER_GROUP) -> dict[str, list[dict[str, Any]]]:
-    """The metrics rows shown in the report: ``best``, ``worst`` and ``random`` (each at most
-    ``per_group`` rows), by PSNR with ground truth, else by residual (lower is better)."""
+    """The metrics rows shown in the report, by group; no image is in two groups.
+
+    With ground truth, images are ranked by PSNR (groups ``best`` and ``worst``); without it by the
+    residual (``lowest-residual`` and ``highest-residual``: without truth the figure names the group,
+    never best or worst). A run of at most ``per_group`` images gets one group, ``all``, ranked (images
+    without the figure last); a larger one the top and bottom ``k = min(per_group, ranked // 2)`` and
+    ``random``, a sample (seeded by the run id) of at most ``per_group`` of the other images."""
     if run.metrics is None or not run.metrics.num_rows:
-        return {"best": [], "worst": [], "random": []}
-    rows = run.metrics.to_pylist()
+        return {}
+    rows = sorted(run.metrics.to_pylist(), key=lambda r: (r["shard"], r["row"]))
     key = "psnr" if run.has_truth else "residual"
-    ranked = [r for r in rows if r.get(key) is not None and math.isfinite(r[key])]
-    ranked.sort(key=lambda r: (r[key], r["shard"], r["row"]), reverse=key == "psnr")  # best first
-    k = min(per_group, len(ranked))
-    ordered = sorted(rows, key=lambda r: (r["shard"], r["row"]))
-    sample = random.Random(run.run_id).sample(ordered, min(per_group, len(ordered)))
+    has = [r.get(key) is not None and math.isfinite(r[key]) for r in rows]
+    ranked = [r for r, ok in zip(rows, has) if ok]
+    ranked.sort(key=lambda r: (r[key], r["shard"], r["row"]), reverse=key == "psnr")  # best (or lowest) first
+    if len(rows) <= per_group:
+        return {"all": ranked + [r for r, ok in zip(rows, has) if not ok]}
+    k = min(per_group, len(ranked) // 2)
+    top, bottom = ranked[:k], ranked[::-1][:k]
+    shown = {(r["shard"], r["row"]) for r in top + bottom}
+    rest = [r for r in rows if (r["shard"], r["row"]) not in shown]
+    sample = random.Random(run.run_id).sample(rest, min(per_group, len(rest)))
     sample.sort(key=lambda r: (r["shard"], r["row"]))
-    return {"best": ranked[:k], "worst": ranked[::-1][:k], "random": sample}
+    names = ("best", "worst") if key == "psnr" else ("lowest-residual", "highest-residual")
+    return {g: v for g, v in ((names[0], top), (names[1], bottom), ("random", sample)) if v}
 
 
 def _float_image(cell: dict[str, Any] | None) -> np.ndarray | None:
@@ -240,7 +255,9 @@ def _colour(k: int, n: int) -> str:
     return _COLOURS[k + 1 if n < len(_COLOURS) else k]
 
 
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+def _ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list[float]:
+    """At most about ``n`` round ticks (steps of 1, 2 or 5 times a power of ten) in ``[lo, hi]``; whole
+    numbers only with ``integer`` (an axis of counts has no half image)."""
     if hi <= lo:
         return [lo]
     step = 10 ** math.floor(math.log10((hi - lo) / n))
@@ -248,6 +265,8 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
         if (hi - lo) / (step * m) <= n:
             step *= m
             break
+    if integer:
+        step = max(1, round(step))
     first = math.ceil(lo / step) * step
     return [first + k * step for k in range(int((hi - first) / step + 1e-9) + 1)]
 
@@ -256,17 +275,43 @@ def _fmt_tick(v: float) -> str:
     return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
 
 
+_LEGEND_ROW = 14  # px per legend row
+_BOTTOM = _H - _M + 10  # y of the plot frame's bottom edge
+
+
+def _legend_layout(names: Sequence[str]) -> tuple[list[tuple[float, float]], float]:
+    """Where each legend entry goes (x, y of its swatch's top): in rows between the title and the plot
+    frame, wrapped so that entries never overlap each other or the data; and the y where the frame
+    starts. An entry is a 10 px swatch and its text (at most 6 px per character at font size 10)."""
+    x, y, at = float(_M), 20.0, []
+    for name in names:
+        width = 14 + 6 * len(name) + 12
+        if x > _M and x + width > _W - 10:
+            x, y = float(_M), y + _LEGEND_ROW
+        at.append((x, y))
+        x += width
+    return at, (y + _LEGEND_ROW + 2 if names else 20.0)
+
+
+def _y_scale(y0: float, y1: float, legend: Sequence[str]) -> Callable[[float], float]:
+    """The y pixel of a value: ``y0`` on the frame's bottom edge, ``y1`` 10 px under its top edge."""
+    top = _legend_layout(legend)[1] + 10
+    return lambda v: _BOTTOM - (_BOTTOM - top) * (v - y0) / ((y1 - y0) or 1)
+
+
 def _frame(kind: str, title: str, xlabel: str, ylabel: str, x: tuple[float, float], y: tuple[float, float],
-           body: list[str], legend: Sequence[str]) -> str:
+           body: list[str], legend: Sequence[str], count_axis: bool = False) -> str:
     (x0, x1), (y0, y1) = x, y
     px = lambda v: _M + (_W - _M - 10) * (v - x0) / ((x1 - x0) or 1)  # noqa: E731
-    py = lambda v: _H - _M + 10 - (_H - _M - 20) * (v - y0) / ((y1 - y0) or 1)  # noqa: E731
+    py = _y_scale(y0, y1, legend)
+    places, top = _legend_layout(legend)
     parts = [f'<svg class="plot" data-plot="{kind}" xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" '
              f'viewBox="0 0 {_W} {_H}" role="img" aria-label="{html.escape(title)}">',
              f'<rect x="0" y="0" width="{_W}" height="{_H}" fill="white"/>',
              f'<text x="{_W / 2}" y="14" text-anchor="middle" font-size="13">{html.escape(title)}</text>',
-             f'<rect x="{_M}" y="20" width="{_W - _M - 10}" height="{_H - _M - 10}" fill="none" stroke="#888"/>']
-    for t in _ticks(y0, y1):
+             f'<rect class="frame" x="{_M}" y="{top:.0f}" width="{_W - _M - 10}" height="{_BOTTOM - top:.0f}" '
+             'fill="none" stroke="#888"/>']
+    for t in _ticks(y0, y1, integer=count_axis):
         parts.append(f'<text x="{_M - 4}" y="{py(t) + 4:.1f}" text-anchor="end" font-size="10">{_fmt_tick(t)}</text>'
                      f'<line x1="{_M}" x2="{_W - 10}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#eee"/>')
     if kind.endswith("-hist"):
@@ -278,9 +323,10 @@ def _frame(kind: str, title: str, xlabel: str, ylabel: str, x: tuple[float, floa
     parts.append(f'<text x="12" y="{_H / 2}" text-anchor="middle" font-size="11" '
                  f'transform="rotate(-90 12 {_H / 2})">{html.escape(ylabel)}</text>')
     parts.extend(body)
-    for k, name in enumerate(legend):
-        parts.append(f'<rect x="{_M + 8 + 110 * k}" y="26" width="10" height="10" fill="{_colour(k, len(legend))}"/>'
-                     f'<text x="{_M + 22 + 110 * k}" y="35" font-size="10">{html.escape(name)}</text>')
+    for k, (name, (lx, ly)) in enumerate(zip(legend, places)):
+        parts.append(f'<g class="legend"><rect x="{lx:.0f}" y="{ly:.0f}" width="10" height="10" '
+                     f'fill="{_colour(k, len(legend))}"/><text x="{lx + 14:.0f}" y="{ly + 9:.0f}" font-size="10">'
+                     f"{html.escape(name)}</text></g>")
     parts.append("</svg>")
     return "".join(parts)
 
@@ -297,7 +343,7 @@ def svg_histogram(kind: str, title: str, xlabel: str, series: dict[str, Sequence
     counts = {k: np.histogram(v, edges)[0] for k, v in data.items()}
     top = max([int(c.max()) for c in counts.values()] + [1])
     px = lambda v: _M + (_W - _M - 10) * (v - lo) / (hi - lo)  # noqa: E731
-    py = lambda v: _H - _M + 10 - (_H - _M - 20) * v / top  # noqa: E731
+    py = _y_scale(0, top, list(counts))
     body = []
     for k, (name, c) in enumerate(counts.items()):
         pts = [f"{px(edges[0]):.1f},{py(0):.1f}"]
@@ -307,7 +353,7 @@ def svg_histogram(kind: str, title: str, xlabel: str, series: dict[str, Sequence
         colour = _colour(k, len(counts))
         body.append(f'<polyline class="series" data-series="{html.escape(name)}" points="{" ".join(pts)}" '
                     f'fill="{colour}" fill-opacity="0.25" stroke="{colour}" stroke-width="1.5"/>')
-    return _frame(kind, title, xlabel, "images", (lo, hi), (0, top), body, list(counts))
+    return _frame(kind, title, xlabel, "images", (lo, hi), (0, top), body, list(counts), count_axis=True)
 
 
 def svg_lines(kind: str, title: str, ylabel: str, labels: Sequence[str], series: dict[str, Sequence[Any]]) -> str:
@@ -318,7 +364,7 @@ def svg_lines(kind: str, title: str, ylabel: str, labels: Sequence[str], series:
     lo, hi = lo - pad, hi + pad
     n = len(labels)
     px = lambda i: _M + (_W - _M - 10) * (i + 0.5) / max(n, 1)  # noqa: E731
-    py = lambda v: _H - _M + 10 - (_H - _M - 20) * (v - lo) / (hi - lo)  # noqa: E731
+    py = _y_scale(lo, hi, list(series))
     body = []
     for k, (name, s) in enumerate(series.items()):
         colour = _colour(k, len(series))
@@ -448,8 +494,9 @@ def _grids_html(run: RunData, picked: dict[str, list[dict[str, Any]]]) -> str:
     images, present = _panels(run, picked)
     unc = [v["uncertainty"] for v in images.values() if v.get("uncertainty") is not None]
     unc_top = max([float(u.max()) for u in unc] + [0.0])
-    rank = "PSNR" if run.has_truth else "residual (lower is better)"
-    titles = {"best": f"Best by {rank}", "worst": f"Worst by {rank}", "random": "A random sample"}
+    titles = {"best": "Best by PSNR", "worst": "Worst by PSNR", "lowest-residual": "Lowest residual",
+              "highest-residual": "Highest residual", "random": "A random sample of the others",
+              "all": "All images, by PSNR, best first" if run.has_truth else "All images, by residual, lowest first"}
     out = []
     if "observation" not in present and run.n_cleaned:
         out.append('<p class="note">The input shards could not be read from here, so the observation '
@@ -485,10 +532,15 @@ def _errors_html(run: RunData) -> str:
     shown = rows[:MAX_ERROR_ROWS]
     more = (f'<p class="note">The first {MAX_ERROR_ROWS} of {len(rows)} rows; all are in '
             f"<code>{html.escape(run.run_uri)}/errors/</code>.</p>") if len(rows) > len(shown) else ""
+    whole = any(e["row"] == -1 for e in shown)
+    note = ('<p class="note"><i>whole shard</i>: the shard could not be read at all, so its rows cannot be '
+            "told apart; it is one error row, stored with <code>row = -1</code> and no id.</p>") if whole else ""
     return (more + '<table class="errors"><tr><th>shard</th><th>row</th><th>id</th><th>stage</th><th>reason</th></tr>'
-            + "".join(f"<tr><td>{html.escape(e['shard'])}</td><td class=num>{e['row']}</td>"
-                      f"<td>{html.escape(str(e['id']))}</td><td>{html.escape(e['stage'])}</td>"
-                      f"<td>{html.escape(e['reason'])}</td></tr>" for e in shown) + "</table>")
+            + "".join(f"<tr><td>{html.escape(e['shard'])}</td>"
+                      + ("<td><i>whole shard</i></td>" if e["row"] == -1 else f"<td class=num>{e['row']}</td>")
+                      + ("<td>&mdash;</td>" if e["id"] is None else f"<td>{html.escape(str(e['id']))}</td>")
+                      + f"<td>{html.escape(e['stage'])}</td><td>{html.escape(e['reason'])}</td></tr>"
+                      for e in shown) + "</table>" + note)
 
 
 def render_report(run: RunData, per_group: int = PER_GROUP) -> str:

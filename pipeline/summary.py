@@ -125,7 +125,11 @@ def format_summary(row: dict[str, Any]) -> str:
     lines.append(f"  {row['processed']} image(s) cleaned now in {row['wall_seconds']:.1f} s: "
                  f"{_fmt(row['images_per_s'], '.2f')} images/s, NFE {row['nfe']} per prior per image")
     run = row["output"]
-    lines.append(f"  outputs: {run}/cleaned/, {run}/metrics/, {run}/errors/")
+    # a folder holds files only for rows it has (no zero-row Parquet files): name only those
+    folders = (["cleaned", "metrics"] if row["cleaned"] else []) + (["errors"] if row["errors"] else [])
+    lines.append("  outputs: " + (", ".join(f"{run}/{f}/" for f in folders) or f"{run} (no rows)"))
     if row.get("summary"):
         lines.append(f"  run history row: {row['summary']}")
+    if row.get("report"):
+        lines.append(f"  report: {row['report']}")
     return "\n".join(lines)

@@ -62,8 +62,7 @@ def test_every_row_is_accounted_for_and_a_rerun_redoes_only_unmarked_shards(setu
     redo = denoise_dataset(str(root / "obs"), str(out), cfg, run_id="r", progress=False)
     after = _mtimes(run)
     changed = sorted(k for k in after if after[k] != before[k])
-    assert changed == ["cleaned/shard-00001.parquet", "errors/shard-00001.parquet",
-                       "metrics/run_id=r/shard-00001.parquet"]
+    assert changed == ["cleaned/shard-00001.parquet", "metrics/run_id=r/shard-00001.parquet"]  # no error: no file
     assert redo["skipped_shards"] == 5 and (redo["cleaned"], redo["errors"]) == (9, 3)
     # the redone shard's results are the same (per-image seeds), so nothing downstream moves
     assert pq.read_table(run / "cleaned").column("id").to_pylist() == ids

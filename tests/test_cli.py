@@ -152,7 +152,7 @@ def test_denoise_cleans_good_rows_and_rejects_bad_ones(tmp_path):
     rows[1]["observation"] = {"bytes": rows[1]["observation"]["bytes"][:40], "path": "x.png"}  # truncated PNG
     rows.append(dict(rows[0]))  # duplicate id
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), shard)
-    # a second shard holding only a copy of an id from the first: rejected, and its cleaned file keeps the schema
+    # a second shard holding only a copy of an id from the first: rejected, so it has no cleaned file
     pq.write_table(pa.Table.from_pylist([dict(rows[2])], schema=table.schema), tmp_path / "obs" / "shard-00001.parquet")
     proc = jointdiff("denoise", str(tmp_path / "obs"), str(tmp_path / "out"), "--config", "configs/denoise.yaml",
                      "--set", f"image_prior={xm}", "--set", f"noise_prior={nm}", "--set", "sampler.steps=3",
@@ -174,8 +174,9 @@ def test_denoise_cleans_good_rows_and_rejects_bad_ones(tmp_path):
     assert sorted([r["row"] for r in m] + [e["row"] for e in errors]) == list(range(6))
     second = pq.read_table(run / "errors" / "shard-00001.parquet").to_pylist()
     assert [(e["row"], e["id"]) for e in second] == [(0, rows[2]["id"])] and "duplicate id" in second[0]["reason"]
-    empty = pq.read_table(run / "cleaned" / "shard-00001.parquet")
-    assert empty.num_rows == 0 and empty.schema == cleaned.schema
+    # every row of it rejected: no zero-row cleaned or metrics file (they break Hugging Face datasets)
+    assert not (run / "cleaned" / "shard-00001.parquet").exists()
+    assert not (run / "metrics" / "run_id=r1" / "shard-00001.parquet").exists()
     den = cleaned.column("denoised").to_pylist()[0]
     assert den["path"].endswith(".png")
     assert np.asarray(Image.open(io.BytesIO(den["bytes"]))).shape == (16, 16)

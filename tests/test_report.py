@@ -10,13 +10,16 @@ code under test.
 from __future__ import annotations
 
 import datetime as dt
+import html
 import json
 import os
+import re
 import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -25,8 +28,19 @@ from pipeline.config import CleanConfig
 from pipeline.data.corrupt import corrupt, write_observations
 from pipeline.data.embedded import load_embedded
 from pipeline.data.shards import read_table
+from pipeline.data.validate import ERRORS_SCHEMA
 from pipeline.posterior.sampler import SamplerConfig
-from pipeline.report import DASHBOARD_QUERIES, PER_GROUP, dashboard_sql, write_report
+from pipeline.report import (
+    DASHBOARD_QUERIES,
+    PER_GROUP,
+    RunData,
+    dashboard_sql,
+    pick_images,
+    render_report,
+    svg_histogram,
+    svg_lines,
+    write_report,
+)
 from tests.test_clean_job import _observations
 from tests.test_cli import jointdiff
 
@@ -67,6 +81,7 @@ class _Dom(HTMLParser):
         self.plots: list[str] = []
         self.error_rows = 0
         self.external: list[str] = []
+        self.groups: list[str] = []
         self._table: str | None = None
 
     def handle_starttag(self, tag, attrs):
@@ -81,6 +96,8 @@ class _Dom(HTMLParser):
             self.external.append(tag)
         elif tag == "table":
             self._table = a.get("class")
+            if a.get("data-group"):
+                self.groups.append(a["data-group"])
         elif tag == "tr" and self._table == "errors":
             self.error_rows += 1
 
@@ -92,9 +109,19 @@ def _parse(text: str) -> _Dom:
     return dom
 
 
+def _shown(n: int, per_group: int = PER_GROUP) -> tuple[int, list[str]]:
+    """Images shown for ``n`` cleaned ones, all ranked, and the groups: one group of all of them when
+    they fit in one; else top and bottom min(per_group, n // 2) each and a sample of the rest."""
+    if n <= per_group:
+        return n, ["all"]
+    k = min(per_group, n // 2)
+    rest = min(per_group, n - 2 * k)
+    return 2 * k + rest, ["best", "worst"] + (["random"] if rest else [])
+
+
 def _expected(run_uri: Path) -> dict:
-    """What the report of a run must show, from its Parquet files: images per group (best, worst,
-    random: min(PER_GROUP, cleaned) each), the panels present, the plots and the error rows."""
+    """What the report of a run must show, from its Parquet files: the images of the groups (no image
+    in two groups, see :func:`_shown`), the panels present, the plots and the error rows."""
     metrics = pq.read_table(run_uri / "metrics").to_pylist()
     errors = sum(pq.read_metadata(p).num_rows for p in (run_uri / "errors").glob("*.parquet"))
     cleaned = pq.read_table(run_uri / "cleaned")
@@ -102,7 +129,7 @@ def _expected(run_uri: Path) -> dict:
     panels = ["observation", "denoised", "noise_estimate"]
     panels += ["uncertainty"] if "uncertainty" in cleaned.column_names else []
     panels += ["clean"] if truth else []
-    shown = 3 * min(PER_GROUP, len(metrics))
+    shown, groups = _shown(len(metrics))
     if truth:
         plots = ["psnr-hist", "ssim-hist", "psnr-shard", "ssim-shard"]
     else:
@@ -110,7 +137,7 @@ def _expected(run_uri: Path) -> dict:
         plots = ["residual-hist", "removed_energy-hist"] + (["spread-hist"] if has_spread else [])
         plots.append("reference-free-shard")
     return {"images": shown * len(panels), "panels": {p: shown for p in panels}, "plots": plots,
-            "errors": errors, "cleaned": len(metrics)}
+            "errors": errors, "cleaned": len(metrics), "groups": groups}
 
 
 def _run_dir(runs, name: str) -> Path:
@@ -126,6 +153,7 @@ def test_the_report_shows_every_group_panel_plot_and_error_of_the_run(runs):
     assert (want["cleaned"], want["errors"]) == (9, 1)  # the broken PNG is the one error
     assert len(dom.panels) == want["images"] and {p: dom.panels.count(p) for p in set(dom.panels)} == want["panels"]
     assert dom.plots == want["plots"] and dom.error_rows == want["errors"] and dom.external == []
+    assert dom.groups == want["groups"] == ["best", "worst", "random"]
     assert "truncated" in text or "cannot decode" in text  # the error's reason is in the table
     assert f"{runs['a']['images_per_s']:.3f}" in text and runs["a"]["config_hash"] in text
 
@@ -168,7 +196,7 @@ def test_the_report_opens_in_headless_chromium_without_console_errors(runs, tmp_
     assert problems == []
     assert seen["images"] == seen["decoded"] == want["images"]
     assert seen["plots"] == want["plots"] and seen["drawn"] == len(want["plots"])
-    assert seen["errors"] == want["errors"] and seen["groups"] == ["best", "worst", "random"]
+    assert seen["errors"] == want["errors"] and seen["groups"] == want["groups"] == ["best", "worst", "random"]
     shot = np.asarray(Image.open(tmp_path / "report.png").convert("L"), dtype=np.float64)
     assert shot.shape[0] > 900 and shot.std() > 20, f"screenshot looks blank: std {shot.std():.1f}"
 
@@ -180,6 +208,9 @@ def test_a_run_without_ground_truth_shows_the_reference_free_figures(runs):
     assert want["plots"] == ["residual-hist", "removed_energy-hist", "reference-free-shard"]  # one sample: no spread
     assert dom.plots == want["plots"] and "clean" not in dom.panels and len(dom.panels) == want["images"]
     assert "reference-free figures instead of PSNR/SSIM" in text and "PSNR per image" not in text
+    # 4 images: one group of all of them, named by the figure that orders them, never best or worst
+    assert dom.groups == want["groups"] == ["all"] and "All images, by residual, lowest first" in text
+    assert "Best" not in text and "Worst" not in text
     residual = np.mean(pq.read_table(run / "metrics").column("residual").to_numpy())
     assert f"{residual:.4f}" in text
 
@@ -253,6 +284,91 @@ def test_a_report_of_a_run_in_an_s3_bucket_lands_in_the_bucket(s3, tiny_priors):
     fs, _ = open_fs(bucket)
     text = fs.cat_file(f"{run.removeprefix('s3://')}/report.html").decode()
     dom = _parse(text)
-    # 3 cleaned: 2 per group; observation (read from the bucket's input), cleaned, noise estimate, truth
-    assert len(dom.panels) == 3 * 2 * 4 and dom.panels.count("observation") == 6 and dom.error_rows == 1
+    # 3 cleaned, 2 per group: the best, the worst and the third in the sample, each once; observation (read
+    # from the bucket's input), cleaned, noise estimate, truth
+    assert dom.groups == ["best", "worst", "random"]
+    assert len(dom.panels) == 3 * 4 and dom.panels.count("observation") == 3 and dom.error_rows == 1
     assert dom.plots == ["psnr-hist", "ssim-hist", "psnr-shard", "ssim-shard"]
+
+
+def _synthetic_run(n: int, truth: bool, errors: list[dict] | None = None) -> RunData:
+    """A run's tables without its files (the report then shows n/a for the panels it cannot read)."""
+    rng = np.random.default_rng(n)
+    metrics = pa.table({"shard": ["shard-00000.parquet"] * n, "row": list(range(n)),
+                        "id": [f"img-{k}" for k in range(n)],
+                        "psnr": rng.uniform(10, 30, n) if truth else pa.nulls(n, pa.float64()),
+                        "psnr_input": rng.uniform(5, 10, n) if truth else pa.nulls(n, pa.float64()),
+                        "ssim": rng.uniform(0, 1, n) if truth else pa.nulls(n, pa.float64()),
+                        "ssim_input": rng.uniform(0, 1, n) if truth else pa.nulls(n, pa.float64()),
+                        "residual": rng.uniform(0, 0.1, n), "spread": pa.nulls(n, pa.float64()),
+                        "removed_energy": rng.uniform(0, 0.5, n)}) if n else None
+    return RunData("memory://nowhere/runs/r", "r", "memory://nowhere", metrics,
+                   pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA) if errors else None, [])
+
+
+@pytest.mark.parametrize("truth", [True, False])
+def test_image_groups_never_share_an_image_and_without_truth_are_named_by_the_residual(truth):
+    for n in (1, 5, 8, 9, 12, 16, 20, 30):
+        picked = pick_images(_synthetic_run(n, truth))
+        keys = [(r["shard"], r["row"]) for rows in picked.values() for r in rows]
+        assert len(keys) == len(set(keys)) == _shown(n)[0], n  # disjoint, and as many as _shown says
+        names = ["all"] if n <= PER_GROUP else (["best", "worst"] if truth else ["lowest-residual", "highest-residual"])
+        assert list(picked)[:len(names)] == names and set(picked) - set(names) <= {"random"}
+        key, sign = ("psnr", -1) if truth else ("residual", 1)
+        first = list(picked.values())[0]
+        assert [sign * r[key] for r in first] == sorted(sign * r[key] for r in first)  # best (lowest) first
+        if n in (5, 12):  # the whole report (it tries, and fails, to read the images: a few seconds)
+            text = render_report(_synthetic_run(n, truth))
+            assert truth or ("Best" not in text and "Worst" not in text and "best" not in text), n
+            assert not truth or ("Best by PSNR" in text) == (n > PER_GROUP)
+            assert truth or ("Lowest residual" in text and "Highest residual" in text) == (n > PER_GROUP)
+
+
+def _y_tick_labels(svg: str) -> list[str]:
+    return re.findall(r'<text x="[\d.]+" y="[\d.]+" text-anchor="end" font-size="10">([^<]*)</text>', svg)
+
+
+def test_count_axes_have_whole_number_ticks():
+    for values in ([0.5], [0.1, 0.9], [0.1, 0.2, 0.9], list(np.linspace(0, 1, 7))):
+        svg = svg_histogram("x-hist", "t", "x", {"a": values, "b": values[:1]})
+        labels = _y_tick_labels(svg)
+        assert labels and all(float(v) == int(float(v)) for v in labels), labels
+        assert float(labels[-1]) <= max(1, len(values))
+
+
+def _legend_boxes(svg: str) -> tuple[list[tuple[float, float, float, float]], float]:
+    """Each legend entry's box (swatch and its text at 6 px per character) and the plot frame's top."""
+    frame_top = float(re.search(r'<rect[^>]*y="([\d.]+)"[^>]*stroke="#888"', svg).group(1))
+    boxes = [(float(x), float(y), float(x) + 14 + 6 * len(html.unescape(name)), float(y) + 10)
+             for x, y, name in re.findall(r'<rect x="([\d.]+)" y="([\d.]+)" width="10" height="10"[^>]*/>'
+                                          r'<text[^>]*>([^<]*)</text>', svg)]
+    return boxes, frame_top
+
+
+def test_legends_sit_above_the_plot_and_never_overlap():
+    names = ["residual (RMS)", "removed-noise energy", "posterior spread"]
+    plots = [svg_lines("s", "mean per shard", "mean", ["shard-00000.parquet", "shard-00001.parquet"],
+                       {n: [0.1 * k, 0.2 * k] for k, n in enumerate(names, 1)}),
+             svg_histogram("h", "per image", "PSNR", {"observation": [10, 11, 12], "cleaned": [20, 21, 30]}),
+             svg_lines("l", "long", "y", ["a"], {f"a rather long series name number {k}": [k] for k in range(4)})]
+    for svg in plots:
+        boxes, frame_top = _legend_boxes(svg)
+        assert len(boxes) >= 2
+        for k, a in enumerate(boxes):
+            assert a[3] <= frame_top and a[2] <= 420, (a, frame_top)  # above the plot frame, inside the figure
+            for b in boxes[k + 1:]:
+                assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
+
+
+def test_an_unreadable_shard_is_one_error_row_marked_whole_shard():
+    errors = [{"run_id": "r", "dataset": "d", "shard": "shard-00003.parquet", "row": -1, "id": None, "stage": "read",
+               "reason": "the shard cannot be read: not Parquet"},
+              {"run_id": "r", "dataset": "d", "shard": "shard-00000.parquet", "row": 1, "id": "x1", "stage": "decode",
+               "reason": "truncated"}]
+    text = render_report(_synthetic_run(2, True, errors))
+    table = text[text.index('<table class="errors">'):]
+    table = table[:table.index("</table>")]
+    assert "None" not in table and ">-1<" not in table
+    assert "<td><i>whole shard</i></td><td>&mdash;</td><td>read</td>" in table
+    assert "<td class=num>1</td><td>x1</td>" in table
+    assert "could not be read at all" in text and "row = -1" in text

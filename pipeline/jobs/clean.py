@@ -462,7 +462,8 @@ def run_clean(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None 
     """The whole run: plan, clean the pending shards on Ray, check the accounting, append the summary.
 
     Returns the summary row plus ``shards``, ``skipped_shards``, ``output`` (the run's URI),
-    ``summary`` (the row's file) and ``job`` (actor layout and per-shard results).
+    ``summary`` (the row's file), ``job`` (actor layout and per-shard results) and ``report`` (the run's
+    HTML report, written at the end as the flow writes it).
     """
     from pipeline.clean import resolve_paths
     from pipeline.data import storage
@@ -494,6 +495,9 @@ def run_clean(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None 
             print(f"clean {run.run_id}: {exc}: re-planning the pending shards on the nodes left", file=sys.stderr)
     summary = finish_run(run, cfg, stats.processed, "ray", time.perf_counter() - t0)
     summary["job"] = dataclasses.asdict(stats)
+    from pipeline.report import write_report
+
+    summary["report"] = write_report(run.run_uri)  # as the flow does
     return summary
 
 

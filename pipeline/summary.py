@@ -124,12 +124,14 @@ def format_summary(row: dict[str, Any]) -> str:
                      f"{_fmt(row['removed_energy_mean'], '.4f')} (means)")
     lines.append(f"  {row['processed']} image(s) cleaned now in {row['wall_seconds']:.1f} s: "
                  f"{_fmt(row['images_per_s'], '.2f')} images/s, NFE {row['nfe']} per prior per image")
-    run = row["output"]
+    from pipeline.data.storage import local_path
+
+    run = local_path(row["output"])  # local outputs as the paths users type and open
     # a folder holds files only for rows it has (no zero-row Parquet files): name only those
     folders = (["cleaned", "metrics"] if row["cleaned"] else []) + (["errors"] if row["errors"] else [])
     lines.append("  outputs: " + (", ".join(f"{run}/{f}/" for f in folders) or f"{run} (no rows)"))
     if row.get("summary"):
-        lines.append(f"  run history row: {row['summary']}")
+        lines.append(f"  run history row: {local_path(row['summary'])}")
     if row.get("report"):
-        lines.append(f"  report: {row['report']}")
+        lines.append(f"  report: {local_path(row['report'])}")
     return "\n".join(lines)

@@ -150,15 +150,16 @@ def test_denoise_and_clean_write_the_report_and_print_its_path(tiny_priors, tmp_
             "--set", f"noise_prior={tiny_priors[1]}", "--set", "sampler.steps=2", "--set", "device=cpu", "--quiet"]
     proc = jointdiff("denoise", *args)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    report = Path(summary["report"])
+    assert summary["report"].startswith("file:///")  # local paths are absolute file:// URIs in the outputs
+    report = Path(summary["report"].removeprefix("file://"))
     assert report == tmp_path / "out" / "runs" / summary["run_id"] / "report.html" and report.exists()
     assert f"  report: {report}" in proc.stderr.splitlines()
     assert "errors/" not in proc.stderr  # no rejected row: no errors folder to point at
     report.unlink()
     cfg = _cfg(tiny_priors).model_copy(update={"ray": RayConfig(actors=1)})
     ray_summary = run_clean(str(tmp_path / "obs"), str(tmp_path / "out-ray"), cfg, progress=False)
-    assert Path(ray_summary["report"]).exists() and ray_summary["report"].endswith("/report.html")
-    assert "<table class=\"grid\"" in Path(ray_summary["report"]).read_text()
+    assert Path(ray_summary["report"].removeprefix("file://")).exists() and ray_summary["report"].endswith("/report.html")
+    assert "<table class=\"grid\"" in Path(ray_summary["report"].removeprefix("file://")).read_text()
 
 
 def test_a_run_whose_input_has_no_row_still_has_a_report(tiny_priors, tmp_path):
@@ -167,5 +168,5 @@ def test_a_run_whose_input_has_no_row_still_has_a_report(tiny_priors, tmp_path):
     pq.write_table(table.slice(0, 0), tmp_path / "obs" / "shard-00000.parquet")
     summary = denoise_dataset(str(tmp_path / "obs"), str(tmp_path / "out"), _cfg(tiny_priors), progress=False)
     assert (summary["inputs"], summary["cleaned"], summary["errors"]) == (0, 0, 0)
-    assert Path(summary["report"]).exists()
+    assert Path(summary["report"].removeprefix("file://")).exists()
     assert list((tmp_path / "out").rglob("*.parquet")) == list((tmp_path / "out" / "summary").glob("*.parquet"))

@@ -126,9 +126,9 @@ def _cmd_corrupt(args: argparse.Namespace) -> int:
     missing = [k for k in ("clean", "noise", "out") if getattr(c, k) is None]
     if missing:
         raise ConfigError(f"corrupt needs {', '.join(missing).upper()} (arguments, or keys of --config)")
-    clean = load_images(c.clean, c.split, c.size, c.channels)
+    clean = load_images(c.clean, c.split, c.size, c.channels, column_key=None)
     noise_channels = 1 if c.noise_channel == "random" else c.channels
-    noise = load_images(c.noise, c.split, c.size, noise_channels)
+    noise = load_images(c.noise, c.split, c.size, noise_channels, column_key=None)
     n = c.n or len(clean)
     obs = corrupt(clean, noise, n, alpha=c.alpha, seed=c.seed, forward=c.forward,
                   sigma_y=c.sigma_y, noise_channel=c.noise_channel)

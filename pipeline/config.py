@@ -41,7 +41,9 @@ class DataConfig(_Strict):
     channels: int = 1
     hflip: bool = Field(False, description="random horizontal flips (faces: yes; digits: no)")
     shift: int = Field(0, ge=0, description="random translations by up to this many pixels (edge-replicated)")
-    column: str = Field("image", description="image column of a shard dataset")
+    column: str | None = Field(None, description="image column of a shard dataset; default 'image', else "
+                                                  "'observation' (what `jointdiff ingest` writes) when the shards "
+                                                  "have no 'image' and no 'clean' column")
     grey_to_rgb: Literal["replicate", "random"] = Field(
         "replicate", description="grey images for a 3-channel prior: copied into every channel, or drawn "
                                  "into one random channel per training example (the paper's MNIST prior)")

@@ -179,7 +179,8 @@ class ShardCleaner:
             if self.cfg.forward.name == "blend":
                 alpha = self.cfg.forward.alpha or (cols.get("alpha") or [None] * (row + 1))[row]
                 if alpha is None or math.isnan(alpha) or not 0 < alpha < 1:
-                    reject("validate", f"blend needs alpha in (0, 1); the row has {alpha!r} and the config none")
+                    reject("validate", f"blend needs alpha in (0, 1); the row has {alpha!r} and forward.alpha "
+                                       "is not set")
                     continue
             valid.append((row, id_, y, clean, float(alpha)))
         started = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)

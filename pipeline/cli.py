@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import ConfigError
-from pipeline.data.accounting import AccountingError
+from pipeline.data.accounting import AccountingError, RejectedRowsError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -617,6 +617,13 @@ def main(argv: list[str] | None = None) -> int:
     except AccountingError as exc:
         print(f"jointdiff {args.command}: {exc}", file=sys.stderr)
         return 3
+    except RejectedRowsError as exc:  # the run is complete and recorded; too many of its rows were rejected
+        from pipeline.summary import format_summary
+
+        print(format_summary(exc.summary), file=sys.stderr)
+        print(f"jointdiff {args.command}: {exc}", file=sys.stderr)
+        print(json.dumps({k: v for k, v in exc.summary.items() if k != "job"}, default=str))
+        return 4
     except KeyboardInterrupt:
         print(f"\njointdiff {args.command}: interrupted", file=sys.stderr)
         return 130

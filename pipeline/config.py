@@ -174,6 +174,10 @@ class CleanConfig(_Strict):
                                             "size and channels always come from the priors")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    max_rejected_fraction: float = Field(
+        0.5, ge=0, le=1, description="a run that rejects more than this fraction of its input rows fails (exit 4) "
+                                     "after writing its outputs and summary row, printing the reasons grouped; "
+                                     "a run that cleans no row fails at any setting")
 
 
 SECRET_KEYS = ("storage.key", "storage.secret", "storage.token")

@@ -53,6 +53,7 @@ from pipeline.clean import (
     ShardCleaner,
     fail_shard,
     finish_run,
+    judge_run,
     peak_rss_mb,
     prepare_run,
     process_shard,
@@ -325,7 +326,8 @@ def run_clean(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None 
     """The whole run: plan, clean the pending shards on Ray, check the accounting, append the summary.
 
     Returns the summary row plus ``shards``, ``skipped_shards``, ``output`` (the run's URI),
-    ``summary`` (the row's file) and ``job`` (actor layout and per-shard results).
+    ``summary`` (the row's file) and ``job`` (actor layout and per-shard results). Raises
+    :class:`~pipeline.clean.RejectedRowsError` after recording a run that rejected too many rows.
     """
     from pipeline.data import storage
 
@@ -338,6 +340,7 @@ def run_clean(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None 
             stats = run_job(run, cfg, progress=progress, crash_once=crash_once, crash_shard=crash_shard)
     summary = finish_run(run, cfg, stats.processed, "ray", time.perf_counter() - t0)
     summary["job"] = dataclasses.asdict(stats)
+    judge_run(summary, cfg)
     return summary
 
 

@@ -18,6 +18,13 @@ run's HTML report (and a link artifact of it).
 - ``record_summary`` (3 retries): appends the summary row to ``<output>/summary/``;
 - ``write_run_report`` (3 retries): writes the run's HTML report, ``<run>/report.html``
   (:mod:`pipeline.report`), which the markdown artifact links, along with a link artifact.
+- ``judge_rejections`` (no retries): fails the flow (:class:`~pipeline.data.accounting.RejectedRowsError`)
+  when more than ``max_rejected_fraction`` of the run's input rows were rejected, or none was cleaned;
+  the outputs, summary row, report and artifacts are written before.
+
+``plan_run`` also checks the input before any work (:func:`pipeline.clean.check_inputs`) and fails at
+once, without retries, with a ``ConfigError`` naming the ``--set`` that fixes a configuration that would
+reject every row.
 
 Run it with ``python -m flows.clean_dataset INPUT OUTPUT [--config C] [--ray-address A]`` or from
 Python; ``jointdiff demo`` runs it on embedded data. The parameters are plain strings, so a
@@ -38,22 +45,14 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 
 from flows import artifact_key
-from pipeline.clean import RunPlan, preflight_run, prepare_run, record_run, resolve_paths, verify_run
+from pipeline.clean import RunPlan, judge_run, preflight_run, prepare_run, record_run, resolve_paths, verify_run
 from pipeline.config import SECRET_KEYS, CleanConfig, ConfigError, load_config, with_ray
 from pipeline.data import storage
-from pipeline.data.accounting import Accounting, AccountingError
+from pipeline.data.accounting import Accounting, AccountingError, RejectedRowsError
 from pipeline.data.storage import absolute_uri
 from pipeline.jobs.clean import JobStats, cluster_address, quiet_ray_noise, ray_session, run_job
 from pipeline.report import write_report
 from pipeline.summary import format_summary
-
-
-@task(retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def plan_run(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None) -> RunPlan:
-    run = prepare_run(input_uri, output, cfg, run_id)
-    print(f"run {run.run_id}: {len(run.pending)} of {len(run.shards)} shard(s) to clean "
-          f"({run.pending_rows} rows), outputs in {run.run_uri}")
-    return run
 
 
 def _retry_unless(*final: type[BaseException]):
@@ -67,6 +66,14 @@ def _retry_unless(*final: type[BaseException]):
             return True
         return False
     return condition
+
+
+@task(retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=_retry_unless(ConfigError))
+def plan_run(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None) -> RunPlan:
+    run = prepare_run(input_uri, output, cfg, run_id)  # stops here (ConfigError) when every row would be rejected
+    print(f"run {run.run_id}: {len(run.pending)} of {len(run.shards)} shard(s) to clean "
+          f"({run.pending_rows} rows), outputs in {run.run_uri}")
+    return run
 
 
 @task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE,
@@ -94,6 +101,11 @@ def record_summary(run: RunPlan, cfg: CleanConfig, acc: Accounting, stats: JobSt
 @task(retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def write_run_report(run_uri: str) -> str:
     return write_report(run_uri)
+
+
+@task(cache_policy=NO_CACHE)  # no retries: a verdict, not a glitch
+def judge_rejections(summary: dict[str, Any], cfg: CleanConfig) -> None:
+    judge_run(summary, cfg)
 
 
 def publish_artifacts(summary: dict[str, Any]) -> None:
@@ -247,6 +259,7 @@ def clean_dataset(input_uri: str, output: str, config: str | None = None, overri
     summary = {**summary, "report": write_run_report(run.run_uri)}
     publish_artifacts(summary)
     print(format_summary(summary))
+    judge_rejections(summary, cfg)  # fails the flow (RejectedRowsError) when too many rows were rejected
     return summary
 
 
@@ -262,8 +275,15 @@ def main(argv: list[str] | None = None) -> int:
                    "work as a Ray job (default RAY_API_SERVER_ADDRESS)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    summary = clean_dataset(a.input, a.output, a.config, a.set, a.run_id, a.ray_address, progress=not a.quiet,
-                            jobs_address=a.jobs_address)
+    try:
+        summary = clean_dataset(a.input, a.output, a.config, a.set, a.run_id, a.ray_address, progress=not a.quiet,
+                                jobs_address=a.jobs_address)
+    except ConfigError as exc:
+        print(f"clean-dataset: {exc}", file=sys.stderr)
+        return 2
+    except RejectedRowsError as exc:
+        print(f"clean-dataset: {exc}", file=sys.stderr)
+        return 4
     print(json.dumps(summary, default=str))
     return 0
 

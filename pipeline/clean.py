@@ -22,7 +22,15 @@ The pieces are shared with the Ray job (:mod:`pipeline.jobs.clean`), so both giv
   shard order, which rows are later copies of an id (error rows), so no worker needs another's ids;
 * :class:`ShardCleaner` holds both priors and :func:`process_shard` turns one source shard into its
   outputs and completion marker (in this process, or inside a Ray actor);
-* :func:`finish_run` checks the accounting and appends the run's row to ``<output>/summary/``.
+* :func:`finish_run` checks the accounting and appends the run's row to ``<output>/summary/``;
+* :func:`judge_run` then fails a run that rejected too many rows (:class:`RejectedRowsError`).
+
+Before any work, :func:`check_inputs` (called by :func:`prepare_run`) reads the schema and the first
+rows' image headers of the first pending shard, on the driver, and stops with a
+:class:`~pipeline.config.ConfigError` naming the ``--set`` that fixes what would reject every row: a
+blend without an ``alpha`` column or ``forward.alpha``; images that do not fit the priors and a policy
+that would not convert them (``policy.resize``, ``policy.convert_channels``, ``policy.alpha``,
+``policy.max_pixels``).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -42,7 +51,16 @@ import pyarrow as pa
 import torch
 
 from pipeline.config import CleanConfig, ConfigError
-from pipeline.data.accounting import Accounting, AccountingError, PlannedShard, check_run, input_rows, mark_done, plan
+from pipeline.data.accounting import (
+    Accounting,
+    AccountingError,
+    PlannedShard,
+    RejectedRowsError,
+    check_run,
+    input_rows,
+    mark_done,
+    plan,
+)
 from pipeline.data.shards import build_table, read_table, write_table
 from pipeline.data.storage import absolute_uri, join, local_path, open_fs
 from pipeline.data.validate import ERRORS_SCHEMA, RowError, conform, decode_any, error_row
@@ -266,7 +284,8 @@ class ShardCleaner:
             if self.cfg.forward.name == "blend":
                 alpha = self.cfg.forward.alpha or (cols.get("alpha") or [None] * (row + 1))[row]
                 if alpha is None or math.isnan(alpha) or not 0 < alpha < 1:
-                    reject("validate", f"blend needs alpha in (0, 1); the row has {alpha!r} and the config none")
+                    reject("validate", f"blend needs alpha in (0, 1); the row has {alpha!r} and forward.alpha "
+                                       "is not set")
                     continue
             valid.append((row, id_, y, clean, float(alpha)))
         started = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
@@ -423,7 +442,118 @@ def prepare_run(input_uri: str, output: str, cfg: CleanConfig, run_id: str | Non
             if key in seen:
                 duplicates.setdefault(s.name, {})[row] = f"duplicate id {key!r} (an earlier row of this run has it)"
             seen.add(key)
-    return RunPlan(str(input_uri), str(output), run_id, run, str(input_uri).rstrip("/"), shards, duplicates, rows)
+    run_plan = RunPlan(str(input_uri), str(output), run_id, run, str(input_uri).rstrip("/"), shards, duplicates, rows)
+    check_inputs(run_plan, cfg)
+    return run_plan
+
+
+PREFLIGHT_ROWS = 8  # rows of the first pending shard whose image headers check_inputs reads
+
+
+def prior_shape(name_or_uri: str) -> tuple[int, int]:
+    """``(channels, image size)`` of a prior, from its ``config.json`` alone (no weights loaded)."""
+    from pipeline.diffusion.checkpoint import CONFIG, read_json
+
+    unet = read_json(join(resolve_model(name_or_uri), CONFIG)).get("unet") or {}
+    return int(unet.get("channels", 1)), int(unet.get("image_size", 32))
+
+
+def _peek_image(cell: Any) -> tuple[int, int, int, bool, int] | None:
+    """``(height, width, colour channels, has alpha, pixels)`` of a stored image from its header, or None
+    when the header does not tell (the row is left to the cleaner, which rejects it if it must)."""
+    if not isinstance(cell, dict) or not isinstance(cell.get("bytes"), bytes):
+        return None
+    import io
+
+    data, name = cell["bytes"], cell.get("path") or ""
+    try:
+        if name.endswith(".npy") or data[:6] == b"\x93NUMPY":
+            buf = io.BytesIO(data)
+            fmt = np.lib.format
+            shape = (fmt.read_array_header_1_0 if fmt.read_magic(buf) == (1, 0) else fmt.read_array_header_2_0)(buf)[0]
+            if len(shape) not in (2, 3):
+                return None
+            c = 1 if len(shape) == 2 else int(shape[2])
+            h, w = int(shape[0]), int(shape[1])
+        else:
+            from PIL import Image
+
+            with Image.open(io.BytesIO(data)) as im:  # the header only; no pixels are decoded
+                w, h = im.size
+                # channels as decode_any gives them: palette to RGB(A), other modes (CMYK, YCbCr...) to RGB
+                c = 4 if im.mode == "P" and "transparency" in im.info else {"L": 1, "1": 1, "I": 1, "F": 1, "I;16": 1,
+                                                                            "I;16B": 1, "I;16L": 1, "LA": 2,
+                                                                            "RGBA": 4}.get(im.mode, 3)
+    except Exception:
+        return None
+    alpha = c in (2, 4)
+    return h, w, c - 1 if alpha else c, alpha, h * w
+
+
+def check_inputs(run: RunPlan, cfg: CleanConfig) -> None:
+    """Stop before any work when the configuration would reject every row: a :class:`ConfigError` of one
+    line that names the ``--set`` to add.
+
+    Cheap and on the driver: the schema of the first pending shard and the image headers of its first
+    :data:`PREFLIGHT_ROWS` rows. It stops when the blend model has neither ``forward.alpha`` nor an
+    ``alpha`` column, or when none of the rows read fits the priors' size and channel count under
+    ``cfg.policy`` and a policy setting would convert them; a dataset with a few odd rows goes ahead (they
+    are rejected one by one). A shard that cannot be read, or has no ``observation`` column, is left to
+    the cleaner (its rows become error rows that say why)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.data.storage import open_fs
+
+    if not run.pending:
+        return
+    shard = run.pending[0]
+    fs, path = open_fs(shard.uri)
+    cells: list[tuple[Any, Any]] = []
+    try:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            if "observation" in names and pf.metadata.num_rows:  # the first rows' image headers
+                cols = [c for c in ("id", "observation") if c in names]
+                batch = next(pf.iter_batches(batch_size=PREFLIGHT_ROWS, columns=cols, use_threads=False))
+                ids = batch.column("id").to_pylist() if "id" in names else [None] * batch.num_rows
+                cells = list(zip(ids, batch.column("observation").to_pylist()))
+    except Exception:
+        return
+    if "observation" not in names:  # not an observation shard: the cleaner rejects its rows, saying so
+        return
+    problems, fixes = [], []
+    if cfg.forward.name == "blend" and cfg.forward.alpha is None and "alpha" not in names:
+        problems.append("it has no 'alpha' column and forward.alpha is not set (the blend "
+                        "y = (1 - alpha) x + alpha n needs the noise's weight)")
+        fixes.append("--set forward.alpha=0.5")
+    channels, size = prior_shape(cfg.image_prior)
+    p = cfg.policy
+    fits, needs = 0, {}  # needs: the --set -> why, for the first row that needs it
+    for id_, cell in cells:
+        head = _peek_image(cell)
+        if head is None:
+            continue
+        h, w, c, alpha, pixels = head
+        mine = {}
+        if pixels > p.max_pixels:
+            mine[f"--set policy.max_pixels={pixels}"] = f"{pixels:,} pixels, over policy.max_pixels={p.max_pixels:,}"
+        if alpha and p.alpha == "error":
+            mine["--set policy.alpha=drop"] = "an alpha channel, and policy.alpha is 'error'"
+        if c != channels and not p.convert_channels:
+            mine["--set policy.convert_channels=true"] = f"{c} channel(s), and policy.convert_channels is off"
+        if (h, w) != (size, size) and p.resize == "error":
+            mine["--set policy.resize=resize"] = f"{h}x{w} pixels, and policy.resize is 'error'"
+        fits += not mine
+        for fix, why in mine.items():
+            needs.setdefault(fix, f"{id_}: {why}" if id_ is not None else why)
+    if needs and not fits:
+        problems.append(f"none of its first {len(cells)} images fits the priors ({channels}x{size}x{size}) under "
+                        f"the input policy ({'; '.join(needs.values())})")
+        fixes += [f + (" (or policy.resize=center-crop)" if f.endswith("=resize") else "") for f in needs]
+    if problems:
+        raise ConfigError(f"{run.dataset}: every row of {shard.name} would be rejected: {'; '.join(problems)}. "
+                          f"Add {' '.join(fixes)}")
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -503,6 +633,59 @@ def finish_run(run: RunPlan, cfg: CleanConfig, processed: int, executor: str, wa
     return record_run(run, cfg, verify_run(run), processed, executor, wall_seconds)
 
 
+MAX_REASON_GROUPS = 10
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?(?:e[+-]?\d+)?")
+
+
+def reason_key(stage: str, reason: str) -> str:
+    """What a reason says with its row-specific parts (quoted ids and values, numbers) normalised, so
+    that ``512x512 pixels`` and ``300x451 pixels`` fall in one group."""
+    return f"{stage}: " + _NUMBER.sub("#", _QUOTED.sub("'…'", reason or ""))
+
+
+def reason_groups(run_uri: str) -> list[dict[str, Any]]:
+    """The run's error rows grouped by :func:`reason_key`, most frequent first (then in shard and row
+    order): ``rows``, ``stage``, ``reason`` and ``id`` of the first row of the group, ``variants``
+    (distinct reasons in the group)."""
+    from pipeline.data.shards import list_parts
+
+    groups: dict[str, dict[str, Any]] = {}
+    for part in list_parts(join(run_uri, "errors")):
+        t = read_table(part, ["id", "stage", "reason"], attempts=3)
+        for id_, stage, reason in zip(*(t.column(c).to_pylist() for c in ("id", "stage", "reason"))):
+            g = groups.setdefault(reason_key(stage, reason), {"rows": 0, "stage": stage, "reason": reason,
+                                                              "id": id_, "seen": set()})
+            g["rows"] += 1
+            g["seen"].add(reason)
+    out = [{**{k: v for k, v in g.items() if k != "seen"}, "variants": len(g["seen"])} for g in groups.values()]
+    return sorted(out, key=lambda g: -g["rows"])  # stable: equal counts keep shard and row order
+
+
+def judge_run(summary: dict[str, Any], cfg: CleanConfig) -> None:
+    """Raise :class:`RejectedRowsError` when the recorded run (its ``summary`` row, as :func:`record_run`
+    returns it) rejected more than ``cfg.max_rejected_fraction`` of its input rows, or cleaned none.
+    The counts are the whole run's, so a resumed run is judged as a whole."""
+    inputs, errors, cleaned = summary["inputs"], summary["errors"], summary["cleaned"]
+    limit = cfg.max_rejected_fraction
+    if not inputs or (cleaned and errors <= limit * inputs):
+        return
+    why = "no row was cleaned" if not cleaned else f"more than max_rejected_fraction={limit:g}"
+    groups = reason_groups(summary["output"])
+    lines = [f"run {summary['run_id']}: {errors} of {inputs} input rows rejected ({errors / inputs:.0%}), "
+             f"{cleaned} cleaned: {why}. Reasons, most frequent first:"]
+    for g in groups[:MAX_REASON_GROUPS]:
+        example = f"e.g. id {g['id']!r}" if g["id"] is not None else "e.g. a whole shard"
+        vary = f"; {g['variants']} variants of this reason" if g["variants"] > 1 else ""
+        lines.append(f"  {g['rows']:>6} x {g['stage']}: {g['reason']}  ({example}{vary})")
+    rest = groups[MAX_REASON_GROUPS:]
+    if rest:
+        lines.append(f"  ... and {sum(g['rows'] for g in rest)} more row(s) for {len(rest)} other reason(s)")
+    lines.append(f"every rejected row, with its id and reason: {summary['output']}/errors/ "
+                 f"(the run's outputs and summary row are written)")
+    raise RejectedRowsError("\n".join(lines), summary)
+
+
 def denoise_dataset(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None = None,
                     progress: bool = True) -> dict[str, Any]:
     """Clean the pending shards of ``input_uri`` into ``output`` in this process; returns the run's
@@ -512,7 +695,9 @@ def denoise_dataset(input_uri: str, output: str, cfg: CleanConfig, run_id: str |
 
     Shards already complete for this run id (a marker in ``_done/``) are skipped, so a re-run
     resumes. At the end every input row must appear once in cleaned or errors
-    (:func:`~pipeline.data.accounting.check_run`), else :class:`AccountingError`.
+    (:func:`~pipeline.data.accounting.check_run`), else :class:`AccountingError`; a run that rejected
+    more than ``max_rejected_fraction`` of its rows, or cleaned none, then raises
+    :class:`RejectedRowsError` (:func:`judge_run`).
     """
     from tqdm import tqdm
 
@@ -540,6 +725,7 @@ def denoise_dataset(input_uri: str, output: str, cfg: CleanConfig, run_id: str |
     summary = finish_run(run, cfg, processed, "local", time.perf_counter() - t0)
     summary["job"] = {"shards": shards, "processed": processed}
     summary["report"] = write_report(run.run_uri)  # as the flow does
+    judge_run(summary, cfg)  # after the report: a run that rejected too many rows is recorded, then fails
     return summary
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError
 from pipeline.data import storage
-from pipeline.data.accounting import AccountingError
+from pipeline.data.accounting import AccountingError, RejectedRowsError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -130,9 +130,9 @@ def _cmd_corrupt(args: argparse.Namespace) -> int:
     missing = [k for k in ("clean", "noise", "out") if getattr(c, k) is None]
     if missing:
         raise ConfigError(f"corrupt needs {', '.join(missing).upper()} (arguments, or keys of --config)")
-    clean = load_images(c.clean, c.split, c.size, c.channels)
+    clean = load_images(c.clean, c.split, c.size, c.channels, column_key=None)
     noise_channels = 1 if c.noise_channel == "random" else c.channels
-    noise = load_images(c.noise, c.split, c.size, noise_channels)
+    noise = load_images(c.noise, c.split, c.size, noise_channels, column_key=None)
     n = c.n or len(clean)
     obs = corrupt(clean, noise, n, alpha=c.alpha, seed=c.seed, forward=c.forward,
                   sigma_y=c.sigma_y, noise_channel=c.noise_channel)
@@ -651,6 +651,13 @@ def main(argv: list[str] | None = None) -> int:
     except AccountingError as exc:
         print(f"jointdiff {args.command}: {exc}", file=sys.stderr)
         return 3
+    except RejectedRowsError as exc:  # the run is complete and recorded; too many of its rows were rejected
+        from pipeline.summary import format_summary
+
+        print(format_summary(exc.summary), file=sys.stderr)
+        print(f"jointdiff {args.command}: {exc}", file=sys.stderr)
+        print(json.dumps({k: v for k, v in exc.summary.items() if k != "job"}, default=str))
+        return 4
     except KeyboardInterrupt as exc:
         print(f"\njointdiff {args.command}: {exc or 'interrupted'}", file=sys.stderr)
         return 130

@@ -45,7 +45,9 @@ class DataConfig(_Strict):
     channels: int = 1
     hflip: bool = Field(False, description="random horizontal flips (faces: yes; digits: no)")
     shift: int = Field(0, ge=0, description="random translations by up to this many pixels (edge-replicated)")
-    column: str = Field("image", description="image column of a shard dataset")
+    column: str | None = Field(None, description="image column of a shard dataset; default 'image', else "
+                                                  "'observation' (what `jointdiff ingest` writes) when the shards "
+                                                  "have no 'image' and no 'clean' column")
     grey_to_rgb: Literal["replicate", "random"] = Field(
         "replicate", description="grey images for a 3-channel prior: copied into every channel, or drawn "
                                  "into one random channel per training example (the paper's MNIST prior)")
@@ -204,6 +206,10 @@ class CleanConfig(_Strict):
                                             "size and channels always come from the priors")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    max_rejected_fraction: float = Field(
+        0.5, ge=0, le=1, description="a run that rejects more than this fraction of its input rows fails (exit 4) "
+                                     "after writing its outputs and summary row, printing the reasons grouped; "
+                                     "a run that cleans no row fails at any setting")
 
 
 SECRET_KEYS = ("storage.key", "storage.secret", "storage.token")

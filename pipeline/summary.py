@@ -48,8 +48,9 @@ SUMMARY_SCHEMA = pa.schema([
 def config_hash(cfg: CleanConfig) -> str:
     """A short hash of what shapes the results: the clean config less where it reads, writes and runs
     (input, output, storage, ray, device, threads, batch_size, gpu; results do not depend on batching, and
-    the gpu settings change them only by floating-point rounding)."""
-    where = {"storage", "ray", "input", "output", "device", "threads", "batch_size", "gpu"}
+    the gpu settings change them only by floating-point rounding) and less the run's verdict threshold
+    (max_rejected_fraction)."""
+    where = {"storage", "ray", "input", "output", "device", "threads", "batch_size", "gpu", "max_rejected_fraction"}
     body = json.dumps(cfg.model_dump(mode="json", exclude=where), sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:12]
 

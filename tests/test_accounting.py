@@ -107,6 +107,7 @@ def test_a_resumed_run_rejects_the_same_duplicate_ids_as_a_fresh_one(setup, tmp_
     """The first copy of 'dup' fails to decode; its later copy in another shard is still a duplicate,
     also when only that later shard is redone (ids seen in done shards' errors count too)."""
     root, cfg = setup
+    cfg = cfg.model_copy(update={"max_rejected_fraction": 1.0})  # 2 of its 3 rows are rejected on purpose
     good = pq.read_table(root / "obs" / "shard-00000.parquet")
     rows = good.slice(0, 2).to_pylist()
     rows[1]["id"] = "dup"

@@ -109,7 +109,8 @@ def test_a_strict_policy_rejects_what_a_lenient_one_converts(tmp_path):
     strict = IngestConfig(policy=ImagePolicy(size=16, channels=1, resize="error", alpha="error"))
     ingest(str(tmp_path / "src"), str(tmp_path / "obs"), strict, progress=False)
     errors = errors_of(tmp_path / "obs")
-    assert "40x24 pixels but 16x16 expected (set resize: resize or center-crop" in errors["convert/big.png"][1]
+    assert ("40x24 pixels but 16x16 expected (--set policy.resize=resize or policy.resize=center-crop"
+            in errors["convert/big.png"][1])  # the keys a user can --set, not a bare `resize`
     assert "alpha channel" in errors["convert/rgba.png"][1]
     assert set(pq.read_table(tmp_path / "obs").column("id").to_pylist()) == {
         "convert/deep.png", "convert/photo.jpg", "convert/ok.npy"}

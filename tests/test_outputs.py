@@ -159,7 +159,8 @@ def test_denoise_and_clean_write_the_report_and_print_its_path(tiny_priors, tmp_
     cfg = _cfg(tiny_priors).model_copy(update={"ray": RayConfig(actors=1)})
     ray_summary = run_clean(str(tmp_path / "obs"), str(tmp_path / "out-ray"), cfg, progress=False)
     assert Path(ray_summary["report"].removeprefix("file://")).exists() and ray_summary["report"].endswith("/report.html")
-    assert "<table class=\"grid\"" in Path(ray_summary["report"].removeprefix("file://")).read_text()
+    ray_report = Path(ray_summary["report"].removeprefix("file://"))
+    assert "<table class=\"grid\"" in ray_report.read_text()
 
 
 def test_a_run_whose_input_has_no_row_still_has_a_report(tiny_priors, tmp_path):

@@ -25,6 +25,17 @@ class AccountingError(RuntimeError):
     """Some input rows are missing from a run's outputs, or appear more than once."""
 
 
+class RejectedRowsError(RuntimeError):
+    """A run rejected more than ``max_rejected_fraction`` of its input rows, or cleaned none (exit code 4).
+
+    Raised after the run is complete (:func:`pipeline.clean.judge_run`): its outputs, accounting and
+    summary row are written; ``summary`` is that row. The message groups the reasons."""
+
+    def __init__(self, message: str, summary: dict[str, Any]):
+        super().__init__(message)
+        self.summary = summary
+
+
 @dataclass(frozen=True)
 class PlannedShard:
     uri: str

@@ -83,7 +83,7 @@ def decode_any(data: bytes | None, name: str = "", max_pixels: int = 16_777_216)
     pixels = peek_pixels(data, name)
     if pixels is not None and pixels > max_pixels:
         raise RowError("decode", f"image has {pixels:,} pixels, over the limit of {max_pixels:,} "
-                                 "(raise max_pixels in the ingest policy to accept it)")
+                                 "(raise policy.max_pixels to accept it)")
     is_png16 = data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 24 and data[24] == 16
     # 16-bit PNG and .npy through the shard decoder (pypng keeps 16 bits); 8-bit PNG through Pillow
     # below, which keeps a grey image's alpha channel for the policy
@@ -135,7 +135,8 @@ def conform(arr: np.ndarray, policy: ImagePolicy) -> np.ndarray:
     c = img.shape[0]
     if c in (2, 4):  # grey + alpha, RGB + alpha
         if policy.alpha == "error":
-            raise RowError("validate", "image has an alpha channel (set alpha: drop, white or black to convert it)")
+            raise RowError("validate", "image has an alpha channel "
+                                       "(--set policy.alpha=drop, white or black to convert it)")
         colour, a = img[:-1], img[-1:]
         img = colour if policy.alpha == "drop" else colour * a + (1.0 - a) * (1.0 if policy.alpha == "white" else 0.0)
         c -= 1
@@ -143,13 +144,14 @@ def conform(arr: np.ndarray, policy: ImagePolicy) -> np.ndarray:
         raise RowError("validate", f"{c} channels: expected 1 (grey) or 3 (RGB)")
     if policy.channels is not None and c != policy.channels:
         if not policy.convert_channels:
-            raise RowError("validate", f"{c} channel(s) but {policy.channels} expected (convert_channels is off)")
+            raise RowError("validate", f"{c} channel(s) but {policy.channels} expected "
+                                       "(--set policy.convert_channels=true to convert)")
         img = to_channels(np.moveaxis(img, 0, -1)[None] if c == 3 else img, policy.channels)[0]
     h, w = img.shape[1:]
     if policy.size is not None and (h, w) != (policy.size, policy.size):
         if policy.resize == "error":
             raise RowError("validate", f"{h}x{w} pixels but {policy.size}x{policy.size} expected "
-                                       "(set resize: resize or center-crop to convert)")
+                                       "(--set policy.resize=resize or policy.resize=center-crop to convert)")
         if policy.resize == "center-crop":
             s = min(h, w)
             top, left = (h - s) // 2, (w - s) // 2

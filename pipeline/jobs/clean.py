@@ -57,6 +57,7 @@ from pipeline.clean import (
     ShardCleaner,
     fail_shard,
     finish_run,
+    judge_run,
     peak_rss_mb,
     preflight_run,
     prepare_run,
@@ -463,7 +464,8 @@ def run_clean(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None 
 
     Returns the summary row plus ``shards``, ``skipped_shards``, ``output`` (the run's URI),
     ``summary`` (the row's file), ``job`` (actor layout and per-shard results) and ``report`` (the run's
-    HTML report, written at the end as the flow writes it).
+    HTML report, written at the end as the flow writes it). Raises :class:`~pipeline.clean.RejectedRowsError`
+    after recording a run that rejected too many rows (and writing its report).
     """
     from pipeline.clean import resolve_paths
     from pipeline.data import storage
@@ -498,6 +500,7 @@ def run_clean(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None 
     from pipeline.report import write_report
 
     summary["report"] = write_report(run.run_uri)  # as the flow does
+    judge_run(summary, cfg)
     return summary
 
 

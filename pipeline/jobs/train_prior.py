@@ -106,11 +106,16 @@ def train_distributed(config: PriorConfig, num_workers: int = 2, use_gpu: bool =
     from ray.train.torch import TorchTrainer
 
     from pipeline.data import storage
+    from pipeline.data.datasets import image_column
+    from pipeline.data.embedded import NAMES
     from pipeline.data.storage import join
     from pipeline.diffusion.checkpoint import read_json
     from pipeline.jobs.clean import ray_session
     from pipeline.training import git_commit
 
+    if config.data.source not in NAMES:  # the image column, chosen (or refused in one line) here, not in each worker
+        column = image_column(config.data.source, config.data.column)
+        config = config.model_copy(update={"data": config.data.model_copy(update={"column": column})})
     with ray_session(ray_address):
         TorchTrainer(
             _worker_loop,

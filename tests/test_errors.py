@@ -1,0 +1,200 @@
+"""What a user meets when a run cannot clean their rows (docs/errors.md): the checks before any work,
+the verdict on a run that rejected too many rows (exit 4), and ingested photos as training data."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline.clean import denoise_dataset
+from pipeline.config import CleanConfig, ConfigError
+from pipeline.data.validate import ERRORS_SCHEMA, error_row
+from pipeline.summary import read_summaries
+from tests.test_clean_job import _cfg, _edit_shard, _observations
+from tests.test_cli import _tiny_yaml, jointdiff
+
+PHOTOS = {"chelsea.png": "chelsea", "coffee.jpg": "coffee", "colorwheel.png": "colorwheel", "rocket.jpg": "rocket"}
+
+
+def _photos(folder: Path) -> Path:
+    """A few of scikit-image's sample photos as a user has them: RGB PNG and JPEG files at their native sizes."""
+    from skimage import data
+
+    folder.mkdir(parents=True)
+    for name, what in PHOTOS.items():
+        Image.fromarray(getattr(data, what)()).save(folder / name)
+    return folder
+
+
+def _png(h: int, w: int) -> dict:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(h * w).integers(0, 255, (h, w), dtype=np.uint8)).save(buf, "PNG")
+    return {"bytes": buf.getvalue(), "path": "x.png"}
+
+
+def _ingested(tmp_path: Path) -> Path:
+    jointdiff("ingest", str(_photos(tmp_path / "photos")), str(tmp_path / "obs"), "--quiet")
+    return tmp_path / "obs"
+
+
+def test_ingested_photos_stop_before_any_work_with_the_sets_that_fix_them(tiny_priors, tmp_path):
+    obs = _ingested(tmp_path)
+    out = tmp_path / "out"
+    priors = ["--set", f"image_prior={tiny_priors[0]}", "--set", f"noise_prior={tiny_priors[1]}"]
+    proc = jointdiff("denoise", str(obs), str(out), *priors, "--quiet", check=False)
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert line.endswith("Add --set forward.alpha=0.5 --set policy.resize=resize (or policy.resize=center-crop)")
+    assert "no 'alpha' column" in line and "pixels, and policy.resize is 'error'" in line
+    assert not out.exists()  # stopped before the work: no run folder, no summary row
+    # one fix given: the line names the other alone
+    proc = jointdiff("denoise", str(obs), str(out), *priors, "--set", "policy.resize=resize", "--quiet", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("Add --set forward.alpha=0.5"), proc.stderr
+    # the Ray job (and so `jointdiff clean` and `submit clean`) stops the same way, before Ray starts
+    from pipeline.jobs.clean import run_clean
+
+    cfg = CleanConfig(image_prior=tiny_priors[0], noise_prior=tiny_priors[1], policy={"resize": "resize"})
+    with pytest.raises(ConfigError, match=r"Add --set forward\.alpha=0\.5$"):
+        run_clean(str(obs), str(out), cfg, progress=False)
+    # with both, every photo is cleaned
+    proc = jointdiff("denoise", str(obs), str(out), *priors, "--set", "policy.resize=resize", "--set",
+                     "forward.alpha=0.5", "--set", "sampler.steps=2", "--quiet")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (summary["inputs"], summary["cleaned"], summary["errors"]) == (len(PHOTOS), len(PHOTOS), 0)
+
+
+def test_a_dataset_with_a_few_odd_rows_goes_ahead(tiny_priors, tmp_path):
+    """The check before the work stops only when none of the rows it reads would be cleaned."""
+    _observations(str(tmp_path / "obs"), n=4, shard_size=4, bad_row=False)
+    _edit_shard(str(tmp_path / "obs"), "shard-00000.parquet", lambda rows: rows[1].update(observation=_png(20, 20)))
+    summary = denoise_dataset(str(tmp_path / "obs"), str(tmp_path / "out"), _cfg(tiny_priors, steps=2),
+                              progress=False)
+    assert (summary["cleaned"], summary["errors"]) == (3, 1)
+
+
+def _mostly_bad(uri: str) -> None:
+    """8 observations, 6 of them rejected for three reasons: other sizes (3), truncated PNGs (2), no alpha (1)."""
+    _observations(uri, n=8, shard_size=8, bad_row=False)
+
+    def spoil(rows):
+        for k, (h, w) in zip((1, 2, 3), ((20, 20), (24, 17), (30, 30))):
+            rows[k]["observation"] = _png(h, w)
+        for k in (4, 5):
+            rows[k]["observation"] = {"bytes": rows[k]["observation"]["bytes"][:40], "path": "x.png"}
+        rows[6]["alpha"] = None
+    _edit_shard(uri, "shard-00000.parquet", spoil)
+
+
+def test_a_run_that_rejects_most_rows_is_recorded_then_exits_4_with_the_reasons_grouped(tiny_priors, tmp_path):
+    _mostly_bad(str(tmp_path / "obs"))
+    args = ["denoise", str(tmp_path / "obs"), str(tmp_path / "out"), "--set", f"image_prior={tiny_priors[0]}",
+            "--set", f"noise_prior={tiny_priors[1]}", "--set", "sampler.steps=2", "--run-id", "r", "--quiet"]
+    proc = jointdiff(*args, check=False)
+    assert proc.returncode == 4, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "run r: 2 cleaned, 6 rejected of 8 input rows" in proc.stderr  # the summary, as on success
+    verdict = proc.stderr[proc.stderr.index("jointdiff denoise: "):].splitlines()
+    assert verdict[0] == ("jointdiff denoise: run r: 6 of 8 input rows rejected (75%), 2 cleaned: more than "
+                          "max_rejected_fraction=0.5. Reasons, most frequent first:")
+    assert [line.split(" x ")[0].strip() for line in verdict[1:4]] == ["3", "2", "1"]
+    assert verdict[1].split(" x ", 1)[1].startswith("validate: observation: 20x20 pixels but 16x16 expected (--set "
+                                                    "policy.resize=resize")
+    assert verdict[1].endswith("; 3 variants of this reason)")  # 20x20, 24x17 and 30x30 in one group
+    assert verdict[2].split(" x ", 1)[1].startswith("decode: observation: cannot decode")
+    assert "blend needs alpha in (0, 1); the row has None and forward.alpha is not set" in verdict[3]
+    assert verdict[4].startswith("every rejected row, with its id and reason: ")
+    assert verdict[4].endswith("/runs/r/errors/ (the run's outputs and summary row are written)")
+    # nothing is lost: the accounting ran and the summary row is written, also on stdout
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["errors"] == 6
+    assert [(r["cleaned"], r["errors"]) for r in read_summaries(str(tmp_path / "out")).to_pylist()] == [(2, 6)]
+    # the verdict is about the whole run: the same run, judged with a looser limit, passes
+    proc = jointdiff(*args, "--set", "max_rejected_fraction=0.8", check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_run_that_cleans_no_row_fails_at_any_setting_and_at_most_ten_reasons_are_listed(tmp_path):
+    from pipeline.clean import MAX_REASON_GROUPS, judge_run
+    from pipeline.data.accounting import RejectedRowsError
+
+    run = tmp_path / "runs" / "r"
+    rows = [error_row("r", "d", "shard-00000.parquet", k, f"img{k}", "validate", f"reason {chr(97 + k % 12)} '{k}'")
+            for k in range(30)]
+    (run / "errors").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA), run / "errors" / "shard-00000.parquet")
+    summary = {"run_id": "r", "inputs": 30, "errors": 30, "cleaned": 0, "output": str(run)}
+    with pytest.raises(RejectedRowsError) as caught:
+        judge_run(summary, CleanConfig(max_rejected_fraction=1.0))
+    lines = str(caught.value).splitlines()
+    assert lines[0].endswith("0 cleaned: no row was cleaned. Reasons, most frequent first:")
+    groups = [line for line in lines if " x validate: " in line]
+    assert len(groups) == MAX_REASON_GROUPS and groups[0].split(" x ")[0].strip() == "3"
+    assert lines[1 + MAX_REASON_GROUPS] == "  ... and 4 more row(s) for 2 other reason(s)"
+    assert caught.value.summary is summary
+    judge_run({**summary, "errors": 15, "cleaned": 15}, CleanConfig())  # half rejected: not more than 0.5
+    with pytest.raises(RejectedRowsError):
+        judge_run({**summary, "errors": 16, "cleaned": 14}, CleanConfig())
+
+
+def test_the_ray_job_and_the_flow_fail_such_runs_after_recording_them(prefect_harness, ray_local, tiny_priors,
+                                                                        tmp_path):
+    from flows.clean_dataset import clean_dataset
+    from pipeline.data.accounting import RejectedRowsError
+    from pipeline.jobs.clean import run_clean
+
+    _mostly_bad(str(tmp_path / "obs"))
+    cfg = _cfg(tiny_priors, steps=2, actors=1, gpus_per_actor=0, threads_per_actor=1)
+    with pytest.raises(RejectedRowsError, match="6 of 8 input rows rejected") as caught:
+        run_clean(str(tmp_path / "obs"), str(tmp_path / "out"), cfg, run_id="r", progress=False)
+    assert caught.value.summary["executor"] == "ray" and caught.value.summary["cleaned"] == 2
+    config = tmp_path / "clean.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    state = clean_dataset(str(tmp_path / "obs"), str(tmp_path / "out"), config=str(config), run_id="r",
+                          progress=False, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(RejectedRowsError):
+        state.result()
+    assert len(read_summaries(str(tmp_path / "out")).to_pylist()) == 2  # both recorded
+    assert (tmp_path / "out" / "runs" / "r" / "report.html").stat().st_size > 0  # and reported
+    # the flow checks the input before the work too, and fails at once
+    pq.write_table(pq.read_table(tmp_path / "obs").drop_columns(["alpha"]), tmp_path / "obs" / "shard-00000.parquet")
+    with pytest.raises(ConfigError, match=r"Add --set forward\.alpha=0\.5$"):
+        clean_dataset(str(tmp_path / "obs"), str(tmp_path / "out2"), config=str(config), progress=False)
+
+
+def test_an_ingested_folder_trains_a_prior_and_becomes_a_test_set_with_truth(tmp_path):
+    from pipeline.data.datasets import load_images
+    from pipeline.data.shards import decode_image, to_float
+
+    obs = _ingested(tmp_path)
+    cfg = _tiny_yaml(tmp_path, steps=2, every=2)
+    jointdiff("train", "--config", str(cfg), "--quiet", "--set", f"data.source={obs}")
+    meta = json.loads((tmp_path / "run" / "model" / "config.json").read_text())["meta"]
+    assert meta["dataset"] == str(obs) and meta["n_train_images"] == len(PHOTOS) and meta["steps"] == 2
+
+    jointdiff("corrupt", str(obs), "digits", str(tmp_path / "test"), "--size", "16")
+    test = pq.read_table(tmp_path / "test").to_pylist()
+    truth = load_images(str(obs), size=16, channels=1)
+    assert sorted(r["id"].split("+")[0] for r in test) == sorted(truth.ids)  # one per photo, truth kept
+    for r in test:
+        clean = to_float(decode_image(r["clean"]["bytes"], r["clean"]["path"]))
+        assert np.abs(clean - truth.images[truth.ids.index(r["id"].split("+")[0])]).max() <= 1 / 255 + 1e-6
+
+    # a test set has both corrupted images and their truth: which to train on must be said
+    proc = jointdiff("train", "--config", str(cfg), "--quiet", "--set", f"data.source={tmp_path / 'test'}",
+                     check=False)
+    last = proc.stderr.strip().splitlines()[-1]  # after the "training prior ..." line
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and last.startswith("jointdiff: "), proc.stderr
+    assert "have 'observation' and 'clean'" in last
+    assert "choose one with --set data.column=clean or --set data.column=observation" in proc.stderr
+    proc = jointdiff("train", "--config", str(cfg), "--quiet", "--set", f"data.source={tmp_path / 'test'}",
+                     "--set", "data.column=image", check=False)
+    assert proc.returncode == 2 and "no column 'image' (the shards have id, observation, clean" in proc.stderr

@@ -158,8 +158,8 @@ def test_denoise_and_clean_write_the_report_and_print_its_path(tiny_priors, tmp_
     report.unlink()
     cfg = _cfg(tiny_priors).model_copy(update={"ray": RayConfig(actors=1)})
     ray_summary = run_clean(str(tmp_path / "obs"), str(tmp_path / "out-ray"), cfg, progress=False)
-    assert Path(ray_summary["report"].removeprefix("file://")).exists() and ray_summary["report"].endswith("/report.html")
     ray_report = Path(ray_summary["report"].removeprefix("file://"))
+    assert ray_report.exists() and ray_summary["report"].endswith("/report.html")
     assert "<table class=\"grid\"" in ray_report.read_text()
 
 

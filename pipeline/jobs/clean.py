@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import queue
 import signal
@@ -359,6 +360,11 @@ def run_job(run: RunPlan, cfg: CleanConfig, progress: bool = True, crash_once: s
                 shards.append(row)
                 bar.update(int(row["cleaned"]) + int(row["errors"]))
                 bar.set_postfix(shards=f"{len(shards)}/{len(pending)}")
+    except BaseException:
+        # Leaving mid-run (Ctrl-C, a stall): the thread that reads the rows is still inside Ray Data, which logs a
+        # warning with a traceback for each of its calls once the session is shut down. Nothing of it is news.
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        raise
     finally:
         ctx.enable_progress_bars = bars
     processed = sum(int(r["cleaned"]) for r in shards)

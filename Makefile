@@ -18,7 +18,7 @@ lint: $(VENV)
 	$(BIN)/ruff check pipeline flows tests
 
 test: $(VENV) lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 demo: $(VENV)
 	$(BIN)/jointdiff demo

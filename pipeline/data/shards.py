@@ -202,7 +202,7 @@ def list_shards(uri: str) -> list[str]:
     """The dataset's shard URIs in a stable (sorted) order."""
     fs, root = open_fs(uri)
     if not fs.exists(root):
-        raise ShardError(f"{uri}: no such dataset folder")
+        raise ShardError(f"{str(uri).removeprefix('file://')}: no such dataset folder")
     paths = sorted(p for p in fs.ls(root, detail=False) if p.rsplit("/", 1)[-1].endswith(".parquet"))
     if not paths:
         raise ShardError(f"{uri}: no .parquet shards in this folder")

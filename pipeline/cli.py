@@ -316,6 +316,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     # the temporary Prefect server's usage analytics cannot reach the network from most demo machines
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect gives its temporary server 20 s to start, which a busy 2-core machine can miss (seen in CI)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     try:
         from flows.clean_dataset import clean_dataset
     except ImportError as exc:

@@ -136,7 +136,8 @@ def resolve_run(uri: str, run_id: str | None = None) -> tuple[str, str]:
         if r["run_id"] in names and (r["run_id"] not in finished or r["finished_at"] > finished[r["run_id"]]):
             finished[r["run_id"]] = r["finished_at"]
     if finished:
-        newest = max(finished, key=lambda n: (finished[n], n))
+        # finished_at has whole seconds: two runs in the same second are told apart by their files' times
+        newest = max(finished, key=lambda n: (finished[n], _last_written(fs, f"{runs_path}/{n}"), n))
     else:
         newest = max(names, key=lambda n: (_last_written(fs, f"{runs_path}/{n}"), n))
     return (join(uri, "runs", newest),

@@ -362,8 +362,15 @@ def run_job(run: RunPlan, cfg: CleanConfig, progress: bool = True, crash_once: s
                 bar.set_postfix(shards=f"{len(shards)}/{len(pending)}")
     except BaseException:
         # Leaving mid-run (Ctrl-C, a stall): the thread that reads the rows is still inside Ray Data, which logs a
-        # warning with a traceback for each of its calls once the session is shut down. Nothing of it is news.
+        # warning with a traceback for each of its calls once the session is shut down (nothing of it is news),
+        # and would start a Ray of its own (Ray's auto-init) while this driver connects again for a re-plan.
         logging.getLogger("ray.data").setLevel(logging.ERROR)
+        try:
+            import ray._private.auto_init_hook as auto_init
+
+            auto_init.enable_auto_connect = False  # this process always calls ray.init itself
+        except (ImportError, AttributeError):
+            pass
         raise
     finally:
         ctx.enable_progress_bars = bars

@@ -459,12 +459,14 @@ def test_the_flow_fails_when_its_submitted_job_fails(prefect_harness, ray_head, 
     from flows.clean_dataset import JobFailed, clean_dataset
 
     url, _, token = ray_head
-    _, wd = _tiny_job(tmp_path, tiny_priors)
+    obs, wd = _tiny_job(tmp_path, tiny_priors)
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)
     monkeypatch.chdir(wd)
-    state = clean_dataset(str(tmp_path / "no-such-input"), str(tmp_path / "out"), config="configs/clean.yaml",
-                          progress=False, jobs_address=url, return_state=True)
+    # a model the cluster does not have: the job's own checks refuse it there (exit 2)
+    state = clean_dataset(str(obs), str(tmp_path / "out"), config="configs/clean.yaml",
+                          overrides=[f"image_prior={tmp_path}/no-such-model"], progress=False, jobs_address=url,
+                          return_state=True)
     assert state.is_failed()
-    with pytest.raises(JobFailed, match=r"clean job .* FAILED \(exit code [12]\)"):
+    with pytest.raises(JobFailed, match=r"clean job .* FAILED \(exit code 2\)"):  # a config error: no retry
         state.result()
     assert not (tmp_path / "out" / "summary").exists()

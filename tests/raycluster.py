@@ -54,6 +54,23 @@ def _processes_in_group(pgid: int, name: str) -> list[int]:
     return out
 
 
+def _descendants(pid: int) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                stat = (p / "stat").read_text()
+            except OSError:
+                continue
+            parents.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(p.name))
+    out, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        out += children
+        todo += children
+    return out
+
+
 class Cluster:
     """A head (``token``: token authentication on) and optional worker nodes, all on 127.0.0.1."""
 
@@ -110,10 +127,20 @@ class Cluster:
         args = Path(f"/proc/{raylet}/cmdline").read_bytes().split(b"\0")
         return next(a.split(b"=", 1)[1].decode() for a in args if a.startswith(b"--node_id="))
 
-    def kill_raylet(self, index: int) -> None:
-        """SIGKILL node ``index``'s raylet (a lost node: its workers die with it)."""
-        for pid in _processes_in_group(self.nodes[index], "raylet"):
-            os.kill(pid, signal.SIGKILL)
+    def kill_node(self, index: int) -> None:
+        """Lose node ``index`` as a machine is lost: SIGKILL its raylet, and at once every other process of the
+        node (its workers would otherwise finish the task in hand before noticing the raylet is gone)."""
+        raylets = _processes_in_group(self.nodes[index], "raylet")
+        workers = [p for r in raylets for p in _descendants(r)]  # started by the raylet, in groups of their own
+        for pid in raylets + workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(self.nodes[index], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def client_env(self) -> dict[str, str]:
         """The environment of a process that talks to this cluster (a driver, `jointdiff submit`)."""

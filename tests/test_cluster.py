@@ -172,7 +172,11 @@ def test_a_node_lost_half_way_loses_nothing_and_changes_no_pixel(tiny_priors, tm
             assert job.poll() is None, (tmp_path / "job.log").read_text()
             assert time.time() < deadline - 60, "no shards on both nodes:\n" + (tmp_path / "job.log").read_text()
             time.sleep(0.2)
-        cluster.kill_raylet(worker)
+        cluster.kill_node(worker)
+        time.sleep(1)  # the node's processes are gone: what has no marker now was pending on it when it died
+        done = _records(run, "_done")
+        pending_on_worker = [s for s in pending_on_worker if s not in done]
+        assert pending_on_worker, "the worker node finished its shards as it was killed; none was pending"
         job.wait(timeout=max(10, deadline - time.time() - 30))
         log.close()
         text = (tmp_path / "job.log").read_text()

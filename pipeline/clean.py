@@ -552,8 +552,8 @@ def check_inputs(run: RunPlan, cfg: CleanConfig) -> None:
                         f"the input policy ({'; '.join(needs.values())})")
         fixes += [f + (" (or policy.resize=center-crop)" if f.endswith("=resize") else "") for f in needs]
     if problems:
-        raise ConfigError(f"{run.dataset}: every row of {shard.name} would be rejected: {'; '.join(problems)}. "
-                          f"Add {' '.join(fixes)}")
+        raise ConfigError(f"{local_path(run.dataset)}: every row of {shard.name} would be rejected: "
+                          f"{'; '.join(problems)}. Add {' '.join(fixes)}")
 
 
 class RunInterrupted(KeyboardInterrupt):

@@ -351,9 +351,11 @@ def run_job(run: RunPlan, cfg: CleanConfig, progress: bool = True, crash_once: s
                 if interrupted.is_set():
                     raise KeyboardInterrupt
                 if row is None:  # a second without a finished shard
-                    if stall_s and time.monotonic() - last > stall_s and live_capacity(threads, gpus) < actors:
-                        raise Stalled(f"no shard finished for {stall_s:g} s and the nodes alive hold "
-                                      f"{live_capacity(threads, gpus)} of the {actors} actors planned")
+                    if stall_s and time.monotonic() - last > stall_s:
+                        capacity = live_capacity(threads, gpus)
+                        if capacity < actors:
+                            raise Stalled(f"no shard finished for {stall_s:g} s and the nodes alive hold "
+                                          f"{capacity} of the {actors} actors planned")
                     continue
                 last = time.monotonic()
                 row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}

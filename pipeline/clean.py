@@ -583,7 +583,7 @@ def process_shard(cleaner: ShardCleaner, run: RunPlan, shard: PlannedShard,
     if before_marker is not None:
         before_marker(shard.name)
     info = {"run_id": run.run_id, "cleaned": len(res.cleaned.get("id", [])), "errors": len(res.errors),
-            "input_size": shard.size, "pid": os.getpid(), **(worker or {})}
+            "input_size": shard.size, "input_version": shard.version, "pid": os.getpid(), **(worker or {})}
     mark_done(run.run_uri, shard.name, info)
     return {"shard": shard.name, "cleaned": info["cleaned"], "errors": info["errors"],
             "seconds": time.perf_counter() - t0, "started": started, "finished": time.time()}
@@ -604,15 +604,17 @@ def fail_shard(cfg: CleanConfig, run: RunPlan, shard: PlannedShard, reason: str)
         res.errors.append(error_row(run.run_id, run.dataset, shard.name, row, id_, "sample", reason))
     write_shard_outputs(run.output, run.run_id, run.dataset, shard.name, res, cfg, model_ids="")  # no rows
     mark_done(run.run_uri, shard.name, {"run_id": run.run_id, "cleaned": 0, "errors": len(res.errors),
-                                        "input_size": shard.size, "failed": reason})
+                                        "input_size": shard.size, "input_version": shard.version, "failed": reason})
     now = time.time()
     return {"shard": shard.name, "cleaned": 0, "errors": len(res.errors), "seconds": 0.0, "started": now,
             "finished": now}
 
 
 def verify_run(run: RunPlan) -> Accounting:
-    """The accounting check: every input row once, in cleaned or errors; :class:`AccountingError` if not."""
-    acc = check_run(run.input_uri, run.run_uri)
+    """The accounting check: every row of the run's plan once, in cleaned or errors; :class:`AccountingError` if
+    not. Shards that landed in the input during the run are not part of it; outputs of shards removed from the
+    input are orphaned (kept and reported)."""
+    acc = check_run(run.input_uri, run.run_uri, run.shards)
     if not acc.ok:
         raise AccountingError(f"run {run.run_id}: {acc.describe()}")
     return acc
@@ -625,7 +627,7 @@ def record_run(run: RunPlan, cfg: CleanConfig, acc: Accounting, processed: int, 
     row = summary_row(run, cfg, acc, processed=processed, executor=executor, wall_seconds=wall_seconds)
     where = append_summary(run.output, row)
     return {**row, "shards": len(run.shards), "skipped_shards": len(run.shards) - len(run.pending),
-            "output": run.run_uri, "summary": where}
+            "orphaned_shards": sorted(acc.orphaned), "output": run.run_uri, "summary": where}
 
 
 def finish_run(run: RunPlan, cfg: CleanConfig, processed: int, executor: str, wall_seconds: float) -> dict[str, Any]:

@@ -72,6 +72,10 @@ def summary_row(run: RunPlan, cfg: CleanConfig, acc: Accounting, processed: int,
                 wall_seconds: float) -> dict[str, Any]:
     """The run's summary row (see the module docstring for what each aggregate covers)."""
     metrics = read_parts(join(run.run_uri, "metrics"))
+    if metrics is not None:  # the run's plan only: not the outputs of shards removed from the input (orphaned)
+        import pyarrow.compute as pc
+
+        metrics = metrics.filter(pc.is_in(metrics.column("shard"), pa.array([s.name for s in run.shards])))
 
     def col(name: str) -> list[Any]:
         return metrics.column(name).to_pylist() if metrics is not None and name in metrics.column_names else []
@@ -116,6 +120,10 @@ def format_summary(row: dict[str, Any]) -> str:
     lines = [f"run {row['run_id']}: {row['cleaned']} cleaned, {row['errors']} rejected of {row['inputs']} input rows"
              + (f" ({row['skipped_shards']} of {row['shards']} shard(s) were already done)"
                 if row.get("skipped_shards") else "")]
+    if row.get("orphaned_shards"):
+        orphans = row["orphaned_shards"]
+        lines.append(f"  {len(orphans)} shard(s) cleaned earlier are no longer in the input ({', '.join(orphans[:3])}"
+                     f"{', ...' if len(orphans) > 3 else ''}): their outputs are kept, orphaned, and not counted")
     if row.get("psnr_mean") is not None:
         lines.append(f"  PSNR {_fmt(row['psnr_input_mean'], '.2f')} -> {row['psnr_mean']:.2f} dB (mean; median "
                      f"{row['psnr_median']:.2f}, p05 {row['psnr_p05']:.2f})   SSIM "

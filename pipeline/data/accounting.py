@@ -1,11 +1,18 @@
 """The shard plan of a run and its accounting: every input row once, in cleaned or in errors.
 
 A run lives under ``<output>/runs/<run_id>/`` (DESIGN.md). Each source shard, once all its outputs
-are written, gets a completion marker ``_done/<shard>.json`` (written last, atomically); the plan
-lists the input's shards in a stable order and marks those already complete, so a re-run with the
-same run id does only the rest. :func:`check_run` then proves that every input row ``(shard, row)``
-appears exactly once: in ``metrics/`` (the cleaned rows, with their shard and row) or in ``errors/``.
-A shard that cannot be read at all is accounted for by one error row with ``row = -1``.
+are written, gets a completion marker ``_done/<shard>.json`` (written last, atomically) that records
+the version of the input shard it was made from (size and ETag, else modification time:
+:func:`~pipeline.data.storage.version_of`). The plan lists the input's shards in a stable order and
+marks those complete for the version there now, so a re-run with the same run id does only the rest,
+and a shard rewritten since (even to the same byte size) is cleaned again.
+
+:func:`check_run` then proves that every input row ``(shard, row)`` of the run's plan appears exactly
+once: in ``metrics/`` (the cleaned rows, with their shard and row) or in ``errors/``. A shard that
+cannot be read at all is accounted for by one error row with ``row = -1``. The plan is the one the run
+started with: a shard that lands during the run is for the next run, and a shard removed from the
+input after it was cleaned (retention) leaves its outputs in place, reported as *orphaned*, not as an
+error.
 """
 
 from __future__ import annotations
@@ -17,8 +24,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline.data.shards import list_parts, list_shards, read_table
-from pipeline.data.storage import join, open_fs, write_atomic
+from pipeline.data.shards import list_parts, list_shard_infos, read_table
+from pipeline.data.storage import join, open_fs, version_of, write_atomic
 
 
 class AccountingError(RuntimeError):
@@ -41,31 +48,49 @@ class PlannedShard:
     uri: str
     name: str
     done: bool
-    size: int  # bytes of the input shard, recorded in its marker: a rewritten shard is redone
+    size: int  # bytes of the input shard
+    version: str = ""  # size + ETag or mtime (storage.version_of), kept in its marker: a rewritten shard is redone
 
 
 def marker_uri(run_uri: str, shard: str) -> str:
     return join(run_uri, "_done", shard.replace(".parquet", ".json"))
 
 
+def _marker_matches(marker: dict[str, Any], version: str, size: int, marker_info: dict[str, Any],
+                    shard_info: dict[str, Any]) -> bool:
+    """Whether a completion marker was written for the input shard as it is now."""
+    if "input_version" in marker:
+        return marker["input_version"] == version
+    # a marker of an earlier jointdiff records only the size: it stands if the shard was not modified after it
+    mtime = _mtime(shard_info)
+    return marker.get("input_size") == size and mtime is not None and mtime <= (_mtime(marker_info) or 0)
+
+
+def _mtime(info: dict[str, Any]) -> float | None:
+    t = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+    if t is None:
+        return None
+    return float(t.timestamp()) if hasattr(t, "timestamp") else float(t)
+
+
 def plan(input_uri: str, run_uri: str) -> list[PlannedShard]:
     """The input's shards in a stable (sorted) order; ``done`` where the run's marker exists and was
-    written for an input shard of the same size (a shard replaced since is planned again)."""
+    written for the input shard's current version (a shard replaced since, even by one of the same size,
+    is planned again)."""
     fs, root = open_fs(join(run_uri, "_done"))
-    markers = {p.rsplit("/", 1)[-1]: p for p in fs.ls(root, detail=False)} if fs.exists(root) else {}
+    markers = {str(i["name"]).rsplit("/", 1)[-1]: i for i in fs.ls(root, detail=True)} if fs.exists(root) else {}
     out = []
-    for uri in list_shards(input_uri):
+    for uri, info in list_shard_infos(input_uri):
         name = uri.rsplit("/", 1)[-1]
-        in_fs, in_path = open_fs(uri)
-        size = int(in_fs.size(in_path) or 0)
+        size, version = int(info.get("size") or 0), version_of(info)
         done = False
         marker = markers.get(name.replace(".parquet", ".json"))
         if marker is not None:
             try:
-                done = json.loads(fs.cat_file(marker)).get("input_size") == size
+                done = _marker_matches(json.loads(fs.cat_file(marker["name"])), version, size, marker, info)
             except Exception:
                 done = False  # a torn or foreign marker: redo the shard
-        out.append(PlannedShard(uri, name, done, size))
+        out.append(PlannedShard(uri, name, done, size, version))
     return out
 
 
@@ -93,6 +118,7 @@ class Accounting:
     duplicated: list[tuple[str, int, int]] = field(default_factory=list)  # (shard, row, times)
     unexpected: list[tuple[str, int]] = field(default_factory=list)  # rows that no input has
     duplicate_ids: list[tuple[str, int]] = field(default_factory=list)  # (id, times) among the cleaned rows
+    orphaned: dict[str, int] = field(default_factory=dict)  # shard -> output rows, for shards no longer in the input
 
     @property
     def ok(self) -> bool:
@@ -100,7 +126,8 @@ class Accounting:
 
     def describe(self, limit: int = 10) -> str:
         if self.ok:
-            return f"accounting ok: {self.inputs} input rows = {self.cleaned} cleaned + {self.errors} errors"
+            return f"accounting ok: {self.inputs} input rows = {self.cleaned} cleaned + {self.errors} errors" + \
+                (f"; {self.describe_orphaned(limit)}" if self.orphaned else "")
         parts = []
         for label, items in (("missing", self.missing), ("duplicated", self.duplicated),
                              ("unexpected", self.unexpected)):
@@ -112,6 +139,13 @@ class Accounting:
             shown = ", ".join(f"{i!r} x{c}" for i, c in self.duplicate_ids[:limit])
             parts.append(f"{len(self.duplicate_ids)} id(s) cleaned more than once: {shown}")
         return f"accounting FAILED for {self.inputs} input rows: " + "; ".join(parts)
+
+    def describe_orphaned(self, limit: int = 10) -> str:
+        """One line on the outputs of shards that the input no longer has (kept, not counted)."""
+        names = sorted(self.orphaned)
+        shown = ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+        return (f"{len(names)} shard(s) no longer in the input keep their outputs ({sum(self.orphaned.values())} "
+                f"row(s), orphaned, not counted): {shown}")
 
 
 def _rows(run_uri: str, sub: str, with_ids: bool = False) -> tuple[list[tuple[str, int]], list[str | None]]:
@@ -125,20 +159,26 @@ def _rows(run_uri: str, sub: str, with_ids: bool = False) -> tuple[list[tuple[st
     return rows, ids
 
 
-def check_run(input_uri: str, run_uri: str) -> Accounting:
+def check_run(input_uri: str, run_uri: str, shards: list[PlannedShard] | None = None) -> Accounting:
     """Every input row ``(shard, row)`` exactly once in the run's metrics (cleaned) or errors, and no
-id cleaned twice.
+    id cleaned twice.
 
-    An error row with ``row = -1`` stands for its whole shard (one the cleaner could not read).
+    ``shards`` is the run's plan (:func:`plan` at its start); without it, the input's shards now. Rows of
+    shards outside the plan are *orphaned* (a shard removed from the input after it was cleaned: its
+    outputs stay, reported, not counted); a shard that landed in the input after the plan is not expected
+    (it is for the next run). An error row with ``row = -1`` stands for its whole shard (one the cleaner
+    could not read).
     """
     acc = Accounting()
     expected: dict[tuple[str, int], int] = {}
     rows_of: dict[str, int] = {}
-    for uri in list_shards(input_uri):
+    uris = [s.uri for s in shards] if shards is not None else [u for u, _ in list_shard_infos(input_uri)]
+    for uri in uris:
         name = uri.rsplit("/", 1)[-1]
         n = input_rows(uri)
         if n is None:  # not even a Parquet footer: the shard is one unit, accounted by its row -1
             expected[(name, -1)] = 0
+            rows_of.setdefault(name, -1)
             acc.inputs += 1
             continue
         rows_of[name] = n
@@ -147,10 +187,16 @@ id cleaned twice.
             expected[(name, r)] = 0
     cleaned, cleaned_ids = _rows(run_uri, "metrics", with_ids=True)
     errors, _ = _rows(run_uri, "errors")
+    planned = [(k, i) for k, i in zip(cleaned, cleaned_ids) if k[0] in rows_of]
+    for shard, _ in [*cleaned, *errors]:
+        if shard not in rows_of:
+            acc.orphaned[shard] = acc.orphaned.get(shard, 0) + 1
+    cleaned = [k for k, _ in planned]
+    errors = [k for k in errors if k[0] in rows_of]
     acc.cleaned, acc.errors = len(cleaned), len(errors)
-    acc.duplicate_ids = sorted((i, c) for i, c in Counter(cleaned_ids).items() if c > 1)
+    acc.duplicate_ids = sorted((i, c) for i, c in Counter(i for _, i in planned).items() if c > 1)
     for (shard, row), count in Counter(cleaned + errors).items():
-        if row == -1 and shard in rows_of:  # a footer that reads over data that does not: every row
+        if row == -1 and rows_of.get(shard, -1) >= 0:  # a footer that reads over data that does not: every row
             for r in range(rows_of[shard]):
                 expected[(shard, r)] += count
         elif (shard, row) in expected:

@@ -17,6 +17,7 @@ import io
 import json
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -200,13 +201,20 @@ def write_image_shards(uri: str, ids: Sequence[str], images: Sequence[np.ndarray
 # ---------------------------------------------------------------- reading
 def list_shards(uri: str) -> list[str]:
     """The dataset's shard URIs in a stable (sorted) order."""
+    return [u for u, _ in list_shard_infos(uri)]
+
+
+def list_shard_infos(uri: str) -> list[tuple[str, dict[str, Any]]]:
+    """The dataset's shards in a stable (sorted) order, each with its listing entry (size, ETag or mtime):
+    one listing call, whatever the number of shards."""
     fs, root = open_fs(uri)
     if not fs.exists(root):
         raise ShardError(f"{str(uri).removeprefix('file://')}: no such dataset folder")
-    paths = sorted(p for p in fs.ls(root, detail=False) if p.rsplit("/", 1)[-1].endswith(".parquet"))
-    if not paths:
+    infos = sorted((i for i in fs.ls(root, detail=True) if str(i["name"]).endswith(".parquet")),
+                   key=lambda i: str(i["name"]).rsplit("/", 1)[-1])
+    if not infos:
         raise ShardError(f"{uri}: no .parquet shards in this folder")
-    return [join(uri, p.rsplit("/", 1)[-1]) for p in paths]
+    return [(join(uri, str(i["name"]).rsplit("/", 1)[-1]), i) for i in infos]
 
 
 class MissingColumnError(ShardError):

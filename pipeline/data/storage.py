@@ -188,6 +188,15 @@ def join(uri: str, *parts: str) -> str:
     return out
 
 
+def version_of(info: dict[str, Any]) -> str:
+    """What identifies one version of a file, from its listing entry (``fs.info`` / ``fs.ls(detail=True)``): its
+    size and its object store's ETag, else its modification time. A file rewritten in place, even to the same
+    byte size, gets another version."""
+    tag = (info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+           or info.get("last_modified") or info.get("created") or "")
+    return f"{info.get('size')}/{str(tag).strip(chr(34))}"
+
+
 def write_atomic(uri: str, data: bytes) -> None:
     """Write ``data`` so that readers see the old file or the whole new one, never a torn one.
 

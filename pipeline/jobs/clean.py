@@ -137,7 +137,8 @@ class ShardActor:
         out: dict[str, list[Any]] = {k: [] for k in (*keys, "pid", "node_id", "device", "gpu_ids", "peak_rss_mb",
                                                      "peak_cuda_mb")}
         for i in range(len(batch["name"])):
-            shard = PlannedShard(str(batch["uri"][i]), str(batch["name"][i]), False, int(batch["size"][i]))
+            shard = PlannedShard(str(batch["uri"][i]), str(batch["name"][i]), False, int(batch["size"][i]),
+                                 str(batch["version"][i]))
             dups = {int(k): v for k, v in json.loads(str(batch["duplicates"][i])).items()}
             attempt = count_attempt(self.run, shard.name, self.node_id)
             self._maybe_hang()
@@ -324,7 +325,7 @@ def run_job(run: RunPlan, cfg: CleanConfig, progress: bool = True, crash_once: s
         update["device"] = "cpu"
     cfg = cfg.model_copy(update=update)
     light = dataclasses.replace(run, shards=[], duplicates={})  # per-shard duplicates travel with each item
-    items = [{"uri": s.uri, "name": s.name, "size": s.size,
+    items = [{"uri": s.uri, "name": s.name, "size": s.size, "version": s.version,
               "duplicates": json.dumps(run.duplicates.get(s.name, {}))} for s in pending]
     where = "GPU" if gpus else "CPU"
     print(f"clean {run.run_id}: {len(pending)} shard(s) on {actors} {where} actor(s) "

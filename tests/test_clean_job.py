@@ -314,3 +314,57 @@ def test_an_actor_layout_no_node_can_host_fails_at_once(ray_local):
     assert actor_layout(with_ray(CleanConfig(), autoscaling=True, actors=8, gpus_per_actor=1), 3) == (3, 1.0, 2)
     with pytest.raises(ConfigError, match="ray.autoscaling needs ray.actors and ray.gpus_per_actor"):
         with_ray(CleanConfig(), autoscaling=True, actors=8)
+
+
+def _session_processes(sid: int) -> list[str]:
+    """``pid command`` of the live (not zombie) processes of session ``sid``."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_bytes()
+            cmd = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(b")", 1)[1].split()
+        if int(fields[3]) == sid and fields[0] not in (b"Z", b"X"):
+            out.append(f"{name} {cmd[:100]}")
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_nothing_of_a_killed_drivers_local_ray_outlives_it_or_writes_after_it(tiny_priors, tmp_path):
+    _observations(str(tmp_path / "obs"), n=4, shard_size=2, bad_row=False)
+    # slow shards, so that the driver dies while both actors are half-way through one
+    cfg = _cfg(tiny_priors, steps=2000, actors=2, gpus_per_actor=0, threads_per_actor=1)
+    config = tmp_path / "clean.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    run = tmp_path / "out" / "runs" / "r"
+    log = tmp_path / "job.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.jobs.clean", str(tmp_path / "obs"),
+                                 str(tmp_path / "out"), "--config", str(config), "--run-id", "r", "--quiet"],
+                                cwd=REPO, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while len(list((run / "_attempts").glob("*.json")) if (run / "_attempts").exists() else []) < 2:
+            assert proc.poll() is None, log.read_text()
+            assert time.time() < deadline, "the actors started no shard in 240 s:\n" + log.read_text()
+            time.sleep(0.1)
+        time.sleep(2)  # sampling now
+        assert not (run / "_done").exists(), "a shard finished before the driver was killed; use more steps"
+        proc.kill()  # SIGKILL: no handler runs, no ray.shutdown
+        proc.wait()
+        killed = time.time()
+        left = _session_processes(proc.pid)
+        while left and time.time() < killed + 20:
+            time.sleep(0.5)
+            left = _session_processes(proc.pid)
+        assert not left, f"processes of the killed driver's Ray still alive 20 s after it: {left}"
+        written = [str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and p.stat().st_mtime > killed]
+        assert not written, f"written after the driver was killed: {written}"
+    finally:
+        for line in _session_processes(proc.pid):
+            os.kill(int(line.split()[0]), signal.SIGKILL)

@@ -90,6 +90,7 @@ class ShardActor:
         self._started = 0
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         self.node_id = ray.get_runtime_context().get_node_id()
+        _exit_with_raylet()
 
     def _maybe_crash(self, shard: str) -> None:
         # Test hooks: the first actor to get here (outputs written, marker not yet) dies for real, or
@@ -159,6 +160,20 @@ class ShardActor:
         return out
 
 
+def _exit_with_raylet(poll_s: float = 0.2) -> None:
+    """Stop this worker process within ``poll_s`` of its raylet's death (its parent: the node is lost, or the driver
+    that started a local Ray was killed), so that it writes nothing more; Ray's own check takes seconds, and
+    lets the call in progress finish its shard."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-raylet", daemon=True).start()
+
+
 def _peak_cuda_mb() -> float:
     """Peak CUDA memory allocated by this process's tensors so far, in MiB (0 without CUDA)."""
     import torch
@@ -211,7 +226,21 @@ def init_ray(address: str | None = None) -> bool:
         ray.init(address=address)
     else:  # "local": a new instance, never a cluster that `ray start` left running on this machine
         ray.init(address="local", include_dashboard=False)
+        _reap_local_ray()
     return True
+
+
+_reaper: Any = None
+
+
+def _reap_local_ray() -> None:
+    """Once per process: the local Ray that this driver starts dies with it, even when it is killed outright
+    (:mod:`pipeline.jobs.reaper`)."""
+    global _reaper
+    if _reaper is None or _reaper.poll() is not None:
+        from pipeline.jobs import reaper
+
+        _reaper = reaper.start()
 
 
 @contextmanager

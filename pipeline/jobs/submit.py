@@ -161,8 +161,8 @@ def check_env_vars(env: dict[str, Any], source: str) -> None:
         raise ConfigError(
             f"runtime env {source}: env_vars {', '.join(names)} may not be shipped: a job's runtime env is shown "
             "by the Ray dashboard and `ray job status`. Jobs reach buckets with the cluster's own identity (an "
-            "instance profile, a Kubernetes service account, or a secret mounted on the nodes); the Ray token is "
-            "the cluster's own")
+            "instance profile, a Kubernetes service account, or a secret mounted on the nodes), and `submit` sends "
+            "the Ray token (RAY_AUTH_TOKEN) as a header, never with the job")
 
 
 def left_out(working_dir: Path, excludes: Sequence[str]) -> list[str]:

@@ -225,7 +225,7 @@ _NAMES_STORAGE = re.compile(r"\s*storage\s*(?:[.=:]|\s|$)", re.IGNORECASE)
 
 
 def credential_overrides(pairs: Iterable[str]) -> list[str]:
-    """The keys, as typed, of the overrides among ``pairs`` that set something under ``storage`` other than
+    """The keys, as typed, of the overrides among ``pairs`` that set anything under ``storage`` but one of
     :data:`STORAGE_SETTINGS` to a plain value, in any spelling: dotted (``storage.options.secret=S``), a
     mapping (``storage={secret: S}``, ``storage.options={secret: S}``), another case or spacing
     (``Storage.Secret = S``), a list or mapping under an allowed key, an endpoint URL with a password in it,

@@ -28,8 +28,9 @@ reject every row.
 
 Run it with ``python -m flows.clean_dataset INPUT OUTPUT [--config C] [--ray-address A]`` or from
 Python; ``jointdiff demo`` runs it on embedded data. The parameters are plain strings, so a
-deployment can schedule it. Prefect stores flow parameters in its database in plain text, so the
-flow refuses credentials among its ``overrides``: they belong in the config file or the environment.
+deployment can schedule it. Prefect stores flow parameters in its database in plain text, so no override
+may set storage credentials or options (:mod:`flows`: refused before a run is created, by the Prefect server
+for a deployment run): they come from the environment, the cluster's own identity or the config file.
 """
 
 from __future__ import annotations
@@ -40,13 +41,13 @@ import sys
 import time
 from typing import Any
 
-from prefect import flow, task
+from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows import artifact_key
+from flows import Overrides, artifact_key, refusing_flow
 from pipeline.clean import RunPlan, judge_run, preflight_run, prepare_run, record_run, resolve_paths, verify_run
-from pipeline.config import SECRET_KEYS, CleanConfig, ConfigError, load_config, with_ray
+from pipeline.config import CleanConfig, ConfigError, load_config, refuse_credentials, with_ray
 from pipeline.data import storage
 from pipeline.data.accounting import Accounting, AccountingError, RejectedRowsError
 from pipeline.data.storage import absolute_uri
@@ -211,14 +212,14 @@ def run_submitted(kind: str, args: list[str], jobs_address: str, key: str) -> di
     return result
 
 
-@flow(name="clean-dataset", log_prints=True)
-def clean_dataset(input_uri: str, output: str, config: str | None = None, overrides: list[str] | None = None,
+@refusing_flow(name="clean-dataset", log_prints=True)
+def clean_dataset(input_uri: str, output: str, config: str | None = None, overrides: Overrides | None = None,
                   run_id: str | None = None, ray_address: str | None = None, progress: bool = True,
                   jobs_address: str | None = None) -> dict[str, Any]:
     """Clean the pending shards of ``input_uri`` into ``output/runs/<run_id>/`` and record the run.
 
     ``config`` is a clean config (YAML path, e.g. ``configs/denoise.yaml``), ``overrides`` its
-    ``key=value`` overrides. Where the work runs:
+    ``key=value`` overrides (none of storage credentials or options: see :mod:`flows`). Where the work runs:
 
     - ``jobs_address`` (else ``RAY_API_SERVER_ADDRESS``): a cluster's Ray Jobs API, ``http://HEAD:8265``. The
       flow submits ``jointdiff clean`` as a Ray job, follows its logs and fails when the job fails; no Ray driver
@@ -232,11 +233,7 @@ def clean_dataset(input_uri: str, output: str, config: str | None = None, overri
     import os
 
     t0 = time.perf_counter()
-    secret = [o for o in overrides or [] if o.split("=", 1)[0].strip() in SECRET_KEYS]
-    if secret:
-        raise ConfigError(f"clean-dataset: {', '.join(o.split('=', 1)[0] for o in secret)} may not be given as a "
-                          "flow parameter (Prefect stores parameters in plain text); put credentials in the config "
-                          "file's storage: section or the AWS environment variables")
+    refuse_credentials(overrides or [])  # a deployment run made without the schema's check: use none of them
     cfg = with_ray(load_config(CleanConfig, config, overrides or []), address=ray_address)
     storage.configure(cfg.storage)
     jobs_address = jobs_address or os.environ.get("RAY_API_SERVER_ADDRESS") or None

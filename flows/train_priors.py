@@ -4,6 +4,8 @@ Each prior is one task (``train_one``, one retry: a retry resumes from the
 latest training state). Both run at once when the Ray cluster has CPUs (or GPUs) for both worker
 groups, else one after the other. Each trained prior is published to the registry, and the flow
 emits a markdown artifact per prior with its card, loss curve and a grid of unconditional samples.
+Its ``overrides`` apply to both configs; like the cleaning flow's, none may set storage credentials or
+options (:mod:`flows`): a prior's job reaches buckets with the environment's or the cluster's own identity.
 """
 
 from __future__ import annotations
@@ -11,13 +13,13 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from prefect import flow, task
+from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows import artifact_key
+from flows import Overrides, artifact_key, refusing_flow
 from flows.clean_dataset import _retry_job, run_submitted
-from pipeline.config import PriorConfig, load_config
+from pipeline.config import PriorConfig, load_config, refuse_credentials
 from pipeline.data.storage import join
 from pipeline.jobs.clean import ray_session
 from pipeline.jobs.train_prior import train_distributed
@@ -70,9 +72,9 @@ def publish_artifact(config: PriorConfig, meta: dict[str, Any], n_samples: int =
         description=f"Training of prior {config.name}")
 
 
-@flow(name="train-priors", log_prints=True)
+@refusing_flow(name="train-priors", log_prints=True)
 def train_priors(image_config: str, noise_config: str, registry: str, workers: int = 2, use_gpu: bool = False,
-                 ray_address: str | None = None, overrides: list[str] | None = None,
+                 ray_address: str | None = None, overrides: Overrides | None = None,
                  output_root: str | None = None, jobs_address: str | None = None) -> dict[str, Any]:
     """Train both priors (configs are YAML paths; ``overrides`` apply to both) and publish them to
     ``registry``; returns ``{name: card}``. ``output_root`` puts each prior's training state and model in
@@ -85,6 +87,7 @@ def train_priors(image_config: str, noise_config: str, registry: str, workers: i
 
     import ray
 
+    refuse_credentials(overrides or [])  # a deployment run made without the schema's check: use none of them
     configs = [load_config(PriorConfig, path, overrides or []) for path in (image_config, noise_config)]
     if output_root:
         configs = [c.model_copy(update={"output": join(output_root, c.name)}) for c in configs]

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, refuse_credentials
 from pipeline.data import storage
 from pipeline.data.accounting import AccountingError, RejectedRowsError
 
@@ -314,6 +314,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.data.corrupt import corrupt, write_observations
     from pipeline.data.datasets import load_images
 
+    refuse_credentials(args.set)  # the flow's parameters are stored in plain text: before any work
     # the temporary Prefect server's usage analytics cannot reach the network from most demo machines
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect gives its temporary server 20 s to start, which a busy 2-core machine can miss (seen in CI)

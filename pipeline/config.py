@@ -9,7 +9,9 @@ from an override. Every error is one line; an override's value is never repeated
 from __future__ import annotations
 
 import difflib
+import re
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -212,7 +214,63 @@ class CleanConfig(_Strict):
                                      "a run that cleans no row fails at any setting")
 
 
-SECRET_KEYS = ("storage.key", "storage.secret", "storage.token")
+STORAGE_SETTINGS = ("endpoint_url", "region", "anon")
+"""The only ``storage`` keys that an override may set. Overrides travel where secrets must not: Prefect
+stores a flow run's parameters in plain text before the flow runs, and a submitted job's arguments are its
+entry point, shown by ``jointdiff submit list`` and the Ray dashboard. Credentials (``storage.key``,
+``secret``, ``token``) and ``storage.options`` (which can hold them) come from the config file's
+``storage:`` section or the environment (``AWS_*``, the cluster's own identity)."""
+
+_NAMES_STORAGE = re.compile(r"\s*storage\s*(?:[.=:]|\s|$)", re.IGNORECASE)
+
+
+def credential_overrides(pairs: Iterable[str]) -> list[str]:
+    """The keys, as typed, of the overrides among ``pairs`` that set anything under ``storage`` but one of
+    :data:`STORAGE_SETTINGS` to a plain value, in any spelling: dotted (``storage.options.secret=S``), a
+    mapping (``storage={secret: S}``, ``storage.options={secret: S}``), another case or spacing
+    (``Storage.Secret = S``), a list or mapping under an allowed key, an endpoint URL with a password in it,
+    or a pair without ``=`` that names storage (``storage.secret:S``, not parsed: its key and value cannot
+    be told apart, so it is named ``storage``). Never a value, nor a key found inside a value."""
+    found = []
+    for pair in pairs:
+        if not _NAMES_STORAGE.match(pair):
+            continue
+        key = pair.split("=", 1)[0].strip() if "=" in pair else "storage"
+        try:
+            tree = parse_overrides([pair])
+        except ConfigError:
+            found.append(key)
+            continue
+        if any(_under_storage(top, node) for top, node in tree.items()):
+            found.append(key)
+    return found
+
+
+def _under_storage(top: str, node: Any) -> bool:
+    """Whether the override ``{top: node}`` sets anything under ``storage`` but a plain allowed setting."""
+    if top.strip().lower() != "storage":
+        return False
+    if top != "storage" or not isinstance(node, dict):
+        return True
+    for key, value in node.items():
+        if key not in STORAGE_SETTINGS or isinstance(value, (dict, list, set, tuple)):
+            return True
+        if key == "endpoint_url" and "@" in str(value):  # http://KEY:SECRET@host
+            return True
+    return False
+
+
+def refuse_credentials(pairs: Iterable[str]) -> None:
+    """Refuse overrides that set storage credentials or options (:func:`credential_overrides`), in one line
+    that names their keys and never their values; before they are stored or sent anywhere."""
+    keys = credential_overrides(pairs)
+    if keys:
+        raise ConfigError(
+            f"{', '.join(f'--set {k}=...' for k in keys)}: only storage.endpoint_url, storage.region and "
+            "storage.anon may be set by an override, which is stored and shown in plain text (a Prefect flow "
+            "run's parameters, a Ray job's entry point); credentials come from the environment (AWS_*), the "
+            "cluster's own identity (instance profile, Kubernetes service account) or the config file's "
+            "storage: section")
 
 
 def with_ray(cfg: CleanConfig, **settings: Any) -> CleanConfig:

@@ -21,7 +21,16 @@ on a machine of the cluster. ``ray://`` (Ray Client) is refused everywhere: Ray 
 Authentication: Ray 2.60 clusters require a token by default. It is read the way Ray reads it --
 ``RAY_AUTH_TOKEN``, else the file named by ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token`` -- and
 sent as an ``Authorization: Bearer`` header whatever this process's ``RAY_AUTH_MODE`` is. It is
-never printed.
+never printed, and never shipped.
+
+Secrets: a job's entry point and runtime env are shown to anyone who can see the cluster (the dashboard,
+``jointdiff submit list``/``status``, ``ray job list``), and the working directory is copied to it. So,
+before anything is sent, ``submit`` refuses storage credentials and options among the job's ``--set``
+overrides (:func:`pipeline.config.refuse_credentials`, the same rule as the flows' parameters) and
+credential-like ``env_vars`` in the runtime env (:func:`check_env_vars`), and it leaves keys, certificates,
+``.env`` and credential files out of the working directory (:data:`SECRET_FILES`), saying which in one line.
+A job reaches buckets with the cluster's own identity: an instance profile, a Kubernetes service account
+(IRSA), or a secret mounted on the nodes.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from __future__ import annotations
 import datetime as dt
 import getpass
 import os
+import re
 import secrets
 import shlex
 import sys
@@ -40,7 +50,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import yaml
 
 import pipeline
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, refuse_credentials
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -50,6 +60,16 @@ CLEAN_FLAGS = ("--quiet", "-h", "--help")  # the options of `jointdiff clean` th
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 RUNTIME_ENV_FILE = "deploy/runtime_env.yaml"  # relative to the working directory
 ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"
+SECRET_FILES = (".env", ".env.*", "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore", "id_rsa*", "id_dsa*",
+                "id_ecdsa*", "id_ed25519*", ".ssh/", ".aws/", ".kube/", ".docker/", ".gnupg/", "credentials",
+                "credentials.*", ".netrc", "_netrc", ".pgpass", ".git-credentials", ".pypirc", ".npmrc", ".s3cfg",
+                ".boto", "kubeconfig", "*.kubeconfig")
+"""Never shipped in a job's working directory: Ray ``excludes`` (gitignore patterns, at any depth) added to those
+of the runtime env file."""
+SECRET_ENV = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|API_?KEY|PRIVATE_KEY|ACCESS_KEY", re.IGNORECASE)
+"""Runtime env variable names that hold a credential (``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
+``AWS_ACCESS_KEY_ID``, ``RAY_AUTH_TOKEN``...), unless they end in ``_FILE`` or ``_PATH``: those name a file on the
+nodes (``AWS_WEB_IDENTITY_TOKEN_FILE``, IRSA's token), which is how the cluster's own identity is given."""
 
 
 def read_token() -> str | None:
@@ -132,6 +152,61 @@ def load_runtime_env(working_dir: Path, path: str | None = None) -> dict[str, An
     return env
 
 
+def check_env_vars(env: dict[str, Any], source: str) -> None:
+    """Refuse credential-like ``env_vars`` (:data:`SECRET_ENV`) in the runtime env from ``source``, naming the
+    variables and never their values: a runtime env is shown on the Ray dashboard and by ``ray job status``."""
+    names = [str(k) for k in (env.get("env_vars") or {}) if SECRET_ENV.search(str(k))
+             and not str(k).upper().endswith(("_FILE", "_PATH"))]
+    if names:
+        raise ConfigError(
+            f"runtime env {source}: env_vars {', '.join(names)} may not be shipped: a job's runtime env is shown "
+            "by the Ray dashboard and `ray job status`. Jobs reach buckets with the cluster's own identity (an "
+            "instance profile, a Kubernetes service account, or a secret mounted on the nodes), and `submit` sends "
+            "the Ray token (RAY_AUTH_TOKEN) as a header, never with the job")
+
+
+def left_out(working_dir: Path, excludes: Sequence[str]) -> list[str]:
+    """The files and folders of ``working_dir`` that :data:`SECRET_FILES` keeps from being shipped (folders end
+    in ``/``), leaving aside those that ``excludes`` (the runtime env file's) skip anyway; matched as Ray does."""
+    import warnings
+
+    from pathspec import PathSpec  # Ray's own matcher for runtime env excludes, used as Ray uses it
+
+    with warnings.catch_warnings():  # pathspec 1.1 deprecates the name "gitwildmatch", which Ray 2.60 uses
+        warnings.simplefilter("ignore", DeprecationWarning)
+        theirs = PathSpec.from_lines("gitwildmatch", excludes)
+        ours = PathSpec.from_lines("gitwildmatch", SECRET_FILES)
+    found = []
+    for root, dirs, files in os.walk(working_dir):
+        base = Path(root).relative_to(working_dir)
+        for d in list(dirs):
+            rel = (base / d).as_posix()
+            if theirs.match_file(rel) or theirs.match_file(rel + "/") or ours.match_file(rel + "/"):
+                dirs.remove(d)
+                if not (theirs.match_file(rel) or theirs.match_file(rel + "/")):
+                    found.append(rel + "/")
+        found += [rel for rel in ((base / f).as_posix() for f in files)
+                  if ours.match_file(rel) and not theirs.match_file(rel)]
+    return sorted(found)
+
+
+def job_runtime_env(working_dir: Path, path: str | None = None,
+                    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict[str, Any]:
+    """The runtime env ``submit`` sends: :func:`load_runtime_env`, its ``env_vars`` checked
+    (:func:`check_env_vars`), :data:`SECRET_FILES` added to its ``excludes``; one line to ``log`` naming the files
+    of ``working_dir`` that this leaves out, if any."""
+    env = load_runtime_env(working_dir, path)
+    check_env_vars(env, path or str(working_dir / RUNTIME_ENV_FILE))
+    own = [str(x) for x in env.get("excludes") or []]
+    env["excludes"] = own + [p for p in SECRET_FILES if p not in own]
+    found = left_out(working_dir, own)
+    if found:
+        more = f", and {len(found) - 20} more" if len(found) > 20 else ""
+        log(f"left out of the working dir (keys, certificates, .env and credential files are never shipped): "
+            f"{', '.join(found[:20])}{more}")
+    return env
+
+
 def _option(args: list[str], name: str) -> int | None:
     """Index of the value of ``--name VALUE`` / ``--name=VALUE`` in ``args`` (the last one), else None."""
     found = None
@@ -169,9 +244,9 @@ def job_command(kind: str, job_args: Sequence[str], working_dir: Path) -> list[s
     check = ["train", *args] if kind == "train" else ["clean", *args]
     try:
         parsed = parser.parse_args(check)
-    except SystemExit as exc:  # argparse printed the problem
-        raise ConfigError(f"the arguments for `{kind}` were refused by its parser (above): {shlex.join(args)}") \
-            from exc
+    except SystemExit as exc:  # argparse printed the problem; the arguments are not repeated (a value may be secret)
+        raise ConfigError(f"the arguments for `{kind}` were refused by its parser (above)") from exc
+    refuse_credentials(parsed.set)  # the arguments become the job's entry point, shown by the dashboard
     if kind == "clean":
         args = _absolute_positionals(args, [parsed.input, parsed.output])
     return ["python3", "-m", "pipeline.jobs.entry", kind, *args]
@@ -202,7 +277,7 @@ def submit(kind: str, job_args: Sequence[str], address: str | None = None, *, wo
     if not wd.is_dir():
         raise ConfigError(f"--working-dir {working_dir}: no such folder")
     argv = job_command(kind, job_args, wd)
-    env = load_runtime_env(wd, runtime_env)
+    env = job_runtime_env(wd, runtime_env, log)
     client = connect(address)
     submission_id = submission_id or (f"jointdiff-{kind}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-"
                                       f"{secrets.token_hex(2)}")

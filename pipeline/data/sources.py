@@ -181,7 +181,8 @@ class _LocalFolder(SourceReader):
     def _open(self, source: Source) -> Iterator[IO[bytes]]:
         # O_NOFOLLOW and O_NONBLOCK: a file replaced by a link or a fifo since the listing is not followed
         # and cannot block; it must still be a regular file once open
-        fd = os.open(source.where, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(source.where, flags)
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise RowError("read", SPECIAL_FILE)

@@ -369,3 +369,21 @@ def test_a_huge_observation_is_rejected_by_the_cleaning_path(tiny_priors, tmp_pa
     assert [(e["row"], e["stage"]) for e in errors] == [(2, "validate")]
     assert errors[0]["reason"] == ("observation: 1 value(s) outside [-1, 3] (found [0.5, 1e+30]); images are in "
                                    "[0, 1], sums of two with read-out noise in [-1, 3]")
+
+
+def test_archives_in_a_bucket_are_read_member_by_member(s3, tmp_path):
+    """A tar.gz and a zip on S3 (read through seekable, buffered file objects, not fetched whole)."""
+    from pipeline.data import storage
+
+    bucket, _ = s3
+    fs, _ = storage.open_fs(bucket)
+    members = {"b.png": _png(40), "a.png": _png(41), "../up.png": _png(42)}
+    for name in ("src.tar.gz", "src.zip"):
+        _archive(tmp_path / name, members)
+        fs.put_file(str(tmp_path / name), f"{bucket[5:]}/{name}")
+        out = ingest(f"{bucket}/{name}", str(tmp_path / f"obs-{name}"), IngestConfig(), progress=False)
+        kept, errors = _outcome(tmp_path / f"obs-{name}")
+        assert (out["inputs"], out["ingested"]) == (3, 2)
+        assert kept == (["b.png", "a.png"] if name.endswith(".tar.gz") else ["a.png", "b.png"])
+        assert errors == {"../up.png": ("read", "path leaves the archive (an absolute path or a '..' part); "
+                                                "not extracted")}

@@ -63,7 +63,7 @@ from pipeline.data.accounting import (
 )
 from pipeline.data.shards import build_table, read_table, write_table
 from pipeline.data.storage import absolute_uri, join, local_path, open_fs
-from pipeline.data.validate import ERRORS_SCHEMA, RowError, conform, decode_any, error_row
+from pipeline.data.validate import ERRORS_SCHEMA, RowError, conform, decode_any, error_row, npy_header
 from pipeline.diffusion.checkpoint import load_model
 from pipeline.posterior.core import Runtime, auto_batch_size
 from pipeline.posterior.denoise import Denoiser, truth_metrics
@@ -233,7 +233,8 @@ class ShardCleaner:
         if not isinstance(cell, dict) or not isinstance(cell.get("bytes"), bytes):
             raise RowError("decode", f"{what} is a {type(cell).__name__}, not an image struct {{bytes, path}}")
         try:
-            img = conform(decode_any(cell["bytes"], cell.get("path") or "", self.policy.max_pixels), self.policy)
+            img = conform(decode_any(cell["bytes"], cell.get("path") or "", self.policy.max_pixels,
+                                     self.policy.max_bytes), self.policy)
         except RowError as exc:
             raise RowError(exc.stage, f"{what}: {exc.reason}") from None
         if img.shape != self.shape:  # the policy converts or rejects, so this is a bug guard
@@ -468,9 +469,7 @@ def _peek_image(cell: Any) -> tuple[int, int, int, bool, int] | None:
     data, name = cell["bytes"], cell.get("path") or ""
     try:
         if name.endswith(".npy") or data[:6] == b"\x93NUMPY":
-            buf = io.BytesIO(data)
-            fmt = np.lib.format
-            shape = (fmt.read_array_header_1_0 if fmt.read_magic(buf) == (1, 0) else fmt.read_array_header_2_0)(buf)[0]
+            shape = npy_header(data)[0]
             if len(shape) not in (2, 3):
                 return None
             c = 1 if len(shape) == 2 else int(shape[2])

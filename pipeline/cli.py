@@ -156,9 +156,10 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         print(f"storage: {cfg.storage.describe()}", file=sys.stderr)
     summary = ingest(args.src, args.dst, cfg, progress=not args.quiet,
                      log=None if args.quiet else (lambda m: print(f"rejected: {m}", file=sys.stderr)))
+    hidden = f"; {summary['hidden']} hidden name(s) (.DS_Store...) are not inputs" if summary["hidden"] else ""
     print(f"{summary['inputs']} inputs: {summary['ingested']} ingested, {summary['errors']} rejected "
           f"(see {args.dst.rstrip('/')}/_errors/); {len(summary['written'])} shard(s) written, "
-          f"{len(summary['skipped'])} already complete", file=sys.stderr)
+          f"{len(summary['skipped'])} already complete{hidden}", file=sys.stderr)
     print(json.dumps(summary))
     return 0
 

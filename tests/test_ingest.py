@@ -89,7 +89,7 @@ def test_bad_inputs_land_in_the_errors_table_and_good_ones_are_all_kept(tmp_path
     assert set(kept) == {n for n in files if not n.startswith("bad/")}
     assert errors["bad/zero.png"] == ("decode", "empty file (0 bytes)")
     assert "cannot decode PNG" in errors["bad/truncated.png"][1]
-    assert "not an image file" in errors["bad/text.png"][1]
+    assert errors["bad/text.png"] == ("decode", "text (53 bytes), not an image")  # described, never quoted
     assert "20,000,000 pixels, over the limit" in errors["bad/huge.png"][1]
     assert errors["bad/nan.npy"] == ("validate", "16 NaN or infinite value(s)")
     assert errors["bad/inf.npy"] == ("validate", "256 NaN or infinite value(s)")

@@ -1,29 +1,32 @@
 """``jointdiff ingest SRC DST``: a folder, tar or zip of images on any URI -> observation shards.
 
-Sources are listed in a stable (sorted) order and cut into shards of ``shard_size`` inputs; input
-``k`` of the listing always lands in shard ``k // shard_size``, so re-running over the same source
-writes the same shards. The id of an image is its path relative to ``SRC`` (inside the archive for a
-tar or zip). Each input ends up in exactly one place:
+Inputs are listed in a stable order (:mod:`pipeline.data.sources`: a folder's and a zip's sorted by
+path, a tar's in archive order) and cut into shards of ``shard_size`` inputs; input ``k`` of the listing
+always lands in shard ``k // shard_size``, so re-running over the same source writes the same shards.
+The id of an image is its path relative to ``SRC`` (inside the archive for a tar or zip). Each input
+ends up in exactly one place:
 
 * ``DST/shard-NNNNN.parquet``: ``id, observation`` (16-bit PNG by default), for inputs that decode
   and pass the :class:`~pipeline.data.validate.ImagePolicy`;
 * ``DST/_errors/shard-NNNNN.parquet``: ``run_id, dataset, shard, row, id, stage, reason`` for the
-  others (``dataset`` is ``SRC``, ``row`` the input's index within its shard);
+  others (``dataset`` is ``SRC``, ``row`` the input's index within its shard): files that cannot be
+  decoded or do not pass the policy, and entries refused unread (a link out of ``SRC``, an archive
+  member whose path leaves the archive or that is a link or device, a file over ``policy.max_bytes``);
 * ``DST/_done/shard-NNNNN.json``: the completion marker, written last and atomically. A re-run skips
-  shards whose marker is present and matches the inputs, so it resumes an interrupted ingest; delete
-  a marker to redo that shard.
+  shards whose marker is present and matches the inputs (each input's path and version: size and
+  ETag, mtime or CRC), so it resumes an interrupted ingest; delete a marker to redo that shard.
+
+Hidden names (``.DS_Store``) are not inputs; the summary counts them under ``hidden``. One input costs
+at most about ``policy.max_bytes`` of memory, whatever the size of the file or the archive: sources are
+read one input at a time, a tar as a stream (twice when shards are to be written: once for the headers,
+which plan the shards, once for the members of the shards still to do).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import io
 import json
-import tarfile
-import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -31,10 +34,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.data.accounting import mark_done, marker_uri
 from pipeline.data.shards import SHARD_PATTERN, build_table, read_table, write_table
+from pipeline.data.sources import Source, SourceReader, open_source
 from pipeline.data.storage import StorageConfig, join, open_fs, preflight
 from pipeline.data.validate import ERRORS_SCHEMA, ImagePolicy, RowError, conform, decode_any, error_row
-
-ARCHIVES = (".tar", ".tar.gz", ".tgz", ".zip")
 
 
 class IngestConfig(BaseModel):
@@ -48,58 +50,6 @@ class IngestConfig(BaseModel):
     extensions: list[str] = Field(default_factory=lambda: [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp",
                                                            ".webp", ".npy"])
     storage: StorageConfig = Field(default_factory=StorageConfig)
-
-
-@dataclass(frozen=True)
-class Source:
-    """One input file: its id (relative path), a version (size and ETag, mtime or CRC: changes when the
-    file does), and how to read its bytes."""
-
-    id: str
-    version: str
-    read: Callable[[], bytes]
-
-
-def _is_archive(uri: str) -> bool:
-    return str(uri).lower().endswith(ARCHIVES)
-
-
-def list_sources(src: str) -> list[Source]:
-    """Every file under ``src`` (or in the archive ``src``), sorted by relative path; hidden files
-    (a path part starting with ``.``, like ``.DS_Store``) are not inputs."""
-    fs, root = open_fs(src)
-    if not fs.exists(root):
-        raise FileNotFoundError(f"{src}: no such folder or archive")
-    if _is_archive(src):
-        data = fs.cat_file(root)
-        if src.lower().endswith(".zip"):
-            zf = zipfile.ZipFile(io.BytesIO(data))
-            out = [Source(_clean_name(i.filename), f"{i.file_size}/{i.CRC}", (lambda n=i.filename: zf.read(n)))
-                   for i in zf.infolist() if not i.is_dir()]
-        else:
-            # members are read once, in archive order: a compressed tar cannot seek backwards cheaply
-            with tarfile.open(fileobj=io.BytesIO(data)) as tf:
-                blobs = [(m.name, f"{m.size}/{m.mtime}", tf.extractfile(m).read())
-                         for m in tf.getmembers() if m.isfile()]
-            out = [Source(_clean_name(n), v, functools.partial(bytes, b)) for n, v, b in blobs]
-    else:
-        root = root.rstrip("/")
-        infos = fs.find(root, detail=True)
-        out = [Source(p[len(root) + 1:], _version(i), (lambda p=p: fs.cat_file(p)))
-               for p, i in infos.items() if i.get("type") != "directory"]
-    out = [s for s in out if not any(part.startswith(".") for part in s.id.split("/"))]  # hidden: not inputs
-    return sorted(out, key=lambda s: s.id)  # stable; equal ids (possible in a tar) keep archive order
-
-
-def _version(info: dict[str, Any]) -> str:
-    tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
-    return f"{info.get('size')}/{tag}"
-
-
-def _clean_name(name: str) -> str:
-    while name.startswith("./"):
-        name = name[2:]
-    return name.lstrip("/")
 
 
 def ingest_id(src: str, cfg: IngestConfig) -> str:
@@ -121,16 +71,13 @@ def _read_marker(dst: str, shard: str) -> dict[str, Any] | None:
         return None  # absent or torn: the shard is redone
 
 
-def _read_one(source: Source, cfg: IngestConfig) -> Any:
+def _read_one(reader: SourceReader, source: Source, cfg: IngestConfig) -> Any:
     ext = "." + source.id.rsplit(".", 1)[-1].lower() if "." in source.id.rsplit("/", 1)[-1] else ""
     if ext not in cfg.extensions:
         raise RowError("decode", f"unsupported file type {ext or '(no extension)'}; ingest reads "
                                  f"{', '.join(cfg.extensions)}")
-    try:
-        data = source.read()
-    except Exception as exc:
-        raise RowError("read", f"cannot read the file: {exc}") from None
-    return conform(decode_any(data, source.id, cfg.policy.max_pixels), cfg.policy)
+    data = reader.read(source, cfg.policy)
+    return conform(decode_any(data, source.id, cfg.policy.max_pixels, cfg.policy.max_bytes), cfg.policy)
 
 
 def iter_shard_plan(sources: list[Source], shard_size: int) -> Iterator[tuple[int, str, list[Source]]]:
@@ -141,18 +88,27 @@ def iter_shard_plan(sources: list[Source], shard_size: int) -> Iterator[tuple[in
 def ingest(src: str, dst: str, cfg: IngestConfig | None = None, progress: bool = True,
            log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Ingest ``src`` into ``dst``; returns counts and which shards were written or skipped."""
-    from tqdm import tqdm
-
     cfg = cfg or IngestConfig()
     if cfg.bits not in (8, 16):
         raise ValueError(f"bits must be 8 or 16, got {cfg.bits}")
     run_id = ingest_id(src, cfg)
     preflight(src, dst)  # SRC readable, DST's bucket there and writable: one line if not, before any work
-    sources = list_sources(src)
+    with open_source(src) as reader:
+        counts = _ingest(reader, src, dst, cfg, run_id, progress, log)
+    counts["removed"] = _remove_stale(dst, -(-counts["inputs"] // cfg.shard_size))
+    return counts
+
+
+def _ingest(reader: SourceReader, src: str, dst: str, cfg: IngestConfig, run_id: str, progress: bool,
+            log: Callable[[str], None] | None) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    sources = reader.sources
     if not sources:
-        raise FileNotFoundError(f"{src}: no files to ingest")
+        raise FileNotFoundError(f"{src}: no files to ingest" + (f" ({reader.hidden} hidden name(s), which are not "
+                                                                 "inputs)" if reader.hidden else ""))
     counts: dict[str, Any] = {"run_id": run_id, "inputs": len(sources), "ingested": 0, "errors": 0,
-                              "written": [], "skipped": []}
+                              "hidden": reader.hidden, "written": [], "skipped": []}
     seen: set[str] = set()
     with tqdm(total=len(sources), desc=f"ingest {src}", unit="file", disable=not progress) as bar:
         for _, shard, chunk in iter_shard_plan(sources, cfg.shard_size):
@@ -168,9 +124,11 @@ def ingest(src: str, dst: str, cfg: IngestConfig | None = None, progress: bool =
             ids, images, errors = [], [], []
             for row, source in enumerate(chunk):
                 try:
+                    if source.refused:  # refused from the listing (a link out of SRC...), whatever its name says
+                        raise RowError("read", source.refused)
                     if source.id in seen:
                         raise RowError("validate", f"duplicate id {source.id!r} (an earlier input has the same path)")
-                    img = _read_one(source, cfg)
+                    img = _read_one(reader, source, cfg)
                     seen.add(source.id)
                     ids.append(source.id)
                     images.append(img)
@@ -188,7 +146,6 @@ def ingest(src: str, dst: str, cfg: IngestConfig | None = None, progress: bool =
             if log is not None:
                 for e in errors:
                     log(f"{shard} row {e['row']} ({e['id']}): {e['stage']}: {e['reason']}")
-    counts["removed"] = _remove_stale(dst, -(-len(sources) // cfg.shard_size))
     return counts
 
 

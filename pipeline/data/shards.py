@@ -64,16 +64,41 @@ def encode_npy(arr: np.ndarray) -> bytes:
 
 
 def decode_image(data: bytes, path: str = "") -> np.ndarray:
-    """Decode PNG (any bit depth, grey/RGB/RGBA as stored) or ``.npy`` bytes to an array."""
+    """Decode PNG (any bit depth, grey/RGB/RGBA as stored) or ``.npy`` bytes to an array. A failure's
+    message says what went wrong (:func:`decoder_failure`), never which bytes."""
     if data is None or len(data) == 0:
         raise ValueError("empty image bytes")
+    try:
+        return _decode_image(data, path)
+    except Exception as exc:
+        raise ValueError(decoder_failure(exc)) from exc
+
+
+def decoder_failure(exc: BaseException) -> str:
+    """What went wrong in a decoder, without the quotes of the data that decoders' messages carry (a
+    chunk name, the first bytes, a header): truncated, a checksum, or the kind of error."""
+    if isinstance(exc, _OwnError):
+        return str(exc)
+    msg = str(exc).lower()
+    if isinstance(exc, EOFError) or "truncated" in msg or "end of file" in msg or "eof" in msg:
+        return "image file is truncated"
+    if "checksum" in msg or "crc" in msg:
+        return "a checksum does not match (the file is damaged)"
+    return f"damaged or unsupported data ({type(exc).__name__})"
+
+
+class _OwnError(ValueError):
+    """A message of this module's own, safe to show as it is."""
+
+
+def _decode_image(data: bytes, path: str) -> np.ndarray:
     if path.endswith(".npy") or data[:6] == b"\x93NUMPY":
         arr = np.load(io.BytesIO(data), allow_pickle=False)
         if arr.dtype.kind not in "fu":
-            raise ValueError(f".npy image of dtype {arr.dtype}: expected float or unsigned integers")
+            raise _OwnError(f".npy image of dtype {arr.dtype}: expected float or unsigned integers")
         return arr
     if data[:8] != b"\x89PNG\r\n\x1a\n":
-        raise ValueError(f"not a PNG (starts with {data[:8]!r})")
+        raise _OwnError("not a PNG (no PNG signature) nor a .npy array")
     bit_depth = data[24] if len(data) > 24 else 8
     if bit_depth == 16:
         import png

@@ -1,29 +1,43 @@
 """Decoding and validating one image before it reaches a model, with a declared conversion policy.
 
-:func:`decode_any` reads PNG, JPEG, TIFF, BMP, WebP (8/16 bit, grey, RGB, with or without alpha) and
-``.npy`` arrays, refusing an image larger than ``max_pixels`` from its header, before decoding it.
-:func:`conform` turns the decoded array into the ``(C, H, W)`` float32 a prior expects, or says why
-not: non-finite values, a size or channel count that the :class:`ImagePolicy` does not allow to be
-converted. Every failure is a :class:`RowError` carrying the stage (``decode`` or ``validate``) and a
-reason a person can act on; callers put it in the errors table and go on with the next row.
+:func:`read_limited` reads one input file (or archive member) with the :class:`ImagePolicy`'s bounds:
+larger than ``max_bytes`` is refused unread, and more pixels than ``max_pixels`` is refused from the
+header in the first bytes, before the rest is read. :func:`decode_any` reads PNG, JPEG, TIFF, BMP, WebP
+(8/16 bit, grey, RGB, with or without alpha) and ``.npy`` arrays, checking the same bounds before it
+decodes. :func:`conform` turns the decoded array into the ``(C, H, W)`` float32 a prior expects, or says
+why not: non-finite values or values no image can hold, a size or channel count that the policy does
+not allow to be converted. Every failure is a :class:`RowError` carrying the stage (``read``, ``decode``
+or ``validate``) and a reason a person can act on; callers put it in the errors table and go on with
+the next row.
+
+A reason never quotes the file: it describes the data (``text (53 bytes), not an image``), and a
+decoder's own message, which may quote the bytes it choked on, is reduced to what went wrong.
 """
 
 from __future__ import annotations
 
 import io
-from typing import Literal
+from typing import IO, Literal
 
 import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.data.embedded import resize_square, to_channels
-from pipeline.data.shards import decode_image, to_float
+from pipeline.data.shards import decode_image, decoder_failure, to_float
 
 # the errors table (DESIGN.md): one row per rejected input row; row -1 stands for a whole unreadable shard
 ERRORS_SCHEMA = pa.schema([("run_id", pa.string()), ("dataset", pa.string()), ("shard", pa.string()),
                            ("row", pa.int64()), ("id", pa.string()), ("stage", pa.string()),
                            ("reason", pa.string())])
+
+PEEK_BYTES = 64 * 1024  # the first bytes read for a header: PNG, JPEG, WebP, BMP and .npy say their size there
+# Values an observation can hold, in image units: images are in [0, 1], the blend stays there and the sum
+# y = x + n lies in [0, 2]; the margin of 1 is ten times the largest read-out noise in use (sigma_y <= 0.1),
+# so an observation outside it is not an image at all (an unscaled sensor dump, 1e30 from a bad writer).
+VALUE_RANGE = (-1.0, 3.0)
+NPY_MAGIC = b"\x93NUMPY"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def error_row(run_id: str, dataset: str, shard: str, row: int, id_: object, stage: str, reason: str) -> dict:
@@ -33,7 +47,7 @@ def error_row(run_id: str, dataset: str, shard: str, row: int, id_: object, stag
 
 
 class RowError(ValueError):
-    """One row cannot be used; ``stage`` is where it failed (decode, validate, sample)."""
+    """One row cannot be used; ``stage`` is where it failed (read, decode, validate, sample)."""
 
     def __init__(self, stage: str, reason: str):
         super().__init__(reason)
@@ -42,7 +56,8 @@ class RowError(ValueError):
 
 
 class ImagePolicy(BaseModel):
-    """What to do with images that are not already the expected size and channel count."""
+    """What to do with images that are not already the expected size and channel count, and what one
+    image may cost to read."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -54,19 +69,83 @@ class ImagePolicy(BaseModel):
     convert_channels: bool = Field(True, description="grey to RGB by copying, RGB to grey by luminance")
     alpha: Literal["drop", "white", "black", "error"] = Field(
         "drop", description="images with an alpha channel: drop it, composite over white/black, or reject")
-    max_pixels: int = Field(16_777_216, ge=1, description="reject larger images unread (4096 x 4096)")
+    max_pixels: int = Field(16_777_216, ge=1, description="reject larger images from their header, undecoded "
+                                                          "(4096 x 4096)")
+    max_bytes: int = Field(256 * 2**20, ge=1, description="reject larger files, archive members and cells "
+                                                          "unread (256 MiB)")
+
+
+def too_many_bytes(size: int, max_bytes: int, stage: str = "read") -> RowError:
+    return RowError(stage, f"{size:,} bytes, over policy.max_bytes={max_bytes:,}; not read "
+                           f"(--set policy.max_bytes={size} to accept it)")
+
+
+def too_many_pixels(pixels: int, max_pixels: int) -> RowError:
+    return RowError("decode", f"image has {pixels:,} pixels, over the limit of {max_pixels:,} "
+                              f"(--set policy.max_pixels={pixels} to accept it)")
+
+
+def read_limited(f: IO[bytes], name: str, policy: ImagePolicy, size: int | None = None) -> bytes:
+    """The bytes of one input, read from ``f`` within the policy's bounds: refused unread when its listed
+    ``size`` is over ``max_bytes``, refused after the first :data:`PEEK_BYTES` when the header declares more
+    than ``max_pixels``, and never more than ``max_bytes + 1`` bytes read whatever the listing said. Read
+    in pieces, so an input costs at most twice its size while it is read."""
+    if size is not None and size > policy.max_bytes:
+        raise too_many_bytes(size, policy.max_bytes)
+    limit = policy.max_bytes + 1 if size is None else min(policy.max_bytes, size) + 1  # one byte past shows a lie
+    head = f.read(min(PEEK_BYTES, limit))
+    pixels = peek_pixels(head, name)
+    if pixels is not None and pixels > policy.max_pixels:
+        raise too_many_pixels(pixels, policy.max_pixels)
+    pieces, n = [head], len(head)
+    while n < limit:
+        piece = f.read(min(2**20, limit - n))
+        if not piece:
+            break
+        pieces.append(piece)
+        n += len(piece)
+    if n > policy.max_bytes:
+        raise RowError("read", f"more than {policy.max_bytes:,} bytes, over policy.max_bytes={policy.max_bytes:,}; "
+                               "not read (--set policy.max_bytes=... to accept it)")
+    if size is not None and n != size:
+        raise RowError("read", f"{n:,} bytes where {size:,} were listed: the file changed while it was read; "
+                               "run the ingest again")
+    return head if len(pieces) == 1 else b"".join(pieces)
+
+
+def npy_header(data: bytes) -> tuple[tuple[int, ...], np.dtype, int]:
+    """``(shape, dtype, offset of the data)`` from the header of ``.npy`` bytes (the header alone is read);
+    ``ValueError`` when it cannot be read, with a message that does not quote it."""
+    fmt = np.lib.format
+    buf = io.BytesIO(data)
+    try:
+        version = fmt.read_magic(buf)
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _fortran, dtype = read(buf)
+    except Exception:
+        raise ValueError("its header cannot be read") from None
+    return tuple(int(d) for d in shape), dtype, buf.tell()
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from a PNG's IHDR chunk, the first 24 bytes (whatever follows)."""
+    if len(data) >= 24 and data[:8] == PNG_MAGIC and data[12:16] == b"IHDR":
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return None
 
 
 def peek_pixels(data: bytes, name: str = "") -> int | None:
-    """Pixel count from the header alone (None when the format does not tell)."""
-    if name.endswith(".npy") or data[:6] == b"\x93NUMPY":
+    """Pixel count from the header alone, which may be all that ``data`` holds of the file (None when
+    the format does not tell, or not in these bytes)."""
+    if name.endswith(".npy") or data[:6] == NPY_MAGIC:
         try:
-            buf = io.BytesIO(data)
-            version = np.lib.format.read_magic(buf)
-            shape, _, _ = np.lib.format._read_array_header(buf, version)  # header only, no data read
-        except Exception:
+            shape = npy_header(data)[0]
+        except ValueError:
             return None
         return int(shape[0] * shape[1]) if len(shape) >= 2 else None
+    png = _png_size(data)
+    if png is not None:
+        return png[0] * png[1]
     from PIL import Image
 
     try:
@@ -76,25 +155,79 @@ def peek_pixels(data: bytes, name: str = "") -> int | None:
         return None
 
 
-def decode_any(data: bytes | None, name: str = "", max_pixels: int = 16_777_216) -> np.ndarray:
-    """``(H, W[, C])`` array in its stored dtype; alpha is kept (C = 2 or 4) for :func:`conform`."""
+_SIGNATURES = {PNG_MAGIC: "PNG", b"\xff\xd8\xff": "JPEG", b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"BM": "BMP",
+               b"GIF8": "GIF"}
+_OTHER_KINDS = {b"PK\x03\x04": "a zip archive", b"\x1f\x8b": "gzip data", b"%PDF": "a PDF document",
+                b"\x7fELF": "an executable", b"BZh": "bzip2 data", b"\xfd7zXZ": "xz data"}
+
+
+def describe_data(data: bytes) -> str:
+    """What ``data`` is, without quoting it: ``text (53 bytes), not an image``, ``a zip archive (1,024
+    bytes), not an image``, ``not an image: 300 bytes in no format ingest reads``."""
+    n = len(data)
+    for magic, kind in _OTHER_KINDS.items():
+        if data.startswith(magic):
+            return f"{kind} ({n:,} bytes), not an image"
+    import codecs
+
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(data[:4096], final=n <= 4096)
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\t\n\r\f\v" for c in text):
+        return f"text ({n:,} bytes), not an image"
+    return f"not an image: {n:,} bytes in no format ingest reads"
+
+
+def _decode_npy(data: bytes) -> np.ndarray:
+    """A ``.npy`` array, its header checked before any data is read: a shape an image can have, a
+    dtype an image can have, and as many bytes as the header declares."""
+    try:
+        shape, dtype, offset = npy_header(data)
+    except ValueError as exc:
+        raise RowError("decode", f"cannot decode .npy: {exc}") from None
+    if len(shape) not in (2, 3) or min(shape) < 1 or (len(shape) == 3 and shape[2] > 4):
+        raise RowError("decode", f"cannot decode .npy: shape {shape}: expected (H, W) or (H, W, C) with C at most 4")
+    if dtype.kind not in "fu" or dtype.hasobject:
+        raise RowError("decode", f"cannot decode .npy: dtype {dtype.str}: expected float or unsigned integers")
+    declared = int(np.prod(shape)) * dtype.itemsize
+    if len(data) - offset != declared:
+        raise RowError("decode", f"cannot decode .npy: its header declares {declared:,} bytes of data, the file "
+                                 f"holds {len(data) - offset:,}")
+    try:
+        return decode_image(data, ".npy")
+    except Exception as exc:
+        raise RowError("decode", f"cannot decode .npy: {decoder_failure(exc)}") from None
+
+
+def decode_any(data: bytes | None, name: str = "", max_pixels: int = 16_777_216,
+               max_bytes: int | None = None) -> np.ndarray:
+    """``(H, W[, C])`` array in its stored dtype; alpha is kept (C = 2 or 4) for :func:`conform`.
+    More than ``max_bytes`` bytes or ``max_pixels`` pixels (from the header) is refused undecoded."""
     if data is None or len(data) == 0:
         raise RowError("decode", "empty file (0 bytes)")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise too_many_bytes(len(data), max_bytes, "decode")
     pixels = peek_pixels(data, name)
     if pixels is not None and pixels > max_pixels:
-        raise RowError("decode", f"image has {pixels:,} pixels, over the limit of {max_pixels:,} "
-                                 "(raise policy.max_pixels to accept it)")
-    is_png16 = data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 24 and data[24] == 16
-    # 16-bit PNG and .npy through the shard decoder (pypng keeps 16 bits); 8-bit PNG through Pillow
-    # below, which keeps a grey image's alpha channel for the policy
-    if is_png16 or name.endswith(".npy") or data[:6] == b"\x93NUMPY":
+        raise too_many_pixels(pixels, max_pixels)
+    if data[:6] == NPY_MAGIC:
+        return _decode_npy(data)
+    if name.endswith(".npy"):
+        raise RowError("decode", describe_data(data))
+    is_png16 = data[:8] == PNG_MAGIC and len(data) > 24 and data[24] == 16
+    # 16-bit PNG through the shard decoder (pypng keeps 16 bits); 8-bit PNG through Pillow below, which
+    # keeps a grey image's alpha channel for the policy
+    if is_png16:
         try:
-            arr = decode_image(data, name)
+            return decode_image(data, name)
         except Exception as exc:
-            raise RowError("decode", f"cannot decode {'PNG' if is_png16 else '.npy'}: {exc}") from None
-        return arr
+            raise RowError("decode", f"cannot decode PNG: {decoder_failure(exc)}") from None
     from PIL import Image, UnidentifiedImageError
 
+    kind = next((k for m, k in _SIGNATURES.items() if data.startswith(m)), None)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        kind = "WebP"
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
@@ -116,12 +249,13 @@ def decode_any(data: bytes | None, name: str = "", max_pixels: int = 16_777_216)
                 im = im.convert("RGB")
             return np.asarray(im)
     except UnidentifiedImageError:
-        raise RowError("decode", f"not an image file that can be read (starts with {data[:12]!r})") from None
+        if kind is None:
+            raise RowError("decode", describe_data(data)) from None
+        raise RowError("decode", f"cannot decode {kind}: damaged or unsupported data") from None
     except RowError:
         raise
     except Exception as exc:
-        kind = "PNG" if data[:8] == b"\x89PNG\r\n\x1a\n" else "image"
-        raise RowError("decode", f"cannot decode {kind}: {exc}") from None
+        raise RowError("decode", f"cannot decode {kind or 'image'}: {decoder_failure(exc)}") from None
 
 
 def conform(arr: np.ndarray, policy: ImagePolicy) -> np.ndarray:
@@ -132,6 +266,11 @@ def conform(arr: np.ndarray, policy: ImagePolicy) -> np.ndarray:
     if not np.all(np.isfinite(img)):
         bad = int((~np.isfinite(img)).sum())
         raise RowError("validate", f"{bad} NaN or infinite value(s)")
+    lo, hi = float(img.min()), float(img.max())
+    if lo < VALUE_RANGE[0] or hi > VALUE_RANGE[1]:
+        bad = int(((img < VALUE_RANGE[0]) | (img > VALUE_RANGE[1])).sum())
+        raise RowError("validate", f"{bad} value(s) outside [-1, 3] (found [{lo:.3g}, {hi:.3g}]); images are in "
+                                   "[0, 1], sums of two with read-out noise in [-1, 3]")
     c = img.shape[0]
     if c in (2, 4):  # grey + alpha, RGB + alpha
         if policy.alpha == "error":

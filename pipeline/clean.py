@@ -92,7 +92,7 @@ def run_id_for(input_uri: str, cfg: CleanConfig) -> str:
                       "image_prior": [local_path(cfg.image_prior), model_fingerprint(cfg.image_prior)],
                       "noise_prior": [local_path(cfg.noise_prior), model_fingerprint(cfg.noise_prior)],
                       "forward": cfg.forward.model_dump(), "sampler": cfg.sampler.identity(),
-                      "policy": cfg.policy.model_dump(mode="json")}, sort_keys=True)
+                      "policy": cfg.policy.identity()}, sort_keys=True)
     return "run-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 

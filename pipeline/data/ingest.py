@@ -53,7 +53,7 @@ class IngestConfig(BaseModel):
 
 
 def ingest_id(src: str, cfg: IngestConfig) -> str:
-    key = json.dumps({"src": str(src).rstrip("/"), "policy": cfg.policy.model_dump(), "bits": cfg.bits,
+    key = json.dumps({"src": str(src).rstrip("/"), "policy": cfg.policy.identity(), "bits": cfg.bits,
                       "extensions": cfg.extensions}, sort_keys=True)
     return "ingest-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 

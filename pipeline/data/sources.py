@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any
 
-from pipeline.data.storage import open_fs
+from pipeline.data.storage import open_fs, version_of
 from pipeline.data.validate import ImagePolicy, RowError, read_limited, too_many_bytes
 
 ARCHIVES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
@@ -200,8 +200,7 @@ class _RemoteFolder(SourceReader):
             if info.get("type") == "directory":
                 continue
             id_ = path[len(root) + 1:]
-            tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
-            version = f"{info.get('size')}/{tag}"
+            version = version_of(info)
             if leaves(id_):
                 self.sources.append(Source(id_, version, refused=LEAVES_FOLDER))
             elif hidden_prefix(id_):

@@ -194,7 +194,7 @@ def version_of(info: dict[str, Any]) -> str:
     byte size, gets another version."""
     tag = (info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
            or info.get("last_modified") or info.get("created") or "")
-    return f"{info.get('size')}/{str(tag).strip(chr(34))}"
+    return f"{info.get('size')}/{tag}"
 
 
 def write_atomic(uri: str, data: bytes) -> None:

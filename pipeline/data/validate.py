@@ -17,7 +17,7 @@ decoder's own message, which may quote the bytes it choked on, is reduced to wha
 from __future__ import annotations
 
 import io
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -73,6 +73,14 @@ class ImagePolicy(BaseModel):
                                                           "(4096 x 4096)")
     max_bytes: int = Field(256 * 2**20, ge=1, description="reject larger files, archive members and cells "
                                                           "unread (256 MiB)")
+
+    def identity(self) -> dict[str, Any]:
+        """What of the policy goes into run and ingest ids: every setting, less ``max_bytes`` at its default
+        (a setting added after ids were first made: the ids of runs that leave it alone stay as they were)."""
+        out = self.model_dump(mode="json")
+        if self.max_bytes == type(self).model_fields["max_bytes"].default:
+            out.pop("max_bytes")
+        return out
 
 
 def too_many_bytes(size: int, max_bytes: int, stage: str = "read") -> RowError:

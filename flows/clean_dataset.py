@@ -54,6 +54,7 @@ from pipeline.data.storage import absolute_uri
 from pipeline.jobs.clean import JobStats, cluster_address, quiet_ray_noise, ray_session, run_job
 from pipeline.report import write_report
 from pipeline.summary import format_summary
+from pipeline.untrusted import RunId, check_run_id
 
 
 def _retry_unless(*final: type[BaseException]):
@@ -214,7 +215,7 @@ def run_submitted(kind: str, args: list[str], jobs_address: str, key: str) -> di
 
 @refusing_flow(name="clean-dataset", log_prints=True)
 def clean_dataset(input_uri: str, output: str, config: str | None = None, overrides: Overrides | None = None,
-                  run_id: str | None = None, ray_address: str | None = None, progress: bool = True,
+                  run_id: RunId | None = None, ray_address: str | None = None, progress: bool = True,
                   jobs_address: str | None = None) -> dict[str, Any]:
     """Clean the pending shards of ``input_uri`` into ``output/runs/<run_id>/`` and record the run.
 
@@ -228,11 +229,17 @@ def clean_dataset(input_uri: str, output: str, config: str | None = None, overri
       (``HEAD:6379`` or ``auto``, on a machine of the cluster);
     - else a Ray started in this process.
 
+    ``run_id`` names the folder ``output/runs/<run_id>``: a :data:`~pipeline.untrusted.RunId` (letters, digits,
+    ``.``, ``_``, ``-``; no ``..``; at most 128), which Prefect checks against the parameter schema when a
+    deployment run is created, and the flow again here.
+
     Returns the run's summary row, with ``report``: the URI of the run's HTML report.
     """
     import os
 
     t0 = time.perf_counter()
+    if run_id is not None:
+        check_run_id(run_id, "run_id")  # before anything is read or written (also when called as .fn)
     refuse_credentials(overrides or [])  # a deployment run made without the schema's check: use none of them
     cfg = with_ray(load_config(CleanConfig, config, overrides or []), address=ray_address)
     storage.configure(cfg.storage)
@@ -273,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     try:
+        if a.run_id is not None:
+            check_run_id(a.run_id, "--run-id")  # one line here, before Prefect creates a run
         summary = clean_dataset(a.input, a.output, a.config, a.set, a.run_id, a.ray_address, progress=not a.quiet,
                                 jobs_address=a.jobs_address)
     except ConfigError as exc:

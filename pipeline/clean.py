@@ -17,7 +17,8 @@ file breaks Hugging Face ``datasets``. The default run id hashes (input URI, mod
 The pieces are shared with the Ray job (:mod:`pipeline.jobs.clean`), so both give the same results:
 
 * :func:`preflight_run` checks what can be checked before any work, each failure one line (exit 2): the
-  device, read access to the input and write access to an existing output bucket, both priors;
+  device, read access to the input and write access to an existing output bucket, both priors (their
+  ``config.json`` validated key by key, :func:`check_models`);
 * :func:`prepare_run` plans the shards (done ones are skipped) and decides, from the ids alone and in
   shard order, which rows are later copies of an id (error rows), so no worker needs another's ids;
 * :class:`ShardCleaner` holds both priors and :func:`process_shard` turns one source shard into its
@@ -50,7 +51,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.config import CleanConfig, ConfigError
+from pipeline.config import CleanConfig, ConfigError, check_run_id
 from pipeline.data.accounting import (
     Accounting,
     AccountingError,
@@ -79,7 +80,7 @@ def model_fingerprint(name_or_uri: str) -> str:
     when and from which commit it was trained): a retrained prior of the same name hashes differently."""
     from pipeline.diffusion.checkpoint import CONFIG, read_json
 
-    cfg = read_json(join(resolve_model(name_or_uri), CONFIG))
+    cfg = read_json(join(resolve_model(name_or_uri), CONFIG))  # bounded; check_models validated it
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -153,18 +154,22 @@ def check_device(device: str) -> None:
 
 def check_models(cfg: CleanConfig) -> None:
     """:class:`ConfigError` unless both priors resolve to a folder holding ``config.json`` and
-    ``weights.safetensors`` (read here, on the driver, before any shard is touched)."""
+    ``weights.safetensors``, each ``config.json`` is valid (size, nesting, every key of ``unet`` and ``sde``:
+    :func:`~pipeline.diffusion.checkpoint.read_model_config`), and the two share their SDE, image size and
+    channels. Read here, on the driver, before any shard is touched or any network built."""
     from pipeline.data import storage
-    from pipeline.diffusion.checkpoint import CONFIG, WEIGHTS, CheckpointError
+    from pipeline.diffusion.checkpoint import CONFIG, WEIGHTS, CheckpointError, read_model_config
 
+    configs = {}
     for key in ("image_prior", "noise_prior"):
         name = getattr(cfg, key)
         try:
             uri = resolve_model(name)
+            configs[key] = read_model_config(uri)
             fs, path = storage.open_fs(join(uri, WEIGHTS))
             if not fs.exists(path):
-                raise CheckpointError(f"{join(uri, WEIGHTS)}: no such file (a model folder holds {CONFIG} and "
-                                      f"{WEIGHTS})")
+                raise CheckpointError(f"{local_path(join(uri, WEIGHTS))}: no such file (a model folder holds "
+                                      f"{CONFIG} and {WEIGHTS})")
         except (CheckpointError, FileNotFoundError) as exc:
             raise ConfigError(f"{key}: {exc}") from None
         except Exception as exc:
@@ -172,6 +177,17 @@ def check_models(cfg: CleanConfig) -> None:
             if cause is None:
                 raise
             raise ConfigError(f"{key}: {name}: cannot read the model: {cause}") from None
+    (x_unet, x_sde, _), (n_unet, n_sde, _) = configs["image_prior"], configs["noise_prior"]
+    if x_sde != n_sde:
+        differ = "; ".join(f"sde.{k} {getattr(x_sde, k)} vs {getattr(n_sde, k)}"
+                           for k in ("beta_min", "beta_max", "eps") if getattr(x_sde, k) != getattr(n_sde, k))
+        raise ConfigError(f"image_prior and noise_prior use different SDEs ({differ}); the joint sampler runs both "
+                          "on one schedule: train them with the same sde section")
+    if (x_unet.image_size, x_unet.channels) != (n_unet.image_size, n_unet.channels):
+        raise ConfigError(f"the image prior is {x_unet.channels}x{x_unet.image_size}x{x_unet.image_size} but the "
+                          f"noise prior is {n_unet.channels}x{n_unet.image_size}x{n_unet.image_size}; they must match "
+                          "(for grey noise on RGB images, train the noise prior on RGB noise, e.g. corrupt "
+                          "--noise-channel random)")
 
 
 def preflight_run(input_uri: str, output: str, cfg: CleanConfig, ray: bool = False) -> None:
@@ -417,9 +433,12 @@ def prepare_run(input_uri: str, output: str, cfg: CleanConfig, run_id: str | Non
     on which shards a previous session finished, so shards can be cleaned in any order, by any worker,
     and a resumed run decides exactly as a fresh one would. A shard whose ids cannot be read (not
     Parquet after 3 attempts, or no ``id`` column) is left to :meth:`ShardCleaner.clean_shard`.
+    A ``run_id`` that is not a run id (:func:`pipeline.untrusted.check_run_id`) is a :class:`ConfigError`.
     """
     from pipeline.data.shards import ShardError
 
+    if run_id is not None:
+        check_run_id(run_id, "run_id")  # it names the folder OUTPUT/runs/RUN_ID: never a path
     input_uri, output = absolute_uri(input_uri), absolute_uri(output)
     run_id = run_id or run_id_for(input_uri, cfg)
     run = join(output, "runs", run_id)
@@ -453,10 +472,10 @@ PREFLIGHT_ROWS = 8  # rows of the first pending shard whose image headers check_
 
 def prior_shape(name_or_uri: str) -> tuple[int, int]:
     """``(channels, image size)`` of a prior, from its ``config.json`` alone (no weights loaded)."""
-    from pipeline.diffusion.checkpoint import CONFIG, read_json
+    from pipeline.diffusion.checkpoint import read_model_config
 
-    unet = read_json(join(resolve_model(name_or_uri), CONFIG)).get("unet") or {}
-    return int(unet.get("channels", 1)), int(unet.get("image_size", 32))
+    unet = read_model_config(resolve_model(name_or_uri))[0]
+    return unet.channels, unet.image_size
 
 
 def _peek_image(cell: Any) -> tuple[int, int, int, bool, int] | None:

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import ConfigError, refuse_credentials
+from pipeline.config import ConfigError, check_run_id, refuse_credentials
 from pipeline.data import storage
 from pipeline.data.accounting import AccountingError, RejectedRowsError
 
@@ -641,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if getattr(args, "run_id", None) is not None:  # a folder name under OUTPUT/runs/: checked before any work
+            check_run_id(args.run_id, "--run-id")
         with storage.errors_named():  # an object-store error half-way (expired credentials): URI and cause
             return args.func(args)
     except ConfigError as exc:

@@ -4,6 +4,8 @@ Every section forbids unknown keys, so a typo (``lerning_rate``) fails at load w
 dotted path instead of being silently ignored, the nearest valid key of that section when one is close
 (``sampler.setps``: "did you mean sampler.steps?"), the file, and ``--set KEY=...`` when the key came
 from an override. Every error is one line; an override's value is never repeated (it may be a secret).
+Files and ``--set`` values are read by the bounded YAML loader of :mod:`pipeline.untrusted` (1 MiB, 100
+aliases, 32 levels, 100,000 values expanded), so an alias bomb is refused before anything walks it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.data.storage import StorageConfig
@@ -23,10 +24,8 @@ from pipeline.data.validate import ImagePolicy
 from pipeline.diffusion.unet import UNetConfig, check_channels
 from pipeline.posterior.core import Runtime
 from pipeline.posterior.sampler import SamplerConfig
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the file and the key."""
+from pipeline.untrusted import ConfigError, YAMLSyntaxError, load_yaml, read_yaml
+from pipeline.untrusted import check_run_id as check_run_id  # re-exported, as ConfigError is
 
 
 class _Strict(BaseModel):
@@ -34,9 +33,16 @@ class _Strict(BaseModel):
 
 
 class SDEConfig(_Strict):
-    beta_min: float = Field(0.1, gt=0)
-    beta_max: float = Field(20.0, gt=0)
-    eps: float = Field(1e-3, gt=0, lt=1)
+    beta_min: float = Field(0.1, gt=0, allow_inf_nan=False)
+    beta_max: float = Field(20.0, gt=0, allow_inf_nan=False)
+    eps: float = Field(1e-3, gt=0, lt=1, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _a_schedule(self) -> SDEConfig:
+        from pipeline.diffusion.sde import VPSDE
+
+        VPSDE(self.beta_min, self.beta_max, self.eps)  # the rules in one place: beta_max > beta_min
+        return self
 
 
 class DataConfig(_Strict):
@@ -302,10 +308,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {pair!r}: {p} is set twice")
         try:
-            node[parts[-1]] = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            problem = getattr(exc, "problem", None) or "parse error"
-            raise ConfigError(f"--set {key.strip()}=...: the value is not valid YAML ({problem}); quote it to "
+            node[parts[-1]] = load_yaml(raw, f"--set {key.strip()}=...")  # bounded: no alias bomb
+        except YAMLSyntaxError as exc:
+            raise ConfigError(f"--set {key.strip()}=...: the value is not valid YAML ({exc.problem}); quote it to "
                               f"pass it as text, e.g. --set '{key.strip()}=\"...\"'") from None
     return out
 
@@ -381,14 +386,7 @@ def load_config(model: type[BaseModel], path: str | Path | None, overrides: list
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file {p} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            # where, not what: the offending line could hold a secret
-            mark = getattr(exc, "problem_mark", None)
-            where_ = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or "parse error"
-            raise ConfigError(f"{p}: not valid YAML{where_}: {problem}") from None
+        loaded = read_yaml(p) or {}  # bounded; errors say where, not what (the line could hold a secret)
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level")
         if section is not None:

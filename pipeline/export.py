@@ -6,7 +6,8 @@ cleaned image as its own file, for people and tools that want files.
 * **Which run.** ``RUN`` is a run folder (``OUTPUT/runs/RUN_ID``) or an output root (then its only
   run, the one named by ``run_id``, or else the newest: the one whose latest summary row finished last,
   or for runs without one, whose last file was written last). :func:`resolve_run` says which it took.
-* **Names.** Each file is named after its row id, made safe by :func:`safe_names`: path separators and
+* **Names.** Each file is named after its row id, made safe by :func:`pipeline.untrusted.safe_names` (the
+  escaping that also names the ``path`` of every stored image struct): path separators and
   ``..`` replaced by ``_``, a leading dot too (no hidden file), control characters escaped as ``%XX``,
   at most :data:`MAX_NAME_BYTES` bytes with the ``.png`` suffix; ids that come out the same get
   ``~`` and a short hash of their raw id appended. ``DIR/export.csv`` maps each file to its id (and
@@ -22,66 +23,23 @@ cleaned image as its own file, for people and tools that want files.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline.data.shards import decode_image, encode_png, from_float, list_parts, read_table, to_float
 from pipeline.data.storage import join, open_fs, write_atomic
+from pipeline.untrusted import MAX_NAME_BYTES as MAX_NAME_BYTES  # re-exported: the names' limit
+from pipeline.untrusted import check_run_id, is_plain_name, safe_names
 
-MAX_NAME_BYTES = 200
 SUFFIX = ".png"
 CSV_NAME = "export.csv"
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class ExportError(FileNotFoundError):
     """RUN is neither a run folder nor an output root holding runs (one line: the path and what was expected)."""
-
-
-# ---------------------------------------------------------------- names
-def _escape(raw: str) -> str:
-    name = _CONTROL.sub(lambda m: f"%{ord(m.group()):02X}", raw)
-    name = name.replace("/", "_").replace("\\", "_").replace("..", "__")
-    if name.startswith("."):
-        name = "_" + name[1:]
-    return name or "_"
-
-
-def _cut(name: str, limit: int) -> str:
-    """``name`` cut to at most ``limit`` UTF-8 bytes, on a character boundary."""
-    data = name.encode("utf-8")
-    return name if len(data) <= limit else data[:limit].decode("utf-8", "ignore")
-
-
-def _hash(raw: str, n: int = 8) -> str:
-    return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:n]
-
-
-def safe_names(ids: Sequence[str]) -> list[str]:
-    """A file name (with ``.png``) for each id: the id made safe (see the module docstring), unique among
-    ``ids`` (which must be unique themselves), at most :data:`MAX_NAME_BYTES` bytes."""
-    limit = MAX_NAME_BYTES - len(SUFFIX)
-    plain = [_cut(_escape(str(i)), limit) for i in ids]
-    counts = Counter(plain)
-    out = []
-    for raw, name in zip(ids, plain):
-        if counts[name] > 1:  # a collision: every id that comes out as this name gets its own hash
-            tag = "~" + _hash(str(raw))
-            name = _cut(name, limit - len(tag)) + tag
-        out.append(name)
-    taken = Counter(out)  # an id whose plain name looks like another's hashed name: hash it longer
-    for k, (raw, name) in enumerate(zip(ids, out)):
-        if taken[name] > 1:
-            tag = "~" + _hash(str(raw), 32)
-            out[k] = _cut(plain[k], limit - len(tag)) + tag
-    if len(set(out)) != len(out):
-        raise ValueError("two ids were given the same file name; are the ids unique?")
-    return [n + SUFFIX for n in out]
 
 
 # ---------------------------------------------------------------- which run
@@ -105,7 +63,10 @@ def resolve_run(uri: str, run_id: str | None = None) -> tuple[str, str]:
 
     ``uri`` is a run folder, or an output root holding ``runs/``: its only run, ``run_id``, or else
     the newest (latest summary row; runs without one by their files' times). :class:`ExportError`
-    (one line naming the path and what it should be) otherwise."""
+    (one line naming the path and what it should be) otherwise; a ``run_id`` that is not a run id
+    (:func:`pipeline.untrusted.check_run_id`), :class:`~pipeline.untrusted.ConfigError`."""
+    if run_id is not None:
+        check_run_id(run_id, "run_id")  # a name under runs/, never a path (ConfigError)
     uri = str(uri).rstrip("/")
     fs, path = open_fs(uri)
     if not fs.exists(path):
@@ -201,7 +162,7 @@ def _png(cell: dict[str, Any] | None, bits: int) -> bytes | None:
 
 def _inside(root: str, name: str, sub: str = "") -> str:
     """``root[/sub]/name``, refusing a name that could reach outside (a guard: :func:`safe_names` made it)."""
-    if not name or "/" in name or "\\" in name or name.startswith(".") or _CONTROL.search(name):
+    if not is_plain_name(name):
         raise ValueError(f"refusing to write {name!r}: not a plain file name inside {root}")
     return join(root, sub, name) if sub else join(root, name)
 
@@ -224,7 +185,7 @@ def export_run(run: str, out_dir: str, run_id: str | None = None, noise: bool = 
     columns = ["id", "denoised"] + (["noise_estimate"] if noise else [])
     tables = [(p, read_table(p, ["id"], attempts=3).column("id").to_pylist()) for p in parts]
     ids = [i for _, shard_ids in tables for i in shard_ids]
-    names = dict(zip(ids, safe_names(ids)))
+    names = dict(zip(ids, safe_names(ids, SUFFIX)))
     out_dir = str(out_dir).rstrip("/")
     fs, root = open_fs(out_dir)
     fs.makedirs(root, exist_ok=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 from pipeline.data.storage import join, open_fs, write_atomic
 from pipeline.diffusion.checkpoint import CONFIG, WEIGHTS, read_json
+from pipeline.untrusted import is_plain_name
 
 CARD_KEYS = ("name", "dataset", "split", "dataset_hash", "n_train_images", "steps", "final_loss", "heldout_loss",
              "train_seconds", "workers", "git_commit", "created_by", "created_at")
@@ -28,6 +29,10 @@ def publish(model_uri: str, root: str, name: str | None = None, version: str | N
     if not name:
         raise ValueError(f"{model_uri}: its config.json names no model; pass a name")
     version = version or "v" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    for what, value in (("name", name), ("version", version)):  # folders under ROOT/models/: never paths
+        if not isinstance(value, str) or not is_plain_name(value):
+            raise ValueError(f"{model_uri}: model {what} {str(value)[:40]!r} is not a plain folder name (no '/', "
+                             "'\\', '..', leading '.' or control characters)")
     dest = join(root, "models", name, version)
     src_fs, src = open_fs(join(model_uri, WEIGHTS))
     write_atomic(join(dest, WEIGHTS), src_fs.cat_file(src))
@@ -45,6 +50,8 @@ def resolve_latest(uri: str) -> str:
     parent = str(uri).rstrip("/").rsplit("/", 1)[0]
     try:
         version = read_json(join(parent, "latest.json"))["version"]
+        if not isinstance(version, str) or not is_plain_name(version):
+            raise ValueError("its version is not a plain folder name")
     except Exception as exc:
         raise FileNotFoundError(f"{uri}: no published version ({join(parent, 'latest.json')}: {exc})") from None
     return join(parent, version)

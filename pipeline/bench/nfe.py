@@ -120,7 +120,9 @@ def nfe_curve(quick: bool = False, n: int | None = None, n_val: int | None = Non
 def save_weights(weights: dict[str, dict[int, dict[str, float]]], path: Path = GUIDANCE_FILE) -> None:
     """Record the tuned weights in ``configs/guidance.yaml`` under ``solvers:`` (the rest unchanged)."""
     header = "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
-    doc = yaml.safe_load(path.read_text())
+    from pipeline.untrusted import read_yaml
+
+    doc = read_yaml(path)
     doc["solvers"] = {**(doc.get("solvers") or {}), **weights}  # solvers not run this time keep their entries
     path.write_text(header + yaml.safe_dump(doc, sort_keys=False))
 

@@ -72,8 +72,9 @@ def observations(sc: Scenario, split: str, n: int, seed: int = 0) -> Observation
 
 
 def load_guidance(path: Path = GUIDANCE_FILE) -> dict[str, Any]:
-    with open(path) as f:
-        return yaml.safe_load(f)
+    from pipeline.untrusted import read_yaml
+
+    return read_yaml(path)
 
 
 def sampler_config(guidance: dict[str, Any], rule: str, steps: int) -> SamplerConfig:

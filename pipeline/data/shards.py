@@ -3,9 +3,10 @@
 A dataset is a folder of ``shard-00000.parquet, shard-00001.parquet, ...``. Image columns are the
 Hugging Face ``datasets`` layout, a struct ``{bytes: binary, path: string}``; the bytes are a PNG
 (8- or 16-bit, grey or RGB) or, for values outside [0, 1], a float32 ``.npy`` (``path`` ends in
-``.npy``). The Parquet schema carries the ``huggingface`` metadata that makes
-``datasets.Dataset.from_parquet`` decode these columns as images; pandas and DuckDB see a plain
-struct column.
+``.npy``). ``path`` is the row id made a safe file name (``../x`` -> ``___x.png``), since tools save
+the image there; the ``id`` column keeps the id as it is. The Parquet schema carries the ``huggingface``
+metadata that makes ``datasets.Dataset.from_parquet`` decode these columns as images; pandas and DuckDB
+see a plain struct column.
 
 Arrays in this module are ``(H, W)`` or ``(H, W, C)`` in their stored dtype (uint8, uint16,
 float32); :func:`to_float` turns one into the ``(C, H, W)`` float32 in [0, 1] that models use.
@@ -24,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.data.storage import join, makedirs, open_fs, write_atomic
+from pipeline.untrusted import MAX_NAME_BYTES, safe_stems
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 SHARD_PATTERN = "shard-{:05d}.parquet"
@@ -142,7 +144,10 @@ def to_float(arr: np.ndarray) -> np.ndarray:
 def image_cell(img: np.ndarray, name: str, bits: int = 8) -> dict[str, object]:
     """The ``{bytes, path}`` struct for one image: PNG for integer (H, W[, C]) arrays or (C, H, W)
     floats in [0, 1] (quantised to ``bits``), an (H, W, C) float32 ``.npy`` for floats that leave
-    [0, 1] or are not finite (so a bad value is kept, not hidden, and validation can reject it)."""
+    [0, 1] or are not finite (so a bad value is kept, not hidden, and validation can reject it).
+
+    ``path`` is ``name`` with the suffix: ``name`` must be a plain file name (:func:`build_table` makes
+    one from the row id with :func:`pipeline.untrusted.safe_stems`), since readers may save the image there."""
     if img.dtype.kind == "u":
         return {"bytes": encode_png(img), "path": f"{name}.png"}
     if np.all(np.isfinite(img)) and img.min() >= 0.0 and img.max() <= 1.0:
@@ -200,11 +205,14 @@ def write_dataset(uri: str, ids: Sequence[str], images: dict[str, Sequence[np.nd
 def build_table(ids: Sequence[str], images: dict[str, Sequence[np.ndarray] | np.ndarray],
                 bits: dict[str, int] | None = None,
                 extra: dict[str, pa.Array | Sequence[object]] | None = None) -> pa.Table:
-    """One shard's table: ``id``, image struct columns, plain columns, and the HF features metadata."""
+    """One shard's table: ``id`` (the raw ids), image struct columns (whose ``path`` is the id made a safe
+    file name, unique in the table), plain columns, and the HF features metadata."""
     cols: dict[str, pa.Array] = {"id": pa.array(list(ids), pa.string())}
+    # the struct's path names a file (datasets' save_to_disk, export tools): a safe name, never the raw id
+    stems = safe_stems(ids, MAX_NAME_BYTES - 4) if images else []
     for name, arrays in images.items():
         b = (bits or {}).get(name, 8)
-        cols[name] = pa.array([image_cell(np.asarray(im), i, b) for i, im in zip(ids, arrays)], IMAGE_TYPE)
+        cols[name] = pa.array([image_cell(np.asarray(im), s, b) for s, im in zip(stems, arrays)], IMAGE_TYPE)
     for name, values in (extra or {}).items():
         cols[name] = values if isinstance(values, pa.Array) else pa.array(list(values))
     table = pa.table(cols)

@@ -36,7 +36,7 @@ from urllib.parse import urlparse
 
 import fsspec
 from fsspec.core import url_to_fs
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 
 class StorageConfig(BaseModel):
@@ -50,7 +50,15 @@ class StorageConfig(BaseModel):
     secret: SecretStr | None = Field(None, description="secret access key (never printed)")
     token: SecretStr | None = Field(None, description="session token (never printed)")
     anon: bool = Field(False, description="anonymous access to public buckets")
-    options: dict[str, Any] = Field(default_factory=dict, description="extra fsspec storage options, as is")
+    options: dict[str, Any] = Field(default_factory=dict, description="extra fsspec storage options, passed as "
+                                    "they are: plain values (text, numbers, true/false, null) or mappings of them, "
+                                    "two levels deep (config_kwargs: {s3: {addressing_style: path}})")
+
+    @field_validator("options")
+    @classmethod
+    def _plain_options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        check_options(v)
+        return v
 
     def resolved(self) -> StorageConfig:
         """This config with unset fields taken from the environment."""
@@ -83,6 +91,43 @@ class StorageConfig(BaseModel):
         if r.region:
             out["client_kwargs"] = {"region_name": r.region}
         return {**out, **self.options}
+
+
+MAX_OPTIONS = 64  # keys in storage.options, at every level together
+MAX_OPTION_TEXT = 4096  # characters of a key or a text value
+MAX_OPTION_LEVELS = 2  # mappings inside storage.options: config_kwargs (botocore's Config) -> s3 -> a value
+
+
+def check_options(options: dict[str, Any]) -> None:
+    """``ValueError`` naming the key unless ``options`` holds plain values (str, int, float, bool, None) or
+    mappings of them at most :data:`MAX_OPTION_LEVELS` deep, with at most :data:`MAX_OPTIONS` keys in all.
+
+    Free-form options go to fsspec as they are, and fsspec keys its instance cache on ``str()`` of them: a list or
+    a deeper structure could be an alias bomb's payload, and s3fs needs none (``client_kwargs``, ``config_kwargs``
+    and ``s3_additional_kwargs`` are mappings; botocore's ``Config`` takes ``s3``, ``retries`` and ``proxies``
+    as mappings of plain values: two levels). The walk stops at the first problem; a value is never repeated."""
+    seen = 0
+    todo: list[tuple[str, Any, int]] = [("storage.options", options, 0)]
+    while todo:
+        where, mapping, level = todo.pop()
+        for key, value in mapping.items():
+            seen += 1
+            if seen > MAX_OPTIONS:
+                raise ValueError(f"storage.options holds more than {MAX_OPTIONS} keys")
+            if not isinstance(key, str) or len(key) > MAX_OPTION_TEXT:
+                raise ValueError(f"{where}: a key is not text of at most {MAX_OPTION_TEXT} characters")
+            name = f"{where}.{key}"
+            if isinstance(value, dict):
+                if level >= MAX_OPTION_LEVELS:
+                    raise ValueError(f"{name}: a mapping {MAX_OPTION_LEVELS + 1} levels deep; storage options are "
+                                     f"plain values or mappings of them, {MAX_OPTION_LEVELS} levels deep at most")
+                todo.append((name, value, level + 1))
+            elif isinstance(value, str):
+                if len(value) > MAX_OPTION_TEXT:
+                    raise ValueError(f"{name}: text longer than {MAX_OPTION_TEXT} characters")
+            elif value is not None and not isinstance(value, (bool, int, float)):
+                raise ValueError(f"{name}: a {type(value).__name__}; storage options are plain values (text, "
+                                 "numbers, true/false, null) or mappings of them")
 
 
 _DEFAULT = StorageConfig()

@@ -8,21 +8,33 @@ safetensors files and ``state.json`` (step, RNG state, configs).
 Loading refuses anything that is not this layout: a ``.pt``/``.pth``/``.ckpt``/``.pkl`` file or a
 file that starts like a pickle or a ``torch.save`` zip, and a config whose architecture does not
 match the stored tensors, with a message that says which.
+
+Priors come from other teams and registries, so their JSON is checked before anything is built from it
+(:func:`read_json`, :func:`read_model_config`, :func:`check_state`): a file of at most 1 MiB (a training
+state's ``state.json``, which lists every step's loss, 64 MiB), nested at most 32 levels, then every key of
+``unet`` and ``sde`` by type, range and finiteness (:class:`~pipeline.diffusion.unet.UNetConfig`, strictly:
+no ``"20"`` for 20; :class:`~pipeline.diffusion.sde.VPSDE`). A problem is one line naming the file and the
+key (:class:`CheckpointConfigError`, a :class:`~pipeline.untrusted.ConfigError` too: exit 2 at the command
+line). The architecture is then compared with the weights on PyTorch's ``meta`` device, so a config that
+does not match its weights never allocates a network.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from pipeline.data.storage import join, makedirs, open_fs, write_atomic
+from pipeline.data.storage import join, local_path, makedirs, open_fs, write_atomic
 from pipeline.diffusion.sde import VPSDE
 from pipeline.diffusion.unet import UNet, UNetConfig
+from pipeline.untrusted import ConfigError
 
 MODEL_FORMAT = "jointdiff-model"
 WEIGHTS = "weights.safetensors"
@@ -30,8 +42,18 @@ CONFIG = "config.json"
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin")
 
 
+MAX_CONFIG_BYTES = 1024 * 1024  # a model's config.json is about 1 kB
+MAX_STATE_BYTES = 64 * 1024 * 1024  # state.json keeps every step's loss: ~20 bytes a step
+MAX_JSON_DEPTH = 32
+
+
 class CheckpointError(ValueError):
     """A checkpoint is missing, is a pickle, or does not match its config."""
+
+
+class CheckpointConfigError(CheckpointError, ConfigError):
+    """A checkpoint's JSON (``config.json``, ``state.json``) is too large, too deep, or has a key of the wrong
+    type or out of range; the message (one line) names the file and the key."""
 
 
 def write_tensors(uri: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -72,15 +94,126 @@ def write_json(uri: str, obj: dict[str, Any], atomic: bool = False) -> None:
         f.write(text)
 
 
-def read_json(uri: str) -> dict[str, Any]:
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"\s*:?|[\[\]{}]')
+
+
+def _too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> str | None:
+    """The keys (dotted) above the first value of ``text`` nested more than ``limit`` levels deep, or None.
+
+    A scan of the text, before it is parsed: Python's parser recurses, and 100,000 ``[`` end in a
+    ``RecursionError``."""
+    keys: list[str | None] = []  # for each open collection, the key it is the value of
+    pending: str | None = None
+    for m in _JSON_TOKENS.finditer(text):
+        tok = m.group()
+        if tok[0] == '"':
+            pending = tok[1:tok.rindex('"')][:40] if tok.endswith(":") else pending
+        elif tok in "[{":
+            keys.append(pending)
+            pending = None
+            if len(keys) > limit:
+                return ".".join(k for k in keys if k is not None) or "the top level"
+        else:
+            if keys:
+                keys.pop()
+            pending = None
+    return None
+
+
+def read_json(uri: str, max_bytes: int = MAX_CONFIG_BYTES) -> dict[str, Any]:
+    """A JSON object from ``uri``: at most ``max_bytes``, nested at most :data:`MAX_JSON_DEPTH` levels
+    (:class:`CheckpointConfigError` otherwise, naming the file and where; a missing file, :class:`CheckpointError`)."""
     fs, path = open_fs(uri)
+    shown = local_path(uri)
     if not fs.exists(path):
-        raise CheckpointError(f"{uri}: no such file")
-    with fs.open(path, "r") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{uri}: not valid JSON ({exc})") from exc
+        raise CheckpointError(f"{shown}: no such file")
+    with fs.open(path, "rb") as f:
+        data = f.read(max_bytes + 1)  # never more, whatever the file's size
+    if len(data) > max_bytes:
+        raise CheckpointConfigError(f"{shown}: larger than {max_bytes // 2**20} MiB; a jointdiff "
+                                    f"{uri.rsplit('/', 1)[-1]} is far smaller")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointConfigError(f"{shown}: not UTF-8 text") from None
+    deep = _too_deep(text)
+    if deep is not None:
+        raise CheckpointConfigError(f"{shown}: {deep}: nested more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        obj = json.loads(text)  # NaN and Infinity are read, and refused by key below
+    except json.JSONDecodeError as exc:
+        raise CheckpointConfigError(f"{shown}: not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointConfigError(f"{shown}: expected a JSON object, found a {type(obj).__name__}")
+    return obj
+
+
+def _problems(exc: ValidationError, section: str) -> str:
+    """Pydantic's errors as ``section.key: problem; ...`` (never the value: it may be huge)."""
+    out = []
+    for err in exc.errors()[:3]:
+        key = ".".join([section, *(str(p) for p in err["loc"])])
+        out.append(f"{key}: {err['msg'].removeprefix('Value error, ')}")
+    return "; ".join(out)
+
+
+def read_model_config(uri: str) -> tuple[UNetConfig, VPSDE, dict[str, Any]]:
+    """The validated ``(unet config, sde, meta)`` of the model folder ``uri``, from its ``config.json`` alone
+    (no weights read, nothing built); :class:`CheckpointConfigError` naming the file and the key otherwise."""
+    where = join(uri, CONFIG)
+    shown = local_path(where)
+    cfg = read_json(where)
+    if cfg.get("format") != MODEL_FORMAT or "unet" not in cfg:
+        raise CheckpointConfigError(f"{shown}: not a jointdiff model config (expected format '{MODEL_FORMAT}' "
+                                    "with a 'unet' section)")
+    for section in ("unet", "sde", "meta"):
+        if not isinstance(cfg.get(section, {}), dict):
+            raise CheckpointConfigError(f"{shown}: {section}: expected a mapping, found a "
+                                        f"{type(cfg[section]).__name__}")
+    try:  # strictly: a config.json is written by save_model, so "32" for 32 is damage, not a convenience
+        unet = UNetConfig.model_validate(cfg["unet"], strict=True)
+    except ValidationError as exc:
+        raise CheckpointConfigError(f"{shown}: {_problems(exc, 'unet')}") from None
+    sde_cfg = cfg.get("sde", {})
+    unknown = sorted(set(sde_cfg) - {"beta_min", "beta_max", "eps"})
+    if unknown:
+        raise CheckpointConfigError(f"{shown}: sde.{unknown[0][:40]}: unknown key; sde has beta_min, beta_max, eps")
+    try:
+        sde = VPSDE(**sde_cfg)
+    except ValueError as exc:
+        raise CheckpointConfigError(f"{shown}: sde.{exc}") from None
+    return unet, sde, cfg.get("meta", {})
+
+
+def check_state(meta: dict[str, Any], uri: str) -> None:
+    """:class:`CheckpointConfigError` naming the key unless a training state's ``state.json`` (read from ``uri``)
+    has what resuming uses, of the right types."""
+    shown = local_path(uri)
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    checks = [("step", count, "a whole number >= 0"), ("ema_updates", count, "a whole number >= 0"),
+              ("losses", lambda v: isinstance(v, list) and all(map(number, v)), "a list of numbers"),
+              ("train_seconds", lambda v: number(v) and v >= 0, "a number >= 0"),
+              ("optimizer", lambda v: isinstance(v, dict) and isinstance(v.get("param_groups"), list)
+               and all(isinstance(g, dict) for g in v["param_groups"]), "a mapping with a list of param_groups"),
+              ("config", lambda v: isinstance(v, dict) and all(isinstance(v.get(s, {}), dict) for s in ("unet", "sde")),
+               "a mapping with unet and sde sections")]
+    for key, ok, what in checks:
+        if key not in meta:
+            if key == "train_seconds":
+                continue
+            raise CheckpointConfigError(f"{shown}: {key}: missing; a training state's state.json has {what}")
+        value = meta[key]
+        if not ok(value):
+            bad = next((i for i, v in enumerate(value) if not number(v)), None) if isinstance(value, list) else None
+            found = f"item {bad} is a {type(value[bad]).__name__}" if bad is not None else \
+                f"found a {type(value).__name__}"
+            raise CheckpointConfigError(f"{shown}: {key}: expected {what}; {found}")
 
 
 def save_model(uri: str, model: UNet, sde: VPSDE, meta: dict[str, Any] | None = None) -> None:
@@ -93,9 +226,12 @@ def save_model(uri: str, model: UNet, sde: VPSDE, meta: dict[str, Any] | None = 
 
 
 def build_model(unet_config: UNetConfig, state: dict[str, torch.Tensor], source: str) -> UNet:
-    """Instantiate a U-Net and load ``state``, explaining any mismatch in terms of the config."""
-    model = UNet(unet_config)
-    expected = model.state_dict()
+    """Instantiate a U-Net and load ``state``, explaining any mismatch in terms of the config.
+
+    The architecture is compared with ``state`` on the ``meta`` device first (shapes, no memory), so a
+    network is allocated only when the weights fill it: never more than the weights file holds."""
+    with torch.device("meta"):
+        expected = UNet(unet_config).state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
@@ -113,6 +249,7 @@ def build_model(unet_config: UNetConfig, state: dict[str, torch.Tensor], source:
                          f"e.g. {unexpected[0]}")
         lines.append("Was config.json edited, or copied from another model?")
         raise CheckpointError("\n  ".join(lines))
+    model = UNet(unet_config)
     model.load_state_dict(state)
     return model
 
@@ -121,14 +258,6 @@ def load_model(uri: str, device: torch.device | str = "cpu") -> tuple[UNet, VPSD
     """Load a model folder written by :func:`save_model`; returns ``(model in eval mode, sde, meta)``."""
     if str(uri).lower().endswith(_PICKLE_SUFFIXES):
         read_tensors(str(uri))  # raises the pickle refusal
-    cfg = read_json(join(uri, CONFIG))
-    if cfg.get("format") != MODEL_FORMAT or "unet" not in cfg:
-        raise CheckpointError(f"{join(uri, CONFIG)}: not a jointdiff model config "
-                              f"(expected format '{MODEL_FORMAT}' with a 'unet' section)")
-    try:
-        unet_config = UNetConfig(**cfg["unet"])
-        sde = VPSDE(**cfg.get("sde", {}))
-    except Exception as exc:
-        raise CheckpointError(f"{join(uri, CONFIG)}: invalid config ({exc})") from exc
+    unet_config, sde, meta = read_model_config(uri)  # checked before the weights are read or anything built
     model = build_model(unet_config, read_tensors(join(uri, WEIGHTS)), str(uri))
-    return model.to(device).eval(), sde, cfg.get("meta", {})
+    return model.to(device).eval(), sde, meta

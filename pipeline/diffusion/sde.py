@@ -14,6 +14,7 @@ The blog post's displayed reverse step has sign slips; these are the correct equ
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,22 @@ class VPSDE:
     beta_min: float = 0.1
     beta_max: float = 20.0
     eps: float = 1e-3
+
+    def __post_init__(self) -> None:
+        """``0 < beta_min < beta_max`` and ``0 < eps < 1``, all finite real numbers: a schedule outside these
+        makes ``s_t`` zero or imaginary and the sampler quietly produces NaNs (``ValueError`` naming the field)."""
+        for name in ("beta_min", "beta_max", "eps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{name}: must be a number, got a {type(v).__name__}")
+            if not math.isfinite(v):
+                raise ValueError(f"{name}: must be finite, got {v}")
+        if not self.beta_min > 0:
+            raise ValueError(f"beta_min: must be > 0, got {self.beta_min}")
+        if not self.beta_max > self.beta_min:
+            raise ValueError(f"beta_max: must be > beta_min ({self.beta_min}), got {self.beta_max}")
+        if not 0 < self.eps < 1:
+            raise ValueError(f"eps: must be in (0, 1), got {self.eps}")
 
     def beta(self, t: torch.Tensor) -> torch.Tensor:
         return self.beta_min + t * (self.beta_max - self.beta_min)

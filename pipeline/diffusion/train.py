@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import signal
 import threading
 import time
@@ -27,8 +28,10 @@ import torch
 from pipeline.config import PriorConfig
 from pipeline.data.storage import join, makedirs, open_fs
 from pipeline.diffusion.checkpoint import (
+    MAX_STATE_BYTES,
     CheckpointError,
     build_model,
+    check_state,
     read_json,
     read_tensors,
     save_model,
@@ -162,7 +165,10 @@ class Trainer:
         if not fs.exists(path):
             return None
         try:
-            return join(state, read_json(join(state, "latest.json"))["dir"])
+            latest = read_json(join(state, "latest.json"))["dir"]
+            if not isinstance(latest, str) or not re.fullmatch(r"step-\d+", latest):  # a folder name, never a path
+                raise KeyError("dir")
+            return join(state, latest)
         except (CheckpointError, KeyError):
             dirs = sorted(p for p in fs.ls(path, detail=False) if p.rsplit("/", 1)[-1].startswith("step-"))
             for d in reversed(dirs):
@@ -175,7 +181,9 @@ class Trainer:
         step_dir = self._latest_dir(root)
         if step_dir is None:
             return False
-        meta = read_json(join(step_dir, "state.json"))
+        state_json = join(step_dir, "state.json")
+        meta = read_json(state_json, max_bytes=MAX_STATE_BYTES)
+        check_state(meta, state_json)  # one line naming the key, before any tensor is read
         saved = meta["config"]
         for section in ("unet", "sde"):
             mine = getattr(self.config, section).model_dump()

@@ -47,10 +47,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-import yaml
-
 import pipeline
-from pipeline.config import ConfigError, refuse_credentials
+from pipeline.config import ConfigError, check_run_id, refuse_credentials
+from pipeline.untrusted import read_yaml
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -137,11 +136,9 @@ def load_runtime_env(working_dir: Path, path: str | None = None) -> dict[str, An
     env: dict[str, Any] = {}
     if path or file.is_file():
         try:
-            env = yaml.safe_load(file.read_text()) or {}
+            env = read_yaml(file, f"runtime env file {file}") or {}  # bounded; errors say where, not what
         except FileNotFoundError:
             raise ConfigError(f"runtime env file {file} does not exist") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"runtime env file {file} is not valid YAML: {exc}") from None
         if not isinstance(env, dict):
             raise ConfigError(f"runtime env file {file} must hold a mapping (working_dir, excludes, env_vars...)")
     env = dict(env)
@@ -247,6 +244,8 @@ def job_command(kind: str, job_args: Sequence[str], working_dir: Path) -> list[s
     except SystemExit as exc:  # argparse printed the problem; the arguments are not repeated (a value may be secret)
         raise ConfigError(f"the arguments for `{kind}` were refused by its parser (above)") from exc
     refuse_credentials(parsed.set)  # the arguments become the job's entry point, shown by the dashboard
+    if getattr(parsed, "run_id", None) is not None:  # refused here, not minutes later on the cluster
+        check_run_id(parsed.run_id, "--run-id")
     if kind == "clean":
         args = _absolute_positionals(args, [parsed.input, parsed.output])
     return ["python3", "-m", "pipeline.jobs.entry", kind, *args]

@@ -54,6 +54,12 @@ class RefusingFlow(Flow):
         refuse_credentials([overrides] if isinstance(overrides, str) else overrides or [])
         return super().__call__(*args, return_state=return_state, wait_for=wait_for, **kwargs)
 
+    def with_options(self, *args: Any, **kwargs: Any) -> Any:
+        """As :meth:`prefect.Flow.with_options`, keeping the refusal (Prefect's builds a plain ``Flow``)."""
+        copy = super().with_options(*args, **kwargs)
+        copy.__class__ = RefusingFlow
+        return copy
+
 
 def refusing_flow(**options: Any) -> Any:
     """``@flow(**options)``, making a :class:`RefusingFlow`."""

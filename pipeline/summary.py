@@ -75,7 +75,8 @@ def summary_row(run: RunPlan, cfg: CleanConfig, acc: Accounting, processed: int,
     if metrics is not None:  # the run's plan only: not the outputs of shards removed from the input (orphaned)
         import pyarrow.compute as pc
 
-        metrics = metrics.filter(pc.is_in(metrics.column("shard"), pa.array([s.name for s in run.shards])))
+        planned = [s.name for s in run.shards if s.name not in acc.orphaned]
+        metrics = metrics.filter(pc.is_in(metrics.column("shard"), pa.array(planned, pa.string())))
 
     def col(name: str) -> list[Any]:
         return metrics.column(name).to_pylist() if metrics is not None and name in metrics.column_names else []

@@ -165,8 +165,14 @@ MAX_NAME_BYTES = 200
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # control characters, lone surrogates
 
 
+def printable(raw: object) -> str:
+    """``raw`` for a log line: control characters (newlines, terminal escapes) as ``%XX``, so that an id chosen
+    by someone else cannot forge or hide lines."""
+    return _CONTROL.sub(lambda m: f"%{ord(m.group()):02X}", str(raw))
+
+
 def _escape(raw: str) -> str:
-    name = _CONTROL.sub(lambda m: f"%{ord(m.group()):02X}", raw)
+    name = printable(raw)
     name = name.replace("/", "_").replace("\\", "_").replace("..", "__")
     if name.startswith("."):
         name = "_" + name[1:]

@@ -248,10 +248,11 @@ def test_an_alias_bomb_in_a_config_file_or_the_flow_overrides_is_refused(obs16, 
     # the flow's overrides (a parameter of every deployment run)
     code = (f"from flows.clean_dataset import clean_dataset\nfrom pipeline.config import ConfigError\n"
             f"try:\n    clean_dataset.fn({obs16!r}, {str(tmp_path / 'out')!r}, "
-            f"overrides=['storage.options=' + {_bomb()!r}])\n"
+            f"overrides=['policy=' + {_bomb()!r}])\n"
             f"except ConfigError as exc:\n    print(exc, file=sys.stderr)\n    sys.exit(2)\n")
-    proc = _capped(code)
-    assert proc.returncode == 2 and proc.stderr.startswith("--set storage.options=...: "), proc.stderr[-3000:]
+    proc = _capped(code)  # a key outside storage: the YAML bound refuses it, not the credential rule
+    assert proc.returncode == 2 and proc.stderr.startswith("--set policy=...: ") and "100,000" in proc.stderr, \
+        proc.stderr[-3000:]
     assert not (tmp_path / "out").exists()
 
 

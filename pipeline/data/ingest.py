@@ -37,6 +37,7 @@ from pipeline.data.shards import SHARD_PATTERN, build_table, read_table, write_t
 from pipeline.data.sources import Source, SourceReader, open_source
 from pipeline.data.storage import StorageConfig, join, open_fs, preflight
 from pipeline.data.validate import ERRORS_SCHEMA, ImagePolicy, RowError, conform, decode_any, error_row
+from pipeline.untrusted import printable
 
 
 class IngestConfig(BaseModel):
@@ -145,7 +146,7 @@ def _ingest(reader: SourceReader, src: str, dst: str, cfg: IngestConfig, run_id:
             counts["written"].append(shard)
             if log is not None:
                 for e in errors:
-                    log(f"{shard} row {e['row']} ({e['id']}): {e['stage']}: {e['reason']}")
+                    log(f"{shard} row {e['row']} ({printable(e['id'])}): {e['stage']}: {e['reason']}")
     return counts
 
 

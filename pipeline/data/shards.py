@@ -241,6 +241,7 @@ def list_shard_infos(uri: str) -> list[tuple[str, dict[str, Any]]]:
     """The dataset's shards in a stable (sorted) order, each with its listing entry (size, ETag or mtime):
     one listing call, whatever the number of shards."""
     fs, root = open_fs(uri)
+    fs.invalidate_cache(root)  # s3fs keeps listings: a long-lived process would see shards as they were
     if not fs.exists(root):
         raise ShardError(f"{str(uri).removeprefix('file://')}: no such dataset folder")
     infos = sorted((i for i in fs.ls(root, detail=True) if str(i["name"]).endswith(".parquet")),

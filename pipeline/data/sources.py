@@ -52,6 +52,10 @@ _TAR_KINDS = {tarfile.SYMTYPE: "symbolic link", tarfile.LNKTYPE: "hard link", ta
               tarfile.BLKTYPE: "block device", tarfile.FIFOTYPE: "fifo"}
 
 
+SWAPPED = ("not the file that was listed (it, or a folder above it, was replaced since, perhaps by a link); "
+           "not read")
+
+
 def special_member(kind: str) -> str:
     return f"a {kind} member (a link or special file); not followed"
 
@@ -155,7 +159,8 @@ class _LocalFolder(SourceReader):
                         pending.append(id_)
                     elif e.is_file(follow_symlinks=False):
                         st = e.stat(follow_symlinks=False)
-                        self.sources.append(Source(id_, f"{st.st_size}/{st.st_mtime}", st.st_size, where=e.path))
+                        self.sources.append(Source(id_, f"{st.st_size}/{st.st_mtime}", st.st_size,
+                                                   where=(e.path, st.st_dev, st.st_ino)))
                     else:
                         self.sources.append(Source(id_, "special", refused=SPECIAL_FILE))
                 except OSError as exc:  # removed while it was listed, or not ours to look at
@@ -175,17 +180,22 @@ class _LocalFolder(SourceReader):
             return Source(id_, "link", refused=LINK_TO_FOLDER)
         if not stat.S_ISREG(st.st_mode):
             return Source(id_, "link", refused=SPECIAL_FILE)
-        return Source(id_, f"{st.st_size}/{st.st_mtime}", st.st_size, where=target)
+        return Source(id_, f"{st.st_size}/{st.st_mtime}", st.st_size, where=(target, st.st_dev, st.st_ino))
 
     @contextmanager
     def _open(self, source: Source) -> Iterator[IO[bytes]]:
         # O_NOFOLLOW and O_NONBLOCK: a file replaced by a link or a fifo since the listing is not followed
-        # and cannot block; it must still be a regular file once open
+        # and cannot block; once open it must be the very file listed (device and inode): O_NOFOLLOW guards
+        # the last part of the path only, and a folder above it swapped for a link would lead elsewhere
+        path, dev, ino = source.where
         flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-        fd = os.open(source.where, flags)
+        fd = os.open(path, flags)
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 raise RowError("read", SPECIAL_FILE)
+            if (st.st_dev, st.st_ino) != (dev, ino):
+                raise RowError("read", SWAPPED)
             yield f
 
 
@@ -236,8 +246,6 @@ class _Zip(SourceReader):
                 self.sources.append(Source(id_, version, refused=LEAVES_ARCHIVE))
             elif hidden_prefix(id_):
                 hidden.add(hidden_prefix(id_))
-            elif stat.S_ISDIR(mode):
-                continue
             elif stat.S_IFMT(mode) and not stat.S_ISREG(mode):
                 self.sources.append(Source(id_, f"{version}/{mode:o}", refused=special_member(_mode_kind(mode))))
             elif info.flag_bits & 0x1:
@@ -256,7 +264,8 @@ class _Zip(SourceReader):
 
 
 def _mode_kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISLNK, "symbolic link"), (stat.S_ISFIFO, "fifo"), (stat.S_ISCHR, "character device"),
+    for test, kind in ((stat.S_ISLNK, "symbolic link"), (stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "fifo"),
+                       (stat.S_ISCHR, "character device"),
                        (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
         if test(mode):
             return kind

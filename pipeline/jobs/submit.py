@@ -65,10 +65,17 @@ SECRET_FILES = (".env", ".env.*", "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "
                 ".boto", "kubeconfig", "*.kubeconfig")
 """Never shipped in a job's working directory: Ray ``excludes`` (gitignore patterns, at any depth) added to those
 of the runtime env file."""
-SECRET_ENV = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|API_?KEY|PRIVATE_KEY|ACCESS_KEY", re.IGNORECASE)
+SECRET_ENV = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|API_?KEY|PRIVATE_KEY|ACCESS_KEY|ACCOUNT_KEY|"
+                        r"STORAGE_KEY|CONNECTION_STRING|^FSSPEC_", re.IGNORECASE)
 """Runtime env variable names that hold a credential (``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
-``AWS_ACCESS_KEY_ID``, ``RAY_AUTH_TOKEN``...), unless they end in ``_FILE`` or ``_PATH``: those name a file on the
-nodes (``AWS_WEB_IDENTITY_TOKEN_FILE``, IRSA's token), which is how the cluster's own identity is given."""
+``AWS_ACCESS_KEY_ID``, ``RAY_AUTH_TOKEN``, Azure's ``AZURE_STORAGE_KEY`` and connection strings, fsspec's
+``FSSPEC_<PROTOCOL>[_<OPTION>]`` storage options...), except :data:`IDENTITY_ENV` and names that end in ``_FILE``
+or ``_PATH``: those name a file on the nodes (``AWS_WEB_IDENTITY_TOKEN_FILE``, IRSA's token), which is how the
+cluster's own identity is given."""
+IDENTITY_ENV = ("GOOGLE_APPLICATION_CREDENTIALS", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_SHARED_CREDENTIALS_FILE")
+"""Credential-sounding names that point at the cluster's own identity (a mounted key file, EKS Pod Identity's
+endpoint), not a credential."""
 
 
 def read_token() -> str | None:
@@ -153,7 +160,7 @@ def check_env_vars(env: dict[str, Any], source: str) -> None:
     """Refuse credential-like ``env_vars`` (:data:`SECRET_ENV`) in the runtime env from ``source``, naming the
     variables and never their values: a runtime env is shown on the Ray dashboard and by ``ray job status``."""
     names = [str(k) for k in (env.get("env_vars") or {}) if SECRET_ENV.search(str(k))
-             and not str(k).upper().endswith(("_FILE", "_PATH"))]
+             and not str(k).upper().endswith(("_FILE", "_PATH")) and str(k).upper() not in IDENTITY_ENV]
     if names:
         raise ConfigError(
             f"runtime env {source}: env_vars {', '.join(names)} may not be shipped: a job's runtime env is shown "
@@ -162,17 +169,46 @@ def check_env_vars(env: dict[str, Any], source: str) -> None:
             "the Ray token (RAY_AUTH_TOKEN) as a header, never with the job")
 
 
+CREDENTIAL_KEY = re.compile(r"^(key|secret|token)$|secret|token|password|passwd|credential|access_key|account_key|"
+                            r"connection_string|private_key", re.IGNORECASE)
+
+
+def check_config_credentials(config: Path, shown: str) -> None:
+    """Refuse a config file whose ``storage:`` section (at its top or in a recipe's section) holds credentials:
+    ``storage.key``, ``storage.secret``, ``storage.token`` or an option named like one. The file travels to the
+    cluster in the job's working directory, where whoever can run jobs can read it."""
+    from pipeline.untrusted import read_yaml
+
+    doc = read_yaml(config, f"--config {shown}")
+    sections = [doc] + [v for v in doc.values() if isinstance(v, dict)] if isinstance(doc, dict) else []
+    found = []
+    for section in sections:
+        store = section.get("storage")
+        if not isinstance(store, dict):
+            continue
+
+        def walk(node: dict[str, Any], path: str) -> None:
+            for k, v in node.items():
+                if isinstance(v, dict):
+                    walk(v, f"{path}.{k}")
+                elif v not in (None, "") and CREDENTIAL_KEY.search(str(k)):
+                    found.append(f"{path}.{k}")
+        walk(store, "storage")
+    if found:
+        raise ConfigError(f"--config {shown}: {', '.join(sorted(set(found)))} would travel to the cluster with the "
+                          "job's working directory, readable by whoever runs jobs there: leave credentials out of a "
+                          "submitted config; jobs reach buckets with the cluster's own identity (an instance profile, "
+                          "a Kubernetes service account, or a secret mounted on the nodes)")
+
+
 def left_out(working_dir: Path, excludes: Sequence[str]) -> list[str]:
     """The files and folders of ``working_dir`` that :data:`SECRET_FILES` keeps from being shipped (folders end
     in ``/``), leaving aside those that ``excludes`` (the runtime env file's) skip anyway; matched as Ray does."""
-    import warnings
 
-    from pathspec import PathSpec  # Ray's own matcher for runtime env excludes, used as Ray uses it
+    from ray._private.thirdparty.pathspec import PathSpec  # the matcher Ray applies to runtime env excludes
 
-    with warnings.catch_warnings():  # pathspec 1.1 deprecates the name "gitwildmatch", which Ray 2.60 uses
-        warnings.simplefilter("ignore", DeprecationWarning)
-        theirs = PathSpec.from_lines("gitwildmatch", excludes)
-        ours = PathSpec.from_lines("gitwildmatch", SECRET_FILES)
+    theirs = PathSpec.from_lines("gitwildmatch", excludes)
+    ours = PathSpec.from_lines("gitwildmatch", SECRET_FILES)
     found = []
     for root, dirs, files in os.walk(working_dir):
         base = Path(root).relative_to(working_dir)
@@ -237,6 +273,7 @@ def job_command(kind: str, job_args: Sequence[str], working_dir: Path) -> list[s
             raise ConfigError(f"--config {value} is outside the working directory {working_dir}, which is what is "
                               "shipped to the cluster: move it inside, or pass --working-dir") from None
         args[i] = f"--config={rel}" if args[i].startswith("--config=") else str(rel)
+        check_config_credentials(config, value)
     parser = build_parser()
     check = ["train", *args] if kind == "train" else ["clean", *args]
     try:

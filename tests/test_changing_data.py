@@ -113,3 +113,17 @@ def test_outputs_of_a_shard_removed_after_cleaning_are_kept_and_reported_orphane
                                                                    "shard-00000.parquet").exists()
     assert "1 shard(s) cleaned earlier are no longer in the input (shard-00000.parquet): their outputs are kept, " \
            "orphaned, and not counted" in format_summary(summary)
+
+
+def test_a_shard_removed_while_a_run_is_under_way_is_orphaned_not_an_error(tiny_priors, tmp_path):
+    obs, out = str(tmp_path / "obs"), str(tmp_path / "out")
+    _obs(obs, n=6)
+    cfg = _cfg(tiny_priors)
+    run = prepare_run(obs, out, cfg, "r")
+    cleaner = ShardCleaner(cfg)
+    for s in run.pending:
+        process_shard(cleaner, run, s)
+    (tmp_path / "obs" / "shard-00000.parquet").unlink()  # retention, after the shard was cleaned
+    summary = finish_run(run, cfg, 6, "local", 1.0)
+    assert summary["orphaned_shards"] == ["shard-00000.parquet"]
+    assert (summary["inputs"], summary["cleaned"], summary["errors"]) == (4, 4, 0)

@@ -125,15 +125,17 @@ def test_every_zip_entry_is_ingested_or_rejected_with_a_reason(tmp_path):
         _zip_member(zf, "a/.DS_Store", b"hidden: not an input")
         _zip_member(zf, "__MACOSX/a/._ok.png", b"AppleDouble")
         _zip_member(zf, "a/", b"")  # a folder entry: not an input
+        _zip_member(zf, "a/dir.png", _png(9), stat.S_IFDIR | 0o755)  # a folder mode on an entry with data
     out = ingest(str(tmp_path / "src.zip"), str(tmp_path / "obs"), IngestConfig(shard_size=2), progress=False)
     kept, errors = _outcome(tmp_path / "obs")
     assert kept == ["a/ok.png"]
     leaves = ("read", "path leaves the archive (an absolute path or a '..' part); not extracted")
     assert errors == {"../up.png": leaves, "a/../../x/up2.png": leaves, "/abs.png": leaves,
                       "a/link.png": ("read", "a symbolic link member (a link or special file); not followed"),
-                      "a/fifo.png": ("read", "a fifo member (a link or special file); not followed")}
+                      "a/fifo.png": ("read", "a fifo member (a link or special file); not followed"),
+                      "a/dir.png": ("read", "a folder member (a link or special file); not followed")}
     # hidden files stay out of the inputs (documented), but are counted, never silently lost
-    assert (out["inputs"], out["ingested"], out["errors"], out["hidden"]) == (6, 1, 5, 2)
+    assert (out["inputs"], out["ingested"], out["errors"], out["hidden"]) == (7, 1, 6, 2)
 
 
 def test_every_tar_member_is_ingested_or_rejected_with_a_reason(tmp_path):
@@ -387,3 +389,21 @@ def test_archives_in_a_bucket_are_read_member_by_member(s3, tmp_path):
         assert kept == (["b.png", "a.png"] if name.endswith(".tar.gz") else ["a.png", "b.png"])
         assert errors == {"../up.png": ("read", "path leaves the archive (an absolute path or a '..' part); "
                                                 "not extracted")}
+
+
+def test_a_folder_swapped_for_a_link_after_the_listing_does_not_lead_outside(tmp_path):
+    from pipeline.data.sources import SWAPPED, open_source
+    from pipeline.data.validate import ImagePolicy, RowError
+
+    (tmp_path / "src" / "sub").mkdir(parents=True)
+    (tmp_path / "src" / "sub" / "x.png").write_bytes(_png(1))
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "x.png").write_bytes(_png(1))  # the same size: the listing cannot tell them apart
+    with open_source(str(tmp_path / "src")) as reader:
+        (source,) = reader.sources
+        (tmp_path / "src" / "sub" / "x.png").unlink()
+        (tmp_path / "src" / "sub").rmdir()
+        (tmp_path / "src" / "sub").symlink_to(tmp_path / "outside")  # between the listing and the read
+        with pytest.raises(RowError) as err:
+            reader.read(source, ImagePolicy())
+    assert err.value.reason == SWAPPED

@@ -228,7 +228,8 @@ def test_submit_refuses_storage_credentials_in_the_job_arguments_before_connecti
 
 
 @pytest.mark.parametrize("name", ["AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID",
-                                  "RAY_AUTH_TOKEN", "GITHUB_TOKEN", "DB_PASSWORD", "minio_secret"])
+                                  "RAY_AUTH_TOKEN", "GITHUB_TOKEN", "DB_PASSWORD", "minio_secret",
+                                  "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_CONNECTION_STRING", "FSSPEC_S3_KEY"])
 def test_submit_refuses_credentials_in_the_runtime_env_before_connecting(name, jobs_api, tmp_path, monkeypatch,
                                                                          capsys):
     from pipeline.cli import main
@@ -312,3 +313,40 @@ def test_submit_never_ships_secret_files_and_says_in_one_line_what_it_left_out(j
     (clean / "configs" / "c.yaml").write_text("sampler: {steps: 2}\n")
     lines.clear()
     assert ".env" in sj.job_runtime_env(clean, None, log=lines.append)["excludes"] and lines == []
+
+
+def test_the_clusters_own_identity_may_be_named_in_the_runtime_env():
+    from pipeline.jobs.submit import check_env_vars
+
+    check_env_vars({"env_vars": {"GOOGLE_APPLICATION_CREDENTIALS": "/var/run/secrets/gcp/key.json",
+                                 "AWS_CONTAINER_CREDENTIALS_FULL_URI": "http://169.254.170.23/v1/credentials",
+                                 "AWS_WEB_IDENTITY_TOKEN_FILE": "/var/run/secrets/eks/token",
+                                 "AWS_REGION": "eu-west-1"}}, "deploy/runtime_env.yaml")
+
+
+@pytest.mark.parametrize("storage", [{"secret": SECRET}, {"key": "AKIA", "token": SECRET},
+                                     {"options": {"client_kwargs": {"aws_secret_access_key": SECRET}}}])
+@pytest.mark.parametrize("recipe", [False, True])
+def test_submit_refuses_a_config_file_that_holds_credentials(storage, recipe, jobs_api, tmp_path, monkeypatch,
+                                                             capsys):
+    from pipeline.cli import main
+
+    address, connections = jobs_api
+    monkeypatch.chdir(tmp_path)
+    doc = {"sampler": {"steps": 10}, "storage": {"region": "eu-west-1", **storage}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"clean": doc} if recipe else doc))
+    assert main(["submit", "clean", "in", "out", "--config", "c.yaml", "--address", address]) == 2
+    out = capsys.readouterr()
+    assert SECRET not in out.out + out.err and connections == [] and out.err.count("\n") == 1, out.err
+    assert "--config c.yaml: storage." in out.err and "would travel to the cluster" in out.err, out.err
+
+
+def test_a_flow_copied_with_options_still_refuses_before_a_run_exists(prefect_harness):
+    from flows.clean_dataset import clean_dataset
+    from pipeline.config import ConfigError
+
+    before = _run_ids()
+    copy = clean_dataset.with_options(name="clean-dataset-copy")
+    with pytest.raises(ConfigError):
+        copy("in", "out", overrides=[f"storage.secret={SECRET}"])
+    assert _run_ids() == before and SECRET not in _stored_parameters()

@@ -54,6 +54,21 @@ def _processes_in_group(pgid: int, name: str) -> list[int]:
     return out
 
 
+def _live_in_group(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is still running (a zombie is not)."""
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            stat = (p / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
 def _descendants(pid: int) -> list[int]:
     parents: dict[int, list[int]] = {}
     for p in Path("/proc").iterdir():
@@ -151,11 +166,15 @@ class Cluster:
         return env
 
     def stop(self) -> None:
+        """SIGTERM every node's processes, SIGKILL what is left 2 s later; returns once they are gone (or after
+        2 s more), then removes the cluster's folder."""
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pgid in reversed(self.nodes):
                 try:
                     os.killpg(pgid, sig)
                 except ProcessLookupError:
                     pass
-            time.sleep(2)
+            deadline = time.time() + 2
+            while any(_live_in_group(pgid) for pgid in self.nodes) and time.time() < deadline:
+                time.sleep(0.1)
         shutil.rmtree(self.tmp, ignore_errors=True)

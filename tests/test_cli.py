@@ -133,18 +133,11 @@ def test_demo_corrupts_cleans_with_the_flow_and_says_where_the_outputs_are(tmp_p
     assert summary["report"] == report.as_uri()
 
 
-def _tiny_prior(tmp_path: Path, name: str) -> Path:
-    cfg = _tiny_yaml(tmp_path, steps=2, every=2)
-    out = tmp_path / name
-    jointdiff("train", "--config", str(cfg), "--quiet", "--set", f"output={out}", "--set", f"name={name}")
-    return out / "model"
-
-
-def test_denoise_cleans_good_rows_and_rejects_bad_ones(tmp_path):
+def test_denoise_cleans_good_rows_and_rejects_bad_ones(tiny_priors, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    xm, nm = _tiny_prior(tmp_path, "img"), _tiny_prior(tmp_path, "noise")
+    xm, nm = tiny_priors  # the session's (trained as `jointdiff train` trains: pipeline.training.train_prior)
     jointdiff("corrupt", "faces", "digits", str(tmp_path / "obs"), "--size", "16", "--n", "5")
     shard = tmp_path / "obs" / "shard-00000.parquet"
     table = pq.read_table(shard)

@@ -4,6 +4,7 @@ head, and the Prefect deployments registered and run against the test harness's 
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import os
@@ -43,13 +44,21 @@ def _workdir_in_image() -> str:
 # ---------------------------------------------------------------------------------------------------
 # KubeRay manifests against the real ray.io/v1 CRD schemas
 
+@functools.cache
+def _crds() -> dict[str, dict]:
+    """The CRDs by kind, parsed once per session (each is 1-1.4 MB of YAML: seconds per parse in pure Python)."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    crds = [yaml.load(f.read_text(), Loader=loader) for f in sorted(CRDS.glob("ray.io_*.yaml"))]
+    return {crd["spec"]["names"]["kind"]: crd for crd in crds}
+
+
 def _crd_schema(kind: str) -> dict:
-    for f in CRDS.glob("ray.io_*.yaml"):
-        crd = _yaml(f)
-        if crd["spec"]["names"]["kind"] == kind:
-            (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-            return version["schema"]["openAPIV3Schema"]
-    raise AssertionError(f"no CRD for {kind} in {CRDS}")
+    """The v1 schema of ``kind`` (shared between callers: read it, never change it)."""
+    crd = _crds().get(kind)
+    if crd is None:
+        raise AssertionError(f"no CRD for {kind} in {CRDS}")
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return version["schema"]["openAPIV3Schema"]
 
 
 @pytest.mark.skipif(not SHARED_CRDS.is_dir(), reason=f"no {SHARED_CRDS} beside this checkout to compare with")

@@ -12,28 +12,6 @@ from pipeline.training import train_prior
 from tests.conftest import tiny_config
 
 
-def test_one_worker_gives_the_weights_of_single_process_training(ray_local, tmp_path):
-    single = tiny_config(str(tmp_path / "single"), steps=4, checkpoint_every=2, threads=1)
-    train_prior(single, progress=False)
-    dist = single.model_copy(update={"output": str(tmp_path / "dist")})
-    card = train_distributed(dist, num_workers=1)
-    assert card["steps"] == 4 and card["workers"] == 1
-    a, _, _ = load_model(str(tmp_path / "single" / "model"))
-    b, _, _ = load_model(str(tmp_path / "dist" / "model"))
-    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.allclose(p, q, atol=1e-6), name
-
-
-def test_two_workers_train_and_publish_a_model_that_loads(ray_local, tmp_path):
-    cfg = tiny_config(str(tmp_path / "two"), steps=30, checkpoint_every=10, threads=1, lr=2e-3)
-    card = train_distributed(cfg, num_workers=2)
-    assert card["workers"] == 2 and card["steps"] == 30
-    model, _, meta = load_model(str(tmp_path / "two" / "model"))
-    state = json.loads((tmp_path / "two" / "state" / "step-0000030" / "state.json").read_text())
-    losses = state["losses"]  # rank 0's losses, each the DSM loss of its half of the data
-    assert len(losses) == 30 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
-
-
 def test_two_workers_on_s3_checkpoint_and_publish_to_the_registry_and_the_sampler_loads_latest(
         s3, ray_local, tmp_path):
     from pipeline.data.embedded import load_embedded
@@ -66,17 +44,8 @@ def test_two_workers_on_s3_checkpoint_and_publish_to_the_registry_and_the_sample
     assert x.shape == (2, 1, 16, 16) and torch.isfinite(x).all()
 
 
-def test_running_again_with_more_steps_continues_the_count(ray_local, tmp_path):
-    cfg = tiny_config(str(tmp_path / "r"), steps=4, checkpoint_every=2, threads=1)
-    train_distributed(cfg, num_workers=2)
-    first = json.loads((tmp_path / "r" / "state" / "step-0000004" / "state.json").read_text())["losses"]
-    more = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 6})})
-    meta = train_distributed(more, num_workers=2)
-    losses = json.loads((tmp_path / "r" / "state" / "step-0000006" / "state.json").read_text())["losses"]
-    assert meta["steps"] == 6 and len(losses) == 6 and losses[:4] == first  # no step redone from zero
-
-
-def test_the_train_priors_flow_publishes_both_priors_with_artifacts(prefect_harness, ray_local, tmp_path):
+def test_the_train_priors_flow_publishes_both_priors_with_artifacts_and_one_worker_gives_single_process_weights(
+        prefect_harness, ray_local, tmp_path):
     import yaml
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -104,16 +73,39 @@ def test_the_train_priors_flow_publishes_both_priors_with_artifacts(prefect_harn
             any_=["prior-img", "prior-noise"])))
     assert len(arts) == 2 and all("data:image/png;base64," in a.data for a in arts)
 
+    # each prior trained on one Ray Train worker: the weights of single-process training of its config
+    img = tiny_config(str(tmp_path / "single"), steps=4, checkpoint_every=2, threads=1).model_copy(
+        update={"name": "img"})
+    train_prior(img, progress=False)
+    assert cards["img"]["workers"] == 1
+    a, _, _ = load_model(str(tmp_path / "single" / "model"))
+    b, _, _ = load_model(str(tmp_path / "train" / "img" / "model"))
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(p, q, atol=1e-6), name
 
-def test_a_run_stopped_after_a_checkpoint_resumes_without_redoing_steps(ray_local, tmp_path):
-    cfg = tiny_config(str(tmp_path / "s"), steps=6, checkpoint_every=2, threads=1)
+
+def test_two_workers_stopped_after_a_checkpoint_resume_then_continue_the_count_and_publish_a_model_that_loads(
+        ray_local, tmp_path):
+    # One run, three Ray Train starts (each costs far more than the steps): stopped at step 3, resumed to 6,
+    # then run again with more steps, to 30; the rows of every worker's half of the data (not shards).
+    cfg = tiny_config(str(tmp_path / "s"), steps=6, checkpoint_every=2, threads=1, lr=2e-3)
     assert train_distributed(cfg, num_workers=2, stop_after=3) is None  # stopped at step 3; state at step 2
     state = tmp_path / "s" / "state"
     assert json.loads((state / "latest.json").read_text())["step"] == 2 and not (tmp_path / "s" / "model").exists()
     first = json.loads((state / "step-0000002" / "state.json").read_text())["losses"]
     meta = train_distributed(cfg, num_workers=2)
-    losses = json.loads((state / "step-0000006" / "state.json").read_text())["losses"]
-    assert meta["steps"] == 6 and len(losses) == 6 and losses[:2] == first  # continued from step 2
+    six = json.loads((state / "step-0000006" / "state.json").read_text())["losses"]
+    assert meta["steps"] == 6 and len(six) == 6 and six[:2] == first  # continued from step 2
+
+    more = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 30})})
+    meta = train_distributed(more, num_workers=2)
+    assert meta["workers"] == 2 and meta["steps"] == 30
+    losses = json.loads((state / "step-0000030" / "state.json").read_text())["losses"]
+    assert len(losses) == 30 and losses[:6] == six  # no step redone from zero
+    # rank 0's losses, each the DSM loss of its half of the data: they go down
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    model, _, card = load_model(str(tmp_path / "s" / "model"))
+    assert card["steps"] == 30 and card["workers"] == 2
 
 
 def test_bf16_autocast_trains_with_fp32_weights(tmp_path):

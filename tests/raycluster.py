@@ -89,7 +89,10 @@ def _descendants(pid: int) -> list[int]:
 class Cluster:
     """A head (``token``: token authentication on) and optional worker nodes, all on 127.0.0.1."""
 
-    def __init__(self, num_cpus: int = 4, token: str | None = None, project_env: bool = False):
+    def __init__(self, num_cpus: int = 4, token: str | None = None, project_env: bool = False,
+                 system_config: dict[str, int] | None = None):
+        """``system_config``: Ray settings (``RAY_<name>`` in the nodes' environment), such as how soon the head
+        declares a silent node dead."""
         self.token = token
         self.tmp = Path(tempfile.mkdtemp(prefix="jd-ray-", dir="/tmp"))  # short: socket paths must fit 107 bytes
         gcs, dash, agent, client = free_ports(4)
@@ -99,6 +102,7 @@ class Cluster:
                     "RAY_AUTH_MODE": "token" if token else "disabled",
                     "PATH": os.environ.get("PATH", "") if project_env else path_without_venv()}
         self.env.pop("RAY_ADDRESS", None)
+        self.env.update({f"RAY_{k}": str(v) for k, v in (system_config or {}).items()})
         if token:
             self.env["RAY_AUTH_TOKEN"] = token
         self.groups: list[subprocess.Popen] = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -35,14 +37,28 @@ def setup(tmp_path_factory):
     return root, cfg
 
 
+@pytest.fixture(scope="module")
+def first_run(setup, tmp_path_factory):
+    """One run ``r`` of the setup's dataset, done once for the module (the unreadable shard alone costs seconds
+    of read retries per run): ``(output folder, summary)``. Tests copy it (:func:`_copy_of`) before changing it."""
+    root, cfg = setup
+    out = tmp_path_factory.mktemp("first") / "out"
+    return out, denoise_dataset(str(root / "obs"), str(out), cfg, run_id="r", progress=False)
+
+
+def _copy_of(first_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(first_run[0], out)
+    return out
+
+
 def _mtimes(run):
     return {p.relative_to(run).as_posix(): p.stat().st_mtime_ns for p in run.rglob("*.parquet")}
 
 
-def test_every_row_is_accounted_for_and_a_rerun_redoes_only_unmarked_shards(setup, tmp_path):
+def test_every_row_is_accounted_for_and_a_rerun_redoes_only_unmarked_shards(setup, first_run, tmp_path):
     root, cfg = setup
-    out = tmp_path / "out"
-    first = denoise_dataset(str(root / "obs"), str(out), cfg, run_id="r", progress=False)
+    first, out = first_run[1], _copy_of(first_run, tmp_path)
     # 9 good rows + 2 rows of the shard without 'observation' + 1 for the unreadable shard
     assert (first["inputs"], first["cleaned"], first["errors"], first["skipped_shards"]) == (12, 9, 3, 0)
     run = out / "runs" / "r"
@@ -68,10 +84,9 @@ def test_every_row_is_accounted_for_and_a_rerun_redoes_only_unmarked_shards(setu
     assert pq.read_table(run / "cleaned").column("id").to_pylist() == ids
 
 
-def test_accounting_names_missing_and_duplicated_rows_and_fails_the_run(setup, tmp_path):
+def test_accounting_names_missing_and_duplicated_rows_and_fails_the_run(setup, first_run, tmp_path):
     root, cfg = setup
-    out = tmp_path / "out"
-    denoise_dataset(str(root / "obs"), str(out), cfg, run_id="r", progress=False)
+    out = _copy_of(first_run, tmp_path)
     run = out / "runs" / "r"
     m0 = run / "metrics" / "run_id=r" / "shard-00000.parquet"
     pq.write_table(pq.read_table(m0).slice(1), m0)  # row 0 of shard 0 is lost
@@ -88,10 +103,9 @@ def test_accounting_names_missing_and_duplicated_rows_and_fails_the_run(setup, t
         denoise_dataset(str(root / "obs"), str(out), cfg, run_id="r", progress=False)
 
 
-def test_accounting_fails_when_an_id_is_cleaned_twice(setup, tmp_path):
-    root, cfg = setup
-    out = tmp_path / "out"
-    denoise_dataset(str(root / "obs"), str(out), cfg, run_id="r", progress=False)
+def test_accounting_fails_when_an_id_is_cleaned_twice(setup, first_run, tmp_path):
+    root, _ = setup
+    out = _copy_of(first_run, tmp_path)
     run = out / "runs" / "r"
     m0, m1 = (run / "metrics" / "run_id=r" / f"shard-0000{k}.parquet" for k in (0, 1))
     t1 = pq.read_table(m1)

@@ -148,14 +148,17 @@ def _images(run: Path) -> dict[str, np.ndarray]:
 
 def test_a_node_lost_half_way_loses_nothing_and_changes_no_pixel(tiny_priors, tmp_path):
     deadline = time.time() + 300  # the whole test, cluster start included
-    folder = _folder_with_data(tmp_path, tiny_priors, n=16, shard_size=2, steps=30, actors=3, stall_timeout_s=10)
-    cluster = Cluster(num_cpus=1, project_env=True)  # one actor on the head, two on the worker node
+    folder = _folder_with_data(tmp_path, tiny_priors, n=16, shard_size=2, steps=30, actors=3, stall_timeout_s=5)
+    # one actor on the head, two on the worker node; the head declares a node dead after 3 failed health checks
+    # 1 s apart (Ray's defaults: 5, 3 s apart), so the stall check finds it gone within its 5 s
+    cluster = Cluster(num_cpus=1, project_env=True,
+                      system_config={"health_check_period_ms": 1000, "health_check_failure_threshold": 3})
     try:
         worker = cluster.add_worker(num_cpus=2)
         head_id, worker_id = cluster.node_id(0), cluster.node_id(worker)
         log = open(tmp_path / "job.log", "w")
         # The head's actor never finishes its second shard (a test hook). Once the worker node is lost, no actor
-        # is left to work and Ray Data cannot place new ones: only the driver's stall check (10 s without a
+        # is left to work and Ray Data cannot place new ones: only the driver's stall check (5 s without a
         # finished shard, fewer live actors than planned) can finish the run, with a fresh pool on the head.
         hang = f"{tmp_path}/hang@{head_id}"
         job = subprocess.Popen([JOINTDIFF, "clean", "obs", "out", "--config", "clean.yaml", "--run-id", "r",

@@ -40,13 +40,16 @@ def _png(h: int, w: int) -> dict:
     return {"bytes": buf.getvalue(), "path": "x.png"}
 
 
-def _ingested(tmp_path: Path) -> Path:
-    jointdiff("ingest", str(_photos(tmp_path / "photos")), str(tmp_path / "obs"), "--quiet")
-    return tmp_path / "obs"
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory) -> Path:
+    """The photos as `jointdiff ingest` writes them, once for the module (tests only read them)."""
+    root = tmp_path_factory.mktemp("ingested")
+    jointdiff("ingest", str(_photos(root / "photos")), str(root / "obs"), "--quiet")
+    return root / "obs"
 
 
-def test_ingested_photos_stop_before_any_work_with_the_sets_that_fix_them(tiny_priors, tmp_path):
-    obs = _ingested(tmp_path)
+def test_ingested_photos_stop_before_any_work_with_the_sets_that_fix_them(ingested, tiny_priors, tmp_path):
+    obs = ingested
     out = tmp_path / "out"
     priors = ["--set", f"image_prior={tiny_priors[0]}", "--set", f"noise_prior={tiny_priors[1]}"]
     proc = jointdiff("denoise", str(obs), str(out), *priors, "--quiet", check=False)
@@ -170,11 +173,11 @@ def test_the_ray_job_and_the_flow_fail_such_runs_after_recording_them(prefect_ha
         clean_dataset(str(tmp_path / "obs"), str(tmp_path / "out2"), config=str(config), progress=False)
 
 
-def test_an_ingested_folder_trains_a_prior_and_becomes_a_test_set_with_truth(tmp_path):
+def test_an_ingested_folder_trains_a_prior_and_becomes_a_test_set_with_truth(ingested, tmp_path):
     from pipeline.data.datasets import load_images
     from pipeline.data.shards import decode_image, to_float
 
-    obs = _ingested(tmp_path)
+    obs = ingested
     cfg = _tiny_yaml(tmp_path, steps=2, every=2)
     jointdiff("train", "--config", str(cfg), "--quiet", "--set", f"data.source={obs}")
     meta = json.loads((tmp_path / "run" / "model" / "config.json").read_text())["meta"]

@@ -14,6 +14,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 VENV_BIN = Path(sys.executable).parent
@@ -38,8 +39,8 @@ def path_without_venv() -> str:
                            if p and Path(p).resolve() != VENV_BIN.resolve())
 
 
-def _processes_in_group(pgid: int, name: str) -> list[int]:
-    out = []
+def _proc_stats() -> Iterator[tuple[int, str, list[str]]]:
+    """``(pid, command name, the fields after it)`` of every process in ``/proc/*/stat`` (state first)."""
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
             continue
@@ -47,26 +48,16 @@ def _processes_in_group(pgid: int, name: str) -> list[int]:
             stat = (p / "stat").read_text()
         except OSError:
             continue
-        comm = stat[stat.index("(") + 1: stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        if comm == name and int(fields[2]) == pgid:
-            out.append(int(p.name))
-    return out
+        yield int(p.name), stat[stat.index("(") + 1: stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+
+
+def _processes_in_group(pgid: int, name: str) -> list[int]:
+    return [pid for pid, comm, fields in _proc_stats() if comm == name and int(fields[2]) == pgid]
 
 
 def _live_in_group(pgid: int) -> bool:
     """Whether a process of group ``pgid`` is still running (a zombie is not)."""
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            stat = (p / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            return True
-    return False
+    return any(int(fields[2]) == pgid and fields[0] not in ("Z", "X") for _, _, fields in _proc_stats())
 
 
 def _descendants(pid: int) -> list[int]:

@@ -178,6 +178,12 @@ def check_models(cfg: CleanConfig) -> None:
                 raise
             raise ConfigError(f"{key}: {name}: cannot read the model: {cause}") from None
     (x_unet, x_sde, _), (n_unet, n_sde, _) = configs["image_prior"], configs["noise_prior"]
+    check_pair(x_unet, x_sde, n_unet, n_sde)
+
+
+def check_pair(x_unet: Any, x_sde: Any, n_unet: Any, n_sde: Any) -> None:
+    """:class:`ConfigError` unless the two priors share their SDE, image size and channels (the joint sampler
+    runs both on one schedule, on one shape)."""
     if x_sde != n_sde:
         differ = "; ".join(f"sde.{k} {getattr(x_sde, k)} vs {getattr(n_sde, k)}"
                            for k in ("beta_min", "beta_max", "eps") if getattr(x_sde, k) != getattr(n_sde, k))
@@ -214,13 +220,7 @@ class ShardCleaner:
         self.device = resolve_device(cfg.device)
         self.x_model, self.sde, x_meta = load_model(resolve_model(cfg.image_prior), self.device)
         self.n_model, n_sde, n_meta = load_model(resolve_model(cfg.noise_prior), self.device)
-        if n_sde != self.sde:
-            raise ValueError(f"the two priors use different SDEs ({self.sde} vs {n_sde}); they must match")
-        xc, nc = self.x_model.config, self.n_model.config
-        if (xc.image_size, xc.channels) != (nc.image_size, nc.channels):
-            raise ValueError(f"the image prior is {xc.channels}x{xc.image_size}x{xc.image_size} but the noise prior is "
-                             f"{nc.channels}x{nc.image_size}x{nc.image_size}; they must match (for grey noise on "
-                             "RGB images, train the noise prior on RGB noise, e.g. corrupt --noise-channel random)")
+        check_pair(self.x_model.config, self.sde, self.n_model.config, n_sde)
         self.shape = (self.x_model.config.channels, self.x_model.config.image_size, self.x_model.config.image_size)
         self.policy = cfg.policy.model_copy(update={"size": self.shape[1], "channels": self.shape[0]})
         self.model_ids = f"{x_meta.get('name', cfg.image_prior)}+{n_meta.get('name', cfg.noise_prior)}"

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from pipeline.data.storage import open_fs, version_of
-from pipeline.data.validate import ImagePolicy, RowError, read_limited, too_many_bytes
+from pipeline.data.validate import ImagePolicy, RowError, read_limited
 
 ARCHIVES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
 
@@ -113,8 +113,6 @@ class SourceReader:
         """The input's bytes within ``policy``'s bounds, or a :class:`RowError` saying why not."""
         if source.refused:
             raise RowError("read", source.refused)
-        if source.size is not None and source.size > policy.max_bytes:
-            raise too_many_bytes(source.size, policy.max_bytes)
         try:
             with self._open(source) as f:
                 return read_limited(f, source.id, policy, source.size)

@@ -33,9 +33,9 @@ def shard_columns(source: str) -> list[str]:
 
 
 def image_column(source: str, column: str | None = None, column_key: str | None = "data.column") -> str:
-    """The column to read images from (see the module docstring); a :class:`~pipeline.config.ConfigError`
+    """The column to read images from (see the module docstring); a :class:`~pipeline.untrusted.ConfigError`
     naming the columns found, and the ``--set column_key=...`` that picks one, when there is none."""
-    from pipeline.config import ConfigError
+    from pipeline.untrusted import ConfigError
 
     names = shard_columns(source)
     how = (f"; name it with --set {column_key}=COLUMN" if column_key else

@@ -359,9 +359,9 @@ def preflight(input_uri: str | None, output: str | None, config: StorageConfig |
               timeout: float = PREFLIGHT_TIMEOUT) -> None:
     """Before any work: on an object store (``s3://``), ``input_uri`` can be listed and read, and ``output``
     lies in an existing bucket that these credentials may write to (a zero-byte probe object under
-    ``output`` is written and deleted). Raises :class:`~pipeline.config.ConfigError` with one line naming
+    ``output`` is written and deleted). Raises :class:`~pipeline.untrusted.ConfigError` with one line naming
     the URI and the cause. Local and ``memory://`` URIs are left to the run. Never creates a bucket."""
-    from pipeline.config import ConfigError
+    from pipeline.untrusted import ConfigError
 
     cfg = config or _DEFAULT
     checks = [(str(u), role) for u, role in ((input_uri, "input"), (output, "output"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pyarrow.parquet as pq
+from safetensors.torch import load_file, save_file
 
 from pipeline.config import CleanConfig
 from pipeline.data.storage import local_path
@@ -28,14 +29,14 @@ def test_a_version_published_between_planning_and_cleaning_is_not_used_the_pinne
     run = Run.open(str(tmp_path / "obs"), str(tmp_path / "out"), _cfg(latest, tiny_priors[1])).plan()
     v1 = f"file://{registry}/models/img/v1"
     assert run.pinned.image.uri == run.cfg.priors.image == v1
-    assert run.pinned.image.fingerprint == fingerprint(tiny_priors[0])  # config.json + weights of what was published
+    assert run.pinned.image.fingerprint == fingerprint(v1)  # its config.json and weights
 
     publish(tiny_priors[1], registry, "img", version="v2")  # other weights, now `latest`
     assert resolve_latest(latest).endswith("/models/img/v2")
     job = clean_pending(run, progress=False)
     summary = run.finish(job["processed"], "local", 1.0, job)
     assert (summary["cleaned"], summary["errors"]) == (2, 0)
-    ref = f"{v1}@sha256:{fingerprint(tiny_priors[0])[:16]}"
+    ref = f"{v1}@sha256:{fingerprint(v1)[:16]}"
     assert summary["models"] == f'{{"image": "{ref}", "noise": "{run.pinned.noise.ref}"}}'
     model_ids = pq.read_table(local_path(f"{run.run_uri}/cleaned")).column("model_ids").to_pylist()
     assert model_ids == [f"{ref}+{run.pinned.noise.ref}"] * 2
@@ -50,7 +51,8 @@ def test_a_pinned_model_whose_files_change_fails_its_shards_naming_both_fingerpr
     _observations(str(tmp_path / "obs"), n=2, shard_size=2, bad_row=False)
     run = Run.open(str(tmp_path / "obs"), str(tmp_path / "out"), _cfg(str(model), tiny_priors[1]), "r").plan()
     pinned = run.pinned.image.fingerprint
-    shutil.copy(f"{tiny_priors[1]}/weights.safetensors", model / "weights.safetensors")  # replaced in place
+    weights = load_file(model / "weights.safetensors")  # retrained in place, say: other weights, same names
+    save_file({k: v + 0.01 for k, v in weights.items()}, model / "weights.safetensors")
     job = clean_pending(run, progress=False)
     assert job["processed"] == 0
     errors = pq.read_table(tmp_path / "out" / "runs" / "r" / "errors").to_pylist()

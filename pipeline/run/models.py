@@ -55,9 +55,10 @@ def model_uri(name_or_uri: str) -> str:
 
     if name_or_uri in SHIPPED:
         return name_or_uri
-    if "://" not in name_or_uri and Path(name_or_uri).expanduser().exists():
-        name_or_uri = absolute_uri(name_or_uri)
-    return resolve_latest(name_or_uri)
+    uri = resolve_latest(name_or_uri)
+    if "://" not in uri and Path(uri).expanduser().exists():
+        uri = absolute_uri(uri)
+    return uri
 
 
 def _files(uri: str) -> tuple[bytes, bytes]:

@@ -99,4 +99,5 @@ def test_sum_observations_are_cleaned_not_lost(tmp_path):
                       forward={"name": "sum"}, sampler={"steps": 2})
     res = run_local(str(tmp_path / "obs"), str(tmp_path / "out"), cfg, run_id="r", progress=False)
     assert (res["cleaned"], res["errors"]) == (3, 0)
-    assert read_table(str(tmp_path / "out" / "runs" / "r" / "cleaned")).column("id").to_pylist() == obs.ids
+    cleaned = tmp_path / "out" / "runs" / "r" / "cleaned" / "shard-00000.parquet"
+    assert read_table(str(cleaned)).column("id").to_pylist() == obs.ids

@@ -1,12 +1,12 @@
 """Prefect flow ``clean-dataset``: plan the shards, clean them on Ray, check the accounting, record the run.
 
-A thin layer over :mod:`pipeline.clean` and :mod:`pipeline.jobs.clean` (the same steps as
-``jointdiff clean``), with Prefect's retries on the tasks that touch storage and two artifacts per
-run: a table of the summary row and a markdown note of where the outputs are, with a link to the
-run's HTML report (and a link artifact of it).
+A thin layer over the run object (:class:`pipeline.run.Run`) and its Ray executor (:mod:`pipeline.jobs.clean`):
+the same steps as ``jointdiff clean --executor ray``, each task calling one step of the run, with Prefect's
+retries on the tasks that touch storage and two artifacts per run: a table of the summary row and a markdown
+note of where the outputs are, with a link to the run's HTML report (and a link artifact of it).
 
-- first, no task and no retries: :func:`pipeline.clean.preflight_run` (storage access, priors, device),
-  so a wrong bucket or credential fails the flow at once, with one line;
+- first, no task and no retries: :meth:`pipeline.run.Run.open` (storage access, priors, device; the models
+  pinned), so a wrong bucket or credential fails the flow at once, with one line;
 - ``plan_run`` (3 retries): lists the shards, skips complete ones, finds repeated ids;
 - ``clean_shards`` (2 retries): the Ray job; in-process local Ray unless ``ray_address`` or
   ``RAY_ADDRESS`` names a cluster to join as the driver. A retry cleans only the shards still unmarked;
@@ -22,7 +22,7 @@ run's HTML report (and a link artifact of it).
   when more than ``max_rejected_fraction`` of the run's input rows were rejected, or none was cleaned;
   the outputs, summary row, report and artifacts are written before.
 
-``plan_run`` also checks the input before any work (:func:`pipeline.clean.check_inputs`) and fails at
+``plan_run`` also checks the input before any work (:func:`pipeline.run.plan.check_inputs`) and fails at
 once, without retries, with a ``ConfigError`` naming the ``--set`` that fixes a configuration that would
 reject every row.
 
@@ -46,13 +46,14 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 
 from flows import Overrides, artifact_key, refusing_flow
-from pipeline.clean import RunPlan, judge_run, preflight_run, prepare_run, record_run, resolve_paths, verify_run
 from pipeline.config import CleanConfig, ConfigError, load_config, refuse_credentials, with_ray
 from pipeline.data import storage
 from pipeline.data.accounting import Accounting, AccountingError, RejectedRowsError
 from pipeline.data.storage import absolute_uri
-from pipeline.jobs.clean import JobStats, cluster_address, quiet_ray_noise, ray_session, run_job
+from pipeline.jobs.clean import JobStats, clean_pending
+from pipeline.jobs.session import cluster_address
 from pipeline.report import write_report
+from pipeline.run import Run
 from pipeline.summary import format_summary
 from pipeline.untrusted import RunId, check_run_id
 
@@ -71,8 +72,8 @@ def _retry_unless(*final: type[BaseException]):
 
 
 @task(retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=_retry_unless(ConfigError))
-def plan_run(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None) -> RunPlan:
-    run = prepare_run(input_uri, output, cfg, run_id)  # stops here (ConfigError) when every row would be rejected
+def plan_run(run: Run) -> Run:
+    run = run.plan()  # stops here (ConfigError) when every row would be rejected
     print(f"run {run.run_id}: {len(run.pending)} of {len(run.shards)} shard(s) to clean "
           f"({run.pending_rows} rows), outputs in {run.run_uri}")
     return run
@@ -80,34 +81,30 @@ def plan_run(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None) 
 
 @task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE,
       retry_condition_fn=_retry_unless(ConfigError, FileNotFoundError))
-def clean_shards(run: RunPlan, cfg: CleanConfig, progress: bool) -> JobStats:
-    if not run.pending:
-        return JobStats.empty()
-    with quiet_ray_noise(), ray_session(cfg.ray.address):
-        return run_job(run, cfg, progress=progress)
+def clean_shards(run: Run, progress: bool) -> JobStats:
+    return clean_pending(run, progress=progress)  # a retry cleans only the shards still unmarked
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=_retry_unless(AccountingError))
-def verify_accounting(run: RunPlan) -> Accounting:
-    acc = verify_run(run)
+def verify_accounting(run: Run) -> Accounting:
+    acc = run.verify()
     print(acc.describe())
     return acc
 
 
 @task(retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def record_summary(run: RunPlan, cfg: CleanConfig, acc: Accounting, stats: JobStats,
-                   wall_seconds: float) -> dict[str, Any]:
-    return record_run(run, cfg, acc, stats.processed, "ray", wall_seconds)
+def record_summary(run: Run, acc: Accounting, stats: JobStats, wall_seconds: float) -> dict[str, Any]:
+    return run.record(acc, stats.processed, "ray", wall_seconds)
 
 
 @task(retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def write_run_report(run_uri: str) -> str:
-    return write_report(run_uri)
+    return write_report(run_uri)  # Run.report, also for a run that a submitted job made
 
 
 @task(cache_policy=NO_CACHE)  # no retries: a verdict, not a glitch
-def judge_rejections(summary: dict[str, Any], cfg: CleanConfig) -> None:
-    judge_run(summary, cfg)
+def judge_rejections(run: Run, summary: dict[str, Any]) -> None:
+    run.judge(summary)
 
 
 def publish_artifacts(summary: dict[str, Any]) -> None:
@@ -252,18 +249,17 @@ def clean_dataset(input_uri: str, output: str, config: str | None = None, overri
         publish_artifacts(summary)
         print(format_summary(summary))
         return summary
-    input_uri, output, cfg = resolve_paths(input_uri, output, cfg)
     cluster_address(cfg.ray.address)
-    # the job does its own checks on the cluster; here, the driver's: no retries, what they find is no glitch
-    preflight_run(input_uri, output, cfg, ray=True)
-    run = plan_run(input_uri, output, cfg, run_id)
-    stats = clean_shards(run, cfg, progress)
+    # the driver's checks (and the models pinned): no retries, what they find is no glitch
+    run = Run.open(input_uri, output, cfg, run_id, ray=True)
+    run = plan_run(run)
+    stats = clean_shards(run, progress)
     acc = verify_accounting(run)
-    summary = record_summary(run, cfg, acc, stats, time.perf_counter() - t0)
+    summary = record_summary(run, acc, stats, time.perf_counter() - t0)
     summary = {**summary, "report": write_run_report(run.run_uri)}
     publish_artifacts(summary)
     print(format_summary(summary))
-    judge_rejections(summary, cfg)  # fails the flow (RejectedRowsError) when too many rows were rejected
+    judge_rejections(run, summary)  # fails the flow (RejectedRowsError) when too many rows were rejected
     return summary
 
 

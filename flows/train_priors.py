@@ -21,7 +21,7 @@ from flows import Overrides, artifact_key, refusing_flow
 from flows.clean_dataset import _retry_job, run_submitted
 from pipeline.config import PriorConfig, load_config, refuse_credentials
 from pipeline.data.storage import join
-from pipeline.jobs.clean import ray_session
+from pipeline.jobs.session import ray_session
 from pipeline.jobs.train_prior import train_distributed
 
 

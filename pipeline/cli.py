@@ -1,4 +1,7 @@
-"""The ``jointdiff`` command. Each sub-command is a thin wrapper over a library function."""
+"""The ``jointdiff`` command. Each sub-command is a thin wrapper over a library function; the arguments and
+exit codes it shares with the Ray jobs' own entry points live in :mod:`pipeline.commands` (nothing imports
+this module). The verb ``denoise`` was removed before 1.0: ``jointdiff clean --executor local`` does what it
+did (docs/changelog.md)."""
 
 from __future__ import annotations
 
@@ -9,9 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import ConfigError, check_run_id, refuse_credentials
-from pipeline.data import storage
-from pipeline.data.accounting import AccountingError, RejectedRowsError
+from pipeline.commands import add_clean_arguments, add_train_arguments, load_clean, print_summary, run_command
+from pipeline.config import ConfigError, refuse_credentials
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -19,22 +21,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pipeline.diffusion.train import TrainingInterrupted
     from pipeline.training import train_prior
 
-    config = load_config(PriorConfig, args.config, args.set, section=args.section)
     if args.ray_address or args.workers:
-        from pipeline.jobs.clean import cluster_address
+        from pipeline.jobs.train_prior import train_on_ray
 
-        cluster_address(args.ray_address, "train")  # ray:// and http:// fail here, before anything starts
-        from pipeline.jobs.train_prior import train_distributed
-
-        workers = args.workers or 2
-        print(f"training prior '{config.name}' on {workers} Ray Train worker(s) for {config.train.steps} steps "
-              f"-> {config.output}", file=sys.stderr)
-        meta = train_distributed(config, num_workers=workers, use_gpu=args.gpu, ray_address=args.ray_address,
-                                 registry=args.registry)
-        print(f"done: {meta['steps']} steps, final loss {meta['final_loss']:.4f}; model in {config.output}/model"
-              + (f", published as {meta['published']}" if meta.get("published") else ""), file=sys.stderr)
-        print(json.dumps(meta, default=str))
-        return 0
+        return train_on_ray(args)
+    config = load_config(PriorConfig, args.config, args.set, section=args.section)
     print(f"training prior '{config.name}' on {config.data.source}/{config.data.split} "
           f"for {config.train.steps} steps -> {config.output}", file=sys.stderr)
     try:
@@ -164,40 +155,22 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_denoise(args: argparse.Namespace) -> int:
-    from pipeline.clean import denoise_dataset
-    from pipeline.summary import format_summary
-
-    cfg, input_uri, output = _load_clean(args)
-    summary = denoise_dataset(input_uri, output, cfg, run_id=args.run_id, progress=not args.quiet)
-    print(format_summary(summary), file=sys.stderr)
-    print(json.dumps(summary, default=str))
-    return 0
-
-
-def _load_clean(args: argparse.Namespace) -> tuple[object, str, str]:
-    from pipeline.config import CleanConfig, load_config
-
-    cfg = load_config(CleanConfig, args.config, args.set, section=args.section)
-    input_uri, output = args.input or cfg.input, args.output or cfg.output
-    if not input_uri or not output:
-        raise ConfigError(f"{args.command} needs INPUT and OUTPUT (arguments, or the config's input: and output:)")
-    if any(str(u).startswith("s3") for u in (input_uri, output, cfg.image_prior, cfg.noise_prior)):
-        print(f"storage: {cfg.storage.describe()}", file=sys.stderr)
-    return cfg, input_uri, output
-
-
 def _cmd_clean(args: argparse.Namespace) -> int:
     from pipeline.config import with_ray
-    from pipeline.jobs.clean import run_clean
-    from pipeline.summary import format_summary
 
-    cfg, input_uri, output = _load_clean(args)
+    cfg, input_uri, output = load_clean(args)
     cfg = with_ray(cfg, address=args.ray_address, actors=args.actors)
-    summary = run_clean(input_uri, output, cfg, run_id=args.run_id, progress=not args.quiet)
-    print(format_summary(summary), file=sys.stderr)
-    print(json.dumps({k: v for k, v in summary.items() if k != "job"}, default=str))
-    return 0
+    executor = args.executor or ("ray" if cfg.ray.address or os.environ.get("RAY_ADDRESS") else "local")
+    if executor == "local":
+        if args.ray_address or args.actors:
+            raise ConfigError("--ray-address and --actors are settings of the ray executor; leave them out or use "
+                              "--executor ray")
+        from pipeline.run.local import run_local
+
+        return print_summary(run_local(input_uri, output, cfg, run_id=args.run_id, progress=not args.quiet))
+    from pipeline.jobs.clean import run_clean
+
+    return print_summary(run_clean(input_uri, output, cfg, run_id=args.run_id, progress=not args.quiet))
 
 
 def argv_of(args: argparse.Namespace) -> list[str]:
@@ -427,21 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "datasets with two diffusion priors and joint posterior sampling.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train one diffusion prior in this process")
-    t.add_argument("--config", required=True, help="YAML config, e.g. configs/prior_faces.yaml")
-    t.add_argument("--section", default=None,
-                   help="top-level section of a recipe config (configs/celeba_mnist.yaml: image_prior, noise_prior)")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.steps=100 (repeatable)")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.add_argument("--ray-address", default=None, help="train data-parallel on this Ray cluster (Ray Train, DDP), "
-                   "from a machine of it: HEAD:6379 or auto (not ray://; from outside, `jointdiff submit train`); "
-                   "without it and without --workers, training stays in this process")
-    t.add_argument("--workers", type=int, default=None, help="Ray Train workers (default 2 with --ray-address; "
-                   "alone, on an in-process local Ray)")
-    t.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker (NCCL)")
-    t.add_argument("--registry", default=None, help="publish the final model to ROOT/models/NAME/VERSION/ "
-                   "(and point ROOT/models/NAME/latest at it)")
+    t = add_train_arguments(sub.add_parser("train", help="train one diffusion prior (in this process, or on Ray "
+                                                         "Train with --workers / --ray-address)"))
     t.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("sample", help="draw unconditional samples from a prior into a PNG grid")
@@ -507,30 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
     ig.add_argument("--quiet", action="store_true")
     ig.set_defaults(func=_cmd_ingest)
 
-    for name, func, text in (("denoise", _cmd_denoise, "clean an observation dataset in this process (no Ray)"),
-                             ("clean", _cmd_clean, "clean an observation dataset on Ray: an in-process local Ray, "
-                                                   "or a cluster with --ray-address / RAY_ADDRESS")):
-        dn = sub.add_parser(name, help=text)
-        dn.add_argument("input", nargs="?", help="observation dataset: folder or URI of Parquet shards "
-                        "(default: the config's input:)")
-        dn.add_argument("output", nargs="?", help="output root; the run goes to OUTPUT/runs/RUN_ID/ and its "
-                        "summary row to OUTPUT/summary/ (default: the config's output:)")
-        dn.add_argument("--config", default=None, help="YAML clean config (default: built-in faces+digits, dps)")
-        dn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set sampler.steps=100")
-        dn.add_argument("--section", default=None, help="top-level section of --config (e.g. clean)")
-        dn.add_argument("--run-id", default=None, help="default: a hash of input, models and sampler config, so "
-                        "re-running over a grown dataset cleans only its new shards")
-        if name == "clean":
-            dn.add_argument("--ray-address", default=None,
-                            help="Ray cluster to run on as its driver, from a machine of the cluster: HEAD:6379 "
-                            "(the GCS address) or auto (default RAY_ADDRESS, else a local Ray in this process). "
-                            "Not ray:// (Ray Client cannot run Ray Data) nor the Jobs API (http://HEAD:8265): from "
-                            "outside the cluster use `jointdiff submit clean`")
-            dn.add_argument("--actors", type=int, default=None, help="sampler actors (default: one per GPU, "
-                            "else CPUs / ray.threads_per_actor)")
-        dn.add_argument("--quiet", action="store_true")
-        dn.set_defaults(func=func)
+    cl = add_clean_arguments(sub.add_parser(
+        "clean", help="clean an observation dataset: in this process (--executor local) or on Ray (--executor ray: "
+                      "a local Ray in this process, or a cluster with --ray-address / RAY_ADDRESS)"))
+    cl.set_defaults(func=_cmd_clean)
 
     b = sub.add_parser("bench", help="benchmarks: quality (denoising vs baselines), tune (guidance weights), "
                        "speed (compute floor, images/s, Ray vs one process, memory), nfe (PSNR against NFE per "
@@ -632,44 +572,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+REMOVED = {"denoise": "jointdiff clean --executor local"}
+"""Verbs removed before 1.0, and what does their work now (docs/changelog.md)."""
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in REMOVED:
+        print(f"jointdiff: the verb `{argv[0]}` was removed; use `{REMOVED[argv[0]]}` (see docs/changelog.md)",
+              file=sys.stderr)
+        return 2
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    args.argv = argv
     if getattr(args, "passthrough", False):
         args.job_args = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
-        if getattr(args, "run_id", None) is not None:  # a folder name under OUTPUT/runs/: checked before any work
-            check_run_id(args.run_id, "--run-id")
-        with storage.errors_named():  # an object-store error half-way (expired credentials): URI and cause
-            return args.func(args)
-    except ConfigError as exc:
-        print(f"jointdiff: {exc}", file=sys.stderr)
-        return 2
-    except storage.StorageError as exc:
-        print(f"jointdiff {args.command}: storage error: {exc}", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, ValueError) as exc:  # CheckpointError, ShardError are ValueErrors
-        print(f"jointdiff {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    except AccountingError as exc:
-        print(f"jointdiff {args.command}: {exc}", file=sys.stderr)
-        return 3
-    except RejectedRowsError as exc:  # the run is complete and recorded; too many of its rows were rejected
-        from pipeline.summary import format_summary
-
-        print(format_summary(exc.summary), file=sys.stderr)
-        print(f"jointdiff {args.command}: {exc}", file=sys.stderr)
-        print(json.dumps({k: v for k, v in exc.summary.items() if k != "job"}, default=str))
-        return 4
-    except KeyboardInterrupt as exc:
-        print(f"\njointdiff {args.command}: {exc or 'interrupted'}", file=sys.stderr)
-        return 130
-    except OSError as exc:  # a local disk full, a folder not writable: the message names the path
-        print(f"jointdiff {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

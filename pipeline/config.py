@@ -15,7 +15,7 @@ import re
 import typing
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -170,7 +170,7 @@ class RayConfig(_Strict):
 
 
 class GPUConfig(_Strict):
-    """How the two networks run (``jointdiff denoise`` / ``clean``): speed, not the sampler's math.
+    """How the two networks run (``jointdiff clean``): speed, not the sampler's math.
 
     ``auto`` means on when the device is CUDA and off elsewhere, so a CPU run is unchanged."""
 
@@ -192,32 +192,66 @@ class GPUConfig(_Strict):
         return Runtime.resolve(device, self.precision, self.channels_last, self.compile)
 
 
-class CleanConfig(_Strict):
-    """``jointdiff denoise`` (one process) and ``jointdiff clean`` / the flow (Ray)."""
+class Priors(_Strict):
+    """The two priors of a clean recipe. Each is a shipped name (faces, digits, stripes), a model folder or
+    URI (``config.json`` + ``weights.safetensors``), or a registry's ``ROOT/models/NAME/latest``; a run
+    resolves both once, on its driver, to a pinned version (:mod:`pipeline.run.recipe`)."""
+
+    image: str = Field("faces", description="the prior of the clean images")
+    noise: str = Field("digits", description="the prior of the structured noise")
+
+
+class Recipe(_Strict):
+    """What decides the pixels of a cleaning run: the priors, the forward model, the sampler and the input
+    policy. A run's id and config hash hash the recipe alone, whole, with its models pinned
+    (:func:`pipeline.run.identity.identify`); nothing else of a :class:`CleanConfig` may enter them."""
+
+    priors: Priors = Field(default_factory=Priors)
+    forward: ForwardConfig = Field(default_factory=ForwardConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    policy: ImagePolicy = Field(default_factory=ImagePolicy,
+                                description="inputs of another size or channel count: reject (default) or convert; "
+                                            "size and channels always come from the priors")
+
+
+class Execution(_Strict):
+    """Where and how a cleaning run runs: no part of its identity. Results do not depend on batching or on the
+    executor; the ``gpu`` settings change them only by floating-point rounding; ``max_rejected_fraction``
+    judges a run, it does not make it."""
 
     input: str | None = Field(None, description="observation dataset URI (when not given on the command line)")
     output: str | None = Field(None, description="output root URI (when not given on the command line)")
-    image_prior: str = "faces"
-    noise_prior: str = "digits"
-    forward: ForwardConfig = Field(default_factory=ForwardConfig)
-    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         32, description="images per sampler batch; auto: sized from the free GPU memory (one step's peak "
                               "memory measured at two small batches, gpu.memory_margin of what is free, at most "
                               "gpu.max_batch rows), 32 on a CPU")
     device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (cuda when torch sees a GPU)")
     gpu: GPUConfig = Field(default_factory=GPUConfig, description="bf16, channels-last, torch.compile")
-    threads: int | None = Field(None, ge=1, description="torch threads of `denoise` "
-                                                        "(the Ray job: ray.threads_per_actor)")
-    policy: ImagePolicy = Field(default_factory=ImagePolicy,
-                                description="inputs of another size or channel count: reject (default) or convert; "
-                                            "size and channels always come from the priors")
+    threads: int | None = Field(None, ge=1, description="torch threads of the local executor "
+                                                        "(the Ray executor: ray.threads_per_actor)")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     max_rejected_fraction: float = Field(
         0.5, ge=0, le=1, description="a run that rejects more than this fraction of its input rows fails (exit 4) "
                                      "after writing its outputs and summary row, printing the reasons grouped; "
                                      "a run that cleans no row fails at any setting")
+
+
+class CleanConfig(Recipe, Execution):
+    """``jointdiff clean`` and the ``clean-dataset`` flow: a :class:`Recipe` and its :class:`Execution`, flat in
+    one YAML file (``priors: {image: faces, noise: digits}``, ``forward:``, ``sampler:``, ``policy:``,
+    ``batch_size:``, ``ray:``...)."""
+
+    renamed: ClassVar[dict[str, str]] = {"image_prior": "priors.image", "noise_prior": "priors.noise"}
+    """Keys of earlier versions, refused with the key that replaced them (docs/changelog.md)."""
+
+    @property
+    def recipe(self) -> Recipe:
+        return Recipe.model_validate({k: getattr(self, k) for k in Recipe.model_fields})
+
+    @property
+    def execution(self) -> Execution:
+        return Execution.model_validate({k: getattr(self, k) for k in Execution.model_fields})
 
 
 STORAGE_SETTINGS = ("endpoint_url", "region", "anon")
@@ -352,6 +386,10 @@ def _explain(model: type[BaseModel], err: Any, over: dict[str, Any]) -> str:
     loc = tuple(str(x) for x in err["loc"])
     key = ".".join(loc) or "<top>"
     problem = err["msg"].removeprefix("Value error, ")
+    renamed = getattr(model, "renamed", {}).get(".".join(loc))
+    if err["type"] == "extra_forbidden" and renamed:  # one line naming the new key, whatever else is wrong
+        return (f"--set {key}=...: use {renamed}" if _override_at(over, loc) else f"{key}: use {renamed}") + \
+            " (renamed before 1.0; see docs/changelog.md)"
     if err["type"] == "extra_forbidden" and loc:
         fields = _fields_at(model, loc)
         section = ".".join(loc[:-1])

@@ -1,6 +1,6 @@
 """The run history: one summary row per cleaning run in ``<output>/summary/`` (DESIGN.md).
 
-Every invocation of a run (``jointdiff clean``, the Prefect flow, or ``jointdiff denoise``) appends
+Every invocation of a run (``jointdiff clean``, with either executor, or the Prefect flow) appends
 one Parquet file ``summary/<finished_at>-<run_id>.parquet`` holding one row, so appending never
 rewrites (or races on) an existing file, and ``read_parquet('<output>/summary/*.parquet')`` in DuckDB
 or pandas reads the whole history. A resumed run appends a second row: its counts and metric
@@ -9,13 +9,14 @@ cover that invocation alone.
 
 Metric aggregates are over the run's cleaned images (``metrics/``): mean, median and 5th percentile
 of PSNR and SSIM (null without ground truth), the input's PSNR/SSIM means, and the means of the
-reference-free figures (residual, spread, removed-noise energy).
+reference-free figures (residual, spread, removed-noise energy). ``models`` records the run's pinned models
+(JSON ``{"image": REF, "noise": REF}``, each ``URI@sha256:PREFIX``) and ``config_hash`` its recipe
+(:func:`pipeline.run.identity.identify`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import math
 from typing import TYPE_CHECKING, Any
@@ -27,9 +28,8 @@ from pipeline.data.shards import list_parts, read_table, write_table
 from pipeline.data.storage import join
 
 if TYPE_CHECKING:
-    from pipeline.clean import RunPlan
-    from pipeline.config import CleanConfig
     from pipeline.data.accounting import Accounting
+    from pipeline.run import Run
 
 _F = pa.float64()
 _TS = pa.timestamp("s", tz="UTC")
@@ -45,16 +45,6 @@ SUMMARY_SCHEMA = pa.schema([
 ])
 
 
-def config_hash(cfg: CleanConfig) -> str:
-    """A short hash of what shapes the results: the clean config less where it reads, writes and runs
-    (input, output, storage, ray, device, threads, batch_size, gpu; results do not depend on batching, and
-    the gpu settings change them only by floating-point rounding) and less the run's verdict threshold
-    (max_rejected_fraction)."""
-    where = {"storage", "ray", "input", "output", "device", "threads", "batch_size", "gpu", "max_rejected_fraction"}
-    body = json.dumps(cfg.model_dump(mode="json", exclude=where), sort_keys=True)
-    return hashlib.sha256(body.encode()).hexdigest()[:12]
-
-
 def read_parts(uri: str) -> pa.Table | None:
     """All ``.parquet`` files under ``uri`` (recursively, sorted) as one table; None if there are none."""
     parts = [t for t in (read_table(p, attempts=3) for p in list_parts(uri)) if t.num_rows]
@@ -68,8 +58,7 @@ def _stats(values: list[float | None]) -> tuple[float | None, float | None, floa
     return float(v.mean()), float(np.median(v)), float(np.percentile(v, 5))
 
 
-def summary_row(run: RunPlan, cfg: CleanConfig, acc: Accounting, processed: int, executor: str,
-                wall_seconds: float) -> dict[str, Any]:
+def summary_row(run: Run, acc: Accounting, processed: int, executor: str, wall_seconds: float) -> dict[str, Any]:
     """The run's summary row (see the module docstring for what each aggregate covers)."""
     metrics = read_parts(join(run.run_uri, "metrics"))
     if metrics is not None:  # the run's plan only: not the outputs of shards removed from the input (orphaned)
@@ -92,10 +81,10 @@ def summary_row(run: RunPlan, cfg: CleanConfig, acc: Accounting, processed: int,
         "removed_energy_mean": _stats(col("removed_energy"))[0],
         "wall_seconds": float(wall_seconds),
         "images_per_s": processed / wall_seconds if wall_seconds > 0 and processed else None,
-        "nfe": cfg.sampler.nfe * cfg.sampler.n_samples,
-        "models": json.dumps({"image_prior": cfg.image_prior, "noise_prior": cfg.noise_prior}),
-        "sampler": json.dumps(cfg.sampler.model_dump(mode="json"), sort_keys=True),
-        "config_hash": config_hash(cfg), "executor": executor, "output": run.run_uri,
+        "nfe": run.cfg.sampler.nfe * run.cfg.sampler.n_samples,
+        "models": json.dumps({"image": run.pinned.image.ref, "noise": run.pinned.noise.ref}),
+        "sampler": json.dumps(run.cfg.sampler.model_dump(mode="json"), sort_keys=True),
+        "config_hash": run.config_hash, "executor": executor, "output": run.run_uri,
     }
 
 

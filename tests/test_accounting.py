@@ -8,12 +8,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.clean import denoise_dataset
 from pipeline.config import CleanConfig
 from pipeline.data.accounting import AccountingError, check_run, plan
 from pipeline.data.corrupt import corrupt, write_observations
 from pipeline.data.embedded import load_embedded
 from pipeline.posterior.sampler import SamplerConfig
+from pipeline.run.local import run_local
 from pipeline.training import train_prior
 from tests.conftest import tiny_config
 
@@ -33,7 +33,7 @@ def setup(tmp_path_factory):
     pq.write_table(nocol, root / "obs" / "shard-00003.parquet")
     pq.write_table(good.slice(0, 0), root / "obs" / "shard-00004.parquet")
     (root / "obs" / "shard-00005.parquet").write_bytes(b"PAR1 but not really")
-    cfg = CleanConfig(image_prior=models[0], noise_prior=models[1], sampler=SamplerConfig(steps=2), batch_size=4)
+    cfg = CleanConfig(priors={"image": models[0], "noise": models[1]}, sampler=SamplerConfig(steps=2), batch_size=4)
     return root, cfg
 
 
@@ -43,7 +43,7 @@ def first_run(setup, tmp_path_factory):
     of read retries per run): ``(output folder, summary)``. Tests copy it (:func:`_copy_of`) before changing it."""
     root, cfg = setup
     out = tmp_path_factory.mktemp("first") / "out"
-    return out, denoise_dataset(str(root / "obs"), str(out), cfg, run_id="r", progress=False)
+    return out, run_local(str(root / "obs"), str(out), cfg, run_id="r", progress=False)
 
 
 def _copy_of(first_run, tmp_path):
@@ -71,11 +71,11 @@ def test_every_row_is_accounted_for_and_a_rerun_redoes_only_unmarked_shards(setu
     assert len(ids) == len(set(ids)) == 9
 
     before = _mtimes(run)
-    again = denoise_dataset(str(root / "obs"), str(out), cfg, run_id="r", progress=False)
+    again = run_local(str(root / "obs"), str(out), cfg, run_id="r", progress=False)
     assert again["skipped_shards"] == 6 and again["cleaned"] == 9 and _mtimes(run) == before
     (run / "_done" / "shard-00001.json").unlink()
     assert [s.name for s in plan(str(root / "obs"), str(run)) if not s.done] == ["shard-00001.parquet"]
-    redo = denoise_dataset(str(root / "obs"), str(out), cfg, run_id="r", progress=False)
+    redo = run_local(str(root / "obs"), str(out), cfg, run_id="r", progress=False)
     after = _mtimes(run)
     changed = sorted(k for k in after if after[k] != before[k])
     assert changed == ["cleaned/shard-00001.parquet", "metrics/run_id=r/shard-00001.parquet"]  # no error: no file
@@ -100,7 +100,7 @@ def test_accounting_names_missing_and_duplicated_rows_and_fails_the_run(setup, f
     text = acc.describe()
     assert "1 missing: shard-00000.parquet row 0" in text and "1 duplicated: shard-00003.parquet row 1 x2" in text
     with pytest.raises(AccountingError, match="shard-00000.parquet row 0"):
-        denoise_dataset(str(root / "obs"), str(out), cfg, run_id="r", progress=False)
+        run_local(str(root / "obs"), str(out), cfg, run_id="r", progress=False)
 
 
 def test_accounting_fails_when_an_id_is_cleaned_twice(setup, first_run, tmp_path):
@@ -131,7 +131,7 @@ def test_a_resumed_run_rejects_the_same_duplicate_ids_as_a_fresh_one(setup, tmp_
     pq.write_table(pa.Table.from_pylist(rows, schema=good.schema), tmp_path / "obs" / "shard-00000.parquet")
     pq.write_table(pa.Table.from_pylist([later], schema=good.schema), tmp_path / "obs" / "shard-00001.parquet")
     out = tmp_path / "out"
-    denoise_dataset(str(tmp_path / "obs"), str(out), cfg, run_id="r", progress=False)
+    run_local(str(tmp_path / "obs"), str(out), cfg, run_id="r", progress=False)
     run = out / "runs" / "r"
 
     def dup_errors():
@@ -140,5 +140,5 @@ def test_a_resumed_run_rejects_the_same_duplicate_ids_as_a_fresh_one(setup, tmp_
     fresh = dup_errors()
     assert fresh == [("shard-00000.parquet", "decode"), ("shard-00001.parquet", "validate")]
     (run / "_done" / "shard-00001.json").unlink()
-    summary = denoise_dataset(str(tmp_path / "obs"), str(out), cfg, run_id="r", progress=False)
+    summary = run_local(str(tmp_path / "obs"), str(out), cfg, run_id="r", progress=False)
     assert dup_errors() == fresh and summary["cleaned"] == 1

@@ -65,9 +65,9 @@ def test_celeba_mnist_recipe_trains_corrupts_and_denoises_at_64px_rgb(tmp_path, 
     assert table.num_rows == 3 and set(table.column("alpha").to_pylist()) == {0.5}
     noise = np.asarray(Image.open(io.BytesIO(table.column("noise").to_pylist()[0]["bytes"])))
     assert noise.shape == (64, 64, 3) and (noise.reshape(-1, 3).max(0) > 0).sum() == 1  # one random channel
-    printed = jointdiff(capsys, "denoise", str(obs), str(tmp_path / "out"), "--config", RECIPE, "--section", "clean",
-                        "--set", f"image_prior={models['image_prior']}", "--set",
-                        f"noise_prior={models['noise_prior']}", "--set", "sampler.steps=2", "--set", "device=cpu",
+    printed = jointdiff(capsys, "clean", str(obs), str(tmp_path / "out"), "--config", RECIPE, "--section", "clean",
+                        "--set", f"priors.image={models['image_prior']}", "--set",
+                        f"priors.noise={models['noise_prior']}", "--set", "sampler.steps=2", "--set", "device=cpu",
                         "--set", "batch_size=2", "--run-id", "r", "--quiet")
     assert json.loads(printed.strip().splitlines()[-1])["cleaned"] == 3
     cleaned = pq.read_table(tmp_path / "out" / "runs" / "r" / "cleaned")

@@ -8,17 +8,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.clean import ShardCleaner, denoise_dataset, finish_run, prepare_run, process_shard
 from pipeline.config import CleanConfig
 from pipeline.data.corrupt import corrupt, write_observations
 from pipeline.data.embedded import load_embedded
 from pipeline.data.storage import open_fs
 from pipeline.posterior.sampler import SamplerConfig
+from pipeline.run import Run
+from pipeline.run.local import run_local
+from pipeline.run.shard import ShardCleaner, clean_shard
 from pipeline.summary import format_summary
 
 
 def _cfg(priors) -> CleanConfig:
-    return CleanConfig(image_prior=priors[0], noise_prior=priors[1], sampler=SamplerConfig(steps=2), batch_size=4,
+    return CleanConfig(priors={"image": priors[0], "noise": priors[1]}, sampler=SamplerConfig(steps=2), batch_size=4,
                        device="cpu")
 
 
@@ -64,38 +66,38 @@ def test_a_shard_rewritten_in_place_with_the_same_size_is_cleaned_again(tiny_pri
     _obs(obs)
     _rewrite(f"{obs}/shard-00001.parquet", same_size=False)  # room to pad its rewrite to the same size
     cfg = _cfg(tiny_priors)
-    first = denoise_dataset(obs, out, cfg, run_id="r", progress=False)
+    first = run_local(obs, out, cfg, run_id="r", progress=False)
     assert first["cleaned"] == 4
     shard = f"{obs}/shard-00001.parquet"
     fs, path = open_fs(shard)
     size = fs.size(path)
     _rewrite(shard, lambda i: "new-" + i[4:])
     assert fs.size(path) == size
-    again = denoise_dataset(obs, out, cfg, run_id="r", progress=False)
+    again = run_local(obs, out, cfg, run_id="r", progress=False)
     assert again["skipped_shards"] == 1 and again["processed"] == 2, "the rewritten shard was skipped"
     cleaned = set(pq.read_table(open_fs(f"{out}/runs/r/cleaned")[0].open(
         open_fs(f"{out}/runs/r/cleaned/shard-00001.parquet")[1], "rb")).column("id").to_pylist())
     assert cleaned == set(_ids(shard)) and all(i.startswith("new-") for i in cleaned)
     assert again["inputs"] == again["cleaned"] == 4
     # and a third run, with nothing changed, skips both
-    assert denoise_dataset(obs, out, cfg, run_id="r", progress=False)["skipped_shards"] == 2
+    assert run_local(obs, out, cfg, run_id="r", progress=False)["skipped_shards"] == 2
 
 
 def test_a_shard_that_lands_during_a_run_is_left_for_the_next_run(tiny_priors, tmp_path):
     obs, out = str(tmp_path / "obs"), str(tmp_path / "out")
     _obs(obs)
     cfg = _cfg(tiny_priors)
-    run = prepare_run(obs, out, cfg, "r")
+    run = Run.open(obs, out, cfg, run_id="r").plan()
     # a producer adds a shard while the run cleans the two it planned
     shutil.copy(tmp_path / "obs" / "shard-00001.parquet", tmp_path / "obs" / "shard-00002.parquet")
     _rewrite(f"file://{tmp_path}/obs/shard-00002.parquet", lambda i: "late-" + i[5:], same_size=False)
-    cleaner = ShardCleaner(cfg)
+    cleaner = ShardCleaner(run.cfg, run.pinned)
     for s in run.pending:
-        process_shard(cleaner, run, s)
-    summary = finish_run(run, cfg, 4, "local", 1.0)  # accounting against the plan the run started with
+        clean_shard(cleaner, run, s)
+    summary = run.finish(4, "local", 1.0)  # accounting against the plan the run started with
     assert (summary["inputs"], summary["cleaned"], summary["errors"]) == (4, 4, 0)
     # the next run cleans the new shard only
-    nxt = denoise_dataset(obs, out, cfg, run_id="r", progress=False)
+    nxt = run_local(obs, out, cfg, run_id="r", progress=False)
     assert (nxt["skipped_shards"], nxt["processed"], nxt["inputs"], nxt["cleaned"]) == (2, 2, 6, 6)
 
 
@@ -103,9 +105,9 @@ def test_outputs_of_a_shard_removed_after_cleaning_are_kept_and_reported_orphane
     obs, out = str(tmp_path / "obs"), str(tmp_path / "out")
     _obs(obs, n=6)
     cfg = _cfg(tiny_priors)
-    denoise_dataset(obs, out, cfg, run_id="r", progress=False)
+    run_local(obs, out, cfg, run_id="r", progress=False)
     (tmp_path / "obs" / "shard-00000.parquet").unlink()  # retention
-    summary = denoise_dataset(obs, out, cfg, run_id="r", progress=False)
+    summary = run_local(obs, out, cfg, run_id="r", progress=False)
     assert summary["orphaned_shards"] == ["shard-00000.parquet"]
     assert (summary["inputs"], summary["cleaned"], summary["errors"], summary["skipped_shards"]) == (4, 4, 0, 2)
     run = tmp_path / "out" / "runs" / "r"
@@ -119,11 +121,11 @@ def test_a_shard_removed_while_a_run_is_under_way_is_orphaned_not_an_error(tiny_
     obs, out = str(tmp_path / "obs"), str(tmp_path / "out")
     _obs(obs, n=6)
     cfg = _cfg(tiny_priors)
-    run = prepare_run(obs, out, cfg, "r")
-    cleaner = ShardCleaner(cfg)
+    run = Run.open(obs, out, cfg, run_id="r").plan()
+    cleaner = ShardCleaner(run.cfg, run.pinned)
     for s in run.pending:
-        process_shard(cleaner, run, s)
+        clean_shard(cleaner, run, s)
     (tmp_path / "obs" / "shard-00000.parquet").unlink()  # retention, after the shard was cleaned
-    summary = finish_run(run, cfg, 6, "local", 1.0)
+    summary = run.finish(6, "local", 1.0)
     assert summary["orphaned_shards"] == ["shard-00000.parquet"]
     assert (summary["inputs"], summary["cleaned"], summary["errors"]) == (4, 4, 0)

@@ -19,7 +19,6 @@ import pytest
 import torch
 import yaml
 
-from pipeline.clean import denoise_dataset
 from pipeline.config import CleanConfig, RayConfig
 from pipeline.data.accounting import check_run
 from pipeline.data.corrupt import corrupt, write_observations
@@ -29,6 +28,7 @@ from pipeline.data.storage import open_fs
 from pipeline.jobs.clean import run_clean
 from pipeline.metrics import psnr, ssim
 from pipeline.posterior.sampler import SamplerConfig
+from pipeline.run.local import run_local
 from pipeline.summary import read_parts, read_summaries
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def _observations(uri: str, n: int, shard_size: int, bad_row: bool = True, dup_i
 
 
 def _cfg(priors, steps: int = 3, **ray) -> CleanConfig:
-    return CleanConfig(image_prior=priors[0], noise_prior=priors[1], sampler=SamplerConfig(steps=steps),
+    return CleanConfig(priors={"image": priors[0], "noise": priors[1]}, sampler=SamplerConfig(steps=steps),
                        batch_size=2, device="auto", ray=RayConfig(**ray))
 
 
@@ -78,8 +78,10 @@ def _img(cell) -> torch.Tensor:
     return torch.from_numpy(to_float(decode_image(cell["bytes"], cell["path"]))).reshape(1, 1, 16, 16)
 
 
-def test_ray_job_on_s3_equals_single_process_and_its_metrics_match_the_written_images(
-        s3, ray_local, tiny_priors, tmp_path):
+def test_one_verb_cleans_on_s3_with_both_executors_to_the_same_images_and_metrics_that_match_them(
+        s3, ray_local, tiny_priors, tmp_path, capsys):
+    from pipeline.cli import main
+
     bucket, _ = s3
     fs, _ = open_fs(bucket)
     models = []
@@ -87,17 +89,19 @@ def test_ray_job_on_s3_equals_single_process_and_its_metrics_match_the_written_i
         fs.put(local, f"{bucket.removeprefix('s3://')}/models/{name}", recursive=True)
         models.append(f"{bucket}/models/{name}")
     dup = _observations(f"{bucket}/obs", n=8, shard_size=3, dup_in="shard-00002.parquet")
-    cfg = _cfg(models).model_copy(update={"device": "cpu"})
-    summary = run_clean(f"{bucket}/obs", f"{bucket}/out", cfg, progress=False)
+    sets = ["--set", f"priors.image={models[0]}", "--set", f"priors.noise={models[1]}", "--set", "sampler.steps=3",
+            "--set", "batch_size=2", "--set", "device=cpu", "--quiet"]
 
+    def clean(executor: str, out: str) -> dict:
+        assert main(["clean", f"{bucket}/obs", out, "--executor", executor, *sets]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    summary = clean("ray", f"{bucket}/out")
     assert (summary["inputs"], summary["cleaned"], summary["errors"], summary["executor"]) == (8, 6, 2, "ray")
     run = summary["output"]
     assert run.startswith(f"{bucket}/out/runs/run-") and check_run(f"{bucket}/obs", run).ok
-    # scheduled on the logical GPU (one actor, one GPU slot), sampling on the CPU as configured
-    job = summary["job"]
-    assert job["gpus_per_actor"] == 1.0 and job["actors"] == 1 and ray_local.cluster_resources()["GPU"] == 1
-    assert {(r["device"], r["gpu_ids"]) for r in job["shards"]} == {("cpu", "0")}
-    assert sorted(r["shard"] for r in job["shards"]) == [f"shard-0000{k}.parquet" for k in range(3)]
+    markers = [json.loads(fs.cat_file(p)) for p in fs.glob(f"{run.removeprefix('s3://')}/_done/*.json")]
+    assert len(markers) == 3 and all(m["node_id"] for m in markers)  # cleaned by Ray actors
 
     cleaned, metrics = _table(f"{run}/cleaned"), _table(f"{run}/metrics")
     ids = cleaned.column("id").to_pylist()
@@ -117,36 +121,51 @@ def test_ray_job_on_s3_equals_single_process_and_its_metrics_match_the_written_i
     for row in cleaned.to_pylist():
         m = by_id[row["id"]]
         t = truth[(m["shard"], m["row"])]
-        den, clean, obs = _img(row["denoised"]), _img(t["clean"]), _img(t["observation"])
-        assert abs(float(psnr(den, clean)) - m["psnr"]) < 1e-3 and abs(float(ssim(den, clean)) - m["ssim"]) < 1e-4
-        assert abs(float(psnr(obs, clean)) - m["psnr_input"]) < 1e-3 and m["nfe"] == 3 and row["nfe"] == 3
+        den, clean_, obs = _img(row["denoised"]), _img(t["clean"]), _img(t["observation"])
+        assert abs(float(psnr(den, clean_)) - m["psnr"]) < 1e-3 and abs(float(ssim(den, clean_)) - m["ssim"]) < 1e-4
+        assert abs(float(psnr(obs, clean_)) - m["psnr_input"]) < 1e-3 and m["nfe"] == 3 and row["nfe"] == 3
 
-    # the single-process `denoise` gives the same images for the same ids and seeds
-    local = denoise_dataset(f"{bucket}/obs", str(tmp_path / "local"), cfg, progress=False)
-    assert local["run_id"] == summary["run_id"]  # same input, models and sampler: same run id
-    single = {r["id"]: r for r in _table(str(Path(local["output"]) / "cleaned")).to_pylist()}
+    # the local executor: the same run id (the execution is no part of it) and the same images
+    local = clean("local", str(tmp_path / "local"))
+    assert (local["run_id"], local["config_hash"], local["executor"]) == (summary["run_id"], summary["config_hash"],
+                                                                          "local")
+    single = {r["id"]: r for r in _table(str(Path(local["output"].removeprefix("file://")) / "cleaned")).to_pylist()}
     assert set(single) == set(ids)
     for row in cleaned.to_pylist():
+        assert row["model_ids"] == single[row["id"]]["model_ids"] == (
+            f"{models[0]}@sha256:{summary_models(summary)[0]}+{models[1]}@sha256:{summary_models(summary)[1]}")
         for col in ("denoised", "noise_estimate"):
             assert np.array_equal(decode_image(row[col]["bytes"]), decode_image(single[row["id"]][col]["bytes"]))
 
     history = read_summaries(f"{bucket}/out")
     assert history.num_rows == 1 and history.column("cleaned").to_pylist() == [6]
+    # each executor writes the run's report and says where it is
+    for s in (summary, local):
+        assert s["report"] == f"{s['output']}/report.html"
+    assert open_fs(summary["report"])[0].exists(summary["report"].removeprefix("s3://"))
+
+
+def summary_models(summary: dict) -> list[str]:
+    """The fingerprint prefixes the summary row records for the image and the noise prior."""
+    models = json.loads(summary["models"])
+    return [models[k].rsplit("@sha256:", 1)[1] for k in ("image", "noise")]
 
 
 def test_a_resumed_run_decides_duplicates_as_a_fresh_one_whatever_finished_first(tiny_priors, tmp_path):
-    from pipeline.clean import ShardCleaner, prepare_run, process_shard
+    from pipeline.run import Run
+    from pipeline.run.shard import ShardCleaner, clean_shard
 
     dup = _observations(str(tmp_path / "obs"), n=6, shard_size=2, bad_row=False, dup_in="shard-00002.parquet")
     cfg = _cfg(tiny_priors)
-    first = prepare_run(str(tmp_path / "obs"), str(tmp_path / "out"), cfg, "r")
+    first = Run.open(str(tmp_path / "obs"), str(tmp_path / "out"), cfg, "r").plan()
     assert first.duplicates == {"shard-00002.parquet": {0: f"duplicate id {dup!r} (an earlier row of this run has it)"}}
     # the later shard finishes first (as on Ray), then the run stops
-    process_shard(ShardCleaner(cfg), first, next(s for s in first.shards if s.name == "shard-00002.parquet"))
-    resumed = prepare_run(str(tmp_path / "obs"), str(tmp_path / "out"), cfg, "r")
+    clean_shard(ShardCleaner(first.cfg, first.pinned), first,
+                next(s for s in first.shards if s.name == "shard-00002.parquet"))
+    resumed = Run.open(str(tmp_path / "obs"), str(tmp_path / "out"), cfg, "r").plan()
     assert resumed.duplicates == first.duplicates and [s.name for s in resumed.pending] == [
         "shard-00000.parquet", "shard-00001.parquet"]
-    summary = denoise_dataset(str(tmp_path / "obs"), str(tmp_path / "out"), cfg, run_id="r", progress=False)
+    summary = run_local(str(tmp_path / "obs"), str(tmp_path / "out"), cfg, run_id="r", progress=False)
     assert (summary["cleaned"], summary["errors"], summary["skipped_shards"]) == (5, 1, 1)
     metrics = pq.read_table(tmp_path / "out" / "runs" / "r" / "metrics").to_pylist()
     assert [m["shard"] for m in metrics if m["id"] == dup] == ["shard-00000.parquet"]
@@ -266,12 +285,12 @@ def test_the_prefect_flow_records_the_run_and_publishes_artifacts(prefect_harnes
     assert report.read_text().count('class="panel"') == 4 * 4  # the 4 cleaned, each once (one group), 4 panels
 
 
-def test_the_summary_row_without_ground_truth_has_reference_free_figures(ray_local, tiny_priors, tmp_path):
+def test_the_summary_row_without_ground_truth_has_reference_free_figures(tiny_priors, tmp_path):
     obs = corrupt(load_embedded("faces", "test", 16), load_embedded("digits", "test", 16), 3, seed=1)
     write_observations(str(tmp_path / "obs"), obs, shard_size=3)
     t = read_table(str(tmp_path / "obs" / "shard-00000.parquet")).drop_columns(["clean", "noise"])
     pq.write_table(t, tmp_path / "obs" / "shard-00000.parquet")
-    row = run_clean(str(tmp_path / "obs"), str(tmp_path / "out"), _cfg(tiny_priors), progress=False)
+    row = run_local(str(tmp_path / "obs"), str(tmp_path / "out"), _cfg(tiny_priors), progress=False)
     assert row["psnr_mean"] is None and row["ssim_p05"] is None and row["psnr_input_mean"] is None
     assert row["residual_mean"] > 0 and row["removed_energy_mean"] > 0 and row["cleaned"] == 3
 

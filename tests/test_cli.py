@@ -133,7 +133,7 @@ def test_demo_corrupts_cleans_with_the_flow_and_says_where_the_outputs_are(tmp_p
     assert summary["report"] == report.as_uri()
 
 
-def test_denoise_cleans_good_rows_and_rejects_bad_ones(tiny_priors, tmp_path):
+def test_clean_cleans_good_rows_and_rejects_bad_ones(tiny_priors, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -147,8 +147,8 @@ def test_denoise_cleans_good_rows_and_rejects_bad_ones(tiny_priors, tmp_path):
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), shard)
     # a second shard holding only a copy of an id from the first: rejected, so it has no cleaned file
     pq.write_table(pa.Table.from_pylist([dict(rows[2])], schema=table.schema), tmp_path / "obs" / "shard-00001.parquet")
-    proc = jointdiff("denoise", str(tmp_path / "obs"), str(tmp_path / "out"), "--config", "configs/denoise.yaml",
-                     "--set", f"image_prior={xm}", "--set", f"noise_prior={nm}", "--set", "sampler.steps=3",
+    proc = jointdiff("clean", str(tmp_path / "obs"), str(tmp_path / "out"), "--config", "configs/denoise.yaml",
+                     "--set", f"priors.image={xm}", "--set", f"priors.noise={nm}", "--set", "sampler.steps=3",
                      "--set", "batch_size=2", "--run-id", "r1", "--quiet")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary == {**summary, "run_id": "r1", "inputs": 7, "cleaned": 4, "errors": 3}
@@ -193,15 +193,15 @@ def test_bench_quality_quick_writes_every_row_key(tmp_path):
     assert Image.open(tmp_path / "q.png").size == (2 * (96 + 2) + 2, 6 * (96 + 2) + 2)
 
 
-def test_ctrl_c_during_denoise_says_how_far_it_got_and_how_to_resume(tiny_priors, tmp_path):
+def test_ctrl_c_during_clean_says_how_far_it_got_and_how_to_resume(tiny_priors, tmp_path):
     from pipeline.data.corrupt import corrupt, write_observations
     from pipeline.data.embedded import load_embedded
 
     obs = corrupt(load_embedded("faces", "test", 16), load_embedded("digits", "test", 16), 12, seed=0)
     write_observations(str(tmp_path / "obs"), obs, shard_size=2)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "denoise", "obs", "out", "--run-id", "r", "--quiet",
-                             "--set", f"image_prior={tiny_priors[0]}", "--set", f"noise_prior={tiny_priors[1]}",
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "clean", "obs", "out", "--run-id", "r", "--quiet",
+                             "--set", f"priors.image={tiny_priors[0]}", "--set", f"priors.noise={tiny_priors[1]}",
                              "--set", "sampler.steps=80", "--set", "threads=1"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     done = tmp_path / "out" / "runs" / "r" / "_done"
@@ -213,3 +213,11 @@ def test_ctrl_c_during_denoise_says_how_far_it_got_and_how_to_resume(tiny_priors
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert f"of 6 shard(s) of run r are complete in {tmp_path}/out/runs/r. Run the same command again to resume" in err
+
+
+def test_the_removed_verb_denoise_says_what_replaced_it(capsys):
+    from pipeline.cli import main
+
+    assert main(["denoise", "obs", "out", "--set", "sampler.steps=2"]) == 2
+    assert capsys.readouterr().err == ("jointdiff: the verb `denoise` was removed; use `jointdiff clean --executor "
+                                       "local` (see docs/changelog.md)\n")

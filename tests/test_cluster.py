@@ -19,9 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.clean import denoise_dataset, run_id_for
 from pipeline.data.accounting import check_run
 from pipeline.data.shards import decode_image
+from pipeline.run.identity import identify
+from pipeline.run.local import run_local
+from pipeline.run.recipe import resolve
 from tests.raycluster import VENV_BIN, Cluster
 from tests.test_clean_job import _cfg, _observations
 
@@ -89,7 +91,9 @@ def test_clean_runs_on_a_ray_start_head_from_a_fresh_folder_with_relative_paths(
     assert not _error_lines(proc.stderr), proc.stderr  # Ray's ERROR line about actor arguments is gone
     # obs, ../user/obs and /abs/obs are one dataset: one run id
     cfg = _cfg(tiny_priors, steps=2, gpus_per_actor=0, threads_per_actor=1)
-    assert run_id_for(str(folder / "obs"), cfg) == run_id_for(f"file://{folder}/obs", cfg) == summary["run_id"]
+    pinned = resolve(cfg.recipe)
+    assert identify(pinned, str(folder / "obs")) == identify(pinned, f"file://{folder}/obs")
+    assert identify(pinned, str(folder / "obs")).run_id == summary["run_id"]
     (folder / "sub").mkdir()
     again = subprocess.run([JOINTDIFF, "clean", "../obs", "../out", "--config", "../clean.yaml", "--quiet"],
                            cwd=folder / "sub", env={**env, "RAY_ADDRESS": "auto"}, capture_output=True, text=True,
@@ -194,7 +198,7 @@ def test_a_node_lost_half_way_loses_nothing_and_changes_no_pixel(tiny_priors, tm
     cleaned = _images(run)
     assert len(cleaned) == 16
     cfg = _cfg(tiny_priors, steps=30)
-    denoise_dataset(str(folder / "obs"), str(tmp_path / "reference"), cfg, run_id="r", progress=False)
+    run_local(str(folder / "obs"), str(tmp_path / "reference"), cfg, run_id="r", progress=False)
     reference = _images(tmp_path / "reference" / "runs" / "r")
     assert reference.keys() == cleaned.keys()
     worst = max(int(np.abs(cleaned[k] - reference[k]).max()) for k in cleaned)

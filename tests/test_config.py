@@ -55,22 +55,53 @@ def test_default_sampler_and_denoise_config_use_the_tuned_winner():
         assert {k: getattr(cfg, k) for k in entry} == entry
 
 
-def test_run_id_changes_with_the_sampler_settings_that_matter_only():
-    """``clip_denoised`` is part of a DDIM run's id and no part of an Euler-Maruyama run's, whose id stays
-    what it was before the setting existed: a setting that cannot change the results must not restart a
-    nightly run."""
-    from pipeline.clean import run_id_for
+def test_one_identity_from_the_recipe_alone():
+    """The run id and the config hash come from :func:`pipeline.run.identity.identify` over the pinned recipe
+    (and the input, for the run id): any recipe key changes both, no execution key changes either."""
+    from pipeline.config import CleanConfig, Execution, Recipe
+    from pipeline.run.identity import identify
+    from pipeline.run.recipe import resolve
+
+    def ident(*sets: str, input_uri: str = "file:///data/obs"):
+        return identify(resolve(load_config(CleanConfig, None, list(sets)).recipe), input_uri)
+
+    base = ident()
+    assert base.run_id.startswith("run-") and len(base.config_hash) == 12
+    assert ident(input_uri="/data/obs/") == base  # one dataset, however its path is written
+    assert ident(input_uri="file:///data/other").run_id != base.run_id
+    assert ident(input_uri="file:///data/other").config_hash == base.config_hash  # the recipe alone
+    recipe = ["priors.noise=stripes", "forward.sigma_y=0.01", "forward.alpha=0.4", "sampler.eta=0.5",
+              "sampler.clip_denoised=false", "sampler.steps=7", "sampler.seed=1", "policy.resize=resize",
+              "policy.max_bytes=1000", "policy.convert_channels=false"]
+    seen = {base.run_id}
+    for key in recipe:
+        changed = ident(key)
+        assert changed.run_id not in seen and changed.config_hash != base.config_hash, key
+        seen.add(changed.run_id)
+    execution = ["batch_size=3", "batch_size=auto", "threads=1", "device=cpu", "storage.region=eu-west-1",
+                 "storage.anon=true", "ray.actors=3", "ray.gpus_per_actor=0", "gpu.precision=fp32",
+                 "gpu.compile=true", "max_rejected_fraction=0.9", "input=s3://x/obs", "output=s3://x/out"]
+    for key in execution:
+        assert ident(key) == base, key
+    # the two parts are the whole config, and nothing is in both
+    assert set(Recipe.model_fields) | set(Execution.model_fields) == set(CleanConfig.model_fields)
+    assert not set(Recipe.model_fields) & set(Execution.model_fields)
+
+
+def test_the_old_prior_keys_are_refused_naming_the_new_ones(tmp_path):
     from pipeline.config import CleanConfig
-    from pipeline.posterior.sampler import SamplerConfig
 
-    def rid(**sampler: object) -> str:
-        return run_id_for("file:///data/obs", CleanConfig(sampler=SamplerConfig(**sampler)))
-
-    em = {"solver": "euler-maruyama", "steps": 200}
-    assert rid(**em) == rid(**em, clip_denoised=False)
-    before = SamplerConfig(**em).model_dump()
-    before.pop("clip_denoised")  # the sampler's fields before clipping was added
-    assert SamplerConfig(**em).identity() == before
-    assert rid(**em) != rid(**{**em, "steps": 100})
-    ddim = {"solver": "ddim", "steps": 100}
-    assert len({rid(**ddim), rid(**ddim, clip_denoised=False), rid(**ddim, eta=0.5), rid(**em)}) == 4
+    with pytest.raises(ConfigError) as err:
+        load_config(CleanConfig, None, ["image_prior=faces"])
+    assert str(err.value) == ("invalid config: --set image_prior=...: use priors.image (renamed before 1.0; see "
+                              "docs/changelog.md)")
+    old = tmp_path / "old.yaml"
+    old.write_text("image_prior: faces\nnoise_prior: digits\nsampler: {steps: 3}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(CleanConfig, old)
+    assert str(err.value) == (f"{old}: invalid config: image_prior: use priors.image (renamed before 1.0; see "
+                              "docs/changelog.md); noise_prior: use priors.noise (renamed before 1.0; see "
+                              "docs/changelog.md)")
+    assert "\n" not in str(err.value)
+    cfg = load_config(CleanConfig, ROOT / "configs" / "celeba_mnist.yaml", section="clean")
+    assert cfg.priors.image.endswith("/celeba/model") and cfg.priors.noise.endswith("/mnist-rgb/model")

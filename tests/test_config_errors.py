@@ -29,9 +29,9 @@ def _run(capsys, *argv: str) -> tuple[int, str]:
 
 def test_unknown_model_lists_the_shipped_priors_and_the_accepted_forms(obs, tmp_path, capsys):
     out = tmp_path / "out"
-    rc, line = _run(capsys, "denoise", obs, str(out), "--set", "image_prior=face", "--quiet")
+    rc, line = _run(capsys, "clean", obs, str(out), "--set", "priors.image=face", "--quiet")
     assert rc == 2
-    assert line == ("jointdiff: image_prior: unknown model 'face': not a shipped prior (faces, digits, stripes), and "
+    assert line == ("jointdiff: priors.image: unknown model 'face': not a shipped prior (faces, digits, stripes), and "
                     "face does not exist. A model is a shipped name, a folder or URI holding config.json + "
                     "weights.safetensors (jointdiff train writes OUTPUT/model), or a registry's "
                     "ROOT/models/NAME/latest")
@@ -43,37 +43,37 @@ def test_unknown_model_lists_the_shipped_priors_and_the_accepted_forms(obs, tmp_
 
 def test_a_config_typo_suggests_the_key_and_names_the_file_or_the_override(obs, tmp_path, capsys):
     out = str(tmp_path / "out")
-    rc, line = _run(capsys, "denoise", obs, out, "--set", "sampler.setps=3", "--quiet")
+    rc, line = _run(capsys, "clean", obs, out, "--set", "sampler.setps=3", "--quiet")
     assert (rc, line) == (2, "jointdiff: invalid config: --set sampler.setps=...: unknown key; did you mean "
                              "sampler.steps?")
     cfg = tmp_path / "clean.yaml"
     cfg.write_text("sampler:\n  setps: 3\n")
-    rc, line = _run(capsys, "denoise", obs, out, "--config", str(cfg), "--quiet")
+    rc, line = _run(capsys, "clean", obs, out, "--config", str(cfg), "--quiet")
     assert (rc, line) == (2, f"jointdiff: {cfg}: invalid config: sampler.setps: unknown key; did you mean "
                              "sampler.steps?")
     # no close key: the section's keys instead; a value never repeated (it could be a secret)
-    rc, line = _run(capsys, "denoise", obs, out, "--set", "storage.password=hunter2", "--quiet")
+    rc, line = _run(capsys, "clean", obs, out, "--set", "storage.password=hunter2", "--quiet")
     assert rc == 2 and line.startswith("jointdiff: invalid config: --set storage.password=...: unknown key; "
                                        "storage has endpoint_url, region, key, secret")
     assert "hunter2" not in line
 
 
 def test_set_with_a_yaml_syntax_error_is_one_line(obs, tmp_path, capsys):
-    rc, line = _run(capsys, "denoise", obs, str(tmp_path / "out"), "--set", "sampler.steps=[1,", "--quiet")
+    rc, line = _run(capsys, "clean", obs, str(tmp_path / "out"), "--set", "sampler.steps=[1,", "--quiet")
     assert rc == 2
     assert line.startswith("jointdiff: --set sampler.steps=...: the value is not valid YAML (")
     assert line.endswith("quote it to pass it as text, e.g. --set 'sampler.steps=\"...\"'")
 
 
-@pytest.mark.parametrize("verb", ["denoise", "clean"])
-def test_a_gpu_this_machine_lacks_is_one_line_before_the_work(obs, tmp_path, capsys, monkeypatch, verb):
-    """cuda:7 exists on no machine that runs these tests; `clean` checks it here because no cluster is
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_a_gpu_this_machine_lacks_is_one_line_before_the_work(obs, tmp_path, capsys, monkeypatch, executor):
+    """cuda:7 exists on no machine that runs these tests; the ray executor checks it here because no cluster is
     named (its actors would run on this machine)."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     out = tmp_path / "out"
-    rc, line = _run(capsys, verb, obs, str(out), "--set", "device=cuda:7", "--quiet")
+    rc, line = _run(capsys, "clean", obs, str(out), "--executor", executor, "--set", "device=cuda:7", "--quiet")
     assert rc == 2
     assert line.startswith("jointdiff: device=cuda:7: ") and "--set device=cpu" in line, line
     assert not out.exists()
-    rc, line = _run(capsys, verb, obs, str(out), "--set", "device=gpu", "--quiet")
+    rc, line = _run(capsys, "clean", obs, str(out), "--executor", executor, "--set", "device=gpu", "--quiet")
     assert (rc, line) == (2, "jointdiff: device='gpu' is not a device; use --set device=cpu, cuda, cuda:N or auto")

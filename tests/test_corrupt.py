@@ -84,7 +84,6 @@ def test_denoiser_returns_mean_spread_and_reference_free_figures():
 
 def test_sum_observations_are_cleaned_not_lost(tmp_path):
     """The sum model has no alpha (NaN in the column): every row must still be cleaned."""
-    from pipeline.clean import ShardCleaner
     from pipeline.config import CleanConfig
     from pipeline.diffusion.checkpoint import save_model
     from pipeline.diffusion.unet import UNet, UNetConfig
@@ -93,7 +92,12 @@ def test_sum_observations_are_cleaned_not_lost(tmp_path):
     save_model(str(tmp_path / "m"), net, VPSDE(), {"name": "tiny"})
     obs = corrupt(load_embedded("faces", "test", 16), load_embedded("digits", "test", 16), 3, forward="sum")
     write_observations(str(tmp_path / "obs"), obs)
-    cfg = CleanConfig(image_prior=str(tmp_path / "m"), noise_prior=str(tmp_path / "m"),
+    from pipeline.data.shards import read_table
+    from pipeline.run.local import run_local
+
+    cfg = CleanConfig(priors={"image": str(tmp_path / "m"), "noise": str(tmp_path / "m")},
                       forward={"name": "sum"}, sampler={"steps": 2})
-    res = ShardCleaner(cfg).clean_shard(str(tmp_path / "obs" / "shard-00000.parquet"), "r", "obs")
-    assert res.cleaned["id"] == obs.ids and res.errors == []
+    res = run_local(str(tmp_path / "obs"), str(tmp_path / "out"), cfg, run_id="r", progress=False)
+    assert (res["cleaned"], res["errors"]) == (3, 0)
+    cleaned = tmp_path / "out" / "runs" / "r" / "cleaned" / "shard-00000.parquet"
+    assert read_table(str(cleaned)).column("id").to_pylist() == obs.ids

@@ -473,7 +473,7 @@ def test_the_flow_fails_when_its_submitted_job_fails(prefect_harness, ray_head, 
     monkeypatch.chdir(wd)
     # a model the cluster does not have: the job's own checks refuse it there (exit 2)
     state = clean_dataset(str(obs), str(tmp_path / "out"), config="configs/clean.yaml",
-                          overrides=[f"image_prior={tmp_path}/no-such-model"], progress=False, jobs_address=url,
+                          overrides=[f"priors.image={tmp_path}/no-such-model"], progress=False, jobs_address=url,
                           return_state=True)
     assert state.is_failed()
     with pytest.raises(JobFailed, match=r"clean job .* FAILED \(exit code 2\)"):  # a config error: no retry

@@ -14,9 +14,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.clean import denoise_dataset
 from pipeline.config import CleanConfig, ConfigError
 from pipeline.data.validate import ERRORS_SCHEMA, error_row
+from pipeline.run.local import run_local
 from pipeline.summary import read_summaries
 from tests.test_clean_job import _cfg, _edit_shard, _observations
 from tests.test_cli import _tiny_yaml, jointdiff
@@ -51,8 +51,8 @@ def ingested(tmp_path_factory) -> Path:
 def test_ingested_photos_stop_before_any_work_with_the_sets_that_fix_them(ingested, tiny_priors, tmp_path):
     obs = ingested
     out = tmp_path / "out"
-    priors = ["--set", f"image_prior={tiny_priors[0]}", "--set", f"noise_prior={tiny_priors[1]}"]
-    proc = jointdiff("denoise", str(obs), str(out), *priors, "--quiet", check=False)
+    priors = ["--set", f"priors.image={tiny_priors[0]}", "--set", f"priors.noise={tiny_priors[1]}"]
+    proc = jointdiff("clean", str(obs), str(out), *priors, "--quiet", check=False)
     assert proc.returncode == 2, proc.stderr
     line = proc.stderr.strip()
     assert "\n" not in line and "Traceback" not in line
@@ -60,16 +60,16 @@ def test_ingested_photos_stop_before_any_work_with_the_sets_that_fix_them(ingest
     assert "no 'alpha' column" in line and "pixels, and policy.resize is 'error'" in line
     assert not out.exists()  # stopped before the work: no run folder, no summary row
     # one fix given: the line names the other alone
-    proc = jointdiff("denoise", str(obs), str(out), *priors, "--set", "policy.resize=resize", "--quiet", check=False)
+    proc = jointdiff("clean", str(obs), str(out), *priors, "--set", "policy.resize=resize", "--quiet", check=False)
     assert proc.returncode == 2 and proc.stderr.strip().endswith("Add --set forward.alpha=0.5"), proc.stderr
     # the Ray job (and so `jointdiff clean` and `submit clean`) stops the same way, before Ray starts
     from pipeline.jobs.clean import run_clean
 
-    cfg = CleanConfig(image_prior=tiny_priors[0], noise_prior=tiny_priors[1], policy={"resize": "resize"})
+    cfg = CleanConfig(priors={"image": tiny_priors[0], "noise": tiny_priors[1]}, policy={"resize": "resize"})
     with pytest.raises(ConfigError, match=r"Add --set forward\.alpha=0\.5$"):
         run_clean(str(obs), str(out), cfg, progress=False)
     # with both, every photo is cleaned
-    proc = jointdiff("denoise", str(obs), str(out), *priors, "--set", "policy.resize=resize", "--set",
+    proc = jointdiff("clean", str(obs), str(out), *priors, "--set", "policy.resize=resize", "--set",
                      "forward.alpha=0.5", "--set", "sampler.steps=2", "--quiet")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (summary["inputs"], summary["cleaned"], summary["errors"]) == (len(PHOTOS), len(PHOTOS), 0)
@@ -79,8 +79,7 @@ def test_a_dataset_with_a_few_odd_rows_goes_ahead(tiny_priors, tmp_path):
     """The check before the work stops only when none of the rows it reads would be cleaned."""
     _observations(str(tmp_path / "obs"), n=4, shard_size=4, bad_row=False)
     _edit_shard(str(tmp_path / "obs"), "shard-00000.parquet", lambda rows: rows[1].update(observation=_png(20, 20)))
-    summary = denoise_dataset(str(tmp_path / "obs"), str(tmp_path / "out"), _cfg(tiny_priors, steps=2),
-                              progress=False)
+    summary = run_local(str(tmp_path / "obs"), str(tmp_path / "out"), _cfg(tiny_priors, steps=2), progress=False)
     assert (summary["cleaned"], summary["errors"]) == (3, 1)
 
 
@@ -99,14 +98,14 @@ def _mostly_bad(uri: str) -> None:
 
 def test_a_run_that_rejects_most_rows_is_recorded_then_exits_4_with_the_reasons_grouped(tiny_priors, tmp_path):
     _mostly_bad(str(tmp_path / "obs"))
-    args = ["denoise", str(tmp_path / "obs"), str(tmp_path / "out"), "--set", f"image_prior={tiny_priors[0]}",
-            "--set", f"noise_prior={tiny_priors[1]}", "--set", "sampler.steps=2", "--run-id", "r", "--quiet"]
+    args = ["clean", str(tmp_path / "obs"), str(tmp_path / "out"), "--set", f"priors.image={tiny_priors[0]}",
+            "--set", f"priors.noise={tiny_priors[1]}", "--set", "sampler.steps=2", "--run-id", "r", "--quiet"]
     proc = jointdiff(*args, check=False)
     assert proc.returncode == 4, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "run r: 2 cleaned, 6 rejected of 8 input rows" in proc.stderr  # the summary, as on success
-    verdict = proc.stderr[proc.stderr.index("jointdiff denoise: "):].splitlines()
-    assert verdict[0] == ("jointdiff denoise: run r: 6 of 8 input rows rejected (75%), 2 cleaned: more than "
+    verdict = proc.stderr[proc.stderr.index("jointdiff clean: "):].splitlines()
+    assert verdict[0] == ("jointdiff clean: run r: 6 of 8 input rows rejected (75%), 2 cleaned: more than "
                           "max_rejected_fraction=0.5. Reasons, most frequent first:")
     assert [line.split(" x ")[0].strip() for line in verdict[1:4]] == ["3", "2", "1"]
     assert verdict[1].split(" x ", 1)[1].startswith("validate: observation: 20x20 pixels but 16x16 expected (--set "
@@ -125,8 +124,8 @@ def test_a_run_that_rejects_most_rows_is_recorded_then_exits_4_with_the_reasons_
 
 
 def test_a_run_that_cleans_no_row_fails_at_any_setting_and_at_most_ten_reasons_are_listed(tmp_path):
-    from pipeline.clean import MAX_REASON_GROUPS, judge_run
     from pipeline.data.accounting import RejectedRowsError
+    from pipeline.run.judge import MAX_REASON_GROUPS, judge
 
     run = tmp_path / "runs" / "r"
     rows = [error_row("r", "d", "shard-00000.parquet", k, f"img{k}", "validate", f"reason {chr(97 + k % 12)} '{k}'")
@@ -135,16 +134,16 @@ def test_a_run_that_cleans_no_row_fails_at_any_setting_and_at_most_ten_reasons_a
     pq.write_table(pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA), run / "errors" / "shard-00000.parquet")
     summary = {"run_id": "r", "inputs": 30, "errors": 30, "cleaned": 0, "output": str(run)}
     with pytest.raises(RejectedRowsError) as caught:
-        judge_run(summary, CleanConfig(max_rejected_fraction=1.0))
+        judge(summary, 1.0)
     lines = str(caught.value).splitlines()
     assert lines[0].endswith("0 cleaned: no row was cleaned. Reasons, most frequent first:")
     groups = [line for line in lines if " x validate: " in line]
     assert len(groups) == MAX_REASON_GROUPS and groups[0].split(" x ")[0].strip() == "3"
     assert lines[1 + MAX_REASON_GROUPS] == "  ... and 4 more row(s) for 2 other reason(s)"
     assert caught.value.summary is summary
-    judge_run({**summary, "errors": 15, "cleaned": 15}, CleanConfig())  # half rejected: not more than 0.5
+    judge({**summary, "errors": 15, "cleaned": 15}, CleanConfig().max_rejected_fraction)  # half: not more than 0.5
     with pytest.raises(RejectedRowsError):
-        judge_run({**summary, "errors": 16, "cleaned": 14}, CleanConfig())
+        judge({**summary, "errors": 16, "cleaned": 14}, CleanConfig().max_rejected_fraction)
 
 
 def test_the_ray_job_and_the_flow_fail_such_runs_after_recording_them(prefect_harness, ray_local, tiny_priors,

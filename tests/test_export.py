@@ -19,13 +19,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.clean import denoise_dataset
 from pipeline.config import CleanConfig
 from pipeline.data.corrupt import corrupt
 from pipeline.data.embedded import load_embedded
 from pipeline.data.shards import decode_image, write_dataset
 from pipeline.export import MAX_NAME_BYTES, safe_names
 from pipeline.posterior.sampler import SamplerConfig
+from pipeline.run.local import run_local
 from tests.test_cli import jointdiff
 
 HOSTILE = ["../escape", "sub/dir/x", "a\\b", "a_b", "ctrl\x01id\nnext", "..", ".hidden", "é" * 150, "plain-1"]
@@ -40,12 +40,12 @@ def _observations(uri: str, ids: list[str], bits: int) -> None:
 @pytest.fixture(scope="module")
 def out(tiny_priors, tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
-    cfg = CleanConfig(image_prior=tiny_priors[0], noise_prior=tiny_priors[1], sampler=SamplerConfig(steps=2),
+    cfg = CleanConfig(priors={"image": tiny_priors[0], "noise": tiny_priors[1]}, sampler=SamplerConfig(steps=2),
                       batch_size=4, device="cpu")
     _observations(str(root / "obs16"), [f"img-{k}" for k in range(3)], bits=16)
     _observations(str(root / "obs8"), HOSTILE, bits=8)
-    r16 = denoise_dataset(str(root / "obs16"), str(root / "out"), cfg, progress=False)
-    r8 = denoise_dataset(str(root / "obs8"), str(root / "out"), cfg, progress=False)  # the newer run
+    r16 = run_local(str(root / "obs16"), str(root / "out"), cfg, progress=False)
+    r8 = run_local(str(root / "obs8"), str(root / "out"), cfg, progress=False)  # the newer run
     return {"root": root, "out": root / "out", "r8": r8["run_id"], "r16": r16["run_id"]}
 
 

@@ -184,9 +184,11 @@ def test_clean_config_gpu_section(tmp_path):
 
 
 def test_shard_cleaner_resolves_auto_batch_and_runtime_on_a_cpu():
-    from pipeline.clean import ShardCleaner
+    from pipeline.run.recipe import resolve
+    from pipeline.run.shard import ShardCleaner
 
-    cleaner = ShardCleaner(CleanConfig(device="cpu", batch_size="auto"))
+    cfg = CleanConfig(device="cpu", batch_size="auto")
+    cleaner = ShardCleaner(cfg, resolve(cfg.recipe))
     assert cleaner.batch_size == 32 and cleaner.runtime == Runtime()
     assert not any(p.requires_grad for p in cleaner.x_model.parameters())
 

@@ -31,6 +31,7 @@ from pipeline.cli import main
 from pipeline.config import CleanConfig, ConfigError
 from pipeline.data.corrupt import corrupt, write_observations
 from pipeline.data.embedded import load_embedded
+from pipeline.jobs.clean import main as job_main
 from pipeline.posterior.sampler import SamplerConfig
 from tests.conftest import tiny_config
 
@@ -68,7 +69,7 @@ def obs16(tmp_path_factory) -> str:
 
 
 def _tiny_sets(tiny_priors) -> list[str]:
-    return ["--set", f"image_prior={tiny_priors[0]}", "--set", f"noise_prior={tiny_priors[1]}",
+    return ["--set", f"priors.image={tiny_priors[0]}", "--set", f"priors.noise={tiny_priors[1]}",
             "--set", "sampler.steps=2", "--set", "device=cpu", "--set", "batch_size=2"]
 
 
@@ -81,39 +82,39 @@ def test_a_run_id_that_leaves_output_is_refused_before_any_work(obs16, tiny_prio
     """The issue's probe: ``--run-id ../../../X`` wrote cleaned, errors, markers and metrics above OUTPUT."""
     out = tmp_path / "a" / "b" / "out"
     before = _tree(tmp_path)
-    rc = main(["denoise", obs16, str(out), "--run-id", "../../../X", "--quiet", *_tiny_sets(tiny_priors)])
+    rc = main(["clean", obs16, str(out), "--run-id", "../../../X", "--quiet", *_tiny_sets(tiny_priors)])
     line = _one_line(capsys, rc)
     assert rc == 2, line
     assert line.startswith("jointdiff: --run-id '../../../X': ") and "letters, digits" in line and "'..'" in line
     assert _tree(tmp_path) == before  # nothing written, above OUTPUT or anywhere
 
 
-@pytest.mark.parametrize("verb", ["denoise", "clean", "export"])
+@pytest.mark.parametrize("verb", ["clean", "job", "export"])
 def test_every_command_refuses_a_bad_run_id_in_one_line(obs16, tiny_priors, tmp_path, capsys, verb):
     out = tmp_path / "out"
     for bad in BAD_RUN_IDS:
         if verb == "export":
             argv = ["export", str(tmp_path), str(tmp_path / "pictures"), f"--run-id={bad}", "--quiet"]
         else:
-            argv = [verb, obs16, str(out), f"--run-id={bad}", "--quiet", *_tiny_sets(tiny_priors)]
-        rc = main(argv)
+            argv = ["clean", obs16, str(out), f"--run-id={bad}", "--quiet", *_tiny_sets(tiny_priors)]
+        rc = job_main(argv[1:]) if verb == "job" else main(argv)  # `python -m pipeline.jobs.clean`: its own parser
         line = _one_line(capsys, rc)
         assert rc == 2 and line.startswith("jointdiff: --run-id ") and "128" in line, (bad, line)
         assert "\n" not in line and not out.exists() and not (tmp_path / "pictures").exists(), bad
 
 
 def test_library_entry_points_refuse_a_bad_run_id(obs16, tiny_priors, tmp_path):
-    from pipeline.clean import prepare_run
     from pipeline.export import resolve_run
+    from pipeline.run import Run
 
-    cfg = CleanConfig(image_prior=tiny_priors[0], noise_prior=tiny_priors[1], device="cpu")
+    cfg = CleanConfig(priors={"image": tiny_priors[0], "noise": tiny_priors[1]}, device="cpu")
     for bad in ("../x", "a/b", ".."):
         with pytest.raises(ConfigError, match="run id"):
-            prepare_run(obs16, str(tmp_path / "out"), cfg, run_id=bad)
+            Run.open(obs16, str(tmp_path / "out"), cfg, run_id=bad)
         with pytest.raises(ConfigError, match="run id"):
             resolve_run(str(tmp_path), run_id=bad)
     assert not (tmp_path / "out").exists()
-    good = prepare_run(obs16, str(tmp_path / "out"), cfg, run_id="nightly-2024.06.01_a")
+    good = Run.open(obs16, str(tmp_path / "out"), cfg, run_id="nightly-2024.06.01_a")
     assert good.run_uri.endswith("/out/runs/nightly-2024.06.01_a")
 
 
@@ -131,7 +132,7 @@ def test_the_flow_refuses_a_bad_run_id_and_prefect_checks_its_schema(obs16, tiny
     assert clean_dataset.validate_parameters({"input_uri": obs16, "output": "o", "run_id": "run-1.a_b"})["run_id"] \
         == "run-1.a_b"
     # the flow's body (a direct call of its function) and its command line
-    overrides = [f"image_prior={tiny_priors[0]}", f"noise_prior={tiny_priors[1]}", "sampler.steps=2"]
+    overrides = [f"priors.image={tiny_priors[0]}", f"priors.noise={tiny_priors[1]}", "sampler.steps=2"]
     with pytest.raises(ConfigError, match="run_id"):
         clean_dataset.fn(obs16, str(tmp_path / "out"), overrides=overrides, run_id="../../x")
     capsys.readouterr()  # Prefect's log of the refused parameters above
@@ -186,11 +187,11 @@ def test_row_ids_never_become_paths_in_image_structs(tiny_priors, tmp_path):
         paths = [c["path"] for c in table.column("observation").to_pylist()]
         assert sorted(table.column("id").to_pylist()) == sorted(HOSTILE_IDS)
         assert all(_plain_file_name(p) and p.endswith(".png") for p in paths), paths
-    from pipeline.clean import denoise_dataset
+    from pipeline.run.local import run_local
 
-    cfg = CleanConfig(image_prior=tiny_priors[0], noise_prior=tiny_priors[1], sampler=SamplerConfig(steps=2),
+    cfg = CleanConfig(priors={"image": tiny_priors[0], "noise": tiny_priors[1]}, sampler=SamplerConfig(steps=2),
                       batch_size=4, device="cpu", max_rejected_fraction=1.0)
-    summary = denoise_dataset(str(tmp_path / "obs"), str(tmp_path / "out"), cfg, progress=False)
+    summary = run_local(str(tmp_path / "obs"), str(tmp_path / "out"), cfg, progress=False)
     cleaned = pq.read_table(Path(summary["output"].removeprefix("file://")) / "cleaned")
     assert sorted(cleaned.column("id").to_pylist()) == sorted(HOSTILE_IDS)  # raw ids, as given
     for column in ("denoised", "noise_estimate"):
@@ -225,7 +226,7 @@ def test_the_alias_bomb_is_72_aliases_under_400_bytes():
 
 def test_an_alias_bomb_in_set_is_refused_in_bounded_memory(obs16, tmp_path):
     code = (f"from pipeline.cli import main\n"
-            f"sys.exit(main(['denoise', {obs16!r}, {str(tmp_path / 'out')!r}, '--quiet', "
+            f"sys.exit(main(['clean', {obs16!r}, {str(tmp_path / 'out')!r}, '--quiet', "
             f"'--set', 'storage.options=' + {_bomb()!r}]))")
     proc = _capped(code)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
@@ -240,7 +241,7 @@ def test_an_alias_bomb_in_a_config_file_or_the_flow_overrides_is_refused(obs16, 
                                                         _bomb()[1:-1].split(", ")))
     assert cfg.read_text().count("*") == 72 and len(cfg.read_bytes()) < 500
     code = (f"from pipeline.cli import main\n"
-            f"sys.exit(main(['denoise', {obs16!r}, {str(tmp_path / 'out')!r}, '--quiet', '--config', {str(cfg)!r}]))")
+            f"sys.exit(main(['clean', {obs16!r}, {str(tmp_path / 'out')!r}, '--quiet', '--config', {str(cfg)!r}]))")
     proc = _capped(code)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
@@ -372,10 +373,10 @@ def test_a_hostile_prior_config_is_one_line_before_any_network_is_built(probe, o
     image, noise = _prior_copies(tiny_priors, tmp_path / "priors", probe)
     key = PROBES[probe][2]
     out = tmp_path / "out"
-    rc = main(["denoise", obs16, str(out), "--quiet", *_tiny_sets(tiny_priors), "--set",
-               f"image_prior={image.parent}", "--set", f"noise_prior={noise.parent}"])
+    rc = main(["clean", obs16, str(out), "--quiet", *_tiny_sets(tiny_priors), "--set",
+               f"priors.image={image.parent}", "--set", f"priors.noise={noise.parent}"])
     line = _one_line(capsys, rc)
-    assert rc == 2 and line.startswith(f"jointdiff: image_prior: {image}: ") and key in line, line
+    assert rc == 2 and line.startswith(f"jointdiff: priors.image: {image}: ") and key in line, line
     assert len(line) < 400 and "x" * 100 not in line
     assert not out.exists()
     rc = main(["sample", str(noise.parent), "--n", "1", "--steps", "1", "--out", str(tmp_path / "s.png"), "--quiet"])
@@ -390,8 +391,8 @@ def test_priors_with_different_sdes_are_refused_before_the_work(obs16, tiny_prio
     cfg = json.loads(path.read_text())
     cfg["sde"]["beta_max"] = 15.0
     path.write_text(json.dumps(cfg))
-    rc = main(["denoise", obs16, str(tmp_path / "out"), "--quiet", *_tiny_sets(tiny_priors), "--set",
-               f"noise_prior={tmp_path / 'prior'}"])
+    rc = main(["clean", obs16, str(tmp_path / "out"), "--quiet", *_tiny_sets(tiny_priors), "--set",
+               f"priors.noise={tmp_path / 'prior'}"])
     line = _one_line(capsys, rc)
     assert rc == 2 and "different SDEs" in line and "sde.beta_max" in line, line
     assert not (tmp_path / "out").exists()

@@ -353,8 +353,8 @@ def test_values_an_observation_can_take_are_kept():
 
 
 def test_a_huge_observation_is_rejected_by_the_cleaning_path(tiny_priors, tmp_path):
-    from pipeline.clean import denoise_dataset
     from pipeline.data.shards import list_parts
+    from pipeline.run.local import run_local
     from tests.test_clean_job import _cfg, _edit_shard, _observations
 
     obs = str(tmp_path / "obs")
@@ -365,7 +365,7 @@ def test_a_huge_observation_is_rejected_by_the_cleaning_path(tiny_priors, tmp_pa
         arr[0, 0, 0] = 1e30
         rows[2]["observation"] = {"bytes": _npy(arr), "path": "x.npy"}
     _edit_shard(obs, "shard-00000.parquet", spoil)
-    summary = denoise_dataset(obs, str(tmp_path / "out"), _cfg(tiny_priors, steps=2), progress=False)
+    summary = run_local(obs, str(tmp_path / "out"), _cfg(tiny_priors, steps=2), progress=False)
     assert (summary["cleaned"], summary["errors"]) == (3, 1)
     errors = pq.read_table(list_parts(f"{summary['output']}/errors")[0]).to_pylist()
     assert [(e["row"], e["stage"]) for e in errors] == [(2, "validate")]

@@ -13,19 +13,20 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.clean import ShardCleaner, denoise_dataset, fail_shard, prepare_run, process_shard
-from pipeline.config import CleanConfig, RayConfig
+from pipeline.config import CleanConfig
 from pipeline.data.accounting import check_run
 from pipeline.posterior.sampler import SamplerConfig
 from pipeline.report import dashboard_sql
+from pipeline.run import Run
+from pipeline.run.local import run_local
+from pipeline.run.shard import ShardCleaner, clean_shard
 from tests.test_clean_job import _edit_shard, _observations
-from tests.test_cli import jointdiff
 
 FOLDERS = ("cleaned", "metrics", "errors")
 
 
 def _cfg(priors) -> CleanConfig:
-    return CleanConfig(image_prior=priors[0], noise_prior=priors[1], sampler=SamplerConfig(steps=2), batch_size=4,
+    return CleanConfig(priors={"image": priors[0], "noise": priors[1]}, sampler=SamplerConfig(steps=2), batch_size=4,
                        device="cpu")
 
 
@@ -41,9 +42,9 @@ def runs(tiny_priors, tmp_path_factory):
     (root / "obs-with" / "shard-00003.parquet").write_bytes(b"PAR1 but not really")
     # 4 of 7 rows rejected on purpose: past the default max_rejected_fraction, so allow them all
     lenient = _cfg(tiny_priors).model_copy(update={"max_rejected_fraction": 1.0})
-    with_errors = denoise_dataset(str(root / "obs-with"), str(root / "with"), lenient, progress=False)
+    with_errors = run_local(str(root / "obs-with"), str(root / "with"), lenient, progress=False)
     _observations(str(root / "obs-without"), n=4, shard_size=2, bad_row=False)
-    without = denoise_dataset(str(root / "obs-without"), str(root / "without"), _cfg(tiny_priors), progress=False)
+    without = run_local(str(root / "obs-without"), str(root / "without"), _cfg(tiny_priors), progress=False)
     assert (with_errors["inputs"], with_errors["cleaned"], with_errors["errors"]) == (7, 3, 4)
     assert (without["inputs"], without["cleaned"], without["errors"]) == (4, 4, 0)
     return {"root": root, "with": with_errors, "without": without}
@@ -118,7 +119,7 @@ def test_the_dashboard_queries_run_on_outputs_without_any_error_file(runs):
 def test_a_redone_shard_leaves_no_stale_file(tiny_priors, tmp_path):
     obs, out = tmp_path / "obs", tmp_path / "out"
     _observations(str(obs), n=4, shard_size=2)  # shard 0 row 1 is a truncated PNG
-    first = denoise_dataset(str(obs), str(out), _cfg(tiny_priors), run_id="r", progress=False)
+    first = run_local(str(obs), str(out), _cfg(tiny_priors), run_id="r", progress=False)
     run = out / "runs" / "r"
     assert first["errors"] == 1 and (run / "errors" / "shard-00000.parquet").exists()
 
@@ -127,49 +128,47 @@ def test_a_redone_shard_leaves_no_stale_file(tiny_priors, tmp_path):
     def repair(rows):
         rows[1]["observation"] = good
     _edit_shard(str(obs), "shard-00000.parquet", repair)  # the input shard changed: the run redoes it
-    again = denoise_dataset(str(obs), str(out), _cfg(tiny_priors), run_id="r", progress=False)
+    again = run_local(str(obs), str(out), _cfg(tiny_priors), run_id="r", progress=False)
     assert (again["cleaned"], again["errors"], again["skipped_shards"]) == (4, 0, 1)
     assert _files(run / "errors") == []  # the earlier errors file of the shard is gone
 
     # a shard given up on after an attempt wrote its files: its cleaned and metrics files go too
     cfg = _cfg(tiny_priors)
-    plan = prepare_run(str(obs), str(out), cfg, run_id="s")
+    plan = Run.open(str(obs), str(out), cfg, run_id="s").plan()
     shard = plan.shards[1]
-    process_shard(ShardCleaner(cfg), plan, shard)
+    clean_shard(ShardCleaner(plan.cfg, plan.pinned), plan, shard)
     s = out / "runs" / "s"
     assert (s / "cleaned" / shard.name).exists() and (s / "metrics" / "run_id=s" / shard.name).exists()
-    fail_shard(cfg, plan, shard, "gave up")
+    plan.give_up(shard, "gave up")
     assert _files(s / "cleaned") == [] and _files(s / "metrics") == []
     assert [e["row"] for e in pq.read_table(s / "errors" / shard.name).to_pylist()] == [0, 1]
     assert check_run(str(obs), str(s)).missing == [("shard-00000.parquet", 0), ("shard-00000.parquet", 1)]
 
 
-def test_denoise_and_clean_write_the_report_and_print_its_path(tiny_priors, tmp_path, ray_local):
-    from pipeline.jobs.clean import run_clean
+def test_clean_writes_the_report_and_prints_its_path(tiny_priors, tmp_path, capsys, monkeypatch):
+    """The local executor here; the Ray executor's report: tests/test_clean_job.py (one verb, both executors)."""
+    from pipeline.cli import main
 
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     _observations(str(tmp_path / "obs"), n=2, shard_size=2, bad_row=False)
-    args = [str(tmp_path / "obs"), str(tmp_path / "out"), "--set", f"image_prior={tiny_priors[0]}",
-            "--set", f"noise_prior={tiny_priors[1]}", "--set", "sampler.steps=2", "--set", "device=cpu", "--quiet"]
-    proc = jointdiff("denoise", *args)
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["report"].startswith("file:///")  # local paths are absolute file:// URIs in the outputs
+    args = [str(tmp_path / "obs"), str(tmp_path / "out"), "--set", f"priors.image={tiny_priors[0]}",
+            "--set", f"priors.noise={tiny_priors[1]}", "--set", "sampler.steps=2", "--set", "device=cpu", "--quiet"]
+    assert main(["clean", *args]) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["report"].startswith("file:///") and summary["executor"] == "local"  # local paths: file:// URIs
     report = Path(summary["report"].removeprefix("file://"))
     assert report == tmp_path / "out" / "runs" / summary["run_id"] / "report.html" and report.exists()
-    assert f"  report: {report}" in proc.stderr.splitlines()
-    assert "errors/" not in proc.stderr  # no rejected row: no errors folder to point at
-    report.unlink()
-    cfg = _cfg(tiny_priors).model_copy(update={"ray": RayConfig(actors=1)})
-    ray_summary = run_clean(str(tmp_path / "obs"), str(tmp_path / "out-ray"), cfg, progress=False)
-    ray_report = Path(ray_summary["report"].removeprefix("file://"))
-    assert ray_report.exists() and ray_summary["report"].endswith("/report.html")
-    assert "<table class=\"grid\"" in ray_report.read_text()
+    assert f"  report: {report}" in err.splitlines()
+    assert "errors/" not in err  # no rejected row: no errors folder to point at
+    assert "<table class=\"grid\"" in report.read_text()
 
 
 def test_a_run_whose_input_has_no_row_still_has_a_report(tiny_priors, tmp_path):
     _observations(str(tmp_path / "obs"), n=2, shard_size=2, bad_row=False)
     table = pq.read_table(tmp_path / "obs" / "shard-00000.parquet")
     pq.write_table(table.slice(0, 0), tmp_path / "obs" / "shard-00000.parquet")
-    summary = denoise_dataset(str(tmp_path / "obs"), str(tmp_path / "out"), _cfg(tiny_priors), progress=False)
+    summary = run_local(str(tmp_path / "obs"), str(tmp_path / "out"), _cfg(tiny_priors), progress=False)
     assert (summary["inputs"], summary["cleaned"], summary["errors"]) == (0, 0, 0)
     assert Path(summary["report"].removeprefix("file://")).exists()
     assert list((tmp_path / "out").rglob("*.parquet")) == list((tmp_path / "out" / "summary").glob("*.parquet"))

@@ -90,8 +90,8 @@ def _iam(endpoint: str, deny: list[dict] | None = None):
         yield users
 
 
-def _denoise(capsys, *args: str) -> tuple[int, str]:
-    rc = main(["denoise", *args, "--set", "sampler.steps=2", "--quiet"])
+def _clean(capsys, *args: str) -> tuple[int, str]:
+    rc = main(["clean", *args, "--set", "sampler.steps=2", "--quiet"])
     return rc, capsys.readouterr().err
 
 
@@ -105,7 +105,7 @@ def test_wrong_credentials_are_one_line_before_any_work(s3, monkeypatch, capsys,
                        "not allowed": users["denied"]}[case]
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-        rc, err = _denoise(capsys, f"{bucket}/obs", f"{bucket}/out")
+        rc, err = _clean(capsys, f"{bucket}/obs", f"{bucket}/out")
         line = _error_line(err)
         assert rc == 2, err
         assert line.startswith(f"jointdiff: {bucket}/obs: cannot read the input: ")
@@ -119,7 +119,7 @@ def test_wrong_credentials_are_one_line_before_any_work(s3, monkeypatch, capsys,
 
 def test_missing_input_bucket_is_one_line(s3, capsys):
     bucket, _ = s3
-    rc, err = _denoise(capsys, "s3://no-such-input-bucket/obs", f"{bucket}/out")
+    rc, err = _clean(capsys, "s3://no-such-input-bucket/obs", f"{bucket}/out")
     assert rc == 2
     assert _error_line(err) == ("jointdiff: s3://no-such-input-bucket/obs: cannot read the input: the bucket "
                                 "'no-such-input-bucket' does not exist (NoSuchBucket)")
@@ -133,7 +133,7 @@ def test_missing_output_bucket_is_refused_and_never_created(s3):
     bucket, _ = s3
     _observations(f"{bucket}/obs")
     typo = f"typo-{uuid.uuid4().hex[:8]}"
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "denoise", f"{bucket}/obs", f"s3://{typo}/cleaned",
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "clean", f"{bucket}/obs", f"s3://{typo}/cleaned",
                            "--set", "sampler.steps=2", "--quiet"], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert proc.returncode == 2, proc.stderr
@@ -147,7 +147,7 @@ def test_unreachable_endpoint_is_one_line(s3, monkeypatch, capsys):
     bucket, _ = s3
     port = _free_port()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    rc, err = _denoise(capsys, f"{bucket}/obs", f"{bucket}/out")
+    rc, err = _clean(capsys, f"{bucket}/obs", f"{bucket}/out")
     assert rc == 2
     assert _error_line(err) == (f"jointdiff: {bucket}/obs: cannot read the input: cannot reach the endpoint "
                                 f"http://127.0.0.1:{port} (connection refused); check AWS_ENDPOINT_URL or "
@@ -210,10 +210,10 @@ def test_storage_refusing_a_write_half_way_through_a_run_is_one_line(s3, tiny_pr
     with _iam(endpoint, deny=[deny]) as users:
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", users["ok"][0])
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", users["ok"][1])
-        rc = main(["denoise", f"{bucket}/obs", f"{bucket}/out", "--set", f"image_prior={tiny_priors[0]}",
-                   "--set", f"noise_prior={tiny_priors[1]}", "--set", "sampler.steps=2", "--quiet"])
+        rc = main(["clean", f"{bucket}/obs", f"{bucket}/out", "--set", f"priors.image={tiny_priors[0]}",
+                   "--set", f"priors.noise={tiny_priors[1]}", "--set", "sampler.steps=2", "--quiet"])
         line = _error_line(capsys.readouterr().err)
     assert rc == 1
-    assert line.startswith(f"jointdiff denoise: storage error: {bucket}/out/runs/run-"), line
+    assert line.startswith(f"jointdiff clean: storage error: {bucket}/out/runs/run-"), line
     assert line.endswith("access denied (AccessDenied): these credentials may not do this; check the key's "
                          "permissions on the bucket"), line

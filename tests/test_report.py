@@ -23,7 +23,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.clean import denoise_dataset
 from pipeline.config import CleanConfig
 from pipeline.data.corrupt import corrupt, write_observations
 from pipeline.data.embedded import load_embedded
@@ -41,6 +40,7 @@ from pipeline.report import (
     svg_lines,
     write_report,
 )
+from pipeline.run.local import run_local
 from tests.test_clean_job import _observations
 from tests.test_cli import jointdiff
 
@@ -51,7 +51,7 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-network
 
 
 def _cfg(priors, steps: int, n_samples: int = 1) -> CleanConfig:
-    return CleanConfig(image_prior=priors[0], noise_prior=priors[1],
+    return CleanConfig(priors={"image": priors[0], "noise": priors[1]},
                        sampler=SamplerConfig(steps=steps, n_samples=n_samples), batch_size=4, device="cpu")
 
 
@@ -60,14 +60,14 @@ def runs(tiny_priors, tmp_path_factory):
     root = tmp_path_factory.mktemp("report-runs")
     out = root / "out"
     _observations(str(root / "obs-a"), n=10, shard_size=3)  # shard 0 row 1 is a truncated PNG
-    a = denoise_dataset(str(root / "obs-a"), str(out), _cfg(tiny_priors, 3, n_samples=2), progress=False)
+    a = run_local(str(root / "obs-a"), str(out), _cfg(tiny_priors, 3, n_samples=2), progress=False)
     obs = corrupt(load_embedded("faces", "test", 16), load_embedded("digits", "test", 16), 4, seed=1)
     write_observations(str(root / "obs-b"), obs, shard_size=2)
     for shard in ("shard-00000.parquet", "shard-00001.parquet"):  # a user's bucket: no ground truth
         path = root / "obs-b" / shard
         pq.write_table(read_table(str(path)).drop_columns(["clean", "noise"]), path)
-    b = denoise_dataset(str(root / "obs-b"), str(out), _cfg(tiny_priors, 3), progress=False)
-    c = denoise_dataset(str(root / "obs-a"), str(out), _cfg(tiny_priors, 2), progress=False)
+    b = run_local(str(root / "obs-b"), str(out), _cfg(tiny_priors, 3), progress=False)
+    c = run_local(str(root / "obs-a"), str(out), _cfg(tiny_priors, 2), progress=False)
     assert len({a["run_id"], b["run_id"], c["run_id"]}) == 3
     return {"out": out, "a": a, "b": b, "c": c}
 
@@ -276,7 +276,7 @@ def test_a_report_of_a_run_in_an_s3_bucket_lands_in_the_bucket(s3, tiny_priors):
 
     bucket, _ = s3
     _observations(f"{bucket}/obs", n=4, shard_size=2)
-    summary = denoise_dataset(f"{bucket}/obs", f"{bucket}/out", _cfg(tiny_priors, 2), progress=False)
+    summary = run_local(f"{bucket}/obs", f"{bucket}/out", _cfg(tiny_priors, 2), progress=False)
     run = summary["output"]
     assert run.startswith(f"{bucket}/out/runs/")
     proc = jointdiff("report", run, "--per-group", "2")  # the AWS variables of the fixture reach the CLI

@@ -42,7 +42,7 @@ REFUSED = {
 }
 # What an override may still say about storage, and overrides that only mention the word
 ALLOWED = ["storage.endpoint_url=http://minio.internal:9000", "storage.region=eu-west-1", "storage.anon=true",
-           "storage.region = eu-west-1", "sampler.steps=2", "image_prior=s3://team-storage/models/faces",
+           "storage.region = eu-west-1", "sampler.steps=2", "priors.image=s3://team-storage/models/faces",
            "storage_note=1"]
 
 

@@ -258,7 +258,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         free, total = torch.cuda.mem_get_info(device)
         env.update(gpu=props.name, capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
                    memory_total_gb=total / 2**30, memory_free_gb=free / 2**30)
-        torch.backends.cudnn.benchmark = True  # as the product's GPU workers set it (pipeline.clean)
+        torch.backends.cudnn.benchmark = True  # as the product's GPU workers set it (pipeline.run.shard)
     else:
         env.update(threads=torch.get_num_threads())
     b.doc["env"] = env

@@ -119,13 +119,13 @@ def throughput(x_model: Any, n_model: Any, sde: Any, batch: int, steps: int, rul
 
 def ray_vs_single(n_images: int, shard_size: int, steps: int, threads: int, log: Callable[[str], None],
                   repeats: int = 1) -> dict[str, Any]:
-    """The same shards through ``denoise_dataset`` (``threads`` threads) and the Ray job (its own CPU actor
+    """The same shards through ``run_local`` (``threads`` threads) and the Ray job (its own CPU actor
     layout on a local Ray of ``threads`` CPUs), alternately ``repeats`` times; each side's figures are from
     its fastest run (the run least disturbed by the rest of the machine), and every run is listed."""
-    from pipeline.clean import denoise_dataset
     from pipeline.config import CleanConfig, RayConfig
     from pipeline.data.corrupt import write_observations
     from pipeline.jobs.clean import run_clean
+    from pipeline.run.local import run_local
 
     def span(shards: list[dict[str, Any]]) -> float:
         return max(s["finished"] for s in shards) - min(s["started"] for s in shards)
@@ -143,7 +143,7 @@ def ray_vs_single(n_images: int, shard_size: int, steps: int, threads: int, log:
                 out_uri = f"{tmp}/{side}-{k}"
                 t0 = time.perf_counter()
                 if side == "single":
-                    res = denoise_dataset(f"{tmp}/obs", out_uri, single_cfg, progress=False)
+                    res = run_local(f"{tmp}/obs", out_uri, single_cfg, progress=False)
                     torch.set_num_threads(prev)
                 else:
                     import ray

@@ -35,7 +35,7 @@ class AccountingError(RuntimeError):
 class RejectedRowsError(RuntimeError):
     """A run rejected more than ``max_rejected_fraction`` of its input rows, or cleaned none (exit code 4).
 
-    Raised after the run is complete (:func:`pipeline.clean.judge_run`): its outputs, accounting and
+    Raised after the run is complete (:meth:`pipeline.run.Run.judge`): its outputs, accounting and
     summary row are written; ``summary`` is that row. The message groups the reasons."""
 
     def __init__(self, message: str, summary: dict[str, Any]):

@@ -1,22 +1,17 @@
-"""The cleaning run on Ray: Ray Data schedules the pending shards of a run over a pool of sampler actors.
+"""The Ray executor of a cleaning run: Ray Data schedules the pending shards of a :class:`~pipeline.run.Run`
+over a pool of sampler actors.
 
-``python -m pipeline.jobs.clean INPUT OUTPUT --config C`` (what ``ray job submit`` runs) is the same
-command as ``jointdiff clean``. The driver:
+``jointdiff clean --executor ray`` and ``python -m pipeline.jobs.clean INPUT OUTPUT --config C`` (what a
+submitted job, ``ray job submit`` or a KubeRay ``RayJob`` runs; its own parser, :func:`main`) run
+:func:`run_clean`. The run does what does not depend on where shards run (open: preflight, pinned models,
+identity; plan; finish: verify, record, report, judge); this module does the Ray part:
 
-0. checks, before Ray starts, what :func:`pipeline.clean.preflight_run` checks (storage access, both
-   priors, an explicit device when no cluster is named), each failure one line;
-1. plans the run (:func:`pipeline.clean.prepare_run`): the input's shards, those already complete for
-   this run id (skipped), and the rows that repeat an earlier id (decided from the ids alone, so shards
-   can be cleaned in any order);
-2. makes a Ray dataset with one item per pending shard and ``map_batches`` it over an actor pool
+1. a Ray dataset with one item per pending shard, ``map_batches``-ed over an actor pool
    (``compute=ActorPoolStrategy``, ``num_gpus`` per actor: one GPU each when the cluster has GPUs, CPU
-   actors otherwise). Each actor loads both priors once, from their URIs, on its first call; for each
-   shard it reads and validates the rows (bad rows to the errors table), runs the joint sampler in
-   batches, encodes the images and writes the shard's cleaned, metrics and errors files (named by
-   source shard, so a redo replaces) and then, last, its completion marker;
-3. follows the actors' per-shard results with a progress bar, then checks the accounting (every input
-   row once, in cleaned or errors; :class:`~pipeline.data.accounting.AccountingError` otherwise) and
-   appends the run's row to ``<output>/summary/`` (:func:`pipeline.clean.finish_run`).
+   actors otherwise; :func:`actor_layout`). Each actor loads the run's pinned priors once, on its first call,
+   and runs :meth:`Run.clean <pipeline.run.Run.clean>` for each shard it gets;
+2. the actors' per-shard results followed with a progress bar; a stall (a lost node that Ray Data cannot
+   recover from) re-plans the pending shards on a fresh pool (:data:`MAX_REPLANS`).
 
 Why a shard, not an image, is the unit of work: outputs are written per source shard, so a shard is
 what can be finished, marked done and skipped on resume; an unreadable shard fails inside its own
@@ -52,20 +47,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.clean import (
-    RunInterrupted,
-    RunPlan,
-    ShardCleaner,
-    fail_shard,
-    finish_run,
-    judge_run,
-    peak_rss_mb,
-    preflight_run,
-    prepare_run,
-    process_shard,
-)
 from pipeline.config import CleanConfig, ConfigError
-from pipeline.data.accounting import PlannedShard, plan
+from pipeline.data.accounting import PlannedShard
+from pipeline.jobs.session import cluster_address, quiet_ray_noise, ray_session
+from pipeline.run import Run
+from pipeline.run.local import peak_rss_mb
+from pipeline.run.shard import ShardCleaner
 
 MAX_SHARD_ATTEMPTS = 3
 MAX_REPLANS = 2  # fresh actor pools after a stall (a lost node that Ray Data cannot recover from)
@@ -74,16 +61,16 @@ MAX_REPLANS = 2  # fresh actor pools after a stall (a lost node that Ray Data ca
 class ShardActor:
     """A pool actor: both priors loaded once; each call cleans the shards of its batch."""
 
-    def __init__(self, cfg: CleanConfig, run: RunPlan, threads: int, crash_once: str | None = None,
-                 crash_shard: str | None = None, hang_once: str | None = None):
+    def __init__(self, run: Run, threads: int, crash_once: str | None = None, crash_shard: str | None = None,
+                 hang_once: str | None = None):
         import ray
         import torch
 
         from pipeline.data import storage
 
-        storage.configure(cfg.storage)
+        storage.configure(run.cfg.storage)
         torch.set_num_threads(threads)
-        self.cfg, self.threads = cfg, threads
+        self.cfg, self.threads = run.cfg, threads
         self._cleaner: ShardCleaner | None = None
         self.run = run
         self.crash_once, self.crash_shard, self.hang_once = crash_once, crash_shard, hang_once
@@ -121,16 +108,16 @@ class ShardActor:
         while True:
             time.sleep(3600)
 
-    @property
     def cleaner(self) -> ShardCleaner:
-        # Built on the first call, in the thread that runs the calls (Ray Data calls the UDF from a
-        # worker thread, not the thread that ran __init__): with the models built in __init__, sampling
-        # ran 1.6x slower here (23.9 s against 14.6 s for one 25-image shard at 50 steps).
+        """The actor's cleaner (the run's pinned priors, verified), built on the first call, in the thread that
+        runs the calls (Ray Data calls the UDF from a worker thread, not the thread that ran __init__): with the
+        models built in __init__, sampling ran 1.6x slower here (23.9 s against 14.6 s for one 25-image shard
+        at 50 steps)."""
         if self._cleaner is None:
             import torch
 
             torch.set_num_threads(self.threads)
-            self._cleaner = ShardCleaner(self.cfg)
+            self._cleaner = ShardCleaner(self.cfg, self.run.pinned)
         return self._cleaner
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
@@ -144,11 +131,11 @@ class ShardActor:
             attempt = count_attempt(self.run, shard.name, self.node_id)
             self._maybe_hang()
             if attempt > MAX_SHARD_ATTEMPTS:
-                res = fail_shard(self.cfg, self.run, shard, f"gave up after {MAX_SHARD_ATTEMPTS} attempts: the "
-                                 "worker cleaning this shard died each time (out of memory? a crash in a decoder?)")
+                res = self.run.give_up(shard, f"gave up after {MAX_SHARD_ATTEMPTS} attempts: the worker cleaning "
+                                       "this shard died each time (out of memory? a crash in a decoder?)")
             else:
-                res = process_shard(self.cleaner, self.run, shard, duplicates=dups, before_marker=self._maybe_crash,
-                                    worker={"node_id": self.node_id})
+                res = self.run.clean(self.cleaner, shard, duplicates=dups, before_marker=self._maybe_crash,
+                                     worker={"node_id": self.node_id})
             for k in keys:
                 out[k].append(res[k])
             out["pid"].append(os.getpid())
@@ -181,7 +168,7 @@ def _peak_cuda_mb() -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
 
 
-def count_attempt(run: RunPlan, shard: str, node_id: str | None = None) -> int:
+def count_attempt(run: Run, shard: str, node_id: str | None = None) -> int:
     """Record one more attempt at ``shard`` in ``_attempts/`` (with the Ray node and process that make it)
     and return its number in this driver session (1 for the first; attempts of an earlier, interrupted
     session do not count).
@@ -197,64 +184,6 @@ def count_attempt(run: RunPlan, shard: str, node_id: str | None = None) -> int:
     write_atomic(uri, json.dumps({"attempts": n, "session": session, "pid": os.getpid(), "node_id": node_id,
                                   "started": time.time()}).encode())
     return n
-
-
-def cluster_address(address: str | None, command: str = "clean") -> str | None:
-    """The Ray cluster to join: ``address``, else ``RAY_ADDRESS``, else None (a new local Ray); a ``ray://``
-    or ``http://`` address is refused with a one-line :class:`ConfigError` saying what to use instead."""
-    from pipeline.config import check_ray_address
-
-    check_ray_address(address, command=command)
-    if not address and os.environ.get("RAY_ADDRESS"):
-        address = os.environ["RAY_ADDRESS"]
-        check_ray_address(address, "RAY_ADDRESS", command)
-    return address or None
-
-
-def init_ray(address: str | None = None) -> bool:
-    """Connect to ``address`` (else ``RAY_ADDRESS``), or start a new in-process local Ray; reuse a Ray
-    already initialised in this process. Returns whether this call started or connected it.
-
-    A ``ray://`` (Ray Client) address is refused before anything starts: Ray Data does not run under
-    Ray Client (``'Worker' object has no attribute 'core_worker'`` half-way through the job)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = cluster_address(address)
-    if address:
-        ray.init(address=address)
-    else:  # "local": a new instance, never a cluster that `ray start` left running on this machine
-        ray.init(address="local", include_dashboard=False)
-        _reap_local_ray()
-    return True
-
-
-_reaper: Any = None
-
-
-def _reap_local_ray() -> None:
-    """Once per process: the local Ray that this driver starts dies with it, even when it is killed outright
-    (:mod:`pipeline.jobs.reaper`)."""
-    global _reaper
-    if _reaper is None or _reaper.poll() is not None:
-        from pipeline.jobs import reaper
-
-        _reaper = reaper.start()
-
-
-@contextmanager
-def ray_session(address: str | None = None) -> Iterator[bool]:
-    """:func:`init_ray` for the duration of a block (which gets whether it started or joined Ray itself);
-    shut down on exit only if the block started it."""
-    import ray
-
-    started = init_ray(address)
-    try:
-        yield started
-    finally:
-        if started:
-            ray.shutdown()
 
 
 class Stalled(RuntimeError):
@@ -330,8 +259,8 @@ def actor_layout(cfg: CleanConfig, n_pending: int, fit_to_live: bool = False) ->
     return max(1, min(actors, n_pending)), g, threads
 
 
-def run_job(run: RunPlan, cfg: CleanConfig, progress: bool = True, crash_once: str | None = None,
-            crash_shard: str | None = None, replan: bool = False) -> JobStats:
+def run_job(run: Run, progress: bool = True, crash_once: str | None = None, crash_shard: str | None = None,
+            replan: bool = False) -> JobStats:
     """Clean the run's pending shards on the actor pool (Ray must be initialised, see :func:`init_ray`).
 
     Shards completed since ``run`` was planned (by a concurrent or failed-then-retried attempt) are
@@ -344,16 +273,16 @@ def run_job(run: RunPlan, cfg: CleanConfig, progress: bool = True, crash_once: s
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    done_now = {s.name for s in plan(run.input_uri, run.run_uri) if s.done}
+    done_now = run.done_now()
     pending = [s for s in run.pending if s.name not in done_now]
     if not pending:
         return JobStats.empty()
+    cfg = run.cfg
     actors, gpus, threads = actor_layout(cfg, len(pending), fit_to_live=replan)
     update: dict[str, Any] = {"storage": cfg.storage.resolved()}
     if not gpus and cfg.device == "auto":  # an actor without a GPU slot must not take a GPU it sees
         update["device"] = "cpu"
-    cfg = cfg.model_copy(update=update)
-    light = dataclasses.replace(run, shards=[], duplicates={})  # per-shard duplicates travel with each item
+    light = dataclasses.replace(run.light(), cfg=cfg.model_copy(update=update))  # duplicates travel with each item
     items = [{"uri": s.uri, "name": s.name, "size": s.size, "version": s.version,
               "duplicates": json.dumps(run.duplicates.get(s.name, {}))} for s in pending]
     where = "GPU" if gpus else "CPU"
@@ -369,7 +298,7 @@ def run_job(run: RunPlan, cfg: CleanConfig, progress: bool = True, crash_once: s
             ShardActor, batch_size=1,
             compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
             num_gpus=gpus, num_cpus=threads,
-            fn_constructor_kwargs={"cfg": cfg, "run": light, "threads": threads, "crash_once": crash_once,
+            fn_constructor_kwargs={"run": light, "threads": threads, "crash_once": crash_once,
                                    "crash_shard": crash_shard,
                                    "hang_once": os.environ.get("JOINTDIFF_TEST_HANG_ONCE") or None})
         total = sum(run.rows.get(s.name, 1) for s in pending)
@@ -437,51 +366,6 @@ def _rows_or_ticks(results: Any, tick_s: float = 1.0) -> Iterator[dict[str, Any]
         yield item
 
 
-# Lines Ray prints to the driver's stderr (from C++, so no logging filter sees them) on every run that are not
-# about this run: Ray Data puts its own map function in the object store and passes it to each pool actor,
-# and Ray's core worker logs that at ERROR level for any restartable actor (ray-project/ray#57733).
-KNOWN_RAY_NOISE = (b"has constructor arguments in the object store and max_restarts > 0",)
-
-
-@contextmanager
-def quiet_ray_noise() -> Iterator[None]:
-    """Drop the lines of :data:`KNOWN_RAY_NOISE` from this process's standard error (file descriptor 2)
-    while the block runs; everything else passes through unchanged and at once (progress bars included).
-
-    A pipe replaces descriptor 2 and a thread copies it to the real one. The thread stays for the life of
-    the process: processes started meanwhile (a local Ray's) may still hold the pipe."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):
-        yield
-        return
-    read_end, write_end = os.pipe()
-    os.dup2(write_end, 2)
-    os.close(write_end)
-
-    def pump() -> None:
-        buf = b""
-        while chunk := os.read(read_end, 65536):
-            buf += chunk
-            while (nl := buf.find(b"\n")) >= 0:
-                line, buf = buf[:nl + 1], buf[nl + 1:]
-                if not any(n in line for n in KNOWN_RAY_NOISE):
-                    os.write(saved, line)
-            if buf and not buf.startswith(b"["):  # not the start of a Ray log line: a progress bar's update
-                os.write(saved, buf)
-                buf = b""
-        if buf:
-            os.write(saved, buf)
-
-    threading.Thread(target=pump, name="quiet-ray-noise", daemon=True).start()
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-
-
 @contextmanager
 def _interruptible() -> Iterator[threading.Event]:
     """Ctrl-C during the job stops it even where Ray Data's iterator swallows the KeyboardInterrupt (seen:
@@ -503,53 +387,63 @@ def _interruptible() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
-def run_clean(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None = None, progress: bool = True,
-              crash_once: str | None = None, crash_shard: str | None = None) -> dict[str, Any]:
-    """The whole run: plan, clean the pending shards on Ray, check the accounting, append the summary.
-
-    Returns the summary row plus ``shards``, ``skipped_shards``, ``output`` (the run's URI),
-    ``summary`` (the row's file), ``job`` (actor layout and per-shard results) and ``report`` (the run's
-    HTML report, written at the end as the flow writes it). Raises :class:`~pipeline.clean.RejectedRowsError`
-    after recording a run that rejected too many rows (and writing its report).
-    """
-    from pipeline.clean import resolve_paths
-    from pipeline.data import storage
-
-    t0 = time.perf_counter()
-    cluster_address(cfg.ray.address)  # a ray:// address fails here, before the work starts
-    input_uri, output, cfg = resolve_paths(input_uri, output, cfg)
-    storage.configure(cfg.storage)
-    preflight_run(input_uri, output, cfg, ray=True)
-    run = prepare_run(input_uri, output, cfg, run_id)
+def clean_pending(run: Run, progress: bool = True, crash_once: str | None = None,
+                  crash_shard: str | None = None) -> JobStats:
+    """Clean the run's pending shards on Ray (joined or started here, :func:`~pipeline.jobs.session.ray_session`),
+    re-planning on a fresh pool after a stall, at most :data:`MAX_REPLANS` times. Ctrl-C raises
+    :class:`~pipeline.run.RunInterrupted`."""
     stats = JobStats.empty()
     for replan in range(MAX_REPLANS + 1):
         if not run.pending:
             break
         try:
-            with quiet_ray_noise(), ray_session(cfg.ray.address) as started:
-                part = run_job(run, cfg, progress=progress, crash_once=crash_once, crash_shard=crash_shard,
+            with quiet_ray_noise(), ray_session(run.cfg.ray.address) as started:
+                part = run_job(run, progress=progress, crash_once=crash_once, crash_shard=crash_shard,
                                replan=replan > 0)
-            stats = dataclasses.replace(part, shards=stats.shards + part.shards,
-                                        processed=stats.processed + part.processed)
-            break
+            return dataclasses.replace(part, shards=stats.shards + part.shards,
+                                       processed=stats.processed + part.processed)
         except KeyboardInterrupt:
-            raise RunInterrupted(run) from None
+            raise run.interrupted() from None
         except Stalled as exc:
             # leaving the session disconnected this driver, which ends every actor it owns, the stuck ones too
             if not started or replan == MAX_REPLANS:
                 raise RuntimeError(f"run {run.run_id}: {exc}; the shards done so far are kept: run the same "
                                    "command again to clean the rest") from None
             print(f"clean {run.run_id}: {exc}: re-planning the pending shards on the nodes left", file=sys.stderr)
-    summary = finish_run(run, cfg, stats.processed, "ray", time.perf_counter() - t0)
-    summary["job"] = dataclasses.asdict(stats)
-    from pipeline.report import write_report
+    return stats
 
-    summary["report"] = write_report(run.run_uri)  # as the flow does
-    judge_run(summary, cfg)
-    return summary
+
+def run_clean(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None = None, progress: bool = True,
+              crash_once: str | None = None, crash_shard: str | None = None) -> dict[str, Any]:
+    """The whole run with the Ray executor: open and plan the run, clean its pending shards on Ray, finish it
+    (verify, record, report, judge).
+
+    Returns the summary row plus ``shards``, ``skipped_shards``, ``output`` (the run's URI),
+    ``summary`` (the row's file), ``job`` (actor layout and per-shard results) and ``report`` (the run's
+    HTML report). Raises :class:`~pipeline.data.accounting.RejectedRowsError` after recording a run that
+    rejected too many rows (and writing its report). ``crash_once`` and ``crash_shard``: test hooks of
+    :func:`run_job`.
+    """
+    t0 = time.perf_counter()
+    cluster_address(cfg.ray.address)  # a ray:// address fails here, before the work starts
+    run = Run.open(input_uri, output, cfg, run_id, ray=True).plan()
+    stats = clean_pending(run, progress, crash_once, crash_shard)
+    return run.finish(stats.processed, "ray", time.perf_counter() - t0, dataclasses.asdict(stats))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.jobs.clean INPUT OUTPUT [--config C] [--set K=V] [--run-id R] ...``: the Ray
+    executor's own entry point (a submitted job's), with ``jointdiff clean``'s arguments and exit codes."""
+    from pipeline.commands import clean_parser, load_clean, print_summary, run_command
+    from pipeline.config import with_ray
+
+    def clean(a: Any) -> int:
+        cfg, input_uri, output = load_clean(a)
+        cfg = with_ray(cfg, address=a.ray_address, actors=a.actors)
+        return print_summary(run_clean(input_uri, output, cfg, run_id=a.run_id, progress=not a.quiet))
+
+    return run_command(clean, clean_parser("python -m pipeline.jobs.clean", executor=False).parse_args(argv))
 
 
 if __name__ == "__main__":
-    from pipeline.cli import main
-
-    sys.exit(main(["clean", *sys.argv[1:]]))
+    sys.exit(main())

@@ -6,8 +6,9 @@ code is always there; its requirements (torch, Ray, pyarrow...) must come from t
 entry point with the ``python3`` on the head's ``PATH``, which need not be the Python that runs Ray (a head
 started as ``.venv/bin/ray start --head`` without activating the venv finds the system Python first). So:
 
-1. if this Python has the requirements, run the job: ``jointdiff clean ARGS`` or ``jointdiff train ARGS``
-   (on Ray Train, two workers unless ``--workers`` says otherwise);
+1. if this Python has the requirements, run the job: :func:`pipeline.jobs.clean.main` (``jointdiff clean ARGS``
+   on Ray) or :func:`pipeline.jobs.train_prior.main` (``jointdiff train ARGS`` on Ray Train, two workers unless
+   ``--workers`` says otherwise);
 2. else, on Linux, find the Python that runs Ray's workers on this node (the raylet's
    ``--python_worker_command``) and run the job with it, once;
 3. else print one line naming the Python and the missing packages, and what to do; exit 2.
@@ -70,12 +71,14 @@ def main(argv: list[str] | None = None) -> int:
               "requirements on every node (pip install jointdiff) and start Ray from that environment, or run the "
               "cluster from the jointdiff image (deploy/docker/Dockerfile)", file=sys.stderr)
         return 2
-    from pipeline.cli import main as cli_main
-
     kind, args = argv[0], argv[1:]
-    if kind == "train" and "--workers" not in args and not any(a.startswith("--workers=") for a in args):
-        args += ["--workers", "2"]  # a submitted training job always runs on Ray Train
-    return cli_main([kind, *args])
+    if kind == "train":
+        from pipeline.jobs.train_prior import main as train_main
+
+        return train_main(args)  # always on Ray Train
+    from pipeline.jobs.clean import main as clean_main
+
+    return clean_main(args)
 
 
 if __name__ == "__main__":

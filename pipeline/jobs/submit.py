@@ -254,7 +254,7 @@ def _option(args: list[str], name: str) -> int | None:
 def job_command(kind: str, job_args: Sequence[str], working_dir: Path) -> list[str]:
     """The job's entry point as argv: ``python -m <module> ARGS``, checked by the real parser, with the
     config path made relative to ``working_dir`` (the job runs there, on the cluster)."""
-    from pipeline.cli import build_parser
+    from pipeline.commands import clean_parser, train_parser
 
     if kind not in ENTRYPOINTS:
         raise ConfigError(f"cannot submit {kind!r}: choose one of {', '.join(ENTRYPOINTS)}")
@@ -274,10 +274,9 @@ def job_command(kind: str, job_args: Sequence[str], working_dir: Path) -> list[s
                               "shipped to the cluster: move it inside, or pass --working-dir") from None
         args[i] = f"--config={rel}" if args[i].startswith("--config=") else str(rel)
         check_config_credentials(config, value)
-    parser = build_parser()
-    check = ["train", *args] if kind == "train" else ["clean", *args]
+    parser = train_parser("jointdiff train") if kind == "train" else clean_parser("jointdiff clean", executor=False)
     try:
-        parsed = parser.parse_args(check)
+        parsed = parser.parse_args(args)
     except SystemExit as exc:  # argparse printed the problem; the arguments are not repeated (a value may be secret)
         raise ConfigError(f"the arguments for `{kind}` were refused by its parser (above)") from exc
     refuse_credentials(parsed.set)  # the arguments become the job's entry point, shown by the dashboard

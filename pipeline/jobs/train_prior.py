@@ -110,7 +110,7 @@ def train_distributed(config: PriorConfig, num_workers: int = 2, use_gpu: bool =
     from pipeline.data.embedded import NAMES
     from pipeline.data.storage import join
     from pipeline.diffusion.checkpoint import read_json
-    from pipeline.jobs.clean import ray_session
+    from pipeline.jobs.session import ray_session
     from pipeline.training import git_commit
 
     if config.data.source not in NAMES:  # the image column, chosen (or refused in one line) here, not in each worker
@@ -137,10 +137,38 @@ def train_distributed(config: PriorConfig, num_workers: int = 2, use_gpu: bool =
     return meta
 
 
+def train_on_ray(args: Any) -> int:
+    """``jointdiff train``'s arguments on Ray Train (``--workers``, default 2): the model's card as one JSON line
+    on stdout (with ``published`` when ``--registry`` is given); 0."""
+    import json
+    import sys
+
+    from pipeline.config import load_config
+    from pipeline.jobs.session import cluster_address
+
+    config = load_config(PriorConfig, args.config, args.set, section=args.section)
+    cluster_address(args.ray_address, "train")  # ray:// and http:// fail here, before anything starts
+    workers = args.workers or 2
+    print(f"training prior '{config.name}' on {workers} Ray Train worker(s) for {config.train.steps} steps "
+          f"-> {config.output}", file=sys.stderr)
+    meta = train_distributed(config, num_workers=workers, use_gpu=args.gpu, ray_address=args.ray_address,
+                             registry=args.registry)
+    assert meta is not None  # no stop_after
+    print(f"done: {meta['steps']} steps, final loss {meta['final_loss']:.4f}; model in {config.output}/model"
+          + (f", published as {meta['published']}" if meta.get("published") else ""), file=sys.stderr)
+    print(json.dumps(meta, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.jobs.train_prior --config C [--workers N] [--registry ROOT] ...``: a submitted
+    training job's entry point, ``jointdiff train``'s arguments, always on Ray Train."""
+    from pipeline.commands import run_command, train_parser
+
+    return run_command(train_on_ray, train_parser("python -m pipeline.jobs.train_prior").parse_args(argv))
+
+
 if __name__ == "__main__":  # what `ray job submit` runs: `jointdiff train`, always on Ray Train
     import sys
 
-    from pipeline.cli import main
-
-    argv = sys.argv[1:]
-    sys.exit(main(["train", *argv] + ([] if "--workers" in argv else ["--workers", "2"])))
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Rows of an observation shard: decoded, checked and converted to what the priors take, or rejected with a
+reason (:class:`~pipeline.data.validate.RowError`: the stage and why, one error row each).
+
+Also :func:`peek_image`: an image's size and channels from its header alone, for the checks a run makes
+before any work (:func:`pipeline.run.plan.check_inputs`).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import ForwardConfig
+from pipeline.data.validate import ImagePolicy, RowError, conform, decode_any, npy_header
+
+
+@dataclass
+class Row:
+    """One input row ready to sample: its index in the shard, id, observation and (when the shard has it) ground
+    truth, as float32 ``(C, H, W)`` in [0, 1] (the sum model's observation in [0, 2]), and its blend weight."""
+
+    row: int
+    id: str
+    y: np.ndarray
+    clean: np.ndarray | None
+    alpha: float
+
+
+def decode_cell(cell: Any, what: str, policy: ImagePolicy, shape: tuple[int, int, int]) -> np.ndarray:
+    """One stored image (``{bytes, path}``) as a ``shape`` array under ``policy``; :class:`RowError` otherwise."""
+    if cell is None:
+        raise RowError("decode", f"{what} is null")
+    if not isinstance(cell, dict) or not isinstance(cell.get("bytes"), bytes):
+        raise RowError("decode", f"{what} is a {type(cell).__name__}, not an image struct {{bytes, path}}")
+    try:
+        img = conform(decode_any(cell["bytes"], cell.get("path") or "", policy.max_pixels, policy.max_bytes), policy)
+    except RowError as exc:
+        raise RowError(exc.stage, f"{what}: {exc.reason}") from None
+    if img.shape != shape:  # the policy converts or rejects, so this is a bug guard
+        raise RowError("validate", f"{what} is {img.shape} (CxHxW) but the priors expect {shape}")
+    return img
+
+
+Rejected = tuple[int, Any, RowError]  # (row, id as stored, why)
+
+
+def decode_rows(cols: Mapping[str, list[Any]], policy: ImagePolicy, shape: tuple[int, int, int],
+                forward: ForwardConfig, duplicates: Mapping[int, str]) -> tuple[list[Row], list[Rejected]]:
+    """The shard's columns as :class:`Row` s, and ``(row, id, error)`` for each row rejected: no id, a later copy
+    of an id (``duplicates``: row -> reason), an image that does not decode or fit, a blend without a valid
+    alpha (``forward.alpha`` wins over the row's ``alpha`` column)."""
+    rows: list[Row] = []
+    rejected: list[Rejected] = []
+    truth = cols.get("clean")
+    alphas = cols.get("alpha")
+    for row, id_ in enumerate(cols["id"]):
+        if id_ is None or row in duplicates:
+            rejected.append((row, id_, RowError("validate", "missing id" if id_ is None else duplicates[row])))
+            continue
+        try:
+            y = decode_cell(cols["observation"][row], "observation", policy, shape)
+            clean = decode_cell(truth[row], "clean", policy, shape) if truth and truth[row] else None
+        except RowError as exc:
+            rejected.append((row, id_, exc))
+            continue
+        alpha = 0.0  # only the blend has an alpha
+        if forward.name == "blend":
+            alpha = forward.alpha or (alphas[row] if alphas else None)
+            if alpha is None or math.isnan(alpha) or not 0 < alpha < 1:
+                rejected.append((row, id_, RowError("validate", f"blend needs alpha in (0, 1); the row has "
+                                                                f"{alpha!r} and forward.alpha is not set")))
+                continue
+        rows.append(Row(row, str(id_), y, clean, float(alpha)))
+    return rows, rejected
+
+
+def peek_image(cell: Any) -> tuple[int, int, int, bool, int] | None:
+    """``(height, width, colour channels, has alpha, pixels)`` of a stored image from its header, or None
+    when the header does not tell (the row is left to the cleaner, which rejects it if it must)."""
+    if not isinstance(cell, dict) or not isinstance(cell.get("bytes"), bytes):
+        return None
+    data, name = cell["bytes"], cell.get("path") or ""
+    try:
+        if name.endswith(".npy") or data[:6] == b"\x93NUMPY":
+            shape = npy_header(data)[0]
+            if len(shape) not in (2, 3):
+                return None
+            c = 1 if len(shape) == 2 else int(shape[2])
+            h, w = int(shape[0]), int(shape[1])
+        else:
+            from PIL import Image
+
+            with Image.open(io.BytesIO(data)) as im:  # the header only; no pixels are decoded
+                w, h = im.size
+                # channels as decode_any gives them: palette to RGB(A), other modes (CMYK, YCbCr...) to RGB
+                c = 4 if im.mode == "P" and "transparency" in im.info else {"L": 1, "1": 1, "I": 1, "F": 1, "I;16": 1,
+                                                                            "I;16B": 1, "I;16L": 1, "LA": 2,
+                                                                            "RGBA": 4}.get(im.mode, 3)
+    except Exception:
+        return None
+    alpha = c in (2, 4)
+    return h, w, c - 1 if alpha else c, alpha, h * w

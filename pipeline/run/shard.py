@@ -1,0 +1,205 @@
+"""A shard's work: ``read -> decode -> sample -> encode -> write``, then its completion marker.
+
+Each stage is a function of its own: :func:`read` (the shard's columns, or error rows saying why it has
+none), :func:`pipeline.run.rows.decode_rows` (rows the priors take, or rejected), :func:`sample` (the joint
+posterior sampler in batches, with the metrics), :func:`pipeline.run.outputs.encode` (the three tables) and
+:func:`pipeline.run.outputs.write`. :func:`clean_shard` runs them in order and writes the marker last, in
+this process or inside a Ray actor; :func:`give_up` records a shard that cannot be cleaned.
+
+A :class:`ShardCleaner` holds what the work needs across shards: both priors, loaded once from their pinned
+URIs and checked against their fingerprints (:func:`pipeline.run.models.load_pinned`), the sampler's runtime
+and the batch size.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from pipeline.config import CleanConfig
+from pipeline.data.accounting import PlannedShard, mark_done
+from pipeline.data.shards import read_table
+from pipeline.data.validate import error_row
+from pipeline.posterior.core import Runtime, auto_batch_size
+from pipeline.posterior.denoise import Denoiser, truth_metrics
+from pipeline.posterior.forward import Blend, make_forward
+from pipeline.run.models import check_pair, load_pinned
+from pipeline.run.outputs import ShardResult, encode, write
+from pipeline.run.preflight import resolve_device
+from pipeline.run.recipe import PinnedRecipe
+from pipeline.run.rows import Row, decode_rows
+
+if TYPE_CHECKING:
+    from pipeline.run.run import Run
+
+
+class ShardCleaner:
+    """Both priors (the run's pinned versions, loaded once), the runtime and the batch size."""
+
+    def __init__(self, cfg: CleanConfig, pinned: PinnedRecipe):
+        self.cfg, self.pinned = cfg, pinned
+        self.device = resolve_device(cfg.device)
+        self.x_model, self.sde, _ = load_pinned(pinned.image, self.device)
+        self.n_model, n_sde, _ = load_pinned(pinned.noise, self.device)
+        check_pair(self.x_model.config, self.sde, self.n_model.config, n_sde)
+        self.shape = (self.x_model.config.channels, self.x_model.config.image_size, self.x_model.config.image_size)
+        self.policy = cfg.policy.model_copy(update={"size": self.shape[1], "channels": self.shape[0]})
+        # the sampler differentiates with respect to its inputs only: no weight gradients to track
+        self.x_model.requires_grad_(False)
+        self.n_model.requires_grad_(False)
+        self.runtime = cfg.gpu.runtime(self.device)
+        if torch.device(self.device).type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions
+        self.batch_size = self._batch_size()
+
+    def _batch_size(self) -> int:
+        """``cfg.batch_size``, or for ``auto`` the batch that fills ``gpu.memory_margin`` of the free GPU
+        memory (measured with the networks as they will run, less compilation; 32 on a CPU)."""
+        if self.cfg.batch_size != "auto":
+            return int(self.cfg.batch_size)
+        probe = Runtime(self.runtime.precision, self.runtime.channels_last, compile=False)
+        return auto_batch_size(probe.wrap(self.x_model, self.device), probe.wrap(self.n_model, self.device),
+                               self.sde, Blend(alpha=0.5), self.shape, self.device, self.cfg.sampler, default=32,
+                               n_samples=self.cfg.sampler.n_samples, margin=self.cfg.gpu.memory_margin,
+                               cap=self.cfg.gpu.max_batch)
+
+
+def read(run: Run, shard: PlannedShard, result: ShardResult) -> dict[str, list[Any]] | None:
+    """The shard's columns; None (and its rows in ``result.errors``) when it cannot be read (one row -1) or
+    lacks ``id`` or ``observation`` (each row)."""
+    try:
+        table = read_table(shard.uri, attempts=3)
+    except Exception as exc:
+        result.errors.append(error_row(run.run_id, run.dataset, shard.name, -1, None, "read",
+                                       f"the shard cannot be read: {exc}"))
+        return None
+    missing = [c for c in ("id", "observation") if c not in table.column_names]
+    if missing:
+        ids = table.column("id").to_pylist() if "id" in table.column_names else [None] * table.num_rows
+        for row, id_ in enumerate(ids):
+            result.errors.append(error_row(run.run_id, run.dataset, shard.name, row, id_, "validate",
+                                           f"the shard lacks column(s) {missing}; an observation shard needs "
+                                           f"'id' and 'observation' (it has {table.column_names})"))
+        return None
+    return {c: table.column(c).to_pylist() for c in table.column_names}
+
+
+def sample(cleaner: ShardCleaner, rows: list[Row], result: ShardResult, reject: Callable[[Row, str], None],
+           progress: Callable[[int], None] | None = None) -> None:
+    """The joint posterior sampler over ``rows``, in batches of ``cleaner.batch_size`` and in groups of one
+    alpha (the forward model takes one), with the metrics: the cleaned rows into ``result``, a row whose
+    sample is not finite to ``reject``."""
+    started = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    cfg = cleaner.cfg
+    for alpha in sorted({r.alpha for r in rows}):
+        group = [r for r in rows if r.alpha == alpha]
+        forward = make_forward(cfg.forward.name, alpha=alpha, sigma_y=cfg.forward.sigma_y)
+        denoiser = Denoiser(cleaner.x_model, cleaner.n_model, cleaner.sde, forward, cfg.sampler, cleaner.runtime)
+        for start in range(0, len(group), cleaner.batch_size):
+            batch = group[start:start + cleaner.batch_size]
+            y = torch.from_numpy(np.stack([r.y for r in batch])).to(cleaner.device)
+            out = denoiser([r.id for r in batch], y)
+            truth = _truth_metrics(batch, out.denoised, y, cleaner.device)
+            finite = (torch.isfinite(out.denoised.flatten(1)).all(1)
+                      & torch.isfinite(out.noise_estimate.flatten(1)).all(1))
+            for k, r in enumerate(batch):
+                if not finite[k]:
+                    reject(r, "the sampler diverged (non-finite values); lower sampler.lambda_x / sampler.kappa_n "
+                              "or use more steps")
+                    continue
+                result.add(row=r.row, id=r.id, denoised=out.denoised[k].cpu().numpy(),
+                           noise_estimate=out.noise_estimate[k].cpu().numpy(),
+                           **({"uncertainty": out.uncertainty[k].cpu().numpy()} if out.uncertainty is not None else {}),
+                           **{name: _finite_or_none(v[k]) for name, v in truth.items()},
+                           residual=_finite_or_none(float(out.residual[k])),
+                           spread=_finite_or_none(float(out.spread[k])),
+                           removed_energy=_finite_or_none(float(out.removed_energy[k])),
+                           alpha=r.alpha, seconds=out.seconds, nfe=out.nfe, started_at=started)
+            if progress is not None:
+                progress(len(batch))
+
+
+def _truth_metrics(batch: list[Row], denoised: torch.Tensor, y: torch.Tensor,
+                   device: str) -> dict[str, list[float | None]]:
+    """PSNR/SSIM of the output and of the input against the ground truth, per row (None without it)."""
+    out: dict[str, list[float | None]] = {c: [None] * len(batch) for c in ("psnr", "ssim", "psnr_input",
+                                                                           "ssim_input")}
+    have = [k for k, r in enumerate(batch) if r.clean is not None]
+    if have:
+        clean = torch.from_numpy(np.stack([batch[k].clean for k in have])).to(device)
+        for c, v in truth_metrics(denoised[have], clean, y[have]).items():
+            for k, val in zip(have, v.tolist()):
+                out[c][k] = val
+    return out
+
+
+def _finite_or_none(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+def clean_shard(cleaner: ShardCleaner, run: Run, shard: PlannedShard, progress: Callable[[int], None] | None = None,
+                duplicates: Mapping[int, str] | None = None, before_marker: Callable[[str], None] | None = None,
+                worker: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``read -> decode -> sample -> encode -> write`` one source shard, then its completion marker (last).
+
+    ``duplicates`` (row -> reason: later copies of an id, found by the run's plan across the whole run)
+    defaults to the plan's entry for this shard; ``worker`` (who cleaned it: the Ray node id) goes into the
+    marker. Returns its counts, ``seconds`` and its ``started``/``finished`` wall-clock times (epoch seconds,
+    for throughput without start-up)."""
+    t0, started = time.perf_counter(), time.time()
+    duplicates = run.duplicates.get(shard.name, {}) if duplicates is None else duplicates
+    result = ShardResult()
+
+    def reject(row: int, id_: Any, stage: str, reason: str) -> None:
+        result.errors.append(error_row(run.run_id, run.dataset, shard.name, row, id_, stage, reason))
+
+    cols = read(run, shard, result)
+    if cols is not None:
+        rows, rejected = decode_rows(cols, cleaner.policy, cleaner.shape, cleaner.cfg.forward, duplicates)
+        for row, id_, err in rejected:
+            reject(row, id_, err.stage, err.reason)
+        sample(cleaner, rows, result, lambda r, why: reject(r.row, r.id, "sample", why), progress)
+    _write(run, shard.name, result)
+    if before_marker is not None:
+        before_marker(shard.name)
+    info = {"run_id": run.run_id, "cleaned": result.n_cleaned, "errors": len(result.errors),
+            "input_size": shard.size, "input_version": shard.version, "pid": os.getpid(), **(worker or {})}
+    mark_done(run.run_uri, shard.name, info)
+    return {"shard": shard.name, "cleaned": info["cleaned"], "errors": info["errors"],
+            "seconds": time.perf_counter() - t0, "started": started, "finished": time.time()}
+
+
+def give_up(run: Run, shard: PlannedShard, reason: str) -> dict[str, Any]:
+    """Give up on a shard: every row of it to the errors table (one row -1 if it cannot be read), no
+    cleaned or metrics file (an earlier attempt's are removed), and its marker, so the run completes and
+    the accounting holds. Needs no model, so it works even when loading the models is what kills the worker."""
+    from pipeline.data.shards import ShardError
+
+    result = ShardResult()
+    try:
+        ids = read_table(shard.uri, ["id"], attempts=3).column("id").to_pylist()
+    except ShardError:
+        ids = None
+    for row, id_ in ([(-1, None)] if ids is None else enumerate(ids)):
+        result.errors.append(error_row(run.run_id, run.dataset, shard.name, row, id_, "sample", reason))
+    _write(run, shard.name, result)
+    mark_done(run.run_uri, shard.name, {"run_id": run.run_id, "cleaned": 0, "errors": len(result.errors),
+                                        "input_size": shard.size, "input_version": shard.version, "failed": reason})
+    now = time.time()
+    return {"shard": shard.name, "cleaned": 0, "errors": len(result.errors), "seconds": 0.0, "started": now,
+            "finished": now}
+
+
+def _write(run: Run, shard: str, result: ShardResult) -> None:
+    sampler = json.dumps(run.cfg.sampler.model_dump(), sort_keys=True)
+    tables = encode(result, run.run_id, run.dataset, shard, run.pinned.model_ids, sampler,
+                    uncertainty=run.cfg.sampler.n_samples > 1)
+    write(run.run_uri, run.run_id, shard, tables)

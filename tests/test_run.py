@@ -1,0 +1,62 @@
+"""The run object's pinned models: resolved once, on the driver, to a version and a fingerprint that every
+worker loads and checks, whatever is published meanwhile."""
+
+from __future__ import annotations
+
+import shutil
+
+import pyarrow.parquet as pq
+from safetensors.torch import load_file, save_file
+
+from pipeline.config import CleanConfig
+from pipeline.data.storage import local_path
+from pipeline.registry import publish, resolve_latest
+from pipeline.run import Run
+from pipeline.run.local import clean_pending
+from pipeline.run.models import fingerprint
+from tests.test_clean_job import _observations
+
+
+def _cfg(image: str, noise: str) -> CleanConfig:
+    return CleanConfig(priors={"image": image, "noise": noise}, sampler={"steps": 2}, batch_size=4, device="cpu")
+
+
+def test_a_version_published_between_planning_and_cleaning_is_not_used_the_pinned_one_is(tiny_priors, tmp_path):
+    registry = str(tmp_path / "registry")
+    publish(tiny_priors[0], registry, "img", version="v1")
+    latest = f"{registry}/models/img/latest"
+    _observations(str(tmp_path / "obs"), n=2, shard_size=2, bad_row=False)
+    run = Run.open(str(tmp_path / "obs"), str(tmp_path / "out"), _cfg(latest, tiny_priors[1])).plan()
+    v1 = f"file://{registry}/models/img/v1"
+    assert run.pinned.image.uri == run.cfg.priors.image == v1
+    assert run.pinned.image.fingerprint == fingerprint(v1)  # its config.json and weights
+
+    publish(tiny_priors[1], registry, "img", version="v2")  # other weights, now `latest`
+    assert resolve_latest(latest).endswith("/models/img/v2")
+    job = clean_pending(run, progress=False)
+    summary = run.finish(job["processed"], "local", 1.0, job)
+    assert (summary["cleaned"], summary["errors"]) == (2, 0)
+    ref = f"{v1}@sha256:{fingerprint(v1)[:16]}"
+    assert summary["models"] == f'{{"image": "{ref}", "noise": "{run.pinned.noise.ref}"}}'
+    model_ids = pq.read_table(local_path(f"{run.run_uri}/cleaned")).column("model_ids").to_pylist()
+    assert model_ids == [f"{ref}+{run.pinned.noise.ref}"] * 2
+    # the pinned version is the run's identity: naming v1 itself is the same run; `latest` now is another
+    assert Run.open(str(tmp_path / "obs"), str(tmp_path / "out"), _cfg(v1, tiny_priors[1])).run_id == run.run_id
+    assert Run.open(str(tmp_path / "obs"), str(tmp_path / "out"), _cfg(latest, tiny_priors[1])).run_id != run.run_id
+
+
+def test_a_pinned_model_whose_files_change_fails_its_shards_naming_both_fingerprints(tiny_priors, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_priors[0], model)
+    _observations(str(tmp_path / "obs"), n=2, shard_size=2, bad_row=False)
+    run = Run.open(str(tmp_path / "obs"), str(tmp_path / "out"), _cfg(str(model), tiny_priors[1]), "r").plan()
+    pinned = run.pinned.image.fingerprint
+    weights = load_file(model / "weights.safetensors")  # retrained in place, say: other weights, same names
+    save_file({k: v + 0.01 for k, v in weights.items()}, model / "weights.safetensors")
+    job = clean_pending(run, progress=False)
+    assert job["processed"] == 0
+    errors = pq.read_table(tmp_path / "out" / "runs" / "r" / "errors").to_pylist()
+    assert [e["row"] for e in errors] == [0, 1] and run.verify().ok
+    reason = errors[0]["reason"]
+    assert f"{model} changed after the run pinned it" in reason
+    assert pinned[:16] in reason and fingerprint(str(model))[:16] in reason

@@ -53,14 +53,10 @@ def _png(mosaic: Any) -> str:
 
 def publish_artifact(config: PriorConfig, meta: dict[str, Any], n_samples: int = 16, steps: int = 100) -> None:
     """Card, loss curve and unconditional samples of one published prior, as a markdown artifact."""
-    from pipeline.diffusion.checkpoint import MAX_STATE_BYTES, load_model, read_json
-    from pipeline.diffusion.sampling import sample
+    from pipeline.training import preview
     from pipeline.viz import grid, loss_curve
 
-    state = read_json(join(config.output, "state", "latest.json"))
-    losses = read_json(join(config.output, "state", state["dir"], "state.json"), max_bytes=MAX_STATE_BYTES)["losses"]
-    model, sde, _ = load_model(meta["published"])
-    samples = sample(model, sde, n_samples, steps, seed=0).numpy()
+    losses, samples = preview(config.output, meta["published"], n_samples, steps)
     card = "\n".join(f"| {k} | {meta.get(k)} |" for k in ("steps", "final_loss", "heldout_loss", "workers",
                                                           "dataset", "dataset_hash", "git_commit", "created_at"))
     sheet = _png(grid(samples, 8, scale=2))

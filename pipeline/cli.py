@@ -1,5 +1,5 @@
 """The ``jointdiff`` command. Each sub-command is a thin wrapper over a library function; the arguments and
-exit codes it shares with the Ray jobs' own entry points live in :mod:`pipeline.commands` (nothing imports
+exit codes it shares with the Ray jobs' own entry points live in :mod:`pipeline.jobs.commands` (nothing imports
 this module). The verb ``denoise`` was removed before 1.0: ``jointdiff clean --executor local`` does what it
 did (docs/changelog.md)."""
 
@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.commands import add_clean_arguments, add_train_arguments, load_clean, print_summary, run_command
 from pipeline.config import ConfigError, refuse_credentials
+from pipeline.jobs.commands import add_clean_arguments, add_train_arguments, load_clean, print_summary, run_command
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -17,19 +17,14 @@ reference-free figures (residual, spread, removed-noise energy). ``models`` reco
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.data.shards import list_parts, read_table, write_table
 from pipeline.data.storage import join
-
-if TYPE_CHECKING:
-    from pipeline.data.accounting import Accounting
-    from pipeline.run import Run
 
 _F = pa.float64()
 _TS = pa.timestamp("s", tz="UTC")
@@ -51,41 +46,11 @@ def read_parts(uri: str) -> pa.Table | None:
     return pa.concat_tables(parts, promote_options="default") if parts else None
 
 
-def _stats(values: list[float | None]) -> tuple[float | None, float | None, float | None]:
+def stats(values: list[float | None]) -> tuple[float | None, float | None, float | None]:
     v = np.array([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
     if not v.size:
         return None, None, None
     return float(v.mean()), float(np.median(v)), float(np.percentile(v, 5))
-
-
-def summary_row(run: Run, acc: Accounting, processed: int, executor: str, wall_seconds: float) -> dict[str, Any]:
-    """The run's summary row (see the module docstring for what each aggregate covers)."""
-    metrics = read_parts(join(run.run_uri, "metrics"))
-    if metrics is not None:  # the run's plan only: not the outputs of shards removed from the input (orphaned)
-        import pyarrow.compute as pc
-
-        planned = [s.name for s in run.shards if s.name not in acc.orphaned]
-        metrics = metrics.filter(pc.is_in(metrics.column("shard"), pa.array(planned, pa.string())))
-
-    def col(name: str) -> list[Any]:
-        return metrics.column(name).to_pylist() if metrics is not None and name in metrics.column_names else []
-    psnr, ssim = _stats(col("psnr")), _stats(col("ssim"))
-    return {
-        "run_id": run.run_id, "started_at": run.started_at.replace(microsecond=0),
-        "finished_at": dt.datetime.now(dt.timezone.utc).replace(microsecond=0), "dataset": run.dataset,
-        "inputs": acc.inputs, "cleaned": acc.cleaned, "errors": acc.errors, "processed": processed,
-        "psnr_mean": psnr[0], "psnr_median": psnr[1], "psnr_p05": psnr[2],
-        "ssim_mean": ssim[0], "ssim_median": ssim[1], "ssim_p05": ssim[2],
-        "psnr_input_mean": _stats(col("psnr_input"))[0], "ssim_input_mean": _stats(col("ssim_input"))[0],
-        "residual_mean": _stats(col("residual"))[0], "spread_mean": _stats(col("spread"))[0],
-        "removed_energy_mean": _stats(col("removed_energy"))[0],
-        "wall_seconds": float(wall_seconds),
-        "images_per_s": processed / wall_seconds if wall_seconds > 0 and processed else None,
-        "nfe": run.cfg.sampler.nfe * run.cfg.sampler.n_samples,
-        "models": json.dumps({"image": run.pinned.image.ref, "noise": run.pinned.noise.ref}),
-        "sampler": json.dumps(run.cfg.sampler.model_dump(mode="json"), sort_keys=True),
-        "config_hash": run.config_hash, "executor": executor, "output": run.run_uri,
-    }
 
 
 def append_summary(output: str, row: dict[str, Any]) -> str:

@@ -155,3 +155,16 @@ def memorisation_report(samples: torch.Tensor, dataset: str, size: int,
         dt_, _ = nearest_distances(test, train)
         report.update(test_min=float(dt_.min()), test_median=float(dt_.median()), n_test=int(dt_.numel()))
     return report, train[idx]
+
+
+def preview(output: str, model_uri: str, n_samples: int = 16, steps: int = 100) -> tuple[list[float], Any]:
+    """What a trained prior looks like: the training run's loss curve (from its newest state under
+    ``output/state``) and ``n_samples`` unconditional samples of the model at ``model_uri`` ([0, 1], N x C x H x W
+    numpy, ``steps`` Euler-Maruyama steps, seed 0)."""
+    from pipeline.diffusion.checkpoint import MAX_STATE_BYTES, load_model, read_json
+    from pipeline.diffusion.sampling import sample
+
+    state = read_json(join(output, "state", "latest.json"))
+    losses = read_json(join(output, "state", state["dir"], "state.json"), max_bytes=MAX_STATE_BYTES)["losses"]
+    model, sde, _ = load_model(model_uri)
+    return losses, sample(model, sde, n_samples, steps, seed=0).numpy()

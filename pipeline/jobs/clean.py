@@ -434,8 +434,8 @@ def run_clean(input_uri: str, output: str, cfg: CleanConfig, run_id: str | None 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.jobs.clean INPUT OUTPUT [--config C] [--set K=V] [--run-id R] ...``: the Ray
     executor's own entry point (a submitted job's), with ``jointdiff clean``'s arguments and exit codes."""
-    from pipeline.commands import clean_parser, load_clean, print_summary, run_command
     from pipeline.config import with_ray
+    from pipeline.jobs.commands import clean_parser, load_clean, print_summary, run_command
 
     def clean(a: Any) -> int:
         cfg, input_uri, output = load_clean(a)

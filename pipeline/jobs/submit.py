@@ -254,7 +254,7 @@ def _option(args: list[str], name: str) -> int | None:
 def job_command(kind: str, job_args: Sequence[str], working_dir: Path) -> list[str]:
     """The job's entry point as argv: ``python -m <module> ARGS``, checked by the real parser, with the
     config path made relative to ``working_dir`` (the job runs there, on the cluster)."""
-    from pipeline.commands import clean_parser, train_parser
+    from pipeline.jobs.commands import clean_parser, train_parser
 
     if kind not in ENTRYPOINTS:
         raise ConfigError(f"cannot submit {kind!r}: choose one of {', '.join(ENTRYPOINTS)}")

@@ -163,7 +163,7 @@ def train_on_ray(args: Any) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.jobs.train_prior --config C [--workers N] [--registry ROOT] ...``: a submitted
     training job's entry point, ``jointdiff train``'s arguments, always on Ray Train."""
-    from pipeline.commands import run_command, train_parser
+    from pipeline.jobs.commands import run_command, train_parser
 
     return run_command(train_on_ray, train_parser("python -m pipeline.jobs.train_prior").parse_args(argv))
 

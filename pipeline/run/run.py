@@ -139,7 +139,8 @@ class Run:
     def record(self, acc: Accounting, processed: int, executor: str, wall_seconds: float) -> dict[str, Any]:
         """Append the run's summary row to ``<output>/summary/``; returns it, with the shard counts and the
         ``output`` (run) and ``summary`` (row file) URIs."""
-        from pipeline.summary import append_summary, summary_row
+        from pipeline.run.record import summary_row
+        from pipeline.summary import append_summary
 
         row = summary_row(self, acc, processed=processed, executor=executor, wall_seconds=wall_seconds)
         where = append_summary(self.output, row)

@@ -36,12 +36,14 @@ that would not convert them (``policy.resize``, ``policy.convert_channels``, ``p
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -66,9 +68,10 @@ from pipeline.data.shards import build_table, read_table, write_table
 from pipeline.data.storage import absolute_uri, join, local_path, open_fs
 from pipeline.data.validate import ERRORS_SCHEMA, RowError, conform, decode_any, error_row, npy_header
 from pipeline.diffusion.checkpoint import load_model
+from pipeline.forward import make_forward
 from pipeline.posterior.core import Runtime, auto_batch_size
 from pipeline.posterior.denoise import Denoiser, truth_metrics
-from pipeline.posterior.forward import Blend, make_forward
+from pipeline.posterior.tuned import resolve_weights
 from pipeline.priors import resolve_model
 from pipeline.summary import append_summary, summary_row
 
@@ -216,7 +219,13 @@ class ShardCleaner:
     """Loads both priors once; :meth:`clean_shard` turns one observation shard into outputs."""
 
     def __init__(self, cfg: CleanConfig):
-        self.cfg = cfg
+        # weights not given come from the tuned table (or the rule's default, with a note); the resolved ones
+        # are what the sampler runs and what the outputs record
+        settings, note = resolve_weights(cfg.sampler.settings(), cfg.image_prior, cfg.noise_prior, cfg.forward.name)
+        if note:
+            print(note, file=sys.stderr)
+        self.settings = settings
+        self.cfg = cfg = cfg.model_copy(update={"sampler": type(cfg.sampler)(**dataclasses.asdict(settings))})
         self.device = resolve_device(cfg.device)
         self.x_model, self.sde, x_meta = load_model(resolve_model(cfg.image_prior), self.device)
         self.n_model, n_sde, n_meta = load_model(resolve_model(cfg.noise_prior), self.device)
@@ -239,7 +248,7 @@ class ShardCleaner:
             return int(self.cfg.batch_size)
         probe = Runtime(self.runtime.precision, self.runtime.channels_last, compile=False)
         return auto_batch_size(probe.wrap(self.x_model, self.device), probe.wrap(self.n_model, self.device),
-                               self.sde, Blend(alpha=0.5), self.shape, self.device, self.cfg.sampler, default=32,
+                               self.sde, make_forward("blend", 1), self.shape, self.device, self.settings, default=32,
                                n_samples=self.cfg.sampler.n_samples, margin=self.cfg.gpu.memory_margin,
                                cap=self.cfg.gpu.max_batch)
 
@@ -306,22 +315,22 @@ class ShardCleaner:
                     continue
             valid.append((row, id_, y, clean, float(alpha)))
         started = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
-        for alpha in sorted({v[4] for v in valid}):
-            group = [v for v in valid if v[4] == alpha]
-            forward = make_forward(self.cfg.forward.name, alpha=alpha, sigma_y=self.cfg.forward.sigma_y)
-            denoiser = Denoiser(self.x_model, self.n_model, self.sde, forward, self.cfg.sampler, self.runtime)
-            for start in range(0, len(group), self.batch_size):
-                batch = group[start:start + self.batch_size]
-                self._run_batch(batch, denoiser, result, run_id, dataset, shard, started)
-                if progress is not None:
-                    progress(len(batch))
+        denoiser = Denoiser(self.x_model, self.n_model, self.sde, self.settings, self.runtime)
+        for start in range(0, len(valid), self.batch_size):
+            batch = valid[start:start + self.batch_size]  # one forward model per batch, each row its own alpha
+            self._run_batch(batch, denoiser, result, run_id, dataset, shard, started)
+            if progress is not None:
+                progress(len(batch))
         return result
 
     def _run_batch(self, batch: list, denoiser: Denoiser, result: ShardResult, run_id: str, dataset: str,
                    shard: str, started: dt.datetime) -> None:
         ids = [b[1] for b in batch]
         y = torch.from_numpy(np.stack([b[2] for b in batch])).to(self.device)
-        out = denoiser(ids, y)
+        name = self.cfg.forward.name
+        forward = make_forward(name, len(batch), sigma_y=self.cfg.forward.sigma_y,
+                               **({"alpha": [b[4] for b in batch]} if name == "blend" else {}))
+        out = denoiser(ids, y, forward)
         figures = {"residual": out.residual, "spread": out.spread, "removed_energy": out.removed_energy}
         truth_rows = [k for k, b in enumerate(batch) if b[3] is not None]
         truth = {c: [None] * len(batch) for c in ("psnr", "ssim", "psnr_input", "ssim_input")}

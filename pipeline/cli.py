@@ -237,7 +237,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.kind == "tune":
         res = q.tune(steps or [50, 100, 200], rules or list(q.TUNE_GRIDS), n_val=args.n_val or 20,
                      log=lambda m: print(m, file=sys.stderr))
-        print(f"default rule {res['default_rule']}; weights written to {q.GUIDANCE_FILE}", file=sys.stderr)
+        from pipeline.posterior.tuned import TABLE
+
+        print(f"default rule {res['default_rule']}; weights written to {TABLE}", file=sys.stderr)
         return 0
     t0 = time.perf_counter()
     rows = q.quality(quick=args.quick, n=args.n, n_robust=args.n_robust, steps=steps, rules=rules,
@@ -247,7 +249,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         q.write_json(rows, args.json, {"command": " ".join(sys.argv), "seconds": time.perf_counter() - t0,
                                        "threads": torch.get_num_threads(), "machine": platform.machine(),
-                                       "guidance": q.load_guidance().get("status")})
+                                       "guidance": "pipeline/posterior/tuned.yaml"})
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
@@ -307,9 +309,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     obs = corrupt(clean, noise, args.n, alpha=0.5, seed=args.seed)
     shards = write_observations(obs_uri, obs, shard_size=args.shard_size)
     print(f"    {len(shards)} shard(s) of up to {args.shard_size} observations", file=sys.stderr)
-    from pipeline.posterior.sampler import SamplerConfig
+    from pipeline.posterior.sampler import SamplerSettings
 
-    default = SamplerConfig()
+    default = SamplerSettings()
     steps = args.steps or default.steps
     print("2/3 running the Prefect flow clean-dataset on a local Ray (shipped priors faces + digits, "
           f"{default.rule}, {default.solver} {steps} steps)", file=sys.stderr)

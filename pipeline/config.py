@@ -23,7 +23,8 @@ from pipeline.data.storage import StorageConfig
 from pipeline.data.validate import ImagePolicy
 from pipeline.diffusion.unet import UNetConfig, check_channels
 from pipeline.posterior.core import Runtime
-from pipeline.posterior.sampler import SamplerConfig
+from pipeline.posterior.sampler import SamplerSettings
+from pipeline.settings import pydantic_model
 from pipeline.untrusted import ConfigError, YAMLSyntaxError, load_yaml, read_yaml
 from pipeline.untrusted import check_run_id as check_run_id  # re-exported, as ConfigError is
 
@@ -96,6 +97,28 @@ class ForwardConfig(_Strict):
     name: str = Field("blend", description="blend or sum")
     alpha: float | None = Field(None, gt=0, lt=1, description="blend weight; default: each row's alpha column")
     sigma_y: float = Field(0.0, ge=0, description="Gaussian read-out noise std, [0, 1] units")
+
+
+class _SamplerConfigMethods:
+    """What ``SamplerConfig`` adds to the fields of ``SamplerSettings`` (no fields here)."""
+
+    @property
+    def nfe(self) -> int:
+        return self.steps  # type: ignore[attr-defined]
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that decide the results (for run ids). ``clip_denoised`` (added after ``eta``) only
+        with DDIM, so an Euler-Maruyama run keeps the id it had before that setting existed."""
+        d = self.model_dump()  # type: ignore[attr-defined]
+        if self.solver != "ddim":  # type: ignore[attr-defined]
+            d.pop("clip_denoised")
+        return d
+
+
+SamplerConfig = pydantic_model(SamplerSettings, "SamplerConfig", __name__, methods=_SamplerConfigMethods, doc=(
+    "How to sample the joint posterior: the fields, defaults and rules of "
+    ":class:`pipeline.posterior.sampler.SamplerSettings` (declared there, once), validated; ``settings()`` "
+    "returns the dataclass. Rule, schedule and solver names are checked against their registries."))
 
 
 class CorruptConfig(_Strict):

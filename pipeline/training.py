@@ -18,7 +18,8 @@ from pipeline.data.datasets import load_images
 from pipeline.data.embedded import NAMES
 from pipeline.data.storage import join
 from pipeline.diffusion.losses import heldout_loss
-from pipeline.diffusion.train import Trainer, fit
+from pipeline.diffusion.sde import VPSDE
+from pipeline.diffusion.train import Trainer, TrainSettings, fit
 from pipeline.diffusion.unet import count_parameters
 
 
@@ -28,6 +29,16 @@ def git_commit() -> str | None:
         return out.stdout.strip() if out.returncode == 0 else None
     except Exception:
         return None
+
+
+def train_settings(config: PriorConfig) -> TrainSettings:
+    """The trainer's plain settings from the validated application config (the trainer never sees the latter)."""
+    tc, d = config.train, config.data
+    return TrainSettings(
+        net=config.unet.settings(), sde=VPSDE(**config.sde.model_dump()), steps=tc.steps, batch_size=tc.batch_size,
+        lr=tc.lr, weight_decay=tc.weight_decay, warmup_steps=tc.warmup_steps, grad_clip=tc.grad_clip,
+        ema_decay=tc.ema_decay, seed=tc.seed, checkpoint_every=tc.checkpoint_every, precision=tc.precision,
+        compile=tc.compile, hflip=d.hflip, shift=d.shift, grey_to_rgb=d.grey_to_rgb, record=config.model_dump())
 
 
 def to_network(images: torch.Tensor) -> torch.Tensor:
@@ -100,7 +111,7 @@ def train_prior(config: PriorConfig, progress: bool = True, stop_after: int | No
     if tc.threads:
         torch.set_num_threads(tc.threads)
     train_set, data, random_channel = load_train_data(config)
-    trainer = Trainer(config, tc.device)
+    trainer = Trainer(train_settings(config), tc.device)
     bar = None
     if progress:
         bar = tqdm(total=tc.steps, desc=f"train {config.name}", unit="step", dynamic_ncols=True,

@@ -127,3 +127,14 @@ def tiny_priors(tmp_path_factory):
                     progress=False)
         models.append(str(root / name / "model"))
     return tuple(models)
+
+
+# A guidance rule the tests define (one function, one registration; the product ships none like it): the
+# Gaussian likelihood of PiGDM with the gradient through both networks. For Gaussian priors and the `sde`
+# schedule it is the exact posterior SDE, which tests/test_posterior.py checks against the closed form.
+from pipeline.posterior import guidance as _guidance  # noqa: E402
+
+
+@_guidance.register_rule("exact-gaussian", weights=(1.0, 1.0))
+def exact_gaussian(d, x, n, t):
+    return _guidance.through_networks(d, x, n, t, _guidance.gaussian_nll)

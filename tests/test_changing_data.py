@@ -8,11 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import CleanConfig
+from pipeline.config import CleanConfig, SamplerConfig
 from pipeline.data.corrupt import corrupt, write_observations
 from pipeline.data.embedded import load_embedded
 from pipeline.data.storage import open_fs
-from pipeline.posterior.sampler import SamplerConfig
 from pipeline.run import Run
 from pipeline.run.local import run_local
 from pipeline.run.shard import ShardCleaner, clean_shard

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import CleanConfig, RayConfig
+from pipeline.config import CleanConfig, RayConfig, SamplerConfig
 from pipeline.data.accounting import check_run
 from pipeline.data.corrupt import corrupt, write_observations
 from pipeline.data.embedded import load_embedded
@@ -27,7 +27,6 @@ from pipeline.data.shards import decode_image, read_table, to_float
 from pipeline.data.storage import open_fs
 from pipeline.jobs.clean import run_clean
 from pipeline.metrics import psnr, ssim
-from pipeline.posterior.sampler import SamplerConfig
 from pipeline.run.local import run_local
 from pipeline.summary import read_parts, read_summaries
 

@@ -39,20 +39,39 @@ def test_unknown_and_bad_keys_name_the_key_and_file(tmp_path):
         load_config(PriorConfig, "configs/prior_faces.yaml", ["train.steps"])
 
 
-def test_default_sampler_and_denoise_config_use_the_tuned_winner():
-    """The defaults are the rule, solver, step count and weights chosen on the validation split: the
-    rule by `jointdiff bench tune`, the solver's weights by `jointdiff bench nfe` (configs/guidance.yaml)."""
-    from pipeline.bench.quality import load_guidance
+def test_the_product_samples_with_the_tuned_weights_and_says_when_there_are_none(capsys):
+    """The defaults (and configs/denoise.yaml) are the rule, solver and step count chosen on the validation split;
+    their weights come from the table shipped in the package, resolved once on the driver and recorded in the
+    run's recipe. A step count that was never tuned runs with the rule's defaults and one line says so, with the
+    command that tunes it; weights given explicitly win without a note."""
     from pipeline.config import CleanConfig
-    from pipeline.posterior.sampler import SamplerConfig
+    from pipeline.posterior.guidance import RULES
+    from pipeline.posterior.tuned import load_table
+    from pipeline.run.recipe import resolve
 
-    tuned = load_guidance()
-    assert tuned["status"] == "tuned"
-    default = tuned["default_sampler"]
-    for cfg in (SamplerConfig(), load_config(CleanConfig, ROOT / "configs" / "denoise.yaml").sampler):
-        entry = tuned["solvers"][default["curve"]][default["steps"]]
-        assert (cfg.rule, cfg.steps, cfg.schedule) == (tuned["default_rule"], default["steps"], "constant")
-        assert {k: getattr(cfg, k) for k in entry} == entry
+    table = load_table()
+    default = table["default_sampler"]
+    entry = next(e for e in table["entries"] if (e["image_prior"], e["noise_prior"], e["forward"], e["rule"],
+                                                  e["solver"], e["steps"]) == ("faces", "digits", "blend",
+                                                                               table["default_rule"],
+                                                                               default["solver"], default["steps"]))
+    for cfg in (load_config(CleanConfig, None, []), load_config(CleanConfig, ROOT / "configs" / "denoise.yaml")):
+        assert (cfg.sampler.rule, cfg.sampler.solver, cfg.sampler.steps) == (
+            table["default_rule"], default["solver"], default["steps"])
+        assert cfg.sampler.lambda_x is None and cfg.sampler.kappa_n is None  # from the table, not typed twice
+        s = resolve(cfg.recipe).recipe.sampler
+        assert (s.lambda_x, s.kappa_n) == (entry["lambda_x"], entry["kappa_n"])
+    assert capsys.readouterr().err == ""
+    # 100 steps of DDIM were tuned too: weights differ from the 50-step ones (--set sampler.steps=100 follows)
+    s100 = resolve(load_config(CleanConfig, None, ["sampler.steps=100"]).recipe).recipe.sampler
+    assert capsys.readouterr().err == "" and (s100.lambda_x, s100.kappa_n) != (entry["lambda_x"], entry["kappa_n"])
+    s37 = resolve(load_config(CleanConfig, None, ["sampler.steps=37"]).recipe).recipe.sampler
+    note = capsys.readouterr().err.strip()
+    assert (s37.lambda_x, s37.kappa_n) == RULES["dps"].weights
+    assert len(note.splitlines()) == 1 and "no tuned weights" in note and "jointdiff bench nfe" in note
+    given = resolve(load_config(CleanConfig, None, ["sampler.steps=37", "sampler.lambda_x=3",
+                                                    "sampler.kappa_n=4"]).recipe).recipe.sampler
+    assert (given.lambda_x, given.kappa_n) == (3.0, 4.0) and capsys.readouterr().err == ""
 
 
 def test_one_identity_from_the_recipe_alone():

@@ -3,15 +3,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from pipeline.posterior.forward import Blend, Sum
 
+from pipeline.config import SamplerConfig
 from pipeline.data.corrupt import corrupt, write_observations
 from pipeline.data.embedded import ImageSet, load_embedded
 from pipeline.data.shards import read_images, read_table, to_float
 from pipeline.diffusion.sde import VPSDE
 from pipeline.posterior.denoise import Denoiser, truth_metrics
-from pipeline.posterior.forward import Blend, Sum
 from pipeline.posterior.priors import GaussianPrior
-from pipeline.posterior.sampler import SamplerConfig
 
 
 def test_corrupt_pairs_reproducibly_and_keeps_the_truth(tmp_path):
@@ -69,7 +69,7 @@ def test_denoiser_returns_mean_spread_and_reference_free_figures():
     sde = VPSDE()
     xm, nm = GaussianPrior(0.0, 0.3, sde), GaussianPrior(-0.5, 0.2, sde)
     y = torch.rand(3, 1, 16, 16)
-    cfg = SamplerConfig(rule="tweedie", schedule="sde", solver="euler-maruyama", steps=20, n_samples=4,
+    cfg = SamplerConfig(rule="exact-gaussian", schedule="sde", solver="euler-maruyama", steps=20, n_samples=4,
                         data_var_x=0.3, data_var_n=0.2)
     out = Denoiser(xm, nm, sde, Blend(sigma_y=0.1), cfg)(["a", "b", "c"], y)
     assert out.denoised.shape == y.shape and out.uncertainty is not None and out.uncertainty.shape == y.shape

@@ -19,12 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.config import CleanConfig
+from pipeline.config import CleanConfig, SamplerConfig
 from pipeline.data.corrupt import corrupt
 from pipeline.data.embedded import load_embedded
 from pipeline.data.shards import decode_image, write_dataset
 from pipeline.export import MAX_NAME_BYTES, safe_names
-from pipeline.posterior.sampler import SamplerConfig
 from pipeline.run.local import run_local
 from tests.test_cli import jointdiff
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from pipeline.posterior.forward import Blend
 
 from pipeline.config import CleanConfig, ConfigError, load_config
 from pipeline.diffusion.nets import NetConfig, UNet
 from pipeline.diffusion.sde import VPSDE
 from pipeline.posterior import core
 from pipeline.posterior.core import Runtime, auto_batch_size, batch_from_memory
-from pipeline.posterior.forward import Blend
 from pipeline.posterior.sampler import RULES, SamplerConfig, guidance, joint_sample
 
 ROOT = Path(__file__).resolve().parents[1]

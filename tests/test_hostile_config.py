@@ -28,11 +28,10 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from pipeline.config import CleanConfig, ConfigError
+from pipeline.config import CleanConfig, ConfigError, SamplerConfig
 from pipeline.data.corrupt import corrupt, write_observations
 from pipeline.data.embedded import load_embedded
 from pipeline.jobs.clean import main as job_main
-from pipeline.posterior.sampler import SamplerConfig
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]

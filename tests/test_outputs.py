@@ -13,9 +13,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import CleanConfig
+from pipeline.config import CleanConfig, SamplerConfig
 from pipeline.data.accounting import check_run
-from pipeline.posterior.sampler import SamplerConfig
 from pipeline.report import dashboard_sql
 from pipeline.run import Run
 from pipeline.run.local import run_local

@@ -23,12 +23,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import CleanConfig
+from pipeline.config import CleanConfig, SamplerConfig
 from pipeline.data.corrupt import corrupt, write_observations
 from pipeline.data.embedded import load_embedded
 from pipeline.data.shards import read_table
 from pipeline.data.validate import ERRORS_SCHEMA
-from pipeline.posterior.sampler import SamplerConfig
 from pipeline.report import (
     DASHBOARD_QUERIES,
     PER_GROUP,

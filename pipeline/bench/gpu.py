@@ -6,10 +6,11 @@ Run it on a GPU machine that has nothing but torch (and numpy) installed::
     python pipeline/bench/gpu.py --quick                          # seconds, on a CPU (the CI smoke test)
 
 It imports only torch and the plain-torch parts of this package (``pipeline.diffusion.nets``,
-``pipeline.diffusion.sde``, ``pipeline.posterior.forward``, ``pipeline.posterior.core``): the very U-Net
-and the very step loop (both forwards, Tweedie, the residual, the vector-Jacobian product through both
-networks, the Euler-Maruyama update, per-image noise streams, the final projection) that
-``jointdiff clean`` runs, without pydantic, Ray, Prefect or pyarrow.
+``pipeline.diffusion.sde``, ``pipeline.forward``, ``pipeline.posterior.sampler`` and its guidance, the
+settings dataclasses ``NetConfig`` and ``SamplerSettings``): the very U-Net and the very sampler (both
+forwards, Tweedie, the residual, the vector-Jacobian product through both networks, the Euler-Maruyama update,
+per-image noise streams, the final projection) that ``jointdiff clean`` runs, without pydantic, Ray, Prefect
+or pyarrow.
 
 What it measures, printing each figure with a timestamp as it goes and rewriting ``--json`` after
 every stage (a run cut short still leaves what it got):
@@ -55,17 +56,10 @@ if str(ROOT) not in sys.path:  # run as a file: make the package importable with
 
 from pipeline.diffusion.nets import NetConfig, UNet, count_parameters  # noqa: E402
 from pipeline.diffusion.sde import VPSDE  # noqa: E402
-from pipeline.posterior.core import (  # noqa: E402
-    RULES,
-    Noise,
-    Runtime,
-    StepConfig,
-    auto_batch_size,
-    guidance,
-    project,
-    run_steps,
-)
-from pipeline.posterior.forward import Blend  # noqa: E402
+from pipeline.forward import ForwardModel, make_forward  # noqa: E402
+from pipeline.posterior.core import Runtime, auto_batch_size  # noqa: E402
+from pipeline.posterior.guidance import GuidedDenoiser  # noqa: E402
+from pipeline.posterior.sampler import Noise, SamplerSettings, project, solve  # noqa: E402
 
 H200_BF16_FLOPS = 790e12  # what a large bf16 matrix product reaches on one H200
 # configs/celeba_mnist.yaml: the paper's two U-Nets (~9M parameters each) for 64x64 RGB
@@ -175,19 +169,27 @@ def build_nets(spec: dict[str, Any], device: torch.device, seed: int = 0) -> tup
     return nets[0], nets[1]
 
 
+def blend(batch: int, device: torch.device) -> ForwardModel:
+    return make_forward("blend", batch, alpha=0.5).to(device)
+
+
 def observations(batch: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     x, n = torch.rand(batch, *shape, generator=g), torch.rand(batch, *shape, generator=g)
-    return Blend(alpha=0.5).apply(x, n).to(device)
+    return blend(batch, torch.device("cpu")).apply(x, n).to(device)
+
+
+def denoiser(nets: tuple[Any, Any], sde: VPSDE, y: torch.Tensor, steps: int) -> GuidedDenoiser:
+    settings = SamplerSettings(steps=steps, **SAMPLER)
+    return GuidedDenoiser(nets[0], nets[1], sde, blend(y.shape[0], y.device), y, settings)
 
 
 def sample(nets: tuple[Any, Any], sde: VPSDE, y: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The product's sampler (``joint_sample`` less its metrics): per-image noise streams, ``steps``
     guided steps, the final projection; returns ``(x, n)`` in [0, 1]."""
-    cfg = StepConfig(steps=steps, **SAMPLER)
-    noise = Noise(list(range(y.shape[0])), None, y.device)
-    x, n = run_steps(nets[0], nets[1], sde, y, Blend(alpha=0.5), cfg, noise)
-    return project(Blend(alpha=0.5), y, (x + 1) / 2, (n + 1) / 2)
+    d = denoiser(nets, sde, y, steps)
+    x, n = solve(d, Noise(list(range(y.shape[0])), None, y.device))
+    return project(d.forward, y, (x + 1) / 2, (n + 1) / 2)
 
 
 def timed_sampler(b: Bench, name: str, nets: tuple[Any, Any], sde: VPSDE, y: torch.Tensor, nfe: int,
@@ -230,14 +232,15 @@ def step_seconds(nets: tuple[Any, Any], sde: VPSDE, y: torch.Tensor, device: tor
 def floor(nets: tuple[Any, Any], sde: VPSDE, y: torch.Tensor, steps: int, device: torch.device) -> float:
     """Seconds per step of the networks alone: both forwards and the vector-Jacobian product through
     each (the DPS loss), with no noise draws, update or bookkeeping around them."""
-    rule, cfg = RULES["dps"], StepConfig(**SAMPLER)
+    d = denoiser(nets, sde, y, steps)
     x, n = torch.randn_like(y), torch.randn_like(y)
     t = torch.full((y.shape[0],), 0.5, device=device)
-    guidance(rule, nets[0], nets[1], sde, Blend(alpha=0.5), y, x, n, t, cfg)
+    dt = torch.tensor(1.0 / steps, device=device)
+    d(x, n, t, dt)
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        guidance(rule, nets[0], nets[1], sde, Blend(alpha=0.5), y, x, n, t, cfg)
+        d(x, n, t, dt)
     _sync(device)
     return (time.perf_counter() - t0) / steps
 
@@ -296,7 +299,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batch, sizing = args.batch, {"how": "--batch"}
     elif cuda:
         free = torch.cuda.mem_get_info(device)[0]
-        fits = auto_batch_size(eager[0], eager[1], sde, Blend(alpha=0.5), shape, device, StepConfig(**SAMPLER),
+        fits = auto_batch_size(eager[0], eager[1], sde, blend(1, device), shape, device, SamplerSettings(**SAMPLER),
                                cap=1 << 30)
         batch = min(fits, args.max_batch)
         sizing = {"how": "free memory", "free_gb": free / 2**30, "fits": fits, "cap": args.max_batch}

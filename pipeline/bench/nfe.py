@@ -10,8 +10,8 @@ Solvers (:data:`SOLVERS`): ``em`` is the Euler-Maruyama sampler of the paper (50
 600 being the paper's setting); ``ddim`` is DDIM with ancestral noise (``eta = 1``) and its Tweedie
 estimates clipped to the data range (``clip_denoised``) at 25, 50 and 100 steps; ``ddim-noclip`` (without
 the clipping) and ``ddim-tp2`` (times packed towards ``t = 0``, ``time_power = 2``) are there to be asked
-for with ``--solvers``. The tuned weights are written to ``configs/guidance.yaml`` under ``solvers:``, next to
-``bench tune``'s per-rule table.
+for with ``--solvers``. The tuned weights are written into the tuned table the product reads
+(``pipeline/posterior/tuned.yaml``, :func:`pipeline.posterior.tuned.record`), next to ``bench tune``'s.
 """
 
 from __future__ import annotations
@@ -24,11 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from pipeline import metrics
 from pipeline.bench.quality import (
-    GUIDANCE_FILE,
     SCENARIOS,
     TUNE_RATIOS,
     TUNE_START_RATIO,
@@ -37,7 +35,8 @@ from pipeline.bench.quality import (
     score,
 )
 from pipeline.diffusion.checkpoint import load_model
-from pipeline.posterior.sampler import SamplerConfig
+from pipeline.posterior import tuned
+from pipeline.posterior.sampler import SamplerSettings
 from pipeline.priors import resolve_model
 
 SOLVERS: dict[str, dict[str, Any]] = {
@@ -59,7 +58,7 @@ def tune_weights(solver: str, steps: int, val: Any, models: tuple[Any, Any, Any]
     scores: dict[str, float] = {}
 
     def evaluate(lam: float, kap: float) -> float:
-        cfg = SamplerConfig(rule="dps", steps=steps, lambda_x=lam, kappa_n=kap, **SOLVERS[solver])
+        cfg = SamplerSettings(rule="dps", steps=steps, lambda_x=lam, kappa_n=kap, **SOLVERS[solver])
         x_hat, _ = run_joint(x_model, n_model, sde, val, cfg)
         p = metrics.psnr(x_hat, clean).mean().item()
         p = p if math.isfinite(p) else float("-inf")
@@ -97,7 +96,7 @@ def nfe_curve(quick: bool = False, n: int | None = None, n_val: int | None = Non
         weights[solver] = {}
         for st in plan[solver]:
             w, scores = tune_weights(solver, st, val, (x_model, n_model, sde), grid, log)
-            cfg = SamplerConfig(rule="dps", steps=st, **w, **SOLVERS[solver])
+            cfg = SamplerSettings(rule="dps", steps=st, **w, **SOLVERS[solver])
             t1 = time.perf_counter()
             x_hat, _ = run_joint(x_model, n_model, sde, test, cfg)
             sec = (time.perf_counter() - t1) / n
@@ -117,14 +116,11 @@ def nfe_curve(quick: bool = False, n: int | None = None, n_val: int | None = Non
     return doc
 
 
-def save_weights(weights: dict[str, dict[int, dict[str, float]]], path: Path = GUIDANCE_FILE) -> None:
-    """Record the tuned weights in ``configs/guidance.yaml`` under ``solvers:`` (the rest unchanged)."""
-    header = "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
-    from pipeline.untrusted import read_yaml
-
-    doc = read_yaml(path)
-    doc["solvers"] = {**(doc.get("solvers") or {}), **weights}  # solvers not run this time keep their entries
-    path.write_text(header + yaml.safe_dump(doc, sort_keys=False))
+def save_weights(weights: dict[str, dict[int, dict[str, float]]], path: Path = tuned.TABLE) -> None:
+    """Record the tuned weights (per solver curve and step count) in the tuned table; other entries are kept."""
+    entries = [tuned.entry(SamplerSettings(rule="dps", steps=st, **w), *tuned.BENCH_SETTING)
+               for per_steps in weights.values() for st, w in per_steps.items()]
+    tuned.record(entries, path)
 
 
 def target(doc: dict[str, Any], reference: tuple[str, int] = ("em", 600), max_nfe: int = 50,

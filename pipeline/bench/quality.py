@@ -12,14 +12,15 @@ digits):
 
 Methods: ``observation``, ``nlm``, ``tv``, ``bm3d`` (when the package imports), ``gaussian`` (the
 joint sampler with the noise prior replaced by a Gaussian fitted to the noise training images) and
-``joint-<rule>`` for each guidance rule and step count. Classical parameters are tuned per scenario on
-the validation split (small grids in :mod:`pipeline.posterior.baselines`); guidance weights come from
-``configs/guidance.yaml``, written by ``bench tune`` from the validation split of the main scenario.
-The test split is never used for tuning.
+``joint-<rule>`` for each guidance rule and step count (Euler-Maruyama). Classical parameters are tuned per
+scenario on the validation split (small grids in :mod:`pipeline.posterior.baselines`); guidance weights and
+schedules come from the tuned table the product uses (``pipeline/posterior/tuned.yaml``), written by
+``bench tune`` from the validation split of the main scenario. The test split is never used for tuning.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -29,21 +30,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from pipeline import metrics
 from pipeline.data.corrupt import Observations, corrupt
 from pipeline.data.embedded import load_embedded
 from pipeline.diffusion.checkpoint import load_model
+from pipeline.forward import make_forward
+from pipeline.posterior import tuned
 from pipeline.posterior.baselines import BASELINES, GRIDS, bm3d_available
 from pipeline.posterior.denoise import Denoiser
-from pipeline.posterior.forward import Blend
+from pipeline.posterior.guidance import RULES
 from pipeline.posterior.priors import GaussianPrior
-from pipeline.posterior.sampler import RULES, SamplerConfig
+from pipeline.posterior.sampler import SamplerSettings
 from pipeline.priors import resolve_model
 from pipeline.viz import save_grid
-
-GUIDANCE_FILE = Path(__file__).resolve().parents[2] / "configs" / "guidance.yaml"
 
 
 @dataclass(frozen=True)
@@ -71,20 +71,18 @@ def observations(sc: Scenario, split: str, n: int, seed: int = 0) -> Observation
                    alpha=sc.alpha, seed=seed)
 
 
-def load_guidance(path: Path = GUIDANCE_FILE) -> dict[str, Any]:
-    from pipeline.untrusted import read_yaml
-
-    return read_yaml(path)
-
-
-def sampler_config(guidance: dict[str, Any], rule: str, steps: int) -> SamplerConfig:
-    table = guidance["rules"][rule]
-    if steps not in table:
-        nearest = min(table, key=lambda s: abs(int(s) - steps))
-        entry = table[nearest]
-    else:
-        entry = table[steps]
-    return SamplerConfig(rule=rule, steps=steps, **{"solver": "euler-maruyama", **entry})  # the table is EM's
+def sampler_settings(table: dict[str, Any], rule: str, steps: int, log: Any = print) -> SamplerSettings:
+    """Euler-Maruyama with ``rule`` at ``steps``, as tuned for the main scenario: the table entry's settings
+    (its schedule) and weights, whatever settings it was tuned with; else the rule's defaults (with a note)."""
+    base = SamplerSettings(rule=rule, steps=steps, solver="euler-maruyama")
+    found = next((e for e in table.get("entries") or [] if all(
+        e.get(k) == v for k, v in zip(tuned.KEY, (*tuned.BENCH_SETTING, rule, base.solver, steps)))), None)
+    if found is not None:
+        return dataclasses.replace(base, **found["with"], lambda_x=found["lambda_x"], kappa_n=found["kappa_n"])
+    settings, note = tuned.resolve_weights(base, *tuned.BENCH_SETTING, table=table)
+    if note:
+        log(note)
+    return settings
 
 
 def _summary(values: list[float]) -> tuple[float, float, float]:
@@ -104,14 +102,15 @@ def score(x_hat: torch.Tensor, clean: torch.Tensor) -> dict[str, float | int]:
             "ssim_median": smed, "n_images": len(p), "n_diverged": diverged}
 
 
-def run_joint(x_model: torch.nn.Module, n_model: torch.nn.Module, sde: Any, obs: Observations, cfg: SamplerConfig,
-              batch_size: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+def run_joint(x_model: torch.nn.Module, n_model: torch.nn.Module, sde: Any, obs: Observations,
+              settings: SamplerSettings, batch_size: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
     """The :class:`Denoiser` on every observation (per-image seeds), returning ``(x_hat, n_hat)``."""
     y = torch.from_numpy(obs.observation)
-    denoiser = Denoiser(x_model, n_model, sde, Blend(alpha=obs.alpha), cfg)
+    denoiser = Denoiser(x_model, n_model, sde, settings)
     xs, ns = [], []
     for start in range(0, len(obs.ids), batch_size):
-        out = denoiser(obs.ids[start:start + batch_size], y[start:start + batch_size])
+        rows = y[start:start + batch_size]
+        out = denoiser(obs.ids[start:start + batch_size], rows, make_forward("blend", len(rows), alpha=obs.alpha))
         xs.append(out.denoised)
         ns.append(out.noise_estimate)
     return torch.cat(xs), torch.cat(ns)
@@ -131,13 +130,13 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
     ``figure``: a PNG of the main scenario's first 8 test observations, one row each of observation,
     joint (default rule, most steps), gaussian, NLM, truth, and the joint sampler's noise estimate.
     """
-    guidance = load_guidance()
+    table = tuned.load_table()
     n = n or (8 if quick else 100)
     n_robust = n_robust or (n if quick else 50)  # the robustness scenarios: fewer images keep the run under an hour
     n_val = n_val or (4 if quick else 20)
     steps = steps or ([10] if quick else [50, 100, 200])
-    rules = rules or list(RULES)
-    default_rule = guidance["default_rule"]
+    rules = rules or RULES.names()
+    default_rule = table["default_rule"]
     chosen = [s for s in SCENARIOS if scenarios is None or s.name in scenarios]
     methods = ["observation", "nlm", "tv"] + (["bm3d"] if bm3d_available() else [])
     rows: list[dict[str, Any]] = []
@@ -167,7 +166,7 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
         # the main scenario shows every rule and step count; the others the default rule at the most steps
         plan = [(r, s) for r in rules for s in steps] if sc.name == "main" else [(default_rule, max(steps))]
         for rule, st in plan:
-            cfg = sampler_config(guidance, rule, st)
+            cfg = sampler_settings(table, rule, st, log)
             t0 = time.perf_counter()
             x_hat, n_hat = run_joint(x_model, n_model, sde, obs, cfg)
             sec = (time.perf_counter() - t0) / len(obs.ids)
@@ -181,7 +180,7 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
         # gaussian: same image prior and sampler, the noise modelled as i.i.d. Gaussian (fitted moments)
         noise_train = torch.from_numpy(load_embedded(sc.noise, "train", 32, 1).images)
         g_prior = GaussianPrior.fit(noise_train, sde)
-        cfg = sampler_config(guidance, default_rule, max(steps))
+        cfg = sampler_settings(table, default_rule, max(steps), log)
         t0 = time.perf_counter()
         x_hat, _ = run_joint(x_model, g_prior, sde, obs, cfg)
         sec = (time.perf_counter() - t0) / len(obs.ids)
@@ -244,21 +243,23 @@ TUNE_START_RATIO = 0.5  # kappa_n / lambda_x while lambda_x is searched: the dig
 TUNE_RATIOS = [0.25, 1.0]
 
 
-def tune(steps: list[int], rules: list[str], n_val: int = 20, out: Path = GUIDANCE_FILE,
+def tune(steps: list[int], rules: list[str], n_val: int = 20, out: Path = tuned.TABLE,
          log: Any = print) -> dict[str, Any]:
     """Tune ``lambda_x`` / ``kappa_n`` per rule and step count on the main scenario's validation split.
 
     A coordinate search: ``lambda_x`` over the rule's grid with ``kappa_n = lambda_x / 2``, then the
     ratio ``kappa_n / lambda_x`` over :data:`TUNE_RATIOS` at the best ``lambda_x``. Mean validation
-    PSNR decides; a diverging setting (NaN) scores minus infinity. Writes the winners (and every score) to ``out``.
+    PSNR decides; a diverging setting (NaN) scores minus infinity. Writes the winners (and every score) into the
+    tuned table ``out`` (:func:`pipeline.posterior.tuned.record`; entries of other settings are kept).
     """
     sc = SCENARIOS[0]
     val = observations(sc, "val", n_val, seed=100)
     clean = torch.from_numpy(val.clean)
     x_model, sde, _ = load_model(resolve_model(sc.image_prior))
     n_model, _, _ = load_model(resolve_model(sc.noise_prior))
-    result: dict[str, Any] = {"status": "tuned", "tuned_on": f"{sc.clean}/val under {sc.noise}/val, alpha {sc.alpha}, "
+    result: dict[str, Any] = {"tuned_on": f"{sc.clean}/val under {sc.noise}/val, alpha {sc.alpha}, "
                               f"{n_val} observations, seed 100", "rules": {}, "scores": {}}
+    entries = []
     best_at_max: dict[str, float] = {}
     for rule in rules:
         schedule, grid = TUNE_GRIDS[rule]
@@ -268,8 +269,8 @@ def tune(steps: list[int], rules: list[str], n_val: int = 20, out: Path = GUIDAN
             scaled = [round(g * (200 / st) ** 0.5, 3) for g in grid]
 
             def evaluate(lam: float, kap: float, rule: str = rule, st: int = st, schedule: str = schedule) -> float:
-                cfg = SamplerConfig(rule=rule, steps=st, lambda_x=lam, kappa_n=kap, schedule=schedule,
-                                    solver="euler-maruyama")
+                cfg = SamplerSettings(rule=rule, steps=st, lambda_x=lam, kappa_n=kap, schedule=schedule,
+                                      solver="euler-maruyama")
                 x_hat, _ = run_joint(x_model, n_model, sde, val, cfg)
                 p = metrics.psnr(x_hat, clean).mean().item()
                 p = p if p == p else float("-inf")
@@ -281,10 +282,12 @@ def tune(steps: list[int], rules: list[str], n_val: int = 20, out: Path = GUIDAN
             ratios = {TUNE_START_RATIO: first[lam], **{r: evaluate(lam, lam * r) for r in TUNE_RATIOS}}
             r = max(ratios, key=ratios.get)
             result["rules"][rule][st] = {"lambda_x": lam, "kappa_n": lam * r, "schedule": schedule}
+            entries.append(tuned.entry(SamplerSettings(rule=rule, steps=st, lambda_x=lam, kappa_n=lam * r,
+                                                       schedule=schedule, solver="euler-maruyama"),
+                                       *tuned.BENCH_SETTING))
             if st == max(steps):
                 best_at_max[rule] = ratios[r]
     result["default_rule"] = max(best_at_max, key=best_at_max.get)
-    header = ("# Guidance weights per rule and step count, written by `jointdiff bench tune` from the\n"
-              "# validation split only; `jointdiff bench quality` and the clean configs read them.\n")
-    out.write_text(header + yaml.safe_dump(result, sort_keys=False))
+    tuned.record(entries, out, tuned_on=result["tuned_on"], default_rule=result["default_rule"],
+                 scores=result["scores"])
     return result

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import statistics
@@ -32,9 +33,11 @@ import torch
 
 from pipeline.bench.quality import SCENARIOS, observations
 from pipeline.diffusion.checkpoint import load_model
+from pipeline.forward import make_forward
 from pipeline.posterior.denoise import Denoiser
-from pipeline.posterior.forward import Blend
-from pipeline.posterior.sampler import RULES, SamplerConfig
+from pipeline.posterior.guidance import RULES
+from pipeline.posterior.sampler import SamplerSettings
+from pipeline.posterior.tuned import BENCH_SETTING, resolve_weights
 from pipeline.priors import resolve_model
 
 BATCHES = (1, 8, 32, 128)
@@ -71,15 +74,21 @@ def compute_floor(x_model: torch.nn.Module, n_model: torch.nn.Module, sde: Any, 
     return time.perf_counter() - t0
 
 
-def sampler_seconds(x_model: torch.nn.Module, n_model: torch.nn.Module, sde: Any, y: torch.Tensor, cfg: SamplerConfig,
-                    device: torch.device) -> float:
+def settings_for(rule: str, steps: int) -> SamplerSettings:
+    """The sampler the product would run for ``rule`` at ``steps`` on the main scenario (tuned weights)."""
+    return resolve_weights(SamplerSettings(rule=rule, steps=steps), *BENCH_SETTING)[0]
+
+
+def sampler_seconds(x_model: torch.nn.Module, n_model: torch.nn.Module, sde: Any, y: torch.Tensor,
+                    settings: SamplerSettings, device: torch.device) -> float:
     """Seconds for the :class:`Denoiser` (the product's path) on the batch ``y``."""
-    denoiser = Denoiser(x_model, n_model, sde, Blend(alpha=0.5), cfg)
+    denoiser = Denoiser(x_model, n_model, sde, settings)
     ids = [f"bench-{i}" for i in range(len(y))]
     y = y.to(device)
+    forward = make_forward("blend", len(y), alpha=0.5)
     _sync(device)
     t0 = time.perf_counter()
-    denoiser(ids, y)
+    denoiser(ids, y, forward)
     _sync(device)
     return time.perf_counter() - t0
 
@@ -93,10 +102,10 @@ def overhead(x_model: Any, n_model: Any, sde: Any, batch: int, steps: int, rule:
              repeats: int) -> dict[str, Any]:
     """Floor and sampler timed alternately ``repeats`` times; medians and their ratio."""
     y = torch.from_numpy(_observations(batch).observation)
-    cfg = SamplerConfig(rule=rule, steps=steps)
+    cfg = settings_for(rule, steps)
     backward = RULES[rule].backward
     compute_floor(x_model, n_model, sde, batch, 2, device, backward)  # warm-up (allocator, kernels)
-    sampler_seconds(x_model, n_model, sde, y[:batch], cfg.model_copy(update={"steps": 2}), device)
+    sampler_seconds(x_model, n_model, sde, y[:batch], dataclasses.replace(cfg, steps=2), device)
     floors, samplers = [], []
     for _ in range(repeats):
         floors.append(compute_floor(x_model, n_model, sde, batch, steps, device, backward))
@@ -109,8 +118,8 @@ def overhead(x_model: Any, n_model: Any, sde: Any, batch: int, steps: int, rule:
 def throughput(x_model: Any, n_model: Any, sde: Any, batch: int, steps: int, rule: str, device: torch.device,
                per_image_steps: int) -> dict[str, Any]:
     y = torch.from_numpy(_observations(batch).observation)
-    cfg = SamplerConfig(rule=rule, steps=steps)
-    sampler_seconds(x_model, n_model, sde, y, cfg.model_copy(update={"steps": 2}), device)  # warm-up
+    cfg = settings_for(rule, steps)
+    sampler_seconds(x_model, n_model, sde, y, dataclasses.replace(cfg, steps=2), device)  # warm-up
     sec = sampler_seconds(x_model, n_model, sde, y, cfg, device)
     per_step = sec / steps
     return {"batch": batch, "rule": rule, "steps": steps, "seconds": sec, "images_per_s": batch / sec,
@@ -122,7 +131,7 @@ def ray_vs_single(n_images: int, shard_size: int, steps: int, threads: int, log:
     """The same shards through ``run_local`` (``threads`` threads) and the Ray job (its own CPU actor
     layout on a local Ray of ``threads`` CPUs), alternately ``repeats`` times; each side's figures are from
     its fastest run (the run least disturbed by the rest of the machine), and every run is listed."""
-    from pipeline.config import CleanConfig, RayConfig
+    from pipeline.config import CleanConfig, RayConfig, SamplerConfig
     from pipeline.data.corrupt import write_observations
     from pipeline.jobs.clean import run_clean
     from pipeline.run.local import run_local
@@ -200,9 +209,9 @@ def speed(quick: bool = False, steps: int | None = None, batches: tuple[int, ...
     torch.set_num_threads(threads)
     steps = steps or (3 if quick else 20)
     batches = batches or ((1, 8) if quick else BATCHES)
-    rules = rules or list(RULES)
+    rules = rules or RULES.names()
     repeats = repeats or (1 if quick else 3)
-    per_image_steps = SamplerConfig().steps
+    per_image_steps = SamplerSettings().steps
     x_model, sde, _ = load_model(resolve_model(image_prior), device=dev)
     n_model, _, _ = load_model(resolve_model(noise_prior), device=dev)
     floor_batch = 8 if quick else 32

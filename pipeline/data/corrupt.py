@@ -22,7 +22,7 @@ import torch
 
 from pipeline.data.embedded import ImageSet
 from pipeline.data.shards import write_dataset
-from pipeline.posterior.forward import make_forward
+from pipeline.forward import FORWARD_MODELS, make_forward
 
 
 @dataclass
@@ -73,13 +73,19 @@ def pair_noise(clean: ImageSet, noise: ImageSet, n: int, seed: int,
 def corrupt(clean: ImageSet, noise: ImageSet, n: int, alpha: float = 0.5, seed: int = 0,
             forward: str = "blend", sigma_y: float = 0.0,
             noise_channel: Literal["all", "random"] = "all") -> Observations:
+    """``n`` observations of ``clean`` images under ``noise`` images through the forward model ``forward``
+    (:mod:`pipeline.forward`); ``alpha`` is its mixing weight (the blend's alpha, the overlay's ``a``; the sum
+    has none), stored in the ``alpha`` column (NaN without one)."""
+    if forward not in FORWARD_MODELS:  # before pairing: the refusal names the models
+        make_forward(forward, 0)
     ids, x, nz = pair_noise(clean, noise, n, seed, noise_channel)
-    fm = make_forward(forward, alpha=alpha, sigma_y=sigma_y)
+    weight = FORWARD_MODELS[forward].weight
+    fm = make_forward(forward, len(ids), sigma_y=sigma_y, **({weight: alpha} if weight else {}))
     g = torch.Generator().manual_seed(seed + 1)
     y = fm.observe(torch.from_numpy(x), torch.from_numpy(nz), generator=g).numpy().astype(np.float32)
     if forward == "blend":
         y = np.clip(y, 0.0, 1.0)  # read-out noise cannot leave the sensor's range
-    return Observations(ids, y, x, nz, alpha if forward == "blend" else float("nan"), forward)
+    return Observations(ids, y, x, nz, alpha if weight else float("nan"), forward)
 
 
 def write_observations(uri: str, obs: Observations, shard_size: int = 1000) -> list[str]:

@@ -33,7 +33,7 @@ from safetensors.torch import save as st_save
 
 from pipeline.data.storage import join, local_path, makedirs, open_fs, write_atomic
 from pipeline.diffusion.sde import VPSDE
-from pipeline.diffusion.unet import UNet, UNetConfig
+from pipeline.diffusion.unet import NetConfig, UNet, UNetConfig
 from pipeline.untrusted import ConfigError
 
 MODEL_FORMAT = "jointdiff-model"
@@ -221,15 +221,17 @@ def save_model(uri: str, model: UNet, sde: VPSDE, meta: dict[str, Any] | None = 
     fs, path = open_fs(uri)
     makedirs(fs, path)
     write_tensors(join(uri, WEIGHTS), model.state_dict(), metadata={"format": MODEL_FORMAT})
-    write_json(join(uri, CONFIG), {"format": MODEL_FORMAT, "unet": model.config.model_dump(),
+    write_json(join(uri, CONFIG), {"format": MODEL_FORMAT, "unet": asdict(model.config),
                                    "sde": asdict(sde), "meta": meta or {}})
 
 
-def build_model(unet_config: UNetConfig, state: dict[str, torch.Tensor], source: str) -> UNet:
+def build_model(unet_config: NetConfig | UNetConfig, state: dict[str, torch.Tensor], source: str) -> UNet:
     """Instantiate a U-Net and load ``state``, explaining any mismatch in terms of the config.
 
     The architecture is compared with ``state`` on the ``meta`` device first (shapes, no memory), so a
     network is allocated only when the weights fill it: never more than the weights file holds."""
+    if not isinstance(unet_config, NetConfig):
+        unet_config = unet_config.settings()
     with torch.device("meta"):
         expected = UNet(unet_config).state_dict()
     missing = sorted(set(expected) - set(state))
@@ -237,7 +239,7 @@ def build_model(unet_config: UNetConfig, state: dict[str, torch.Tensor], source:
     wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
     if missing or unexpected or wrong:
         lines = [f"{source}: the weights do not match the architecture in the config "
-                 f"({unet_config.model_dump()})"]
+                 f"({asdict(unet_config)})"]
         if wrong:
             k = wrong[0]
             lines.append(f"{len(wrong)} tensors differ in shape, e.g. {k}: config expects "

@@ -1,9 +1,9 @@
-"""The score network's layers in plain torch (no pydantic): the time-conditioned U-Net.
+"""The score network in plain torch (no pydantic): the time-conditioned U-Net and its settings.
 
-:mod:`pipeline.diffusion.unet` adds the validated :class:`~pipeline.diffusion.unet.UNetConfig` on top
-and re-exports these classes; this module exists so that code which must run with only torch and numpy
+:class:`NetConfig` is the one declaration of the architecture's settings (a frozen dataclass: types,
+defaults, bounds); :mod:`pipeline.diffusion.unet` builds the validated ``UNetConfig`` from it and
+re-exports these classes. This module exists so that code which must run with only torch and numpy
 installed (``pipeline/bench/gpu.py`` on a bare GPU machine) builds exactly the product's network.
-:class:`UNet` takes any object with the fields of :class:`NetConfig` (a ``UNetConfig`` in the product).
 
 The layout follows DDPM (Ho et al., 2020) as re-implemented in score_sde_pytorch: residual blocks
 with GroupNorm + SiLU, the time embedding added inside every block, optional self-attention at chosen
@@ -14,39 +14,64 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.settings import check_fields
 
-class NetSpec(Protocol):
-    """What :class:`UNet` reads from its config (``UNetConfig`` and :class:`NetConfig` both fit)."""
-
-    image_size: int
-    channels: int
-    base_channels: int
-    channel_mults: list[int]
-    num_res_blocks: int
-    attention_resolutions: list[int]
-    dropout: float
-    time_scale: float
+MAX_WIDTH = 1024  # channels of the widest level (the paper's 64x64 RGB networks: 128); bounds what a config builds
 
 
-@dataclass
+def _power_of_two(v: int) -> int:
+    if v < 16 or v > 256 or v & (v - 1):
+        raise ValueError(f"image_size must be a power of two from 16 to 256, got {v}")
+    return v
+
+
+def check_channels(v: int) -> int:
+    """Images are grey (1 channel) or RGB (3)."""
+    if v not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {v}")
+    return v
+
+
+@dataclass(frozen=True)
 class NetConfig:
-    """A plain-dataclass :class:`NetSpec` with ``UNetConfig``'s defaults (no validation: the product
-    validates with ``UNetConfig``)."""
+    """Architecture of the score network, declared once; stored next to the weights in every checkpoint.
 
-    image_size: int = 32
-    channels: int = 1
-    base_channels: int = 32
-    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 2])
-    num_res_blocks: int = 1
-    attention_resolutions: list[int] = field(default_factory=list)
-    dropout: float = 0.0
-    time_scale: float = 1000.0
+    Every field is bounded (and floats finite), so that a config, a training recipe's or a downloaded prior's
+    ``config.json``, cannot ask for a network that does not fit in memory before its weights are compared.
+    The validated form for config files and checkpoints, :class:`pipeline.diffusion.unet.UNetConfig`, is
+    built from this declaration (:mod:`pipeline.settings`)."""
+
+    image_size: int = field(default=32, metadata={"check": _power_of_two,
+                                                  "description": "square input size, a power of two in [16, 256]"})
+    channels: int = field(default=1, metadata={"check": check_channels, "description": "1 (grayscale) or 3 (RGB)"})
+    base_channels: int = field(default=32, metadata={"ge": 8, "le": MAX_WIDTH})
+    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 2],
+                                     metadata={"items": {"ge": 1, "le": 16}, "max_length": 8})
+    num_res_blocks: int = field(default=1, metadata={"ge": 1, "le": 16})
+    attention_resolutions: list[int] = field(default_factory=list,
+                                             metadata={"items": {"ge": 1, "le": 256}, "max_length": 8})
+    dropout: float = field(default=0.0, metadata={"ge": 0.0, "lt": 1.0, "allow_inf_nan": False})
+    time_scale: float = field(default=1000.0, metadata={"gt": 0, "le": 1e6, "allow_inf_nan": False,
+                                                        "description": "t is multiplied by this before the embedding"})
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.channel_mults:
+            raise ValueError("channel_mults must name at least one level")
+        smallest = self.image_size >> (len(self.channel_mults) - 1)
+        if smallest < 4:
+            raise ValueError(
+                f"{len(self.channel_mults)} levels downsample {self.image_size}px to {smallest}px; "
+                "use fewer channel_mults")
+        widest = self.base_channels * max(self.channel_mults)
+        if widest > MAX_WIDTH:
+            raise ValueError(f"base_channels x the largest of channel_mults is {widest} channels; at most {MAX_WIDTH}")
 
 
 def _groups(ch: int) -> int:
@@ -106,8 +131,10 @@ class AttnBlock(nn.Module):
 class UNet(nn.Module):
     """``forward(x_t, t) -> e_theta`` with ``x_t`` of shape (B, C, S, S) and ``t`` of shape (B,)."""
 
-    def __init__(self, config: NetSpec):
+    def __init__(self, config: NetConfig | Any):
         super().__init__()
+        if not isinstance(config, NetConfig):
+            config = config.settings()  # a validated UNetConfig: the plain NetConfig it describes
         self.config = config
         ch = config.base_channels
         temb = 4 * ch

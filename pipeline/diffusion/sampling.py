@@ -25,9 +25,27 @@ def score_fn(model: nn.Module, sde: VPSDE) -> ScoreFn:
     return score
 
 
+def x0_from_eps(sde: VPSDE, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
+                move: torch.Tensor | None = None) -> torch.Tensor:
+    """Tweedie's formula, the one place it is written: ``x0_hat = (x_t - s_t e) / a_t`` for the noise
+    ``e`` an epsilon-network predicted at ``(x_t, t)``; ``t`` is a scalar or one time per row.
+
+    ``move``: the estimate after a guidance step ``x_t <- x_t - move`` taken with the same ``e``,
+    ``(x_t - s_t e - move) / a_t`` (the joint sampler's result)."""
+    x0 = x - _bcast(sde.sigma(t), x) * eps
+    if move is not None:
+        x0 = x0 - move
+    return x0 / _bcast(sde.alpha(t), x)
+
+
+def eps_from_x0(sde: VPSDE, x: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`x0_from_eps`: the noise ``e = (x_t - a_t x0) / s_t`` that explains ``x0``."""
+    return (x - _bcast(sde.alpha(t), x) * x0) / _bcast(sde.sigma(t), x)
+
+
 def tweedie(model: nn.Module, sde: VPSDE, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``x0_hat = (x_t - s_t e_theta(x_t, t)) / a_t``."""
-    return (x - _bcast(sde.sigma(t), x) * model(x, t)) / _bcast(sde.alpha(t), x)
+    return x0_from_eps(sde, x, model(x, t), t)
 
 
 @torch.no_grad()

@@ -9,6 +9,9 @@ Layout under ``output``:
 ``state/step-000500/{model,ema,optimizer}.safetensors + state.json`` (kept: the last two),
 ``state/latest.json`` (written last, so a crash mid-checkpoint never points at a partial state),
 ``model/`` (the final EMA export, a :func:`pipeline.diffusion.checkpoint.save_model` folder).
+
+The trainer takes a plain :class:`TrainSettings` (no application config: ``pipeline.training``, the
+caller, builds it from a ``PriorConfig`` with :func:`pipeline.training.train_settings`).
 """
 
 from __future__ import annotations
@@ -20,12 +23,11 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from pipeline.config import PriorConfig
 from pipeline.data.storage import join, makedirs, open_fs
 from pipeline.diffusion.checkpoint import (
     MAX_STATE_BYTES,
@@ -40,10 +42,33 @@ from pipeline.diffusion.checkpoint import (
 )
 from pipeline.diffusion.ema import EMA
 from pipeline.diffusion.losses import random_dsm_loss
+from pipeline.diffusion.nets import NetConfig, UNet
 from pipeline.diffusion.sde import VPSDE
-from pipeline.diffusion.unet import UNet
 
 KEEP_STATES = 2
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What one prior's training needs. No defaults here: the caller's validated config decides them all."""
+
+    net: NetConfig
+    sde: VPSDE
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    grad_clip: float
+    ema_decay: float
+    seed: int
+    checkpoint_every: int
+    precision: str  # "fp32" or "bf16" (the forward and backward pass under bfloat16 autocast)
+    compile: bool
+    hflip: bool  # random horizontal flips
+    shift: int  # random translations by up to this many pixels
+    grey_to_rgb: str  # "replicate" or "random": a grey image for an RGB prior, in every channel or one
+    record: dict[str, Any]  # the caller's full config, written into every training state (for the record)
 
 
 def _random_shift(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
@@ -67,13 +92,12 @@ def lr_at(step: int, base_lr: float, warmup: int) -> float:
 class Trainer:
     """Owns model, EMA, optimiser and RNG for one prior; ``step(x0)`` takes one optimisation step."""
 
-    def __init__(self, config: PriorConfig, device: torch.device | str = "cpu"):
-        self.config = config
-        tc = config.train
+    def __init__(self, settings: TrainSettings, device: torch.device | str = "cpu"):
+        self.settings = tc = settings
         self.device = torch.device(device)
         torch.manual_seed(tc.seed)  # initial weights
-        self.model = UNet(config.unet).to(self.device)
-        self.sde = VPSDE(**config.sde.model_dump())
+        self.model = UNet(tc.net).to(self.device)
+        self.sde = tc.sde
         self.ema = EMA(self.model, tc.ema_decay)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         self.generator = torch.Generator(device=self.device).manual_seed(tc.seed + 1)
@@ -88,22 +112,22 @@ class Trainer:
     def draw_batch(self, data: torch.Tensor) -> torch.Tensor:
         """A random batch (with replacement) of network-space images, flipped if configured."""
         g = self.generator
-        idx = torch.randint(data.shape[0], (self.config.train.batch_size,), generator=g, device=self.device)
+        idx = torch.randint(data.shape[0], (self.settings.batch_size,), generator=g, device=self.device)
         x0 = data[idx]
-        if self.config.data.grey_to_rgb == "random" and x0.shape[1] == 1 and self.model.config.channels == 3:
+        if self.settings.grey_to_rgb == "random" and x0.shape[1] == 1 and self.model.config.channels == 3:
             # the grey image in one random colour channel, black (-1) in the other two
             chan = torch.randint(3, (x0.shape[0],), generator=g, device=self.device)
             onehot = torch.nn.functional.one_hot(chan, 3).to(x0.dtype)[:, :, None, None]
             x0 = onehot * x0 + (onehot - 1)
-        if self.config.data.shift:
-            x0 = _random_shift(x0, self.config.data.shift, g)
-        if self.config.data.hflip:
+        if self.settings.shift:
+            x0 = _random_shift(x0, self.settings.shift, g)
+        if self.settings.hflip:
             flip = torch.rand(x0.shape[0], generator=g, device=self.device) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         return x0
 
     def step(self, x0: torch.Tensor) -> float:
-        tc = self.config.train
+        tc = self.settings
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step_count, tc.lr, tc.warmup_steps)
         self.model.train()
@@ -124,7 +148,7 @@ class Trainer:
     def prepare_net(self, wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> None:
         """Set what the loss runs through: the model, wrapped (e.g. DDP) and/or compiled as configured."""
         net = wrap(self.model) if wrap is not None else self.model
-        if self.config.train.compile:
+        if self.settings.compile:
             net = torch.compile(net)
         self.net = net if net is not self.model else None
 
@@ -145,7 +169,7 @@ class Trainer:
         write_json(join(step_dir, "state.json"), {
             "step": self.step_count, "ema_updates": self.ema.num_updates, "optimizer": opt_meta,
             "losses": self.losses, "train_seconds": self.train_seconds,
-            "config": self.config.model_dump(),
+            "config": {**self.settings.record, "unet": asdict(self.settings.net), "sde": asdict(self.settings.sde)},
         })
         write_json(join(root, "state", "latest.json"), {"step": self.step_count, "dir": f"step-{self.step_count:07d}"},
                    atomic=True)
@@ -185,18 +209,17 @@ class Trainer:
         meta = read_json(state_json, max_bytes=MAX_STATE_BYTES)
         check_state(meta, state_json)  # one line naming the key, before any tensor is read
         saved = meta["config"]
-        for section in ("unet", "sde"):
-            mine = getattr(self.config, section).model_dump()
+        for section, mine in (("unet", asdict(self.settings.net)), ("sde", asdict(self.settings.sde))):
             if saved.get(section, mine) != mine:
                 raise CheckpointError(
                     f"{step_dir}: the saved training state has a different {section} ({saved[section]}) than the "
                     f"config ({mine}); use a new output folder or the old config")
-        self.model = build_model(self.config.unet, read_tensors(join(step_dir, "model.safetensors")),
+        self.model = build_model(self.settings.net, read_tensors(join(step_dir, "model.safetensors")),
                                  step_dir).to(self.device)
-        self.ema = EMA(self.model, self.config.train.ema_decay)
+        self.ema = EMA(self.model, self.settings.ema_decay)
         self.ema.load_state_dict(read_tensors(join(step_dir, "ema.safetensors")), meta["ema_updates"])
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.config.train.lr,
-                                     weight_decay=self.config.train.weight_decay)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.settings.lr,
+                                     weight_decay=self.settings.weight_decay)
         self.opt.load_state_dict(_unflatten_optimizer(read_tensors(join(step_dir, "optimizer.safetensors")),
                                                       meta["optimizer"]))
         rng = read_tensors(join(step_dir, "rng.safetensors"))
@@ -256,7 +279,7 @@ def fit(trainer: Trainer, data: torch.Tensor, output: str,
         on_step: Callable[[int, float], None] | None = None,
         stop_after: int | None = None, chief: bool = True,
         after_resume: Callable[[Trainer], None] | None = None) -> dict[str, Any]:
-    """Train until ``config.train.steps`` (resuming from ``output`` if a state exists).
+    """Train until ``settings.steps`` (resuming from ``output`` if a state exists).
 
     ``on_step(step, loss)`` is called after each step (progress bars live in the caller).
     ``stop_after`` ends the call after that many new steps (for tests that interrupt a run).
@@ -264,7 +287,7 @@ def fit(trainer: Trainer, data: torch.Tensor, output: str,
     ``after_resume`` to wrap the (re)loaded model for DDP.
     Returns a summary dict (steps, final loss, seconds).
     """
-    tc = trainer.config.train
+    tc = trainer.settings
     resumed = trainer.load_state(output)
     trainer.prepare_net()
     if after_resume is not None:

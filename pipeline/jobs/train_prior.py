@@ -32,7 +32,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     from pipeline.data import storage
     from pipeline.diffusion.train import Trainer, fit
-    from pipeline.training import finish_training
+    from pipeline.training import finish_training, train_settings
 
     cfg = PriorConfig.model_validate(config["prior"])
     storage.configure(config["storage"])
@@ -41,7 +41,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     train_set, data, random_channel, n_images, data_hash = _worker_data(cfg, rank, world)
-    trainer = Trainer(cfg, cfg.train.device)
+    trainer = Trainer(train_settings(cfg), cfg.train.device)
 
     def after_resume(t: Trainer) -> None:
         if rank:  # rank 0 keeps the single-process stream; the others draw their own

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from pipeline import metrics
-from pipeline.diffusion.sde import VPSDE
+from pipeline.diffusion.sde import VPSDE, _bcast
+from pipeline.forward import ForwardModel
 from pipeline.posterior.core import Runtime
-from pipeline.posterior.forward import ForwardModel
-from pipeline.posterior.sampler import SamplerConfig, joint_sample, seed_for
+from pipeline.posterior.sampler import SamplerSettings, joint_sample, seed_for
 
 
 @dataclass
@@ -37,29 +37,31 @@ class DenoiseOutput:
 
 @dataclass
 class Denoiser:
+    """The sampler with its networks and settings; called with a batch and its forward model (one row of
+    parameters per image, so a batch may mix alphas)."""
+
     x_model: nn.Module
     n_model: nn.Module
     sde: VPSDE
-    forward: ForwardModel
-    config: SamplerConfig
+    settings: SamplerSettings
     runtime: Runtime | None = None  # bf16 / channels-last / compile (pipeline.posterior.core); None: as given
 
     @torch.no_grad()
-    def __call__(self, ids: list[str], y: torch.Tensor) -> DenoiseOutput:
+    def __call__(self, ids: list[str], y: torch.Tensor, forward: ForwardModel) -> DenoiseOutput:
         t0 = time.perf_counter()
-        k = self.config.n_samples
+        k = self.settings.n_samples
         b = y.shape[0]
-        # sample j of image i sits at row j * B + i; its seed depends only on (id, j, config seed)
-        seeds = [seed_for(i, self.config.seed, j) for j in range(k) for i in ids]
-        out = joint_sample(self.x_model, self.n_model, self.sde, y.repeat(k, 1, 1, 1), self.forward,
-                           self.config, seeds=seeds, runtime=self.runtime)
+        # sample j of image i sits at row j * B + i; its seed depends only on (id, j, settings seed)
+        seeds = [seed_for(i, self.settings.seed, j) for j in range(k) for i in ids]
+        out = joint_sample(self.x_model, self.n_model, self.sde, y.repeat(k, 1, 1, 1), forward.repeat(k),
+                           self.settings, seeds=seeds, runtime=self.runtime)
         xs = out.x.clamp(0, 1).reshape(k, b, *y.shape[1:])
         ns = out.n.clamp(0, 1).reshape(k, b, *y.shape[1:])
         x_hat, n_hat = xs.mean(0), ns.mean(0)
         return DenoiseOutput(
             denoised=x_hat, noise_estimate=n_hat, uncertainty=xs.std(0) if k > 1 else None,
             residual=out.residual.reshape(k, b).mean(0),
-            spread=metrics.spread(xs), removed_energy=metrics.removed_energy(y, x_hat, self.forward.coef_x),
+            spread=metrics.spread(xs), removed_energy=metrics.removed_energy(y, x_hat, _bcast(forward.coef_x, y)),
             nfe=out.nfe * k, backward=out.backward, seconds=(time.perf_counter() - t0) / max(b, 1))
 
 

@@ -1,4 +1,4 @@
-"""Joint posterior sampling of an image ``x`` and structured noise ``n`` from ``y = A(x, n)``.
+"""Joint posterior sampling of an image ``x`` and structured noise ``n`` from ``y = A(x, n)``, in plain torch.
 
 Stevens et al., "Removing Structured Noise using Diffusion Models" (TMLR 2025), with the guidance of
 DPS (Chung et al., 2023) and PiGDM (Song et al., 2023). Per step, from ``t`` to ``t - dt``:
@@ -6,106 +6,204 @@ DPS (Chung et al., 2023) and PiGDM (Song et al., 2023). Per step, from ``t`` to 
 1. both priors predict noise at once: ``e_x = e_theta(x_t, t)``, ``e_n = e_phi(n_t, t)``; Tweedie gives
    ``x0_hat = (x_t - s_t e_x) / a_t`` and ``n0_hat`` likewise;
 2. residual ``r = y - A(x0_hat, n0_hat)`` (storage units, [0, 1] images) and a per-sample loss ``L``;
-3. reverse Euler-Maruyama step of each variable under its own prior's score ``-e / s_t``;
-4. data consistency: ``x <- x - lambda_x(t) grad_{x_t} L``, ``n <- n - kappa_n(t) grad_{n_t} L``,
-   both gradients from one backward pass (a vector-Jacobian product through each network).
+3. a reverse step of each variable under its own prior (the solver);
+4. data consistency: ``x <- x - lambda_x w(t) grad_{x_t} L``, ``n <- n - kappa_n w(t) grad_{n_t} L``.
 
-Guidance rules (:data:`RULES`):
+Steps 1, 2 and the gradients of 4 are the guided joint denoiser and its guidance rule
+(:mod:`pipeline.posterior.guidance`: :class:`~pipeline.posterior.guidance.GuidedDenoiser`, :data:`RULES`,
+:data:`SCHEDULES`). This module holds what is left, shaped like k-diffusion's ``sampling.py``:
 
-* ``tweedie``: ``L = ||r||^2 / (2 Sigma_t)``, ``Sigma_t = sigma_y^2 + c_x^2 v_x(t) + c_n^2 v_n(t)``,
-  ``v(t) = Var[x_0 | x_t] = v_0 sigma_t^2 / (v_0 + sigma_t^2)``, ``sigma_t = s_t / a_t`` (in [0, 1]
-  units: network variances / 4). With ``v_0 = 1`` this is PiGDM's ``r_t^2``. For Gaussian priors
-  and the ``sde`` schedule (``lambda(t) = beta(t) dt``) it is the exact posterior SDE, which
-  ``tests/test_posterior.py`` checks against the closed-form posterior.
-* ``dps``: ``L = ||r||`` per sample, i.e. the step is normalised by the residual norm.
-* ``projection``: the ``dps`` loss with ``d x0_hat / d x_t`` taken as ``I / a_t``: no backward pass
-  through the networks. Its weights do not carry over from the other rules.
+* **one function per solver** over the guided denoiser, in the registry :data:`SOLVERS`
+  (``@SOLVERS.register("name")``): :func:`sample_euler_maruyama` (the paper's sampler) and
+  :func:`sample_ddim` (DDIM with stochasticity ``eta``; with ``clip_denoised`` its Tweedie estimates are
+  clipped to the data range in each step). A solver integrates from ``ts[0] = 1`` to ``ts[-1] = eps``;
+  a preset adds its own by registering a function of the same signature;
+* **the last step in one place** (:func:`solve`): the networks are evaluated at ``steps`` times from 1
+  down to ``eps``; the last evaluation's *guided* Tweedie estimate is the result, so NFE = ``steps`` per
+  prior; :func:`joint_sample` then moves ``(x, n)`` the least distance that explains ``y``
+  (``final_projection``, :func:`project`);
+* **the settings, declared once**: :class:`SamplerSettings`, a plain frozen dataclass (the config file's
+  ``SamplerConfig`` is built from it in :mod:`pipeline.config`). ``lambda_x`` / ``kappa_n`` left None are
+  taken from the tuned table (:func:`pipeline.posterior.tuned.resolve_weights`) by whoever builds the
+  settings; the sampler itself refuses to run without weights.
 
-Schedules multiply ``lambda_x`` / ``kappa_n`` by ``w(t)``: ``constant`` (1), ``sde`` (``beta(t) dt``),
-``r2`` (``sigma_t^2 / (1 + sigma_t^2)``, as the authors' code scales the step) or ``pigdm`` (``a_t``).
-
-The loop itself, the guidance and the GPU settings (:class:`~pipeline.posterior.core.Runtime`: bf16
-autocast, channels-last, ``torch.compile``) are plain torch in :mod:`pipeline.posterior.core`, shared
-with ``pipeline/bench/gpu.py``; this module adds the validated config, the seeds and the result.
-
-The step of item 3 is DDIM by default (``solver="ddim"``, stochasticity ``eta``; with ``clip_denoised``
-its Tweedie estimates are clipped to the data range in each step), at 50 steps: on the quality benchmark
-that matches the paper's 600 Euler-Maruyama steps (``solver="euler-maruyama"``; README "Speed").
-The sampler evaluates the networks at ``steps`` times from 1 down to ``eps``; the last evaluation's
-guided Tweedie estimate is the result, so NFE = ``steps`` per prior. ``final_projection`` then moves
-``(x, n)`` the least distance that explains ``y`` (:func:`project`).
-
-Every quantity is per sample and each sample's noise comes from its own generator, seeded from
-its image id, so a result never depends on the rest of its batch.
+DDIM at 50 steps is the default: on the quality benchmark it matches the paper's 600 Euler-Maruyama steps
+(README "Speed"). Every quantity is per sample, the forward model's parameters are per row, and each
+sample's noise comes from its own generator, seeded from its image id, so a result never depends on the
+rest of its batch. This module imports only torch: ``pipeline/bench/gpu.py`` runs it on a bare GPU machine.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
 
-from pipeline import metrics
-from pipeline.diffusion.sde import VPSDE
-from pipeline.posterior.core import (  # noqa: F401  (re-exported: the loop's pieces, in plain torch)
-    RULES,
-    GuidanceRule,
-    Noise,
-    Runtime,
-    _posterior_var01,
-    _to01,
-    guidance,
-    project,
-    run_steps,
-)
-from pipeline.posterior.forward import ForwardModel
+from pipeline.diffusion.sampling import eps_from_x0, x0_from_eps
+from pipeline.diffusion.sde import VPSDE, _bcast
+from pipeline.forward import ForwardModel
+from pipeline.posterior.guidance import RULES, SCHEDULES, GuidedDenoiser, Net, to01
+from pipeline.settings import Registry, check_fields
+
+Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
+Solver = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+SOLVERS: Registry[Solver] = Registry("solver")
 
 
-class SamplerConfig(BaseModel):
+@dataclass(frozen=True)
+class SamplerSettings:
     """How to sample the joint posterior. ``nfe = steps`` per prior per posterior sample."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    rule: Literal["tweedie", "dps", "projection"] = "dps"
-    steps: int = Field(50, ge=2, description="network evaluations per prior, from t = 1 down to t = eps")
-    # defaults: DDIM at 50 steps with the weights `jointdiff bench nfe` tuned for it on the validation split
-    # (configs/guidance.yaml, solvers.ddim.50); it matches 600 Euler-Maruyama steps on the test split
-    lambda_x: float = Field(20.0, ge=0, description="data-consistency weight on the image")
-    kappa_n: float = Field(20.0, ge=0, description="data-consistency weight on the noise")
-    schedule: Literal["constant", "sde", "r2", "pigdm"] = "constant"
-    solver: Literal["euler-maruyama", "ddim"] = "ddim"
-    eta: float = Field(1.0, ge=0, le=1, description="ddim only: 0 deterministic, 1 ancestral (DDPM-like)")
-    clip_denoised: bool = Field(True, description="ddim only: clip Tweedie's estimates to [-1, 1] in each step "
-                                                  "(a few trajectories run away at 50 steps without it)")
-    data_var_x: float = Field(1.0, gt=0, description="prior variance of x_0 (network units) for Sigma_t")
-    data_var_n: float = Field(1.0, gt=0, description="prior variance of n_0 (network units) for Sigma_t")
-    time_power: float = Field(1.0, ge=1, description="1: evenly spaced times; > 1: denser near t = 0")
-    final_projection: bool = Field(True, description="end with the least-distance move onto y = A(x, n)")
-    n_samples: int = Field(1, ge=1, description="posterior samples per image (mean and spread)")
+    rule: str = field(default="dps", metadata={"check": RULES.check, "description": "guidance rule (registered in "
+                                                                                    "pipeline.posterior.guidance)"})
+    steps: int = field(default=50, metadata={"ge": 2, "description": "network evaluations per prior, from t = 1 "
+                                                                    "down to t = eps"})
+    lambda_x: float | None = field(default=None, metadata={
+        "ge": 0, "description": "data-consistency weight on the image; default: the tuned table "
+                                "(pipeline/posterior/tuned.yaml), else the rule's default weight"})
+    kappa_n: float | None = field(default=None, metadata={
+        "ge": 0, "description": "data-consistency weight on the noise; default as lambda_x"})
+    schedule: str = field(default="constant", metadata={"check": SCHEDULES.check,
+                                                        "description": "constant, sde, r2 or pigdm"})
+    solver: str = field(default="ddim", metadata={"check": SOLVERS.check,
+                                                  "description": "ddim or euler-maruyama"})
+    eta: float = field(default=1.0, metadata={"ge": 0, "le": 1, "description": "ddim only: 0 deterministic, "
+                                                                             "1 ancestral (DDPM-like)"})
+    clip_denoised: bool = field(default=True, metadata={
+        "description": "ddim only: clip Tweedie's estimates to [-1, 1] in each step (a few trajectories run away "
+                       "at 50 steps without it)"})
+    data_var_x: float = field(default=1.0, metadata={"gt": 0, "description": "prior variance of x_0 (network "
+                                                                           "units) for Sigma_t"})
+    data_var_n: float = field(default=1.0, metadata={"gt": 0, "description": "prior variance of n_0 (network "
+                                                                           "units) for Sigma_t"})
+    time_power: float = field(default=1.0, metadata={"ge": 1, "description": "1: evenly spaced times; > 1: "
+                                                                            "denser near t = 0"})
+    final_projection: bool = field(default=True, metadata={"description": "end with the least-distance move onto "
+                                                                          "y = A(x, n)"})
+    n_samples: int = field(default=1, metadata={"ge": 1, "description": "posterior samples per image (mean and "
+                                                                       "spread)"})
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     @property
     def nfe(self) -> int:
         return self.steps
 
-    def identity(self) -> dict[str, Any]:
-        """The settings that decide the results (for run ids). ``clip_denoised`` (added after ``eta``) only
-        with DDIM, so an Euler-Maruyama run keeps the id it had before that setting existed."""
-        d = self.model_dump()
-        if self.solver != "ddim":
-            d.pop("clip_denoised")
-        return d
+
+class Noise:
+    """Standard normal draws: one generator per sample (batch-independent) or one for the batch."""
+
+    def __init__(self, seeds: Sequence[int] | None, generator: torch.Generator | None, device: torch.device):
+        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds] if seeds is not None else None
+        self.generator = generator
+        self.device = device
+
+    def randn(self, shape: Sequence[int]) -> torch.Tensor:
+        shape = tuple(shape)
+        if self.gens is None:
+            return torch.randn(shape, generator=self.generator).to(self.device)
+        return torch.stack([torch.randn(shape[1:], generator=g) for g in self.gens]).to(self.device)
 
 
 def seed_for(image_id: str, base_seed: int = 0, sample: int = 0) -> int:
     """A 63-bit seed from an image id: the same id always draws the same noise."""
     digest = hashlib.blake2b(f"{base_seed}/{sample}/{image_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+# --- solvers: from ts[0] to ts[-1], one guided evaluation per step ---------------------------------------
+
+@SOLVERS.register("euler-maruyama")
+def sample_euler_maruyama(d: GuidedDenoiser, x: torch.Tensor, n: torch.Tensor, ts: torch.Tensor, noise: Noise,
+                          callback: Callback | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reverse Euler-Maruyama steps under each prior's score ``-e / s_t``, then the guidance moves."""
+    sde = d.sde
+    for i in range(len(ts) - 1):
+        t, dt = ts[i].expand(x.shape[0]), ts[i] - ts[i + 1]
+        g = d(x, n, t, dt)
+        s = _bcast(sde.sigma(t), x)
+        x = sde.reverse_step(x, t, dt, -g.eps_x / s, noise.randn(x.shape)) - g.dx
+        n = sde.reverse_step(n, t, dt, -g.eps_n / s, noise.randn(n.shape)) - g.dn
+        if callback is not None:
+            callback(i, x, n)
+    return x, n
+
+
+def ddim_step(sde: VPSDE, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, eta: float,
+              noise: Noise, clip: bool = False) -> torch.Tensor:
+    """DDIM (Song et al., 2021) from ``t`` to ``t_next`` (one per row) with stochasticity ``eta``.
+
+    ``clip``: Tweedie's estimate ``x0`` is clipped to the data range [-1, 1] and the noise estimate
+    recomputed to match (``e = (x - a x0) / s``), as DDPM's ``clip_denoised``: an estimate that the
+    guidance has pushed out of range cannot carry the trajectory further away."""
+    a, s = _bcast(sde.alpha(t), x), _bcast(sde.sigma(t), x)
+    a2, s2 = _bcast(sde.alpha(t_next), x), _bcast(sde.sigma(t_next), x)
+    x0 = x0_from_eps(sde, x, eps, t)
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
+        eps = eps_from_x0(sde, x, x0, t)
+    c = eta * torch.sqrt((s2 / s) ** 2 * (1 - (a / a2) ** 2)).clamp_min(0) if eta > 0 else torch.zeros_like(s)
+    out = a2 * x0 + torch.sqrt((s2**2 - c**2).clamp_min(0)) * eps
+    return out + c * noise.randn(x.shape) if eta > 0 else out
+
+
+@SOLVERS.register("ddim")
+def sample_ddim(d: GuidedDenoiser, x: torch.Tensor, n: torch.Tensor, ts: torch.Tensor, noise: Noise,
+                callback: Callback | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DDIM steps (``settings.eta``, ``settings.clip_denoised``), then the guidance moves."""
+    eta, clip = d.settings.eta, d.settings.clip_denoised
+    for i in range(len(ts) - 1):
+        t, t_next = ts[i].expand(x.shape[0]), ts[i + 1].expand(x.shape[0])
+        g = d(x, n, t, ts[i] - ts[i + 1])
+        x = ddim_step(d.sde, x, g.eps_x, t, t_next, eta, noise, clip) - g.dx
+        n = ddim_step(d.sde, n, g.eps_n, t, t_next, eta, noise, clip) - g.dn
+        if callback is not None:
+            callback(i, x, n)
+    return x, n
+
+
+# --- the sampler --------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def solve(d: GuidedDenoiser, noise: Noise, callback: Callback | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``settings.steps`` guided evaluations from ``x, n ~ N(0, I)``: the solver's ``steps - 1`` steps from
+    ``t = 1`` to ``t = eps``, then the last evaluation, whose guided Tweedie estimates ``(x0, n0)`` (network
+    units) are the result."""
+    s = d.settings
+    shape = tuple(d.y.shape)
+    x = noise.randn(shape)
+    n = noise.randn(shape)
+    ts = d.sde.timesteps(s.steps - 1, device=d.y.device, power=s.time_power)
+    x, n = SOLVERS[s.solver](d, x, n, ts, noise, callback)
+    # the last evaluation, at t = eps; its guidance weight uses the length of the step before it
+    t = ts[-1].expand(shape[0])
+    dt = ts[-2] - ts[-1] if len(ts) > 1 else ts[-1] - d.sde.eps
+    g = d(x, n, t, dt)
+    x, n = x0_from_eps(d.sde, x, g.eps_x, t, move=g.dx), x0_from_eps(d.sde, n, g.eps_n, t, move=g.dn)
+    if callback is not None:
+        callback(len(ts) - 1, x, n)
+    return x, n
+
+
+def project(forward: ForwardModel, y: torch.Tensor, x: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Move ``(x, n)`` the least distance (``||dx||^2 + ||dn||^2``) that explains the residual of ``y``.
+
+    With read-out noise, only the part of the residual above ``sigma_y`` is removed: per sample the
+    correction is shrunk by ``max(0, 1 - sigma_y / rms(r))``, leaving a residual of RMS ``sigma_y``.
+    Every coefficient is the row's own."""
+    r = y - forward.apply(x, n)
+    sigma_y = forward.sigma_y.to(r.device)
+    if (sigma_y > 0).any():
+        rms = r.pow(2).flatten(1).mean(1).sqrt()
+        r = r * _bcast((1 - sigma_y / rms.clamp_min(1e-20)).clamp(0, 1), r)
+    cx, cn = _bcast(forward.coef_x, r), _bcast(forward.coef_n, r)
+    c = cx**2 + cn**2
+    return x + cx / c * r, n + cn / c * r
 
 
 @dataclass
@@ -120,29 +218,28 @@ class JointResult:
 
 
 @torch.no_grad()
-def joint_sample(x_model: nn.Module, n_model: nn.Module, sde: VPSDE, y: torch.Tensor, forward: ForwardModel,
-                 cfg: SamplerConfig, seeds: Sequence[int] | None = None,
-                 generator: torch.Generator | None = None,
-                 callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-                 runtime: Runtime | None = None) -> JointResult:
-    """Draw one joint posterior sample ``(x, n)`` per observation in ``y`` ([0, 1] units, (B, C, H, W)).
+def joint_sample(x_model: Net, n_model: Net, sde: VPSDE, y: torch.Tensor, forward: ForwardModel,
+                 settings: SamplerSettings, seeds: Sequence[int] | None = None,
+                 generator: torch.Generator | None = None, callback: Callback | None = None,
+                 runtime: Any = None) -> JointResult:
+    """Draw one joint posterior sample ``(x, n)`` per observation in ``y`` ([0, 1] units, (B, C, H, W)), with
+    ``forward`` holding one row of parameters per observation.
 
     ``seeds`` (one per row; see :func:`seed_for`) make each row's result independent of its batch;
     without them, one ``generator`` serves the whole batch (faster; for tests and benchmarks).
     ``runtime`` (:class:`~pipeline.posterior.core.Runtime`) sets how the networks run: bf16 autocast,
-    channels-last, ``torch.compile``; the default (float32, as given) changes nothing.
+    channels-last, ``torch.compile``; None (float32, as given) changes nothing.
     """
-    rule = RULES[cfg.rule]
-    noise = Noise(seeds, generator, y.device)
-    xm: Any = x_model
-    nm: Any = n_model
     if runtime is not None:
-        xm, nm = runtime.wrap(x_model, y.device), runtime.wrap(n_model, y.device)
-    # `guidance` is looked up here at each call, so a test can replace it in this module
-    x, n = run_steps(xm, nm, sde, y, forward, cfg, noise, guide=lambda *a: guidance(*a), callback=callback)
-    x0, n0 = _to01(x), _to01(n)
+        x_model, n_model = runtime.wrap(x_model, y.device), runtime.wrap(n_model, y.device)
+    forward = forward.to(y.device)
+    d = GuidedDenoiser(x_model, n_model, sde, forward, y, settings)
+    x, n = solve(d, Noise(seeds, generator, y.device), callback)
+    x0, n0 = to01(x), to01(n)
+    from pipeline import metrics  # here, not at the top: the GPU script runs `solve` without torchmetrics
+
     # the residual is measured before the projection: how far the priors' estimate is from explaining y
     residual = metrics.residual(y, forward.apply(x0, n0))
-    if cfg.final_projection:
+    if settings.final_projection:
         x0, n0 = project(forward, y, x0, n0)
-    return JointResult(x0, n0, residual, cfg.nfe, rule.backward)
+    return JointResult(x0, n0, residual, settings.nfe, RULES[settings.rule].backward)

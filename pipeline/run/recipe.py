@@ -1,16 +1,21 @@
 """A run's recipe resolved on its driver, before anything is hashed or any worker starts.
 
-:func:`resolve` is the one place where a recipe as written becomes the recipe a run uses: today it pins
-both priors (:func:`pipeline.run.models.pin`); whatever else must be decided once per run, on the driver,
-before the run's identity is computed, belongs here too.
+:func:`resolve` is the one place where a recipe as written becomes the recipe a run uses: it pins both priors
+(:func:`pipeline.run.models.pin`) and fills in the sampler's weights that the recipe leaves unset from the
+tuned table shipped in the package (:func:`pipeline.posterior.tuned.resolve_weights`; for a combination that
+was never tuned, the rule's documented defaults, with one line on standard error saying so and how to tune
+it). Both happen once per run, on the driver, before the run's identity is computed, so the run id and the
+outputs record the weights the sampler ran with.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipeline.config import Priors, Recipe
+from pipeline.config import Priors, Recipe, SamplerConfig
+from pipeline.posterior.tuned import resolve_weights
 from pipeline.run.models import PinnedModel, pin
 
 
@@ -36,9 +41,15 @@ class PinnedRecipe:
         return f"{self.image.ref}+{self.noise.ref}"
 
 
-def resolve(recipe: Recipe) -> PinnedRecipe:
-    """Pin the recipe's models (on the driver, once per run; both must have passed
-    :func:`pipeline.run.models.check_models`)."""
+def resolve(recipe: Recipe, quiet: bool = False) -> PinnedRecipe:
+    """Pin the recipe's models and resolve the sampler's weights (on the driver, once per run; both models
+    must have passed :func:`pipeline.run.models.check_models`). The tuned table is keyed by the priors as the
+    recipe names them (``faces``, ``digits``); ``quiet`` keeps the untuned-weights note off standard error."""
     image, noise = pin(recipe.priors.image), pin(recipe.priors.noise)
-    pinned = recipe.model_copy(update={"priors": Priors(image=image.uri, noise=noise.uri)})
+    settings, note = resolve_weights(recipe.sampler.settings(), recipe.priors.image, recipe.priors.noise,
+                                     recipe.forward.name)
+    if note and not quiet:
+        print(note, file=sys.stderr)
+    pinned = recipe.model_copy(update={"priors": Priors(image=image.uri, noise=noise.uri),
+                                       "sampler": SamplerConfig.model_validate(asdict(settings))})
     return PinnedRecipe(pinned, image, noise)

@@ -67,7 +67,7 @@ class Run:
         storage.configure(cfg.storage)
         preflight(input_uri, output, cfg, ray=ray)
         pinned = resolve(cfg.recipe)
-        cfg = cfg.model_copy(update={"priors": pinned.recipe.priors})
+        cfg = cfg.model_copy(update={"priors": pinned.recipe.priors, "sampler": pinned.recipe.sampler})
         ident = identify(pinned, input_uri)
         return cls(str(input_uri), str(output), cfg, pinned, run_id or ident.run_id, ident.config_hash)
 

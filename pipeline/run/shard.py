@@ -28,9 +28,9 @@ from pipeline.config import CleanConfig
 from pipeline.data.accounting import PlannedShard, mark_done
 from pipeline.data.shards import read_table
 from pipeline.data.validate import error_row
+from pipeline.forward import make_forward
 from pipeline.posterior.core import Runtime, auto_batch_size
 from pipeline.posterior.denoise import Denoiser, truth_metrics
-from pipeline.posterior.forward import Blend, make_forward
 from pipeline.run.models import check_pair, load_pinned
 from pipeline.run.outputs import ShardResult, encode, write
 from pipeline.run.preflight import resolve_device
@@ -55,6 +55,7 @@ class ShardCleaner:
         # the sampler differentiates with respect to its inputs only: no weight gradients to track
         self.x_model.requires_grad_(False)
         self.n_model.requires_grad_(False)
+        self.settings = cfg.sampler.settings()  # weights already resolved on the driver (pipeline.run.recipe)
         self.runtime = cfg.gpu.runtime(self.device)
         if torch.device(self.device).type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions
@@ -67,7 +68,7 @@ class ShardCleaner:
             return int(self.cfg.batch_size)
         probe = Runtime(self.runtime.precision, self.runtime.channels_last, compile=False)
         return auto_batch_size(probe.wrap(self.x_model, self.device), probe.wrap(self.n_model, self.device),
-                               self.sde, Blend(alpha=0.5), self.shape, self.device, self.cfg.sampler, default=32,
+                               self.sde, make_forward("blend", 1), self.shape, self.device, self.settings, default=32,
                                n_samples=self.cfg.sampler.n_samples, margin=self.cfg.gpu.memory_margin,
                                cap=self.cfg.gpu.max_batch)
 
@@ -94,37 +95,35 @@ def read(run: Run, shard: PlannedShard, result: ShardResult) -> dict[str, list[A
 
 def sample(cleaner: ShardCleaner, rows: list[Row], result: ShardResult, reject: Callable[[Row, str], None],
            progress: Callable[[int], None] | None = None) -> None:
-    """The joint posterior sampler over ``rows``, in batches of ``cleaner.batch_size`` and in groups of one
-    alpha (the forward model takes one), with the metrics: the cleaned rows into ``result``, a row whose
-    sample is not finite to ``reject``."""
+    """The joint posterior sampler over ``rows``, in batches of ``cleaner.batch_size`` (a batch may mix alphas:
+    the forward model holds one row of parameters per image), with the metrics: the cleaned rows into
+    ``result``, a row whose sample is not finite to ``reject``."""
     started = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
-    cfg = cleaner.cfg
-    for alpha in sorted({r.alpha for r in rows}):
-        group = [r for r in rows if r.alpha == alpha]
-        forward = make_forward(cfg.forward.name, alpha=alpha, sigma_y=cfg.forward.sigma_y)
-        denoiser = Denoiser(cleaner.x_model, cleaner.n_model, cleaner.sde, forward, cfg.sampler, cleaner.runtime)
-        for start in range(0, len(group), cleaner.batch_size):
-            batch = group[start:start + cleaner.batch_size]
-            y = torch.from_numpy(np.stack([r.y for r in batch])).to(cleaner.device)
-            out = denoiser([r.id for r in batch], y)
-            truth = _truth_metrics(batch, out.denoised, y, cleaner.device)
-            finite = (torch.isfinite(out.denoised.flatten(1)).all(1)
-                      & torch.isfinite(out.noise_estimate.flatten(1)).all(1))
-            for k, r in enumerate(batch):
-                if not finite[k]:
-                    reject(r, "the sampler diverged (non-finite values); lower sampler.lambda_x / sampler.kappa_n "
-                              "or use more steps")
-                    continue
-                result.add(row=r.row, id=r.id, denoised=out.denoised[k].cpu().numpy(),
-                           noise_estimate=out.noise_estimate[k].cpu().numpy(),
-                           **({"uncertainty": out.uncertainty[k].cpu().numpy()} if out.uncertainty is not None else {}),
-                           **{name: _finite_or_none(v[k]) for name, v in truth.items()},
-                           residual=_finite_or_none(float(out.residual[k])),
-                           spread=_finite_or_none(float(out.spread[k])),
-                           removed_energy=_finite_or_none(float(out.removed_energy[k])),
-                           alpha=r.alpha, seconds=out.seconds, nfe=out.nfe, started_at=started)
-            if progress is not None:
-                progress(len(batch))
+    fwd = cleaner.cfg.forward
+    denoiser = Denoiser(cleaner.x_model, cleaner.n_model, cleaner.sde, cleaner.settings, cleaner.runtime)
+    for start in range(0, len(rows), cleaner.batch_size):
+        batch = rows[start:start + cleaner.batch_size]
+        y = torch.from_numpy(np.stack([r.y for r in batch])).to(cleaner.device)
+        forward = make_forward(fwd.name, len(batch), sigma_y=fwd.sigma_y,
+                               **({"alpha": [r.alpha for r in batch]} if fwd.name == "blend" else {}))
+        out = denoiser([r.id for r in batch], y, forward)
+        truth = _truth_metrics(batch, out.denoised, y, cleaner.device)
+        finite = torch.isfinite(out.denoised.flatten(1)).all(1) & torch.isfinite(out.noise_estimate.flatten(1)).all(1)
+        for k, r in enumerate(batch):
+            if not finite[k]:
+                reject(r, "the sampler diverged (non-finite values); lower sampler.lambda_x / sampler.kappa_n "
+                          "or use more steps")
+                continue
+            result.add(row=r.row, id=r.id, denoised=out.denoised[k].cpu().numpy(),
+                       noise_estimate=out.noise_estimate[k].cpu().numpy(),
+                       **({"uncertainty": out.uncertainty[k].cpu().numpy()} if out.uncertainty is not None else {}),
+                       **{name: _finite_or_none(v[k]) for name, v in truth.items()},
+                       residual=_finite_or_none(float(out.residual[k])),
+                       spread=_finite_or_none(float(out.spread[k])),
+                       removed_energy=_finite_or_none(float(out.removed_energy[k])),
+                       alpha=r.alpha, seconds=out.seconds, nfe=out.nfe, started_at=started)
+        if progress is not None:
+            progress(len(batch))
 
 
 def _truth_metrics(batch: list[Row], denoised: torch.Tensor, y: torch.Tensor,

@@ -1,0 +1,235 @@
+"""Forward models ``y = A(x, n; theta) + sigma_y e`` on images in [0, 1], with per-row parameters.
+
+Used alike by corruption (:mod:`pipeline.data.corrupt`, :meth:`ForwardModel.observe`) and by the joint
+sampler (:mod:`pipeline.posterior`, :meth:`ForwardModel.apply` and the coefficients). Decisions:
+
+* **Storage units.** A forward model works on [0, 1] images, not network units ([-1, 1]), so ``sigma_y``
+  and the residual mean the same thing to a user as to the sampler; the sampler converts. The blend reads
+  the same in both spaces; the sum and the overlay do not (``y`` may exceed 1), which is why they are
+  defined here.
+* **Every parameter is per row.** A model is a frozen dataclass whose parameters, the read-out noise
+  ``sigma_y`` included, are ``(B,)`` float tensors, one value per row of the batch it describes, so one
+  batch may mix alphas. :func:`make_forward` builds one from a name and per-row values (a float is
+  repeated over the batch); :meth:`~ForwardModel.repeat` stacks it for ``K`` posterior samples (row
+  ``j * B + i`` is sample ``j`` of image ``i``, as ``y.repeat(K, 1, 1, 1)``); :meth:`~ForwardModel.take`
+  selects rows.
+* **Linear models state their coefficients.** ``A(x, n) = c_x x + c_n n`` per row: :attr:`coef_x` and
+  :attr:`coef_n` are ``(B,)`` tensors; the ``tweedie`` rule propagates the priors' posterior variances
+  through them into ``Sigma_t``, the final projection and the removed-energy figure use them.
+* **Parameters that a sampler may estimate** (issue 20: a blend whose alpha is unknown). A model names them
+  in :attr:`~ForwardModel.estimable`; :meth:`~ForwardModel.with_params` returns the model with new per-row
+  values (validated like the constructor's), so an estimating sampler holds its current estimate as a
+  forward model and replaces it every step (``forward = forward.with_params(alpha=alpha_hat)``).
+  :meth:`~ForwardModel.apply` is plain tensor arithmetic in the parameters too, so a rule can take the
+  residual's gradient with respect to an estimable parameter (pass a tensor that requires grad).
+  Nothing here estimates: that is the sampler's business.
+
+To add a model: subclass :class:`ForwardModel` (a frozen dataclass whose extra fields are ``(B,)`` tensors),
+give it a ``name``, ``apply``, ``coef_x`` / ``coef_n``, and register it in :data:`FORWARD_MODELS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+Rows = torch.Tensor | Sequence[float] | float
+
+
+def _rows(name: str, value: Rows, batch_size: int | None) -> torch.Tensor:
+    """``value`` as a (B,) float32 tensor: a float repeated ``batch_size`` times, or one value per row."""
+    t = torch.as_tensor(value, dtype=torch.float32)
+    if t.ndim == 0:
+        if batch_size is None:
+            raise ValueError(f"{name}: one value per row is needed ((B,) tensor), got a scalar")
+        return t.expand(batch_size).clone()
+    if t.ndim != 1:
+        raise ValueError(f"{name}: expected one value per row, shape (B,), got shape {tuple(t.shape)}")
+    if batch_size is not None and t.shape[0] != batch_size:
+        raise ValueError(f"{name}: {t.shape[0]} values for a batch of {batch_size} rows")
+    return t
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (B,) tensor shaped to broadcast against ``like`` (B, C, H, W), on its device and dtype."""
+    return v.to(device=like.device, dtype=like.dtype).reshape(v.shape[0], *([1] * (like.ndim - 1)))
+
+
+@dataclass(frozen=True, eq=False)
+class ForwardModel:
+    """``y = A(x, n) + sigma_y e``; ``sigma_y`` and every parameter field are (B,) tensors."""
+
+    sigma_y: torch.Tensor
+
+    name: ClassVar[str] = "base"
+    params: ClassVar[dict[str, float | None]] = {}  # per-row parameters and their defaults (None: required)
+    estimable: ClassVar[tuple[str, ...]] = ()  # parameters a sampler may estimate (see the module docstring)
+    weight: ClassVar[str | None] = None  # the mixing weight that an observation dataset's `alpha` column holds
+
+    def __post_init__(self) -> None:
+        b = _rows("sigma_y", self.sigma_y, None).shape[0]
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is None:
+                raise ValueError(f"{self.name} needs {f.name}, one value per row")
+            object.__setattr__(self, f.name, _rows(f.name, getattr(self, f.name), b))
+        if (self.sigma_y < 0).any():
+            raise ValueError(f"sigma_y must be >= 0, got {self.sigma_y.min().item()}")
+        self.check()
+
+    def check(self) -> None:
+        """Refuse parameter values outside the model's domain (``ValueError`` naming the parameter)."""
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.sigma_y.shape[0])
+
+    def apply(self, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """``A(x, n)`` per row, without read-out noise."""
+        raise NotImplementedError
+
+    @property
+    def coef_x(self) -> torch.Tensor:
+        """``c_x`` per row, (B,)."""
+        raise NotImplementedError
+
+    @property
+    def coef_n(self) -> torch.Tensor:
+        """``c_n`` per row, (B,)."""
+        raise NotImplementedError
+
+    def observe(self, x: torch.Tensor, n: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A noisy observation of ``(x, n)``: read-out noise of each row's ``sigma_y``, drawn from ``generator``."""
+        y = self.apply(x, n)
+        if (self.sigma_y > 0).any():
+            e = torch.randn(y.shape, generator=generator, dtype=y.dtype).to(y.device)
+            y = y + _bcast(self.sigma_y, y) * e
+        return y
+
+    def _map(self, fn: Any) -> ForwardModel:
+        return dataclasses.replace(self, **{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+    def repeat(self, k: int) -> ForwardModel:
+        """The model for ``K`` stacked copies of the batch: row ``j * B + i`` has row ``i``'s parameters."""
+        return self._map(lambda t: t.repeat(k))
+
+    def take(self, index: torch.Tensor | Sequence[int] | slice) -> ForwardModel:
+        """The model of the rows ``index`` (a slice, indices or a boolean mask)."""
+        if not isinstance(index, slice):
+            index = torch.as_tensor(index)
+        return self._map(lambda t: t[index])
+
+    def to(self, device: torch.device | str) -> ForwardModel:
+        """The model with its parameters on ``device``."""
+        return self._map(lambda t: t.to(device))
+
+    def with_params(self, **values: Rows) -> ForwardModel:
+        """This model with new per-row values of some parameters (e.g. an estimate of an estimable one)."""
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"{self.name} has no parameter {', '.join(unknown)}; it has "
+                             f"{', '.join(f.name for f in dataclasses.fields(self))}")
+        return dataclasses.replace(self, **{k: _rows(k, v, self.batch_size) for k, v in values.items()})
+
+
+@dataclass(frozen=True, eq=False)
+class Blend(ForwardModel):
+    """``y = (1 - alpha) x + alpha n`` (the paper's model; alpha = 0.5 for CelebA + MNIST), alpha in (0, 1)."""
+
+    alpha: torch.Tensor = None  # type: ignore[assignment]  # required: make_forward or Blend(sigma_y, alpha)
+
+    name: ClassVar[str] = "blend"
+    params: ClassVar[dict[str, float | None]] = {"alpha": 0.5}
+    estimable: ClassVar[tuple[str, ...]] = ("alpha",)
+    weight: ClassVar[str | None] = "alpha"
+
+    def check(self) -> None:
+        bad = ~((self.alpha > 0) & (self.alpha < 1))
+        if bad.any():
+            raise ValueError(f"blend alpha must be in (0, 1), got {self.alpha[bad][0].item():g}")
+
+    def apply(self, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        a = _bcast(self.alpha, x)
+        return (1.0 - a) * x + a * n
+
+    @property
+    def coef_x(self) -> torch.Tensor:
+        return 1.0 - self.alpha
+
+    @property
+    def coef_n(self) -> torch.Tensor:
+        return self.alpha
+
+
+@dataclass(frozen=True, eq=False)
+class Sum(ForwardModel):
+    """``y = x + n`` on [0, 1] images, so ``y`` lies in [0, 2]."""
+
+    name: ClassVar[str] = "sum"
+
+    def apply(self, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        return x + n
+
+    @property
+    def coef_x(self) -> torch.Tensor:
+        return torch.ones_like(self.sigma_y)
+
+    @property
+    def coef_n(self) -> torch.Tensor:
+        return torch.ones_like(self.sigma_y)
+
+
+@dataclass(frozen=True, eq=False)
+class Overlay(ForwardModel):
+    """``y = x + a n`` on [0, 1] images with ``a >= 0`` per row (an additive overlay: text, stripes, haze);
+    ``y`` may exceed 1."""
+
+    a: torch.Tensor = None  # type: ignore[assignment]  # required
+
+    name: ClassVar[str] = "overlay"
+    params: ClassVar[dict[str, float | None]] = {"a": None}
+    estimable: ClassVar[tuple[str, ...]] = ("a",)
+    weight: ClassVar[str | None] = "a"
+
+    def check(self) -> None:
+        bad = ~(self.a >= 0) | ~torch.isfinite(self.a)
+        if bad.any():
+            raise ValueError(f"overlay a must be finite and >= 0, got {self.a[bad][0].item():g}")
+
+    def apply(self, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        return x + _bcast(self.a, n) * n
+
+    @property
+    def coef_x(self) -> torch.Tensor:
+        return torch.ones_like(self.a)
+
+    @property
+    def coef_n(self) -> torch.Tensor:
+        return self.a
+
+
+FORWARD_MODELS: dict[str, type[ForwardModel]] = {m.name: m for m in (Blend, Sum, Overlay)}
+
+
+def make_forward(name: str, batch_size: int, sigma_y: Rows = 0.0, **params: Rows | None) -> ForwardModel:
+    """The forward model ``name`` for a batch of ``batch_size`` rows; each parameter a float (every row) or
+    one value per row. A parameter left out (or None) takes the model's default; ``ValueError`` for an
+    unknown name, an unknown parameter or a required one missing."""
+    if name not in FORWARD_MODELS:
+        raise ValueError(f"unknown forward model {name!r}; choose one of {', '.join(FORWARD_MODELS)}")
+    cls = FORWARD_MODELS[name]
+    unknown = sorted(set(params) - set(cls.params))
+    if unknown:
+        raise ValueError(f"forward model {name!r} has no parameter {', '.join(unknown)}"
+                         + (f"; it has {', '.join(cls.params)}" if cls.params else "; it takes only sigma_y"))
+    values: dict[str, Any] = {}
+    for p, default in cls.params.items():
+        v = params.get(p)
+        v = default if v is None else v
+        if v is None:
+            raise ValueError(f"forward model {name!r} needs {p}")
+        values[p] = _rows(p, v, batch_size)
+    return cls(sigma_y=_rows("sigma_y", sigma_y, batch_size), **values)

@@ -35,6 +35,10 @@ The sampler evaluates the networks at ``steps`` times from 1 down to ``eps``; th
 guided Tweedie estimate is the result, so NFE = ``steps`` per prior. ``final_projection`` then moves
 ``(x, n)`` the least distance that explains ``y`` (:func:`project`).
 
+The ``paper`` preset (``rule="paper"``, ``solver="paper"``, 600 steps: :data:`pipeline.posterior.paper.PRESET`)
+runs the authors' own step instead, translated to the VP SDE: the residual at the Euler-Maruyama
+predictor's mean and ``J^T 1`` in place of the vector-Jacobian product (:mod:`pipeline.posterior.paper`).
+
 Every quantity is per sample and each sample's noise comes from its own generator, seeded from
 its image id, so a result never depends on the rest of its batch.
 """
@@ -47,7 +51,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from pipeline import metrics
@@ -64,6 +68,7 @@ from pipeline.posterior.core import (  # noqa: F401  (re-exported: the loop's pi
     run_steps,
 )
 from pipeline.posterior.forward import ForwardModel
+from pipeline.posterior.paper import sample_paper
 
 
 class SamplerConfig(BaseModel):
@@ -71,14 +76,14 @@ class SamplerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    rule: Literal["tweedie", "dps", "projection"] = "dps"
+    rule: Literal["tweedie", "dps", "projection", "paper"] = "dps"
     steps: int = Field(50, ge=2, description="network evaluations per prior, from t = 1 down to t = eps")
     # defaults: DDIM at 50 steps with the weights `jointdiff bench nfe` tuned for it on the validation split
     # (configs/guidance.yaml, solvers.ddim.50); it matches 600 Euler-Maruyama steps on the test split
     lambda_x: float = Field(20.0, ge=0, description="data-consistency weight on the image")
     kappa_n: float = Field(20.0, ge=0, description="data-consistency weight on the noise")
     schedule: Literal["constant", "sde", "r2", "pigdm"] = "constant"
-    solver: Literal["euler-maruyama", "ddim"] = "ddim"
+    solver: Literal["euler-maruyama", "ddim", "paper"] = "ddim"
     eta: float = Field(1.0, ge=0, le=1, description="ddim only: 0 deterministic, 1 ancestral (DDPM-like)")
     clip_denoised: bool = Field(True, description="ddim only: clip Tweedie's estimates to [-1, 1] in each step "
                                                   "(a few trajectories run away at 50 steps without it)")
@@ -88,6 +93,13 @@ class SamplerConfig(BaseModel):
     final_projection: bool = Field(True, description="end with the least-distance move onto y = A(x, n)")
     n_samples: int = Field(1, ge=1, description="posterior samples per image (mean and spread)")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _paper_goes_together(self) -> SamplerConfig:
+        if (self.rule == "paper") != (self.solver == "paper"):
+            raise ValueError("rule 'paper' and solver 'paper' go together (the authors' step is both): "
+                             "set sampler.rule=paper and sampler.solver=paper, or neither")
+        return self
 
     @property
     def nfe(self) -> int:
@@ -132,17 +144,19 @@ def joint_sample(x_model: nn.Module, n_model: nn.Module, sde: VPSDE, y: torch.Te
     ``runtime`` (:class:`~pipeline.posterior.core.Runtime`) sets how the networks run: bf16 autocast,
     channels-last, ``torch.compile``; the default (float32, as given) changes nothing.
     """
-    rule = RULES[cfg.rule]
     noise = Noise(seeds, generator, y.device)
     xm: Any = x_model
     nm: Any = n_model
     if runtime is not None:
         xm, nm = runtime.wrap(x_model, y.device), runtime.wrap(n_model, y.device)
-    # `guidance` is looked up here at each call, so a test can replace it in this module
-    x, n = run_steps(xm, nm, sde, y, forward, cfg, noise, guide=lambda *a: guidance(*a), callback=callback)
+    if cfg.solver == "paper":
+        x, n = sample_paper(xm, nm, sde, y, forward, cfg.steps, cfg.lambda_x, cfg.kappa_n, noise, callback)
+    else:
+        # `guidance` is looked up here at each call, so a test can replace it in this module
+        x, n = run_steps(xm, nm, sde, y, forward, cfg, noise, guide=lambda *a: guidance(*a), callback=callback)
     x0, n0 = _to01(x), _to01(n)
     # the residual is measured before the projection: how far the priors' estimate is from explaining y
     residual = metrics.residual(y, forward.apply(x0, n0))
     if cfg.final_projection:
         x0, n0 = project(forward, y, x0, n0)
-    return JointResult(x0, n0, residual, cfg.nfe, rule.backward)
+    return JointResult(x0, n0, residual, cfg.nfe, cfg.rule == "paper" or RULES[cfg.rule].backward)

@@ -142,3 +142,5 @@ def test_the_quality_benchmark_runs_the_preset_at_its_own_steps():
         assert (authors.lambda_x, authors.kappa_n) == (AUTHORS["lambda_x"], AUTHORS["kappa_n"])
     with pytest.raises(ConfigError, match="--rules: unknown pgidm"):
         quality.joint_plan(guidance, ["pgidm"], [100])
+    # a quick (smoke) run takes the preset at the quick step count
+    assert dict(quality.joint_plan(guidance, ["paper"], [10], quick=True))["joint-paper"].steps == 10

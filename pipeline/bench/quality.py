@@ -124,9 +124,11 @@ def run_joint(x_model: torch.nn.Module, n_model: torch.nn.Module, sde: Any, obs:
     return torch.cat(xs), torch.cat(ns)
 
 
-def joint_plan(guidance: dict[str, Any], rules: list[str], steps: list[int]) -> list[tuple[str, SamplerConfig]]:
+def joint_plan(guidance: dict[str, Any], rules: list[str], steps: list[int],
+               quick: bool = False) -> list[tuple[str, SamplerConfig]]:
     """``(method, config)`` per joint row: each rule at each step count; the ``paper`` preset at its own
-    steps, with its tuned weights and (when they differ) with the authors' (``joint-paper-authors``)."""
+    steps (``quick``: at the most of ``steps``, a smoke test), with its tuned weights and (when they
+    differ) with the authors' (``joint-paper-authors``)."""
     unknown = [r for r in rules if r not in ALL_RULES]
     if unknown:
         raise ConfigError(f"--rules: unknown {', '.join(unknown)}; choose from {', '.join(ALL_RULES)}")
@@ -135,9 +137,10 @@ def joint_plan(guidance: dict[str, Any], rules: list[str], steps: list[int]) -> 
         if rule != "paper":
             plan += [(f"joint-{rule}", sampler_config(guidance, rule, st)) for st in steps]
             continue
-        plan.append(("joint-paper", SamplerConfig(**PRESET)))
+        preset = {**PRESET, "steps": max(steps)} if quick else PRESET
+        plan.append(("joint-paper", SamplerConfig(**preset)))
         if {k: PRESET[k] for k in AUTHORS} != AUTHORS:
-            plan.append(("joint-paper-authors", SamplerConfig(**{**PRESET, **AUTHORS})))
+            plan.append(("joint-paper-authors", SamplerConfig(**{**preset, **AUTHORS})))
     return plan
 
 
@@ -192,7 +195,7 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
         x_model, sde, _ = model(sc.image_prior)
         n_model, _, _ = model(sc.noise_prior)
         # the main scenario shows every rule and step count; the others the default rule at the most steps
-        plan = (joint_plan(guidance, rules, steps) if sc.name == "main"
+        plan = (joint_plan(guidance, rules, steps, quick) if sc.name == "main"
                 else [(f"joint-{default_rule}", sampler_config(guidance, default_rule, max(steps)))])
         for method, cfg in plan:
             t0 = time.perf_counter()

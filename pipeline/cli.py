@@ -234,6 +234,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             if path:
                 print(f"wrote {path}", file=sys.stderr)
         return 0
+    if args.kind == "tune" and rules and "paper" in rules and rules != ["paper"]:
+        raise ConfigError("--rules: the paper preset is tuned on its own (bench tune --rules paper)")
+    if args.kind == "tune" and rules == ["paper"]:  # into the tuned table; scores to --json
+        t0 = time.perf_counter()
+        res = q.tune_paper(n_val=args.n_val or 20, log=lambda m: print(m, file=sys.stderr))
+        res["meta"] = {"command": "jointdiff " + " ".join(argv_of(args)), "seconds": time.perf_counter() - t0,
+                       "threads": torch.get_num_threads(), "machine": platform.machine()}
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        print(f"paper: best lambda_x {res['best']['lambda_x']} kappa_n {res['best']['kappa_n']} "
+              f"(recorded in pipeline/posterior/tuned.yaml)", file=sys.stderr)
+        return 0
     if args.kind == "tune":
         res = q.tune(steps or [50, 100, 200], rules or list(q.TUNE_GRIDS), n_val=args.n_val or 20,
                      log=lambda m: print(m, file=sys.stderr))

@@ -236,6 +236,19 @@ class Recipe(_Strict):
                                 description="inputs of another size or channel count: reject (default) or convert; "
                                             "size and channels always come from the priors")
 
+    @field_validator("sampler", mode="before")
+    @classmethod
+    def _preset(cls, v: Any) -> Any:
+        """``sampler.preset: NAME`` stands for the preset's settings (:data:`~pipeline.posterior.sampler.PRESETS`);
+        keys given beside it win. The recipe keeps the settings, not the name."""
+        if not isinstance(v, dict) or "preset" not in v:
+            return v
+        from pipeline.posterior.sampler import PRESETS
+
+        v = dict(v)
+        name = v.pop("preset")
+        return {**PRESETS[str(name)], **v}
+
 
 class Execution(_Strict):
     """Where and how a cleaning run runs: no part of its identity. Results do not depend on batching or on the

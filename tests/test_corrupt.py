@@ -1,17 +1,19 @@
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
-from pipeline.posterior.forward import Blend, Sum
 
-from pipeline.config import SamplerConfig
 from pipeline.data.corrupt import corrupt, write_observations
 from pipeline.data.embedded import ImageSet, load_embedded
 from pipeline.data.shards import read_images, read_table, to_float
 from pipeline.diffusion.sde import VPSDE
+from pipeline.forward import make_forward
 from pipeline.posterior.denoise import Denoiser, truth_metrics
 from pipeline.posterior.priors import GaussianPrior
+from pipeline.posterior.sampler import SamplerSettings
 
 
 def test_corrupt_pairs_reproducibly_and_keeps_the_truth(tmp_path):
@@ -69,14 +71,14 @@ def test_denoiser_returns_mean_spread_and_reference_free_figures():
     sde = VPSDE()
     xm, nm = GaussianPrior(0.0, 0.3, sde), GaussianPrior(-0.5, 0.2, sde)
     y = torch.rand(3, 1, 16, 16)
-    cfg = SamplerConfig(rule="exact-gaussian", schedule="sde", solver="euler-maruyama", steps=20, n_samples=4,
-                        data_var_x=0.3, data_var_n=0.2)
-    out = Denoiser(xm, nm, sde, Blend(sigma_y=0.1), cfg)(["a", "b", "c"], y)
+    cfg = SamplerSettings(rule="exact-gaussian", schedule="sde", solver="euler-maruyama", steps=20, n_samples=4,
+                          data_var_x=0.3, data_var_n=0.2, lambda_x=1.0, kappa_n=1.0)
+    out = Denoiser(xm, nm, sde, cfg)(["a", "b", "c"], y, make_forward("blend", 3, alpha=0.5, sigma_y=0.1))
     assert out.denoised.shape == y.shape and out.uncertainty is not None and out.uncertainty.shape == y.shape
     assert (out.spread > 0).all() and out.nfe == 20 * 4 and out.backward  # per image: steps per sample
-    alone = Denoiser(xm, nm, sde, Blend(sigma_y=0.1), cfg)(["b"], y[1:2])
+    alone = Denoiser(xm, nm, sde, cfg)(["b"], y[1:2], make_forward("blend", 1, alpha=0.5, sigma_y=0.1))
     assert torch.allclose(alone.denoised[0], out.denoised[1], atol=1e-5)
-    single = Denoiser(xm, nm, sde, Sum(), cfg.model_copy(update={"n_samples": 1}))(["a"], y[:1])
+    single = Denoiser(xm, nm, sde, dataclasses.replace(cfg, n_samples=1))(["a"], y[:1], make_forward("sum", 1))
     assert single.uncertainty is None and torch.isnan(single.spread).all()
     m = truth_metrics(out.denoised, y, y)
     assert torch.isinf(m["psnr_input"]).all() and set(m) == {"psnr", "ssim", "psnr_input", "ssim_input"}

@@ -7,7 +7,8 @@ CLI; ``diffusion/`` knows nothing of noise removal or of the application config;
 Ray or storage; ``jobs/`` knows nothing of Prefect; ``data/`` does not import ``posterior/``. The layers DESIGN.md
 leaves implicit are placed here: ``bench`` (benchmarks, reached only from the CLI), ``outputs`` (the run's report,
 summary history, PNG export, plots), ``config`` (the pydantic boundary), ``models`` (shipped priors and the
-registry) and ``base`` (bounded parsing of untrusted input, used everywhere).
+registry) and ``base`` (bounded parsing of untrusted input; the registries and dataclass-declared settings of
+:mod:`pipeline.settings`; used everywhere).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ LAYER_OF = {
     "pipeline.metrics": "metrics",
     "pipeline.data": "data",
     "pipeline.untrusted": "base",
+    "pipeline.settings": "base",
     "pipeline": "base",
 }
 

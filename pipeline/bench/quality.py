@@ -12,7 +12,9 @@ digits):
 
 Methods: ``observation``, ``nlm``, ``tv``, ``bm3d`` (when the package imports), ``gaussian`` (the
 joint sampler with the noise prior replaced by a Gaussian fitted to the noise training images) and
-``joint-<rule>`` for each guidance rule and step count (Euler-Maruyama). Classical parameters are tuned per
+``joint-<rule>`` for each guidance rule and step count (Euler-Maruyama), and ``joint-paper`` /
+``joint-paper-authors`` for the ``paper`` preset (:mod:`pipeline.posterior.paper`) at its own 600 steps with
+its re-tuned and with the authors' weights. Classical parameters are tuned per
 scenario on the validation split (small grids in :mod:`pipeline.posterior.baselines`); guidance weights and
 schedules come from the tuned table the product uses (``pipeline/posterior/tuned.yaml``), written by
 ``bench tune`` from the validation split of the main scenario. The test split is never used for tuning.
@@ -40,8 +42,9 @@ from pipeline.posterior import tuned
 from pipeline.posterior.baselines import BASELINES, GRIDS, bm3d_available
 from pipeline.posterior.denoise import Denoiser
 from pipeline.posterior.guidance import RULES
+from pipeline.posterior.paper import AUTHORS
 from pipeline.posterior.priors import GaussianPrior
-from pipeline.posterior.sampler import SamplerSettings
+from pipeline.posterior.sampler import PRESETS, SamplerSettings
 from pipeline.priors import resolve_model
 from pipeline.viz import save_grid
 
@@ -83,6 +86,26 @@ def sampler_settings(table: dict[str, Any], rule: str, steps: int, log: Any = pr
     if note:
         log(note)
     return settings
+
+
+def joint_plan(table: dict[str, Any], rules: list[str], steps: list[int], quick: bool = False,
+               log: Any = print) -> list[tuple[str, SamplerSettings]]:
+    """``(method, settings)`` per joint row of the main scenario: each rule at each step count (Euler-Maruyama);
+    a rule that is a preset's (``paper``) at the preset's own settings (``quick``: at the most of ``steps``), with
+    its tuned weights, and again with the authors' weights (``joint-paper-authors``)."""
+    plan: list[tuple[str, SamplerSettings]] = []
+    for rule in rules:
+        if rule not in PRESETS:
+            plan += [(f"joint-{rule}", sampler_settings(table, rule, st, log)) for st in steps]
+            continue
+        preset = SamplerSettings(**{**PRESETS[rule], **({"steps": max(steps)} if quick else {})})
+        settings, note = tuned.resolve_weights(preset, *tuned.BENCH_SETTING, table=table)
+        if note:
+            log(note)
+        plan.append((f"joint-{rule}", settings))
+        if rule == "paper":
+            plan.append(("joint-paper-authors", dataclasses.replace(settings, **AUTHORS)))
+    return plan
 
 
 def _summary(values: list[float]) -> tuple[float, float, float]:
@@ -164,16 +187,16 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
         x_model, sde, _ = model(sc.image_prior)
         n_model, _, _ = model(sc.noise_prior)
         # the main scenario shows every rule and step count; the others the default rule at the most steps
-        plan = [(r, s) for r in rules for s in steps] if sc.name == "main" else [(default_rule, max(steps))]
-        for rule, st in plan:
-            cfg = sampler_settings(table, rule, st, log)
+        plan = (joint_plan(table, rules, steps, quick, log) if sc.name == "main"
+                else [(f"joint-{default_rule}", sampler_settings(table, default_rule, max(steps), log))])
+        for method, cfg in plan:
             t0 = time.perf_counter()
             x_hat, n_hat = run_joint(x_model, n_model, sde, obs, cfg)
             sec = (time.perf_counter() - t0) / len(obs.ids)
-            if (rule, st) == (default_rule, max(steps)):
+            if (cfg.rule, cfg.steps) == (default_rule, max(steps)):
                 shown["joint"], shown["noise estimate"] = x_hat, n_hat
-            rows.append({**base, "method": f"joint-{rule}", "rule": rule, "solver": "euler-maruyama", "steps": st,
-                         "nfe": cfg.nfe, "backward": RULES[rule].backward, "param": None,
+            rows.append({**base, "method": method, "rule": cfg.rule, "solver": cfg.solver, "steps": cfg.steps,
+                         "nfe": cfg.nfe, "backward": RULES[cfg.rule].backward, "param": None,
                          "lambda_x": cfg.lambda_x, "kappa_n": cfg.kappa_n, **score(x_hat, clean),
                          "seconds_per_image": sec})
             log(_fmt(rows[-1]))
@@ -291,3 +314,45 @@ def tune(steps: list[int], rules: list[str], n_val: int = 20, out: Path = tuned.
     tuned.record(entries, out, tuned_on=result["tuned_on"], default_rule=result["default_rule"],
                  scores=result["scores"])
     return result
+
+
+# `bench tune --rules paper`: lambda_x over this grid at the authors' ratio kappa / lambda = 0.88 / 0.93, then
+# the ratio over PAPER_RATIOS at the best lambda_x. Their pull per step is lambda / 2 times J^T 1 times the
+# residual (pipeline.posterior.paper), so lambda near 8 (blend at alpha 0.5) would overshoot the observation.
+PAPER_LAMBDAS = [0.3, AUTHORS["lambda_x"], 2.0, 4.0]
+PAPER_RATIOS = [0.5, 1.5]
+
+
+def tune_paper(n_val: int = 20, log: Any = print, out: Path = tuned.TABLE) -> dict[str, Any]:
+    """Re-tune the ``paper`` preset's ``lambda_x`` / ``kappa_n`` for our priors on the main scenario's
+    validation split (the same observations as :func:`tune`), at the preset's steps; mean validation PSNR
+    (and SSIM, reported) decides, a diverging setting scores minus infinity. The winner goes into the tuned
+    table (``out``), which the product reads; returns the scores and the winner."""
+    sc = SCENARIOS[0]
+    val = observations(sc, "val", n_val, seed=100)
+    clean = torch.from_numpy(val.clean)
+    x_model, sde, _ = load_model(resolve_model(sc.image_prior))
+    n_model, _, _ = load_model(resolve_model(sc.noise_prior))
+    preset = SamplerSettings(**PRESETS["paper"])
+    scores: list[dict[str, Any]] = []
+
+    def evaluate(lam: float, kap: float) -> float:
+        settings = dataclasses.replace(preset, lambda_x=lam, kappa_n=kap)
+        t0 = time.perf_counter()
+        x_hat, _ = run_joint(x_model, n_model, sde, val, settings)
+        p, s = metrics.psnr(x_hat, clean).mean().item(), metrics.ssim(x_hat, clean).mean().item()
+        p = p if math.isfinite(p) else float("-inf")
+        scores.append({"lambda_x": lam, "kappa_n": kap, "psnr_mean": p, "ssim_mean": s,
+                       "seconds": time.perf_counter() - t0})
+        log(f"tune paper steps {preset.steps} lambda_x {lam:6.3g} kappa_n {kap:6.3g}: val PSNR {p:6.2f} SSIM {s:.3f}")
+        return p
+
+    ratio = AUTHORS["kappa_n"] / AUTHORS["lambda_x"]
+    first = {lam: evaluate(lam, round(lam * ratio, 3)) for lam in PAPER_LAMBDAS}
+    lam = max(first, key=first.get)
+    ratios = {ratio: first[lam], **{r: evaluate(lam, round(lam * r, 3)) for r in PAPER_RATIOS}}
+    best = {"lambda_x": lam, "kappa_n": round(lam * max(ratios, key=ratios.get), 3)}
+    tuned.record([tuned.entry(dataclasses.replace(preset, **best), *tuned.BENCH_SETTING)], out)
+    return {"tuned_on": f"{sc.clean}/val under {sc.noise}/val, alpha {sc.alpha}, {n_val} observations, seed 100",
+            "steps": preset.steps, "scores": scores, "best": best}
+

@@ -51,6 +51,8 @@ from pipeline.settings import Registry, check_fields
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 Solver = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 SOLVERS: Registry[Solver] = Registry("solver")
+PRESETS: Registry[dict[str, Any]] = Registry("sampler preset")
+"""Named sets of settings (``--set sampler.preset=NAME``; keys given beside it win), e.g. ``paper``."""
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,10 @@ def solve(d: GuidedDenoiser, noise: Noise, callback: Callback | None = None) -> 
     x = noise.randn(shape)
     n = noise.randn(shape)
     ts = d.sde.timesteps(s.steps - 1, device=d.y.device, power=s.time_power)
-    x, n = SOLVERS[s.solver](d, x, n, ts, noise, callback)
+    solver = SOLVERS[s.solver]
+    if getattr(solver, "finishes", False):  # a solver that ends on its own result (the paper preset's)
+        return solver(d, x, n, ts, noise, callback)
+    x, n = solver(d, x, n, ts, noise, callback)
     # the last evaluation, at t = eps; its guidance weight uses the length of the step before it
     t = ts[-1].expand(shape[0])
     dt = ts[-2] - ts[-1] if len(ts) > 1 else ts[-1] - d.sde.eps

@@ -10,8 +10,9 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from pipeline.bench import nfe
+from pipeline.bench.speed import default_rules
 from pipeline.cli import main
-from pipeline.posterior.sampler import RULES, SamplerConfig
+from pipeline.posterior.sampler import SamplerSettings
 
 
 def test_bench_speed_quick_reports_every_figure_consistently(ray_local, tmp_path, capsys):
@@ -21,14 +22,15 @@ def test_bench_speed_quick_reports_every_figure_consistently(ray_local, tmp_path
     doc = json.loads(out.read_text())
     for key in ("overhead_ratio", "images_per_s", "ray_vs_single_ratio", "peak_memory_mb"):
         assert key in doc, key
-    assert set(doc["overhead"]) == set(RULES)
+    assert set(doc["overhead"]) == set(default_rules())
     for f in doc["overhead"].values():
         assert f["floor_s"] > 0 and f["sampler_s"] > 0 and f["ratio"] == pytest.approx(f["sampler_s"] / f["floor_s"])
         assert f["batch"] == 8 and len(f["floor_runs"]) == len(f["sampler_runs"]) == 1
     assert doc["overhead_ratio"] == doc["overhead"]["dps"]["ratio"]
-    default_nfe = SamplerConfig().nfe
+    default_nfe = SamplerSettings().nfe
     assert doc["meta"]["nfe_default"] == default_nfe
-    assert set(doc["images_per_s"]["by_batch"]) == {"1", "8"} and set(doc["images_per_s"]["by_rule"]) == set(RULES)
+    assert set(doc["images_per_s"]["by_batch"]) == {"1", "8"}
+    assert set(doc["images_per_s"]["by_rule"]) == set(default_rules())
     for row in doc["throughput_rows"]:
         assert row["images_per_s"] == pytest.approx(row["batch"] / row["seconds"])
         # the per-image cost at the default NFE is the timed steps' cost scaled to the default step count

@@ -17,6 +17,7 @@ from pipeline.config import PriorConfig, load_config
 from pipeline.data.shards import write_image_shards
 from pipeline.diffusion.checkpoint import load_model
 from pipeline.diffusion.train import Trainer
+from pipeline.training import train_settings
 from tests.test_cli import ROOT
 
 RECIPE = str(ROOT / "configs" / "celeba_mnist.yaml")
@@ -35,7 +36,7 @@ def jointdiff(capsys, *args: str) -> str:
 def test_noise_prior_draws_each_digit_into_one_random_channel():
     cfg = load_config(PriorConfig, RECIPE, ["train.batch_size=64", "train.device=cpu"], section="noise_prior")
     assert cfg.unet.channels == 3 and cfg.data.grey_to_rgb == "random"
-    trainer = Trainer(cfg)
+    trainer = Trainer(train_settings(cfg))
     grey = torch.rand(10, 1, 64, 64) * 2 - 1  # never exactly -1
     batch = trainer.draw_batch(grey)
     assert batch.shape == (64, 3, 64, 64)

@@ -181,7 +181,7 @@ def test_bench_quality_quick_writes_every_row_key(tmp_path):
                      "--steps", "2", "--json", str(out), "--figure", str(tmp_path / "q.png"), timeout=600)
     rows = json.loads(out.read_text())["rows"]
     methods = {r["method"] for r in rows}
-    assert {"observation", "nlm", "tv", "gaussian", "joint-dps", "joint-tweedie", "joint-projection"} <= methods
+    assert {"observation", "nlm", "tv", "gaussian", "joint-dps", "joint-projection", "joint-paper"} <= methods
     keys = {"method", "rule", "solver", "clean", "noise", "alpha", "steps", "nfe", "backward", "n_images",
             "psnr_mean", "psnr_std", "psnr_median", "ssim_mean", "ssim_std", "ssim_median", "seconds_per_image"}
     for r in rows:

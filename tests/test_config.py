@@ -39,7 +39,7 @@ def test_unknown_and_bad_keys_name_the_key_and_file(tmp_path):
         load_config(PriorConfig, "configs/prior_faces.yaml", ["train.steps"])
 
 
-def test_the_product_samples_with_the_tuned_weights_and_says_when_there_are_none(capsys):
+def test_the_product_samples_with_the_tuned_weights_and_says_when_there_are_none():
     """The defaults (and configs/denoise.yaml) are the rule, solver and step count chosen on the validation split;
     their weights come from the table shipped in the package, resolved once on the driver and recorded in the
     run's recipe. A step count that was never tuned runs with the rule's defaults and one line says so, with the
@@ -61,17 +61,18 @@ def test_the_product_samples_with_the_tuned_weights_and_says_when_there_are_none
         assert cfg.sampler.lambda_x is None and cfg.sampler.kappa_n is None  # from the table, not typed twice
         s = resolve(cfg.recipe).recipe.sampler
         assert (s.lambda_x, s.kappa_n) == (entry["lambda_x"], entry["kappa_n"])
-    assert capsys.readouterr().err == ""
+        assert resolve(cfg.recipe).note is None
     # 100 steps of DDIM were tuned too: weights differ from the 50-step ones (--set sampler.steps=100 follows)
-    s100 = resolve(load_config(CleanConfig, None, ["sampler.steps=100"]).recipe).recipe.sampler
-    assert capsys.readouterr().err == "" and (s100.lambda_x, s100.kappa_n) != (entry["lambda_x"], entry["kappa_n"])
-    s37 = resolve(load_config(CleanConfig, None, ["sampler.steps=37"]).recipe).recipe.sampler
-    note = capsys.readouterr().err.strip()
-    assert (s37.lambda_x, s37.kappa_n) == RULES["dps"].weights
-    assert len(note.splitlines()) == 1 and "no tuned weights" in note and "jointdiff bench nfe" in note
+    p100 = resolve(load_config(CleanConfig, None, ["sampler.steps=100"]).recipe)
+    assert p100.note is None
+    assert (p100.recipe.sampler.lambda_x, p100.recipe.sampler.kappa_n) != (entry["lambda_x"], entry["kappa_n"])
+    p37 = resolve(load_config(CleanConfig, None, ["sampler.steps=37"]).recipe)
+    assert (p37.recipe.sampler.lambda_x, p37.recipe.sampler.kappa_n) == RULES["dps"].weights
+    assert len(p37.note.splitlines()) == 1 and "no tuned weights" in p37.note
+    assert "jointdiff bench nfe" in p37.note
     given = resolve(load_config(CleanConfig, None, ["sampler.steps=37", "sampler.lambda_x=3",
-                                                    "sampler.kappa_n=4"]).recipe).recipe.sampler
-    assert (given.lambda_x, given.kappa_n) == (3.0, 4.0) and capsys.readouterr().err == ""
+                                                    "sampler.kappa_n=4"]).recipe)
+    assert (given.recipe.sampler.lambda_x, given.recipe.sampler.kappa_n) == (3.0, 4.0) and given.note is None
 
 
 def test_one_identity_from_the_recipe_alone():

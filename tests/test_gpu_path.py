@@ -3,6 +3,7 @@ standalone ``pipeline/bench/gpu.py`` running with nothing but torch importable."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,14 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline.posterior.forward import Blend
 
 from pipeline.config import CleanConfig, ConfigError, load_config
 from pipeline.diffusion.nets import NetConfig, UNet
 from pipeline.diffusion.sde import VPSDE
+from pipeline.forward import make_forward
 from pipeline.posterior import core
 from pipeline.posterior.core import Runtime, auto_batch_size, batch_from_memory
-from pipeline.posterior.sampler import RULES, SamplerConfig, guidance, joint_sample
+from pipeline.posterior.guidance import RULES, GuidedDenoiser
+from pipeline.posterior.sampler import SamplerSettings, joint_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 SDE = VPSDE()
@@ -66,6 +68,19 @@ def setting():
     return y, cfg, ref
 
 
+def Blend(rows: int = 4):  # noqa: N802 (reads as the forward model it builds)
+    return make_forward("blend", rows, alpha=0.5)
+
+
+def SamplerConfig(**settings):  # noqa: N802 (the sampler's settings, with the default rule's default weights)
+    return SamplerSettings(**{"lambda_x": 20.0, "kappa_n": 20.0, **settings})
+
+
+def guidance(rule, xm, nm, sde, forward, y, x, n, t, cfg):
+    g = rule.fn(GuidedDenoiser(xm, nm, sde, forward, y, cfg), x, n, t)
+    return g.eps_x, g.eps_n, g.grad_x, g.grad_n, g.residual
+
+
 def _rms(a: torch.Tensor) -> float:
     return float(a.pow(2).mean().sqrt())
 
@@ -84,7 +99,7 @@ def test_bf16_autocast_stays_close_to_fp32_and_keeps_the_state_in_fp32(setting):
     # broken paths miss by far more: the state kept in bf16 between steps, or the guidance skipped
     bad = joint_sample(Prior(0), Prior(1), BF16State(), y, Blend(), cfg, seeds=range(4), runtime=Runtime("bf16"))
     assert _rms(bad.x - ref.x) > 1e-3 and (bad.x - ref.x).abs().max() > 3e-3
-    unguided = cfg.model_copy(update={"lambda_x": 0.0, "kappa_n": 0.0})
+    unguided = dataclasses.replace(cfg, lambda_x=0.0, kappa_n=0.0)
     bad = joint_sample(Prior(0), Prior(1), SDE, y, Blend(), unguided, seeds=range(4), runtime=Runtime("bf16"))
     assert _rms(bad.x - ref.x) > 0.05
 

@@ -260,8 +260,9 @@ def write_json(rows: list[dict[str, Any]], path: str, meta: dict[str, Any]) -> N
 TUNE_GRIDS: dict[str, tuple[str, list[float]]] = {
     "dps": ("constant", [4.0, 7.0, 10.0, 14.0]),
     "projection": ("constant", [1.0, 2.0, 4.0, 8.0]),
-    "tweedie": ("pigdm", [0.1, 0.3, 1.0, 3.0]),
 }
+"""Per rule: the schedule and the ``lambda_x`` grid at 200 steps; a rule not listed (a new one) is searched with
+the constant schedule over 1/4 to 2 times its registered default weight."""
 TUNE_START_RATIO = 0.5  # kappa_n / lambda_x while lambda_x is searched: the digits prior needs less pull
 TUNE_RATIOS = [0.25, 1.0]
 
@@ -285,7 +286,8 @@ def tune(steps: list[int], rules: list[str], n_val: int = 20, out: Path = tuned.
     entries = []
     best_at_max: dict[str, float] = {}
     for rule in rules:
-        schedule, grid = TUNE_GRIDS[rule]
+        default = RULES[rule].weights[0]
+        schedule, grid = TUNE_GRIDS.get(rule) or ("constant", [default * f for f in (0.25, 0.5, 1.0, 2.0)])
         result["rules"][rule] = {}
         for st in steps:
             # fewer steps need a larger pull per step: the grid is given for 200 steps and scaled

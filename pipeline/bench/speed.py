@@ -74,6 +74,13 @@ def compute_floor(x_model: torch.nn.Module, n_model: torch.nn.Module, sde: Any, 
     return time.perf_counter() - t0
 
 
+def default_rules() -> list[str]:
+    """The registered guidance rules that run with the sampler's own solvers (not a preset's, like ``paper``)."""
+    from pipeline.posterior.sampler import PRESETS
+
+    return [r for r in RULES.names() if r not in {p["rule"] for p in (PRESETS[n] for n in PRESETS)}]
+
+
 def settings_for(rule: str, steps: int) -> SamplerSettings:
     """The sampler the product would run for ``rule`` at ``steps`` on the main scenario (tuned weights)."""
     return resolve_weights(SamplerSettings(rule=rule, steps=steps), *BENCH_SETTING)[0]
@@ -209,7 +216,7 @@ def speed(quick: bool = False, steps: int | None = None, batches: tuple[int, ...
     torch.set_num_threads(threads)
     steps = steps or (3 if quick else 20)
     batches = batches or ((1, 8) if quick else BATCHES)
-    rules = rules or RULES.names()
+    rules = rules or default_rules()
     repeats = repeats or (1 if quick else 3)
     per_image_steps = SamplerSettings().steps
     x_model, sde, _ = load_model(resolve_model(image_prior), device=dev)

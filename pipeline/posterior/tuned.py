@@ -23,6 +23,7 @@ import yaml
 
 from pipeline.posterior.guidance import RULES
 from pipeline.posterior.sampler import SamplerSettings
+from pipeline.untrusted import load_yaml, read_yaml
 
 TABLE = Path(__file__).with_name("tuned.yaml")
 KEY = ("image_prior", "noise_prior", "forward", "rule", "solver", "steps")
@@ -33,7 +34,7 @@ NFE_CURVES = {"euler-maruyama": "em", "ddim": "ddim"}  # bench nfe's name for a 
 
 
 def load_table(path: Path = TABLE) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text()) or {}
+    return read_yaml(path) or {}
 
 
 def _key(image_prior: str, noise_prior: str, forward: str, settings: SamplerSettings) -> dict[str, Any]:
@@ -100,7 +101,7 @@ def record(entries: list[dict[str, Any]], path: Path = TABLE, **fields: Any) -> 
     top-level keys (``scores`` is merged). The header comment is kept."""
     text = path.read_text()
     header = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
-    doc = yaml.safe_load(text) or {}
+    doc = load_yaml(text, str(path)) or {}
     new = {tuple(e[k] for k in KEY) + (repr(sorted(e["with"].items())),) for e in entries}
     kept = [e for e in doc.get("entries") or []
             if tuple(e.get(k) for k in KEY) + (repr(sorted((e.get("with") or {}).items())),) not in new]

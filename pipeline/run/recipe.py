@@ -10,7 +10,6 @@ outputs record the weights the sampler ran with.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,6 +26,7 @@ class PinnedRecipe:
     recipe: Recipe
     image: PinnedModel
     noise: PinnedModel
+    note: str | None = None  # one line when the sampler's weights were not tuned for this combination
 
     def key(self) -> dict[str, Any]:
         """Everything that decides the pixels, as plain JSON: the whole recipe, each prior as its pinned URI and
@@ -41,15 +41,14 @@ class PinnedRecipe:
         return f"{self.image.ref}+{self.noise.ref}"
 
 
-def resolve(recipe: Recipe, quiet: bool = False) -> PinnedRecipe:
+def resolve(recipe: Recipe) -> PinnedRecipe:
     """Pin the recipe's models and resolve the sampler's weights (on the driver, once per run; both models
     must have passed :func:`pipeline.run.models.check_models`). The tuned table is keyed by the priors as the
-    recipe names them (``faces``, ``digits``); ``quiet`` keeps the untuned-weights note off standard error."""
+    recipe names them (``faces``, ``digits``); ``note`` says when it has no entry (the run prints it once it
+    has work to do: :meth:`pipeline.run.Run.plan`)."""
     image, noise = pin(recipe.priors.image), pin(recipe.priors.noise)
     settings, note = resolve_weights(recipe.sampler.settings(), recipe.priors.image, recipe.priors.noise,
                                      recipe.forward.name)
-    if note and not quiet:
-        print(note, file=sys.stderr)
     pinned = recipe.model_copy(update={"priors": Priors(image=image.uri, noise=noise.uri),
                                        "sampler": SamplerConfig.model_validate(asdict(settings))})
-    return PinnedRecipe(pinned, image, noise)
+    return PinnedRecipe(pinned, image, noise, note)

@@ -94,12 +94,17 @@ class Run:
 
     def plan(self) -> Run:
         """Plan (or re-plan) the run: :func:`pipeline.run.plan.plan_shards`, then
-        :func:`pipeline.run.plan.check_inputs`. Returns the run."""
+        :func:`pipeline.run.plan.check_inputs`; then, when there is work and the sampler's weights were not
+        tuned for this combination, one line on standard error saying so. Returns the run."""
+        import sys
+
         from pipeline.run.plan import check_inputs, plan_shards
 
         p = plan_shards(self.input_uri, self.run_uri)
         self.shards, self.duplicates, self.rows = p.shards, p.duplicates, p.rows
         check_inputs(self)
+        if self.pinned.note and self.pending:
+            print(self.pinned.note, file=sys.stderr)
         return self
 
     def done_now(self) -> set[str]:

@@ -94,7 +94,8 @@ class PriorConfig(_Strict):
 
 
 class ForwardConfig(_Strict):
-    name: str = Field("blend", description="blend or sum")
+    name: Literal["blend", "sum"] = Field("blend", description="blend or sum (pipeline/forward.py also has the "
+                                                              "overlay y = x + a n, not yet cleaned by a run)")
     alpha: float | None = Field(None, gt=0, lt=1, description="blend weight; default: each row's alpha column")
     sigma_y: float = Field(0.0, ge=0, description="Gaussian read-out noise std, [0, 1] units")
 
@@ -105,14 +106,6 @@ class _SamplerConfigMethods:
     @property
     def nfe(self) -> int:
         return self.steps  # type: ignore[attr-defined]
-
-    def identity(self) -> dict[str, Any]:
-        """The settings that decide the results (for run ids). ``clip_denoised`` (added after ``eta``) only
-        with DDIM, so an Euler-Maruyama run keeps the id it had before that setting existed."""
-        d = self.model_dump()  # type: ignore[attr-defined]
-        if self.solver != "ddim":  # type: ignore[attr-defined]
-            d.pop("clip_denoised")
-        return d
 
 
 SamplerConfig = pydantic_model(SamplerSettings, "SamplerConfig", __name__, methods=_SamplerConfigMethods, doc=(

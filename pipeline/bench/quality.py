@@ -82,7 +82,13 @@ def sampler_settings(table: dict[str, Any], rule: str, steps: int, log: Any = pr
         e.get(k) == v for k, v in zip(tuned.KEY, (*tuned.BENCH_SETTING, rule, base.solver, steps)))), None)
     if found is not None:
         return dataclasses.replace(base, **found["with"], lambda_x=found["lambda_x"], kappa_n=found["kappa_n"])
-    settings, note = tuned.resolve_weights(base, *tuned.BENCH_SETTING, table=table)
+    return _with_weights(base, table, log)
+
+
+def _with_weights(settings: SamplerSettings, table: dict[str, Any], log: Any) -> SamplerSettings:
+    """``settings`` with the main scenario's tuned weights (:func:`pipeline.posterior.tuned.resolve_weights`),
+    logging its note when there are none."""
+    settings, note = tuned.resolve_weights(settings, *tuned.BENCH_SETTING, table=table)
     if note:
         log(note)
     return settings
@@ -99,9 +105,7 @@ def joint_plan(table: dict[str, Any], rules: list[str], steps: list[int], quick:
             plan += [(f"joint-{rule}", sampler_settings(table, rule, st, log)) for st in steps]
             continue
         preset = SamplerSettings(**{**PRESETS[rule], **({"steps": max(steps)} if quick else {})})
-        settings, note = tuned.resolve_weights(preset, *tuned.BENCH_SETTING, table=table)
-        if note:
-            log(note)
+        settings = _with_weights(preset, table, log)
         plan.append((f"joint-{rule}", settings))
         if rule == "paper":
             plan.append(("joint-paper-authors", dataclasses.replace(settings, **AUTHORS)))

@@ -61,6 +61,7 @@ from collections.abc import Callable
 
 import torch
 
+from pipeline.diffusion.sampling import score_fn
 from pipeline.diffusion.sde import VPSDE, _bcast
 from pipeline.posterior.guidance import Guidance, GuidedDenoiser, Net, register_rule
 from pipeline.posterior.sampler import PRESETS, SOLVERS, Noise
@@ -79,7 +80,7 @@ def paper_rule(d: GuidedDenoiser, x: torch.Tensor, n: torch.Tensor, t: torch.Ten
 
 def predictor_mean(model: Net, sde: VPSDE, x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
     """The reverse Euler-Maruyama step's mean from ``t`` to ``t - dt``, score ``-e_theta(x, t) / s_t``."""
-    return sde.reverse_step(x, t, dt, -model(x, t) / _bcast(sde.sigma(t), x), None)
+    return sde.reverse_step(x, t, dt, score_fn(model, sde)(x, t), None)
 
 
 @SOLVERS.register("paper")

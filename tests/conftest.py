@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 
 import pytest
@@ -31,6 +32,20 @@ def tiny_config(output: str, **train) -> PriorConfig:
                   "checkpoint_every": 3, "seed": 0, **train},
         "output": output,
     })
+
+
+def cli(capsys, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``jointdiff ARGS`` run by the CLI's ``main`` in this process (the same parsing, messages and exit codes as
+    the command, without a new interpreter that imports torch again): its exit code and what it printed.
+    tests/test_cli.py runs the command itself as a subprocess."""
+    from pipeline.cli import main
+
+    capsys.readouterr()  # only what this command prints
+    rc = main(list(args))
+    out = capsys.readouterr()
+    if check and rc != 0:
+        raise AssertionError(f"jointdiff {' '.join(args)} failed ({rc}):\n{out.err}")
+    return subprocess.CompletedProcess(["jointdiff", *args], rc, out.out, out.err)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,8 @@
 """What a user meets when a run cannot clean their rows (docs/errors.md): the checks before any work,
-the verdict on a run that rejected too many rows (exit 4), and ingested photos as training data."""
+the verdict on a run that rejected too many rows (exit 4), and ingested photos as training data.
+
+The commands run by the CLI's ``main`` in this process (tests/conftest.py ``cli``): the same exit codes and
+messages; tests/test_cli.py runs the command as a subprocess."""
 
 from __future__ import annotations
 
@@ -18,8 +21,9 @@ from pipeline.config import CleanConfig, ConfigError
 from pipeline.data.validate import ERRORS_SCHEMA, error_row
 from pipeline.run.local import run_local
 from pipeline.summary import read_summaries
+from tests.conftest import cli
 from tests.test_clean_job import _cfg, _edit_shard, _observations
-from tests.test_cli import _tiny_yaml, jointdiff
+from tests.test_cli import _tiny_yaml
 
 PHOTOS = {"chelsea.png": "chelsea", "coffee.jpg": "coffee", "colorwheel.png": "colorwheel", "rocket.jpg": "rocket"}
 
@@ -43,16 +47,18 @@ def _png(h: int, w: int) -> dict:
 @pytest.fixture(scope="module")
 def ingested(tmp_path_factory) -> Path:
     """The photos as `jointdiff ingest` writes them, once for the module (tests only read them)."""
+    from pipeline.cli import main
+
     root = tmp_path_factory.mktemp("ingested")
-    jointdiff("ingest", str(_photos(root / "photos")), str(root / "obs"), "--quiet")
+    assert main(["ingest", str(_photos(root / "photos")), str(root / "obs"), "--quiet"]) == 0
     return root / "obs"
 
 
-def test_ingested_photos_stop_before_any_work_with_the_sets_that_fix_them(ingested, tiny_priors, tmp_path):
+def test_ingested_photos_stop_before_any_work_with_the_sets_that_fix_them(ingested, tiny_priors, tmp_path, capsys):
     obs = ingested
     out = tmp_path / "out"
     priors = ["--set", f"priors.image={tiny_priors[0]}", "--set", f"priors.noise={tiny_priors[1]}"]
-    proc = jointdiff("clean", str(obs), str(out), *priors, "--quiet", check=False)
+    proc = cli(capsys, "clean", str(obs), str(out), *priors, "--quiet", check=False)
     assert proc.returncode == 2, proc.stderr
     line = proc.stderr.strip()
     assert "\n" not in line and "Traceback" not in line
@@ -60,7 +66,7 @@ def test_ingested_photos_stop_before_any_work_with_the_sets_that_fix_them(ingest
     assert "no 'alpha' column" in line and "pixels, and policy.resize is 'error'" in line
     assert not out.exists()  # stopped before the work: no run folder, no summary row
     # one fix given: the line names the other alone
-    proc = jointdiff("clean", str(obs), str(out), *priors, "--set", "policy.resize=resize", "--quiet", check=False)
+    proc = cli(capsys, "clean", str(obs), str(out), *priors, "--set", "policy.resize=resize", "--quiet", check=False)
     assert proc.returncode == 2 and proc.stderr.strip().endswith("Add --set forward.alpha=0.5"), proc.stderr
     # the Ray job (and so `jointdiff clean` and `submit clean`) stops the same way, before Ray starts
     from pipeline.jobs.clean import run_clean
@@ -69,7 +75,7 @@ def test_ingested_photos_stop_before_any_work_with_the_sets_that_fix_them(ingest
     with pytest.raises(ConfigError, match=r"Add --set forward\.alpha=0\.5$"):
         run_clean(str(obs), str(out), cfg, progress=False)
     # with both, every photo is cleaned
-    proc = jointdiff("clean", str(obs), str(out), *priors, "--set", "policy.resize=resize", "--set",
+    proc = cli(capsys, "clean", str(obs), str(out), *priors, "--set", "policy.resize=resize", "--set",
                      "forward.alpha=0.5", "--set", "sampler.steps=2", "--quiet")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (summary["inputs"], summary["cleaned"], summary["errors"]) == (len(PHOTOS), len(PHOTOS), 0)
@@ -96,11 +102,11 @@ def _mostly_bad(uri: str) -> None:
     _edit_shard(uri, "shard-00000.parquet", spoil)
 
 
-def test_a_run_that_rejects_most_rows_is_recorded_then_exits_4_with_the_reasons_grouped(tiny_priors, tmp_path):
+def test_a_run_that_rejects_most_rows_is_recorded_then_exits_4_with_the_reasons_grouped(tiny_priors, tmp_path, capsys):
     _mostly_bad(str(tmp_path / "obs"))
     args = ["clean", str(tmp_path / "obs"), str(tmp_path / "out"), "--set", f"priors.image={tiny_priors[0]}",
             "--set", f"priors.noise={tiny_priors[1]}", "--set", "sampler.steps=2", "--run-id", "r", "--quiet"]
-    proc = jointdiff(*args, check=False)
+    proc = cli(capsys, *args, check=False)
     assert proc.returncode == 4, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "run r: 2 cleaned, 6 rejected of 8 input rows" in proc.stderr  # the summary, as on success
@@ -119,7 +125,7 @@ def test_a_run_that_rejects_most_rows_is_recorded_then_exits_4_with_the_reasons_
     assert json.loads(proc.stdout.strip().splitlines()[-1])["errors"] == 6
     assert [(r["cleaned"], r["errors"]) for r in read_summaries(str(tmp_path / "out")).to_pylist()] == [(2, 6)]
     # the verdict is about the whole run: the same run, judged with a looser limit, passes
-    proc = jointdiff(*args, "--set", "max_rejected_fraction=0.8", check=False)
+    proc = cli(capsys, *args, "--set", "max_rejected_fraction=0.8", check=False)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -172,17 +178,17 @@ def test_the_ray_job_and_the_flow_fail_such_runs_after_recording_them(prefect_ha
         clean_dataset(str(tmp_path / "obs"), str(tmp_path / "out2"), config=str(config), progress=False)
 
 
-def test_an_ingested_folder_trains_a_prior_and_becomes_a_test_set_with_truth(ingested, tmp_path):
+def test_an_ingested_folder_trains_a_prior_and_becomes_a_test_set_with_truth(ingested, tmp_path, capsys):
     from pipeline.data.datasets import load_images
     from pipeline.data.shards import decode_image, to_float
 
     obs = ingested
     cfg = _tiny_yaml(tmp_path, steps=2, every=2)
-    jointdiff("train", "--config", str(cfg), "--quiet", "--set", f"data.source={obs}")
+    cli(capsys, "train", "--config", str(cfg), "--quiet", "--set", f"data.source={obs}")
     meta = json.loads((tmp_path / "run" / "model" / "config.json").read_text())["meta"]
     assert meta["dataset"] == str(obs) and meta["n_train_images"] == len(PHOTOS) and meta["steps"] == 2
 
-    jointdiff("corrupt", str(obs), "digits", str(tmp_path / "test"), "--size", "16")
+    cli(capsys, "corrupt", str(obs), "digits", str(tmp_path / "test"), "--size", "16")
     test = pq.read_table(tmp_path / "test").to_pylist()
     truth = load_images(str(obs), size=16, channels=1)
     assert sorted(r["id"].split("+")[0] for r in test) == sorted(truth.ids)  # one per photo, truth kept
@@ -191,12 +197,12 @@ def test_an_ingested_folder_trains_a_prior_and_becomes_a_test_set_with_truth(ing
         assert np.abs(clean - truth.images[truth.ids.index(r["id"].split("+")[0])]).max() <= 1 / 255 + 1e-6
 
     # a test set has both corrupted images and their truth: which to train on must be said
-    proc = jointdiff("train", "--config", str(cfg), "--quiet", "--set", f"data.source={tmp_path / 'test'}",
+    proc = cli(capsys, "train", "--config", str(cfg), "--quiet", "--set", f"data.source={tmp_path / 'test'}",
                      check=False)
     last = proc.stderr.strip().splitlines()[-1]  # after the "training prior ..." line
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and last.startswith("jointdiff: "), proc.stderr
     assert "have 'observation' and 'clean'" in last
     assert "choose one with --set data.column=clean or --set data.column=observation" in proc.stderr
-    proc = jointdiff("train", "--config", str(cfg), "--quiet", "--set", f"data.source={tmp_path / 'test'}",
+    proc = cli(capsys, "train", "--config", str(cfg), "--quiet", "--set", f"data.source={tmp_path / 'test'}",
                      "--set", "data.column=image", check=False)
     assert proc.returncode == 2 and "no column 'image' (the shards have id, observation, clean" in proc.stderr

@@ -131,3 +131,19 @@ def test_decodes_png_variants_written_by_other_tools():
     np.save(buf, np.zeros((2, 2, 1), np.int64))
     with pytest.raises(ValueError, match="dtype int64"):
         decode_image(buf.getvalue(), "x.npy")
+
+
+def test_a_file_that_is_not_parquet_fails_at_once_and_a_failed_read_is_retried(tmp_path):
+    import time
+
+    from pipeline.data.shards import NotParquetError, read_table
+
+    (tmp_path / "shard-00000.parquet").write_bytes(b"PAR1 but not really")
+    t0 = time.perf_counter()
+    with pytest.raises(NotParquetError, match="shard-00000.parquet: cannot read Parquet"):
+        read_table(str(tmp_path / "shard-00000.parquet"), attempts=3, retry_delay=10.0)
+    assert time.perf_counter() - t0 < 5  # no retry: the same bytes would come back
+    t0 = time.perf_counter()
+    with pytest.raises(ShardError, match="shard-00001.parquet: cannot read Parquet") as err:
+        read_table(str(tmp_path / "shard-00001.parquet"), attempts=3, retry_delay=0.1)  # a read that fails
+    assert time.perf_counter() - t0 >= 0.3 and not isinstance(err.value, NotParquetError)  # tried 3 times

@@ -8,12 +8,14 @@ import torch
 
 from pipeline.diffusion.checkpoint import load_model
 from pipeline.jobs.train_prior import train_distributed
-from pipeline.training import train_prior
+from pipeline.training import to_network, train_prior
 from tests.conftest import tiny_config
 
 
-def test_two_workers_on_s3_checkpoint_and_publish_to_the_registry_and_the_sampler_loads_latest(
-        s3, ray_local, tmp_path):
+def test_two_workers_on_s3_stop_resume_continue_the_count_and_publish_to_the_registry_and_the_sampler_loads_latest(
+        s3, ray_local):
+    # One run, three Ray Train starts (each costs far more than the steps), checkpoints on S3, each worker
+    # reading its own shards: stopped at step 3, resumed to 6, then run again with more steps, to 30.
     from pipeline.data.embedded import load_embedded
     from pipeline.data.shards import write_image_shards
     from pipeline.data.storage import open_fs
@@ -24,14 +26,30 @@ def test_two_workers_on_s3_checkpoint_and_publish_to_the_registry_and_the_sample
     bucket, _ = s3
     digits = load_embedded("digits", "train", 16, n=400)
     write_image_shards(f"{bucket}/digits", digits.ids, digits.images, shard_size=100)  # 4 shards: 2 per worker
-    cfg = tiny_config(f"{bucket}/train/tiny", steps=30, checkpoint_every=10, threads=1, lr=2e-3)
+    cfg = tiny_config(f"{bucket}/train/tiny", steps=6, checkpoint_every=2, threads=1, lr=2e-3)
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": f"{bucket}/digits"})})
-    meta = train_distributed(cfg, num_workers=2, registry=f"{bucket}/registry")
     fs, _ = open_fs(bucket)
-    root = bucket.removeprefix("s3://")
-    assert fs.exists(f"{root}/train/tiny/state/step-0000030/model.safetensors")
-    losses = json.loads(fs.cat_file(f"{root}/train/tiny/state/step-0000030/state.json"))["losses"]
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5  # the loss goes down
+    state = f"{bucket.removeprefix('s3://')}/train/tiny/state"
+
+    def losses(step: int) -> list[float]:
+        return json.loads(fs.cat_file(f"{state}/step-{step:07d}/state.json"))["losses"]
+
+    assert train_distributed(cfg, num_workers=2, stop_after=3) is None  # stopped at step 3; state at step 2
+    assert json.loads(fs.cat_file(f"{state}/latest.json"))["step"] == 2
+    assert not fs.exists(f"{bucket.removeprefix('s3://')}/train/tiny/model")
+    first = losses(2)
+    meta = train_distributed(cfg, num_workers=2)
+    six = losses(6)
+    assert meta["steps"] == 6 and len(six) == 6 and six[:2] == first  # continued from step 2
+
+    more = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 30})})
+    meta = train_distributed(more, num_workers=2, registry=f"{bucket}/registry")
+    assert fs.exists(f"{state}/step-0000030/model.safetensors")
+    thirty = losses(30)
+    assert len(thirty) == 30 and thirty[:6] == six  # no step redone from zero
+    # rank 0's losses, each the DSM loss of its shards: they go down
+    assert sum(thirty[-5:]) / 5 < sum(thirty[:5]) / 5
+    assert meta["workers"] == 2 and meta["steps"] == 30
     assert meta["n_train_images"] == 400  # both workers' shards counted
     assert meta["published"].startswith(f"{bucket}/registry/models/tiny/v")
     latest = resolve_model(f"{bucket}/registry/models/tiny/latest")
@@ -42,6 +60,20 @@ def test_two_workers_on_s3_checkpoint_and_publish_to_the_registry_and_the_sample
     model, sde, _ = load_model(latest)
     x = sample(model, sde, 2, 3, seed=0)
     assert x.shape == (2, 1, 16, 16) and torch.isfinite(x).all()
+
+
+def test_a_dataset_with_fewer_shards_than_workers_is_split_by_rows_each_row_to_one_worker():
+    """Without a shard per worker, every worker loads all the images and keeps rows ``rank::world``: the
+    parts are disjoint and cover the data (the Ray runs above split by shard; the flow's runs have one worker)."""
+    from pipeline.jobs.train_prior import _worker_data
+
+    cfg = tiny_config("unused")
+    parts = [_worker_data(cfg, rank, 3) for rank in range(3)]
+    everything = parts[0][0]
+    assert all(p[3] == len(everything) and p[4] == parts[0][4] for p in parts)  # the whole set counted and hashed
+    assert sum(p[1].shape[0] for p in parts) == len(everything)
+    for rank, p in enumerate(parts):
+        assert torch.equal(p[1], to_network(torch.from_numpy(everything.images))[rank::3])
 
 
 def test_the_train_priors_flow_publishes_both_priors_with_artifacts_and_one_worker_gives_single_process_weights(
@@ -82,30 +114,6 @@ def test_the_train_priors_flow_publishes_both_priors_with_artifacts_and_one_work
     b, _, _ = load_model(str(tmp_path / "train" / "img" / "model"))
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.allclose(p, q, atol=1e-6), name
-
-
-def test_two_workers_stopped_after_a_checkpoint_resume_then_continue_the_count_and_publish_a_model_that_loads(
-        ray_local, tmp_path):
-    # One run, three Ray Train starts (each costs far more than the steps): stopped at step 3, resumed to 6,
-    # then run again with more steps, to 30; the rows of every worker's half of the data (not shards).
-    cfg = tiny_config(str(tmp_path / "s"), steps=6, checkpoint_every=2, threads=1, lr=2e-3)
-    assert train_distributed(cfg, num_workers=2, stop_after=3) is None  # stopped at step 3; state at step 2
-    state = tmp_path / "s" / "state"
-    assert json.loads((state / "latest.json").read_text())["step"] == 2 and not (tmp_path / "s" / "model").exists()
-    first = json.loads((state / "step-0000002" / "state.json").read_text())["losses"]
-    meta = train_distributed(cfg, num_workers=2)
-    six = json.loads((state / "step-0000006" / "state.json").read_text())["losses"]
-    assert meta["steps"] == 6 and len(six) == 6 and six[:2] == first  # continued from step 2
-
-    more = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 30})})
-    meta = train_distributed(more, num_workers=2)
-    assert meta["workers"] == 2 and meta["steps"] == 30
-    losses = json.loads((state / "step-0000030" / "state.json").read_text())["losses"]
-    assert len(losses) == 30 and losses[:6] == six  # no step redone from zero
-    # rank 0's losses, each the DSM loss of its half of the data: they go down
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
-    model, _, card = load_model(str(tmp_path / "s" / "model"))
-    assert card["steps"] == 30 and card["workers"] == 2
 
 
 def test_bf16_autocast_trains_with_fp32_weights(tmp_path):

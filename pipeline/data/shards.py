@@ -255,24 +255,33 @@ class MissingColumnError(ShardError):
     """The shard is readable but lacks a column that was asked for."""
 
 
+class NotParquetError(ShardError):
+    """The file was read but is not Parquet: a retry would read the same bytes."""
+
+
 def read_table(shard_uri: str, columns: Sequence[str] | None = None, attempts: int = 1,
                retry_delay: float = 1.0) -> pa.Table:
     """Read a shard (only ``columns``, when given). A failed read is tried ``attempts`` times in all,
     ``retry_delay`` seconds apart (doubling), so a transient storage error is not taken for a broken
-    shard; a missing column fails at once (:class:`MissingColumnError`)."""
+    shard. What no retry can change fails at once: a missing column (:class:`MissingColumnError`), and
+    a file whose bytes are not Parquet (no footer magic, too short: the writers here replace files
+    atomically, so such a file is not one half-written)."""
     for attempt in range(attempts):
         fs, path = open_fs(shard_uri)
         try:
             with fs.open(path, "rb") as f:
-                # use_threads=False: reading through a Python file object with Arrow's thread pool
-                # aborts or hangs the interpreter at exit now and then (apache/arrow#34314, #50482).
-                pf = pq.ParquetFile(f)
+                try:
+                    pf = pq.ParquetFile(f)
+                except pa.ArrowInvalid as exc:
+                    raise NotParquetError(f"{shard_uri}: cannot read Parquet ({exc})") from exc
                 names = pf.schema_arrow.names
                 missing = [c for c in columns or () if c not in names]
                 if not missing:  # only the columns asked for are read (an id scan skips the images)
+                    # use_threads=False: reading through a Python file object with Arrow's thread pool
+                    # aborts or hangs the interpreter at exit now and then (apache/arrow#34314, #50482).
                     return pf.read(columns=list(columns) if columns else None, use_threads=False)
             raise MissingColumnError(f"{shard_uri}: missing column(s) {missing}; has {names}")
-        except MissingColumnError:
+        except (MissingColumnError, NotParquetError):
             raise
         except Exception as exc:
             if attempt + 1 >= attempts:

@@ -60,3 +60,29 @@ def test_a_pinned_model_whose_files_change_fails_its_shards_naming_both_fingerpr
     reason = errors[0]["reason"]
     assert f"{model} changed after the run pinned it" in reason
     assert pinned[:16] in reason and fingerprint(str(model))[:16] in reason
+
+
+def test_a_worker_builds_the_model_from_the_bytes_it_checked_not_from_a_second_read(tiny_priors, tmp_path,
+                                                                                     monkeypatch):
+    import torch
+
+    from pipeline.run import models
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_priors[0], model)
+    pinned = models.pin(str(model))
+    weights = load_file(model / "weights.safetensors")
+    read = models._files
+
+    def a_writer_lands_right_after_the_read(uri: str) -> tuple[bytes, bytes]:
+        files = read(uri)
+        save_file({k: v + 1.0 for k, v in weights.items()}, model / "weights.safetensors")
+        return files
+
+    monkeypatch.setattr(models, "_files", a_writer_lands_right_after_the_read)
+    net, _, _ = models.load_pinned(pinned, "cpu")  # the checked bytes: the pinned weights, not the new ones
+    state = net.state_dict()
+    assert set(weights) <= set(state)
+    for name, tensor in weights.items():
+        assert torch.equal(state[name], tensor), name
+    assert fingerprint(str(model)) != pinned.fingerprint  # the folder did change under it

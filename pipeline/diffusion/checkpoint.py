@@ -63,16 +63,19 @@ def write_tensors(uri: str, tensors: dict[str, torch.Tensor], metadata: dict[str
         f.write(data)
 
 
-def read_tensors(uri: str) -> dict[str, torch.Tensor]:
+def read_tensors(uri: str, data: bytes | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file ``uri`` (or of ``data``, its bytes read already: ``uri`` then only
+    names it in messages); :class:`CheckpointError` for a pickle or anything else that is not safetensors."""
     if uri.lower().endswith(_PICKLE_SUFFIXES):
         raise CheckpointError(
             f"{uri}: refusing to load a pickle-format checkpoint; jointdiff only loads "
             f"'{WEIGHTS}' + '{CONFIG}' folders (convert the weights with safetensors first)")
-    fs, path = open_fs(uri)
-    if not fs.exists(path):
-        raise CheckpointError(f"{uri}: no such file")
-    with fs.open(path, "rb") as f:
-        data = f.read()
+    if data is None:
+        fs, path = open_fs(uri)
+        if not fs.exists(path):
+            raise CheckpointError(f"{uri}: no such file")
+        with fs.open(path, "rb") as f:
+            data = f.read()
     try:
         return st_load(data)  # parses a JSON header and raw buffers; never runs code
     except Exception as exc:  # safetensors raises its own error types
@@ -120,15 +123,17 @@ def _too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> str | None:
     return None
 
 
-def read_json(uri: str, max_bytes: int = MAX_CONFIG_BYTES) -> dict[str, Any]:
-    """A JSON object from ``uri``: at most ``max_bytes``, nested at most :data:`MAX_JSON_DEPTH` levels
-    (:class:`CheckpointConfigError` otherwise, naming the file and where; a missing file, :class:`CheckpointError`)."""
-    fs, path = open_fs(uri)
+def read_json(uri: str, max_bytes: int = MAX_CONFIG_BYTES, data: bytes | None = None) -> dict[str, Any]:
+    """A JSON object from ``uri`` (or from ``data``, its bytes read already): at most ``max_bytes``, nested at
+    most :data:`MAX_JSON_DEPTH` levels (:class:`CheckpointConfigError` otherwise, naming the file and where; a
+    missing file, :class:`CheckpointError`)."""
     shown = local_path(uri)
-    if not fs.exists(path):
-        raise CheckpointError(f"{shown}: no such file")
-    with fs.open(path, "rb") as f:
-        data = f.read(max_bytes + 1)  # never more, whatever the file's size
+    if data is None:
+        fs, path = open_fs(uri)
+        if not fs.exists(path):
+            raise CheckpointError(f"{shown}: no such file")
+        with fs.open(path, "rb") as f:
+            data = f.read(max_bytes + 1)  # never more, whatever the file's size
     if len(data) > max_bytes:
         raise CheckpointConfigError(f"{shown}: larger than {max_bytes // 2**20} MiB; a jointdiff "
                                     f"{uri.rsplit('/', 1)[-1]} is far smaller")
@@ -157,12 +162,13 @@ def _problems(exc: ValidationError, section: str) -> str:
     return "; ".join(out)
 
 
-def read_model_config(uri: str) -> tuple[UNetConfig, VPSDE, dict[str, Any]]:
+def read_model_config(uri: str, data: bytes | None = None) -> tuple[UNetConfig, VPSDE, dict[str, Any]]:
     """The validated ``(unet config, sde, meta)`` of the model folder ``uri``, from its ``config.json`` alone
-    (no weights read, nothing built); :class:`CheckpointConfigError` naming the file and the key otherwise."""
+    (``data``: that file's bytes, read already; no weights read, nothing built); :class:`CheckpointConfigError`
+    naming the file and the key otherwise."""
     where = join(uri, CONFIG)
     shown = local_path(where)
-    cfg = read_json(where)
+    cfg = read_json(where, data=data)
     if cfg.get("format") != MODEL_FORMAT or "unet" not in cfg:
         raise CheckpointConfigError(f"{shown}: not a jointdiff model config (expected format '{MODEL_FORMAT}' "
                                     "with a 'unet' section)")
@@ -256,10 +262,14 @@ def build_model(unet_config: NetConfig | UNetConfig, state: dict[str, torch.Tens
     return model
 
 
-def load_model(uri: str, device: torch.device | str = "cpu") -> tuple[UNet, VPSDE, dict[str, Any]]:
-    """Load a model folder written by :func:`save_model`; returns ``(model in eval mode, sde, meta)``."""
+def load_model(uri: str, device: torch.device | str = "cpu",
+               files: tuple[bytes, bytes] | None = None) -> tuple[UNet, VPSDE, dict[str, Any]]:
+    """Load a model folder written by :func:`save_model`; returns ``(model in eval mode, sde, meta)``.
+    ``files``: the bytes of its ``config.json`` and weights, read already (a caller that hashed them loads
+    exactly those; nothing is read from ``uri`` then)."""
     if str(uri).lower().endswith(_PICKLE_SUFFIXES):
         read_tensors(str(uri))  # raises the pickle refusal
-    unet_config, sde, meta = read_model_config(uri)  # checked before the weights are read or anything built
-    model = build_model(unet_config, read_tensors(join(uri, WEIGHTS)), str(uri))
+    config, weights = files if files is not None else (None, None)
+    unet_config, sde, meta = read_model_config(uri, config)  # checked before the weights are read or anything built
+    model = build_model(unet_config, read_tensors(join(uri, WEIGHTS), weights), str(uri))
     return model.to(device).eval(), sde, meta

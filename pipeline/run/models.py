@@ -12,9 +12,9 @@ the fingerprint every worker verifies, so a run's id, its images and its records
 The fingerprint is the SHA-256 of ``config.json``'s bytes followed by ``weights.safetensors``'s. Weights
 included: hashing the shipped priors' 2.7 MB takes milliseconds and the paper's 36 MB networks well under a
 second, while a ``config.json`` alone would miss weights replaced under the same config. A worker reads both
-files, checks the fingerprint (:class:`ModelChanged`, naming both, fails the shard otherwise) and then loads
-the model (:func:`load_pinned`); the weights are read twice there, once per actor, which costs less than a
-step of sampling.
+files once, checks their fingerprint (:class:`ModelChanged`, naming both, fails the shard otherwise) and builds
+the model from those same bytes (:func:`load_pinned`): what is hashed is what is loaded, whatever lands at the
+URI in between.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def load_pinned(model: PinnedModel, device: str) -> tuple[Any, Any, dict[str, An
         raise ModelChanged(f"{local_path(model.uri)} changed after the run pinned it: the run uses sha256 "
                            f"{model.fingerprint[:16]}, the files there now hash to {found[:16]}; run again to pin "
                            "the new version (a new run id)")
-    return load_model(resolve_model(model.uri), device)
+    return load_model(resolve_model(model.uri), device, files=(config, weights))  # the bytes hashed, not a re-read
 
 
 def check_models(image: str, noise: str, storage: Any = None) -> None:

@@ -1,4 +1,7 @@
-"""The ``jointdiff`` command end to end (subprocesses, as a user runs it)."""
+"""The ``jointdiff`` command end to end: as a subprocess where the process itself is what is tested (its entry
+point, exit codes, signals, the demo's own services), else run by the CLI's ``main`` in this process
+(tests/conftest.py ``cli``: the same parsing, messages and exit codes, without an interpreter that imports
+torch again)."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import yaml
 from PIL import Image
 
 from pipeline.data.shards import read_images
+from tests.conftest import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,8 +88,8 @@ def test_bad_config_exits_with_a_message_not_a_traceback(tmp_path):
     assert proc.returncode == 2 and "train.stepz" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_export_embedded_writes_readable_shards(tmp_path):
-    jointdiff("export-embedded", "digits", str(tmp_path / "d"), "--split", "val", "--n", "30",
+def test_export_embedded_writes_readable_shards(tmp_path, capsys):
+    cli(capsys, "export-embedded", "digits", str(tmp_path / "d"), "--split", "val", "--n", "30",
               "--shard-size", "12", "--bits", "16")
     ids, arrays = read_images(str(tmp_path / "d"))
     assert len(ids) == 30 and ids[0] == "digits-val-01400"
@@ -94,13 +98,13 @@ def test_export_embedded_writes_readable_shards(tmp_path):
         "shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
 
 
-def test_train_on_a_shard_uri_then_sample(tmp_path):
-    jointdiff("export-embedded", "digits", str(tmp_path / "d"), "--size", "16", "--n", "64")
+def test_train_on_a_shard_uri_then_sample(tmp_path, capsys):
+    cli(capsys, "export-embedded", "digits", str(tmp_path / "d"), "--size", "16", "--n", "64")
     cfg = _tiny_yaml(tmp_path, steps=3, every=3)
-    jointdiff("train", "--config", str(cfg), "--quiet", "--set", f"data.source={tmp_path / 'd'}")
+    cli(capsys, "train", "--config", str(cfg), "--quiet", "--set", f"data.source={tmp_path / 'd'}")
     out = tmp_path / "grid.png"
-    proc = jointdiff("sample", str(tmp_path / "run" / "model"), "--n", "6", "--nrow", "3", "--steps", "5",
-                     "--out", str(out), "--quiet", "--nearest")
+    proc = cli(capsys, "sample", str(tmp_path / "run" / "model"), "--n", "6", "--nrow", "3", "--steps", "5",
+               "--out", str(out), "--quiet", "--nearest")
     grid = np.asarray(Image.open(out))
     assert grid.shape == ((16 * 2 + 2) * 2 + 2, (16 * 2 + 2) * 3 + 2)
     nearest = json.loads(proc.stdout.strip().splitlines()[-1])["nearest"]
@@ -133,12 +137,12 @@ def test_demo_corrupts_cleans_with_the_flow_and_says_where_the_outputs_are(tmp_p
     assert summary["report"] == report.as_uri()
 
 
-def test_clean_cleans_good_rows_and_rejects_bad_ones(tiny_priors, tmp_path):
+def test_clean_cleans_good_rows_and_rejects_bad_ones(tiny_priors, tmp_path, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     xm, nm = tiny_priors  # the session's (trained as `jointdiff train` trains: pipeline.training.train_prior)
-    jointdiff("corrupt", "faces", "digits", str(tmp_path / "obs"), "--size", "16", "--n", "5")
+    cli(capsys, "corrupt", "faces", "digits", str(tmp_path / "obs"), "--size", "16", "--n", "5")
     shard = tmp_path / "obs" / "shard-00000.parquet"
     table = pq.read_table(shard)
     rows = table.to_pylist()
@@ -147,9 +151,9 @@ def test_clean_cleans_good_rows_and_rejects_bad_ones(tiny_priors, tmp_path):
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), shard)
     # a second shard holding only a copy of an id from the first: rejected, so it has no cleaned file
     pq.write_table(pa.Table.from_pylist([dict(rows[2])], schema=table.schema), tmp_path / "obs" / "shard-00001.parquet")
-    proc = jointdiff("clean", str(tmp_path / "obs"), str(tmp_path / "out"), "--config", "configs/denoise.yaml",
-                     "--set", f"priors.image={xm}", "--set", f"priors.noise={nm}", "--set", "sampler.steps=3",
-                     "--set", "batch_size=2", "--run-id", "r1", "--quiet")
+    proc = cli(capsys, "clean", str(tmp_path / "obs"), str(tmp_path / "out"), "--config",
+               str(ROOT / "configs" / "denoise.yaml"), "--set", f"priors.image={xm}", "--set", f"priors.noise={nm}",
+               "--set", "sampler.steps=3", "--set", "batch_size=2", "--run-id", "r1", "--quiet")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary == {**summary, "run_id": "r1", "inputs": 7, "cleaned": 4, "errors": 3}
     run = tmp_path / "out" / "runs" / "r1"
@@ -175,10 +179,10 @@ def test_clean_cleans_good_rows_and_rejects_bad_ones(tiny_priors, tmp_path):
     assert np.asarray(Image.open(io.BytesIO(den["bytes"]))).shape == (16, 16)
 
 
-def test_bench_quality_quick_writes_every_row_key(tmp_path):
+def test_bench_quality_quick_writes_every_row_key(tmp_path, capsys):
     out = tmp_path / "q.json"
-    proc = jointdiff("bench", "quality", "--quick", "--scenarios", "main", "--n", "2", "--n-val", "2",
-                     "--steps", "2", "--json", str(out), "--figure", str(tmp_path / "q.png"), timeout=600)
+    proc = cli(capsys, "bench", "quality", "--quick", "--scenarios", "main", "--n", "2", "--n-val", "2",
+               "--steps", "2", "--json", str(out), "--figure", str(tmp_path / "q.png"))
     rows = json.loads(out.read_text())["rows"]
     methods = {r["method"] for r in rows}
     assert {"observation", "nlm", "tv", "gaussian", "joint-dps", "joint-projection", "joint-paper"} <= methods

@@ -14,8 +14,9 @@ sampler (:mod:`pipeline.posterior`, :meth:`ForwardModel.apply` and the coefficie
   ``j * B + i`` is sample ``j`` of image ``i``, as ``y.repeat(K, 1, 1, 1)``); :meth:`~ForwardModel.take`
   selects rows.
 * **Linear models state their coefficients.** ``A(x, n) = c_x x + c_n n`` per row: :attr:`coef_x` and
-  :attr:`coef_n` are ``(B,)`` tensors; the ``tweedie`` rule propagates the priors' posterior variances
-  through them into ``Sigma_t``, the final projection and the removed-energy figure use them.
+  :attr:`coef_n` are ``(B,)`` tensors; the final projection, the ``paper`` preset's gradient, the
+  Gaussian likelihood's ``Sigma_t`` (:func:`pipeline.posterior.guidance.gaussian_nll`) and the
+  removed-energy figure use them.
 * **Parameters that a sampler may estimate** (issue 20: a blend whose alpha is unknown). A model names them
   in :attr:`~ForwardModel.estimable`; :meth:`~ForwardModel.with_params` returns the model with new per-row
   values (validated like the constructor's), so an estimating sampler holds its current estimate as a

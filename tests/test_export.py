@@ -25,7 +25,7 @@ from pipeline.data.embedded import load_embedded
 from pipeline.data.shards import decode_image, write_dataset
 from pipeline.export import MAX_NAME_BYTES, safe_names
 from pipeline.run.local import run_local
-from tests.test_cli import jointdiff
+from tests.conftest import cli
 
 HOSTILE = ["../escape", "sub/dir/x", "a\\b", "a_b", "ctrl\x01id\nnext", "..", ".hidden", "é" * 150, "plain-1"]
 
@@ -61,11 +61,11 @@ def _bit_depth(png: bytes) -> int:
     return png[24]
 
 
-def test_export_writes_8_bit_pngs_named_by_safe_ids_and_only_inside_dir(out, tmp_path):
+def test_export_writes_8_bit_pngs_named_by_safe_ids_and_only_inside_dir(out, tmp_path, capsys):
     run = out["out"] / "runs" / out["r8"]
     before = _tree(out["root"])
     dest = tmp_path / "pictures"
-    proc = jointdiff("export", str(run), str(dest), "--noise")
+    proc = cli(capsys, "export", str(run), str(dest), "--noise")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["images"] == len(HOSTILE) and result["bits"] == {"8": len(HOSTILE)}
     assert _tree(out["root"]) == before  # nothing written next to the run or anywhere else
@@ -92,12 +92,12 @@ def test_export_writes_8_bit_pngs_named_by_safe_ids_and_only_inside_dir(out, tmp
             assert got.dtype == np.uint8 and np.array_equal(got, np.rint(v16 * 255 / 65535)), (column, r["id"])
 
 
-def test_an_output_root_exports_its_newest_run_or_the_one_named_at_the_source_depth(out, tmp_path):
-    proc = jointdiff("export", str(out["out"]), str(tmp_path / "newest"))  # no --quiet: a progress bar
+def test_an_output_root_exports_its_newest_run_or_the_one_named_at_the_source_depth(out, tmp_path, capsys):
+    proc = cli(capsys, "export", str(out["out"]), str(tmp_path / "newest"))  # no --quiet: a progress bar
     assert f"run {out['r8']}, the newest of 2 runs" in proc.stderr and "img/s" in proc.stderr
     assert json.loads(proc.stdout)["run"] == str(out["out"] / "runs" / out["r8"])
 
-    jointdiff("export", str(out["out"]), str(tmp_path / "r16"), "--run-id", out["r16"], "--quiet")
+    cli(capsys, "export", str(out["out"]), str(tmp_path / "r16"), "--run-id", out["r16"], "--quiet")
     cells = _cleaned(out["out"] / "runs" / out["r16"], "denoised")
     with open(tmp_path / "r16" / "export.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -40,8 +40,8 @@ from pipeline.report import (
     write_report,
 )
 from pipeline.run.local import run_local
+from tests.conftest import cli
 from tests.test_clean_job import _observations
-from tests.test_cli import jointdiff
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("JOINTDIFF_CHROMIUM", "/usr/bin/chromium")
@@ -214,9 +214,9 @@ def test_a_run_without_ground_truth_shows_the_reference_free_figures(runs):
     assert f"{residual:.4f}" in text
 
 
-def test_jointdiff_runs_lists_the_history_newest_first(runs):
+def test_jointdiff_runs_lists_the_history_newest_first(runs, capsys):
     out = runs["out"]
-    table = jointdiff("runs", str(out)).stdout.splitlines()
+    table = cli(capsys, "runs", str(out)).stdout.splitlines()
     assert table[0].split()[:3] == ["finished", "(UTC)", "run"] and len(table) == 4
     # newest first: the files' names start with the time they were written, to the microsecond
     history = [pq.read_table(p).to_pylist()[0] for p in sorted((out / "summary").glob("*.parquet"), reverse=True)]
@@ -226,14 +226,14 @@ def test_jointdiff_runs_lists_the_history_newest_first(runs):
     assert f"PSNR {a['psnr_input_mean']:.2f} -> {a['psnr_mean']:.2f} dB" in by_run[a["run_id"]]
     assert f"no truth: residual {b['residual_mean']:.4f}, removed {b['removed_energy_mean']:.4f}" in by_run[b["run_id"]]
     assert " 9 " in by_run[a["run_id"]] and by_run[a["run_id"]].split()[-1] == f"{a['images_per_s']:.2f}"
-    rows = json.loads(jointdiff("runs", str(out / "summary"), "--json", "--limit", "2").stdout)
+    rows = json.loads(cli(capsys, "runs", str(out / "summary"), "--json", "--limit", "2").stdout)
     assert [r["run_id"] for r in rows] == [r["run_id"] for r in history[:2]]
     assert rows[0]["inputs"] == history[0]["inputs"]
 
 
-def test_missing_runs_and_histories_are_clear_errors(tmp_path):
+def test_missing_runs_and_histories_are_clear_errors(tmp_path, capsys):
     for args in (("report", str(tmp_path / "out" / "runs" / "nope")), ("runs", str(tmp_path / "nothing"))):
-        proc = jointdiff(*args, check=False)
+        proc = cli(capsys, *args, check=False)
         assert proc.returncode == 1 and args[1] in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -270,7 +270,7 @@ def test_the_dashboard_queries_match_the_per_image_metrics(runs):
     assert dict((r[0], r[2]) for r in rates)[runs["b"]["dataset"]] == 0  # the no-truth dataset had no bad row
 
 
-def test_a_report_of_a_run_in_an_s3_bucket_lands_in_the_bucket(s3, tiny_priors):
+def test_a_report_of_a_run_in_an_s3_bucket_lands_in_the_bucket(s3, tiny_priors, capsys):
     from pipeline.data.storage import open_fs
 
     bucket, _ = s3
@@ -278,7 +278,7 @@ def test_a_report_of_a_run_in_an_s3_bucket_lands_in_the_bucket(s3, tiny_priors):
     summary = run_local(f"{bucket}/obs", f"{bucket}/out", _cfg(tiny_priors, 2), progress=False)
     run = summary["output"]
     assert run.startswith(f"{bucket}/out/runs/")
-    proc = jointdiff("report", run, "--per-group", "2")  # the AWS variables of the fixture reach the CLI
+    proc = cli(capsys, "report", run, "--per-group", "2")  # the AWS variables of the fixture reach the CLI
     assert proc.stdout.strip() == f"{run}/report.html"
     fs, _ = open_fs(bucket)
     text = fs.cat_file(f"{run.removeprefix('s3://')}/report.html").decode()

@@ -133,17 +133,21 @@ def test_decodes_png_variants_written_by_other_tools():
         decode_image(buf.getvalue(), "x.npy")
 
 
-def test_a_file_that_is_not_parquet_fails_at_once_and_a_failed_read_is_retried(tmp_path):
+def test_a_file_that_is_not_parquet_or_is_missing_fails_at_once_and_a_failed_read_is_retried(tmp_path):
     import time
 
-    from pipeline.data.shards import NotParquetError, read_table
+    from pipeline.data.shards import NotParquetError, ShardMissingError, read_table
 
     (tmp_path / "shard-00000.parquet").write_bytes(b"PAR1 but not really")
     t0 = time.perf_counter()
     with pytest.raises(NotParquetError, match="shard-00000.parquet: cannot read Parquet"):
         read_table(str(tmp_path / "shard-00000.parquet"), attempts=3, retry_delay=10.0)
     assert time.perf_counter() - t0 < 5  # no retry: the same bytes would come back
+    with pytest.raises(ShardMissingError, match="shard-00001.parquet: cannot read Parquet"):
+        read_table(str(tmp_path / "shard-00001.parquet"), attempts=3, retry_delay=10.0)  # no such file
+    assert time.perf_counter() - t0 < 5  # no retry either: the stores here are read-after-write consistent
+    (tmp_path / "folder.parquet").mkdir()  # a read that fails otherwise is retried
     t0 = time.perf_counter()
-    with pytest.raises(ShardError, match="shard-00001.parquet: cannot read Parquet") as err:
-        read_table(str(tmp_path / "shard-00001.parquet"), attempts=3, retry_delay=0.1)  # a read that fails
-    assert time.perf_counter() - t0 >= 0.3 and not isinstance(err.value, NotParquetError)  # tried 3 times
+    with pytest.raises(ShardError, match="folder.parquet: cannot read Parquet") as err:
+        read_table(str(tmp_path / "folder.parquet"), attempts=3, retry_delay=0.1)
+    assert time.perf_counter() - t0 >= 0.3 and type(err.value) is ShardError  # tried 3 times

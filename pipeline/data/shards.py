@@ -259,13 +259,18 @@ class NotParquetError(ShardError):
     """The file was read but is not Parquet: a retry would read the same bytes."""
 
 
+class ShardMissingError(ShardError):
+    """No file at the shard's URI: the stores read here are read-after-write consistent, so a retry would not
+    find one (a shard removed under a run)."""
+
+
 def read_table(shard_uri: str, columns: Sequence[str] | None = None, attempts: int = 1,
                retry_delay: float = 1.0) -> pa.Table:
     """Read a shard (only ``columns``, when given). A failed read is tried ``attempts`` times in all,
     ``retry_delay`` seconds apart (doubling), so a transient storage error is not taken for a broken
-    shard. What no retry can change fails at once: a missing column (:class:`MissingColumnError`), and
-    a file whose bytes are not Parquet (no footer magic, too short: the writers here replace files
-    atomically, so such a file is not one half-written)."""
+    shard. What no retry can change fails at once: a missing column (:class:`MissingColumnError`), a
+    missing file (:class:`ShardMissingError`), and a file whose bytes are not Parquet (no footer magic,
+    too short: the writers here replace files atomically, so such a file is not one half-written)."""
     for attempt in range(attempts):
         fs, path = open_fs(shard_uri)
         try:
@@ -283,6 +288,8 @@ def read_table(shard_uri: str, columns: Sequence[str] | None = None, attempts: i
             raise MissingColumnError(f"{shard_uri}: missing column(s) {missing}; has {names}")
         except (MissingColumnError, NotParquetError):
             raise
+        except FileNotFoundError as exc:
+            raise ShardMissingError(f"{shard_uri}: cannot read Parquet ({exc})") from exc
         except Exception as exc:
             if attempt + 1 >= attempts:
                 raise ShardError(f"{shard_uri}: cannot read Parquet ({exc})") from exc

@@ -204,9 +204,9 @@ def test_a_shard_that_kills_every_actor_is_given_up_and_the_run_completes(ray_lo
 
 def test_a_run_stopped_half_way_finishes_only_the_missing_shards(ray_local, tiny_priors, tmp_path):
     _observations(str(tmp_path / "obs"), n=8, shard_size=2, bad_row=False)
-    # enough steps that the 2 shards left after the second marker take seconds (one actor cleans them one
-    # after the other), far more than Ctrl-C takes to stop the job
-    cfg = _cfg(tiny_priors, steps=200, actors=1, gpus_per_actor=0, threads_per_actor=1)
+    # enough steps that a shard takes seconds (about 2 s here; one actor cleans them one after the other), far
+    # more than Ctrl-C takes to stop the job once the second marker is seen
+    cfg = _cfg(tiny_priors, steps=100, actors=1, gpus_per_actor=0, threads_per_actor=1)
     config = tmp_path / "clean.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     run = tmp_path / "out" / "runs" / "r"

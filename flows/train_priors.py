@@ -81,8 +81,6 @@ def train_priors(image_config: str, noise_config: str, registry: str, workers: i
     on ``ray_address`` (else ``RAY_ADDRESS``) or a Ray started here."""
     import os
 
-    import ray
-
     refuse_credentials(overrides or [])  # a deployment run made without the schema's check: use none of them
     configs = [load_config(PriorConfig, path, overrides or []) for path in (image_config, noise_config)]
     if output_root:
@@ -96,7 +94,9 @@ def train_priors(image_config: str, noise_config: str, registry: str, workers: i
         for c, m in zip(configs, metas):
             publish_artifact(c, m)
         return {c.name: m for c, m in zip(configs, metas)}
-    with ray_session(ray_address):
+    with ray_session(ray_address):  # before Ray is imported (pipeline.jobs.session.use_the_token_at_hand)
+        import ray
+
         res = ray.cluster_resources()
         need = [workers * (1 if use_gpu else (c.train.threads or 1)) for c in configs]
         have = res.get("GPU", 0) if use_gpu else res.get("CPU", 0)

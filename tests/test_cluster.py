@@ -48,7 +48,7 @@ def _error_lines(text: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------------
 # Addresses that cannot run a job: one line, before any work
 
-@pytest.mark.parametrize("how", ["flag", "env", "train", "jobs-api"])
+@pytest.mark.parametrize("how", ["flag", "env", "train", "jobs-api", "nothing-there"])
 def test_a_ray_client_or_jobs_api_address_is_refused_up_front_with_what_to_use(how, tmp_path, monkeypatch, capsys):
     from pipeline.cli import main
 
@@ -61,12 +61,18 @@ def test_a_ray_client_or_jobs_api_address_is_refused_up_front_with_what_to_use(h
         argv = ["clean", "missing-input", "out"]
     elif how == "train":
         argv = ["train", "--config", str(REPO / "configs" / "prior_digits.yaml"), "--ray-address", "ray://head:10001"]
-    else:
+    elif how == "jobs-api":
         argv = ["clean", "missing-input", "out", "--ray-address", "http://head:8265"]
+    else:  # a port nothing listens on: Ray would retry for minutes
+        from tests.raycluster import free_ports
+
+        argv = ["clean", "missing-input", "out", "--ray-address", f"127.0.0.1:{free_ports(1)[0]}"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err  # one line, no traceback, and not about the missing input
-    if how == "jobs-api":
+    if how == "nothing-there":
+        assert f"--ray-address {argv[-1]}: nothing answers there" in err and "ray start --head" in err
+    elif how == "jobs-api":
         assert "jointdiff submit clean" in err and "HEAD:6379" in err
     else:
         assert "ray://head:10001" in err and "Ray Client" in err and "HEAD:6379" in err and "jointdiff submit" in err
@@ -79,8 +85,14 @@ def test_a_ray_client_or_jobs_api_address_is_refused_up_front_with_what_to_use(h
 def test_clean_runs_on_a_ray_start_head_from_a_fresh_folder_with_relative_paths(ray_cluster, tiny_priors, tmp_path):
     folder = _folder_with_data(tmp_path, tiny_priors, n=6, shard_size=3, steps=2)
     env = ray_cluster.client_env()
+    # a user on the head's machine: the token where `ray start --head` found it (~/.ray/auth_token), and no
+    # RAY_AUTH_MODE (Ray 2.60's head turns token authentication on by itself then, a driver does not)
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(ray_cluster.token)
+    user = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")} | {"HOME": str(home)}
     proc = subprocess.run([JOINTDIFF, "clean", "obs", "out", "--config", "clean.yaml", "--ray-address",
-                           ray_cluster.gcs, "--quiet"], cwd=folder, env=env, capture_output=True, text=True,
+                           ray_cluster.gcs, "--quiet"], cwd=folder, env=user, capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.splitlines()[-1])

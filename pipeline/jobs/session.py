@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 
@@ -22,11 +23,46 @@ def cluster_address(address: str | None, command: str = "clean") -> str | None:
     or ``http://`` address is refused with a one-line :class:`ConfigError` saying what to use instead."""
     from pipeline.config import check_ray_address
 
+    what = "--ray-address"
     check_ray_address(address, command=command)
     if not address and os.environ.get("RAY_ADDRESS"):
-        address = os.environ["RAY_ADDRESS"]
-        check_ray_address(address, "RAY_ADDRESS", command)
+        address, what = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+        check_ray_address(address, what, command)
+    if address:
+        _check_answers(address, what)
     return address or None
+
+
+def _check_answers(address: str, what: str) -> None:
+    """A one-line :class:`ConfigError` when nothing answers at ``HOST:PORT``: ``ray.init`` would retry for minutes,
+    printing a line every 5 s. ``auto`` (the address ``ray start`` recorded on this machine) is left to Ray."""
+    import socket
+
+    from pipeline.config import ConfigError
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as exc:
+        raise ConfigError(f"{what} {address}: nothing answers there ({exc.strerror or exc}): check that `ray start "
+                          "--head` runs on that machine and that this is its GCS port (6379 unless --port said "
+                          "otherwise)") from None
+
+
+def use_the_token_at_hand() -> None:
+    """Turn on Ray's token authentication for this process when a token is at hand and ``RAY_AUTH_MODE`` is
+    not set. Ray 2.60's ``ray start --head`` turns it on by itself when ``~/.ray/auth_token`` exists, but a
+    driver joining that head does not, and fails with "Failed to connect to Ray cluster" after 20 s of
+    ``InvalidAuthToken`` lines. A driver in token mode joins a cluster without authentication as well.
+    Ray reads the mode once, when it is imported: call this before ``import ray``."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if os.environ.get("RAY_AUTH_TOKEN") or (path and Path(path).is_file()) or (
+            not path and Path("~/.ray/auth_token").expanduser().is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def init_ray(address: str | None = None) -> bool:
@@ -34,14 +70,26 @@ def init_ray(address: str | None = None) -> bool:
     already initialised in this process. Returns whether this call started or connected it.
 
     A ``ray://`` (Ray Client) address is refused before anything starts: Ray Data does not run under
-    Ray Client (``'Worker' object has no attribute 'core_worker'`` half-way through the job)."""
-    import ray
-
-    if ray.is_initialized():
+    Ray Client (``'Worker' object has no attribute 'core_worker'`` half-way through the job). A cluster that
+    cannot be reached is one :class:`~pipeline.config.ConfigError` line naming the address and the fixes."""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return False
     address = cluster_address(address)
+    if address and "ray" not in sys.modules:
+        use_the_token_at_hand()
+    import ray
+
     if address:
-        ray.init(address=address)
+        try:
+            ray.init(address=address)
+        except ConnectionError as exc:
+            from pipeline.config import ConfigError
+
+            raise ConfigError(
+                f"cannot join the Ray cluster at {address} ({exc}): check that `ray start --head` runs there and "
+                "that this is its GCS address (HEAD:6379 unless --port said otherwise); a cluster with token "
+                "authentication also needs its token here, in ~/.ray/auth_token or RAY_AUTH_TOKEN (`ray "
+                "get-auth-token` on the head prints it)") from None
     else:  # "local": a new instance, never a cluster that `ray start` left running on this machine
         ray.init(address="local", include_dashboard=False)
         _reap_local_ray()
@@ -65,13 +113,13 @@ def _reap_local_ray() -> None:
 def ray_session(address: str | None = None) -> Iterator[bool]:
     """:func:`init_ray` for the duration of a block (which gets whether it started or joined Ray itself);
     shut down on exit only if the block started it."""
-    import ray
-
-    started = init_ray(address)
+    started = init_ray(address)  # before `import ray`: see use_the_token_at_hand
     try:
         yield started
     finally:
         if started:
+            import ray
+
             ray.shutdown()
 
 

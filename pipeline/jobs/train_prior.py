@@ -102,9 +102,6 @@ def train_distributed(config: PriorConfig, num_workers: int = 2, use_gpu: bool =
     ``published`` (the registry version's URI) when ``registry`` names a registry root. ``stop_after``
     (a test hook, as in :func:`pipeline.training.train_prior`) ends the run after that many new steps,
     without export, and returns None."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from pipeline.data import storage
     from pipeline.data.datasets import image_column
     from pipeline.data.embedded import NAMES
@@ -116,7 +113,10 @@ def train_distributed(config: PriorConfig, num_workers: int = 2, use_gpu: bool =
     if config.data.source not in NAMES:  # the image column, chosen (or refused in one line) here, not in each worker
         column = image_column(config.data.source, config.data.column)
         config = config.model_copy(update={"data": config.data.model_copy(update={"column": column})})
-    with ray_session(ray_address):
+    with ray_session(ray_address):  # before Ray is imported (pipeline.jobs.session.use_the_token_at_hand)
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
         TorchTrainer(
             _worker_loop,
             # the driver's commit: workers run in Ray's session folder, outside the repository

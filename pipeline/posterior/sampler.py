@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from pipeline import metrics
 from pipeline.diffusion.sampling import eps_from_x0, x0_from_eps
 from pipeline.diffusion.sde import VPSDE, _bcast
 from pipeline.forward import ForwardModel
@@ -241,8 +242,6 @@ def joint_sample(x_model: Net, n_model: Net, sde: VPSDE, y: torch.Tensor, forwar
     d = GuidedDenoiser(x_model, n_model, sde, forward, y, settings)
     x, n = solve(d, Noise(seeds, generator, y.device), callback)
     x0, n0 = to01(x), to01(n)
-    from pipeline import metrics  # here, not at the top: the GPU script runs `solve` without torchmetrics
-
     # the residual is measured before the projection: how far the priors' estimate is from explaining y
     residual = metrics.residual(y, forward.apply(x0, n0))
     if settings.final_projection:

@@ -86,3 +86,27 @@ def test_a_worker_builds_the_model_from_the_bytes_it_checked_not_from_a_second_r
     for name, tensor in weights.items():
         assert torch.equal(state[name], tensor), name
     assert fingerprint(str(model)) != pinned.fingerprint  # the folder did change under it
+
+
+def test_a_run_that_fails_part_way_is_one_line_saying_how_far_it_got_and_how_to_resume(tiny_priors, tmp_path,
+                                                                                       capsys):
+    """What the Ray executor raises when the pool stalls past its re-plans or Ray itself fails (a pool actor
+    lost): the command prints one line, exit 1, and the shards done are kept."""
+    import argparse
+
+    from pipeline.jobs.commands import run_command
+    from pipeline.run.shard import ShardCleaner, clean_shard
+
+    _observations(str(tmp_path / "obs"), n=4, shard_size=2, bad_row=False)
+    run = Run.open(str(tmp_path / "obs"), str(tmp_path / "out"), _cfg(*tiny_priors), "r").plan()
+    clean_shard(ShardCleaner(run.cfg, run.pinned), run, run.shards[0])
+    capsys.readouterr()  # the planning's note on untuned weights
+
+    def fails(args: argparse.Namespace) -> int:
+        raise run.failed("the Ray job failed (ActorDiedError: The actor died unexpectedly)")
+
+    assert run_command(fails, argparse.Namespace(command="clean")) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"jointdiff clean: run r: the Ray job failed (ActorDiedError: The actor died unexpectedly); 1 of 2 "
+                   f"shard(s) are complete in {tmp_path}/out/runs/r and kept. Run the same command again to clean "
+                   "the rest.")

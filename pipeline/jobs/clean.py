@@ -391,7 +391,8 @@ def clean_pending(run: Run, progress: bool = True, crash_once: str | None = None
                   crash_shard: str | None = None) -> JobStats:
     """Clean the run's pending shards on Ray (joined or started here, :func:`~pipeline.jobs.session.ray_session`),
     re-planning on a fresh pool after a stall, at most :data:`MAX_REPLANS` times. Ctrl-C raises
-    :class:`~pipeline.run.RunInterrupted`."""
+    :class:`~pipeline.run.RunInterrupted`; a stall past the re-plans, or a failure of Ray itself (a pool actor
+    lost), :class:`~pipeline.run.RunFailed`, with the shards done so far kept."""
     stats = JobStats.empty()
     for replan in range(MAX_REPLANS + 1):
         if not run.pending:
@@ -407,9 +408,15 @@ def clean_pending(run: Run, progress: bool = True, crash_once: str | None = None
         except Stalled as exc:
             # leaving the session disconnected this driver, which ends every actor it owns, the stuck ones too
             if not started or replan == MAX_REPLANS:
-                raise RuntimeError(f"run {run.run_id}: {exc}; the shards done so far are kept: run the same "
-                                   "command again to clean the rest") from None
+                raise run.failed(str(exc)) from None
             print(f"clean {run.run_id}: {exc}: re-planning the pending shards on the nodes left", file=sys.stderr)
+        except Exception as exc:  # Ray's own failures (a pool actor lost or cancelled): one line, resumable
+            from ray.exceptions import RayError
+
+            if not isinstance(exc, RayError):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise run.failed(f"the Ray job failed ({type(exc).__name__}: {first[:300]})") from None
     return stats
 
 

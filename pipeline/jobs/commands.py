@@ -23,6 +23,7 @@ from typing import Any
 from pipeline.config import CleanConfig, ConfigError, check_run_id
 from pipeline.data import storage
 from pipeline.data.accounting import AccountingError, RejectedRowsError
+from pipeline.run import RunFailed
 
 EXECUTORS = ("local", "ray")
 
@@ -140,6 +141,9 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
     except KeyboardInterrupt as exc:
         print(f"\n{prog} {command}: {exc or 'interrupted'}", file=sys.stderr)
         return 130
+    except RunFailed as exc:  # the executor failed part-way: why, how far, how to resume
+        print(f"{prog} {command}: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:  # a local disk full, a folder not writable: the message names the path
         print(f"{prog} {command}: error: {exc}", file=sys.stderr)
         return 1

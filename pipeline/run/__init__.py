@@ -22,6 +22,6 @@ This package imports the floors below it (posterior, diffusion, data, metrics) a
 ``flows`` or the CLI.
 """
 
-from pipeline.run.run import Run, RunInterrupted
+from pipeline.run.run import Run, RunFailed, RunInterrupted
 
-__all__ = ["Run", "RunInterrupted"]
+__all__ = ["Run", "RunFailed", "RunInterrupted"]

@@ -177,6 +177,9 @@ class Run:
     def interrupted(self) -> RunInterrupted:
         return RunInterrupted(self)
 
+    def failed(self, cause: str) -> RunFailed:
+        return RunFailed(self, cause)
+
 
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C during a run: the message says how far it got and how to resume."""
@@ -186,3 +189,13 @@ class RunInterrupted(KeyboardInterrupt):
         super().__init__(f"interrupted: {done} of {len(run.shards)} shard(s) of run {run.run_id} are complete in "
                          f"{local_path(run.run_uri)}. Run the same command again to resume: complete shards are "
                          f"skipped (or pass --run-id {run.run_id}).")
+
+
+class RunFailed(RuntimeError):
+    """The executor failed part-way (a lost cluster, a stalled pool): the message says why, how far the run got
+    and how to resume."""
+
+    def __init__(self, run: Run, cause: str):
+        super().__init__(f"run {run.run_id}: {cause}; {len(run.done_now())} of {len(run.shards)} shard(s) are "
+                         f"complete in {local_path(run.run_uri)} and kept. Run the same command again to clean the "
+                         "rest.")

@@ -64,6 +64,7 @@ def spread(samples: torch.Tensor) -> torch.Tensor:
     return samples.std(0).flatten(1).mean(1)
 
 
-def removed_energy(y: torch.Tensor, x_hat: torch.Tensor, coef_x: float) -> torch.Tensor:
-    """RMS per image of ``y - c_x x_hat``: what cleaning removed from the observation."""
+def removed_energy(y: torch.Tensor, x_hat: torch.Tensor, coef_x: torch.Tensor | float) -> torch.Tensor:
+    """RMS per image of ``y - c_x x_hat``: what cleaning removed from the observation (``c_x`` a number, or per
+    row shaped to broadcast against ``y``)."""
     return (y - coef_x * x_hat).pow(2).flatten(1).mean(1).sqrt()

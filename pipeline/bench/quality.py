@@ -78,8 +78,8 @@ def sampler_settings(table: dict[str, Any], rule: str, steps: int, log: Any = pr
     """Euler-Maruyama with ``rule`` at ``steps``, as tuned for the main scenario: the table entry's settings
     (its schedule) and weights, whatever settings it was tuned with; else the rule's defaults (with a note)."""
     base = SamplerSettings(rule=rule, steps=steps, solver="euler-maruyama")
-    found = next((e for e in table.get("entries") or [] if all(
-        e.get(k) == v for k, v in zip(tuned.KEY, (*tuned.BENCH_SETTING, rule, base.solver, steps)))), None)
+    key = dict(zip(tuned.KEY, (*tuned.BENCH_SETTING, rule, base.solver, steps)))
+    found = next(iter(tuned.entries_for(table, key)), None)
     if found is not None:
         return dataclasses.replace(base, **found["with"], lambda_x=found["lambda_x"], kappa_n=found["kappa_n"])
     return _with_weights(base, table, log)

@@ -50,16 +50,17 @@ def entry(settings: SamplerSettings, image_prior: str, noise_prior: str, forward
             "kappa_n": float(settings.kappa_n), "with": {k: getattr(settings, k) for k in TUNED_WITH}}
 
 
+def entries_for(table: dict[str, Any], key: dict[str, Any]) -> list[dict[str, Any]]:
+    """The table's entries of the combination ``key`` (the fields of :data:`KEY`), whatever they were tuned with."""
+    return [e for e in table.get("entries") or [] if all(e.get(k) == v for k, v in key.items())]
+
+
 def lookup(settings: SamplerSettings, image_prior: str, noise_prior: str, forward: str,
            table: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The entry tuned for exactly this combination and these settings, or None."""
     table = load_table() if table is None else table
-    key = _key(image_prior, noise_prior, forward, settings)
-    for e in table.get("entries") or []:
-        if all(e.get(k) == v for k, v in key.items()) and all(
-                getattr(settings, k) == v for k, v in (e.get("with") or {}).items()):
-            return e
-    return None
+    return next((e for e in entries_for(table, _key(image_prior, noise_prior, forward, settings))
+                 if all(getattr(settings, k) == v for k, v in (e.get("with") or {}).items())), None)
 
 
 def _how_to_tune(settings: SamplerSettings, image_prior: str, noise_prior: str, forward: str) -> str:
@@ -102,9 +103,11 @@ def record(entries: list[dict[str, Any]], path: Path = TABLE, **fields: Any) -> 
     text = path.read_text()
     header = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
     doc = load_yaml(text, str(path)) or {}
-    new = {tuple(e[k] for k in KEY) + (repr(sorted(e["with"].items())),) for e in entries}
-    kept = [e for e in doc.get("entries") or []
-            if tuple(e.get(k) for k in KEY) + (repr(sorted((e.get("with") or {}).items())),) not in new]
+    def identity(e: dict[str, Any]) -> tuple[Any, ...]:
+        return (*(e.get(k) for k in KEY), repr(sorted((e.get("with") or {}).items())))
+
+    new = {identity(e) for e in entries}
+    kept = [e for e in doc.get("entries") or [] if identity(e) not in new]
     if "scores" in fields:
         fields["scores"] = {**(doc.get("scores") or {}), **fields["scores"]}
     doc.update(fields)

@@ -28,7 +28,7 @@ from pipeline.config import CleanConfig
 from pipeline.data.accounting import PlannedShard, mark_done
 from pipeline.data.shards import read_table
 from pipeline.data.validate import error_row
-from pipeline.forward import make_forward
+from pipeline.forward import FORWARD_MODELS, make_forward
 from pipeline.posterior.core import Runtime, auto_batch_size
 from pipeline.posterior.denoise import Denoiser, truth_metrics
 from pipeline.run.models import check_pair, load_pinned
@@ -69,7 +69,7 @@ class ShardCleaner:
         probe = Runtime(self.runtime.precision, self.runtime.channels_last, compile=False)
         return auto_batch_size(probe.wrap(self.x_model, self.device), probe.wrap(self.n_model, self.device),
                                self.sde, make_forward("blend", 1), self.shape, self.device, self.settings, default=32,
-                               n_samples=self.cfg.sampler.n_samples, margin=self.cfg.gpu.memory_margin,
+                               n_samples=self.settings.n_samples, margin=self.cfg.gpu.memory_margin,
                                cap=self.cfg.gpu.max_batch)
 
 
@@ -100,12 +100,13 @@ def sample(cleaner: ShardCleaner, rows: list[Row], result: ShardResult, reject: 
     ``result``, a row whose sample is not finite to ``reject``."""
     started = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     fwd = cleaner.cfg.forward
+    weight = FORWARD_MODELS[fwd.name].weight  # the parameter each row's alpha column holds (none for the sum)
     denoiser = Denoiser(cleaner.x_model, cleaner.n_model, cleaner.sde, cleaner.settings, cleaner.runtime)
     for start in range(0, len(rows), cleaner.batch_size):
         batch = rows[start:start + cleaner.batch_size]
         y = torch.from_numpy(np.stack([r.y for r in batch])).to(cleaner.device)
         forward = make_forward(fwd.name, len(batch), sigma_y=fwd.sigma_y,
-                               **({"alpha": [r.alpha for r in batch]} if fwd.name == "blend" else {}))
+                               **({weight: [r.alpha for r in batch]} if weight else {}))
         out = denoiser([r.id for r in batch], y, forward)
         truth = _truth_metrics(batch, out.denoised, y, cleaner.device)
         finite = torch.isfinite(out.denoised.flatten(1)).all(1) & torch.isfinite(out.noise_estimate.flatten(1)).all(1)

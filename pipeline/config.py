@@ -60,8 +60,21 @@ class DataConfig(_Strict):
     grey_to_rgb: Literal["replicate", "random"] = Field(
         "replicate", description="grey images for a 3-channel prior: copied into every channel, or drawn "
                                  "into one random channel per training example (the paper's MNIST prior)")
+    patch: int | None = Field(None, ge=4, description="train on random patch x patch crops of images kept at "
+                                                      "their own sizes (a shard dataset of mixed sizes, `natural`); "
+                                                      "data.size then defaults to it and must equal it")
 
     _channels = field_validator("channels")(classmethod(lambda cls, v: check_channels(v)))
+
+    @model_validator(mode="after")
+    def _patch_is_size(self) -> DataConfig:
+        if self.patch is not None:
+            if "size" not in self.model_fields_set:
+                self.size = self.patch
+            elif self.size != self.patch:
+                raise ValueError(f"data.patch={self.patch} and data.size={self.size}: with patches the prior's "
+                                 f"size is the patch size; drop data.size or set it to {self.patch}")
+        return self
 
 
 class TrainConfig(_Strict):

@@ -19,7 +19,7 @@ from pipeline.data.embedded import NAMES
 from pipeline.data.storage import join
 from pipeline.diffusion.losses import heldout_loss
 from pipeline.diffusion.sde import VPSDE
-from pipeline.diffusion.train import Trainer, TrainSettings, fit
+from pipeline.diffusion.train import PatchPool, Trainer, TrainSettings, fit
 from pipeline.diffusion.unet import count_parameters
 
 
@@ -46,12 +46,22 @@ def to_network(images: torch.Tensor) -> torch.Tensor:
     return images * 2.0 - 1.0
 
 
-def load_train_data(config: PriorConfig) -> tuple[Any, torch.Tensor, bool]:
-    """The training images: ``(ImageSet, network-space tensor on the device, grey-to-random-channel)``."""
+def load_train_data(config: PriorConfig) -> tuple[Any, torch.Tensor | PatchPool, bool]:
+    """The training images: ``(ImageSet, network-space tensor on the device, grey-to-random-channel)``; with
+    ``data.patch``, the images at their own sizes in a :class:`PatchPool` instead of the tensor."""
     d = config.data
     random_channel = d.grey_to_rgb == "random" and d.channels == 3
+    channels = 1 if random_channel else d.channels
+    if d.patch is not None:
+        if d.patch != config.unet.image_size:
+            raise ValueError(f"data.patch={d.patch} but unet.image_size={config.unet.image_size}; set them alike")
+        # natural photos and shard datasets at their own sizes; the other embedded sets have none
+        native = d.source == "natural" or d.source not in NAMES
+        train_set = load_images(d.source, d.split, None if native else d.size, channels, d.column)
+        pool = PatchPool([to_network(torch.from_numpy(np.asarray(im))) for im in train_set.images], d.patch)
+        return train_set, pool.to(config.train.device), random_channel
     # grey_to_rgb=random: load grey, and the trainer draws each example into a random channel
-    train_set = load_images(d.source, d.split, d.size, 1 if random_channel else d.channels, d.column)
+    train_set = load_images(d.source, d.split, d.size, channels, d.column)
     if train_set.images.shape[1:] != ((1 if random_channel else config.unet.channels), config.unet.image_size,
                                       config.unet.image_size):
         raise ValueError(f"data gives {train_set.images.shape[1:]} images but the U-Net expects "
@@ -67,7 +77,8 @@ def images_hash(images: Any) -> str:
     h = hashlib.sha256()
     for id_ in images.ids:
         h.update(str(id_).encode() + b"\0")
-    h.update(np.ascontiguousarray(images.images).tobytes())
+    for im in (images.images if isinstance(images.images, list) else [images.images]):
+        h.update(np.ascontiguousarray(im).tobytes())
     return h.hexdigest()[:16]
 
 

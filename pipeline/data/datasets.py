@@ -57,15 +57,16 @@ def image_column(source: str, column: str | None = None, column_key: str | None 
     raise ConfigError(f"{source}: no image column: the shards have {', '.join(names)}{how}")
 
 
-def load_images(source: str, split: str = "train", size: int = 32, channels: int = 1,
+def load_images(source: str, split: str = "train", size: int | None = 32, channels: int = 1,
                 column: str | None = None, column_key: str | None = "data.column") -> ImageSet:
-    """Images in [0, 1], (N, C, size, size). ``source`` is an embedded name or a shard URI; ``column``
-    its image column (default: :func:`image_column`'s choice); ``column_key`` the config key that names
-    the column, for the error message (None: the caller has none)."""
+    """Images in [0, 1], (N, C, size, size); ``size=None``: each at its own size, a list of (C, H, W).
+    ``source`` is an embedded name or a shard URI; ``column`` its image column (default:
+    :func:`image_column`'s choice); ``column_key`` the config key that names the column, for the error
+    message (None: the caller has none)."""
     if source in NAMES:
         return load_embedded(source, split, size, channels)
     ids, arrays = read_images(source, image_column(source, column, column_key))
-    # training images: any size is resized, alpha dropped, channels converted; non-finite is an error
+    # training images: resized to size (or kept), alpha dropped, channels converted; non-finite is an error
     policy = ImagePolicy(size=size, channels=channels, resize="resize", alpha="drop", max_pixels=2**62)
     out = []
     for id_, arr in zip(ids, arrays):
@@ -73,4 +74,4 @@ def load_images(source: str, split: str = "train", size: int = 32, channels: int
             out.append(conform(arr, policy))
         except RowError as exc:
             raise ValueError(f"{source}: image {id_!r}: {exc.reason}") from None
-    return ImageSet(ids, np.stack(out))
+    return ImageSet(ids, out if size is None else np.stack(out))

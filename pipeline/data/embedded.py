@@ -6,10 +6,18 @@
 | `digits`  | `sklearn.datasets.load_digits()`       | 0-1399        | 1400-1599        | 1600-1796          |
 | `patches` | crops of scikit-image sample images    | 9 images x 64 | 2 images x 16    | 4 images x 16      |
 | `stripes` | synthetic sinusoidal stripes           | seeds 0-4999  | seeds 1,000,000+ | seeds 2,000,000+   |
+| `natural` | scikit-image's photos, native size     | 12 photos     | 2 photos         | 4 photos           |
 
 `patches` sources: train = moon, clock, hubble_deep_field, immunohistochemistry, grass, gravel,
 brick, cell, retina; val = rocket, coins; test = camera, astronaut, coffee, chelsea. `stripes` val and
 test have 500 images each.
+
+`natural` is split *by photo* (:data:`NATURAL_PHOTOS`), grey and RGB, at native resolution: train =
+chelsea (also shipped as ``cat``), the stereo_motorcycle pair (left and right, one split), hubble_deep_field,
+immunohistochemistry, retina, brick, cell, grass, gravel, microaneurysms, moon. Images that hold text or
+are not photos are never used (:data:`NATURAL_EXCLUDED`). :func:`natural_photos` gives the whole photos
+(patch training, the large-image benchmark); ``load_embedded("natural", ...)`` gives fixed crops of
+``size`` x ``size`` cut at native resolution (64 per photo in train, 32 in val and test), not resized.
 
 Splits are fixed index ranges (or, for `patches`, disjoint source images; for `stripes`, disjoint
 seed ranges), so they are deterministic and disjoint by construction. Every image is resized to the
@@ -26,7 +34,7 @@ from functools import lru_cache
 import numpy as np
 
 SPLITS = ("train", "val", "test")
-NAMES = ("faces", "digits", "patches", "stripes")
+NAMES = ("faces", "digits", "patches", "stripes", "natural")
 
 FACES_SPLITS = {"train": range(0, 70), "val": range(70, 80), "test": range(80, 100)}
 DIGITS_SPLITS = {"train": range(0, 1400), "val": range(1400, 1600), "test": range(1600, 1797)}
@@ -37,6 +45,16 @@ PATCH_SOURCES = {
     "test": ("camera", "astronaut", "coffee", "chelsea"),
 }
 PATCHES_PER_SOURCE = {"train": 64, "val": 16, "test": 16}
+NATURAL_PHOTOS = {
+    "train": ("chelsea", "stereo_motorcycle", "hubble_deep_field", "immunohistochemistry", "retina", "brick",
+              "cell", "grass", "gravel", "microaneurysms", "moon"),
+    "val": ("rocket", "clock"),
+    "test": ("astronaut", "coffee", "camera", "coins"),
+}
+# text, logos, drawings and synthetic images; `cat` is chelsea under another name
+NATURAL_EXCLUDED = ("page", "text", "logo", "checkerboard", "horse", "shepp_logan_phantom", "colorwheel",
+                    "binary_blobs", "lfw_subset", "cat")
+NATURAL_CROPS = {"train": 64, "val": 32, "test": 32}
 STRIPES_SPLITS = {"train": (0, 5000), "val": (1_000_000, 500), "test": (2_000_000, 500)}
 # Stripe frequency in cycles per image side, so the pattern does not depend on the pixel size.
 STRIPES_CYCLES = (1.5, 6.0)
@@ -44,10 +62,11 @@ STRIPES_CYCLES = (1.5, 6.0)
 
 @dataclass
 class ImageSet:
-    """Images as float32 ``(N, C, S, S)`` in [0, 1] with one string id per image."""
+    """Images as float32 ``(N, C, S, S)`` in [0, 1] with one string id per image, or, for images kept at
+    their own sizes, a list of ``(C, H, W)`` arrays."""
 
     ids: list[str]
-    images: np.ndarray
+    images: np.ndarray | list[np.ndarray]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -56,15 +75,21 @@ class ImageSet:
         return self if n is None else ImageSet(self.ids[:n], self.images[:n])
 
 
-def load_embedded(name: str, split: str = "train", size: int = 32, channels: int = 1,
+def load_embedded(name: str, split: str = "train", size: int | None = 32, channels: int = 1,
                   n: int | None = None) -> ImageSet:
-    """Load split ``split`` of embedded dataset ``name`` at ``size`` x ``size`` with ``channels``."""
+    """Load split ``split`` of embedded dataset ``name`` at ``size`` x ``size`` with ``channels``;
+    ``size=None`` (``natural`` only): the whole photos at their own sizes, as a list."""
     if name not in NAMES:
         raise ValueError(f"unknown embedded dataset '{name}'; choose one of {', '.join(NAMES)}")
     if split not in SPLITS:
         raise ValueError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if size is None:
+        if name != "natural":
+            raise ValueError(f"embedded dataset '{name}' has no native size; give a size")
+        photos = natural_photos(split)
+        return ImageSet([i for i, _ in photos], [to_channels(p[None], channels)[0] for _, p in photos]).subset(n)
     if size < 4:
         raise ValueError(f"size must be at least 4, got {size}")
     ids, images = _LOADERS[name](split, size)
@@ -158,4 +183,40 @@ def _stripes(split: str, size: int) -> tuple[list[str], np.ndarray]:
     return [f"stripes-{split}-{s:07d}" for s in seeds], np.stack([stripe(s, size) for s in seeds])
 
 
-_LOADERS = {"faces": _faces, "digits": _digits, "patches": _patches, "stripes": _stripes}
+def _unit(img: np.ndarray) -> np.ndarray:
+    return img.astype(np.float32) / np.iinfo(img.dtype).max if img.dtype.kind == "u" else img.astype(np.float32)
+
+
+@lru_cache(maxsize=3)
+def natural_photos(split: str) -> tuple[tuple[str, np.ndarray], ...]:
+    """The ``natural`` photos of ``split`` at native size: ``(id, (H, W) or (H, W, 3) float32 in [0, 1])``."""
+    import skimage.data
+
+    if split not in SPLITS:
+        raise ValueError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
+    out = []
+    for name in NATURAL_PHOTOS[split]:
+        img = getattr(skimage.data, name)()
+        if name == "stereo_motorcycle":  # (left, right, disparity): both views, one split
+            out += [(f"natural-{split}-{name}-left", _unit(img[0])), (f"natural-{split}-{name}-right", _unit(img[1]))]
+        else:
+            out.append((f"natural-{split}-{name}", _unit(img)))
+    return tuple(out)
+
+
+def _natural(split: str, size: int) -> tuple[list[str], list[np.ndarray]]:
+    ids, out = [], []
+    for s, (id_, img) in enumerate(natural_photos(split)):
+        rng = np.random.default_rng(5000 + s + 100 * SPLITS.index(split))
+        img = img if img.ndim == 3 else np.repeat(img[..., None], 3, axis=-1)
+        h, w = img.shape[:2]
+        if min(h, w) < size:
+            raise ValueError(f"natural photos are at least {min(h, w)} pixels a side; ask for size <= {min(h, w)}")
+        for k in range(NATURAL_CROPS[split]):
+            y0, x0 = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
+            ids.append(f"{id_}-{k:03d}")
+            out.append(img[y0:y0 + size, x0:x0 + size])
+    return ids, np.stack(out)
+
+
+_LOADERS = {"faces": _faces, "digits": _digits, "patches": _patches, "stripes": _stripes, "natural": _natural}

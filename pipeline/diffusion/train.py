@@ -44,6 +44,7 @@ from pipeline.diffusion.ema import EMA
 from pipeline.diffusion.losses import random_dsm_loss
 from pipeline.diffusion.nets import NetConfig, UNet
 from pipeline.diffusion.sde import VPSDE
+from pipeline.diffusion.tiles import reflect_pad
 
 KEEP_STATES = 2
 
@@ -84,6 +85,46 @@ def _random_shift(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
     return padded[idx, chan, rows, cols]
 
 
+class PatchPool:
+    """Images of any sizes (network space, each ``(C, H, W)``) that training draws random
+    ``patch`` x ``patch`` crops from: a uniformly chosen image (each image counts the same, whatever its
+    size), then a uniformly chosen position. An image smaller than the patch is padded by reflection."""
+
+    def __init__(self, images: list[torch.Tensor], patch: int):
+        if not images:
+            raise ValueError("no images to draw patches from")
+        self.patch = patch
+        self.images = [self._fit(im) for im in images]
+
+    def _fit(self, im: torch.Tensor) -> torch.Tensor:
+        h, w = im.shape[-2:]
+        return reflect_pad(im[None], 0, max(0, self.patch - h), 0, max(0, self.patch - w))[0]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: slice) -> PatchPool:
+        return PatchPool(self.images[index], self.patch)
+
+    @property
+    def device(self) -> torch.device:
+        return self.images[0].device
+
+    def to(self, device: torch.device | str) -> PatchPool:
+        return PatchPool([im.to(device) for im in self.images], self.patch)
+
+    def draw(self, n: int, g: torch.Generator) -> torch.Tensor:
+        p = self.patch
+        which = torch.randint(len(self.images), (n,), generator=g, device=g.device).tolist()
+        u = torch.rand(n, 2, generator=g, device=g.device).tolist()
+        out = []
+        for k, (fy, fx) in zip(which, u):
+            im = self.images[k]
+            y0, x0 = int(fy * (im.shape[-2] - p + 1)), int(fx * (im.shape[-1] - p + 1))
+            out.append(im[:, y0:y0 + p, x0:x0 + p])
+        return torch.stack(out).to(self.device)
+
+
 def lr_at(step: int, base_lr: float, warmup: int) -> float:
     """Linear warm-up from ``base_lr / warmup`` to ``base_lr`` over ``warmup`` steps, then constant."""
     return base_lr * min(1.0, (step + 1) / warmup) if warmup > 0 else base_lr
@@ -109,11 +150,15 @@ class Trainer:
         self.net: torch.nn.Module | None = None
 
     # ------------------------------------------------------------- one step
-    def draw_batch(self, data: torch.Tensor) -> torch.Tensor:
-        """A random batch (with replacement) of network-space images, flipped if configured."""
+    def draw_batch(self, data: torch.Tensor | PatchPool) -> torch.Tensor:
+        """A random batch (with replacement) of network-space images (or of patches of them), flipped if
+        configured."""
         g = self.generator
-        idx = torch.randint(data.shape[0], (self.settings.batch_size,), generator=g, device=self.device)
-        x0 = data[idx]
+        if isinstance(data, PatchPool):
+            x0 = data.draw(self.settings.batch_size, g)
+        else:
+            idx = torch.randint(data.shape[0], (self.settings.batch_size,), generator=g, device=self.device)
+            x0 = data[idx]
         if self.settings.grey_to_rgb == "random" and x0.shape[1] == 1 and self.model.config.channels == 3:
             # the grey image in one random colour channel, black (-1) in the other two
             chan = torch.randint(3, (x0.shape[0],), generator=g, device=self.device)
@@ -275,7 +320,7 @@ def _defer_sigint() -> Iterator[list[bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
-def fit(trainer: Trainer, data: torch.Tensor, output: str,
+def fit(trainer: Trainer, data: torch.Tensor | PatchPool, output: str,
         on_step: Callable[[int, float], None] | None = None,
         stop_after: int | None = None, chief: bool = True,
         after_resume: Callable[[Trainer], None] | None = None) -> dict[str, Any]:

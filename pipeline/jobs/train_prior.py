@@ -81,8 +81,13 @@ def _worker_data(cfg: PriorConfig, rank: int, world: int) -> tuple[Any, Any, boo
         train_set, random_channel = parts[0][0], parts[0][2]
         import torch
 
-        data = torch.cat([p[1] for p in parts])
-        count = torch.tensor([data.shape[0]])
+        from pipeline.diffusion.train import PatchPool
+
+        if isinstance(parts[0][1], PatchPool):
+            data = PatchPool([im for p in parts for im in p[1].images], parts[0][1].patch)
+        else:
+            data = torch.cat([p[1] for p in parts])
+        count = torch.tensor([len(data)])
         if dist.is_initialized():
             dist.all_reduce(count)
         listing = []

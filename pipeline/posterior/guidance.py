@@ -35,6 +35,7 @@ authors' code scales the step) or ``pigdm`` (``a_t``). An unknown name is refuse
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -43,6 +44,7 @@ import torch
 
 from pipeline.diffusion.sampling import x0_from_eps
 from pipeline.diffusion.sde import VPSDE, _bcast
+from pipeline.diffusion.tiles import Tiling, tiled, tiled_vjp
 from pipeline.forward import ForwardModel
 from pipeline.settings import Registry
 
@@ -143,6 +145,8 @@ class GuidedDenoiser:
     forward: ForwardModel
     y: torch.Tensor
     settings: SamplerSettings
+    tile: int | None = None  # the priors' trained size: larger (or smaller) images are evaluated in tiles
+    tile_batch: int = 64  # tiles per network call (memory), never the result
 
     def __post_init__(self) -> None:
         if self.settings.lambda_x is None or self.settings.kappa_n is None:
@@ -150,6 +154,38 @@ class GuidedDenoiser:
                              "the tuned table with pipeline.posterior.tuned.resolve_weights")
         if self.forward.batch_size != self.y.shape[0]:
             raise ValueError(f"the forward model has {self.forward.batch_size} rows but y has {self.y.shape[0]}")
+
+    def tiling(self, t: torch.Tensor) -> Tiling | None:
+        """The tiles for the step at times ``t``, None when the networks see the whole image. The offset is
+        drawn from the sampler's seed and the step's time, so it moves at every step, is the same for every
+        image of the batch and for both priors, and does not depend on batching."""
+        if self.tile is None:
+            return None
+        h, w = self.y.shape[-2:]
+        overlap = min(self.settings.tile_overlap, self.tile - 1)
+        if h == w == self.tile:
+            return Tiling(h, w, self.tile, overlap)
+        digest = hashlib.blake2b(f"{self.settings.seed}/{float(t.reshape(-1)[0]):.9e}".encode(), digest_size=8)
+        v = int.from_bytes(digest.digest(), "little")
+        stride = self.tile - overlap
+        return Tiling(h, w, self.tile, overlap, (v % stride, (v // stride) % stride))
+
+    def predict(self, x: torch.Tensor, n: torch.Tensor, t: torch.Tensor,
+                tiling: Tiling | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both networks' noise predictions at ``(x_t, n_t, t)``, whole or tiled; no graph."""
+        if tiling is None:
+            with torch.no_grad():
+                return self.x_model(x, t), self.n_model(n, t)
+        return (tiled(self.x_model, x, t, tiling, self.tile_batch),
+                tiled(self.n_model, n, t, tiling, self.tile_batch))
+
+    @property
+    def pixel_scale(self) -> float:
+        """``sqrt(P / P0)``: the image's values over the priors' (1 when untiled), so that a loss normalised by
+        ``||r||`` moves each pixel as far at every image size (:func:`residual_norm`)."""
+        if self.tile is None:
+            return 1.0
+        return float(self.y.shape[-2] * self.y.shape[-1] / self.tile**2) ** 0.5
 
     def residual(self, x0: torch.Tensor, n0: torch.Tensor) -> torch.Tensor:
         """``r = y - A(x0, n0)`` in [0, 1] units, for estimates in network units."""
@@ -171,8 +207,10 @@ Loss = Callable[[GuidedDenoiser, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def residual_norm(d: GuidedDenoiser, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``||r||`` per sample (DPS)."""
-    return torch.sqrt(r.pow(2).flatten(1).sum(1) + 1e-12)
+    """``||r|| sqrt(P / P0)`` per sample (DPS), for images of ``P`` values and priors of ``P0``: the step
+    ``r / (rms(r) sqrt(P0))`` is normalised by the per-pixel RMS residual, so a weight means the same at
+    every image size; at the priors' own size it is DPS's ``||r||``."""
+    return torch.sqrt(r.pow(2).flatten(1).sum(1) + 1e-12) * d.pixel_scale
 
 
 def gaussian_nll(d: GuidedDenoiser, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -185,7 +223,23 @@ def gaussian_nll(d: GuidedDenoiser, r: torch.Tensor, t: torch.Tensor) -> torch.T
 
 
 def through_networks(d: GuidedDenoiser, x: torch.Tensor, n: torch.Tensor, t: torch.Tensor, loss: Loss) -> Guidance:
-    """Both networks with ``loss``'s gradient taken through them: one vector-Jacobian product per prior."""
+    """Both networks with ``loss``'s gradient taken through them: one vector-Jacobian product per prior.
+
+    Tiled (an image that is not the priors' size): the residual is the whole image's, so the networks first
+    run without a graph over all tiles; the loss's gradient with respect to their blended outputs then goes
+    back through them one tile batch at a time (:func:`pipeline.diffusion.tiles.tiled_vjp`)."""
+    tiling = d.tiling(t)
+    if tiling is not None and not tiling.single:
+        ex, en = d.predict(x, n, t, tiling)
+        with torch.enable_grad():
+            xg, ng = x.detach().requires_grad_(True), n.detach().requires_grad_(True)
+            exg, eng = ex.requires_grad_(True), en.requires_grad_(True)
+            x0, n0 = x0_from_eps(d.sde, xg, exg, t), x0_from_eps(d.sde, ng, eng, t)
+            r = d.residual(x0, n0)
+            gx, gn, cx, cn = torch.autograd.grad(loss(d, r, t).sum(), [xg, ng, exg, eng])
+        gx = gx + tiled_vjp(d.x_model, x, t, tiling, d.tile_batch, cx)
+        gn = gn + tiled_vjp(d.n_model, n, t, tiling, d.tile_batch, cn)
+        return Guidance(ex.detach(), en.detach(), x0.detach(), n0.detach(), gx, gn, r.detach())
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
         ng = n.detach().requires_grad_(True)
@@ -199,8 +253,7 @@ def through_networks(d: GuidedDenoiser, x: torch.Tensor, n: torch.Tensor, t: tor
 
 def through_identity(d: GuidedDenoiser, x: torch.Tensor, n: torch.Tensor, t: torch.Tensor, loss: Loss) -> Guidance:
     """Both networks without a backward pass: ``d x0_hat / d x_t`` taken as ``I / a_t``."""
-    with torch.no_grad():
-        ex, en = d.x_model(x, t), d.n_model(n, t)
+    ex, en = d.predict(x, n, t, d.tiling(t))
     with torch.enable_grad():
         x0 = x0_from_eps(d.sde, x, ex, t).requires_grad_(True)
         n0 = x0_from_eps(d.sde, n, en, t).requires_grad_(True)

@@ -88,6 +88,8 @@ class SamplerSettings:
                                                                           "y = A(x, n)"})
     n_samples: int = field(default=1, metadata={"ge": 1, "description": "posterior samples per image (mean and "
                                                                        "spread)"})
+    tile_overlap: int = field(default=8, metadata={"ge": 0, "description": "images larger than the priors: "
+                                                                          "pixels shared by neighbouring tiles"})
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -227,7 +229,7 @@ class JointResult:
 def joint_sample(x_model: Net, n_model: Net, sde: VPSDE, y: torch.Tensor, forward: ForwardModel,
                  settings: SamplerSettings, seeds: Sequence[int] | None = None,
                  generator: torch.Generator | None = None, callback: Callback | None = None,
-                 runtime: Any = None) -> JointResult:
+                 runtime: Any = None, tile: int | None = None, tile_batch: int = 64) -> JointResult:
     """Draw one joint posterior sample ``(x, n)`` per observation in ``y`` ([0, 1] units, (B, C, H, W)), with
     ``forward`` holding one row of parameters per observation.
 
@@ -235,11 +237,20 @@ def joint_sample(x_model: Net, n_model: Net, sde: VPSDE, y: torch.Tensor, forwar
     without them, one ``generator`` serves the whole batch (faster; for tests and benchmarks).
     ``runtime`` (:class:`~pipeline.posterior.core.Runtime`) sets how the networks run: bf16 autocast,
     channels-last, ``torch.compile``; None (float32, as given) changes nothing.
+    ``tile``: the priors' trained size (default: the image prior's ``config.image_size`` where it has one);
+    an image of another size is evaluated in overlapping tiles of it, at most ``tile_batch`` per network
+    call (:mod:`pipeline.diffusion.tiles`); None: the networks see the whole image.
     """
+    if tile is None:
+        tile = getattr(getattr(x_model, "config", None), "image_size", None)
+    if tile is not None and tuple(y.shape[-2:]) != (tile, tile) and getattr(SOLVERS[settings.solver], "finishes",
+                                                                             False):
+        raise ValueError(f"the {settings.solver} solver runs at the priors' size ({tile}x{tile}) only; "
+                         f"the images are {y.shape[-2]}x{y.shape[-1]}: use sampler.solver=ddim")
     if runtime is not None:
         x_model, n_model = runtime.wrap(x_model, y.device), runtime.wrap(n_model, y.device)
     forward = forward.to(y.device)
-    d = GuidedDenoiser(x_model, n_model, sde, forward, y, settings)
+    d = GuidedDenoiser(x_model, n_model, sde, forward, y, settings, tile, tile_batch)
     x, n = solve(d, Noise(seeds, generator, y.device), callback)
     x0, n0 = to01(x), to01(n)
     # the residual is measured before the projection: how far the priors' estimate is from explaining y

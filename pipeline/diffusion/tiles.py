@@ -1,0 +1,165 @@
+"""A network trained on ``tile`` x ``tile`` patches, evaluated on images of any size: overlapping tiles,
+blended with window weights, at an offset that the caller moves at every step (so no seam stays put).
+
+:class:`Tiling` places the tiles over an ``H`` x ``W`` image: origins every ``stride = tile - overlap``
+pixels starting at ``-offset`` (``0 <= offset < stride`` on each axis), enough of them to cover the image;
+the image is padded by reflection so that tiles hanging over its border see mirrored content, and what
+the network says about the padding is dropped. Each tile's output is weighted by a separable window
+(``sin^2``, never below :data:`WINDOW_FLOOR` so that a pixel covered only by tile edges still has a
+weight) and the weighted sum is divided by the sum of the weights: a constant network output comes back
+exactly constant, whatever the offsets.
+
+:func:`tiled` evaluates a network tile batch by tile batch (memory is bounded by ``batch`` tiles, not by
+the image) without building a graph; :func:`tiled_vjp` gives ``J^T c``, the vector-Jacobian product of the
+blended output with a cotangent ``c`` of the image's size, again one tile batch at a time (each batch
+re-evaluates its tiles with a graph and is freed before the next). An image that is exactly one tile is
+the network itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+Net = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+WINDOW_FLOOR = 1e-3
+
+
+def reflect_pad(z: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+    """Pad the last two dimensions by reflection, also by more than the image's own size (reflecting the
+    padded image again); a one-pixel side is repeated instead. Differentiable."""
+    while top or bottom or left or right:
+        h, w = z.shape[-2:]
+        if h == 1 or w == 1:
+            return F.pad(z, (left, right, top, bottom), mode="replicate")
+        t, b, lft, r = min(top, h - 1), min(bottom, h - 1), min(left, w - 1), min(right, w - 1)
+        z = F.pad(z, (lft, r, t, b), mode="reflect")
+        top, bottom, left, right = top - t, bottom - b, left - lft, right - r
+    return z
+
+
+def window(tile: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The ``(tile, tile)`` blending window: ``sin^2(pi (u + 1/2) / tile)`` per axis, at least :data:`WINDOW_FLOOR`."""
+    u = torch.sin(math.pi * (torch.arange(tile, dtype=torch.float32, device=device) + 0.5) / tile) ** 2
+    return (u[:, None] * u[None, :]).clamp_min(WINDOW_FLOOR)
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Tiles of ``tile`` pixels overlapping by ``overlap`` over an ``(h, w)`` image, shifted by ``offset``."""
+
+    h: int
+    w: int
+    tile: int
+    overlap: int
+    offset: tuple[int, int] = (0, 0)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.overlap < self.tile:
+            raise ValueError(f"tile overlap must be in [0, {self.tile}), got {self.overlap}")
+        if not all(0 <= o < self.stride for o in self.offset):
+            raise ValueError(f"tile offsets must be in [0, {self.stride}), got {self.offset}")
+
+    @property
+    def stride(self) -> int:
+        return self.tile - self.overlap
+
+    @property
+    def single(self) -> bool:
+        """The image is exactly one tile: the network runs on it as it is."""
+        return self.h == self.tile and self.w == self.tile
+
+    def _starts(self, size: int, offset: int) -> list[int]:
+        if size <= self.tile and offset == 0:
+            return [0]
+        starts, s = [], -offset
+        while True:
+            starts.append(s)
+            if s + self.tile >= size:
+                return starts
+            s += self.stride
+
+    @property
+    def origins(self) -> list[tuple[int, int]]:
+        """Each tile's top-left corner in image coordinates (may be negative: over the padding)."""
+        return [(y, x) for y in self._starts(self.h, self.offset[0]) for x in self._starts(self.w, self.offset[1])]
+
+    def _pads(self) -> tuple[int, int, int, int]:
+        ys, xs = self._starts(self.h, self.offset[0]), self._starts(self.w, self.offset[1])
+        return -ys[0], ys[-1] + self.tile - self.h, -xs[0], xs[-1] + self.tile - self.w
+
+    def pad(self, z: torch.Tensor) -> torch.Tensor:
+        """``z`` padded by reflection so that every tile lies inside it."""
+        return reflect_pad(z, *self._pads())
+
+    def cut(self, zp: torch.Tensor, origins: list[tuple[int, int]], t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The tiles at ``origins`` of every image of the padded batch ``zp`` (tile-major within an image),
+        with each tile's time."""
+        top, _, left, _ = self._pads()
+        tiles = torch.stack([zp[:, :, y + top:y + top + self.tile, x + left:x + left + self.tile]
+                             for y, x in origins], 1)
+        return tiles.flatten(0, 1), t.repeat_interleave(len(origins))
+
+    def weights(self, device: torch.device | str) -> torch.Tensor:
+        """The sum of the window weights at every image pixel, ``(1, 1, h, w)``."""
+        acc = torch.zeros(1, 1, self.h, self.w, device=device)
+        k = len(self.origins)
+        self.add(acc, window(self.tile, device).expand(1, k, 1, self.tile, self.tile), self.origins)
+        return acc
+
+    def add(self, acc: torch.Tensor, tiles: torch.Tensor, origins: list[tuple[int, int]]) -> None:
+        """Add ``tiles`` ``(B, len(origins), C, tile, tile)`` (already weighted) into ``acc`` ``(B, C, h, w)`` at
+        ``origins``, dropping what falls outside the image."""
+        for k, (y, x) in enumerate(origins):
+            y0, x0 = max(y, 0), max(x, 0)
+            y1, x1 = min(y + self.tile, self.h), min(x + self.tile, self.w)
+            acc[:, :, y0:y1, x0:x1] += tiles[:, k, :, y0 - y:y1 - y, x0 - x:x1 - x]
+
+
+def _chunks(origins: list[tuple[int, int]], images: int, batch: int) -> list[list[tuple[int, int]]]:
+    """Origins in groups of at least one tile so that a group over ``images`` images holds at most ``batch``
+    tiles (a single image larger than ``batch`` tiles is cut into several groups)."""
+    per = max(1, batch // max(images, 1))
+    return [origins[i:i + per] for i in range(0, len(origins), per)]
+
+
+def tiled(net: Net, z: torch.Tensor, t: torch.Tensor, tiling: Tiling, batch: int) -> torch.Tensor:
+    """The network's output for the whole ``z`` ``(B, C, h, w)`` at times ``t`` ``(B,)``: tiles blended by their
+    windows; at most about ``batch`` tiles per network call. No graph is kept."""
+    if tiling.single:
+        with torch.no_grad():
+            return net(z, t)
+    win = window(tiling.tile, z.device)
+    out = torch.zeros_like(z)
+    with torch.no_grad():
+        zp = tiling.pad(z)
+        for group in _chunks(tiling.origins, z.shape[0], batch):
+            tiles, tt = tiling.cut(zp, group, t)
+            e = net(tiles, tt) * win
+            tiling.add(out, e.reshape(z.shape[0], len(group), *e.shape[1:]), group)
+    return out / tiling.weights(z.device)
+
+
+def tiled_vjp(net: Net, z: torch.Tensor, t: torch.Tensor, tiling: Tiling, batch: int,
+              cotangent: torch.Tensor) -> torch.Tensor:
+    """``J^T cotangent`` for the blended output of :func:`tiled` with respect to ``z``, one tile group at a time."""
+    if tiling.single:
+        with torch.enable_grad():
+            zg = z.detach().requires_grad_(True)
+            return torch.autograd.grad((net(zg, t) * cotangent).sum(), zg)[0]
+    win = window(tiling.tile, z.device)
+    c = cotangent / tiling.weights(z.device)
+    cp = F.pad(c, (tiling.tile,) * 4)  # the cotangent of what falls on the padding is zero
+    grad = torch.zeros_like(z)
+    for group in _chunks(tiling.origins, z.shape[0], batch):
+        with torch.enable_grad():
+            zg = z.detach().requires_grad_(True)
+            tiles, tt = tiling.cut(tiling.pad(zg), group, t)
+            ct = torch.stack([cp[:, :, y + tiling.tile:y + 2 * tiling.tile, x + tiling.tile:x + 2 * tiling.tile]
+                              for y, x in group], 1).flatten(0, 1) * win
+            grad += torch.autograd.grad((net(tiles, tt) * ct).sum(), zg)[0]
+    return grad

@@ -239,8 +239,19 @@ class Recipe(_Strict):
     forward: ForwardConfig = Field(default_factory=ForwardConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     policy: ImagePolicy = Field(default_factory=ImagePolicy,
-                                description="inputs of another size or channel count: reject (default) or convert; "
-                                            "size and channels always come from the priors")
+                                description="what an input may cost (max_pixels, max_bytes), its alpha channel, and "
+                                            "another channel count than the priors': convert or reject. Images "
+                                            "keep their own size (tiled over the priors' patches)")
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _no_size(cls, v: Any) -> Any:
+        """Cleaning keeps each image's size: the only size bound is ``policy.max_pixels``."""
+        for key, unset in (("size", None), ("resize", "error")):  # a dumped config carries them unset
+            if isinstance(v, dict) and v.get(key, unset) != unset:
+                raise ValueError(f"policy.{key} is gone: images are cleaned at their own size, in tiles of the "
+                                 "priors' size; bound the size with policy.max_pixels (docs/changelog.md)")
+        return v
 
     @field_validator("sampler", mode="before")
     @classmethod
@@ -267,6 +278,10 @@ class Execution(_Strict):
         32, description="images per sampler batch; auto: sized from the free GPU memory (one step's peak "
                               "memory measured at two small batches, gpu.memory_margin of what is free, at most "
                               "gpu.max_batch rows), 32 on a CPU")
+    batch_pixels: int | None = Field(
+        None, ge=1, description="pixels per sampler batch (images of one size; at least one image) and per "
+                                "network call (tiles): what bounds memory whatever the image sizes; default: "
+                                "batch_size images of the priors' size")
     device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (cuda when torch sees a GPU)")
     gpu: GPUConfig = Field(default_factory=GPUConfig, description="bf16, channels-last, torch.compile")
     threads: int | None = Field(None, ge=1, description="torch threads of the local executor "

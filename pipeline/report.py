@@ -242,8 +242,25 @@ def _data_uri(img: np.ndarray, scale: float = 1.0) -> str:
         a = a * scale
     elif top > 1.0:  # .npy values outside [0, 1]: scale for display
         a = a / top
-    mosaic = np.rint(np.clip(np.nan_to_num(a), 0, 1) * 255).astype(np.uint8)
-    return "data:image/png;base64," + base64.b64encode(png_bytes(np.moveaxis(mosaic, 0, -1))).decode()
+    mosaic = np.moveaxis(np.rint(np.clip(np.nan_to_num(a), 0, 1) * 255).astype(np.uint8), 0, -1)
+    return "data:image/png;base64," + base64.b64encode(png_bytes(thumbnail(mosaic))).decode()
+
+
+THUMB_PX = 512  # the longest side of an image embedded in the report
+
+
+def thumbnail(img: np.ndarray, longest: int = THUMB_PX) -> np.ndarray:
+    """An ``(H, W, C)`` uint8 image shrunk (area-averaged, aspect kept) so that its longest side is at most
+    ``longest``; smaller images come back as they are."""
+    h, w = img.shape[:2]
+    if max(h, w) <= longest:
+        return img
+    from PIL import Image
+
+    size = (max(1, round(w * longest / max(h, w))), max(1, round(h * longest / max(h, w))))
+    grey = img.shape[-1] == 1
+    small = np.asarray(Image.fromarray(img[..., 0] if grey else img).resize(size, Image.Resampling.BOX))
+    return small[..., None] if grey else small
 
 
 # ---------------------------------------------------------------- SVG plots

@@ -91,16 +91,16 @@ def test_one_identity_from_the_recipe_alone():
     assert ident(input_uri="file:///data/other").run_id != base.run_id
     assert ident(input_uri="file:///data/other").config_hash == base.config_hash  # the recipe alone
     recipe = ["priors.noise=stripes", "forward.sigma_y=0.01", "forward.alpha=0.4", "sampler.eta=0.5",
-              "sampler.clip_denoised=false", "sampler.steps=7", "sampler.seed=1", "policy.resize=resize",
-              "policy.max_bytes=1000", "policy.convert_channels=false"]
+              "sampler.clip_denoised=false", "sampler.steps=7", "sampler.seed=1", "policy.alpha=white",
+              "policy.max_bytes=1000", "policy.convert_channels=false", "sampler.tile_overlap=4"]
     seen = {base.run_id}
     for key in recipe:
         changed = ident(key)
         assert changed.run_id not in seen and changed.config_hash != base.config_hash, key
         seen.add(changed.run_id)
-    execution = ["batch_size=3", "batch_size=auto", "threads=1", "device=cpu", "storage.region=eu-west-1",
-                 "storage.anon=true", "ray.actors=3", "ray.gpus_per_actor=0", "gpu.precision=fp32",
-                 "gpu.compile=true", "max_rejected_fraction=0.9", "input=s3://x/obs", "output=s3://x/out"]
+    execution = ["batch_size=3", "batch_size=auto", "batch_pixels=4096", "threads=1", "device=cpu",
+                 "storage.region=eu-west-1", "storage.anon=true", "ray.actors=3", "ray.gpus_per_actor=0",
+                 "gpu.precision=fp32", "gpu.compile=true", "max_rejected_fraction=0.9", "input=s3://x/obs", "output=s3://x/out"]
     for key in execution:
         assert ident(key) == base, key
     # the two parts are the whole config, and nothing is in both

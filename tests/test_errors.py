@@ -29,19 +29,21 @@ PHOTOS = {"chelsea.png": "chelsea", "coffee.jpg": "coffee", "colorwheel.png": "c
 
 
 def _photos(folder: Path) -> Path:
-    """A few of scikit-image's sample photos as a user has them: RGB PNG and JPEG files at their native sizes."""
+    """A few of scikit-image's sample photos as a user has them: RGB PNG and JPEG files, each at its own size (an
+    eighth of the photo's: cleaned in tiles of the tiny priors in a few seconds)."""
     from skimage import data
 
     folder.mkdir(parents=True)
     for name, what in PHOTOS.items():
-        Image.fromarray(getattr(data, what)()).save(folder / name)
+        Image.fromarray(getattr(data, what)()[::8, ::8]).save(folder / name)
     return folder
 
 
-def _png(h: int, w: int) -> dict:
+def _npy(channels: int) -> dict:
+    """A stored 16x16 array of ``channels`` channels: no image (1 or 3, with or without alpha) has that many."""
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(h * w).integers(0, 255, (h, w), dtype=np.uint8)).save(buf, "PNG")
-    return {"bytes": buf.getvalue(), "path": "x.png"}
+    np.save(buf, np.zeros((16, 16, channels), dtype=np.uint8))
+    return {"bytes": buf.getvalue(), "path": "x.npy"}
 
 
 @pytest.fixture(scope="module")
@@ -62,21 +64,23 @@ def test_ingested_photos_stop_before_any_work_with_the_sets_that_fix_them(ingest
     assert proc.returncode == 2, proc.stderr
     line = proc.stderr.strip()
     assert "\n" not in line and "Traceback" not in line
-    assert line.endswith("Add --set forward.alpha=0.5 --set policy.resize=resize (or policy.resize=center-crop)")
-    assert "no 'alpha' column" in line and "pixels, and policy.resize is 'error'" in line
+    assert line.endswith("Add --set forward.alpha=0.5")
+    assert "no 'alpha' column" in line
     assert not out.exists()  # stopped before the work: no run folder, no summary row
-    # one fix given: the line names the other alone
-    proc = cli(capsys, "clean", str(obs), str(out), *priors, "--set", "policy.resize=resize", "--quiet", check=False)
-    assert proc.returncode == 2 and proc.stderr.strip().endswith("Add --set forward.alpha=0.5"), proc.stderr
+    # grey priors and RGB photos with the conversion off: that fix is named too
+    proc = cli(capsys, "clean", str(obs), str(out), *priors, "--set", "policy.convert_channels=false", "--quiet",
+               check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith(
+        "Add --set forward.alpha=0.5 --set policy.convert_channels=true"), proc.stderr
     # the Ray job (and so `jointdiff clean` and `submit clean`) stops the same way, before Ray starts
     from pipeline.jobs.clean import run_clean
 
-    cfg = CleanConfig(priors={"image": tiny_priors[0], "noise": tiny_priors[1]}, policy={"resize": "resize"})
+    cfg = CleanConfig(priors={"image": tiny_priors[0], "noise": tiny_priors[1]})
     with pytest.raises(ConfigError, match=r"Add --set forward\.alpha=0\.5$"):
         run_clean(str(obs), str(out), cfg, progress=False)
-    # with both, every photo is cleaned
-    proc = cli(capsys, "clean", str(obs), str(out), *priors, "--set", "policy.resize=resize", "--set",
-                     "forward.alpha=0.5", "--set", "sampler.steps=2", "--quiet")
+    # the size is no reason: every photo is cleaned at its own size
+    proc = cli(capsys, "clean", str(obs), str(out), *priors, "--set", "forward.alpha=0.5", "--set", "sampler.steps=2",
+               "--quiet")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (summary["inputs"], summary["cleaned"], summary["errors"]) == (len(PHOTOS), len(PHOTOS), 0)
 
@@ -84,18 +88,19 @@ def test_ingested_photos_stop_before_any_work_with_the_sets_that_fix_them(ingest
 def test_a_dataset_with_a_few_odd_rows_goes_ahead(tiny_priors, tmp_path):
     """The check before the work stops only when none of the rows it reads would be cleaned."""
     _observations(str(tmp_path / "obs"), n=4, shard_size=4, bad_row=False)
-    _edit_shard(str(tmp_path / "obs"), "shard-00000.parquet", lambda rows: rows[1].update(observation=_png(20, 20)))
+    _edit_shard(str(tmp_path / "obs"), "shard-00000.parquet", lambda rows: rows[1].update(observation=_npy(5)))
     summary = run_local(str(tmp_path / "obs"), str(tmp_path / "out"), _cfg(tiny_priors, steps=2), progress=False)
     assert (summary["cleaned"], summary["errors"]) == (3, 1)
 
 
 def _mostly_bad(uri: str) -> None:
-    """8 observations, 6 of them rejected for three reasons: other sizes (3), truncated PNGs (2), no alpha (1)."""
+    """8 observations, 6 of them rejected for three reasons: arrays of 5, 6 and 7 channels (3), truncated PNGs (2),
+    no alpha (1)."""
     _observations(uri, n=8, shard_size=8, bad_row=False)
 
     def spoil(rows):
-        for k, (h, w) in zip((1, 2, 3), ((20, 20), (24, 17), (30, 30))):
-            rows[k]["observation"] = _png(h, w)
+        for k, c in zip((1, 2, 3), (5, 6, 7)):
+            rows[k]["observation"] = _npy(c)
         for k in (4, 5):
             rows[k]["observation"] = {"bytes": rows[k]["observation"]["bytes"][:40], "path": "x.png"}
         rows[6]["alpha"] = None
@@ -114,10 +119,10 @@ def test_a_run_that_rejects_most_rows_is_recorded_then_exits_4_with_the_reasons_
     assert verdict[0] == ("jointdiff clean: run r: 6 of 8 input rows rejected (75%), 2 cleaned: more than "
                           "max_rejected_fraction=0.5. Reasons, most frequent first:")
     assert [line.split(" x ")[0].strip() for line in verdict[1:4]] == ["3", "2", "1"]
-    assert verdict[1].split(" x ", 1)[1].startswith("validate: observation: 20x20 pixels but 16x16 expected (--set "
-                                                    "policy.resize=resize")
-    assert verdict[1].endswith("; 3 variants of this reason)")  # 20x20, 24x17 and 30x30 in one group
-    assert verdict[2].split(" x ", 1)[1].startswith("decode: observation: cannot decode")
+    assert verdict[1].split(" x ", 1)[1].startswith("decode: observation: cannot decode .npy: shape (16, 16, 5): "
+                                                    "expected (H, W) or (H, W, C) with C at most 4")
+    assert verdict[1].endswith("; 3 variants of this reason)")  # 5, 6 and 7 channels in one group
+    assert verdict[2].split(" x ", 1)[1].startswith("decode: observation: cannot decode PNG")
     assert "blend needs alpha in (0, 1); the row has None and forward.alpha is not set" in verdict[3]
     assert verdict[4].startswith("every rejected row, with its id and reason: ")
     assert verdict[4].endswith("/runs/r/errors/ (the run's outputs and summary row are written)")

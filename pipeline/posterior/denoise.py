@@ -45,6 +45,7 @@ class Denoiser:
     sde: VPSDE
     settings: SamplerSettings
     runtime: Runtime | None = None  # bf16 / channels-last / compile (pipeline.posterior.core); None: as given
+    tile_batch: int = 64  # images larger than the priors: tiles per network call (memory, not the result)
 
     @torch.no_grad()
     def __call__(self, ids: list[str], y: torch.Tensor, forward: ForwardModel) -> DenoiseOutput:
@@ -54,7 +55,7 @@ class Denoiser:
         # sample j of image i sits at row j * B + i; its seed depends only on (id, j, settings seed)
         seeds = [seed_for(i, self.settings.seed, j) for j in range(k) for i in ids]
         out = joint_sample(self.x_model, self.n_model, self.sde, y.repeat(k, 1, 1, 1), forward.repeat(k),
-                           self.settings, seeds=seeds, runtime=self.runtime)
+                           self.settings, seeds=seeds, runtime=self.runtime, tile_batch=self.tile_batch)
         xs = out.x.clamp(0, 1).reshape(k, b, *y.shape[1:])
         ns = out.n.clamp(0, 1).reshape(k, b, *y.shape[1:])
         x_hat, n_hat = xs.mean(0), ns.mean(0)

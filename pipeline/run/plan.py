@@ -10,7 +10,7 @@ Parquet after 3 attempts, or no ``id`` column) is left to the shard's work, whic
 :func:`check_inputs` reads the schema and the first rows' image headers of the first pending shard and stops
 with a :class:`~pipeline.config.ConfigError` naming the ``--set`` that fixes what would reject every row: a
 blend without an ``alpha`` column or ``forward.alpha``; images that do not fit the priors and a policy that
-would not convert them (``policy.resize``, ``policy.convert_channels``, ``policy.alpha``, ``policy.max_pixels``).
+would not convert them (``policy.convert_channels``, ``policy.alpha``, ``policy.max_pixels``).
 """
 
 from __future__ import annotations
@@ -112,17 +112,15 @@ def check_inputs(run: Run) -> None:
             mine[f"--set policy.max_pixels={pixels}"] = f"{pixels:,} pixels, over policy.max_pixels={p.max_pixels:,}"
         if alpha and p.alpha == "error":
             mine["--set policy.alpha=drop"] = "an alpha channel, and policy.alpha is 'error'"
-        if c != channels and not p.convert_channels:
+        if c == 3 and channels == 1 and not p.convert_channels:
             mine["--set policy.convert_channels=true"] = f"{c} channel(s), and policy.convert_channels is off"
-        if (h, w) != (size, size) and p.resize == "error":
-            mine["--set policy.resize=resize"] = f"{h}x{w} pixels, and policy.resize is 'error'"
         fits += not mine
         for fix, why in mine.items():
             needs.setdefault(fix, f"{id_}: {why}" if id_ is not None else why)
     if needs and not fits:
-        problems.append(f"none of its first {len(cells)} images fits the priors ({channels}x{size}x{size}) under "
-                        f"the input policy ({'; '.join(needs.values())})")
-        fixes += [f + (" (or policy.resize=center-crop)" if f.endswith("=resize") else "") for f in needs]
+        problems.append(f"none of its first {len(cells)} images fits the priors ({channels}x{size}x{size} tiles) "
+                        f"under the input policy ({'; '.join(needs.values())})")
+        fixes += list(needs)
     if problems:
         raise ConfigError(f"{local_path(run.dataset)}: every row of {shard.name} would be rejected: "
                           f"{'; '.join(problems)}. Add {' '.join(fixes)}")

@@ -29,10 +29,16 @@ class Row:
     y: np.ndarray
     clean: np.ndarray | None
     alpha: float
+    grey: bool = False  # a grey image cleaned by RGB priors (as R = G = B): its results go back to grey
+
+    @property
+    def pixels(self) -> int:
+        return int(self.y.shape[-2] * self.y.shape[-1])
 
 
-def decode_cell(cell: Any, what: str, policy: ImagePolicy, shape: tuple[int, int, int]) -> np.ndarray:
-    """One stored image (``{bytes, path}``) as a ``shape`` array under ``policy``; :class:`RowError` otherwise."""
+def decode_cell(cell: Any, what: str, policy: ImagePolicy, channels: int) -> np.ndarray:
+    """One stored image (``{bytes, path}``) as a ``(channels, H, W)`` array at its own size under ``policy``,
+    or ``(1, H, W)`` for a grey image and RGB priors; :class:`RowError` otherwise."""
     if cell is None:
         raise RowError("decode", f"{what} is null")
     if not isinstance(cell, dict) or not isinstance(cell.get("bytes"), bytes):
@@ -41,15 +47,15 @@ def decode_cell(cell: Any, what: str, policy: ImagePolicy, shape: tuple[int, int
         img = conform(decode_any(cell["bytes"], cell.get("path") or "", policy.max_pixels, policy.max_bytes), policy)
     except RowError as exc:
         raise RowError(exc.stage, f"{what}: {exc.reason}") from None
-    if img.shape != shape:  # the policy converts or rejects, so this is a bug guard
-        raise RowError("validate", f"{what} is {img.shape} (CxHxW) but the priors expect {shape}")
+    if img.shape[0] not in (channels, 1):  # the policy converts or rejects, so this is a bug guard
+        raise RowError("validate", f"{what} has {img.shape[0]} channel(s) but the priors take {channels}")
     return img
 
 
 Rejected = tuple[int, Any, RowError]  # (row, id as stored, why)
 
 
-def decode_rows(cols: Mapping[str, list[Any]], policy: ImagePolicy, shape: tuple[int, int, int],
+def decode_rows(cols: Mapping[str, list[Any]], policy: ImagePolicy, channels: int,
                 forward: ForwardConfig, duplicates: Mapping[int, str]) -> tuple[list[Row], list[Rejected]]:
     """The shard's columns as :class:`Row` s, and ``(row, id, error)`` for each row rejected: no id, a later copy
     of an id (``duplicates``: row -> reason), an image that does not decode or fit, a blend without a valid
@@ -63,8 +69,12 @@ def decode_rows(cols: Mapping[str, list[Any]], policy: ImagePolicy, shape: tuple
             rejected.append((row, id_, RowError("validate", "missing id" if id_ is None else duplicates[row])))
             continue
         try:
-            y = decode_cell(cols["observation"][row], "observation", policy, shape)
-            clean = decode_cell(truth[row], "clean", policy, shape) if truth and truth[row] else None
+            cell = cols["observation"][row]
+            y = decode_cell(cell, "observation", policy, channels)
+            clean = decode_cell(truth[row], "clean", policy, channels) if truth and truth[row] else None
+            if clean is not None and clean.shape != y.shape:
+                raise RowError("validate", f"clean is {clean.shape[1]}x{clean.shape[2]} but the observation is "
+                                           f"{y.shape[1]}x{y.shape[2]}")
         except RowError as exc:
             rejected.append((row, id_, exc))
             continue
@@ -75,7 +85,11 @@ def decode_rows(cols: Mapping[str, list[Any]], policy: ImagePolicy, shape: tuple
                 rejected.append((row, id_, RowError("validate", f"blend needs alpha in (0, 1); the row has "
                                                                 f"{alpha!r} and forward.alpha is not set")))
                 continue
-        rows.append(Row(row, str(id_), y, clean, float(alpha)))
+        grey = y.shape[0] == 1 and channels == 3  # cleaned as R = G = B, returned grey
+        if grey:
+            y = np.repeat(y, 3, axis=0)
+            clean = None if clean is None else np.repeat(clean[:1], 3, axis=0)
+        rows.append(Row(row, str(id_), y, clean, float(alpha), grey=grey))
     return rows, rejected
 
 

@@ -51,7 +51,9 @@ class ShardCleaner:
         self.n_model, n_sde, _ = load_pinned(pinned.noise, self.device)
         check_pair(self.x_model.config, self.sde, self.n_model.config, n_sde)
         self.shape = (self.x_model.config.channels, self.x_model.config.image_size, self.x_model.config.image_size)
-        self.policy = cfg.policy.model_copy(update={"size": self.shape[1], "channels": self.shape[0]})
+        # images keep their size; another channel count is converted to the priors' (or refused) by policy,
+        # except grey for RGB priors, which is cleaned as R = G = B and goes back to grey (pipeline.run.rows)
+        self.policy = cfg.policy.model_copy(update={"size": None, "channels": 1 if self.shape[0] == 1 else None})
         # the sampler differentiates with respect to its inputs only: no weight gradients to track
         self.x_model.requires_grad_(False)
         self.n_model.requires_grad_(False)
@@ -60,6 +62,9 @@ class ShardCleaner:
         if torch.device(self.device).type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions
         self.batch_size = self._batch_size()
+        tile_pixels = self.shape[1] * self.shape[2]
+        self.batch_pixels = cfg.batch_pixels or self.batch_size * tile_pixels
+        self.tile_batch = max(1, self.batch_pixels // tile_pixels)
 
     def _batch_size(self) -> int:
         """``cfg.batch_size``, or for ``auto`` the batch that fills ``gpu.memory_margin`` of the free GPU
@@ -93,17 +98,36 @@ def read(run: Run, shard: PlannedShard, result: ShardResult) -> dict[str, list[A
     return {c: table.column(c).to_pylist() for c in table.column_names}
 
 
+def batches(rows: list[Row], max_images: int, max_pixels: int) -> list[list[Row]]:
+    """``rows`` in batches of one image size each (in the order sizes first appear), each at most ``max_images``
+    images and ``max_pixels`` pixels, but at least one image."""
+    by_size: dict[tuple[int, ...], list[Row]] = {}
+    for r in rows:
+        by_size.setdefault(r.y.shape, []).append(r)
+    out: list[list[Row]] = []
+    for same in by_size.values():
+        per = max(1, min(max_images, max_pixels // same[0].pixels))
+        out += [same[i:i + per] for i in range(0, len(same), per)]
+    return out
+
+
+def _to_grey(img: np.ndarray) -> np.ndarray:
+    """RGB ``(3, H, W)`` to grey ``(1, H, W)`` by ITU-R 601 luminance."""
+    return np.tensordot(np.array([0.299, 0.587, 0.114], dtype=img.dtype), img, axes=([0], [0]))[None]
+
+
 def sample(cleaner: ShardCleaner, rows: list[Row], result: ShardResult, reject: Callable[[Row, str], None],
            progress: Callable[[int], None] | None = None) -> None:
-    """The joint posterior sampler over ``rows``, in batches of ``cleaner.batch_size`` (a batch may mix alphas:
-    the forward model holds one row of parameters per image), with the metrics: the cleaned rows into
-    ``result``, a row whose sample is not finite to ``reject``."""
+    """The joint posterior sampler over ``rows``, in batches of one image size and at most ``cleaner.batch_size``
+    images and ``cleaner.batch_pixels`` pixels (a batch may mix alphas: the forward model holds one row of
+    parameters per image), with the metrics: the cleaned rows into ``result``, a row whose sample is not finite
+    to ``reject``. Images larger than the priors are sampled in tiles (:mod:`pipeline.diffusion.tiles`)."""
     started = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     fwd = cleaner.cfg.forward
     weight = FORWARD_MODELS[fwd.name].weight  # the parameter each row's alpha column holds (none for the sum)
-    denoiser = Denoiser(cleaner.x_model, cleaner.n_model, cleaner.sde, cleaner.settings, cleaner.runtime)
-    for start in range(0, len(rows), cleaner.batch_size):
-        batch = rows[start:start + cleaner.batch_size]
+    denoiser = Denoiser(cleaner.x_model, cleaner.n_model, cleaner.sde, cleaner.settings, cleaner.runtime,
+                        tile_batch=cleaner.tile_batch)
+    for batch in batches(rows, cleaner.batch_size, cleaner.batch_pixels):
         y = torch.from_numpy(np.stack([r.y for r in batch])).to(cleaner.device)
         forward = make_forward(fwd.name, len(batch), sigma_y=fwd.sigma_y,
                                **({weight: [r.alpha for r in batch]} if weight else {}))
@@ -115,9 +139,11 @@ def sample(cleaner: ShardCleaner, rows: list[Row], result: ShardResult, reject: 
                 reject(r, "the sampler diverged (non-finite values); lower sampler.lambda_x / sampler.kappa_n "
                           "or use more steps")
                 continue
-            result.add(row=r.row, id=r.id, denoised=out.denoised[k].cpu().numpy(),
-                       noise_estimate=out.noise_estimate[k].cpu().numpy(),
-                       **({"uncertainty": out.uncertainty[k].cpu().numpy()} if out.uncertainty is not None else {}),
+            back = _to_grey if r.grey else (lambda a: a)
+            result.add(row=r.row, id=r.id, denoised=back(out.denoised[k].cpu().numpy()),
+                       noise_estimate=back(out.noise_estimate[k].cpu().numpy()),
+                       **({"uncertainty": back(out.uncertainty[k].cpu().numpy())} if out.uncertainty is not None
+                          else {}),
                        **{name: _finite_or_none(v[k]) for name, v in truth.items()},
                        residual=_finite_or_none(float(out.residual[k])),
                        spread=_finite_or_none(float(out.spread[k])),
@@ -163,7 +189,7 @@ def clean_shard(cleaner: ShardCleaner, run: Run, shard: PlannedShard, progress: 
 
     cols = read(run, shard, result)
     if cols is not None:
-        rows, rejected = decode_rows(cols, cleaner.policy, cleaner.shape, cleaner.cfg.forward, duplicates)
+        rows, rejected = decode_rows(cols, cleaner.policy, cleaner.shape[0], cleaner.cfg.forward, duplicates)
         for row, id_, err in rejected:
             reject(row, id_, err.stage, err.reason)
         sample(cleaner, rows, result, lambda r, why: reject(r.row, r.id, "sample", why), progress)

@@ -1,0 +1,112 @@
+"""Images of any size and colour end to end: a prior trained on patches of a folder of mixed sizes, cleaning that
+keeps each image's size and channel count (grey in, grey out; RGB in, RGB out) in tiles of the priors' size,
+batches formed by a pixel budget, and the size knobs that are gone refused in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline.run.rows import Row
+from pipeline.run.shard import batches
+from tests.conftest import cli
+
+SIZES = {"grey.png": (40, 30, 1), "wide.png": (21, 50, 3), "small.png": (10, 12, 3), "tile.png": (16, 16, 3)}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """A user's folder of images of mixed sizes and colours, ingested (``ingest`` keeps each one's size)."""
+    from pipeline.cli import main
+
+    root = tmp_path_factory.mktemp("native")
+    (root / "photos").mkdir()
+    rng = np.random.default_rng(0)
+    for name, (h, w, c) in SIZES.items():
+        shape = (h, w) if c == 1 else (h, w, c)
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(root / "photos" / name)
+    assert main(["ingest", str(root / "photos"), str(root / "obs"), "--quiet"]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def rgb_priors(folder) -> tuple[str, str]:
+    """Two tiny 16x16 RGB priors trained (2 steps) on random patches of the ingested folder: `jointdiff train`
+    takes a shard dataset of mixed sizes with `data.patch`."""
+    from pipeline.cli import main
+
+    out = []
+    for name in ("img", "noise"):
+        cfg = {"name": name, "data": {"source": str(folder / "obs"), "patch": 16, "channels": 3},
+               "unet": {"image_size": 16, "channels": 3, "base_channels": 8, "channel_mults": [1, 2],
+                        "attention_resolutions": []},
+               "train": {"steps": 2, "batch_size": 4, "checkpoint_every": 2, "warmup_steps": 1, "threads": 1},
+               "output": str(folder / "train" / name)}
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        assert main(["train", "--config", str(folder / f"{name}.yaml"), "--quiet"]) == 0
+        out.append(str(folder / "train" / name / "model"))
+    return out[0], out[1]
+
+
+def test_a_prior_trains_on_random_patches_of_images_of_mixed_sizes(rgb_priors):
+    card = json.loads((Path(rgb_priors[0]) / "config.json").read_text())
+    assert card["unet"]["image_size"] == 16 and card["unet"]["channels"] == 3
+    assert card["meta"]["n_train_images"] == len(SIZES)
+
+
+def test_data_patch_and_size_must_agree():
+    from pipeline.config import PriorConfig
+
+    base = {"name": "p", "output": "x", "data": {"source": "natural", "patch": 32}}
+    assert PriorConfig.model_validate(base).data.size == 32
+    with pytest.raises(ValueError, match="data.patch=32 and data.size=16"):
+        PriorConfig.model_validate({**base, "data": {"source": "natural", "patch": 32, "size": 16}})
+
+
+def test_cleaning_keeps_each_images_size_and_colour(folder, rgb_priors, tmp_path, capsys):
+    priors = ["--set", f"priors.image={rgb_priors[0]}", "--set", f"priors.noise={rgb_priors[1]}"]
+    # a pixel budget of two tiles: each image is its own batch, and the large ones run two tiles per call
+    proc = cli(capsys, "clean", str(folder / "obs"), str(tmp_path / "out"), *priors, "--set", "forward.alpha=0.5",
+               "--set", "sampler.steps=2", "--set", "batch_pixels=512", "--run-id", "r", "--quiet")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (summary["cleaned"], summary["errors"]) == (len(SIZES), 0)
+    cli(capsys, "export", str(tmp_path / "out" / "runs" / "r"), str(tmp_path / "png"), "--quiet")
+    for name, (h, w, c) in SIZES.items():
+        files = list((tmp_path / "png").rglob(f"{name}*.png"))
+        assert len(files) == 1, name
+        with Image.open(files[0]) as im:
+            assert im.size == (w, h), name
+            assert len(im.getbands()) == c, (name, im.mode)
+
+
+def test_batches_hold_one_size_within_the_pixel_budget():
+    def row(k: int, h: int, w: int) -> Row:
+        return Row(k, f"id{k}", np.zeros((3, h, w), np.float32), None, 0.5)
+
+    rows = [row(0, 32, 32), row(1, 64, 64), row(2, 32, 32), row(3, 32, 32), row(4, 64, 64), row(5, 100, 100)]
+    got = [[r.row for r in b] for b in batches(rows, max_images=32, max_pixels=2 * 32 * 32)]
+    assert got == [[0, 2], [3], [1], [4], [5]]  # one size per batch; a large image alone still runs
+    assert [[r.row for r in b] for b in batches(rows, max_images=1, max_pixels=10**9)] == [[0], [2], [3], [1], [4],
+                                                                                            [5]]
+
+
+def test_the_size_knobs_that_are_gone_are_refused_in_one_line(folder, tmp_path, capsys):
+    proc = cli(capsys, "clean", str(folder / "obs"), str(tmp_path / "out"), "--set", "policy.resize=resize",
+               check=False)
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert "\n" not in line and "policy.resize is gone" in line and "policy.max_pixels" in line
+
+
+def test_the_report_embeds_thumbnails_of_at_most_512_pixels():
+    from pipeline.report import thumbnail
+
+    assert thumbnail(np.zeros((1000, 300, 3), np.uint8)).shape == (512, 154, 3)
+    assert thumbnail(np.zeros((700, 2000, 1), np.uint8)).shape == (179, 512, 1)
+    small = np.arange(900, dtype=np.uint8).reshape(30, 30, 1)
+    assert thumbnail(small) is small

@@ -110,3 +110,20 @@ def test_the_report_embeds_thumbnails_of_at_most_512_pixels():
     assert thumbnail(np.zeros((700, 2000, 1), np.uint8)).shape == (179, 512, 1)
     small = np.arange(900, dtype=np.uint8).reshape(30, 30, 1)
     assert thumbnail(small) is small
+
+
+def test_a_grey_row_cleaned_in_rgb_is_measured_in_grey():
+    import torch
+
+    from pipeline.run.shard import _truth_metrics
+
+    g = np.random.default_rng(0).uniform(0.2, 0.7, (8, 8)).astype(np.float32)
+    clean = np.repeat(g[None], 3, 0)
+    d = 0.2  # colour noise that the luminance cancels: R + d, G - d * 0.299 / 0.587
+    den = torch.from_numpy(np.stack([g + 0.1 + d, g + 0.1 - d * 0.299 / 0.587, g + 0.1]))[None]
+    y = torch.from_numpy(clean)[None]
+    grey = _truth_metrics([Row(0, "a", clean, clean, 0.5, grey=True)], den, y, "cpu")
+    rgb = _truth_metrics([Row(0, "a", clean, clean, 0.5, grey=False)], den, y, "cpu")
+    assert grey["psnr"][0] == pytest.approx(20.0, abs=1e-3)  # what the grey output scores: mse 0.01
+    assert rgb["psnr"][0] < 19.0
+    assert np.isnan(grey["ssim"][0])  # 8x8 is smaller than SSIM's 11x11 window: undefined, not an error

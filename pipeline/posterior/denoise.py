@@ -67,7 +67,12 @@ class Denoiser:
 
 
 def truth_metrics(x_hat: torch.Tensor, clean: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
-    """PSNR/SSIM of the estimate and of the observation itself against the truth, per image."""
+    """PSNR/SSIM of the estimate and of the observation itself against the truth, per image. SSIM is NaN for an
+    image smaller than its window (:data:`pipeline.metrics.SSIM_KERNEL`), where it is not defined."""
     y01 = y.clamp(0, 1)
+    if min(clean.shape[-2:]) < metrics.SSIM_KERNEL:
+        nan = torch.full((clean.shape[0],), float("nan"), device=clean.device)
+        return {"psnr": metrics.psnr(x_hat, clean), "ssim": nan, "psnr_input": metrics.psnr(y01, clean),
+                "ssim_input": nan}
     return {"psnr": metrics.psnr(x_hat, clean), "ssim": metrics.ssim(x_hat, clean),
             "psnr_input": metrics.psnr(y01, clean), "ssim_input": metrics.ssim(y01, clean)}

@@ -155,16 +155,28 @@ def sample(cleaner: ShardCleaner, rows: list[Row], result: ShardResult, reject: 
 
 def _truth_metrics(batch: list[Row], denoised: torch.Tensor, y: torch.Tensor,
                    device: str) -> dict[str, list[float | None]]:
-    """PSNR/SSIM of the output and of the input against the ground truth, per row (None without it)."""
+    """PSNR/SSIM of the output and of the input against the ground truth, per row (None without it); a grey
+    row is measured in grey, as it is written."""
     out: dict[str, list[float | None]] = {c: [None] * len(batch) for c in ("psnr", "ssim", "psnr_input",
                                                                            "ssim_input")}
-    have = [k for k, r in enumerate(batch) if r.clean is not None]
-    if have:
+    for grey in (False, True):
+        have = [k for k, r in enumerate(batch) if r.clean is not None and r.grey == grey]
+        if not have:
+            continue
         clean = torch.from_numpy(np.stack([batch[k].clean for k in have])).to(device)
-        for c, v in truth_metrics(denoised[have], clean, y[have]).items():
+        x, yy = denoised[have], y[have]
+        if grey:
+            x, yy, clean = _grey(x), _grey(yy), _grey(clean)
+        for c, v in truth_metrics(x, clean, yy).items():
             for k, val in zip(have, v.tolist()):
                 out[c][k] = val
     return out
+
+
+def _grey(t: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W)`` to ``(B, 1, H, W)`` by ITU-R 601 luminance, as :func:`_to_grey`."""
+    w = torch.tensor([0.299, 0.587, 0.114], dtype=t.dtype, device=t.device)
+    return (t * w[None, :, None, None]).sum(1, keepdim=True)
 
 
 def _finite_or_none(v: float | None) -> float | None:

@@ -106,6 +106,15 @@ def _cmd_export_embedded(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size_arg(v: str) -> int | str:
+    if v == "native":
+        return v
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r} is not a size: give a number of pixels or 'native'") from None
+
+
 CORRUPT_FLAGS = ("clean", "noise", "out", "alpha", "forward", "sigma_y", "split", "n", "size", "channels",
                  "noise_channel", "seed", "shard_size")
 
@@ -121,6 +130,16 @@ def _cmd_corrupt(args: argparse.Namespace) -> int:
     missing = [k for k in ("clean", "noise", "out") if getattr(c, k) is None]
     if missing:
         raise ConfigError(f"corrupt needs {', '.join(missing).upper()} (arguments, or keys of --config)")
+    if c.size == "native":
+        from pipeline.data.corrupt import corrupt_native
+
+        clean = load_images(c.clean, c.split, None, c.channels, column_key=None)
+        obs = corrupt_native(clean, c.noise, c.split, c.n or len(clean), alpha=c.alpha, seed=c.seed,
+                             forward=c.forward, sigma_y=c.sigma_y)
+        shards = write_observations(c.out, obs, shard_size=c.shard_size)
+        print(f"wrote {len(obs.ids)} observations ({c.forward}, alpha {c.alpha}, seed {c.seed}) of {c.clean} under "
+              f"{c.noise} at each image's own size in {len(shards)} shard(s) to {c.out}", file=sys.stderr)
+        return 0
     clean = load_images(c.clean, c.split, c.size, c.channels, column_key=None)
     noise_channels = 1 if c.noise_channel == "random" else c.channels
     noise = load_images(c.noise, c.split, c.size, noise_channels, column_key=None)
@@ -458,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--split", default=None, choices=["train", "val", "test"],
                    help="split of embedded datasets (default test)")
     c.add_argument("--n", type=int, default=None, help="observations (default: one per clean image)")
-    c.add_argument("--size", type=int, default=None, help="default 32")
+    c.add_argument("--size", type=_size_arg, default=None,
+                   help="default 32; native: each clean image at its own size, the noise rendered at it (stripes)")
     c.add_argument("--channels", type=int, default=None, choices=[1, 3], help="default 1")
     c.add_argument("--noise-channel", default=None, choices=["all", "random"],
                    help="grey noise on RGB images: in every channel (default), or in one random channel (the paper)")

@@ -138,7 +138,9 @@ class CorruptConfig(_Strict):
     sigma_y: float = Field(0.0, ge=0)
     split: Literal["train", "val", "test"] = "test"
     n: int | None = Field(None, ge=1, description="observations (default: one per clean image)")
-    size: int = Field(32, ge=4)
+    size: Annotated[int, Field(ge=4)] | Literal["native"] = Field(
+        32, description="square size of both; native: each clean image at its own size (`natural` or a shard "
+                        "dataset), the noise rendered at it (stripes)")
     channels: int = 1
     noise_channel: Literal["all", "random"] = "all"
     seed: int = 0

@@ -127,3 +127,27 @@ def test_a_grey_row_cleaned_in_rgb_is_measured_in_grey():
     assert grey["psnr"][0] == pytest.approx(20.0, abs=1e-3)  # what the grey output scores: mse 0.01
     assert rgb["psnr"][0] < 19.0
     assert np.isnan(grey["ssim"][0])  # 8x8 is smaller than SSIM's 11x11 window: undefined, not an error
+
+
+def test_corrupt_renders_stripes_at_each_clean_images_size(tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from pipeline.data.embedded import natural_photos, stripe
+    from pipeline.data.shards import read_images
+
+    cli(capsys, "corrupt", "natural", "stripes", str(tmp_path / "obs"), "--size", "native", "--channels", "3",
+        "--split", "val", "--alpha", "0.3")
+    ids, obs = read_images(str(tmp_path / "obs"), "observation")
+    _, noise = read_images(str(tmp_path / "obs"), "noise")
+    sizes = {i: p.shape[:2] for i, p in natural_photos("val")}
+    assert len(ids) == len(sizes)
+    for id_, y, n in zip(ids, obs, noise):
+        photo, stripes = id_.split("+")
+        assert y.shape[:2] == sizes[photo] and y.shape[-1] == 3  # grey `clock` too: --channels 3
+        seed = int(stripes.rsplit("-", 1)[1])
+        # the same stripes as the 32x32 prior saw, continued over the whole image
+        assert np.abs(n[:32, :32, 0] / 255.0 - stripe(seed, 32)).max() <= 1 / 255
+    assert pq.read_table(tmp_path / "obs" / "shard-00000.parquet", columns=["alpha"]).column(0).to_pylist() == \
+        pytest.approx([0.3] * len(ids))
+    proc = cli(capsys, "corrupt", "natural", "digits", str(tmp_path / "o2"), "--size", "native", check=False)
+    assert proc.returncode != 0 and "cannot be rendered at each image's size" in proc.stderr

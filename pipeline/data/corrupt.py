@@ -28,31 +28,37 @@ from pipeline.forward import FORWARD_MODELS, make_forward
 @dataclass
 class Observations:
     ids: list[str]
-    observation: np.ndarray  # (N, C, H, W) float32
-    clean: np.ndarray
-    noise: np.ndarray
+    observation: np.ndarray | list[np.ndarray]  # (N, C, H, W) float32, or (C, H, W) each at its own size
+    clean: np.ndarray | list[np.ndarray]
+    noise: np.ndarray | list[np.ndarray]
     alpha: float
     forward: str
+
+
+def pair_indices(n_clean: int, n_noise: int, n: int, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    """``(clean index, noise index)`` of each of ``n`` observations (see module docstring)."""
+    if n_clean == 0 or n_noise == 0:
+        raise ValueError("corrupt needs at least one clean and one noise image")
+    if n > n_clean * n_noise:
+        raise ValueError(f"{n} observations need more distinct (clean, noise) pairs than the "
+                         f"{n_clean} x {n_noise} available")
+    # clean image c takes its j-th noise image from its own permutation: pairs never repeat
+    perms: dict[int, np.ndarray] = {}
+    c_idx, order = [], []
+    for k in range(n):
+        c = k % n_clean
+        if c not in perms:
+            perms[c] = rng.permutation(n_noise)
+        c_idx.append(c)
+        order.append(int(perms[c][k // n_clean]))
+    return c_idx, order
 
 
 def pair_noise(clean: ImageSet, noise: ImageSet, n: int, seed: int,
                noise_channel: Literal["all", "random"] = "all") -> tuple[list[str], np.ndarray, np.ndarray]:
     """Pairs ``(ids, clean images, noise images)`` for ``n`` observations (see module docstring)."""
-    if len(clean) == 0 or len(noise) == 0:
-        raise ValueError("corrupt needs at least one clean and one noise image")
-    if n > len(clean) * len(noise):
-        raise ValueError(f"{n} observations need more distinct (clean, noise) pairs than the "
-                         f"{len(clean)} x {len(noise)} available")
     rng = np.random.default_rng(seed)
-    # clean image c takes its j-th noise image from its own permutation: pairs never repeat
-    perms: dict[int, np.ndarray] = {}
-    c_idx, order = [], []
-    for k in range(n):
-        c = k % len(clean)
-        if c not in perms:
-            perms[c] = rng.permutation(len(noise))
-        c_idx.append(c)
-        order.append(int(perms[c][k // len(clean)]))
+    c_idx, order = pair_indices(len(clean), len(noise), n, rng)
     x = clean.images[c_idx]
     nz = noise.images[order[:n]]
     if nz.shape[1] == 1 and x.shape[1] == 3:
@@ -86,6 +92,39 @@ def corrupt(clean: ImageSet, noise: ImageSet, n: int, alpha: float = 0.5, seed: 
     if forward == "blend":
         y = np.clip(y, 0.0, 1.0)  # read-out noise cannot leave the sensor's range
     return Observations(ids, y, x, nz, alpha if weight else float("nan"), forward)
+
+
+NATIVE_NOISE = ("stripes",)  # noise that can be rendered at any size
+
+
+def corrupt_native(clean: ImageSet, noise: str, split: str, n: int, alpha: float = 0.5, seed: int = 0,
+                   forward: str = "blend", sigma_y: float = 0.0) -> Observations:
+    """``n`` observations of ``clean`` images kept at their own sizes (a list of ``(C, H, W)``), each under noise
+    ``noise`` rendered at its size: ``stripes`` with the period in pixels that the 32x32 ``stripes`` prior
+    learned, grey, in every channel. Pairs are drawn as :func:`corrupt` draws them (the noise's ``split`` seeds)."""
+    from pipeline.data.embedded import STRIPES_SPLITS, stripe
+
+    if noise not in NATIVE_NOISE:
+        raise ValueError(f"noise '{noise}' cannot be rendered at each image's size; at --size native the noise is "
+                         f"one of {', '.join(NATIVE_NOISE)} (or give --size N for both)")
+    if forward not in FORWARD_MODELS:
+        make_forward(forward, 0)
+    start, count = STRIPES_SPLITS[split]
+    rng = np.random.default_rng(seed)
+    c_idx, order = pair_indices(len(clean), count, n, rng)
+    weight = FORWARD_MODELS[forward].weight
+    g = torch.Generator().manual_seed(seed + 1)
+    ids, ys, xs, ns = [], [], [], []
+    for c, o in zip(c_idx, order):
+        x = np.asarray(clean.images[c], dtype=np.float32)
+        nz = np.broadcast_to(stripe(start + o, 32, x.shape[1:]).astype(np.float32), x.shape).copy()
+        fm = make_forward(forward, 1, sigma_y=sigma_y, **({weight: alpha} if weight else {}))
+        y = fm.observe(torch.from_numpy(x)[None], torch.from_numpy(nz)[None], generator=g)[0].numpy()
+        ys.append(np.clip(y, 0.0, 1.0) if forward == "blend" else y.astype(np.float32))
+        xs.append(x)
+        ns.append(nz)
+        ids.append(f"{clean.ids[c]}+stripes-{split}-{start + o:07d}")
+    return Observations(ids, ys, xs, ns, alpha if weight else float("nan"), forward)  # type: ignore[arg-type]
 
 
 def write_observations(uri: str, obs: Observations, shard_size: int = 1000) -> list[str]:

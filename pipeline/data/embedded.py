@@ -167,13 +167,15 @@ def _patches(split: str, size: int) -> tuple[list[str], np.ndarray]:
     return ids, np.stack(out)
 
 
-def stripe(seed: int, size: int) -> np.ndarray:
-    """One stripe image ``0.5 + 0.5 sin(2 pi f (u cos a + v sin a) + phase)`` from its seed."""
+def stripe(seed: int, size: int, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """One stripe image ``0.5 + 0.5 sin(2 pi f (u cos a + v sin a) + phase)`` from its seed, ``size`` x ``size``;
+    with ``shape`` (h, w), the same pattern (the same period in pixels) over an image of that shape."""
     rng = np.random.default_rng(seed)
     cycles = rng.uniform(*STRIPES_CYCLES)
     angle = rng.uniform(0.0, np.pi)
     phase = rng.uniform(0.0, 2 * np.pi)
-    v, u = np.meshgrid(np.arange(size) / size, np.arange(size) / size, indexing="ij")
+    h, w = shape or (size, size)
+    v, u = np.meshgrid(np.arange(h) / size, np.arange(w) / size, indexing="ij")
     return 0.5 + 0.5 * np.sin(2 * np.pi * cycles * (u * np.cos(angle) + v * np.sin(angle)) + phase)
 
 

@@ -150,4 +150,4 @@ def test_corrupt_renders_stripes_at_each_clean_images_size(tmp_path, capsys):
     assert pq.read_table(tmp_path / "obs" / "shard-00000.parquet", columns=["alpha"]).column(0).to_pylist() == \
         pytest.approx([0.3] * len(ids))
     proc = cli(capsys, "corrupt", "natural", "digits", str(tmp_path / "o2"), "--size", "native", check=False)
-    assert proc.returncode != 0 and "cannot be rendered at each image's size" in proc.stderr
+    assert proc.returncode == 2 and "cannot be rendered at each image's size" in proc.stderr

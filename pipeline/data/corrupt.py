@@ -105,7 +105,9 @@ def corrupt_native(clean: ImageSet, noise: str, split: str, n: int, alpha: float
     from pipeline.data.embedded import STRIPES_SPLITS, stripe
 
     if noise not in NATIVE_NOISE:
-        raise ValueError(f"noise '{noise}' cannot be rendered at each image's size; at --size native the noise is "
+        from pipeline.untrusted import ConfigError
+
+        raise ConfigError(f"noise '{noise}' cannot be rendered at each image's size; at --size native the noise is "
                          f"one of {', '.join(NATIVE_NOISE)} (or give --size N for both)")
     if forward not in FORWARD_MODELS:
         make_forward(forward, 0)

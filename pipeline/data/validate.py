@@ -238,7 +238,14 @@ def decode_any(data: bytes | None, name: str = "", max_pixels: int = 16_777_216,
         kind = "WebP"
     try:
         with Image.open(io.BytesIO(data)) as im:
+            frames = getattr(im, "n_frames", 1)
+            if frames > 1 and kind != "JPEG":  # a phone's MPO JPEG: the first frame is the photo itself
+                raise RowError("decode", f"{kind or 'image'} with {frames} frames; only single-frame images are "
+                                         "read (save each frame as its own file)")
+            if kind == "TIFF" and _tiff_is_16bit_colour(data):
+                return _decode_tiff16(data)
             im.load()
+            im = _upright_srgb(im)
             if im.mode == "P":
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
             elif im.mode == "1":
@@ -264,6 +271,52 @@ def decode_any(data: bytes | None, name: str = "", max_pixels: int = 16_777_216,
         raise
     except Exception as exc:
         raise RowError("decode", f"cannot decode {kind or 'image'}: {decoder_failure(exc)}") from None
+
+
+def _upright_srgb(im: Any) -> Any:
+    """The image as it is meant to be seen: its EXIF orientation applied (a phone photo taken upright is
+    stored sideways with a tag), and, when it carries an ICC colour profile, converted to sRGB through it
+    (a CMYK or Adobe RGB file is not read as if its numbers were sRGB). The profile is not kept."""
+    from PIL import ImageCms, ImageOps
+
+    im = ImageOps.exif_transpose(im)
+    icc = im.info.get("icc_profile")
+    if icc and im.mode in ("RGB", "RGBA", "CMYK", "L"):
+        try:
+            alpha = im.getchannel("A") if im.mode == "RGBA" else None
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            dst = ImageCms.createProfile("sRGB")
+            grey = im.mode == "L"
+            out = ImageCms.profileToProfile(im.convert("RGB") if im.mode == "RGBA" else im, src, dst,
+                                            outputMode="L" if grey else "RGB")
+            if out is not None:
+                im = out
+                if alpha is not None:
+                    im.putalpha(alpha)
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            pass  # a profile that does not parse, or does not fit the mode: the numbers as stored
+    return im
+
+
+def _tiff_is_16bit_colour(data: bytes) -> bool:
+    """A TIFF of 16-bit samples and 3 or 4 of them per pixel: what Pillow would cut to 8 bits."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(io.BytesIO(data)) as tf:
+            page = tf.pages[0]
+            return page.bitspersample == 16 and page.samplesperpixel in (3, 4)
+    except Exception:
+        return False
+
+
+def _decode_tiff16(data: bytes) -> np.ndarray:
+    import tifffile
+
+    arr = tifffile.imread(io.BytesIO(data))
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+        raise RowError("decode", f"16-bit TIFF of shape {arr.shape}: expected (H, W, 3) or (H, W, 4)")
+    return arr.astype(np.uint16)
 
 
 def conform(arr: np.ndarray, policy: ImagePolicy) -> np.ndarray:

@@ -66,3 +66,25 @@ def test_a_multi_frame_file_is_rejected_with_a_reason(fmt, ext):
     buf = io.BytesIO()
     frames[0].save(buf, fmt)
     assert decode_any(buf.getvalue(), f"still.{ext}").shape[:2] == (8, 8)
+
+
+def test_ingest_records_each_files_format_bits_and_orientation(tmp_path):
+    import polars as pl
+    import tifffile
+    from PIL import Image
+
+    from pipeline.data.ingest import ingest
+
+    src = tmp_path / "src"
+    src.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(_gradient(10, 20)).save(src / "phone.jpg", exif=exif, quality=95)
+    tifffile.imwrite(src / "scan.tif", np.full((4, 5, 3), 1234, np.uint16))
+    np.save(src / "array.npy", np.full((6, 6), 0.5, np.float32))
+    assert ingest(str(src), str(tmp_path / "obs"), progress=False)["ingested"] == 3
+    got = pl.read_parquet(tmp_path / "obs" / "shard-00000.parquet").sort("id")
+    assert got.select("id", "source_format", "source_bits", "orientation_applied").rows() == [
+        ("array.npy", "NPY", 32, 1), ("phone.jpg", "JPEG", 8, 6), ("scan.tif", "TIFF", 16, 1)]
+    phone = Image.open(io.BytesIO(got.filter(pl.col("id") == "phone.jpg")["observation"][0]["bytes"]))
+    assert phone.size == (10, 20)  # upright: 10 wide, 20 high

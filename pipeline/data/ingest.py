@@ -36,7 +36,16 @@ from pipeline.data.accounting import mark_done, marker_uri
 from pipeline.data.shards import SHARD_PATTERN, build_table, read_table, write_table
 from pipeline.data.sources import Source, SourceReader, open_source
 from pipeline.data.storage import StorageConfig, join, open_fs, preflight
-from pipeline.data.validate import ERRORS_SCHEMA, ImagePolicy, RowError, conform, decode_any, error_row
+from pipeline.data.validate import (
+    ERRORS_SCHEMA,
+    SOURCE_COLUMNS,
+    ImagePolicy,
+    RowError,
+    conform,
+    decode_any,
+    error_row,
+    source_info,
+)
 from pipeline.untrusted import printable
 
 
@@ -72,13 +81,15 @@ def _read_marker(dst: str, shard: str) -> dict[str, Any] | None:
         return None  # absent or torn: the shard is redone
 
 
-def _read_one(reader: SourceReader, source: Source, cfg: IngestConfig) -> Any:
+def _read_one(reader: SourceReader, source: Source, cfg: IngestConfig) -> tuple[Any, dict[str, Any]]:
+    """The image under the policy, and what the source was (:func:`pipeline.data.validate.source_info`)."""
     ext = "." + source.id.rsplit(".", 1)[-1].lower() if "." in source.id.rsplit("/", 1)[-1] else ""
     if ext not in cfg.extensions:
         raise RowError("decode", f"unsupported file type {ext or '(no extension)'}; ingest reads "
                                  f"{', '.join(cfg.extensions)}")
     data = reader.read(source, cfg.policy)
-    return conform(decode_any(data, source.id, cfg.policy.max_pixels, cfg.policy.max_bytes), cfg.policy)
+    arr = decode_any(data, source.id, cfg.policy.max_pixels, cfg.policy.max_bytes)
+    return conform(arr, cfg.policy), source_info(data, arr)
 
 
 def iter_shard_plan(sources: list[Source], shard_size: int) -> Iterator[tuple[int, str, list[Source]]]:
@@ -122,22 +133,24 @@ def _ingest(reader: SourceReader, src: str, dst: str, cfg: IngestConfig, run_id:
                 counts["skipped"].append(shard)
                 bar.update(len(chunk))
                 continue
-            ids, images, errors = [], [], []
+            ids, images, errors, infos = [], [], [], []
             for row, source in enumerate(chunk):
                 try:
                     if source.refused:  # refused from the listing (a link out of SRC...), whatever its name says
                         raise RowError("read", source.refused)
                     if source.id in seen:
                         raise RowError("validate", f"duplicate id {source.id!r} (an earlier input has the same path)")
-                    img = _read_one(reader, source, cfg)
+                    img, info = _read_one(reader, source, cfg)
                     seen.add(source.id)
                     ids.append(source.id)
                     images.append(img)
+                    infos.append(info)
                 except RowError as exc:
                     errors.append(error_row(run_id, str(src).rstrip("/"), shard, row, source.id, exc.stage,
                                             exc.reason))
                 bar.update(1)
-            table = build_table(ids, {"observation": images}, bits={"observation": cfg.bits})
+            table = build_table(ids, {"observation": images}, bits={"observation": cfg.bits},
+                                extra={k: pa.array([i[k] for i in infos], t) for k, t in SOURCE_COLUMNS.items()})
             write_table(join(dst, shard), table)
             write_table(join(dst, "_errors", shard), pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA))
             mark_done(dst, shard, {"fingerprint": fp, "rows": len(ids), "errors": len(errors), "run_id": run_id})

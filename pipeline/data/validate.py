@@ -273,6 +273,29 @@ def decode_any(data: bytes | None, name: str = "", max_pixels: int = 16_777_216,
         raise RowError("decode", f"cannot decode {kind or 'image'}: {decoder_failure(exc)}") from None
 
 
+# what ingest records of each source file beside its pixels
+SOURCE_COLUMNS = {"source_format": pa.string(), "source_bits": pa.int32(), "orientation_applied": pa.int32()}
+
+
+def source_info(data: bytes, arr: np.ndarray) -> dict[str, Any]:
+    """What a decoded file was: its format (PNG, JPEG, TIFF, BMP, GIF, WebP, NPY), bits per sample as
+    decoded (8, 16, or 32 for float), and the EXIF orientation that decoding applied (1: none)."""
+    kind = "NPY" if data[:6] == NPY_MAGIC else next((k for m, k in _SIGNATURES.items() if data.startswith(m)), None)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        kind = "WebP"
+    orientation = 1
+    if kind not in (None, "NPY"):
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                orientation = int(im.getexif().get(0x0112, 1) or 1)
+        except Exception:
+            orientation = 1
+    bits = 32 if arr.dtype.kind == "f" else 8 * arr.dtype.itemsize
+    return {"source_format": kind, "source_bits": bits, "orientation_applied": orientation}
+
+
 def _upright_srgb(im: Any) -> Any:
     """The image as it is meant to be seen: its EXIF orientation applied (a phone photo taken upright is
     stored sideways with a tag), and, when it carries an ICC colour profile, converted to sRGB through it

@@ -151,3 +151,23 @@ def test_corrupt_renders_stripes_at_each_clean_images_size(tmp_path, capsys):
         pytest.approx([0.3] * len(ids))
     proc = cli(capsys, "corrupt", "natural", "digits", str(tmp_path / "o2"), "--size", "native", check=False)
     assert proc.returncode == 2 and "cannot be rendered at each image's size" in proc.stderr
+
+
+def test_oversize_refuses_by_default_and_downscales_when_asked():
+    import io
+
+    from pipeline.data.validate import ImagePolicy, RowError, conform, decode_any
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8)).save(buf, "PNG")
+    data = buf.getvalue()
+    refuse = ImagePolicy(max_pixels=1000)
+    with pytest.raises(RowError, match=r"5,400 pixels, over the limit of 1,000 \(--set policy.max_pixels=5400"):
+        decode_any(data, "x.png", refuse.decode_pixels)  # from the header, undecoded
+    shrink = ImagePolicy(max_pixels=1000, oversize="downscale")
+    out = conform(decode_any(data, "x.png", shrink.decode_pixels), shrink)
+    assert out.shape[0] == 3 and out.shape[1] * out.shape[2] <= 1000
+    assert abs(out.shape[2] / out.shape[1] - 1.5) < 0.1  # the aspect kept
+    # a decompression bomb is still refused unread: at most 16 times max_pixels is decoded
+    with pytest.raises(RowError, match="over the limit of 4,800"):
+        decode_any(data, "x.png", ImagePolicy(max_pixels=300, oversize="downscale").decode_pixels)

@@ -88,7 +88,7 @@ def _read_one(reader: SourceReader, source: Source, cfg: IngestConfig) -> tuple[
         raise RowError("decode", f"unsupported file type {ext or '(no extension)'}; ingest reads "
                                  f"{', '.join(cfg.extensions)}")
     data = reader.read(source, cfg.policy)
-    arr = decode_any(data, source.id, cfg.policy.max_pixels, cfg.policy.max_bytes)
+    arr = decode_any(data, source.id, cfg.policy.decode_pixels, cfg.policy.max_bytes)
     return conform(arr, cfg.policy), source_info(data, arr)
 
 

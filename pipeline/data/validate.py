@@ -31,6 +31,7 @@ ERRORS_SCHEMA = pa.schema([("run_id", pa.string()), ("dataset", pa.string()), ("
                            ("row", pa.int64()), ("id", pa.string()), ("stage", pa.string()),
                            ("reason", pa.string())])
 
+DOWNSCALE_LIMIT = 16  # policy.oversize=downscale decodes images of at most this many times max_pixels
 PEEK_BYTES = 64 * 1024  # the first bytes read for a header: PNG, JPEG, WebP, BMP and .npy say their size there
 # Values an observation can hold, in image units: images are in [0, 1], the blend stays there and the sum
 # y = x + n lies in [0, 2]; the margin of 1 is ten times the largest read-out noise in use (sigma_y <= 0.1),
@@ -70,17 +71,28 @@ class ImagePolicy(BaseModel):
     alpha: Literal["drop", "white", "black", "error"] = Field(
         "drop", description="images with an alpha channel: drop it, composite over white/black, or reject")
     max_pixels: int = Field(16_777_216, ge=1, description="reject larger images from their header, undecoded "
-                                                          "(4096 x 4096)")
+                                                          "(4096 x 4096); see oversize")
+    oversize: Literal["refuse", "downscale"] = Field(
+        "refuse", description="an image over max_pixels: refuse it from its header, or decode it (up to "
+                              f"{DOWNSCALE_LIMIT} times max_pixels) and shrink it, aspect kept, to fit max_pixels")
     max_bytes: int = Field(256 * 2**20, ge=1, description="reject larger files, archive members and cells "
                                                           "unread (256 MiB)")
 
     def identity(self) -> dict[str, Any]:
-        """What of the policy goes into run and ingest ids: every setting, less ``max_bytes`` at its default
-        (a setting added after ids were first made: the ids of runs that leave it alone stay as they were)."""
+        """What of the policy goes into run and ingest ids: every setting, less ``max_bytes`` and ``oversize``
+        at their defaults (settings added after ids were first made: the ids of runs that leave them alone stay
+        as they were)."""
         out = self.model_dump(mode="json")
-        if self.max_bytes == type(self).model_fields["max_bytes"].default:
-            out.pop("max_bytes")
+        for key in ("max_bytes", "oversize"):
+            if out[key] == type(self).model_fields[key].default:
+                out.pop(key)
         return out
+
+    @property
+    def decode_pixels(self) -> int:
+        """The most pixels an image may have to be decoded at all: ``max_pixels``, or with ``oversize:
+        downscale`` :data:`DOWNSCALE_LIMIT` times that (a decompression bomb is still refused unread)."""
+        return self.max_pixels * (DOWNSCALE_LIMIT if self.oversize == "downscale" else 1)
 
 
 def too_many_bytes(size: int, max_bytes: int, stage: str = "read") -> RowError:
@@ -103,8 +115,8 @@ def read_limited(f: IO[bytes], name: str, policy: ImagePolicy, size: int | None 
     limit = policy.max_bytes + 1 if size is None else min(policy.max_bytes, size) + 1  # one byte past shows a lie
     head = f.read(min(PEEK_BYTES, limit))
     pixels = peek_pixels(head, name)
-    if pixels is not None and pixels > policy.max_pixels:
-        raise too_many_pixels(pixels, policy.max_pixels)
+    if pixels is not None and pixels > policy.decode_pixels:
+        raise too_many_pixels(pixels, policy.decode_pixels)
     pieces, n = [head], len(head)
     while n < limit:
         piece = f.read(min(2**20, limit - n))
@@ -342,6 +354,19 @@ def _decode_tiff16(data: bytes) -> np.ndarray:
     return arr.astype(np.uint16)
 
 
+def shrink_to(img: np.ndarray, max_pixels: int) -> np.ndarray:
+    """``(C, H, W)`` shrunk (anti-aliased, aspect kept) to the largest size of at most ``max_pixels`` pixels."""
+    from skimage.transform import resize
+
+    c, h, w = img.shape
+    scale = (max_pixels / (h * w)) ** 0.5
+    nh, nw = max(1, int(h * scale)), max(1, int(w * scale))
+    while nh * nw > max_pixels:
+        nh, nw = (nh - 1, nw) if nh >= nw else (nh, nw - 1)
+    out = resize(np.moveaxis(img, 0, -1), (nh, nw), order=3, mode="reflect", anti_aliasing=True)
+    return np.moveaxis(np.clip(out, img.min(), img.max()), -1, 0).astype(np.float32)
+
+
 def conform(arr: np.ndarray, policy: ImagePolicy) -> np.ndarray:
     """The decoded array as ``(C, H, W)`` float32 per ``policy``; integers are scaled to [0, 1]."""
     if arr.ndim not in (2, 3):
@@ -371,6 +396,10 @@ def conform(arr: np.ndarray, policy: ImagePolicy) -> np.ndarray:
                                        "(--set policy.convert_channels=true to convert)")
         img = to_channels(np.moveaxis(img, 0, -1)[None] if c == 3 else img, policy.channels)[0]
     h, w = img.shape[1:]
+    if policy.size is None and h * w > policy.max_pixels:
+        if policy.oversize != "downscale":
+            raise too_many_pixels(h * w, policy.max_pixels)
+        img = shrink_to(img, policy.max_pixels)
     if policy.size is not None and (h, w) != (policy.size, policy.size):
         if policy.resize == "error":
             raise RowError("validate", f"{h}x{w} pixels but {policy.size}x{policy.size} expected "

@@ -22,6 +22,7 @@ from pipeline.config import ConfigError
 from pipeline.data.accounting import PlannedShard, input_rows, plan
 from pipeline.data.shards import ShardError, read_table
 from pipeline.data.storage import local_path, open_fs
+from pipeline.data.validate import DOWNSCALE_LIMIT
 from pipeline.run.models import prior_shape
 from pipeline.run.rows import peek_image
 
@@ -102,14 +103,17 @@ def check_inputs(run: Run) -> None:
     channels, size = prior_shape(cfg.priors.image)
     p = cfg.policy
     fits, needs = 0, {}  # needs: the --set -> why, for the first row that needs it
+    largest = max((head[4] for head in map(peek_image, (c for _, c in cells)) if head is not None), default=0)
     for id_, cell in cells:
         head = peek_image(cell)
         if head is None:
             continue
         h, w, c, alpha, pixels = head
         mine = {}
-        if pixels > p.max_pixels:
-            mine[f"--set policy.max_pixels={pixels}"] = f"{pixels:,} pixels, over policy.max_pixels={p.max_pixels:,}"
+        if pixels > p.decode_pixels:  # one fix for all: the largest image read
+            fix = f"--set policy.max_pixels={largest}" + (" (or policy.oversize=downscale)" if p.oversize == "refuse"
+                                                           and largest <= p.max_pixels * DOWNSCALE_LIMIT else "")
+            mine[fix] = f"{pixels:,} pixels, over policy.max_pixels={p.max_pixels:,}"
         if alpha and p.alpha == "error":
             mine["--set policy.alpha=drop"] = "an alpha channel, and policy.alpha is 'error'"
         if c == 3 and channels == 1 and not p.convert_channels:

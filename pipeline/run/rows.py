@@ -44,7 +44,7 @@ def decode_cell(cell: Any, what: str, policy: ImagePolicy, channels: int) -> np.
     if not isinstance(cell, dict) or not isinstance(cell.get("bytes"), bytes):
         raise RowError("decode", f"{what} is a {type(cell).__name__}, not an image struct {{bytes, path}}")
     try:
-        img = conform(decode_any(cell["bytes"], cell.get("path") or "", policy.max_pixels, policy.max_bytes), policy)
+        img = conform(decode_any(cell["bytes"], cell.get("path") or "", policy.decode_pixels, policy.max_bytes), policy)
     except RowError as exc:
         raise RowError(exc.stage, f"{what}: {exc.reason}") from None
     if img.shape[0] not in (channels, 1):  # the policy converts or rejects, so this is a bug guard

@@ -92,7 +92,8 @@ def test_one_identity_from_the_recipe_alone():
     assert ident(input_uri="file:///data/other").config_hash == base.config_hash  # the recipe alone
     recipe = ["priors.noise=stripes", "forward.sigma_y=0.01", "forward.alpha=0.4", "sampler.eta=0.5",
               "sampler.clip_denoised=false", "sampler.steps=7", "sampler.seed=1", "policy.alpha=white",
-              "policy.max_bytes=1000", "policy.convert_channels=false", "sampler.tile_overlap=4"]
+              "policy.max_bytes=1000", "policy.convert_channels=false", "sampler.tile_overlap=4",
+              "policy.oversize=downscale"]
     seen = {base.run_id}
     for key in recipe:
         changed = ident(key)

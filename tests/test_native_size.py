@@ -171,3 +171,17 @@ def test_oversize_refuses_by_default_and_downscales_when_asked():
     # a decompression bomb is still refused unread: at most 16 times max_pixels is decoded
     with pytest.raises(RowError, match="over the limit of 4,800"):
         decode_any(data, "x.png", ImagePolicy(max_pixels=300, oversize="downscale").decode_pixels)
+
+
+def test_row_groups_are_bounded_by_bytes(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data.shards import write_table
+
+    table = pa.table({"id": [str(k) for k in range(10)], "blob": [bytes(1000) * (k + 1) for k in range(10)]})
+    write_table(str(tmp_path / "big.parquet"), table, row_group_bytes=5000)
+    assert pq.ParquetFile(tmp_path / "big.parquet").num_row_groups >= 5
+    assert pq.read_table(tmp_path / "big.parquet").equals(table)
+    write_table(str(tmp_path / "small.parquet"), table)
+    assert pq.ParquetFile(tmp_path / "small.parquet").num_row_groups == 1

@@ -168,11 +168,16 @@ def hf_metadata(image_columns: Sequence[str], other: dict[str, pa.DataType]) -> 
     return {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
 
 
-def write_table(uri: str, table: pa.Table) -> None:
+ROW_GROUP_BYTES = 64 * 2**20  # a Parquet row group holds about this much (readers load a group at once)
+
+
+def write_table(uri: str, table: pa.Table, row_group_bytes: int = ROW_GROUP_BYTES) -> None:
     """Write ``table`` as Parquet, atomically: a reader, or a second writer of the same file (a retried
-    shard whose first attempt is still finishing), never leaves or sees a torn file."""
+    shard whose first attempt is still finishing), never leaves or sees a torn file. Row groups hold about
+    ``row_group_bytes`` each (at least one row), so a shard of large images is never one huge group."""
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    rows = table.num_rows * row_group_bytes // max(table.nbytes, 1) if table.num_rows else 1
+    pq.write_table(table, buf, compression="zstd", row_group_size=max(1, min(rows, 1024 * 1024)))
     write_atomic(uri, buf.getvalue())
 
 

@@ -185,3 +185,22 @@ def test_row_groups_are_bounded_by_bytes(tmp_path):
     assert pq.read_table(tmp_path / "big.parquet").equals(table)
     write_table(str(tmp_path / "small.parquet"), table)
     assert pq.ParquetFile(tmp_path / "small.parquet").num_row_groups == 1
+
+
+def test_ingest_cuts_shards_by_bytes_as_well_as_by_count(tmp_path):
+    from pipeline.data.ingest import IngestConfig, ingest, iter_shard_plan
+    from pipeline.data.sources import Source
+
+    sizes = [40, 40, 40, 100, 10, 10]
+    plan = list(iter_shard_plan([Source(f"f{k}", "v", size=b) for k, b in enumerate(sizes)], 4, 90))
+    assert [[s.id for s in chunk] for _, _, chunk in plan] == [["f0", "f1"], ["f2"], ["f3"], ["f4", "f5"]]
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(5):  # files of one size each
+        np.save(src / f"{k}.npy", np.full((20, 30), k * 40, np.uint8))
+    one = (src / "0.npy").stat().st_size
+    counts = ingest(str(src), str(tmp_path / "obs"), IngestConfig(shard_bytes=2 * one + 1), progress=False)
+    assert len(counts["written"]) == 3 and counts["ingested"] == 5
+    # the same folder with the default bound: one shard, the other two removed as stale
+    counts = ingest(str(src), str(tmp_path / "obs"), progress=False)
+    assert counts["written"] == ["shard-00000.parquet"] and len(counts["removed"]) >= 2

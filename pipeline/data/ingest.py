@@ -55,7 +55,9 @@ class IngestConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     policy: ImagePolicy = Field(default_factory=ImagePolicy)
-    shard_size: int = Field(1000, ge=1, description="inputs per shard")
+    shard_size: int = Field(1000, ge=1, description="inputs per shard, at most")
+    shard_bytes: int = Field(256 * 2**20, ge=1, description="input bytes per shard, at most (from the listing; a "
+                                                            "larger file is a shard of its own)")
     bits: int = Field(16, description="PNG bit depth of the observation column (8 or 16)")
     extensions: list[str] = Field(default_factory=lambda: [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp",
                                                            ".webp", ".npy"])
@@ -92,9 +94,20 @@ def _read_one(reader: SourceReader, source: Source, cfg: IngestConfig) -> tuple[
     return conform(arr, cfg.policy), source_info(data, arr)
 
 
-def iter_shard_plan(sources: list[Source], shard_size: int) -> Iterator[tuple[int, str, list[Source]]]:
-    for k in range(0, len(sources), shard_size):
-        yield k // shard_size, SHARD_PATTERN.format(k // shard_size), sources[k:k + shard_size]
+def iter_shard_plan(sources: list[Source], shard_size: int,
+                    shard_bytes: int | None = None) -> Iterator[tuple[int, str, list[Source]]]:
+    """The listing cut into shards of at most ``shard_size`` inputs and ``shard_bytes`` listed bytes (a file
+    larger than that alone), in listing order: the same listing always gives the same shards."""
+    k, chunk, size = 0, [], 0
+    for s in sources:
+        b = s.size or 0
+        if chunk and (len(chunk) >= shard_size or (shard_bytes is not None and size + b > shard_bytes)):
+            yield k, SHARD_PATTERN.format(k), chunk
+            k, chunk, size = k + 1, [], 0
+        chunk.append(s)
+        size += b
+    if chunk:
+        yield k, SHARD_PATTERN.format(k), chunk
 
 
 def ingest(src: str, dst: str, cfg: IngestConfig | None = None, progress: bool = True,
@@ -107,7 +120,7 @@ def ingest(src: str, dst: str, cfg: IngestConfig | None = None, progress: bool =
     preflight(src, dst)  # SRC readable, DST's bucket there and writable: one line if not, before any work
     with open_source(src) as reader:
         counts = _ingest(reader, src, dst, cfg, run_id, progress, log)
-    counts["removed"] = _remove_stale(dst, -(-counts["inputs"] // cfg.shard_size))
+    counts["removed"] = _remove_stale(dst, counts.pop("shards"))
     return counts
 
 
@@ -123,7 +136,9 @@ def _ingest(reader: SourceReader, src: str, dst: str, cfg: IngestConfig, run_id:
                               "hidden": reader.hidden, "written": [], "skipped": []}
     seen: set[str] = set()
     with tqdm(total=len(sources), desc=f"ingest {src}", unit="file", disable=not progress) as bar:
-        for _, shard, chunk in iter_shard_plan(sources, cfg.shard_size):
+        plan = list(iter_shard_plan(sources, cfg.shard_size, cfg.shard_bytes))
+        counts["shards"] = len(plan)
+        for _, shard, chunk in plan:
             fp = _fingerprint(chunk, run_id)
             done = _read_marker(dst, shard)
             if done is not None and done.get("fingerprint") == fp:

@@ -36,20 +36,34 @@ def _blur(z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return F.conv2d(z, g.view(1, 1, k, 1).expand(c, 1, k, 1), groups=c)
 
 
-def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """SSIM per image, matching scikit-image's Gaussian-window SSIM (see module docstring)."""
+def ssim(pred: torch.Tensor, target: torch.Tensor, strip: int = 256) -> torch.Tensor:
+    """SSIM per image, matching scikit-image's Gaussian-window SSIM (see module docstring). The map is computed
+    in strips of ``strip`` rows (each read with the window's 10 rows of margin), so memory is bounded by a strip,
+    not by the image; the mean over the strips is the whole map's mean."""
     if min(pred.shape[-2:]) < SSIM_KERNEL:
         raise ValueError(f"SSIM needs images of at least {SSIM_KERNEL}x{SSIM_KERNEL}, got {tuple(pred.shape[-2:])}")
-    p, t = pred.double(), target.double()
-    x = torch.arange(SSIM_KERNEL, dtype=p.dtype, device=p.device) - (SSIM_KERNEL - 1) / 2
+    x = torch.arange(SSIM_KERNEL, dtype=torch.float64, device=pred.device) - (SSIM_KERNEL - 1) / 2
     g = torch.exp(-0.5 * (x / SSIM_SIGMA) ** 2)
     g = g / g.sum()
+    rows = pred.shape[-2] - SSIM_KERNEL + 1  # rows of the valid map
+    total = torch.zeros(pred.shape[0], dtype=torch.float64, device=pred.device)
+    count = 0
+    for r0 in range(0, rows, strip):
+        r1 = min(rows, r0 + strip)
+        rows_in = slice(r0, r1 + SSIM_KERNEL - 1)
+        m = _ssim_map(pred[..., rows_in, :].double(), target[..., rows_in, :].double(), g)
+        total += m.sum(dim=(1, 2, 3))
+        count += m[0].numel()
+    return (total / count).float()
+
+
+def _ssim_map(p: torch.Tensor, t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     mu_p, mu_t = _blur(p, g), _blur(t, g)
     var_p = _blur(p * p, g) - mu_p**2
     var_t = _blur(t * t, g) - mu_t**2
     cov = _blur(p * t, g) - mu_p * mu_t
     num = (2 * mu_p * mu_t + SSIM_C1) * (2 * cov + SSIM_C2)
-    return (num / ((mu_p**2 + mu_t**2 + SSIM_C1) * (var_p + var_t + SSIM_C2))).mean(dim=(1, 2, 3)).float()
+    return num / ((mu_p**2 + mu_t**2 + SSIM_C1) * (var_p + var_t + SSIM_C2))
 
 
 def residual(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:

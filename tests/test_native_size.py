@@ -204,3 +204,15 @@ def test_ingest_cuts_shards_by_bytes_as_well_as_by_count(tmp_path):
     # the same folder with the default bound: one shard, the other two removed as stale
     counts = ingest(str(src), str(tmp_path / "obs"), progress=False)
     assert counts["written"] == ["shard-00000.parquet"] and len(counts["removed"]) >= 2
+
+
+def test_ssim_in_strips_is_the_whole_images_ssim():
+    import torch
+
+    from pipeline import metrics
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 3, 40, 37, generator=g), torch.rand(2, 3, 40, 37, generator=g)
+    whole = metrics.ssim(a, b, strip=10**6)
+    for strip in (1, 7, 13):
+        assert torch.allclose(metrics.ssim(a, b, strip=strip), whole, atol=1e-6)

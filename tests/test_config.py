@@ -14,6 +14,10 @@ def test_demo_configs_load():
         cfg = load_config(PriorConfig, f"configs/prior_{name}.yaml")
         assert cfg.name == name and cfg.data.source == name
         assert cfg.unet.image_size == cfg.data.size == 32
+    natural = load_config(PriorConfig, "configs/prior_natural.yaml")  # patches of photos of any size
+    assert natural.data.patch == natural.data.size == natural.unet.image_size == 32 and natural.unet.channels == 3
+    stripes_rgb = load_config(PriorConfig, "configs/prior_stripes_rgb.yaml")
+    assert stripes_rgb.data.channels == stripes_rgb.unet.channels == 3
 
 
 def test_overrides_are_typed_and_nested():

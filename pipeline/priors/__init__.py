@@ -1,7 +1,8 @@
 """Demo priors shipped with the package (EMA weights + config; see README "Shipped priors").
 
-``faces`` (image prior) and ``digits`` / ``stripes`` (noise priors), all 32x32 grey, trained with
-``configs/prior_<name>.yaml``. A model argument anywhere in jointdiff may be one of these names, the
+``faces`` (image prior) and ``digits`` / ``stripes`` (noise priors), all 32x32 grey, and ``natural`` (image
+prior for photos of any size: 32x32 RGB patches), trained with ``configs/prior_<name>.yaml``. A model
+argument anywhere in jointdiff may be one of these names, the
 folder or URI of a model (``config.json`` + ``weights.safetensors``, what ``jointdiff train`` writes to
 ``OUTPUT/model``), or a registry's ``ROOT/models/NAME/latest``; anything else is refused with a line
 that lists these forms.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SHIPPED = ("faces", "digits", "stripes")
+SHIPPED = ("faces", "digits", "stripes", "natural")
 _HERE = Path(__file__).resolve().parent
 
 

@@ -127,6 +127,18 @@ def _chunks(origins: list[tuple[int, int]], images: int, batch: int) -> list[lis
     return [origins[i:i + per] for i in range(0, len(origins), per)]
 
 
+def blended(net: Net, z: torch.Tensor, t: torch.Tensor, tiling: Tiling) -> torch.Tensor:
+    """The blended output of all tiles in one network call, differentiable with respect to ``z`` (for an image
+    whose tiles fit in one tile batch: the vector-Jacobian product then needs no second forward pass)."""
+    if tiling.single:
+        return net(z, t)
+    tiles, tt = tiling.cut(tiling.pad(z), tiling.origins, t)
+    e = net(tiles, tt) * window(tiling.tile, z.device)
+    out = torch.zeros_like(z)
+    tiling.add(out, e.reshape(z.shape[0], len(tiling.origins), *e.shape[1:]), tiling.origins)
+    return out / tiling.weights(z.device)
+
+
 def tiled(net: Net, z: torch.Tensor, t: torch.Tensor, tiling: Tiling, batch: int) -> torch.Tensor:
     """The network's output for the whole ``z`` ``(B, C, h, w)`` at times ``t`` ``(B,)``: tiles blended by their
     windows; at most about ``batch`` tiles per network call. No graph is kept."""

@@ -35,6 +35,7 @@ authors' code scales the step) or ``pigdm`` (``a_t``). An unknown name is refuse
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ import torch
 
 from pipeline.diffusion.sampling import x0_from_eps
 from pipeline.diffusion.sde import VPSDE, _bcast
-from pipeline.diffusion.tiles import Tiling, tiled, tiled_vjp
+from pipeline.diffusion.tiles import Tiling, blended, tiled, tiled_vjp
 from pipeline.forward import ForwardModel
 from pipeline.settings import Registry
 
@@ -225,11 +226,12 @@ def gaussian_nll(d: GuidedDenoiser, r: torch.Tensor, t: torch.Tensor) -> torch.T
 def through_networks(d: GuidedDenoiser, x: torch.Tensor, n: torch.Tensor, t: torch.Tensor, loss: Loss) -> Guidance:
     """Both networks with ``loss``'s gradient taken through them: one vector-Jacobian product per prior.
 
-    Tiled (an image that is not the priors' size): the residual is the whole image's, so the networks first
-    run without a graph over all tiles; the loss's gradient with respect to their blended outputs then goes
-    back through them one tile batch at a time (:func:`pipeline.diffusion.tiles.tiled_vjp`)."""
+    Tiled (an image that is not the priors' size): the residual is the whole image's. When the batch's tiles fit
+    in one tile batch they run in one call with its graph (:func:`pipeline.diffusion.tiles.blended`); otherwise
+    the networks first run without a graph over all tiles, and the loss's gradient with respect to their blended
+    outputs then goes back through them one tile batch at a time (:func:`pipeline.diffusion.tiles.tiled_vjp`)."""
     tiling = d.tiling(t)
-    if tiling is not None and not tiling.single:
+    if tiling is not None and not tiling.single and len(tiling.origins) * x.shape[0] > d.tile_batch:
         ex, en = d.predict(x, n, t, tiling)
         with torch.enable_grad():
             xg, ng = x.detach().requires_grad_(True), n.detach().requires_grad_(True)
@@ -240,10 +242,15 @@ def through_networks(d: GuidedDenoiser, x: torch.Tensor, n: torch.Tensor, t: tor
         gx = gx + tiled_vjp(d.x_model, x, t, tiling, d.tile_batch, cx)
         gn = gn + tiled_vjp(d.n_model, n, t, tiling, d.tile_batch, cn)
         return Guidance(ex.detach(), en.detach(), x0.detach(), n0.detach(), gx, gn, r.detach())
+    # whole, or tiles that fit in one tile batch: one pass with its graph
+    x_net, n_net = d.x_model, d.n_model
+    if tiling is not None and not tiling.single:
+        x_net = functools.partial(blended, d.x_model, tiling=tiling)  # type: ignore[assignment]
+        n_net = functools.partial(blended, d.n_model, tiling=tiling)  # type: ignore[assignment]
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
         ng = n.detach().requires_grad_(True)
-        ex, en = d.x_model(xg, t), d.n_model(ng, t)
+        ex, en = x_net(xg, t), n_net(ng, t)
         x0, n0 = x0_from_eps(d.sde, xg, ex, t), x0_from_eps(d.sde, ng, en, t)
         r = d.residual(x0, n0)
         # per-sample losses are independent, so the gradient of their sum is each one's gradient

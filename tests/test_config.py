@@ -16,7 +16,7 @@ def test_demo_configs_load():
         assert cfg.unet.image_size == cfg.data.size == 32
     natural = load_config(PriorConfig, "configs/prior_natural.yaml")  # patches of photos of any size
     assert natural.data.patch == natural.data.size == natural.unet.image_size == 32 and natural.unet.channels == 3
-    stripes_rgb = load_config(PriorConfig, "configs/prior_stripes_rgb.yaml")
+    stripes_rgb = load_config(PriorConfig, "configs/prior_stripes-rgb.yaml")
     assert stripes_rgb.data.channels == stripes_rgb.unet.channels == 3
 
 

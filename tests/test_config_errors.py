@@ -39,7 +39,8 @@ def test_unknown_model_lists_the_shipped_priors_and_the_accepted_forms(obs, tmp_
     assert not out.exists()  # refused before the run began
     (tmp_path / "empty").mkdir()
     rc, line = _run(capsys, "sample", str(tmp_path / "empty"), "--n", "1", "--quiet")
-    assert rc == 1 and "is a folder without config.json" in line and "faces, digits, stripes, natural, stripes-rgb" in line
+    assert rc == 1 and "is a folder without config.json" in line
+    assert "faces, digits, stripes, natural, stripes-rgb" in line
 
 
 def test_a_config_typo_suggests_the_key_and_names_the_file_or_the_override(obs, tmp_path, capsys):

@@ -1,8 +1,8 @@
 """Demo priors shipped with the package (EMA weights + config; see README "Shipped priors").
 
 ``faces`` (image prior) and ``digits`` / ``stripes`` (noise priors), all 32x32 grey, and ``natural`` /
-``stripes-rgb`` (image and noise priors for photos of any size: 32x32 RGB patches), trained with ``configs/prior_<name>.yaml``. A model
-argument anywhere in jointdiff may be one of these names, the
+``stripes-rgb`` (image and noise priors for photos of any size: 32x32 RGB patches), trained with
+``configs/prior_<name>.yaml``. A model argument anywhere in jointdiff may be one of these names, the
 folder or URI of a model (``config.json`` + ``weights.safetensors``, what ``jointdiff train`` writes to
 ``OUTPUT/model``), or a registry's ``ROOT/models/NAME/latest``; anything else is refused with a line
 that lists these forms.

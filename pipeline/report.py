@@ -439,7 +439,7 @@ table{border-collapse:collapse;font-size:13px} td,th{border:1px solid #ddd;paddi
 th{background:#f4f4f4} td.num{text-align:right;font-variant-numeric:tabular-nums}
 .kv td:first-child{font-weight:600;background:#fafafa}
 .plots{display:flex;flex-wrap:wrap;gap:12px}
-img.panel{max-width:192px;max-height:192px;min-width:96px;object-fit:contain;image-rendering:pixelated;border:1px solid #ccc;background:#fff}
+img.panel{max-width:192px;max-height:192px;min-width:96px;image-rendering:pixelated;border:1px solid #ccc}
 .note{color:#666;font-size:13px} code{font-size:12px}
 """
 

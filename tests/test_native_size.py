@@ -216,3 +216,16 @@ def test_ssim_in_strips_is_the_whole_images_ssim():
     whole = metrics.ssim(a, b, strip=10**6)
     for strip in (1, 7, 13):
         assert torch.allclose(metrics.ssim(a, b, strip=strip), whole, atol=1e-6)
+
+
+def test_the_paper_solver_rejects_other_sizes_row_by_row(folder, rgb_priors, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    priors = ["--set", f"priors.image={rgb_priors[0]}", "--set", f"priors.noise={rgb_priors[1]}"]
+    proc = cli(capsys, "clean", str(folder / "obs"), str(tmp_path / "out"), *priors, "--set", "forward.alpha=0.5",
+               "--set", "sampler.preset=paper", "--set", "sampler.steps=2", "--set", "max_rejected_fraction=1",
+               "--run-id", "p", "--quiet")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (summary["cleaned"], summary["errors"]) == (1, len(SIZES) - 1)  # tile.png is the priors' 16x16
+    reasons = pq.read_table(tmp_path / "out" / "runs" / "p" / "errors").column("reason").to_pylist()
+    assert all("solver runs at the priors' size (16x16) only; use sampler.solver=ddim" in r for r in reasons)

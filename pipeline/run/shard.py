@@ -31,6 +31,7 @@ from pipeline.data.validate import error_row
 from pipeline.forward import FORWARD_MODELS, make_forward
 from pipeline.posterior.core import Runtime, auto_batch_size
 from pipeline.posterior.denoise import Denoiser, truth_metrics
+from pipeline.posterior.sampler import SOLVERS
 from pipeline.run.models import check_pair, load_pinned
 from pipeline.run.outputs import ShardResult, encode, write
 from pipeline.run.preflight import resolve_device
@@ -127,6 +128,12 @@ def sample(cleaner: ShardCleaner, rows: list[Row], result: ShardResult, reject: 
     weight = FORWARD_MODELS[fwd.name].weight  # the parameter each row's alpha column holds (none for the sum)
     denoiser = Denoiser(cleaner.x_model, cleaner.n_model, cleaner.sde, cleaner.settings, cleaner.runtime,
                         tile_batch=cleaner.tile_batch)
+    if getattr(SOLVERS[cleaner.settings.solver], "finishes", False):  # the paper preset: the priors' size only
+        size = cleaner.shape[1:]
+        for r in [r for r in rows if r.y.shape[1:] != size]:
+            reject(r, f"{r.y.shape[1]}x{r.y.shape[2]} pixels: the {cleaner.settings.solver} solver runs at the "
+                      f"priors' size ({size[0]}x{size[1]}) only; use sampler.solver=ddim for other sizes")
+        rows = [r for r in rows if r.y.shape[1:] == size]
     for batch in batches(rows, cleaner.batch_size, cleaner.batch_pixels):
         y = torch.from_numpy(np.stack([r.y for r in batch])).to(cleaner.device)
         forward = make_forward(fwd.name, len(batch), sigma_y=fwd.sigma_y,

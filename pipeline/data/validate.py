@@ -245,9 +245,7 @@ def decode_any(data: bytes | None, name: str = "", max_pixels: int = 16_777_216,
             raise RowError("decode", f"cannot decode PNG: {decoder_failure(exc)}") from None
     from PIL import Image, UnidentifiedImageError
 
-    kind = next((k for m, k in _SIGNATURES.items() if data.startswith(m)), None)
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        kind = "WebP"
+    kind = _kind(data)
     try:
         with Image.open(io.BytesIO(data)) as im:
             frames = getattr(im, "n_frames", 1)
@@ -289,12 +287,17 @@ def decode_any(data: bytes | None, name: str = "", max_pixels: int = 16_777_216,
 SOURCE_COLUMNS = {"source_format": pa.string(), "source_bits": pa.int32(), "orientation_applied": pa.int32()}
 
 
+def _kind(data: bytes) -> str | None:
+    """The image format its first bytes announce (PNG, JPEG, TIFF, BMP, GIF, WebP), or None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return next((k for m, k in _SIGNATURES.items() if data.startswith(m)), None)
+
+
 def source_info(data: bytes, arr: np.ndarray) -> dict[str, Any]:
     """What a decoded file was: its format (PNG, JPEG, TIFF, BMP, GIF, WebP, NPY), bits per sample as
     decoded (8, 16, or 32 for float), and the EXIF orientation that decoding applied (1: none)."""
-    kind = "NPY" if data[:6] == NPY_MAGIC else next((k for m, k in _SIGNATURES.items() if data.startswith(m)), None)
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        kind = "WebP"
+    kind = "NPY" if data[:6] == NPY_MAGIC else _kind(data)
     orientation = 1
     if kind not in (None, "NPY"):
         from PIL import Image

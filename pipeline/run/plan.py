@@ -103,9 +103,9 @@ def check_inputs(run: Run) -> None:
     channels, size = prior_shape(cfg.priors.image)
     p = cfg.policy
     fits, needs = 0, {}  # needs: the --set -> why, for the first row that needs it
-    largest = max((head[4] for head in map(peek_image, (c for _, c in cells)) if head is not None), default=0)
-    for id_, cell in cells:
-        head = peek_image(cell)
+    heads = [(id_, peek_image(cell)) for id_, cell in cells]
+    largest = max((head[4] for _, head in heads if head is not None), default=0)
+    for id_, head in heads:
         if head is None:
             continue
         h, w, c, alpha, pixels = head

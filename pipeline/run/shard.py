@@ -26,6 +26,7 @@ import torch
 
 from pipeline.config import CleanConfig
 from pipeline.data.accounting import PlannedShard, mark_done
+from pipeline.data.embedded import to_channels
 from pipeline.data.shards import read_table
 from pipeline.data.validate import error_row
 from pipeline.forward import FORWARD_MODELS, make_forward
@@ -113,8 +114,8 @@ def batches(rows: list[Row], max_images: int, max_pixels: int) -> list[list[Row]
 
 
 def _to_grey(img: np.ndarray) -> np.ndarray:
-    """RGB ``(3, H, W)`` to grey ``(1, H, W)`` by ITU-R 601 luminance."""
-    return np.tensordot(np.array([0.299, 0.587, 0.114], dtype=img.dtype), img, axes=([0], [0]))[None]
+    """RGB ``(3, H, W)`` to grey ``(1, H, W)`` by ITU-R 601 luminance (:func:`pipeline.data.embedded.to_channels`)."""
+    return to_channels(np.moveaxis(img, 0, -1)[None], 1)[0]
 
 
 def sample(cleaner: ShardCleaner, rows: list[Row], result: ShardResult, reject: Callable[[Row, str], None],

@@ -141,7 +141,7 @@ def _cmd_corrupt(args: argparse.Namespace) -> int:
               f"{c.noise} at each image's own size in {len(shards)} shard(s) to {c.out}", file=sys.stderr)
         return 0
     clean = load_images(c.clean, c.split, c.size, c.channels, column_key=None)
-    noise_channels = 1 if c.noise_channel == "random" else c.channels
+    noise_channels = 4 if c.noise == "text" else 1 if c.noise_channel == "random" else c.channels
     noise = load_images(c.noise, c.split, c.size, noise_channels, column_key=None)
     n = c.n or len(clean)
     obs = corrupt(clean, noise, n, alpha=c.alpha, seed=c.seed, forward=c.forward,
@@ -231,6 +231,26 @@ def _cmd_bench(args: argparse.Namespace) -> int:
               f"({doc['meta']['seconds']:.0f} s)", file=sys.stderr)
         if args.json:
             sp.write_json(doc, args.json)
+            print(f"wrote {args.json}", file=sys.stderr)
+        return 0
+    if args.kind == "large":
+        from pipeline.bench import large as lg
+
+        log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+        doc = lg.large(quick=args.quick, steps=steps[0] if steps else None, rule=rules[0] if rules else "dps",
+                       scenarios=args.scenarios.split(",") if args.scenarios else None, figure=args.figure,
+                       log=log) if not (args.memory and args.scenarios == "none") else {"meta": {}, "rows": []}
+        if args.memory:
+            doc["memory"] = lg.memory(threads=args.threads, rule=rules[0] if rules else "dps",
+                                      full_steps=steps[0] if steps else 50, log=log)
+            joint = [r for r in doc["rows"] if r["method"] == "joint"]
+            if joint:  # the full time from the benchmark's own seconds per megapixel at its steps
+                per_mp = max(r["seconds_per_megapixel"] for r in joint)
+                doc["memory"]["extrapolated_seconds_from_bench"] = per_mp * lg.MEMORY_SIZE**2 / 1e6
+        doc["meta"]["command"] = "jointdiff " + " ".join(argv_of(args))
+        print(lg.table(doc))
+        if args.json:
+            lg.write_json(doc, args.json)
             print(f"wrote {args.json}", file=sys.stderr)
         return 0
     if args.kind == "nfe":
@@ -455,11 +475,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_sample)
 
     e = sub.add_parser("export-embedded", help="write an embedded dataset as Parquet image shards")
-    e.add_argument("name", help="faces, digits, patches or stripes")
+    e.add_argument("name", help="faces, digits, patches, stripes, natural or text (RGBA layers: --channels 4)")
     e.add_argument("uri", help="destination folder or URI (file://, s3://, memory://...)")
     e.add_argument("--split", default="train", choices=["train", "val", "test"])
     e.add_argument("--size", type=int, default=32)
-    e.add_argument("--channels", type=int, default=1, choices=[1, 3])
+    e.add_argument("--channels", type=int, default=1, choices=[1, 3, 4])
     e.add_argument("--bits", type=int, default=8, choices=[8, 16], help="PNG bit depth")
     e.add_argument("--n", type=int, default=None, help="only the first N images")
     e.add_argument("--shard-size", type=int, default=1000, help="images per shard")
@@ -471,14 +491,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("out", nargs="?", help="destination folder or URI for the observation shards")
     c.add_argument("--config", default=None, help="YAML with these keys (flags given here win)")
     c.add_argument("--section", default=None, help="top-level section of --config (e.g. corrupt)")
-    c.add_argument("--alpha", type=float, default=None, help="blend weight of the noise (default 0.5)")
-    c.add_argument("--forward", default=None, choices=["blend", "sum"], help="default blend")
+    c.add_argument("--alpha", type=float, default=None, help="the noise's weight: the blend's alpha, the overlay's "
+                                                               "or composite's a (default 0.5)")
+    c.add_argument("--forward", default=None, choices=["blend", "sum", "overlay", "composite"],
+                   help="default: composite for text (RGBA layers), blend for the rest")
     c.add_argument("--sigma-y", type=float, default=None, help="Gaussian read-out noise std ([0, 1] units; default 0)")
     c.add_argument("--split", default=None, choices=["train", "val", "test"],
                    help="split of embedded datasets (default test)")
     c.add_argument("--n", type=int, default=None, help="observations (default: one per clean image)")
     c.add_argument("--size", type=_size_arg, default=None,
-                   help="default 32; native: each clean image at its own size, the noise rendered at it (stripes)")
+                   help="default 32; native: each clean image at its own size, the noise rendered at it "
+                        "(stripes, text)")
     c.add_argument("--channels", type=int, default=None, choices=[1, 3], help="default 1")
     c.add_argument("--noise-channel", default=None, choices=["all", "random"],
                    help="grey noise on RGB images: in every channel (default), or in one random channel (the paper)")
@@ -509,8 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks: quality (denoising vs baselines), tune (guidance weights), "
                        "speed (compute floor, images/s, Ray vs one process, memory), nfe (PSNR against NFE per "
-                       "solver), gpu (the paper's setting on one GPU: images/s, memory, FLOP/s; pipeline/bench/gpu.py)")
-    b.add_argument("kind", choices=["quality", "tune", "speed", "nfe", "gpu"])
+                       "solver), gpu (the paper's setting on one GPU: images/s, memory, FLOP/s; bench/gpu.py), "
+                       "large (held-out photos at their own size under text and stripes: quality, seams, s/MP, memory)")
+    b.add_argument("kind", choices=["quality", "tune", "speed", "nfe", "gpu", "large"])
     b.add_argument("--quick", action="store_true", help="a few images and steps (a smoke test, minutes)")
     b.add_argument("--json", default=None, help="write the rows as JSON here")
     b.add_argument("--n", type=int, default=None, help="test observations per scenario (default 100)")
@@ -519,7 +543,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--n-val", type=int, default=None, help="validation observations for tuning (default 20)")
     b.add_argument("--steps", default=None, help="comma-separated step counts (default 50,100,200)")
     b.add_argument("--rules", default=None, help="comma-separated guidance rules (default all)")
-    b.add_argument("--scenarios", default=None, help="comma-separated: main,stripes,alpha0.3,alpha0.7,ood")
+    b.add_argument("--scenarios", default=None, help="comma-separated: main,stripes,alpha0.3,alpha0.7,ood; large: "
+                   "text,stripes (none: with --memory, the memory figure alone)")
+    b.add_argument("--memory", action="store_true", help="large: also clean one 4096x4096 RGB image at 2 steps in a "
+                   "child process and report its peak RSS")
     b.add_argument("--figure", default=None,
                    help="quality: write a PNG of 8 main-scenario test images (observation, joint, gaussian, "
                    "NLM, truth, noise estimate); nfe: an SVG of PSNR against NFE")

@@ -107,10 +107,27 @@ class PriorConfig(_Strict):
 
 
 class ForwardConfig(_Strict):
-    name: Literal["blend", "sum"] = Field("blend", description="blend or sum (pipeline/forward.py also has the "
-                                                              "overlay y = x + a n, not yet cleaned by a run)")
-    alpha: float | None = Field(None, gt=0, lt=1, description="blend weight; default: each row's alpha column")
+    name: Literal["blend", "sum", "overlay", "composite"] = Field(
+        "blend", description="blend y = (1 - alpha) x + alpha n; sum y = x + n; overlay y = x + alpha n; composite "
+                             "y = (1 - alpha m) x + alpha m c, the noise an RGBA layer (colour c, coverage m: the "
+                             "text prior) (pipeline/forward.py)")
+    alpha: float | None = Field(None, gt=0, description="the model's weight (blend: in (0, 1); overlay: > 0; "
+                                                        "composite: in (0, 1]); default: each row's alpha column")
     sigma_y: float = Field(0.0, ge=0, description="Gaussian read-out noise std, [0, 1] units")
+
+    @model_validator(mode="after")
+    def _weight(self) -> ForwardConfig:
+        from pipeline.forward import FORWARD_MODELS, make_forward
+
+        weight = FORWARD_MODELS[self.name].weight
+        if self.alpha is not None:
+            if weight is None:
+                raise ValueError(f"forward.alpha: the {self.name} model has no weight; drop forward.alpha")
+            try:
+                make_forward(self.name, 1, **{weight: self.alpha})
+            except ValueError as exc:
+                raise ValueError(f"forward.alpha={self.alpha:g}: {exc}") from None
+        return self
 
 
 class _SamplerConfigMethods:
@@ -133,20 +150,41 @@ class CorruptConfig(_Strict):
     clean: str | None = Field(None, description="clean images: embedded name or shard URI")
     noise: str | None = Field(None, description="noise images: embedded name or shard URI")
     out: str | None = Field(None, description="destination folder or URI of the observation shards")
-    alpha: float = Field(0.5, gt=0, lt=1)
-    forward: Literal["blend", "sum"] = "blend"
+    alpha: float = Field(0.5, gt=0, le=1, description="the forward model's weight (blend: in (0, 1))")
+    forward: Literal["blend", "sum", "overlay", "composite"] | None = Field(
+        None, description="default: composite for text (RGBA layers), blend for the rest")
     sigma_y: float = Field(0.0, ge=0)
     split: Literal["train", "val", "test"] = "test"
     n: int | None = Field(None, ge=1, description="observations (default: one per clean image)")
     size: Annotated[int, Field(ge=4)] | Literal["native"] = Field(
         32, description="square size of both; native: each clean image at its own size (`natural` or a shard "
-                        "dataset), the noise rendered at it (stripes)")
+                        "dataset), the noise rendered at it (stripes, text)")
     channels: int = 1
     noise_channel: Literal["all", "random"] = "all"
     seed: int = 0
     shard_size: int = Field(1000, ge=1)
 
-    _channels = field_validator("channels")(classmethod(lambda cls, v: check_channels(v)))
+    @field_validator("channels")
+    @classmethod
+    def _image_channels(cls, v: int) -> int:
+        if v not in (1, 3):
+            raise ValueError(f"channels of the clean images must be 1 or 3, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _forward(self) -> CorruptConfig:
+        from pipeline.data.corrupt import default_forward
+        from pipeline.forward import FORWARD_MODELS, make_forward
+
+        if self.forward is None and self.noise is not None:
+            self.forward = default_forward(self.noise)
+        weight = FORWARD_MODELS[self.forward or "blend"].weight
+        if weight:
+            try:
+                make_forward(self.forward or "blend", 1, **{weight: self.alpha})
+            except ValueError as exc:
+                raise ValueError(f"alpha={self.alpha:g}: {exc}") from None
+        return self
 
 
 def check_ray_address(address: str | None, what: str = "--ray-address", command: str = "clean") -> None:
@@ -267,6 +305,16 @@ class Recipe(_Strict):
         v = dict(v)
         name = v.pop("preset")
         return {**PRESETS[str(name)], **v}
+
+
+    @model_validator(mode="after")
+    def _linear_for_paper(self) -> Recipe:
+        from pipeline.forward import FORWARD_MODELS
+
+        if not FORWARD_MODELS[self.forward.name].linear and "paper" in (self.sampler.rule, self.sampler.solver):
+            raise ValueError(f"forward.name={self.forward.name} is not linear and the paper preset's guidance needs "
+                             "a linear model: use sampler.rule=dps (the default) with sampler.solver=ddim")
+        return self
 
 
 class Execution(_Strict):

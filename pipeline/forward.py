@@ -70,6 +70,8 @@ class ForwardModel:
     params: ClassVar[dict[str, float | None]] = {}  # per-row parameters and their defaults (None: required)
     estimable: ClassVar[tuple[str, ...]] = ()  # parameters a sampler may estimate (see the module docstring)
     weight: ClassVar[str | None] = None  # the mixing weight that an observation dataset's `alpha` column holds
+    linear: ClassVar[bool] = True  # A(x, n) = c_x x + c_n n: coef_x / coef_n exist
+    extra_noise_channels: ClassVar[int] = 0  # the noise has the image's channels plus these (composite: alpha)
 
     def __post_init__(self) -> None:
         b = _rows("sigma_y", self.sigma_y, None).shape[0]
@@ -101,6 +103,32 @@ class ForwardModel:
     def coef_n(self) -> torch.Tensor:
         """``c_n`` per row, (B,)."""
         raise NotImplementedError
+
+    def noise_channels(self, channels: int) -> int:
+        """Channels of the noise for an image of ``channels``."""
+        return channels + self.extra_noise_channels
+
+    def image_part(self, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """The image's term of ``A(x, n)`` (for a linear model ``c_x x``): what is left of ``x`` in ``y``."""
+        return _bcast(self.coef_x, x) * x
+
+    def project(self, y: torch.Tensor, x: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Move ``(x, n)`` the least distance (``||dx||^2 + ||dn||^2``) that explains the residual of ``y``.
+
+        With read-out noise, only the part of the residual above ``sigma_y`` is removed: per sample the
+        correction is shrunk by ``max(0, 1 - sigma_y / rms(r))``, leaving a residual of RMS ``sigma_y``.
+        Every coefficient is the row's own."""
+        r = self._shrunk(y - self.apply(x, n))
+        cx, cn = _bcast(self.coef_x, r), _bcast(self.coef_n, r)
+        c = cx**2 + cn**2
+        return x + cx / c * r, n + cn / c * r
+
+    def _shrunk(self, r: torch.Tensor) -> torch.Tensor:
+        sigma_y = self.sigma_y.to(r.device)
+        if (sigma_y > 0).any():
+            rms = r.pow(2).flatten(1).mean(1).sqrt()
+            r = r * _bcast((1 - sigma_y / rms.clamp_min(1e-20)).clamp(0, 1), r)
+        return r
 
     def observe(self, x: torch.Tensor, n: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A noisy observation of ``(x, n)``: read-out noise of each row's ``sigma_y``, drawn from ``generator``."""
@@ -212,7 +240,67 @@ class Overlay(ForwardModel):
         return self.a
 
 
-FORWARD_MODELS: dict[str, type[ForwardModel]] = {m.name: m for m in (Blend, Sum, Overlay)}
+@dataclass(frozen=True, eq=False)
+class Composite(ForwardModel):
+    """``y = (1 - a m) x + a m c``: an RGBA layer (colour ``c``, antialiased coverage ``m``, both in [0, 1]) composited
+    over the image with strength ``a`` in (0, 1] per row, as editors and watermarking tools put text on photos. The
+    noise is the layer: the image's channels (``c``) then one of coverage (``m``), so a text prior is RGBA.
+
+    Not linear (``m`` multiplies both ``x`` and ``c``): rules and solvers that need ``coef_x`` / ``coef_n`` (a
+    Gaussian likelihood, the ``paper`` preset) refuse it; ``dps`` and ``projection`` differentiate ``apply``.
+    :meth:`project` moves ``(x, c)`` the least distance that explains ``y`` with the coverage held: given ``m``
+    the model is linear in ``(x, c)``, per pixel, with coefficients ``1 - a m`` and ``a m``."""
+
+    a: torch.Tensor = None  # type: ignore[assignment]  # required
+
+    name: ClassVar[str] = "composite"
+    params: ClassVar[dict[str, float | None]] = {"a": 1.0}
+    estimable: ClassVar[tuple[str, ...]] = ("a",)
+    weight: ClassVar[str | None] = "a"
+    linear: ClassVar[bool] = False
+    extra_noise_channels: ClassVar[int] = 1
+
+    def check(self) -> None:
+        bad = ~((self.a > 0) & (self.a <= 1))
+        if bad.any():
+            raise ValueError(f"composite a must be in (0, 1], got {self.a[bad][0].item():g}")
+
+    def _split(self, x: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(c, a m)`` of the layer ``n`` for the image ``x``."""
+        if n.shape[1] != x.shape[1] + 1:
+            raise ValueError(f"the composite overlay's noise is a layer of the image's {x.shape[1]} channel(s) of "
+                             f"colour and one of coverage; got {n.shape[1]} channel(s): use an RGBA noise prior "
+                             "(e.g. text) with an RGB image prior")
+        return n[:, :-1], _bcast(self.a, n) * n[:, -1:]
+
+    def apply(self, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        c, am = self._split(x, n)
+        return (1.0 - am) * x + am * c
+
+    def image_part(self, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        return (1.0 - self._split(x, n)[1]) * x
+
+    def project(self, y: torch.Tensor, x: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c, am = self._split(x, n)
+        r = self._shrunk(y - self.apply(x, n))
+        k = (1.0 - am) ** 2 + am**2  # at least 1/2
+        return x + (1.0 - am) / k * r, torch.cat([c + am / k * r, n[:, -1:]], dim=1)
+
+    @property
+    def coef_x(self) -> torch.Tensor:
+        raise NotImplementedError(self._not_linear())
+
+    @property
+    def coef_n(self) -> torch.Tensor:
+        raise NotImplementedError(self._not_linear())
+
+    def _not_linear(self) -> str:
+        return (f"the {self.name} forward model is not linear (its coverage multiplies the image): what needs "
+                "coef_x / coef_n (a Gaussian likelihood, the paper preset) cannot use it; use sampler.rule=dps or "
+                "projection with sampler.solver=ddim")
+
+
+FORWARD_MODELS: dict[str, type[ForwardModel]] = {m.name: m for m in (Blend, Sum, Overlay, Composite)}
 
 
 def make_forward(name: str, batch_size: int, sigma_y: Rows = 0.0, **params: Rows | None) -> ForwardModel:

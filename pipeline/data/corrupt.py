@@ -6,8 +6,11 @@ appears under several different noise images, no pair repeats, and the dataset i
 ``<clean id>+<noise id>``. Grey noise on RGB images goes either into every channel or, as the paper
 does with MNIST on CelebA, into one random colour channel (``noise_channel="random"``).
 
+Text layers (``text``, RGBA) are composited (``forward="composite"``): the noise keeps its colour in the image's
+channels (grey for grey images) and its coverage as alpha.
+
 Columns (DESIGN.md "observations"): ``id``, ``observation`` (16-bit PNG, or float32 ``.npy`` when
-values leave [0, 1], e.g. the sum model), ``clean``, ``noise`` (8-bit PNG, the ground truth),
+values leave [0, 1], e.g. the sum model), ``clean``, ``noise`` (8-bit PNG, the ground truth; RGBA for a layer),
 ``alpha`` (float32), ``forward`` (string).
 """
 
@@ -61,6 +64,13 @@ def pair_noise(clean: ImageSet, noise: ImageSet, n: int, seed: int,
     c_idx, order = pair_indices(len(clean), len(noise), n, rng)
     x = clean.images[c_idx]
     nz = noise.images[order[:n]]
+    if nz.shape[1] == 4:  # RGBA layers (composited): colour in the image's channels, then coverage
+        nz = np.stack([layer_for(v, x.shape[1]) for v in nz])
+        if nz.shape[2:] != x.shape[2:]:
+            raise ValueError(f"clean images are {x.shape[2:]} but noise layers are {nz.shape[2:]}; load both at "
+                             "the same size")
+        ids = [f"{clean.ids[c]}+{noise.ids[o]}" for c, o in zip(c_idx, order[:n])]
+        return ids, x, nz
     if nz.shape[1] == 1 and x.shape[1] == 3:
         if noise_channel == "random":
             coloured = np.zeros((n, 3) + nz.shape[2:], dtype=nz.dtype)
@@ -84,34 +94,63 @@ def corrupt(clean: ImageSet, noise: ImageSet, n: int, alpha: float = 0.5, seed: 
     has none), stored in the ``alpha`` column (NaN without one)."""
     if forward not in FORWARD_MODELS:  # before pairing: the refusal names the models
         make_forward(forward, 0)
+    layers = noise.images[0].shape[0] == 4 if len(noise) else False
+    if layers != (FORWARD_MODELS[forward].extra_noise_channels == 1):
+        _refuse_pairing(forward, "RGBA layers" if layers else "noise images")
     ids, x, nz = pair_noise(clean, noise, n, seed, noise_channel)
     weight = FORWARD_MODELS[forward].weight
     fm = make_forward(forward, len(ids), sigma_y=sigma_y, **({weight: alpha} if weight else {}))
     g = torch.Generator().manual_seed(seed + 1)
     y = fm.observe(torch.from_numpy(x), torch.from_numpy(nz), generator=g).numpy().astype(np.float32)
-    if forward == "blend":
+    if forward in ("blend", "composite"):
         y = np.clip(y, 0.0, 1.0)  # read-out noise cannot leave the sensor's range
     return Observations(ids, y, x, nz, alpha if weight else float("nan"), forward)
 
 
-NATIVE_NOISE = ("stripes",)  # noise that can be rendered at any size
+NATIVE_NOISE = ("stripes", "text")  # noise that can be rendered at any size
+
+
+def default_forward(noise: str) -> str:
+    """The forward model a noise is put on images with, unless one is given: text layers are composited."""
+    return "composite" if noise == "text" else "blend"
+
+
+def _refuse_pairing(forward: str, noise: str) -> None:
+    from pipeline.untrusted import ConfigError
+
+    raise ConfigError(f"--forward {forward} with {noise}: RGBA text layers go on with --forward composite, and "
+                      "composite takes RGBA layers only (text)")
+
+
+def layer_for(layer: np.ndarray, channels: int) -> np.ndarray:
+    """An RGBA layer ``(4, H, W)`` for an image of ``channels``: as it is for RGB, grey colour and alpha for grey."""
+    if channels == 3:
+        return layer
+    from pipeline.data.embedded import to_channels
+
+    return np.concatenate([to_channels(np.moveaxis(layer[:3], 0, -1)[None], 1)[0], layer[3:]])
 
 
 def corrupt_native(clean: ImageSet, noise: str, split: str, n: int, alpha: float = 0.5, seed: int = 0,
-                   forward: str = "blend", sigma_y: float = 0.0) -> Observations:
+                   forward: str | None = None, sigma_y: float = 0.0) -> Observations:
     """``n`` observations of ``clean`` images kept at their own sizes (a list of ``(C, H, W)``), each under noise
     ``noise`` rendered at its size: ``stripes`` with the period in pixels that the 32x32 ``stripes`` prior
-    learned, grey, in every channel. Pairs are drawn as :func:`corrupt` draws them (the noise's ``split`` seeds)."""
-    from pipeline.data.embedded import STRIPES_SPLITS, stripe
+    learned, grey, in every channel; ``text``, an RGBA layer of random words in the training font families
+    (:func:`pipeline.data.text.text_layer`), composited by default. Pairs are drawn as :func:`corrupt` draws them
+    (the noise's ``split`` seeds)."""
+    from pipeline.data.embedded import STRIPES_SPLITS, TEXT_SPLITS, stripe
 
     if noise not in NATIVE_NOISE:
         from pipeline.untrusted import ConfigError
 
         raise ConfigError(f"noise '{noise}' cannot be rendered at each image's size; at --size native the noise is "
                          f"one of {', '.join(NATIVE_NOISE)} (or give --size N for both)")
+    forward = forward or default_forward(noise)
     if forward not in FORWARD_MODELS:
         make_forward(forward, 0)
-    start, count = STRIPES_SPLITS[split]
+    if (noise == "text") != (FORWARD_MODELS[forward].extra_noise_channels == 1):
+        _refuse_pairing(forward, noise)
+    start, count = (TEXT_SPLITS if noise == "text" else STRIPES_SPLITS)[split]
     rng = np.random.default_rng(seed)
     c_idx, order = pair_indices(len(clean), count, n, rng)
     weight = FORWARD_MODELS[forward].weight
@@ -119,13 +158,18 @@ def corrupt_native(clean: ImageSet, noise: str, split: str, n: int, alpha: float
     ids, ys, xs, ns = [], [], [], []
     for c, o in zip(c_idx, order):
         x = np.asarray(clean.images[c], dtype=np.float32)
-        nz = np.broadcast_to(stripe(start + o, 32, x.shape[1:]).astype(np.float32), x.shape).copy()
+        if noise == "text":
+            from pipeline.data.text import text_layer
+
+            nz = layer_for(text_layer(start + o, x.shape[1:]), x.shape[0])
+        else:
+            nz = np.broadcast_to(stripe(start + o, 32, x.shape[1:]).astype(np.float32), x.shape).copy()
         fm = make_forward(forward, 1, sigma_y=sigma_y, **({weight: alpha} if weight else {}))
         y = fm.observe(torch.from_numpy(x)[None], torch.from_numpy(nz)[None], generator=g)[0].numpy()
-        ys.append(np.clip(y, 0.0, 1.0) if forward == "blend" else y.astype(np.float32))
+        ys.append(np.clip(y, 0.0, 1.0) if forward in ("blend", "composite") else y.astype(np.float32))
         xs.append(x)
         ns.append(nz)
-        ids.append(f"{clean.ids[c]}+stripes-{split}-{start + o:07d}")
+        ids.append(f"{clean.ids[c]}+{noise}-{split}-{start + o:07d}")
     return Observations(ids, ys, xs, ns, alpha if weight else float("nan"), forward)  # type: ignore[arg-type]
 
 

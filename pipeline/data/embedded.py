@@ -7,10 +7,12 @@
 | `patches` | crops of scikit-image sample images    | 9 images x 64 | 2 images x 16    | 4 images x 16      |
 | `stripes` | synthetic sinusoidal stripes           | seeds 0-4999  | seeds 1,000,000+ | seeds 2,000,000+   |
 | `natural` | scikit-image's photos, native size     | 12 photos     | 2 photos         | 4 photos           |
+| `text`    | RGBA text layers (:mod:`.text`)         | seeds 0-9999  | seeds 1,000,000+ | seeds 2,000,000+   |
 
 `patches` sources: train = moon, clock, hubble_deep_field, immunohistochemistry, grass, gravel,
 brick, cell, retina; val = rocket, coins; test = camera, astronaut, coffee, chelsea. `stripes` val and
-test have 500 images each.
+test have 500 images each; so do `text` val and test. `text` is 4 channels only (colour and coverage): crops of
+random words in three font families, the fourth (:data:`pipeline.data.text.HELD_OUT`) kept out of every split.
 
 `natural` is split *by photo* (:data:`NATURAL_PHOTOS`), grey and RGB, at native resolution: train =
 chelsea (also shipped as ``cat``), the stereo_motorcycle pair (left and right, one split), hubble_deep_field,
@@ -34,7 +36,7 @@ from functools import lru_cache
 import numpy as np
 
 SPLITS = ("train", "val", "test")
-NAMES = ("faces", "digits", "patches", "stripes", "natural")
+NAMES = ("faces", "digits", "patches", "stripes", "natural", "text")
 
 FACES_SPLITS = {"train": range(0, 70), "val": range(70, 80), "test": range(80, 100)}
 DIGITS_SPLITS = {"train": range(0, 1400), "val": range(1400, 1600), "test": range(1600, 1797)}
@@ -56,6 +58,7 @@ NATURAL_EXCLUDED = ("page", "text", "logo", "checkerboard", "horse", "shepp_loga
                     "binary_blobs", "lfw_subset", "cat")
 NATURAL_CROPS = {"train": 64, "val": 32, "test": 32}
 STRIPES_SPLITS = {"train": (0, 5000), "val": (1_000_000, 500), "test": (2_000_000, 500)}
+TEXT_SPLITS = {"train": (0, 10000), "val": (1_000_000, 500), "test": (2_000_000, 500)}
 # Stripe frequency in cycles per image side, so the pattern does not depend on the pixel size.
 STRIPES_CYCLES = (1.5, 6.0)
 
@@ -83,8 +86,9 @@ def load_embedded(name: str, split: str = "train", size: int | None = 32, channe
         raise ValueError(f"unknown embedded dataset '{name}'; choose one of {', '.join(NAMES)}")
     if split not in SPLITS:
         raise ValueError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if (name == "text") != (channels == 4) or channels not in (1, 3, 4):
+        raise ValueError("text layers have 4 channels (colour and coverage): ask for channels=4" if name == "text"
+                         else f"channels must be 1 or 3, got {channels}")
     if size is None:
         if name != "natural":
             raise ValueError(f"embedded dataset '{name}' has no native size; give a size")
@@ -93,7 +97,7 @@ def load_embedded(name: str, split: str = "train", size: int | None = 32, channe
     if size < 4:
         raise ValueError(f"size must be at least 4, got {size}")
     ids, images = _LOADERS[name](split, size)
-    images = to_channels(images, channels)
+    images = images if name == "text" else to_channels(images, channels)
     return ImageSet(list(ids), np.ascontiguousarray(images, dtype=np.float32)).subset(n)
 
 
@@ -185,6 +189,19 @@ def _stripes(split: str, size: int) -> tuple[list[str], np.ndarray]:
     return [f"stripes-{split}-{s:07d}" for s in seeds], np.stack([stripe(s, size) for s in seeds])
 
 
+def _text(split: str, size: int) -> tuple[list[str], np.ndarray]:
+    start, count = TEXT_SPLITS[split]
+    seeds = range(start, start + count)
+    return [f"text-{split}-{s:07d}" for s in seeds], _text_crops(seeds, size)
+
+
+@lru_cache(maxsize=3)
+def _text_crops(seeds: range, size: int) -> np.ndarray:
+    from pipeline.data.text import text_crops
+
+    return text_crops(seeds, size)
+
+
 def _unit(img: np.ndarray) -> np.ndarray:
     return img.astype(np.float32) / np.iinfo(img.dtype).max if img.dtype.kind == "u" else img.astype(np.float32)
 
@@ -221,4 +238,5 @@ def _natural(split: str, size: int) -> tuple[list[str], list[np.ndarray]]:
     return ids, np.stack(out)
 
 
-_LOADERS = {"faces": _faces, "digits": _digits, "patches": _patches, "stripes": _stripes, "natural": _natural}
+_LOADERS = {"faces": _faces, "digits": _digits, "patches": _patches, "stripes": _stripes, "natural": _natural,
+            "text": _text}

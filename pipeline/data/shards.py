@@ -37,13 +37,14 @@ class ShardError(ValueError):
 
 # ---------------------------------------------------------------- encoding
 def encode_png(img: np.ndarray) -> bytes:
-    """PNG bytes of an (H, W) or (H, W, C) uint8/uint16 array, C in {1, 3}."""
+    """PNG bytes of an (H, W) or (H, W, C) uint8/uint16 array, C in {1, 2, 3, 4} (grey, grey and alpha, RGB,
+    RGBA: a text layer, :class:`pipeline.forward.Composite`)."""
     if img.dtype not in (np.uint8, np.uint16):
         raise TypeError(f"encode_png takes uint8 or uint16 arrays, got {img.dtype}")
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
-    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):
-        raise ValueError(f"encode_png takes (H, W) or (H, W, 3) arrays, got shape {img.shape}")
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (2, 3, 4)):
+        raise ValueError(f"encode_png takes (H, W) or (H, W, 2|3|4) arrays, got shape {img.shape}")
     if img.dtype == np.uint8:
         from PIL import Image
 
@@ -53,9 +54,10 @@ def encode_png(img: np.ndarray) -> bytes:
     import png  # pypng: Pillow cannot write 16-bit RGB
 
     h, w = img.shape[:2]
-    planes = 1 if img.ndim == 2 else 3
+    planes = 1 if img.ndim == 2 else img.shape[2]
     buf = io.BytesIO()
-    png.Writer(w, h, greyscale=planes == 1, bitdepth=16).write(buf, img.reshape(h, w * planes).tolist())
+    png.Writer(w, h, greyscale=planes <= 2, alpha=planes in (2, 4), bitdepth=16).write(
+        buf, img.reshape(h, w * planes).tolist())
     return buf.getvalue()
 
 
@@ -116,9 +118,9 @@ def _decode_image(data: bytes, path: str) -> np.ndarray:
         im.load()
         if im.mode == "P":  # a palette holds colours: never collapse it to grey
             im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-        elif im.mode in ("1", "LA"):
+        elif im.mode == "1":
             im = im.convert("L")
-        elif im.mode not in ("L", "RGB", "RGBA", "I;16", "I;16B", "I;16L"):
+        elif im.mode not in ("L", "LA", "RGB", "RGBA", "I;16", "I;16B", "I;16L"):
             im = im.convert("RGB")
         return np.asarray(im)
 

@@ -32,9 +32,10 @@ def _power_of_two(v: int) -> int:
 
 
 def check_channels(v: int) -> int:
-    """Images are grey (1 channel) or RGB (3)."""
-    if v not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {v}")
+    """Images are grey (1 channel) or RGB (3); a noise prior of the composited overlay has 4 (RGBA: colour and
+    coverage, :class:`pipeline.forward.Composite`)."""
+    if v not in (1, 3, 4):
+        raise ValueError(f"channels must be 1, 3 or 4 (an RGBA noise layer), got {v}")
     return v
 
 

@@ -140,7 +140,8 @@ def measure_step_bytes(x_model: Net, n_model: Net, sde: VPSDE, forward: ForwardM
     for b in batches:
         y = torch.rand(b, *shape, device=device)
         d = GuidedDenoiser(x_model, n_model, sde, forward.take([0] * b).to(device), y, settings)
-        x, n = torch.randn_like(y), torch.randn_like(y)
+        x = torch.randn_like(y)
+        n = torch.randn(b, forward.noise_channels(shape[0]), *shape[1:], device=device)
         t = torch.full((b,), 0.5, device=device)
         dt = torch.tensor(1.0 / settings.steps, device=device)
         # a first call at this shape does any one-off work (cuDNN autotuning and its workspaces) unmeasured

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pipeline import metrics
-from pipeline.diffusion.sde import VPSDE, _bcast
+from pipeline.diffusion.sde import VPSDE
 from pipeline.forward import ForwardModel
 from pipeline.posterior.core import Runtime
 from pipeline.posterior.sampler import SamplerSettings, joint_sample, seed_for
@@ -57,12 +57,12 @@ class Denoiser:
         out = joint_sample(self.x_model, self.n_model, self.sde, y.repeat(k, 1, 1, 1), forward.repeat(k),
                            self.settings, seeds=seeds, runtime=self.runtime, tile_batch=self.tile_batch)
         xs = out.x.clamp(0, 1).reshape(k, b, *y.shape[1:])
-        ns = out.n.clamp(0, 1).reshape(k, b, *y.shape[1:])
+        ns = out.n.clamp(0, 1).reshape(k, b, *out.n.shape[1:])
         x_hat, n_hat = xs.mean(0), ns.mean(0)
         return DenoiseOutput(
             denoised=x_hat, noise_estimate=n_hat, uncertainty=xs.std(0) if k > 1 else None,
             residual=out.residual.reshape(k, b).mean(0),
-            spread=metrics.spread(xs), removed_energy=metrics.removed_energy(y, x_hat, _bcast(forward.coef_x, y)),
+            spread=metrics.spread(xs), removed_energy=metrics.removed_energy(y, forward.image_part(x_hat, n_hat), 1.0),
             nfe=out.nfe * k, backward=out.backward, seconds=(time.perf_counter() - t0) / max(b, 1))
 
 

@@ -182,7 +182,7 @@ def solve(d: GuidedDenoiser, noise: Noise, callback: Callback | None = None) -> 
     s = d.settings
     shape = tuple(d.y.shape)
     x = noise.randn(shape)
-    n = noise.randn(shape)
+    n = noise.randn((shape[0], d.forward.noise_channels(shape[1]), *shape[2:]))
     ts = d.sde.timesteps(s.steps - 1, device=d.y.device, power=s.time_power)
     solver = SOLVERS[s.solver]
     if getattr(solver, "finishes", False):  # a solver that ends on its own result (the paper preset's)
@@ -199,24 +199,15 @@ def solve(d: GuidedDenoiser, noise: Noise, callback: Callback | None = None) -> 
 
 
 def project(forward: ForwardModel, y: torch.Tensor, x: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Move ``(x, n)`` the least distance (``||dx||^2 + ||dn||^2``) that explains the residual of ``y``.
-
-    With read-out noise, only the part of the residual above ``sigma_y`` is removed: per sample the
-    correction is shrunk by ``max(0, 1 - sigma_y / rms(r))``, leaving a residual of RMS ``sigma_y``.
-    Every coefficient is the row's own."""
-    r = y - forward.apply(x, n)
-    sigma_y = forward.sigma_y.to(r.device)
-    if (sigma_y > 0).any():
-        rms = r.pow(2).flatten(1).mean(1).sqrt()
-        r = r * _bcast((1 - sigma_y / rms.clamp_min(1e-20)).clamp(0, 1), r)
-    cx, cn = _bcast(forward.coef_x, r), _bcast(forward.coef_n, r)
-    c = cx**2 + cn**2
-    return x + cx / c * r, n + cn / c * r
+    """Move ``(x, n)`` the least distance that explains the residual of ``y``
+    (:meth:`pipeline.forward.ForwardModel.project`)."""
+    return forward.project(y, x, n)
 
 
 @dataclass
 class JointResult:
-    """Posterior draws in [0, 1] units (``x`` clean image, ``n`` noise), shape (B, C, H, W)."""
+    """Posterior draws in [0, 1] units (``x`` clean image, ``n`` noise), shape (B, C, H, W); the noise has
+    the forward model's channels (:meth:`~pipeline.forward.ForwardModel.noise_channels`)."""
 
     x: torch.Tensor
     n: torch.Tensor

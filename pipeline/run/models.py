@@ -105,7 +105,7 @@ def load_pinned(model: PinnedModel, device: str) -> tuple[Any, Any, dict[str, An
     return load_model(resolve_model(model.uri), device, files=(config, weights))  # the bytes hashed, not a re-read
 
 
-def check_models(image: str, noise: str, storage: Any = None) -> None:
+def check_models(image: str, noise: str, storage: Any = None, forward: str = "blend") -> None:
     """:class:`ConfigError` unless both priors resolve to a folder holding ``config.json`` and
     ``weights.safetensors``, each ``config.json`` is valid (size, nesting, every key of ``unet`` and ``sde``:
     :func:`~pipeline.diffusion.checkpoint.read_model_config`), and the two fit together (:func:`check_pair`).
@@ -130,18 +130,29 @@ def check_models(image: str, noise: str, storage: Any = None) -> None:
                 raise
             raise ConfigError(f"{key}: {name}: cannot read the model: {cause}") from None
     (x_unet, x_sde, _), (n_unet, n_sde, _) = configs["priors.image"], configs["priors.noise"]
-    check_pair(x_unet, x_sde, n_unet, n_sde)
+    check_pair(x_unet, x_sde, n_unet, n_sde, forward)
 
 
-def check_pair(x_unet: Any, x_sde: Any, n_unet: Any, n_sde: Any) -> None:
-    """:class:`ConfigError` unless the two priors share their SDE, image size and channels (the joint sampler
-    runs both on one schedule, on one shape)."""
+def check_pair(x_unet: Any, x_sde: Any, n_unet: Any, n_sde: Any, forward: str = "blend") -> None:
+    """:class:`ConfigError` unless the two priors share their SDE and image size, and the noise prior has the
+    channels that the forward model ``forward`` gives the noise of the image prior's (the same, or for the
+    composited overlay one more: an RGBA layer over RGB)."""
+    from pipeline.forward import FORWARD_MODELS
     if x_sde != n_sde:
         differ = "; ".join(f"sde.{k} {getattr(x_sde, k)} vs {getattr(n_sde, k)}"
                            for k in ("beta_min", "beta_max", "eps") if getattr(x_sde, k) != getattr(n_sde, k))
         raise ConfigError(f"priors.image and priors.noise use different SDEs ({differ}); the joint sampler runs "
                           "both on one schedule: train them with the same sde section")
-    if (x_unet.image_size, x_unet.channels) != (n_unet.image_size, n_unet.channels):
+    extra = FORWARD_MODELS[forward].extra_noise_channels
+    if extra and x_unet.image_size == n_unet.image_size and n_unet.channels != x_unet.channels + extra:
+        raise ConfigError(f"forward.name={forward}: the noise is a layer of the image's {x_unet.channels} colour "
+                          f"channel(s) and {extra} of coverage, so the noise prior needs {x_unet.channels + extra} "
+                          f"channels but has {n_unet.channels}: use an RGBA noise prior (text) with an RGB image "
+                          "prior (natural)")
+    if not extra and n_unet.channels == x_unet.channels + 1:
+        raise ConfigError(f"the noise prior has {n_unet.channels} channels, an RGBA layer over the image prior's "
+                          f"{x_unet.channels}: composite it with --set forward.name=composite")
+    if (x_unet.image_size, x_unet.channels + extra) != (n_unet.image_size, n_unet.channels):
         raise ConfigError(f"the image prior is {x_unet.channels}x{x_unet.image_size}x{x_unet.image_size} but the "
                           f"noise prior is {n_unet.channels}x{n_unet.image_size}x{n_unet.image_size}; they must match "
                           "(for grey noise on RGB images, train the noise prior on RGB noise, e.g. corrupt "

@@ -23,6 +23,7 @@ from pipeline.data.accounting import PlannedShard, input_rows, plan
 from pipeline.data.shards import ShardError, read_table
 from pipeline.data.storage import local_path, open_fs
 from pipeline.data.validate import DOWNSCALE_LIMIT
+from pipeline.forward import FORWARD_MODELS
 from pipeline.run.models import prior_shape
 from pipeline.run.rows import peek_image
 
@@ -96,9 +97,10 @@ def check_inputs(run: Run) -> None:
         return
     cfg = run.cfg
     problems, fixes = [], []
-    if cfg.forward.name == "blend" and cfg.forward.alpha is None and "alpha" not in names:
-        problems.append("it has no 'alpha' column and forward.alpha is not set (the blend "
-                        "y = (1 - alpha) x + alpha n needs the noise's weight)")
+    weight = FORWARD_MODELS[cfg.forward.name].weight
+    if weight is not None and cfg.forward.alpha is None and "alpha" not in names:
+        problems.append(f"it has no 'alpha' column and forward.alpha is not set (the {cfg.forward.name} model "
+                        f"needs the noise's weight {weight})")
         fixes.append("--set forward.alpha=0.5")
     channels, size = prior_shape(cfg.priors.image)
     p = cfg.policy

@@ -54,4 +54,4 @@ def preflight(input_uri: str, output: str, cfg: CleanConfig, ray: bool = False) 
     if not ray or (cfg.device != "auto" and not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))):
         check_device(cfg.device)
     storage.preflight(input_uri, output, cfg.storage)
-    check_models(cfg.priors.image, cfg.priors.noise, cfg.storage)
+    check_models(cfg.priors.image, cfg.priors.noise, cfg.storage, cfg.forward.name)

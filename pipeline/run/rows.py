@@ -17,6 +17,7 @@ import numpy as np
 
 from pipeline.config import ForwardConfig
 from pipeline.data.validate import ImagePolicy, RowError, conform, decode_any, npy_header
+from pipeline.forward import FORWARD_MODELS, make_forward
 
 
 @dataclass
@@ -78,12 +79,20 @@ def decode_rows(cols: Mapping[str, list[Any]], policy: ImagePolicy, channels: in
         except RowError as exc:
             rejected.append((row, id_, exc))
             continue
-        alpha = 0.0  # only the blend has an alpha
-        if forward.name == "blend":
+        alpha = 0.0  # the sum has no weight
+        weight = FORWARD_MODELS[forward.name].weight
+        if weight is not None:
             alpha = forward.alpha or (alphas[row] if alphas else None)
-            if alpha is None or math.isnan(alpha) or not 0 < alpha < 1:
-                rejected.append((row, id_, RowError("validate", f"blend needs alpha in (0, 1); the row has "
-                                                                f"{alpha!r} and forward.alpha is not set")))
+            why = "no value" if alpha is None or math.isnan(alpha) else None
+            if why is None:
+                try:
+                    make_forward(forward.name, 1, **{weight: alpha})
+                except ValueError as exc:
+                    why = str(exc)
+            if why is not None:
+                rejected.append((row, id_, RowError("validate", f"{forward.name} needs its weight from the row's "
+                                                                f"alpha column ({alpha!r}: {why}) and "
+                                                                "forward.alpha is not set")))
                 continue
         grey = y.shape[0] == 1 and channels == 3  # cleaned as R = G = B, returned grey
         if grey:

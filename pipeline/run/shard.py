@@ -51,7 +51,7 @@ class ShardCleaner:
         self.device = resolve_device(cfg.device)
         self.x_model, self.sde, _ = load_pinned(pinned.image, self.device)
         self.n_model, n_sde, _ = load_pinned(pinned.noise, self.device)
-        check_pair(self.x_model.config, self.sde, self.n_model.config, n_sde)
+        check_pair(self.x_model.config, self.sde, self.n_model.config, n_sde, cfg.forward.name)
         self.shape = (self.x_model.config.channels, self.x_model.config.image_size, self.x_model.config.image_size)
         # images keep their size; another channel count is converted to the priors' (or refused) by policy,
         # except grey for RGB priors, which is cleaned as R = G = B and goes back to grey (pipeline.run.rows)
@@ -75,7 +75,8 @@ class ShardCleaner:
             return int(self.cfg.batch_size)
         probe = Runtime(self.runtime.precision, self.runtime.channels_last, compile=False)
         return auto_batch_size(probe.wrap(self.x_model, self.device), probe.wrap(self.n_model, self.device),
-                               self.sde, make_forward("blend", 1), self.shape, self.device, self.settings, default=32,
+                               self.sde, make_forward(self.cfg.forward.name, 1), self.shape, self.device,
+                               self.settings, default=32,
                                n_samples=self.settings.n_samples, margin=self.cfg.gpu.memory_margin,
                                cap=self.cfg.gpu.max_batch)
 
@@ -114,7 +115,10 @@ def batches(rows: list[Row], max_images: int, max_pixels: int) -> list[list[Row]
 
 
 def _to_grey(img: np.ndarray) -> np.ndarray:
-    """RGB ``(3, H, W)`` to grey ``(1, H, W)`` by ITU-R 601 luminance (:func:`pipeline.data.embedded.to_channels`)."""
+    """RGB ``(3, H, W)`` to grey ``(1, H, W)`` by ITU-R 601 luminance (:func:`pipeline.data.embedded.to_channels`);
+    an RGBA layer (the composite's noise) to grey and alpha."""
+    if img.shape[0] == 4:
+        return np.concatenate([_to_grey(img[:3]), img[3:]])
     return to_channels(np.moveaxis(img, 0, -1)[None], 1)[0]
 
 
@@ -137,7 +141,7 @@ def sample(cleaner: ShardCleaner, rows: list[Row], result: ShardResult, reject: 
         rows = [r for r in rows if r.y.shape[1:] == size]
     for batch in batches(rows, cleaner.batch_size, cleaner.batch_pixels):
         y = torch.from_numpy(np.stack([r.y for r in batch])).to(cleaner.device)
-        forward = make_forward(fwd.name, len(batch), sigma_y=fwd.sigma_y,
+        forward = make_forward(fwd.name, len(batch), sigma_y=fwd.sigma_y,  # per row: a batch may mix weights
                                **({weight: [r.alpha for r in batch]} if weight else {}))
         out = denoiser([r.id for r in batch], y, forward)
         truth = _truth_metrics(batch, out.denoised, y, cleaner.device)

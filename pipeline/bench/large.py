@@ -1,0 +1,429 @@
+"""``jointdiff bench large``: held-out photos at their own size under text overlays and stripes.
+
+The photos are the ``natural`` test split (:data:`pipeline.data.embedded.NATURAL_PHOTOS`: astronaut and coffee in
+RGB, camera and coins grey), never seen by a prior, at native resolution: the full run cuts each to at most
+``crop`` pixels a side (centre) so that it fits in 90 minutes on 2 CPU cores; ``--quick`` one 128x192 crop of
+astronaut at 4 steps. Two scenarios:
+
+* ``text``: an RGBA layer of random words (the training font families, test seeds:
+  :func:`pipeline.data.text.text_layer`) composited with ``a`` = :data:`TEXT_A`; priors ``natural`` + ``text``;
+* ``stripes``: grey stripes blended with alpha :data:`STRIPES_ALPHA`; priors ``natural`` + ``stripes-rgb``.
+
+Grey photos are noised in grey (a text layer's colour by luminance), cleaned by the RGB priors as R = G = B and
+measured in grey, as a run does. Rows per scenario: the observation, NLM, TV, BM3D (when installed), ``inpaint``
+(what a practitioner tries first for text: a mask where the observation departs from its median filter by more
+than a threshold, dilated, filled by :func:`skimage.restoration.inpaint_biharmonic`), each tuned on the validation
+photos (rocket, clock); ``gaussian`` (the joint sampler with the noise prior replaced by a Gaussian fitted to the
+noise's training patches) and ``joint`` (the shipped priors; weights from the tuned table, else the rule's defaults).
+
+Figures per row: PSNR and SSIM (mean and median over the photos), seconds per megapixel, the peak RSS of the
+process while the method ran, and for the samplers the *seam ratio*: the mean absolute difference between
+neighbouring pixels across the borders of the last step's tiles over the same inside the tiles (1: no seam).
+``--memory`` cleans a synthetic 4096x4096 RGB image at ``sampler.steps=2`` in a child process and reports its
+peak RSS (memory does not depend on steps) and the full time extrapolated from the measured seconds per megapixel.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import metrics
+from pipeline.data.corrupt import layer_for
+from pipeline.data.embedded import STRIPES_SPLITS, TEXT_SPLITS, load_embedded, natural_photos, stripe
+from pipeline.forward import make_forward
+from pipeline.posterior.baselines import BASELINES, bm3d_available
+from pipeline.posterior.denoise import Denoiser
+from pipeline.posterior.guidance import GuidedDenoiser
+from pipeline.posterior.priors import GaussianPrior
+from pipeline.posterior.sampler import SamplerSettings
+from pipeline.posterior.tuned import resolve_weights
+
+TEXT_A = 0.8
+STRIPES_ALPHA = 0.3
+CROP = 256  # the full run: each test photo cut to at most this many pixels a side
+QUICK_CROP = (128, 192)
+MEMORY_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    noise_prior: str
+    forward: str
+    weight: float
+
+
+SCENARIOS = (Scenario("text", "text", "composite", TEXT_A), Scenario("stripes", "stripes-rgb", "blend", STRIPES_ALPHA))
+
+# baselines' validation grids (inpaint: the mask threshold)
+GRIDS: dict[str, list[float]] = {
+    "observation": [0.0], "nlm": [0.05, 0.1, 0.2, 0.4], "tv": [0.05, 0.1, 0.2, 0.4],
+    "bm3d": [0.05, 0.1, 0.2, 0.4], "inpaint": [0.04, 0.08, 0.15, 0.3],
+}
+
+
+def _inpaint(img: np.ndarray, threshold: float) -> np.ndarray:
+    from scipy.ndimage import binary_dilation, median_filter
+    from skimage.restoration import inpaint_biharmonic
+
+    size = (5, 5, 1) if img.ndim == 3 else (5, 5)
+    departure = np.abs(img - median_filter(img, size=size))
+    mask = departure.max(-1) > threshold if img.ndim == 3 else departure > threshold
+    mask = binary_dilation(mask, iterations=1)
+    if not mask.any():
+        return img
+    return inpaint_biharmonic(img, mask, channel_axis=-1 if img.ndim == 3 else None)
+
+
+def baseline(name: str, y: np.ndarray, param: float) -> np.ndarray:
+    """Baseline ``name`` on one observation ``(C, H, W)`` in [0, 1]."""
+    if name == "inpaint":
+        hwc = np.moveaxis(np.clip(y, 0, 1).astype(np.float64), 0, -1)
+        out = _inpaint(hwc[..., 0] if hwc.shape[-1] == 1 else hwc, param)
+        return np.clip(np.moveaxis(out.reshape(hwc.shape), -1, 0), 0, 1).astype(np.float32)
+    return BASELINES[name](torch.from_numpy(y)[None], param)[0].numpy()
+
+
+# --- data ----------------------------------------------------------------------------------------------
+
+def _centre(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    top, left = max(0, (img.shape[0] - h) // 2), max(0, (img.shape[1] - w) // 2)
+    return img[top:top + h, left:left + w]
+
+
+def photos(split: str, quick: bool, crop: int = CROP) -> list[tuple[str, np.ndarray]]:
+    """``(id, (C, H, W))`` photos of ``split``: grey ones with one channel."""
+    chosen = natural_photos(split)
+    if quick:
+        chosen = chosen[:1]
+    out = []
+    for id_, img in chosen:
+        h, w = QUICK_CROP if quick else (min(crop, img.shape[0]), min(crop, img.shape[1]))
+        if quick and split == "val":
+            h, w = h // 2, w // 2
+        cut = _centre(img, h, w)
+        out.append((id_, cut[None] if cut.ndim == 2 else np.moveaxis(cut, -1, 0)))
+    return out
+
+
+def observe(sc: Scenario, x: np.ndarray, k: int, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(y, noise)`` of photo ``x`` (its ``k``-th of the split) under the scenario's noise, in its channels."""
+    h, w = x.shape[1:]
+    if sc.name == "text":
+        from pipeline.data.text import text_layer
+
+        nz = layer_for(text_layer(TEXT_SPLITS[split][0] + k, (h, w), words=(3, 6)), x.shape[0])
+    else:
+        nz = np.broadcast_to(stripe(STRIPES_SPLITS[split][0] + k, 32, (h, w)).astype(np.float32), x.shape).copy()
+    fm = make_forward(sc.forward, 1, **{"a" if sc.forward == "composite" else "alpha": sc.weight})
+    y = fm.apply(torch.from_numpy(x)[None], torch.from_numpy(nz)[None])[0].numpy()
+    return np.clip(y, 0, 1).astype(np.float32), nz
+
+
+def _rgb(a: np.ndarray) -> np.ndarray:
+    return np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a
+
+
+def _grey(a: np.ndarray) -> np.ndarray:
+    return (0.299 * a[0:1] + 0.587 * a[1:2] + 0.114 * a[2:3]).astype(np.float32)
+
+
+# --- measuring -----------------------------------------------------------------------------------------
+
+class PeakRSS:
+    """The process's peak resident memory while the block runs (sampled every 20 ms), in MB."""
+
+    def __enter__(self) -> PeakRSS:
+        self.peak, self._stop = _rss(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _rss() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def seam_ratio(img: np.ndarray, tiling: Any) -> float:
+    """Mean absolute difference of neighbouring pixels across the tiles' borders over the same inside them
+    (``img`` ``(C, H, W)``); NaN when the image is one tile."""
+    h, w = img.shape[1:]
+    ys = sorted({y + tiling.tile for y, _ in tiling.origins if 0 < y + tiling.tile < h}
+                | {y for y, _ in tiling.origins if 0 < y < h})
+    xs = sorted({x + tiling.tile for _, x in tiling.origins if 0 < x + tiling.tile < w}
+                | {x for _, x in tiling.origins if 0 < x < w})
+    dy = np.abs(np.diff(img, axis=1))  # dy[:, i] is between rows i and i + 1
+    dx = np.abs(np.diff(img, axis=2))
+    row_b = np.zeros(h - 1, bool)
+    row_b[[y - 1 for y in ys]] = True
+    col_b = np.zeros(w - 1, bool)
+    col_b[[x - 1 for x in xs]] = True
+    across = np.concatenate([dy[:, row_b].ravel(), dx[:, :, col_b].ravel()])
+    inside = np.concatenate([dy[:, ~row_b].ravel(), dx[:, :, ~col_b].ravel()])
+    if across.size == 0 or inside.size == 0 or inside.mean() == 0:
+        return float("nan")
+    return float(across.mean() / inside.mean())
+
+
+def last_tiling(settings: SamplerSettings, sde: Any, forward: Any, shape: tuple[int, ...], tile: int) -> Any:
+    """The tiling of the sampler's last network evaluation for images of ``shape`` (C, H, W)."""
+    d = GuidedDenoiser(None, None, sde, forward, torch.zeros(1, *shape), settings, tile)  # type: ignore[arg-type]
+    return d.tiling(sde.timesteps(settings.steps - 1, power=settings.time_power)[-1].reshape(1))
+
+
+def _summary(rows: list[dict[str, Any]], key: str) -> tuple[float, float]:
+    v = [r[key] for r in rows if r[key] is not None and math.isfinite(r[key])]
+    return (float(np.mean(v)), float(np.median(v))) if v else (float("nan"), float("nan"))
+
+
+# --- the benchmark -------------------------------------------------------------------------------------
+
+def large(quick: bool = False, steps: int | None = None, rule: str = "dps", crop: int = CROP,
+          scenarios: list[str] | None = None, figure: str | None = None, log: Any = print) -> dict[str, Any]:
+    """Run the benchmark; returns ``{"meta", "rows", "per_image"}`` (see the module docstring)."""
+    from pipeline.diffusion.checkpoint import load_model
+    from pipeline.run.models import resolve_model
+
+    t_start = time.perf_counter()
+    steps = steps or (4 if quick else 50)
+    test, val = photos("test", quick, crop), photos("val", quick, crop)
+    methods = ["observation", "nlm", "tv"] + (["bm3d"] if bm3d_available() else []) + ["inpaint"]
+    x_model, sde, _ = load_model(resolve_model("natural"))
+    x_model.requires_grad_(False)
+    tile = x_model.config.image_size
+    rows: list[dict[str, Any]] = []
+    per_image: list[dict[str, Any]] = []
+    shown: list[list[np.ndarray]] = []
+    for sc in [s for s in SCENARIOS if scenarios is None or s.name in scenarios]:
+        n_model, _, _ = load_model(resolve_model(sc.noise_prior))
+        n_model.requires_grad_(False)
+        obs = [(id_, x, *observe(sc, x, k, "test")) for k, (id_, x) in enumerate(test)]
+        val_obs = [(x, observe(sc, x, k, "val")[0]) for k, (_, x) in enumerate(val)]
+        mp = sum(x.shape[1] * x.shape[2] for _, x, _, _ in obs) / 1e6
+        results: dict[str, list[np.ndarray]] = {}
+        for m in methods:
+            grid = GRIDS[m][1:3] if quick and len(GRIDS[m]) > 2 else GRIDS[m]
+            param = max(grid, key=lambda p: np.mean([metrics.psnr(torch.from_numpy(baseline(m, y, p))[None],
+                                                                  torch.from_numpy(x)[None]).item()
+                                                     for x, y in val_obs]))
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                results[m] = [baseline(m, y, param) for _, _, y, _ in obs]
+                sec = time.perf_counter() - t0
+            rows.append(_row(sc, m, obs, results[m], sec / mp, mem.peak, param=param))
+            log(_fmt(rows[-1]))
+        fitted = GaussianPrior.fit(torch.from_numpy(load_embedded(
+            "text" if sc.name == "text" else "stripes", "train", tile, 4 if sc.name == "text" else 3).images[:2000]),
+            sde)
+        for method, noise_net in (("gaussian", fitted), ("joint", n_model)):
+            settings, note = resolve_weights(SamplerSettings(rule=rule, steps=steps), "natural", sc.noise_prior,
+                                             sc.forward)
+            if note and method == "joint":
+                log(note)
+            den = Denoiser(x_model, noise_net, sde, settings, tile_batch=64)
+            xs, ns, seams = [], [], []
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                for id_, x, y, _ in obs:
+                    fm = make_forward(sc.forward, 1, **{"a" if sc.forward == "composite" else "alpha": sc.weight})
+                    out = den([id_], torch.from_numpy(_rgb(y))[None], fm)
+                    x_hat, n_hat = out.denoised[0].numpy(), out.noise_estimate[0].numpy()
+                    seams.append(seam_ratio(x_hat, last_tiling(settings, sde, fm, x_hat.shape, tile)))
+                    if x.shape[0] == 1:
+                        x_hat = _grey(x_hat)
+                        n_hat = np.concatenate([_grey(n_hat[:3]), n_hat[3:]]) if n_hat.shape[0] == 4 else _grey(n_hat)
+                    xs.append(x_hat)
+                    ns.append(n_hat)
+                sec = time.perf_counter() - t0
+            results[method] = xs
+            rows.append(_row(sc, method, obs, xs, sec / mp, mem.peak, steps=steps, seams=seams,
+                             weights=(settings.lambda_x, settings.kappa_n)))
+            log(_fmt(rows[-1]))
+            if method == "joint":
+                results["noise estimate"] = ns
+        best = max(methods[1:], key=lambda m: next(r["psnr_mean"] for r in rows
+                                                   if r["scenario"] == sc.name and r["method"] == m))
+        for k, (id_, x, _, _) in enumerate(obs):
+            per_image.append({"scenario": sc.name, "id": id_, "height": x.shape[1], "width": x.shape[2],
+                              "channels": x.shape[0],
+                              **{m: _score(results[m][k], x) for m in [*methods, "gaussian", "joint"]}})
+        id_, x, y, nz = obs[0]
+        shown.append([_rgb(y), _rgb(results["joint"][0]), _rgb(results[best][0]),
+                      _layer_view(results["noise estimate"][0]), _rgb(x)])
+    if figure:
+        _figure(shown, figure)
+        log(f"wrote {figure}: per scenario, observation | joint | best baseline | noise estimate | truth")
+    meta = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": steps, "rule": rule,
+            "quick": quick, "crop": None if quick else crop, "seconds": time.perf_counter() - t_start,
+            "photos": [i for i, _ in test], "validation_photos": [i for i, _ in val],
+            "text_a": TEXT_A, "stripes_alpha": STRIPES_ALPHA}
+    return {"meta": meta, "rows": rows, "per_image": per_image}
+
+
+def _score(x_hat: np.ndarray, x: np.ndarray) -> dict[str, float]:
+    a, b = torch.from_numpy(x_hat)[None], torch.from_numpy(x)[None]
+    return {"psnr": float(metrics.psnr(a, b)[0]), "ssim": float(metrics.ssim(a, b)[0])}
+
+
+def _row(sc: Scenario, method: str, obs: list[Any], xs: list[np.ndarray], s_per_mp: float, peak_mb: float,
+         param: float | None = None, steps: int | None = None, seams: list[float] | None = None,
+         weights: tuple[float | None, float | None] | None = None) -> dict[str, Any]:
+    scores = [_score(x_hat, x) for x_hat, (_, x, _, _) in zip(xs, obs)]
+    psnr, ssim = [s["psnr"] for s in scores], [s["ssim"] for s in scores]
+    finite_seams = [s for s in (seams or []) if math.isfinite(s)]
+    return {"scenario": sc.name, "method": method, "steps": steps, "param": param,
+            "lambda_x": weights[0] if weights else None, "kappa_n": weights[1] if weights else None,
+            "n_images": len(xs), "psnr_mean": float(np.mean(psnr)), "psnr_median": float(np.median(psnr)),
+            "ssim_mean": float(np.mean(ssim)), "ssim_median": float(np.median(ssim)),
+            "seam_ratio": float(np.mean(finite_seams)) if finite_seams else None,
+            "seconds_per_megapixel": s_per_mp, "peak_rss_mb": peak_mb}
+
+
+def _layer_view(n: np.ndarray) -> np.ndarray:
+    """A noise estimate to look at: an RGBA (or grey-alpha) layer over mid grey, other noise as it is."""
+    if n.shape[0] in (2, 4):
+        c, m = _rgb(n[:-1]), n[-1:]
+        return c * m + 0.5 * (1 - m)
+    return _rgb(n)
+
+
+def _figure(shown: list[list[np.ndarray]], path: str) -> None:
+    from pipeline.viz import save_png
+
+    pad = 4
+    rows = []
+    width = max(sum(p.shape[2] + pad for p in panels) + pad for panels in shown)
+    for panels in shown:
+        h = max(p.shape[1] for p in panels)
+        row = np.ones((3, h + pad, width), np.float32)
+        x0 = pad
+        for p in panels:
+            row[:, pad:pad + p.shape[1], x0:x0 + p.shape[2]] = np.clip(p, 0, 1)
+            x0 += p.shape[2] + pad
+        rows.append(row)
+    mosaic = np.concatenate(rows + [np.ones((3, pad, width), np.float32)], axis=1)
+    save_png(np.moveaxis(np.rint(mosaic * 255).astype(np.uint8), 0, -1), path)
+
+
+def _fmt(r: dict[str, Any]) -> str:
+    seam = f"  seam {r['seam_ratio']:.3f}" if r["seam_ratio"] is not None else ""
+    return (f"{r['scenario']:8s} {r['method']:12s} PSNR {r['psnr_mean']:6.2f} (med {r['psnr_median']:6.2f})  "
+            f"SSIM {r['ssim_mean']:.3f} (med {r['ssim_median']:.3f})  {r['seconds_per_megapixel']:8.1f} s/MP  "
+            f"peak {r['peak_rss_mb']:6.0f} MB{seam}")
+
+
+def table(doc: dict[str, Any]) -> str:
+    lines = ["| scenario | method | PSNR mean (median) | SSIM mean (median) | seam ratio | s/MP | peak RSS MB |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: |"]
+    for r in doc["rows"]:
+        seam = "" if r["seam_ratio"] is None else f"{r['seam_ratio']:.3f}"
+        lines.append(f"| {r['scenario']} | {r['method']} | {r['psnr_mean']:.2f} ({r['psnr_median']:.2f}) | "
+                     f"{r['ssim_mean']:.3f} ({r['ssim_median']:.3f}) | {seam} | {r['seconds_per_megapixel']:.1f} | "
+                     f"{r['peak_rss_mb']:.0f} |")
+    if doc.get("memory"):
+        m = doc["memory"]
+        lines.append(f"\n{m['size']}x{m['size']} RGB at {m['steps']} steps ({m['rule']}): peak RSS "
+                     f"{m['peak_rss_mb']:.0f} MB, {m['seconds']:.0f} s; at {m['full_steps']} steps about "
+                     f"{m['extrapolated_seconds'] / 60:.0f} min ({m['seconds_per_megapixel_full']:.0f} s/MP)")
+    return "\n".join(lines)
+
+
+def write_json(doc: dict[str, Any], path: str) -> None:
+    def finite(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [finite(x) for x in v]
+        return v
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(finite(doc), indent=2, allow_nan=False) + "\n")
+
+
+# --- memory: one 4096x4096 RGB image in a child process ------------------------------------------------
+
+def memory(size: int = MEMORY_SIZE, steps: int = 2, full_steps: int = 50, rule: str = "dps",
+           threads: int | None = None, log: Any = print) -> dict[str, Any]:
+    """Clean one ``size`` x ``size`` RGB image (text composited over a smooth synthetic photo) at ``steps`` in a child
+    process; its peak RSS (``ru_maxrss`` of the child) and seconds, and the time at ``full_steps`` extrapolated by
+    the seconds per step."""
+    cmd = [sys.executable, "-m", "pipeline.bench.large", "--child", str(size), str(steps), rule]
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    log(f"cleaning one {size}x{size} RGB image at {steps} steps ({rule}) in a child process ...")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the memory child failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    child = json.loads(proc.stdout.strip().splitlines()[-1])
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if peak_kb <= before:
+        log("note: an earlier child had a larger peak; the figure is the child's own report")
+    mp = size * size / 1e6
+    per_step = child["seconds"] / steps
+    return {"size": size, "steps": steps, "rule": rule, "peak_rss_mb": max(peak_kb, child["maxrss_kb"]) / 1024,
+            "seconds": child["seconds"], "full_steps": full_steps, "extrapolated_seconds": per_step * full_steps,
+            "seconds_per_megapixel_full": per_step * full_steps / mp, "tiles_per_step": child["tiles"]}
+
+
+def _child(size: int, steps: int, rule: str) -> None:
+    from pipeline.data.text import text_layer
+    from pipeline.diffusion.checkpoint import load_model
+    from pipeline.run.models import resolve_model
+
+    x_model, sde, _ = load_model(resolve_model("natural"))
+    n_model, _, _ = load_model(resolve_model("text"))
+    x_model.requires_grad_(False)
+    n_model.requires_grad_(False)
+    v, u = np.meshgrid(np.linspace(0, 1, size, dtype=np.float32), np.linspace(0, 1, size, dtype=np.float32),
+                       indexing="ij")
+    x = np.stack([0.5 + 0.3 * np.sin(6 * u + 2 * v), 0.5 + 0.3 * np.cos(5 * v), 0.4 + 0.2 * u * v])
+    fm = make_forward("composite", 1, a=TEXT_A)
+    layer = text_layer(TEXT_SPLITS["test"][0], (size, size), words=(20, 40))
+    y = fm.apply(torch.from_numpy(x.astype(np.float32))[None], torch.from_numpy(layer)[None]).clamp(0, 1)
+    del x, layer
+    settings, _ = resolve_weights(replace(SamplerSettings(rule=rule, steps=steps)), "natural", "text", "composite")
+    tiling = last_tiling(settings, sde, fm, (3, size, size), x_model.config.image_size)
+    t0 = time.perf_counter()
+    out = Denoiser(x_model, n_model, sde, settings, tile_batch=64)(["memory"], y, fm)
+    seconds = time.perf_counter() - t0
+    assert torch.isfinite(out.denoised).all()
+    print(json.dumps({"seconds": seconds, "tiles": len(tiling.origins),
+                      "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+
+
+if __name__ == "__main__":  # the --memory child: python -m pipeline.bench.large --child SIZE STEPS RULE
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        _child(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    else:
+        sys.exit("usage: python -m pipeline.bench.large --child SIZE STEPS RULE (jointdiff bench large --memory)")

@@ -185,3 +185,27 @@ def test_the_sampler_draws_an_rgba_layer_and_ends_on_the_observation():
                            generator=torch.Generator().manual_seed(1))
         assert out.x.shape == (2, 3, 20, 28) and out.n.shape == (2, 4, 20, 28)
         assert torch.allclose(f.apply(out.x, out.n), y, atol=1e-4)
+
+
+def test_an_alpha_channel_is_kept_and_put_back_on_the_cleaned_image(composite_priors, tmp_path, capsys):
+    img, _, _ = composite_priors
+    rng = np.random.default_rng(2)
+    (tmp_path / "in").mkdir()
+    rgba = rng.integers(0, 255, (18, 26, 4), dtype=np.uint8)
+    la = rng.integers(0, 255, (20, 17, 2), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "in" / "logo.png")
+    Image.fromarray(la, "LA").save(tmp_path / "in" / "scan.png")
+    cli(capsys, "ingest", str(tmp_path / "in"), str(tmp_path / "obs"), "--quiet")  # policy.alpha: keep (default)
+    cli(capsys, "clean", str(tmp_path / "obs"), str(tmp_path / "out"), "--set", f"priors.image={img}", "--set",
+        f"priors.noise={img}", "--set", "forward.alpha=0.5", "--set", "sampler.steps=2", "--run-id", "r", "--quiet")
+    cli(capsys, "export", str(tmp_path / "out" / "runs" / "r"), str(tmp_path / "png"), "--quiet")
+    from pipeline.data.shards import decode_image
+
+    for name, src, colour_type in (("logo", rgba, 6), ("scan", la, 4)):  # PNG colour types RGBA, grey + alpha
+        (f,) = (tmp_path / "png").rglob(f"{name}*.png")
+        data = f.read_bytes()
+        assert data[25] == colour_type, name
+        out = decode_image(data)
+        assert out.shape == src.shape, name
+        scale = 257 if out.dtype == np.uint16 else 1  # exported at 8 or 16 bits: the same alpha
+        assert np.array_equal(out[..., -1], src[..., -1].astype(out.dtype) * scale)  # the alpha as it came in

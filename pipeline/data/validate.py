@@ -68,8 +68,9 @@ class ImagePolicy(BaseModel):
         "error", description="another size: reject it, resize it (squashing non-square images), "
                              "or crop the central square and resize that")
     convert_channels: bool = Field(True, description="grey to RGB by copying, RGB to grey by luminance")
-    alpha: Literal["drop", "white", "black", "error"] = Field(
-        "drop", description="images with an alpha channel: drop it, composite over white/black, or reject")
+    alpha: Literal["keep", "drop", "white", "black", "error"] = Field(
+        "keep", description="images with an alpha channel: keep it (the colour is cleaned, the alpha is put back on "
+                            "the cleaned image), drop it, composite over white/black, or reject")
     max_pixels: int = Field(16_777_216, ge=1, description="reject larger images from their header, undecoded "
                                                           "(4096 x 4096); see oversize")
     oversize: Literal["refuse", "downscale"] = Field(
@@ -371,7 +372,8 @@ def shrink_to(img: np.ndarray, max_pixels: int) -> np.ndarray:
 
 
 def conform(arr: np.ndarray, policy: ImagePolicy) -> np.ndarray:
-    """The decoded array as ``(C, H, W)`` float32 per ``policy``; integers are scaled to [0, 1]."""
+    """The decoded array as ``(C, H, W)`` float32 per ``policy``; integers are scaled to [0, 1]. With
+    ``policy.alpha == "keep"`` an image's alpha channel follows its colour channels (C = 2 or 4)."""
     if arr.ndim not in (2, 3):
         raise RowError("validate", f"array of shape {arr.shape}: expected (H, W) or (H, W, C)")
     img = to_float(arr)  # (C, H, W)
@@ -384,10 +386,14 @@ def conform(arr: np.ndarray, policy: ImagePolicy) -> np.ndarray:
         raise RowError("validate", f"{bad} value(s) outside [-1, 3] (found [{lo:.3g}, {hi:.3g}]); images are in "
                                    "[0, 1], sums of two with read-out noise in [-1, 3]")
     c = img.shape[0]
+    if c in (2, 4) and policy.alpha == "keep":  # the colour under the policy, the alpha beside it, alike in size
+        colour = conform(arr[..., :-1], policy.model_copy(update={"alpha": "drop"}))
+        alpha = conform(arr[..., -1], policy.model_copy(update={"alpha": "drop", "channels": None}))
+        return np.concatenate([colour, alpha])
     if c in (2, 4):  # grey + alpha, RGB + alpha
         if policy.alpha == "error":
             raise RowError("validate", "image has an alpha channel "
-                                       "(--set policy.alpha=drop, white or black to convert it)")
+                                       "(--set policy.alpha=keep, drop, white or black to convert it)")
         colour, a = img[:-1], img[-1:]
         img = colour if policy.alpha == "drop" else colour * a + (1.0 - a) * (1.0 if policy.alpha == "white" else 0.0)
         c -= 1

@@ -18,6 +18,7 @@ the network itself.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -105,11 +106,9 @@ class Tiling:
         return tiles.flatten(0, 1), t.repeat_interleave(len(origins))
 
     def weights(self, device: torch.device | str) -> torch.Tensor:
-        """The sum of the window weights at every image pixel, ``(1, 1, h, w)``."""
-        acc = torch.zeros(1, 1, self.h, self.w, device=device)
-        k = len(self.origins)
-        self.add(acc, window(self.tile, device).expand(1, k, 1, self.tile, self.tile), self.origins)
-        return acc
+        """The sum of the window weights at every image pixel, ``(1, 1, h, w)`` (made once per tiling and device:
+        each step's two network passes and both priors share it)."""
+        return _weights(self, str(device))
 
     def add(self, acc: torch.Tensor, tiles: torch.Tensor, origins: list[tuple[int, int]]) -> None:
         """Add ``tiles`` ``(B, len(origins), C, tile, tile)`` (already weighted) into ``acc`` ``(B, C, h, w)`` at
@@ -118,6 +117,14 @@ class Tiling:
             y0, x0 = max(y, 0), max(x, 0)
             y1, x1 = min(y + self.tile, self.h), min(x + self.tile, self.w)
             acc[:, :, y0:y1, x0:x1] += tiles[:, k, :, y0 - y:y1 - y, x0 - x:x1 - x]
+
+
+@functools.lru_cache(maxsize=4)
+def _weights(tiling: Tiling, device: str) -> torch.Tensor:
+    acc = torch.zeros(1, 1, tiling.h, tiling.w, device=device)
+    k = len(tiling.origins)
+    tiling.add(acc, window(tiling.tile, device).expand(1, k, 1, tiling.tile, tiling.tile), tiling.origins)
+    return acc
 
 
 def _chunks(origins: list[tuple[int, int]], images: int, batch: int) -> list[list[tuple[int, int]]]:
@@ -158,7 +165,9 @@ def tiled(net: Net, z: torch.Tensor, t: torch.Tensor, tiling: Tiling, batch: int
 
 def tiled_vjp(net: Net, z: torch.Tensor, t: torch.Tensor, tiling: Tiling, batch: int,
               cotangent: torch.Tensor) -> torch.Tensor:
-    """``J^T cotangent`` for the blended output of :func:`tiled` with respect to ``z``, one tile group at a time."""
+    """``J^T cotangent`` for the blended output of :func:`tiled` with respect to ``z``, one tile group at a time:
+    each group's gradient with respect to its tiles is added into the padded image's, and the reflection padding's
+    adjoint folds that back onto the image once at the end (no full-size graph per group)."""
     if tiling.single:
         with torch.enable_grad():
             zg = z.detach().requires_grad_(True)
@@ -166,12 +175,20 @@ def tiled_vjp(net: Net, z: torch.Tensor, t: torch.Tensor, tiling: Tiling, batch:
     win = window(tiling.tile, z.device)
     c = cotangent / tiling.weights(z.device)
     cp = F.pad(c, (tiling.tile,) * 4)  # the cotangent of what falls on the padding is zero
-    grad = torch.zeros_like(z)
+    top, _, left, _ = tiling._pads()
+    with torch.no_grad():
+        zp = tiling.pad(z)
+    gp = torch.zeros_like(zp)
     for group in _chunks(tiling.origins, z.shape[0], batch):
+        tiles, tt = tiling.cut(zp, group, t)
+        ct = torch.stack([cp[:, :, y + tiling.tile:y + 2 * tiling.tile, x + tiling.tile:x + 2 * tiling.tile]
+                          for y, x in group], 1).flatten(0, 1) * win
         with torch.enable_grad():
-            zg = z.detach().requires_grad_(True)
-            tiles, tt = tiling.cut(tiling.pad(zg), group, t)
-            ct = torch.stack([cp[:, :, y + tiling.tile:y + 2 * tiling.tile, x + tiling.tile:x + 2 * tiling.tile]
-                              for y, x in group], 1).flatten(0, 1) * win
-            grad += torch.autograd.grad((net(tiles, tt) * ct).sum(), zg)[0]
-    return grad
+            tg = tiles.detach().requires_grad_(True)
+            g = torch.autograd.grad((net(tg, tt) * ct).sum(), tg)[0]
+        g = g.reshape(z.shape[0], len(group), *g.shape[1:])
+        for k, (y, x) in enumerate(group):
+            gp[:, :, y + top:y + top + tiling.tile, x + left:x + left + tiling.tile] += g[:, k]
+    with torch.enable_grad():  # the adjoint of the reflection padding
+        zg = z.detach().requires_grad_(True)
+        return torch.autograd.grad(tiling.pad(zg), zg, grad_outputs=gp)[0]

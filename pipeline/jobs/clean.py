@@ -288,6 +288,8 @@ def run_job(run: Run, progress: bool = True, crash_once: str | None = None, cras
     where = "GPU" if gpus else "CPU"
     print(f"clean {run.run_id}: {len(pending)} shard(s) on {actors} {where} actor(s) "
           f"({gpus:g} GPU, {threads} thread(s) each)", file=sys.stderr)
+    if not gpus and not replan:  # CPU actors: measured here at their thread count (a GPU would need the GPU)
+        _print_estimate(run, light.cfg, actors, threads)
     ctx = DataContext.get_current()
     bars = ctx.enable_progress_bars
     ctx.enable_progress_bars = False  # our own bar below counts images
@@ -337,6 +339,22 @@ def run_job(run: Run, progress: bool = True, crash_once: str | None = None, cras
         ctx.enable_progress_bars = bars
     processed = sum(int(r["cleaned"]) for r in shards)
     return JobStats(shards, processed, time.perf_counter() - t0, actors, gpus, threads)
+
+
+def _print_estimate(run: Run, cfg: CleanConfig, actors: int, threads: int) -> None:
+    """The run's estimated time on ``actors`` CPU actors of ``threads`` threads, measured on this machine."""
+    import torch
+
+    from pipeline.run.shard import estimate_line
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        line = estimate_line(run, ShardCleaner(cfg, run.pinned), workers=actors)
+    finally:
+        torch.set_num_threads(before)
+    if line:
+        print(line, file=sys.stderr)
 
 
 def _rows_or_ticks(results: Any, tick_s: float = 1.0) -> Iterator[dict[str, Any] | None]:

@@ -5,6 +5,7 @@ priors once, on the first shard; ``threads`` sets torch's CPU threads."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 
 from pipeline.config import CleanConfig
 from pipeline.run.run import Run
-from pipeline.run.shard import ShardCleaner
+from pipeline.run.shard import ShardCleaner, estimate_line
 
 
 def peak_rss_mb() -> float:
@@ -37,6 +38,10 @@ def clean_pending(run: Run, progress: bool = True) -> dict[str, Any]:
         return cleaner[0]
 
     processed, shards = 0, []
+    if run.pending:
+        line = estimate_line(run, once())
+        if line:
+            print(line, file=sys.stderr)
     try:
         with tqdm(total=run.pending_rows, desc=f"clean {run.run_id}", unit="img", disable=not progress) as bar:
             for s in run.pending:

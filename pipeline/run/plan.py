@@ -107,6 +107,8 @@ def check_inputs(run: Run) -> None:
     fits, needs = 0, {}  # needs: the --set -> why, for the first row that needs it
     heads = [(id_, peek_image(cell)) for id_, cell in cells]
     largest = max((head[4] for _, head in heads if head is not None), default=0)
+    sized = [min(head[4], p.max_pixels) for _, head in heads if head is not None]
+    run.mean_pixels = sum(sized) / len(sized) if sized else None  # for the time estimate (pipeline.run.shard)
     for id_, head in heads:
         if head is None:
             continue

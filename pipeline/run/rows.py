@@ -31,6 +31,7 @@ class Row:
     clean: np.ndarray | None
     alpha: float
     grey: bool = False  # a grey image cleaned by RGB priors (as R = G = B): its results go back to grey
+    alpha_plane: np.ndarray | None = None  # the input's alpha (policy.alpha=keep), put back on the cleaned image
 
     @property
     def pixels(self) -> int:
@@ -39,7 +40,8 @@ class Row:
 
 def decode_cell(cell: Any, what: str, policy: ImagePolicy, channels: int) -> np.ndarray:
     """One stored image (``{bytes, path}``) as a ``(channels, H, W)`` array at its own size under ``policy``,
-    or ``(1, H, W)`` for a grey image and RGB priors; :class:`RowError` otherwise."""
+    or ``(1, H, W)`` for a grey image and RGB priors, followed by its alpha channel when the policy keeps it;
+    :class:`RowError` otherwise."""
     if cell is None:
         raise RowError("decode", f"{what} is null")
     if not isinstance(cell, dict) or not isinstance(cell.get("bytes"), bytes):
@@ -48,7 +50,7 @@ def decode_cell(cell: Any, what: str, policy: ImagePolicy, channels: int) -> np.
         img = conform(decode_any(cell["bytes"], cell.get("path") or "", policy.decode_pixels, policy.max_bytes), policy)
     except RowError as exc:
         raise RowError(exc.stage, f"{what}: {exc.reason}") from None
-    if img.shape[0] not in (channels, 1):  # the policy converts or rejects, so this is a bug guard
+    if img.shape[0] - (img.shape[0] in (2, 4)) not in (channels, 1):  # the policy converts or rejects: a bug guard
         raise RowError("validate", f"{what} has {img.shape[0]} channel(s) but the priors take {channels}")
     return img
 
@@ -72,7 +74,9 @@ def decode_rows(cols: Mapping[str, list[Any]], policy: ImagePolicy, channels: in
         try:
             cell = cols["observation"][row]
             y = decode_cell(cell, "observation", policy, channels)
+            y, kept = (y[:-1], y[-1:]) if y.shape[0] in (2, 4) else (y, None)
             clean = decode_cell(truth[row], "clean", policy, channels) if truth and truth[row] else None
+            clean = clean[:-1] if clean is not None and clean.shape[0] in (2, 4) else clean
             if clean is not None and clean.shape != y.shape:
                 raise RowError("validate", f"clean is {clean.shape[1]}x{clean.shape[2]} but the observation is "
                                            f"{y.shape[1]}x{y.shape[2]}")
@@ -98,7 +102,7 @@ def decode_rows(cols: Mapping[str, list[Any]], policy: ImagePolicy, channels: in
         if grey:
             y = np.repeat(y, 3, axis=0)
             clean = None if clean is None else np.repeat(clean[:1], 3, axis=0)
-        rows.append(Row(row, str(id_), y, clean, float(alpha), grey=grey))
+        rows.append(Row(row, str(id_), y, clean, float(alpha), grey=grey, alpha_plane=kept))
     return rows, rejected
 
 

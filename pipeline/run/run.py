@@ -51,6 +51,7 @@ class Run:
     shards: list[PlannedShard] = field(default_factory=list)  # filled by plan()
     duplicates: dict[str, dict[int, str]] = field(default_factory=dict)  # shard -> {row: reason}
     rows: dict[str, int] = field(default_factory=dict)  # rows of each pending shard
+    mean_pixels: float | None = None  # pixels per image of the first pending rows (plan's check), for estimates
     started_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
 
     @classmethod

@@ -1,0 +1,46 @@
+"""``jointdiff bench large --quick``: every row of both scenarios, finite seam ratios, figures consistent with the
+per-image scores, and the seam ratio itself on images with and without a seam. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from pipeline.bench.large import seam_ratio
+from pipeline.cli import main
+from pipeline.diffusion.tiles import Tiling
+
+
+def test_bench_large_quick_reports_every_row_of_both_scenarios(tmp_path, capsys):
+    out, fig = tmp_path / "large.json", tmp_path / "large.png"
+    assert main(["bench", "large", "--quick", "--threads", "2", "--json", str(out), "--figure", str(fig)]) == 0
+    doc = json.loads(out.read_text())
+    methods = ["observation", "nlm", "tv", "bm3d", "inpaint", "gaussian", "joint"]
+    assert [(r["scenario"], r["method"]) for r in doc["rows"]] == [(s, m) for s in ("text", "stripes")
+                                                                   for m in methods]
+    for r in doc["rows"]:
+        assert r["n_images"] == 1 and math.isfinite(r["psnr_mean"]) and 0 < r["ssim_mean"] <= 1
+        assert r["seconds_per_megapixel"] >= 0 and r["peak_rss_mb"] > 0
+        if r["method"] in ("gaussian", "joint"):  # the samplers tile the 128x192 crop: a finite seam ratio
+            assert r["steps"] == 4 and 0.5 < r["seam_ratio"] < 2
+        else:
+            assert r["seam_ratio"] is None
+        # the table's figure is the per-image score's mean
+        per = [p[r["method"]]["psnr"] for p in doc["per_image"] if p["scenario"] == r["scenario"]]
+        assert r["psnr_mean"] == np.mean(per)
+    assert {(p["height"], p["width"], p["channels"]) for p in doc["per_image"]} == {(128, 192, 3)}
+    assert doc["meta"]["quick"] and doc["meta"]["steps"] == 4 and fig.stat().st_size > 0
+    assert "| text | joint |" in capsys.readouterr().out
+
+
+def test_the_seam_ratio_sees_a_step_at_the_tile_borders_and_nothing_in_a_smooth_image():
+    tiling = Tiling(64, 80, 16, 4, (3, 5))
+    v, u = np.mgrid[0:64, 0:80] / 80.0
+    smooth = np.sin(7 * u + 3 * v)[None]
+    assert abs(seam_ratio(smooth, tiling) - 1) < 0.05
+    seamed = smooth.copy()
+    for y, x in tiling.origins:  # a small offset per tile, as a blend without windows would leave
+        seamed[:, max(y, 0):y + 16, max(x, 0):x + 16] += 0.05 * ((y + x) % 3)
+    assert seam_ratio(seamed, tiling) > 1.5

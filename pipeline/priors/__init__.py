@@ -1,7 +1,8 @@
 """Demo priors shipped with the package (EMA weights + config; see README "Shipped priors").
 
-``faces`` (image prior) and ``digits`` / ``stripes`` (noise priors), all 32x32 grey, and ``natural`` /
-``stripes-rgb`` (image and noise priors for photos of any size: 32x32 RGB patches), trained with
+``faces`` (image prior) and ``digits`` / ``stripes`` (noise priors), all 32x32 grey, ``natural`` /
+``stripes-rgb`` (image and noise priors for photos of any size: 32x32 RGB patches) and ``text`` (32x32 RGBA text
+layers, the noise prior of the composited overlay), trained with
 ``configs/prior_<name>.yaml``. A model argument anywhere in jointdiff may be one of these names, the
 folder or URI of a model (``config.json`` + ``weights.safetensors``, what ``jointdiff train`` writes to
 ``OUTPUT/model``), or a registry's ``ROOT/models/NAME/latest``; anything else is refused with a line
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SHIPPED = ("faces", "digits", "stripes", "natural", "stripes-rgb")
+SHIPPED = ("faces", "digits", "stripes", "natural", "stripes-rgb", "text")
 _HERE = Path(__file__).resolve().parent
 
 

@@ -249,7 +249,8 @@ class Composite(ForwardModel):
     Not linear (``m`` multiplies both ``x`` and ``c``): rules and solvers that need ``coef_x`` / ``coef_n`` (a
     Gaussian likelihood, the ``paper`` preset) refuse it; ``dps`` and ``projection`` differentiate ``apply``.
     :meth:`project` moves ``(x, c)`` the least distance that explains ``y`` with the coverage held: given ``m``
-    the model is linear in ``(x, c)``, per pixel, with coefficients ``1 - a m`` and ``a m``."""
+    the model is linear in ``(x, c)``, per pixel, with coefficients ``1 - a m`` and ``a m`` (``m`` within [0, 1]).
+    :meth:`apply` takes the product's factors within [0, 1] (see there)."""
 
     a: torch.Tensor = None  # type: ignore[assignment]  # required
 
@@ -274,15 +275,21 @@ class Composite(ForwardModel):
         return n[:, :-1], _bcast(self.a, n) * n[:, -1:]
 
     def apply(self, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """``x + a m (c - x)`` with ``m``, ``c`` and ``x`` in the product taken within [0, 1]: the model itself for
+        images and layers in range, and derivatives that stay bounded (by 1 and ``a``) when a sampler's early
+        estimates leave it, as Tweedie's estimates far from ``t = 0`` do; unbounded, the product's derivative
+        grows with them and the guidance runs away."""
         c, am = self._split(x, n)
-        return (1.0 - am) * x + am * c
+        am = am.clamp(0.0, 1.0)
+        return x + am * (c.clamp(0.0, 1.0) - x.clamp(0.0, 1.0))
 
     def image_part(self, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        return (1.0 - self._split(x, n)[1]) * x
+        return (1.0 - self._split(x, n)[1].clamp(0.0, 1.0)) * x
 
     def project(self, y: torch.Tensor, x: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, am = self._split(x, n)
-        r = self._shrunk(y - self.apply(x, n))
+        am = am.clamp(0.0, 1.0)
+        r = self._shrunk(y - ((1.0 - am) * x + am * c))
         k = (1.0 - am) ** 2 + am**2  # at least 1/2
         return x + (1.0 - am) / k * r, torch.cat([c + am / k * r, n[:, -1:]], dim=1)
 

@@ -39,7 +39,8 @@ def test_the_composites_projection_explains_y_with_the_coverage_held():
     y = torch.rand(3, 3, 8, 8, generator=g)
     x, n = torch.rand(3, 3, 8, 8, generator=g), torch.rand(3, 4, 8, 8, generator=g)
     x2, n2 = f.project(y, x, n)
-    assert torch.allclose(f.apply(x2, n2), y, atol=1e-5)
+    am = torch.tensor([1.0, 0.7, 0.3])[:, None, None, None] * n2[:, 3:]
+    assert torch.allclose((1 - am) * x2 + am * n2[:, :3], y, atol=1e-5)  # the model (the move may leave [0, 1])
     assert torch.equal(n2[:, 3], n[:, 3])  # the coverage is held
     # the least move: where nothing covers the photo, all of the residual goes to the photo
     n[:, 3] = 0
@@ -48,8 +49,21 @@ def test_the_composites_projection_explains_y_with_the_coverage_held():
     # with read-out noise, a residual of RMS sigma_y is left
     fs = make_forward("composite", 3, a=1.0, sigma_y=0.05)
     x3, n3 = fs.project(y, x, n)
-    rms = (y - fs.apply(x3, n3)).pow(2).flatten(1).mean(1).sqrt()
+    rms = (y - ((1 - n3[:, 3:]) * x3 + n3[:, 3:] * n3[:, :3])).pow(2).flatten(1).mean(1).sqrt()
     assert torch.allclose(rms, torch.full((3,), 0.05), atol=1e-4)
+
+
+def test_the_composites_derivatives_stay_bounded_when_estimates_leave_the_data_range():
+    f = make_forward("composite", 1, a=0.8)
+    x = torch.full((1, 3, 2, 2), 40.0, requires_grad=True)  # as Tweedie's estimates are far from t = 0
+    n = torch.full((1, 4, 2, 2), -30.0)
+    n[:, 3] = 25.0
+    n.requires_grad_(True)
+    gx, gn = torch.autograd.grad(f.apply(x, n).sum(), [x, n])
+    assert gx.abs().max() <= 1 and gn.abs().max() <= 0.8 + 1e-6
+    inside = torch.rand(1, 3, 2, 2), torch.rand(1, 4, 2, 2)  # in range: exactly the model
+    am = 0.8 * inside[1][:, 3:]
+    assert torch.allclose(f.apply(*inside), (1 - am) * inside[0] + am * inside[1][:, :3])
 
 
 def test_the_composite_is_not_linear_and_says_what_cannot_use_it():
@@ -184,7 +198,8 @@ def test_the_sampler_draws_an_rgba_layer_and_ends_on_the_observation():
                            SamplerSettings(rule=rule, steps=4, lambda_x=1.0, kappa_n=1.0), tile=16,
                            generator=torch.Generator().manual_seed(1))
         assert out.x.shape == (2, 3, 20, 28) and out.n.shape == (2, 4, 20, 28)
-        assert torch.allclose(f.apply(out.x, out.n), y, atol=1e-4)
+        am = 0.8 * out.n[:, 3:].clamp(0, 1)  # the projection explains y by the model, with the coverage held
+        assert torch.allclose((1 - am) * out.x + am * out.n[:, :3], y, atol=1e-4)
 
 
 def test_an_alpha_channel_is_kept_and_put_back_on_the_cleaned_image(composite_priors, tmp_path, capsys):

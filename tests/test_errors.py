@@ -123,7 +123,7 @@ def test_a_run_that_rejects_most_rows_is_recorded_then_exits_4_with_the_reasons_
                                                     "expected (H, W) or (H, W, C) with C at most 4")
     assert verdict[1].endswith("; 3 variants of this reason)")  # 5, 6 and 7 channels in one group
     assert verdict[2].split(" x ", 1)[1].startswith("decode: observation: cannot decode PNG")
-    assert "blend needs alpha in (0, 1); the row has None and forward.alpha is not set" in verdict[3]
+    assert "blend needs the noise's weight: the row's alpha column has None and forward.alpha is not set" in verdict[3]
     assert verdict[4].startswith("every rejected row, with its id and reason: ")
     assert verdict[4].endswith("/runs/r/errors/ (the run's outputs and summary row are written)")
     # nothing is lost: the accounting ran and the summary row is written, also on stdout

@@ -87,16 +87,16 @@ def decode_rows(cols: Mapping[str, list[Any]], policy: ImagePolicy, channels: in
         weight = FORWARD_MODELS[forward.name].weight
         if weight is not None:
             alpha = forward.alpha or (alphas[row] if alphas else None)
-            why = "no value" if alpha is None or math.isnan(alpha) else None
+            why = "" if alpha is None or math.isnan(alpha) else None
             if why is None:
                 try:
                     make_forward(forward.name, 1, **{weight: alpha})
                 except ValueError as exc:
-                    why = str(exc)
+                    why = f" ({exc})"
             if why is not None:
-                rejected.append((row, id_, RowError("validate", f"{forward.name} needs its weight from the row's "
-                                                                f"alpha column ({alpha!r}: {why}) and "
-                                                                "forward.alpha is not set")))
+                rejected.append((row, id_, RowError("validate", f"{forward.name} needs the noise's weight: the row's "
+                                                                f"alpha column has {alpha!r}{why} and forward.alpha "
+                                                                "is not set")))
                 continue
         grey = y.shape[0] == 1 and channels == 3  # cleaned as R = G = B, returned grey
         if grey:

@@ -239,7 +239,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         log = lambda m: print(m, file=sys.stderr)  # noqa: E731
         doc = lg.large(quick=args.quick, steps=steps[0] if steps else None, rule=rules[0] if rules else "dps",
                        scenarios=args.scenarios.split(",") if args.scenarios else None, figure=args.figure,
-                       log=log) if not (args.memory and args.scenarios == "none") else {"meta": {}, "rows": []}
+                       log=log) if not (args.memory and args.scenarios == "none") else {"meta": {
+                           "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(),
+                           "machine": f"{platform.machine()}, {os.cpu_count()} cores"}, "rows": []}
         if args.memory:
             doc["memory"] = lg.memory(threads=args.threads, rule=rules[0] if rules else "dps",
                                       full_steps=steps[0] if steps else 50, log=log)

@@ -32,7 +32,7 @@ def test_unknown_model_lists_the_shipped_priors_and_the_accepted_forms(obs, tmp_
     rc, line = _run(capsys, "clean", obs, str(out), "--set", "priors.image=face", "--quiet")
     assert rc == 2
     assert line == ("jointdiff: priors.image: unknown model 'face': not a shipped prior (faces, digits, stripes, "
-                    "natural, stripes-rgb), and "
+                    "natural, stripes-rgb, text), and "
                     "face does not exist. A model is a shipped name, a folder or URI holding config.json + "
                     "weights.safetensors (jointdiff train writes OUTPUT/model), or a registry's "
                     "ROOT/models/NAME/latest")
@@ -40,7 +40,7 @@ def test_unknown_model_lists_the_shipped_priors_and_the_accepted_forms(obs, tmp_
     (tmp_path / "empty").mkdir()
     rc, line = _run(capsys, "sample", str(tmp_path / "empty"), "--n", "1", "--quiet")
     assert rc == 1 and "is a folder without config.json" in line
-    assert "faces, digits, stripes, natural, stripes-rgb" in line
+    assert "faces, digits, stripes, natural, stripes-rgb, text" in line
 
 
 def test_a_config_typo_suggests_the_key_and_names_the_file_or_the_override(obs, tmp_path, capsys):

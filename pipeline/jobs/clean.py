@@ -345,12 +345,15 @@ def _print_estimate(run: Run, cfg: CleanConfig, actors: int, threads: int) -> No
     """The run's estimated time on ``actors`` CPU actors of ``threads`` threads, measured on this machine."""
     import torch
 
+    from pipeline.run.models import ModelChanged
     from pipeline.run.shard import estimate_line
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         line = estimate_line(run, ShardCleaner(cfg, run.pinned), workers=actors)
+    except ModelChanged:  # the shards' work gives them up, saying so
+        line = None
     finally:
         torch.set_num_threads(before)
     if line:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from pipeline.config import CleanConfig
+from pipeline.run.models import ModelChanged
 from pipeline.run.run import Run
 from pipeline.run.shard import ShardCleaner, estimate_line
 
@@ -39,7 +40,10 @@ def clean_pending(run: Run, progress: bool = True) -> dict[str, Any]:
 
     processed, shards = 0, []
     if run.pending:
-        line = estimate_line(run, once())
+        try:
+            line = estimate_line(run, once())
+        except ModelChanged:  # the shards' work gives them up, saying so
+            line = None
         if line:
             print(line, file=sys.stderr)
     try:

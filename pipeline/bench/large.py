@@ -46,7 +46,7 @@ import torch
 from pipeline import metrics
 from pipeline.data.corrupt import layer_for
 from pipeline.data.embedded import STRIPES_SPLITS, TEXT_SPLITS, load_embedded, natural_photos, stripe
-from pipeline.forward import make_forward
+from pipeline.forward import FORWARD_MODELS, make_forward
 from pipeline.posterior.baselines import BASELINES, bm3d_available
 from pipeline.posterior.denoise import Denoiser
 from pipeline.posterior.guidance import GuidedDenoiser
@@ -135,7 +135,7 @@ def observe(sc: Scenario, x: np.ndarray, k: int, split: str) -> tuple[np.ndarray
         nz = layer_for(text_layer(TEXT_SPLITS[split][0] + k, (h, w), words=(3, 6)), x.shape[0])
     else:
         nz = np.broadcast_to(stripe(STRIPES_SPLITS[split][0] + k, 32, (h, w)).astype(np.float32), x.shape).copy()
-    fm = make_forward(sc.forward, 1, **{"a" if sc.forward == "composite" else "alpha": sc.weight})
+    fm = make_forward(sc.forward, 1, **{FORWARD_MODELS[sc.forward].weight: sc.weight})
     y = fm.apply(torch.from_numpy(x)[None], torch.from_numpy(nz)[None])[0].numpy()
     return np.clip(y, 0, 1).astype(np.float32), nz
 
@@ -257,7 +257,7 @@ def large(quick: bool = False, steps: int | None = None, rule: str = "dps", crop
         fitted = GaussianPrior.fit(torch.from_numpy(load_embedded(
             "text" if sc.name == "text" else "stripes", "train", tile, 4 if sc.name == "text" else 3).images[:2000]),
             sde)
-        fm = make_forward(sc.forward, 1, **{"a" if sc.forward == "composite" else "alpha": sc.weight})
+        fm = make_forward(sc.forward, 1, **{FORWARD_MODELS[sc.forward].weight: sc.weight})
         small = [(_centre_chw(x, *VAL_CROP), None) for x, _ in val_obs]
         small = [(x, observe(sc, x, k, "val")[0]) for k, (x, _) in enumerate(small)]
         for method, noise_net in (("gaussian", fitted), ("joint", n_model)):

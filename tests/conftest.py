@@ -18,7 +18,8 @@ from pipeline.config import PriorConfig
 
 @pytest.fixture(autouse=True)
 def _torch_threads():
-    torch.set_num_threads(2)
+    # 2, or fewer where OMP_NUM_THREADS says so (tests beside a training job: two threads spin against it)
+    torch.set_num_threads(min(2, int(os.environ.get("OMP_NUM_THREADS") or 2)))
 
 
 def tiny_config(output: str, **train) -> PriorConfig:

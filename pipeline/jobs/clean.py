@@ -291,9 +291,12 @@ def run_job(run: Run, progress: bool = True, crash_once: str | None = None, cras
     if not gpus and not replan:  # CPU actors: measured here at their thread count (a GPU would need the GPU)
         _print_estimate(run, light.cfg, actors, threads)
     ctx = DataContext.get_current()
-    bars = ctx.enable_progress_bars
+    bars, callbacks = ctx.enable_progress_bars, list(ctx.custom_execution_callback_classes)
     ctx.enable_progress_bars = False  # our own bar below counts images
+    tracker = _executor_tracker()
+    ctx.custom_execution_callback_classes = [*callbacks, tracker]  # the dataset copies the context when made
     shards: list[dict[str, Any]] = []
+    reader: list[threading.Thread] = []
     try:
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         results = ds.map_batches(
@@ -308,7 +311,7 @@ def run_job(run: Run, progress: bool = True, crash_once: str | None = None, cras
         with tqdm(total=total, desc=f"clean {run.run_id}", unit="img", disable=not progress) as bar, \
                 _interruptible() as interrupted:
             last = time.monotonic()
-            for row in _rows_or_ticks(results):
+            for row in _rows_or_ticks(results, reader):
                 if interrupted.is_set():
                     raise KeyboardInterrupt
                 if row is None:  # a second without a finished shard
@@ -324,10 +327,13 @@ def run_job(run: Run, progress: bool = True, crash_once: str | None = None, cras
                 bar.update(int(row["cleaned"]) + int(row["errors"]))
                 bar.set_postfix(shards=f"{len(shards)}/{len(pending)}")
     except BaseException:
-        # Leaving mid-run (Ctrl-C, a stall): the thread that reads the rows is still inside Ray Data, which logs a
-        # warning with a traceback for each of its calls once the session is shut down (nothing of it is news),
-        # and would start a Ray of its own (Ray's auto-init) while this driver connects again for a re-plan.
+        # Leaving mid-run (Ctrl-C, a stall): Ray Data's scheduling thread and the thread that reads the rows are
+        # still inside Ray. Left running, they call into the core worker as the session shuts down and a re-plan
+        # connects again, and the driver dies on a SIGSEGV in CoreWorker::Wait. So the executor is shut down
+        # here (which also ends its pool's actors, the stuck ones too) and the reader given time to leave.
+        # What Ray Data still logs about it is no news; its auto-init must not start a Ray of its own.
         logging.getLogger("ray.data").setLevel(logging.ERROR)
+        _stop_executors(tracker.executors, reader)
         try:
             import ray._private.auto_init_hook as auto_init
 
@@ -336,7 +342,7 @@ def run_job(run: Run, progress: bool = True, crash_once: str | None = None, cras
             pass
         raise
     finally:
-        ctx.enable_progress_bars = bars
+        ctx.enable_progress_bars, ctx.custom_execution_callback_classes = bars, callbacks
     processed = sum(int(r["cleaned"]) for r in shards)
     return JobStats(shards, processed, time.perf_counter() - t0, actors, gpus, threads)
 
@@ -360,9 +366,37 @@ def _print_estimate(run: Run, cfg: CleanConfig, actors: int, threads: int) -> No
         print(line, file=sys.stderr)
 
 
-def _rows_or_ticks(results: Any, tick_s: float = 1.0) -> Iterator[dict[str, Any] | None]:
+def _executor_tracker() -> Any:
+    """A Ray Data execution callback class (Ray makes one per execution, without arguments) whose ``executors``
+    list gets each streaming executor of the datasets made while it is registered."""
+    from ray.data._internal.execution.execution_callback import ExecutionCallback
+
+    class Tracker(ExecutionCallback):
+        executors: list[Any] = []
+
+        def before_execution_starts(self, executor: Any) -> None:
+            Tracker.executors.append(executor)
+
+    return Tracker
+
+
+def _stop_executors(executors: list[Any], reader: list[threading.Thread], wait_s: float = 10.0) -> None:
+    """Shut down Ray Data's executors (force: their actors are killed, their scheduling threads joined) and wait
+    up to ``wait_s`` for the thread reading the rows to leave."""
+    for executor in executors:
+        try:
+            executor.shutdown(force=True)
+        except Exception as exc:  # noqa: BLE001 (leaving anyway: say so, go on)
+            print(f"could not stop Ray Data's executor ({type(exc).__name__}: {exc})", file=sys.stderr)
+    for thread in reader:
+        thread.join(timeout=wait_s)
+
+
+def _rows_or_ticks(results: Any, reader: list[threading.Thread] | None = None,
+                   tick_s: float = 1.0) -> Iterator[dict[str, Any] | None]:
     """The rows of a Ray dataset as they come, read in a thread, with ``None`` for every ``tick_s`` without one:
-    the driver keeps control (Ctrl-C, the stall check) even when Ray Data waits forever."""
+    the driver keeps control (Ctrl-C, the stall check) even when Ray Data waits forever. The thread is appended
+    to ``reader``."""
     q: queue.Queue = queue.Queue()
 
     def consume() -> None:
@@ -373,7 +407,10 @@ def _rows_or_ticks(results: Any, tick_s: float = 1.0) -> Iterator[dict[str, Any]
         except BaseException as exc:  # noqa: BLE001 (re-raised in the driver's thread)
             q.put(("error", exc))
 
-    threading.Thread(target=consume, name="ray-data-rows", daemon=True).start()
+    thread = threading.Thread(target=consume, name="ray-data-rows", daemon=True)
+    thread.start()
+    if reader is not None:
+        reader.append(thread)
     while True:
         try:
             kind, item = q.get(timeout=tick_s)

@@ -72,6 +72,7 @@ class ForwardModel:
     weight: ClassVar[str | None] = None  # the mixing weight that an observation dataset's `alpha` column holds
     linear: ClassVar[bool] = True  # A(x, n) = c_x x + c_n n: coef_x / coef_n exist
     extra_noise_channels: ClassVar[int] = 0  # the noise has the image's channels plus these (composite: alpha)
+    pointwise: ClassVar[bool] = True  # each pixel of A(x, n) depends on that pixel alone (a blur would not)
 
     def __post_init__(self) -> None:
         b = _rows("sigma_y", self.sigma_y, None).shape[0]

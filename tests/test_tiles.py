@@ -68,6 +68,22 @@ def test_tiled_vjp_matches_autograd_through_the_blend():
     assert not torch.allclose(blended, torch.tanh(conv(z)), atol=1e-3)
 
 
+@pytest.mark.parametrize("h,w,offset", [(50, 41, (5, 3)), (20, 13, (4, 1)), (5, 3, (0, 0)), (1, 7, (2, 4))])
+def test_gathered_tiles_are_the_padded_images_and_scatter_is_their_adjoint(h, w, offset):
+    """Tiles are indexed through the reflection (no padded copy): the same tiles as cutting the padded image,
+    also where the reflection goes beyond the image's own size, and scatter is gather's exact adjoint."""
+    tiling = Tiling(h, w, 8, 2, offset)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 3, h, w, generator=g, dtype=torch.float64)
+    t = torch.zeros(2)
+    tiles, _ = tiling.gather(z, tiling.origins, t)
+    assert torch.equal(tiles, tiling.cut(tiling.pad(z), tiling.origins, t)[0])
+    c = torch.randn(tiles.shape, generator=g, dtype=torch.float64)
+    back = torch.zeros_like(z)
+    tiling.scatter(back, c.reshape(2, len(tiling.origins), 3, 8, 8), tiling.origins)
+    assert torch.allclose((back * z).sum(), (c * tiles).sum(), rtol=1e-12)
+
+
 def test_tilings_cover_every_pixel_and_move_with_the_offset():
     for h, w in [(5, 7), (33, 64), (97, 31)]:
         for off in [(0, 0), (3, 11), (23, 23)]:
@@ -162,6 +178,37 @@ def test_the_dps_step_is_the_same_per_pixel_at_every_image_size():
         big[1], big[2], t, dt)
     assert torch.allclose(large.dx, small.dx.repeat(1, 1, 2, 2), atol=1e-5)
     assert torch.allclose(large.dn, small.dn.repeat(1, 1, 2, 2), atol=1e-5)
+
+
+@pytest.mark.parametrize("forward", ["blend", "composite"])
+def test_the_tiled_dps_gradient_is_the_one_graph_gradient_in_strips_and_tile_batches(forward, monkeypatch):
+    """A large image's dps step is taken tile batch by tile batch, with the residual's gradient a strip of rows at
+    a time (memory): it must be the gradient of one graph over all tiles and the whole image, to float precision.
+    The composite's noise is RGBA over an RGB image: its forward model is not linear."""
+    import pipeline.posterior.guidance as guidance
+
+    xm, nm = TinyUNet(1), TinyUNet(2)
+    channels = (3, 4) if forward == "composite" else (3, 3)
+    xm.unet = UNet(UNetConfig(image_size=16, channels=channels[0], base_channels=8, channel_mults=[1, 2],
+                              attention_resolutions=[]))
+    nm.unet = UNet(UNetConfig(image_size=16, channels=channels[1], base_channels=8, channel_mults=[1, 2],
+                              attention_resolutions=[]))
+    g = torch.Generator().manual_seed(3)
+    y = torch.rand(2, 3, 37, 29, generator=g)
+    x, n = torch.randn(2, 3, 37, 29, generator=g), torch.randn(2, channels[1], 37, 29, generator=g)
+    t = torch.tensor([0.3, 0.7])
+    fm = make_forward(forward, 2, **({"a": 0.8} if forward == "composite" else {"alpha": 0.5}))
+    settings = _settings(rule="dps", lambda_x=1.0, kappa_n=1.0)
+
+    def step(tile_batch):
+        g = GuidedDenoiser(xm, nm, SDE, fm, y, settings, tile=16, tile_batch=tile_batch)(x, n, t, torch.tensor(0.1))
+        return g.dx, g.dn, g.residual
+
+    whole = step(10_000)  # every tile in one call, one graph (tiles.blended)
+    monkeypatch.setattr(guidance, "STRIP_PIXELS", 40)  # strips of one row
+    parts = step(5)
+    for a, b in zip(whole, parts):
+        assert a.abs().max() > 0 and torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
 
 
 def test_patch_pool_draws_patches_of_images_of_any_size():

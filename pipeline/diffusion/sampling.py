@@ -32,15 +32,15 @@ def x0_from_eps(sde: VPSDE, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
 
     ``move``: the estimate after a guidance step ``x_t <- x_t - move`` taken with the same ``e``,
     ``(x_t - s_t e - move) / a_t`` (the joint sampler's result)."""
-    x0 = x - _bcast(sde.sigma(t), x) * eps
+    x0 = torch.addcmul(x, _bcast(sde.sigma(t), x), eps, value=-1.0)  # one new tensor, no temporary
     if move is not None:
-        x0 = x0 - move
-    return x0 / _bcast(sde.alpha(t), x)
+        x0.sub_(move)
+    return x0.div_(_bcast(sde.alpha(t), x))
 
 
 def eps_from_x0(sde: VPSDE, x: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The inverse of :func:`x0_from_eps`: the noise ``e = (x_t - a_t x0) / s_t`` that explains ``x0``."""
-    return (x - _bcast(sde.alpha(t), x) * x0) / _bcast(sde.sigma(t), x)
+    return torch.addcmul(x, _bcast(sde.alpha(t), x), x0, value=-1.0).div_(_bcast(sde.sigma(t), x))
 
 
 def tweedie(model: nn.Module, sde: VPSDE, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ weight) and the weighted sum is divided by the sum of the weights: a constant ne
 exactly constant, whatever the offsets.
 
 :func:`tiled` evaluates a network tile batch by tile batch (memory is bounded by ``batch`` tiles, not by
-the image) without building a graph; :func:`tiled_vjp` gives ``J^T c``, the vector-Jacobian product of the
+the image; tiles are taken from the image through the reflection, :meth:`Tiling.gather`, with no padded copy)
+without building a graph; :func:`tiled_vjp` gives ``J^T c``, the vector-Jacobian product of the
 blended output with a cotangent ``c`` of the image's size, again one tile batch at a time (each batch
 re-evaluates its tiles with a graph and is freed before the next). An image that is exactly one tile is
 the network itself.
@@ -32,14 +33,17 @@ WINDOW_FLOOR = 1e-3
 
 def reflect_pad(z: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
     """Pad the last two dimensions by reflection, also by more than the image's own size (reflecting the
-    padded image again); a one-pixel side is repeated instead. Differentiable."""
-    while top or bottom or left or right:
-        h, w = z.shape[-2:]
-        if h == 1 or w == 1:
-            return F.pad(z, (left, right, top, bottom), mode="replicate")
-        t, b, lft, r = min(top, h - 1), min(bottom, h - 1), min(left, w - 1), min(right, w - 1)
-        z = F.pad(z, (lft, r, t, b), mode="reflect")
-        top, bottom, left, right = top - t, bottom - b, left - lft, right - r
+    padded image again); along a one-pixel side the pixel is repeated instead. Differentiable."""
+    while top or bottom:
+        h = z.shape[-2]
+        t, b = (top, bottom) if h == 1 else (min(top, h - 1), min(bottom, h - 1))
+        z = F.pad(z, (0, 0, t, b), mode="replicate" if h == 1 else "reflect")
+        top, bottom = top - t, bottom - b
+    while left or right:
+        w = z.shape[-1]
+        lft, r = (left, right) if w == 1 else (min(left, w - 1), min(right, w - 1))
+        z = F.pad(z, (lft, r, 0, 0), mode="replicate" if w == 1 else "reflect")
+        left, right = left - lft, right - r
     return z
 
 
@@ -105,6 +109,51 @@ class Tiling:
                              for y, x in origins], 1)
         return tiles.flatten(0, 1), t.repeat_interleave(len(origins))
 
+    def _index(self, start: int, size: int, device: torch.device) -> torch.Tensor:
+        """The image rows (or columns) that a tile starting at ``start`` sees: :func:`reflect_pad`'s reflection
+        (periodic, so also beyond the image's own size; a one-pixel side repeats)."""
+        i = torch.arange(start, start + self.tile, device=device)
+        if size == 1:
+            return torch.zeros_like(i)
+        period = 2 * (size - 1)
+        i = i.remainder(period)
+        return torch.where(i > size - 1, period - i, i)
+
+    def _window(self, y: int, x: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, int] | None:
+        """None for a tile inside the image; else its row indices, its column indices relative to the first
+        column it sees, and that column range."""
+        if y >= 0 and x >= 0 and y + self.tile <= self.h and x + self.tile <= self.w:
+            return None
+        iy, ix = self._index(y, self.h, device), self._index(x, self.w, device)
+        lo, hi = int(ix.min()), int(ix.max()) + 1
+        return iy, ix - lo, lo, hi
+
+    def gather(self, z: torch.Tensor, origins: list[tuple[int, int]], t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What :meth:`cut` gives from the padded image, taken from ``z`` itself: tiles inside the image are
+        slices, the others are indexed through the reflection (no padded copy of the image). Differentiable."""
+        tiles = []
+        for y, x in origins:
+            where = self._window(y, x, z.device)
+            if where is None:
+                tiles.append(z[:, :, y:y + self.tile, x:x + self.tile])
+            else:
+                iy, ix, lo, hi = where
+                tiles.append(z[:, :, :, lo:hi].index_select(2, iy).index_select(3, ix))
+        return torch.stack(tiles, 1).flatten(0, 1), t.repeat_interleave(len(origins))
+
+    def scatter(self, acc: torch.Tensor, tiles: torch.Tensor, origins: list[tuple[int, int]]) -> None:
+        """The adjoint of :meth:`gather`: add ``tiles`` ``(B, len(origins), C, tile, tile)`` into ``acc``
+        ``(B, C, h, w)``, what fell on the reflection folded back onto the pixels it mirrors."""
+        for k, (y, x) in enumerate(origins):
+            where = self._window(y, x, acc.device)
+            if where is None:
+                acc[:, :, y:y + self.tile, x:x + self.tile] += tiles[:, k]
+            else:
+                iy, ix, lo, hi = where
+                cols = torch.zeros(*acc.shape[:2], self.tile, hi - lo, dtype=acc.dtype, device=acc.device)
+                cols.index_add_(3, ix, tiles[:, k])
+                acc[:, :, :, lo:hi].index_add_(2, iy, cols)
+
     def weights(self, device: torch.device | str) -> torch.Tensor:
         """The sum of the window weights at every image pixel, ``(1, 1, h, w)`` (made once per tiling and device:
         each step's two network passes and both priors share it)."""
@@ -155,9 +204,8 @@ def tiled(net: Net, z: torch.Tensor, t: torch.Tensor, tiling: Tiling, batch: int
     win = window(tiling.tile, z.device)
     out = torch.zeros_like(z)
     with torch.no_grad():
-        zp = tiling.pad(z)
         for group in _chunks(tiling.origins, z.shape[0], batch):
-            tiles, tt = tiling.cut(zp, group, t)
+            tiles, tt = tiling.gather(z, group, t)
             e = net(tiles, tt) * win
             tiling.add(out, e.reshape(z.shape[0], len(group), *e.shape[1:]), group)
     return out / tiling.weights(z.device)
@@ -166,29 +214,33 @@ def tiled(net: Net, z: torch.Tensor, t: torch.Tensor, tiling: Tiling, batch: int
 def tiled_vjp(net: Net, z: torch.Tensor, t: torch.Tensor, tiling: Tiling, batch: int,
               cotangent: torch.Tensor) -> torch.Tensor:
     """``J^T cotangent`` for the blended output of :func:`tiled` with respect to ``z``, one tile group at a time:
-    each group's gradient with respect to its tiles is added into the padded image's, and the reflection padding's
-    adjoint folds that back onto the image once at the end (no full-size graph per group)."""
+    each group's gradient with respect to its tiles is added into the image's (:meth:`Tiling.scatter`, which folds
+    what fell on the reflection back; no full-size graph per group).
+
+    Memory: beside ``z`` and ``cotangent``, the result alone: tiles are taken from ``z`` and each tile's cotangent
+    is cut from ``cotangent / weights``, tile by tile."""
     if tiling.single:
         with torch.enable_grad():
             zg = z.detach().requires_grad_(True)
             return torch.autograd.grad((net(zg, t) * cotangent).sum(), zg)[0]
     win = window(tiling.tile, z.device)
-    c = cotangent / tiling.weights(z.device)
-    cp = F.pad(c, (tiling.tile,) * 4)  # the cotangent of what falls on the padding is zero
-    top, _, left, _ = tiling._pads()
-    with torch.no_grad():
-        zp = tiling.pad(z)
-    gp = torch.zeros_like(zp)
+    weights = tiling.weights(z.device)
+    out = torch.zeros_like(z)
     for group in _chunks(tiling.origins, z.shape[0], batch):
-        tiles, tt = tiling.cut(zp, group, t)
-        ct = torch.stack([cp[:, :, y + tiling.tile:y + 2 * tiling.tile, x + tiling.tile:x + 2 * tiling.tile]
-                          for y, x in group], 1).flatten(0, 1) * win
+        tiles, tt = tiling.gather(z, group, t)
+        ct = torch.stack([_cotangent_tile(cotangent, weights, tiling, y, x) for y, x in group], 1).flatten(0, 1)
         with torch.enable_grad():
             tg = tiles.detach().requires_grad_(True)
-            g = torch.autograd.grad((net(tg, tt) * ct).sum(), tg)[0]
-        g = g.reshape(z.shape[0], len(group), *g.shape[1:])
-        for k, (y, x) in enumerate(group):
-            gp[:, :, y + top:y + top + tiling.tile, x + left:x + left + tiling.tile] += g[:, k]
-    with torch.enable_grad():  # the adjoint of the reflection padding
-        zg = z.detach().requires_grad_(True)
-        return torch.autograd.grad(tiling.pad(zg), zg, grad_outputs=gp)[0]
+            g = torch.autograd.grad((net(tg, tt) * (ct * win)).sum(), tg)[0]
+        tiling.scatter(out, g.reshape(z.shape[0], len(group), *g.shape[1:]), group)
+        del tiles, ct, g
+    return out
+
+
+def _cotangent_tile(cotangent: torch.Tensor, weights: torch.Tensor, tiling: Tiling, y: int, x: int) -> torch.Tensor:
+    """``cotangent / weights`` over the tile at ``(y, x)``, zero where the tile lies over the padding (what the
+    network says there is dropped by the blend)."""
+    y0, x0 = max(y, 0), max(x, 0)
+    y1, x1 = min(y + tiling.tile, tiling.h), min(x + tiling.tile, tiling.w)
+    part = cotangent[:, :, y0:y1, x0:x1] / weights[:, :, y0:y1, x0:x1]
+    return F.pad(part, (x0 - x, x + tiling.tile - x1, y0 - y, y + tiling.tile - y1))

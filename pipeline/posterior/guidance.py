@@ -61,12 +61,12 @@ class Guidance:
 
     eps_x: torch.Tensor  # the image prior's noise prediction at (x_t, t)
     eps_n: torch.Tensor  # the noise prior's, at (n_t, t)
-    x0: torch.Tensor  # Tweedie's estimates, unguided
-    n0: torch.Tensor
     grad_x: torch.Tensor  # gradient of the per-sample loss with respect to x_t
     grad_n: torch.Tensor
-    residual: torch.Tensor  # y - A(x0, n0), [0, 1] units
-    dx: torch.Tensor | None = None  # the guidance moves lambda_x w(t) grad_x, set by GuidedDenoiser
+    residual: torch.Tensor  # y - A(x0_hat, n0_hat) for Tweedie's unguided estimates, [0, 1] units
+    # the guidance moves lambda_x w(t) grad_x and kappa_n w(t) grad_n, set by GuidedDenoiser: scaled in place,
+    # so that after the call grad_x / grad_n are the moves too (an image of 4096x4096 holds no extra copies)
+    dx: torch.Tensor | None = None
     dn: torch.Tensor | None = None
 
 
@@ -197,8 +197,8 @@ class GuidedDenoiser:
         s = self.settings
         g = RULES[s.rule].fn(self, x, n, t)
         w = _bcast(SCHEDULES[s.schedule](self.sde, t, dt), x)
-        g.dx = s.lambda_x * w * g.grad_x
-        g.dn = s.kappa_n * w * g.grad_n
+        g.dx = g.grad_x.mul_(s.lambda_x * w)
+        g.dn = g.grad_n.mul_(s.kappa_n * w)
         return g
 
 
@@ -232,16 +232,16 @@ def through_networks(d: GuidedDenoiser, x: torch.Tensor, n: torch.Tensor, t: tor
     outputs then goes back through them one tile batch at a time (:func:`pipeline.diffusion.tiles.tiled_vjp`)."""
     tiling = d.tiling(t)
     if tiling is not None and not tiling.single and len(tiling.origins) * x.shape[0] > d.tile_batch:
+        # x0 = (x_t - s e(x_t)) / a, so dL/dx_t = (g0 - s J^T g0) / a for g0 = dL/dx0: one cotangent per prior,
+        # applied in place (the full-size tensors alive are what a 4096x4096 image's memory is made of)
         ex, en = d.predict(x, n, t, tiling)
-        with torch.enable_grad():
-            xg, ng = x.detach().requires_grad_(True), n.detach().requires_grad_(True)
-            exg, eng = ex.requires_grad_(True), en.requires_grad_(True)
-            x0, n0 = x0_from_eps(d.sde, xg, exg, t), x0_from_eps(d.sde, ng, eng, t)
-            r = d.residual(x0, n0)
-            gx, gn, cx, cn = torch.autograd.grad(loss(d, r, t).sum(), [xg, ng, exg, eng])
-        gx = gx + tiled_vjp(d.x_model, x, t, tiling, d.tile_batch, cx)
-        gn = gn + tiled_vjp(d.n_model, n, t, tiling, d.tile_batch, cn)
-        return Guidance(ex.detach(), en.detach(), x0.detach(), n0.detach(), gx, gn, r.detach())
+        r, g0x, g0n = _loss_grads(d, x, n, ex, en, t, loss)
+        a, s = _bcast(d.sde.alpha(t), x), _bcast(d.sde.sigma(t), x)
+        gx = tiled_vjp(d.x_model, x, t, tiling, d.tile_batch, g0x).mul_(-s).add_(g0x).div_(a)
+        del g0x
+        gn = tiled_vjp(d.n_model, n, t, tiling, d.tile_batch, g0n).mul_(-s).add_(g0n).div_(a)
+        del g0n
+        return Guidance(ex, en, gx, gn, r.detach())
     # whole, or tiles that fit in one tile batch: one pass with its graph
     x_net, n_net = d.x_model, d.n_model
     if tiling is not None and not tiling.single:
@@ -255,7 +255,47 @@ def through_networks(d: GuidedDenoiser, x: torch.Tensor, n: torch.Tensor, t: tor
         r = d.residual(x0, n0)
         # per-sample losses are independent, so the gradient of their sum is each one's gradient
         gx, gn = torch.autograd.grad(loss(d, r, t).sum(), [xg, ng])
-    return Guidance(ex.detach(), en.detach(), x0.detach(), n0.detach(), gx, gn, r.detach())
+    return Guidance(ex.detach(), en.detach(), gx, gn, r.detach())
+
+
+STRIP_PIXELS = 1 << 20  # pixels per strip of :func:`_loss_grads`
+
+
+def _strips(h: int, w: int, pointwise: bool) -> list[slice]:
+    """Row ranges of about :data:`STRIP_PIXELS` pixels each (the whole image where the forward model is not
+    pointwise)."""
+    rows = max(1, STRIP_PIXELS // max(w, 1)) if pointwise else h
+    return [slice(i, min(i + rows, h)) for i in range(0, h, rows)]
+
+
+def _loss_grads(d: GuidedDenoiser, x: torch.Tensor, n: torch.Tensor, ex: torch.Tensor, en: torch.Tensor,
+                t: torch.Tensor, loss: Loss) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The residual ``r`` of Tweedie's estimates and the loss's gradients ``dL/dx0``, ``dL/dn0``, computed a strip
+    of rows at a time where the forward model is pointwise: the estimates and the forward model's graph then
+    never exist at the image's full size. The loss sees the whole residual (``dL/dr`` first, then the forward
+    model's vector-Jacobian product strip by strip)."""
+    strips = _strips(x.shape[-2], x.shape[-1], d.forward.pointwise)
+
+    def estimates(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        return (x0_from_eps(d.sde, x[..., rows, :], ex[..., rows, :], t),
+                x0_from_eps(d.sde, n[..., rows, :], en[..., rows, :], t))
+
+    r = torch.empty_like(d.y)
+    with torch.no_grad():
+        for rows in strips:
+            x0, n0 = estimates(rows)
+            r[..., rows, :] = d.y[..., rows, :] - d.forward.apply(to01(x0), to01(n0))
+    with torch.enable_grad():
+        rg = r.requires_grad_(True)
+        gr = torch.autograd.grad(loss(d, rg, t).sum(), rg)[0]
+    r = r.detach()
+    g0x, g0n = torch.empty_like(x), torch.empty_like(n)
+    for rows in strips:
+        with torch.enable_grad():
+            x0, n0 = (e.requires_grad_(True) for e in estimates(rows))
+            fit = d.forward.apply(to01(x0), to01(n0))
+            g0x[..., rows, :], g0n[..., rows, :] = torch.autograd.grad(fit, [x0, n0], grad_outputs=-gr[..., rows, :])
+    return r, g0x, g0n
 
 
 def through_identity(d: GuidedDenoiser, x: torch.Tensor, n: torch.Tensor, t: torch.Tensor, loss: Loss) -> Guidance:
@@ -267,7 +307,7 @@ def through_identity(d: GuidedDenoiser, x: torch.Tensor, n: torch.Tensor, t: tor
         r = d.residual(x0, n0)
         g0x, g0n = torch.autograd.grad(loss(d, r, t).sum(), [x0, n0])
     a = _bcast(d.sde.alpha(t), x)
-    return Guidance(ex, en, x0.detach(), n0.detach(), g0x / a, g0n / a, r.detach())
+    return Guidance(ex, en, g0x / a, g0n / a, r.detach())
 
 
 # --- the rules ----------------------------------------------------------------------------------------

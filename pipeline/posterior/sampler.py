@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from pipeline import metrics
-from pipeline.diffusion.sampling import eps_from_x0, x0_from_eps
+from pipeline.diffusion.sampling import x0_from_eps
 from pipeline.diffusion.sde import VPSDE, _bcast
 from pipeline.forward import ForwardModel
 from pipeline.posterior.guidance import RULES, SCHEDULES, GuidedDenoiser, Net, to01
@@ -112,7 +112,10 @@ class Noise:
         shape = tuple(shape)
         if self.gens is None:
             return torch.randn(shape, generator=self.generator).to(self.device)
-        return torch.stack([torch.randn(shape[1:], generator=g) for g in self.gens]).to(self.device)
+        out = torch.empty(shape)  # filled row by row: a 4096x4096 image's draw is not held twice
+        for row, g in zip(out, self.gens):
+            torch.randn(shape[1:], generator=g, out=row)
+        return out.to(self.device)
 
 
 def seed_for(image_id: str, base_seed: int = 0, sample: int = 0) -> int:
@@ -132,8 +135,9 @@ def sample_euler_maruyama(d: GuidedDenoiser, x: torch.Tensor, n: torch.Tensor, t
         t, dt = ts[i].expand(x.shape[0]), ts[i] - ts[i + 1]
         g = d(x, n, t, dt)
         s = _bcast(sde.sigma(t), x)
-        x = sde.reverse_step(x, t, dt, -g.eps_x / s, noise.randn(x.shape)) - g.dx
-        n = sde.reverse_step(n, t, dt, -g.eps_n / s, noise.randn(n.shape)) - g.dn
+        x = sde.reverse_step(x, t, dt, -g.eps_x / s, noise.randn(x.shape)).sub_(g.dx)
+        n = sde.reverse_step(n, t, dt, -g.eps_n / s, noise.randn(n.shape)).sub_(g.dn)
+        del g  # before the next evaluation makes its own
         if callback is not None:
             callback(i, x, n)
     return x, n
@@ -148,13 +152,15 @@ def ddim_step(sde: VPSDE, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, t
     guidance has pushed out of range cannot carry the trajectory further away."""
     a, s = _bcast(sde.alpha(t), x), _bcast(sde.sigma(t), x)
     a2, s2 = _bcast(sde.alpha(t_next), x), _bcast(sde.sigma(t_next), x)
-    x0 = x0_from_eps(sde, x, eps, t)
-    if clip:
-        x0 = x0.clamp(-1.0, 1.0)
-        eps = eps_from_x0(sde, x, x0, t)
     c = eta * torch.sqrt((s2 / s) ** 2 * (1 - (a / a2) ** 2)).clamp_min(0) if eta > 0 else torch.zeros_like(s)
-    out = a2 * x0 + torch.sqrt((s2**2 - c**2).clamp_min(0)) * eps
-    return out + c * noise.randn(x.shape) if eta > 0 else out
+    k = torch.sqrt((s2**2 - c**2).clamp_min(0))
+    x0 = x0_from_eps(sde, x, eps, t)
+    if clip:  # eps = (x - a x0) / s after the clip, so a2 x0 + k eps = (a2 - k a / s) x0 + (k / s) x
+        out = x0.clamp_(-1.0, 1.0).mul_(a2 - k * a / s).addcmul_(x, k / s)
+    else:
+        out = x0.mul_(a2).addcmul_(eps, k)
+    # in place throughout: the one new image-size tensor is the result (and the draw, with eta > 0)
+    return out.add_(noise.randn(x.shape).mul_(c)) if eta > 0 else out
 
 
 @SOLVERS.register("ddim")
@@ -165,8 +171,11 @@ def sample_ddim(d: GuidedDenoiser, x: torch.Tensor, n: torch.Tensor, ts: torch.T
     for i in range(len(ts) - 1):
         t, t_next = ts[i].expand(x.shape[0]), ts[i + 1].expand(x.shape[0])
         g = d(x, n, t, ts[i] - ts[i + 1])
-        x = ddim_step(d.sde, x, g.eps_x, t, t_next, eta, noise, clip) - g.dx
-        n = ddim_step(d.sde, n, g.eps_n, t, t_next, eta, noise, clip) - g.dn
+        x = ddim_step(d.sde, x, g.eps_x, t, t_next, eta, noise, clip).sub_(g.dx)
+        eps_n, dn = g.eps_n, g.dn
+        del g  # what x's step used goes before n's step, and before the next evaluation makes its own
+        n = ddim_step(d.sde, n, eps_n, t, t_next, eta, noise, clip).sub_(dn)
+        del eps_n, dn
         if callback is not None:
             callback(i, x, n)
     return x, n
@@ -192,7 +201,11 @@ def solve(d: GuidedDenoiser, noise: Noise, callback: Callback | None = None) -> 
     t = ts[-1].expand(shape[0])
     dt = ts[-2] - ts[-1] if len(ts) > 1 else ts[-1] - d.sde.eps
     g = d(x, n, t, dt)
-    x, n = x0_from_eps(d.sde, x, g.eps_x, t, move=g.dx), x0_from_eps(d.sde, n, g.eps_n, t, move=g.dn)
+    x = x0_from_eps(d.sde, x, g.eps_x, t, move=g.dx)
+    eps_n, dn = g.eps_n, g.dn
+    del g  # as in the solvers' steps: what x used goes before n's estimate
+    n = x0_from_eps(d.sde, n, eps_n, t, move=dn)
+    del eps_n, dn
     if callback is not None:
         callback(len(ts) - 1, x, n)
     return x, n

@@ -45,7 +45,7 @@ import torch
 
 from pipeline import metrics
 from pipeline.data.corrupt import layer_for
-from pipeline.data.embedded import STRIPES_SPLITS, TEXT_SPLITS, load_embedded, natural_photos, stripe
+from pipeline.data.embedded import STRIPES_SPLITS, TEXT_SPLITS, grey_of, load_embedded, natural_photos, stripe
 from pipeline.forward import FORWARD_MODELS, make_forward
 from pipeline.posterior.baselines import BASELINES, bm3d_available
 from pipeline.posterior.denoise import Denoiser
@@ -146,15 +146,11 @@ def _centre_chw(x: np.ndarray, h: int, w: int) -> np.ndarray:
 
 def _back(x_hat: np.ndarray, x: np.ndarray) -> np.ndarray:
     """A result cleaned in RGB, in the channels of the truth ``x`` (grey by luminance)."""
-    return _grey(x_hat) if x.shape[0] == 1 else x_hat
+    return grey_of(x_hat) if x.shape[0] == 1 else x_hat
 
 
 def _rgb(a: np.ndarray) -> np.ndarray:
     return np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a
-
-
-def _grey(a: np.ndarray) -> np.ndarray:
-    return (0.299 * a[0:1] + 0.587 * a[1:2] + 0.114 * a[2:3]).astype(np.float32)
 
 
 # --- measuring -----------------------------------------------------------------------------------------
@@ -279,8 +275,7 @@ def large(quick: bool = False, steps: int | None = None, rule: str = "dps", crop
                     x_hat, n_hat = out.denoised[0].numpy(), out.noise_estimate[0].numpy()
                     seams.append(seam_ratio(x_hat, last_tiling(settings, sde, fm, x_hat.shape, tile)))
                     if x.shape[0] == 1:
-                        x_hat = _grey(x_hat)
-                        n_hat = np.concatenate([_grey(n_hat[:3]), n_hat[3:]]) if n_hat.shape[0] == 4 else _grey(n_hat)
+                        x_hat, n_hat = grey_of(x_hat), grey_of(n_hat)
                     xs.append(x_hat)
                     ns.append(n_hat)
                 sec = time.perf_counter() - t0

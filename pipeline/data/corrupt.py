@@ -126,9 +126,9 @@ def layer_for(layer: np.ndarray, channels: int) -> np.ndarray:
     """An RGBA layer ``(4, H, W)`` for an image of ``channels``: as it is for RGB, grey colour and alpha for grey."""
     if channels == 3:
         return layer
-    from pipeline.data.embedded import to_channels
+    from pipeline.data.embedded import grey_of
 
-    return np.concatenate([to_channels(np.moveaxis(layer[:3], 0, -1)[None], 1)[0], layer[3:]])
+    return grey_of(layer)
 
 
 def corrupt_native(clean: ImageSet, noise: str, split: str, n: int, alpha: float = 0.5, seed: int = 0,

@@ -124,6 +124,13 @@ def to_channels(images: np.ndarray, channels: int) -> np.ndarray:
     return np.tensordot(w, images, axes=([0], [1]))[:, None]
 
 
+def grey_of(img: np.ndarray) -> np.ndarray:
+    """One image ``(3, H, W)`` to grey ``(1, H, W)`` by ITU-R 601 luminance (:func:`to_channels`); an RGBA layer
+    ``(4, H, W)`` (the composite's noise) to grey and alpha ``(2, H, W)``."""
+    grey = to_channels(np.moveaxis(img[:3], 0, -1)[None], 1)[0]
+    return np.concatenate([grey, img[3:]]) if img.shape[0] == 4 else grey
+
+
 @lru_cache(maxsize=1)
 def _lfw_faces() -> np.ndarray:
     from skimage.data import lfw_subset

@@ -26,7 +26,7 @@ import torch
 
 from pipeline.config import CleanConfig
 from pipeline.data.accounting import PlannedShard, mark_done
-from pipeline.data.embedded import to_channels
+from pipeline.data.embedded import grey_of
 from pipeline.data.shards import read_table
 from pipeline.data.validate import error_row
 from pipeline.forward import FORWARD_MODELS, make_forward
@@ -154,14 +154,6 @@ def batches(rows: list[Row], max_images: int, max_pixels: int) -> list[list[Row]
     return out
 
 
-def _to_grey(img: np.ndarray) -> np.ndarray:
-    """RGB ``(3, H, W)`` to grey ``(1, H, W)`` by ITU-R 601 luminance (:func:`pipeline.data.embedded.to_channels`);
-    an RGBA layer (the composite's noise) to grey and alpha."""
-    if img.shape[0] == 4:
-        return np.concatenate([_to_grey(img[:3]), img[3:]])
-    return to_channels(np.moveaxis(img, 0, -1)[None], 1)[0]
-
-
 def sample(cleaner: ShardCleaner, rows: list[Row], result: ShardResult, reject: Callable[[Row, str], None],
            progress: Callable[[int], None] | None = None) -> None:
     """The joint posterior sampler over ``rows``, in batches of one image size and at most ``cleaner.batch_size``
@@ -191,7 +183,7 @@ def sample(cleaner: ShardCleaner, rows: list[Row], result: ShardResult, reject: 
                 reject(r, "the sampler diverged (non-finite values); lower sampler.lambda_x / sampler.kappa_n "
                           "or use more steps")
                 continue
-            back = _to_grey if r.grey else (lambda a: a)
+            back = grey_of if r.grey else (lambda a: a)
             denoised = back(out.denoised[k].cpu().numpy())
             if r.alpha_plane is not None:  # the input's alpha, put back (policy.alpha=keep)
                 denoised = np.concatenate([denoised, r.alpha_plane])
@@ -229,7 +221,7 @@ def _truth_metrics(batch: list[Row], denoised: torch.Tensor, y: torch.Tensor,
 
 
 def _grey(t: torch.Tensor) -> torch.Tensor:
-    """``(B, 3, H, W)`` to ``(B, 1, H, W)`` by ITU-R 601 luminance, as :func:`_to_grey`."""
+    """``(B, 3, H, W)`` to ``(B, 1, H, W)`` by ITU-R 601 luminance, as :func:`~pipeline.data.embedded.grey_of`."""
     w = torch.tensor([0.299, 0.587, 0.114], dtype=t.dtype, device=t.device)
     return (t * w[None, :, None, None]).sum(1, keepdim=True)
 

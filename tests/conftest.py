@@ -35,6 +35,23 @@ def tiny_config(output: str, **train) -> PriorConfig:
     })
 
 
+def train_tiny_patch_prior(folder, name: str, data: dict, channels: int) -> str:
+    """``jointdiff train`` of a 16x16 prior of ``channels`` for 2 steps on ``data`` (the config's ``data``
+    section, ``channels`` added), in ``folder``; the model's path."""
+    import yaml
+
+    from pipeline.cli import main
+
+    cfg = {"name": name, "data": {**data, "channels": channels},
+           "unet": {"image_size": 16, "channels": channels, "base_channels": 8, "channel_mults": [1, 2],
+                    "attention_resolutions": []},
+           "train": {"steps": 2, "batch_size": 4, "checkpoint_every": 2, "warmup_steps": 1, "threads": 1},
+           "output": str(folder / "train" / name)}
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", "--config", str(folder / f"{name}.yaml"), "--quiet"]) == 0
+    return str(folder / "train" / name / "model")
+
+
 def cli(capsys, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """``jointdiff ARGS`` run by the CLI's ``main`` in this process (the same parsing, messages and exit codes as
     the command, without a new interpreter that imports torch again): its exit code and what it printed.

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from pipeline.run.rows import Row
 from pipeline.run.shard import batches
-from tests.conftest import cli
+from tests.conftest import cli, train_tiny_patch_prior
 
 SIZES = {"grey.png": (40, 30, 1), "wide.png": (21, 50, 3), "small.png": (10, 12, 3), "tile.png": (16, 16, 3)}
 
@@ -38,19 +37,8 @@ def folder(tmp_path_factory) -> Path:
 def rgb_priors(folder) -> tuple[str, str]:
     """Two tiny 16x16 RGB priors trained (2 steps) on random patches of the ingested folder: `jointdiff train`
     takes a shard dataset of mixed sizes with `data.patch`."""
-    from pipeline.cli import main
-
-    out = []
-    for name in ("img", "noise"):
-        cfg = {"name": name, "data": {"source": str(folder / "obs"), "patch": 16, "channels": 3},
-               "unet": {"image_size": 16, "channels": 3, "base_channels": 8, "channel_mults": [1, 2],
-                        "attention_resolutions": []},
-               "train": {"steps": 2, "batch_size": 4, "checkpoint_every": 2, "warmup_steps": 1, "threads": 1},
-               "output": str(folder / "train" / name)}
-        (folder / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
-        assert main(["train", "--config", str(folder / f"{name}.yaml"), "--quiet"]) == 0
-        out.append(str(folder / "train" / name / "model"))
-    return out[0], out[1]
+    return tuple(train_tiny_patch_prior(folder, name, {"source": str(folder / "obs"), "patch": 16}, 3)
+                 for name in ("img", "noise"))
 
 
 def test_a_prior_trains_on_random_patches_of_images_of_mixed_sizes(rgb_priors):

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from pipeline.forward import make_forward
-from tests.conftest import cli
+from tests.conftest import cli, train_tiny_patch_prior
 
 
 def test_the_composite_blends_the_layers_colour_by_its_coverage():
@@ -147,17 +146,8 @@ def composite_priors(tmp_path_factory) -> tuple[str, str, Path]:
     for name, shape in (("wide.png", (24, 40, 3)), ("grey.png", (20, 30))):
         Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(root / "photos" / name)
     assert main(["ingest", str(root / "photos"), str(root / "photos-obs"), "--quiet"]) == 0
-    out = []
-    for name, data, channels in (("img", {"source": str(root / "photos-obs"), "patch": 16}, 3),
-                                 ("text", {"source": "text", "size": 16}, 4)):
-        cfg = {"name": name, "data": {**data, "channels": channels},
-               "unet": {"image_size": 16, "channels": channels, "base_channels": 8, "channel_mults": [1, 2],
-                        "attention_resolutions": []},
-               "train": {"steps": 2, "batch_size": 4, "checkpoint_every": 2, "warmup_steps": 1, "threads": 1},
-               "output": str(root / "train" / name)}
-        (root / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
-        assert main(["train", "--config", str(root / f"{name}.yaml"), "--quiet"]) == 0
-        out.append(str(root / "train" / name / "model"))
+    out = [train_tiny_patch_prior(root, "img", {"source": str(root / "photos-obs"), "patch": 16}, 3),
+           train_tiny_patch_prior(root, "text", {"source": "text", "size": 16}, 4)]
     return out[0], out[1], root
 
 

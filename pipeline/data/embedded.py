@@ -7,7 +7,7 @@
 | `patches` | crops of scikit-image sample images    | 9 images x 64 | 2 images x 16    | 4 images x 16      |
 | `stripes` | synthetic sinusoidal stripes           | seeds 0-4999  | seeds 1,000,000+ | seeds 2,000,000+   |
 | `natural` | scikit-image's photos, native size     | 12 photos     | 2 photos         | 4 photos           |
-| `text`    | RGBA text layers (:mod:`.text`)         | seeds 0-9999  | seeds 1,000,000+ | seeds 2,000,000+   |
+| `text`    | RGBA text layers (:mod:`.text`)         | seeds 0-39999 | seeds 1,000,000+ | seeds 2,000,000+   |
 
 `patches` sources: train = moon, clock, hubble_deep_field, immunohistochemistry, grass, gravel,
 brick, cell, retina; val = rocket, coins; test = camera, astronaut, coffee, chelsea. `stripes` val and
@@ -58,7 +58,7 @@ NATURAL_EXCLUDED = ("page", "text", "logo", "checkerboard", "horse", "shepp_loga
                     "binary_blobs", "lfw_subset", "cat")
 NATURAL_CROPS = {"train": 64, "val": 32, "test": 32}
 STRIPES_SPLITS = {"train": (0, 5000), "val": (1_000_000, 500), "test": (2_000_000, 500)}
-TEXT_SPLITS = {"train": (0, 10000), "val": (1_000_000, 500), "test": (2_000_000, 500)}
+TEXT_SPLITS = {"train": (0, 40000), "val": (1_000_000, 500), "test": (2_000_000, 500)}
 # Stripe frequency in cycles per image side, so the pattern does not depend on the pixel size.
 STRIPES_CYCLES = (1.5, 6.0)
 

@@ -251,7 +251,7 @@ def large(quick: bool = False, steps: int | None = None, rule: str = "dps", crop
             rows.append(_row(sc, m, obs, results[m], sec / mp, mem.peak, param=param))
             log(_fmt(rows[-1]))
         fitted = GaussianPrior.fit(torch.from_numpy(load_embedded(
-            "text" if sc.name == "text" else "stripes", "train", tile, 4 if sc.name == "text" else 3).images[:2000]),
+            "text" if sc.name == "text" else "stripes", "train", tile, 4 if sc.name == "text" else 3, n=2000).images),
             sde)
         fm = make_forward(sc.forward, 1, **{FORWARD_MODELS[sc.forward].weight: sc.weight})
         small = [(_centre_chw(x, *VAL_CROP), None) for x, _ in val_obs]

@@ -96,8 +96,11 @@ def load_embedded(name: str, split: str = "train", size: int | None = 32, channe
         return ImageSet([i for i, _ in photos], [to_channels(p[None], channels)[0] for _, p in photos]).subset(n)
     if size < 4:
         raise ValueError(f"size must be at least 4, got {size}")
-    ids, images = _LOADERS[name](split, size)
-    images = images if name == "text" else to_channels(images, channels)
+    if name == "text":  # drawn seed by seed (a second each for a thousand): only the first n
+        ids, images = _text(split, size, n)
+    else:
+        ids, images = _LOADERS[name](split, size)
+        images = to_channels(images, channels)
     return ImageSet(list(ids), np.ascontiguousarray(images, dtype=np.float32)).subset(n)
 
 
@@ -196,9 +199,9 @@ def _stripes(split: str, size: int) -> tuple[list[str], np.ndarray]:
     return [f"stripes-{split}-{s:07d}" for s in seeds], np.stack([stripe(s, size) for s in seeds])
 
 
-def _text(split: str, size: int) -> tuple[list[str], np.ndarray]:
+def _text(split: str, size: int, n: int | None = None) -> tuple[list[str], np.ndarray]:
     start, count = TEXT_SPLITS[split]
-    seeds = range(start, start + count)
+    seeds = range(start, start + (count if n is None else min(n, count)))
     return [f"text-{split}-{s:07d}" for s in seeds], _text_crops(seeds, size)
 
 

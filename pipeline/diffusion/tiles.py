@@ -163,9 +163,12 @@ class Tiling:
         """Add ``tiles`` ``(B, len(origins), C, tile, tile)`` (already weighted) into ``acc`` ``(B, C, h, w)`` at
         ``origins``, dropping what falls outside the image."""
         for k, (y, x) in enumerate(origins):
-            y0, x0 = max(y, 0), max(x, 0)
-            y1, x1 = min(y + self.tile, self.h), min(x + self.tile, self.w)
+            y0, x0, y1, x1 = self.inside(y, x)
             acc[:, :, y0:y1, x0:x1] += tiles[:, k, :, y0 - y:y1 - y, x0 - x:x1 - x]
+
+    def inside(self, y: int, x: int) -> tuple[int, int, int, int]:
+        """``(y0, x0, y1, x1)``: the part of the tile at ``(y, x)`` that lies on the image."""
+        return max(y, 0), max(x, 0), min(y + self.tile, self.h), min(x + self.tile, self.w)
 
 
 @functools.lru_cache(maxsize=4)
@@ -240,7 +243,6 @@ def tiled_vjp(net: Net, z: torch.Tensor, t: torch.Tensor, tiling: Tiling, batch:
 def _cotangent_tile(cotangent: torch.Tensor, weights: torch.Tensor, tiling: Tiling, y: int, x: int) -> torch.Tensor:
     """``cotangent / weights`` over the tile at ``(y, x)``, zero where the tile lies over the padding (what the
     network says there is dropped by the blend)."""
-    y0, x0 = max(y, 0), max(x, 0)
-    y1, x1 = min(y + tiling.tile, tiling.h), min(x + tiling.tile, tiling.w)
+    y0, x0, y1, x1 = tiling.inside(y, x)
     part = cotangent[:, :, y0:y1, x0:x1] / weights[:, :, y0:y1, x0:x1]
     return F.pad(part, (x0 - x, x + tiling.tile - x1, y0 - y, y + tiling.tile - y1))

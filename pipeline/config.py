@@ -63,6 +63,8 @@ class DataConfig(_Strict):
     patch: int | None = Field(None, ge=4, description="train on random patch x patch crops of images kept at "
                                                       "their own sizes (a shard dataset of mixed sizes, `natural`); "
                                                       "data.size then defaults to it and must equal it")
+    limit: int | None = Field(None, ge=1, description="train on the first N images of the split only, and measure "
+                                                      "the held-out loss on the first N test images (a quick run)")
 
     _channels = field_validator("channels")(classmethod(lambda cls, v: check_channels(v)))
 
@@ -306,6 +308,23 @@ class Recipe(_Strict):
         name = v.pop("preset")
         return {**PRESETS[str(name)], **v}
 
+
+    @model_validator(mode="before")
+    @classmethod
+    def _forward_sampler_defaults(cls, v: Any) -> Any:
+        """The forward model's own sampler defaults (:attr:`pipeline.forward.ForwardModel.sampler_defaults`) under
+        the keys that ``sampler`` leaves unset (a preset is a whole choice: it takes none): the composited overlay
+        samples with ``rule: projection`` and ``final_projection: false`` unless the recipe says otherwise."""
+        from pipeline.forward import FORWARD_MODELS
+
+        if not isinstance(v, dict):
+            return v
+        fwd = v.get("forward")
+        model = FORWARD_MODELS.get(fwd.get("name") if isinstance(fwd, dict) else getattr(fwd, "name", None))
+        sampler = v.get("sampler", {})
+        if model is None or not model.sampler_defaults or not isinstance(sampler, dict) or "preset" in sampler:
+            return v
+        return {**v, "sampler": {**model.sampler_defaults, **sampler}}
 
     @model_validator(mode="after")
     def _linear_for_paper(self) -> Recipe:

@@ -73,6 +73,8 @@ class ForwardModel:
     linear: ClassVar[bool] = True  # A(x, n) = c_x x + c_n n: coef_x / coef_n exist
     extra_noise_channels: ClassVar[int] = 0  # the noise has the image's channels plus these (composite: alpha)
     pointwise: ClassVar[bool] = True  # each pixel of A(x, n) depends on that pixel alone (a blur would not)
+    # the sampler settings a recipe with this model takes where its `sampler` leaves them unset (pipeline.config)
+    sampler_defaults: ClassVar[dict[str, Any]] = {}
 
     def __post_init__(self) -> None:
         b = _rows("sigma_y", self.sigma_y, None).shape[0]
@@ -261,6 +263,10 @@ class Composite(ForwardModel):
     weight: ClassVar[str | None] = "a"
     linear: ClassVar[bool] = False
     extra_noise_channels: ClassVar[int] = 1
+    # measured on bench large's validation crops: `dps` lands below the observation (its gradient through the text
+    # network hardly moves the coverage where the text is, even with the image known) and the final projection puts
+    # what the layer missed back into the image (docs/text-overlays.md)
+    sampler_defaults: ClassVar[dict[str, Any]] = {"rule": "projection", "final_projection": False}
 
     def check(self) -> None:
         bad = ~((self.a > 0) & (self.a <= 1))

@@ -57,11 +57,11 @@ def load_train_data(config: PriorConfig) -> tuple[Any, torch.Tensor | PatchPool,
             raise ValueError(f"data.patch={d.patch} but unet.image_size={config.unet.image_size}; set them alike")
         # natural photos and shard datasets at their own sizes; the other embedded sets have none
         native = d.source == "natural" or d.source not in NAMES
-        train_set = load_images(d.source, d.split, None if native else d.size, channels, d.column)
+        train_set = load_images(d.source, d.split, None if native else d.size, channels, d.column, n=d.limit)
         pool = PatchPool([to_network(torch.from_numpy(np.asarray(im))) for im in train_set.images], d.patch)
         return train_set, pool.to(config.train.device), random_channel
     # grey_to_rgb=random: load grey, and the trainer draws each example into a random channel
-    train_set = load_images(d.source, d.split, d.size, channels, d.column)
+    train_set = load_images(d.source, d.split, d.size, channels, d.column, n=d.limit)
     if train_set.images.shape[1:] != ((1 if random_channel else config.unet.channels), config.unet.image_size,
                                       config.unet.image_size):
         raise ValueError(f"data gives {train_set.images.shape[1:]} images but the U-Net expects "
@@ -89,8 +89,8 @@ def finish_training(config: PriorConfig, trainer: Trainer, summary: dict[str, An
     d, tc = config.data, config.train
     heldout = None
     if d.source in NAMES:
-        test = to_network(torch.from_numpy(load_images(d.source, "test", d.size, 1 if random_channel else d.channels)
-                                           .images))
+        test = to_network(torch.from_numpy(load_images(d.source, "test", d.size, 1 if random_channel else d.channels,
+                                                       n=d.limit).images))
         if random_channel:  # test image k in channel k mod 3, as training draws them
             onehot = torch.eye(3)[torch.arange(len(test)) % 3][:, :, None, None]
             test = onehot * test + (onehot - 1)

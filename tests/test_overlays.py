@@ -88,6 +88,22 @@ def test_configs_check_the_weight_against_the_model_and_refuse_the_paper_preset_
     assert CorruptConfig(noise="stripes").forward == "blend"
 
 
+def test_a_composite_recipe_samples_with_projection_and_no_final_projection_unless_it_says_otherwise():
+    from pipeline.config import CleanConfig
+
+    s = CleanConfig.model_validate({"forward": {"name": "composite"}}).sampler
+    assert (s.rule, s.final_projection) == ("projection", False)
+    s = CleanConfig.model_validate({"forward": {"name": "composite"}, "sampler": {"rule": "dps"}}).sampler
+    assert (s.rule, s.final_projection) == ("dps", False)  # each key on its own: the one given wins
+    s = CleanConfig.model_validate({"forward": {"name": "composite"}, "sampler": {"final_projection": True}}).sampler
+    assert (s.rule, s.final_projection) == ("projection", True)
+    s = CleanConfig.model_validate({"forward": {"name": "blend"}}).sampler
+    assert (s.rule, s.final_projection) == ("dps", True)
+    # a dumped recipe (what a run records) reads back as it was
+    c = CleanConfig.model_validate({"forward": {"name": "composite"}})
+    assert CleanConfig.model_validate(c.model_dump(mode="json")).sampler == c.sampler
+
+
 def test_text_layers_are_reproducible_antialiased_and_keep_the_held_out_family_out():
     from pipeline.data.text import HELD_OUT, TRAIN_FAMILIES, text_layer
 
@@ -147,12 +163,14 @@ def composite_priors(tmp_path_factory) -> tuple[str, str, Path]:
         Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(root / "photos" / name)
     assert main(["ingest", str(root / "photos"), str(root / "photos-obs"), "--quiet"]) == 0
     out = [train_tiny_patch_prior(root, "img", {"source": str(root / "photos-obs"), "patch": 16}, 3),
-           train_tiny_patch_prior(root, "text", {"source": "text", "size": 16}, 4)]
+           train_tiny_patch_prior(root, "text", {"source": "text", "size": 16, "limit": 64}, 4)]
     return out[0], out[1], root
 
 
 def test_a_run_cleans_photos_under_text_and_exports_the_text_as_an_rgba_layer(composite_priors, tmp_path, capsys):
     img, text, root = composite_priors
+    # data.limit: the text prior trained on the first 64 layers of its split
+    assert json.loads((Path(text) / "config.json").read_text())["meta"]["n_train_images"] == 64
     cli(capsys, "corrupt", str(root / "photos-obs"), "text", str(tmp_path / "obs"), "--size", "native",
         "--channels", "3", "--alpha", "0.9")
     priors = ["--set", f"priors.image={img}", "--set", f"priors.noise={text}"]

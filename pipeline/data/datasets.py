@@ -58,14 +58,15 @@ def image_column(source: str, column: str | None = None, column_key: str | None 
 
 
 def load_images(source: str, split: str = "train", size: int | None = 32, channels: int = 1,
-                column: str | None = None, column_key: str | None = "data.column") -> ImageSet:
+                column: str | None = None, column_key: str | None = "data.column", n: int | None = None) -> ImageSet:
     """Images in [0, 1], (N, C, size, size); ``size=None``: each at its own size, a list of (C, H, W).
     ``source`` is an embedded name or a shard URI; ``column`` its image column (default:
     :func:`image_column`'s choice); ``column_key`` the config key that names the column, for the error
-    message (None: the caller has none)."""
+    message (None: the caller has none); ``n``: only the first ``n`` images."""
     if source in NAMES:
-        return load_embedded(source, split, size, channels)
+        return load_embedded(source, split, size, channels, n=n)
     ids, arrays = read_images(source, image_column(source, column, column_key))
+    ids, arrays = ids[:n], arrays[:n]
     # training images: resized to size (or kept), alpha dropped, channels converted; non-finite is an error
     policy = ImagePolicy(size=size, channels=channels, resize="resize", alpha="drop", max_pixels=2**62)
     out = []

@@ -191,7 +191,7 @@ def blended(net: Net, z: torch.Tensor, t: torch.Tensor, tiling: Tiling) -> torch
     whose tiles fit in one tile batch: the vector-Jacobian product then needs no second forward pass)."""
     if tiling.single:
         return net(z, t)
-    tiles, tt = tiling.cut(tiling.pad(z), tiling.origins, t)
+    tiles, tt = tiling.gather(z, tiling.origins, t)
     e = net(tiles, tt) * window(tiling.tile, z.device)
     out = torch.zeros_like(z)
     tiling.add(out, e.reshape(z.shape[0], len(tiling.origins), *e.shape[1:]), tiling.origins)

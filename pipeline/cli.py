@@ -237,11 +237,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from pipeline.bench import large as lg
 
         log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-        doc = lg.large(quick=args.quick, steps=steps[0] if steps else None, rule=rules[0] if rules else "dps",
+        doc = lg.large(quick=args.quick, steps=steps[0] if steps else None, rule=rules[0] if rules else None,
                        scenarios=args.scenarios.split(",") if args.scenarios else None, figure=args.figure,
                        log=log) if not (args.memory and args.scenarios == "none") else {"meta": {
                            "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(),
                            "machine": f"{platform.machine()}, {os.cpu_count()} cores"}, "rows": []}
+        if args.scenarios != "none":
+            doc["tiling"] = lg.tiling_overhead(steps=2 if args.quick else 6, repeats=1 if args.quick else 3, log=log)
         if args.memory:
             doc["memory"] = lg.memory(threads=args.threads, rule=rules[0] if rules else "dps",
                                       full_steps=steps[0] if steps else 50, log=log)

@@ -32,6 +32,14 @@ def test_bench_large_quick_reports_every_row_of_both_scenarios(tmp_path, capsys)
         assert r["psnr_mean"] == np.mean(per)
     assert {(p["height"], p["width"], p["channels"]) for p in doc["per_image"]} == {(128, 192, 3)}
     assert doc["meta"]["quick"] and doc["meta"]["steps"] == 4 and fig.stat().st_size > 0
+    assert doc["meta"]["rules"] == {"text": "projection", "stripes": "dps"}
+    assert {(r["scenario"], r["rule"], r["final_projection"]) for r in doc["rows"] if r["method"] == "joint"} == {
+        ("text", "projection", False), ("stripes", "dps", True)}
+    # the tiling overhead: one 160x160 image in about 50 tiles against as many 32x32 images, each rule
+    for rule in ("dps", "projection"):
+        t = doc["tiling"][rule]
+        assert 36 <= t["tiles_per_evaluation"] <= 64 and t["untiled_batch"] == round(t["tiles_per_evaluation"])
+        assert math.isfinite(t["ratio"]) and t["ratio"] > 0
     assert "| text | joint |" in capsys.readouterr().out
 
 

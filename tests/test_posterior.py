@@ -390,6 +390,7 @@ def test_tuned_weights_are_used_unless_given():
     for settings, priors, command in (
             (dataclasses.replace(pr, schedule="sde"), ("faces", "digits"), "jointdiff bench tune --rules projection"),
             (SamplerSettings(steps=64), ("faces", "digits"), "jointdiff bench nfe --solvers ddim --steps 64"),
+            (SamplerSettings(steps=20), ("natural", "stripes-rgb"), "jointdiff bench large --steps 20 --rules dps"),
             (SamplerSettings(), ("s3://bucket/prior", "digits"), "sampler.lambda_x")):
         s, note = resolve_weights(settings, *priors, "blend")
         assert (s.lambda_x, s.kappa_n) == RULES[settings.rule].weights
@@ -400,6 +401,12 @@ def test_tuned_weights_are_used_unless_given():
     s, _ = resolve_weights(SamplerSettings(lambda_x=3.0), "faces", "digits", "blend")
     assert (s.lambda_x, s.kappa_n) == (3.0, 20.0)
     assert lookup(SamplerSettings(eta=0.5), "faces", "digits", "blend") is None  # tuned at eta 1
+    # bench large's picks: a composite recipe (projection, no final projection by default) gets its tuned weights
+    from pipeline.config import CleanConfig
+
+    c = CleanConfig.model_validate({"priors": {"image": "natural", "noise": "text"}, "forward": {"name": "composite"}})
+    s, note = resolve_weights(c.sampler.settings(), "natural", "text", "composite")
+    assert note is None and (s.rule, s.final_projection, s.lambda_x, s.kappa_n) == ("projection", False, 2.0, 40.0)
 
 
 def test_tuning_records_into_the_table(tmp_path):

@@ -15,13 +15,18 @@ measured in grey, as a run does. Rows per scenario: the observation, NLM, TV, BM
 than a threshold, dilated, filled by :func:`skimage.restoration.inpaint_biharmonic`), each tuned on the validation
 photos (rocket, clock); ``gaussian`` (the joint sampler with the noise prior replaced by a Gaussian fitted to the
 noise's training patches) and ``joint`` (the shipped priors); the samplers' weights are picked from
-:data:`JOINT_GRID` on 64x96 centre crops of the validation photos (``--quick``: the first pair, unsearched).
+:data:`JOINT_GRID` on 64x96 centre crops of the validation photos (``--quick``: the first pair, unsearched). Each
+scenario has its own guidance rule (:data:`SCENARIOS`: ``projection`` without the final projection for the text
+composite, ``dps`` for the stripes' blend; ``--rules`` gives every scenario one).
 
 Figures per row: PSNR and SSIM (mean and median over the photos), seconds per megapixel, the peak RSS of the
 process while the method ran, and for the samplers the *seam ratio*: the mean absolute difference between
 neighbouring pixels across the borders of the last step's tiles over the same inside the tiles (1: no seam).
-``--memory`` cleans a synthetic 4096x4096 RGB image at ``sampler.steps=2`` in a child process and reports its
-peak RSS (memory does not depend on steps) and the full time extrapolated from the measured seconds per megapixel.
+The *tiling overhead* (:func:`tiling_overhead`): seconds per tile evaluation of one 160x160 image cleaned in tiles
+over seconds per image evaluation of as many untiled 32x32 images, per rule (6 steps, best of 3; ``--quick``: 2
+steps, once). ``--memory`` cleans a synthetic 4096x4096 RGB image at ``sampler.steps=2`` in a child process and
+reports its peak RSS (memory does not depend on steps) and the full time extrapolated from the measured seconds per
+megapixel.
 """
 
 from __future__ import annotations
@@ -49,10 +54,12 @@ from pipeline.data.embedded import STRIPES_SPLITS, TEXT_SPLITS, grey_of, load_em
 from pipeline.forward import FORWARD_MODELS, make_forward
 from pipeline.posterior.baselines import BASELINES, bm3d_available
 from pipeline.posterior.denoise import Denoiser
-from pipeline.posterior.guidance import GuidedDenoiser
+from pipeline.posterior.guidance import RULES, GuidedDenoiser
 from pipeline.posterior.priors import GaussianPrior
 from pipeline.posterior.sampler import SamplerSettings
-from pipeline.posterior.tuned import resolve_weights
+from pipeline.posterior.tuned import TABLE, resolve_weights
+from pipeline.posterior.tuned import entry as tuned_entry
+from pipeline.posterior.tuned import record as tuned_record
 
 TEXT_A = 0.8
 STRIPES_ALPHA = 0.3
@@ -67,12 +74,19 @@ class Scenario:
     noise_prior: str
     forward: str
     weight: float
+    rule: str  # the samplers' guidance rule (``--rules`` overrides it)
+    final_projection: bool  # whether the samplers end with the least-distance move onto y
 
 
-SCENARIOS = (Scenario("text", "text", "composite", TEXT_A), Scenario("stripes", "stripes-rgb", "blend", STRIPES_ALPHA))
+# The composite overlay is sampled with `projection` and no final projection: measured on validation crops, `dps`
+# lands below the observation (its gradient through the text network hardly moves the coverage where the text is,
+# even with the image known), and the final projection puts what the layer missed back into the image.
+SCENARIOS = (Scenario("text", "text", "composite", TEXT_A, "projection", False),
+             Scenario("stripes", "stripes-rgb", "blend", STRIPES_ALPHA, "dps", True))
 
-# the joint sampler's (lambda_x, kappa_n), searched on validation crops (the composite's noise needs a strong pull)
-JOINT_GRID = [(20.0, 20.0), (10.0, 200.0), (20.0, 200.0)]
+# the joint sampler's (lambda_x, kappa_n) per rule, searched on validation crops
+JOINT_GRID = {"dps": [(20.0, 20.0), (10.0, 200.0), (20.0, 200.0)],
+              "projection": [(1.0, 20.0), (2.0, 20.0), (2.0, 40.0)]}
 VAL_CROP = (64, 96)  # the validation crops the sampler's weights are searched on
 
 # baselines' validation grids (inpaint: the mask threshold)
@@ -216,9 +230,13 @@ def _summary(rows: list[dict[str, Any]], key: str) -> tuple[float, float]:
 
 # --- the benchmark -------------------------------------------------------------------------------------
 
-def large(quick: bool = False, steps: int | None = None, rule: str = "dps", crop: int = CROP,
-          scenarios: list[str] | None = None, figure: str | None = None, log: Any = print) -> dict[str, Any]:
-    """Run the benchmark; returns ``{"meta", "rows", "per_image"}`` (see the module docstring)."""
+def large(quick: bool = False, steps: int | None = None, rule: str | None = None, crop: int = CROP,
+          scenarios: list[str] | None = None, figure: str | None = None, log: Any = print,
+          record: bool = True) -> dict[str, Any]:
+    """Run the benchmark; returns ``{"meta", "rows", "per_image"}`` (see the module docstring). ``rule``: every
+    scenario's guidance rule (default: each scenario's own, :data:`SCENARIOS`). ``record`` (not with ``quick``):
+    write the joint sampler's weights picked on validation into the tuned table
+    (:mod:`pipeline.posterior.tuned`), so that a run with the same priors, forward model and settings uses them."""
     from pipeline.diffusion.checkpoint import load_model
     from pipeline.run.models import resolve_model
 
@@ -232,9 +250,11 @@ def large(quick: bool = False, steps: int | None = None, rule: str = "dps", crop
     rows: list[dict[str, Any]] = []
     per_image: list[dict[str, Any]] = []
     shown: list[list[np.ndarray]] = []
+    picked: list[dict[str, Any]] = []  # the joint sampler's weights per scenario, for the tuned table
     for sc in [s for s in SCENARIOS if scenarios is None or s.name in scenarios]:
         n_model, _, _ = load_model(resolve_model(sc.noise_prior))
         n_model.requires_grad_(False)
+        sc_rule = rule or sc.rule
         obs = [(id_, x, *observe(sc, x, k, "test")) for k, (id_, x) in enumerate(test)]
         val_obs = [(x, observe(sc, x, k, "val")[0]) for k, (_, x) in enumerate(val)]
         mp = sum(x.shape[1] * x.shape[2] for _, x, _, _ in obs) / 1e6
@@ -258,14 +278,17 @@ def large(quick: bool = False, steps: int | None = None, rule: str = "dps", crop
         small = [(x, observe(sc, x, k, "val")[0]) for k, (x, _) in enumerate(small)]
         for method, noise_net in (("gaussian", fitted), ("joint", n_model)):
             def val_psnr(lam_kap: tuple[float, float], net: Any = noise_net, fm: Any = fm,
-                         small: list[Any] = small) -> float:
-                st = SamplerSettings(rule=rule, steps=steps, lambda_x=lam_kap[0], kappa_n=lam_kap[1])
+                         small: list[Any] = small, rule: str = sc_rule, sc: Scenario = sc) -> float:
+                st = SamplerSettings(rule=rule, steps=steps, lambda_x=lam_kap[0], kappa_n=lam_kap[1],
+                                     final_projection=sc.final_projection)
                 d = Denoiser(x_model, net, sde, st, tile_batch=64)
                 return float(np.mean([_score(_back(d([f"val-{k}"], torch.from_numpy(_rgb(y))[None], fm)
                                                    .denoised[0].numpy(), x), x)["psnr"]
                                       for k, (x, y) in enumerate(small)]))
-            lam, kap = max(JOINT_GRID[:1] if quick else JOINT_GRID, key=val_psnr)
-            settings = SamplerSettings(rule=rule, steps=steps, lambda_x=lam, kappa_n=kap)
+            grid = JOINT_GRID[sc_rule] if sc_rule in JOINT_GRID else [RULES[sc_rule].weights]
+            lam, kap = max(grid[:1] if quick else grid, key=val_psnr)
+            settings = SamplerSettings(rule=sc_rule, steps=steps, lambda_x=lam, kappa_n=kap,
+                                       final_projection=sc.final_projection)
             den = Denoiser(x_model, noise_net, sde, settings, tile_batch=64)
             xs, ns, seams = [], [], []
             with PeakRSS() as mem:
@@ -280,8 +303,10 @@ def large(quick: bool = False, steps: int | None = None, rule: str = "dps", crop
                     ns.append(n_hat)
                 sec = time.perf_counter() - t0
             results[method] = xs
+            if method == "joint":
+                picked.append(tuned_entry(settings, "natural", sc.noise_prior, sc.forward))
             rows.append(_row(sc, method, obs, xs, sec / mp, mem.peak, steps=steps, seams=seams,
-                             weights=(settings.lambda_x, settings.kappa_n)))
+                             weights=(settings.lambda_x, settings.kappa_n), settings=settings))
             log(_fmt(rows[-1]))
             if method == "joint":
                 results["noise estimate"] = ns
@@ -294,11 +319,15 @@ def large(quick: bool = False, steps: int | None = None, rule: str = "dps", crop
         id_, x, y, nz = obs[0]
         shown.append([_rgb(y), _rgb(results["joint"][0]), _rgb(results[best][0]),
                       _layer_view(results["noise estimate"][0]), _rgb(x)])
+    if record and not quick and picked:
+        tuned_record(picked)
+        log(f"recorded the joint sampler's weights of {len(picked)} scenario(s) in {TABLE}")
     if figure:
         _figure(shown, figure)
         log(f"wrote {figure}: per scenario, observation | joint | best baseline | noise estimate | truth")
     meta = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": steps, "rule": rule,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": steps,
+            "rules": {sc.name: rule or sc.rule for sc in SCENARIOS},
             "quick": quick, "crop": None if quick else crop, "seconds": time.perf_counter() - t_start,
             "photos": [i for i, _ in test], "validation_photos": [i for i, _ in val],
             "text_a": TEXT_A, "stripes_alpha": STRIPES_ALPHA}
@@ -312,12 +341,15 @@ def _score(x_hat: np.ndarray, x: np.ndarray) -> dict[str, float]:
 
 def _row(sc: Scenario, method: str, obs: list[Any], xs: list[np.ndarray], s_per_mp: float, peak_mb: float,
          param: float | None = None, steps: int | None = None, seams: list[float] | None = None,
-         weights: tuple[float | None, float | None] | None = None) -> dict[str, Any]:
+         weights: tuple[float | None, float | None] | None = None,
+         settings: SamplerSettings | None = None) -> dict[str, Any]:
     scores = [_score(x_hat, x) for x_hat, (_, x, _, _) in zip(xs, obs)]
     psnr, ssim = [s["psnr"] for s in scores], [s["ssim"] for s in scores]
     finite_seams = [s for s in (seams or []) if math.isfinite(s)]
     return {"scenario": sc.name, "method": method, "steps": steps, "param": param,
             "lambda_x": weights[0] if weights else None, "kappa_n": weights[1] if weights else None,
+            "rule": settings.rule if settings else None,
+            "final_projection": settings.final_projection if settings else None,
             "n_images": len(xs), "psnr_mean": float(np.mean(psnr)), "psnr_median": float(np.median(psnr)),
             "ssim_mean": float(np.mean(ssim)), "ssim_median": float(np.median(ssim)),
             "seam_ratio": float(np.mean(finite_seams)) if finite_seams else None,
@@ -352,6 +384,7 @@ def _figure(shown: list[list[np.ndarray]], path: str) -> None:
 
 def _fmt(r: dict[str, Any]) -> str:
     seam = f"  seam {r['seam_ratio']:.3f}" if r["seam_ratio"] is not None else ""
+    seam += f"  ({r['rule']}, {r['lambda_x']:g}/{r['kappa_n']:g})" if r.get("rule") else ""
     return (f"{r['scenario']:8s} {r['method']:12s} PSNR {r['psnr_mean']:6.2f} (med {r['psnr_median']:6.2f})  "
             f"SSIM {r['ssim_mean']:.3f} (med {r['ssim_median']:.3f})  {r['seconds_per_megapixel']:8.1f} s/MP  "
             f"peak {r['peak_rss_mb']:6.0f} MB{seam}")
@@ -365,6 +398,11 @@ def table(doc: dict[str, Any]) -> str:
         lines.append(f"| {r['scenario']} | {r['method']} | {r['psnr_mean']:.2f} ({r['psnr_median']:.2f}) | "
                      f"{r['ssim_mean']:.3f} ({r['ssim_median']:.3f}) | {seam} | {r['seconds_per_megapixel']:.1f} | "
                      f"{r['peak_rss_mb']:.0f} |")
+    if doc.get("tiling"):
+        tl = doc["tiling"]
+        lines.append(f"\ntiling overhead (one {tl['size']}x{tl['size']} image in {tl['tile']}-pixel tiles against as "
+                     f"many untiled {tl['tile']}x{tl['tile']} images, seconds per network evaluation): "
+                     + ", ".join(f"{r} {tl[r]['ratio']:.3f}" for r in tl if isinstance(tl[r], dict)))
     if doc.get("memory"):
         m = doc["memory"]
         lines.append(f"\n{m['size']}x{m['size']} RGB at {m['steps']} steps ({m['rule']}): peak RSS "
@@ -385,6 +423,53 @@ def write_json(doc: dict[str, Any], path: str) -> None:
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(finite(doc), indent=2, allow_nan=False) + "\n")
+
+
+# --- tiling overhead: one large image against as many patch-size images ------------------------------------
+
+OVERHEAD_SIZE = 160  # the tiled image's side: about 50 tiles of 32 per evaluation
+
+
+def tiling_overhead(rules: tuple[str, ...] = ("dps", "projection"), size: int = OVERHEAD_SIZE, steps: int = 6,
+                    repeats: int = 3, log: Any = print) -> dict[str, Any]:
+    """Seconds per tile evaluation of one ``size`` x ``size`` RGB image cleaned in tiles, over seconds per image
+    evaluation of a batch of as many untiled patch-size images (the mean number of tiles per evaluation), per rule:
+    the tiling's cost (blending, the whole-image residual and its gradient, the random shifts). Priors ``natural``
+    + ``stripes-rgb`` (blend); the two runs alternate and each keeps its best of ``repeats``."""
+    from pipeline.diffusion.checkpoint import load_model
+    from pipeline.run.models import resolve_model
+
+    x_model, sde, _ = load_model(resolve_model("natural"))
+    n_model, _, _ = load_model(resolve_model("stripes-rgb"))
+    for m in (x_model, n_model):
+        m.requires_grad_(False)
+    tile = x_model.config.image_size
+    gen = torch.Generator().manual_seed(0)
+    big = torch.rand(1, 3, size, size, generator=gen)
+    out: dict[str, Any] = {"size": size, "tile": tile, "steps": steps, "repeats": repeats}
+    for rule in rules:
+        settings, _ = resolve_weights(SamplerSettings(rule=rule, steps=steps), "natural", "stripes-rgb", "blend")
+        d = GuidedDenoiser(None, None, sde, make_forward("blend", 1, alpha=0.3), big, settings, tile)  # type: ignore[arg-type]
+        counts = [len(d.tiling(t.reshape(1)).origins) for t in sde.timesteps(steps - 1, power=settings.time_power)]
+        n_small = round(float(np.mean(counts)))
+        small = torch.rand(n_small, 3, tile, tile, generator=gen)
+        den = Denoiser(x_model, n_model, sde, settings, tile_batch=64)
+        runs = {"tiled": (["big"], big, make_forward("blend", 1, alpha=0.3)),
+                "untiled": ([f"s{i}" for i in range(n_small)], small, make_forward("blend", n_small, alpha=0.3))}
+        best = {k: math.inf for k in runs}
+        for _ in range(repeats):
+            for k, (ids, y, fm) in runs.items():
+                t0 = time.perf_counter()
+                den(ids, y, fm)
+                best[k] = min(best[k], time.perf_counter() - t0)
+        per_tile = best["tiled"] / sum(counts)
+        per_image = best["untiled"] / (n_small * steps)
+        out[rule] = {"tiles_per_evaluation": float(np.mean(counts)), "untiled_batch": n_small,
+                     "tiled_seconds": best["tiled"], "untiled_seconds": best["untiled"],
+                     "ratio": per_tile / per_image}
+        log(f"tiling overhead ({rule}): {per_tile * 1e3:.1f} ms per tile against {per_image * 1e3:.1f} ms per "
+            f"untiled image: ratio {per_tile / per_image:.3f} ({np.mean(counts):.1f} tiles per evaluation)")
+    return out
 
 
 # --- memory: one 4096x4096 RGB image in a child process ------------------------------------------------

@@ -9,8 +9,9 @@ prior variances of ``Sigma_t``): a request that differs in any of them was not t
 :func:`resolve_weights` is what every builder of sampler settings calls (the cleaning run, the
 benchmarks): weights given explicitly always win; otherwise the matching entry's; otherwise the rule's
 documented default (:func:`pipeline.posterior.guidance.register_rule`), with a one-line note saying so and
-naming the command that tunes the combination. ``jointdiff bench tune`` and ``jointdiff bench nfe`` write
-their winners here with :func:`record` (validation split only).
+naming the command that tunes the combination. ``jointdiff bench tune`` and ``jointdiff bench nfe`` (faces +
+digits) and ``jointdiff bench large`` (natural + text, natural + stripes-rgb) write their winners here with
+:func:`record` (validation split only).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ TUNED_WITH = ("schedule", "eta", "clip_denoised", "time_power", "data_var_x", "d
 # what `jointdiff bench tune` / `bench nfe` tune: the quality benchmark's main scenario
 BENCH_SETTING = ("faces", "digits", "blend")
 NFE_CURVES = {"euler-maruyama": "em", "ddim": "ddim"}  # bench nfe's name for a solver
+# what `jointdiff bench large` tunes (its scenarios' priors and forward models)
+LARGE_SETTINGS = (("natural", "text", "composite"), ("natural", "stripes-rgb", "blend"))
 
 
 def load_table(path: Path = TABLE) -> dict[str, Any]:
@@ -70,7 +73,10 @@ def _how_to_tune(settings: SamplerSettings, image_prior: str, noise_prior: str, 
         if settings.rule == "dps" and settings.solver in NFE_CURVES:
             return (f"`jointdiff bench nfe --solvers {NFE_CURVES[settings.solver]} --steps {settings.steps}` "
                     "tunes it")
-    return "no benchmark tunes it (bench tune / bench nfe tune faces + digits, blend)"
+    if (image_prior, noise_prior, forward) in LARGE_SETTINGS:
+        return f"`jointdiff bench large --steps {settings.steps} --rules {settings.rule}` tunes it"
+    return ("no benchmark tunes it (bench tune / bench nfe tune faces + digits, blend; bench large natural + text, "
+            "composite and natural + stripes-rgb, blend)")
 
 
 def resolve_weights(settings: SamplerSettings, image_prior: str, noise_prior: str, forward: str,

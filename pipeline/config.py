@@ -113,8 +113,11 @@ class ForwardConfig(_Strict):
         "blend", description="blend y = (1 - alpha) x + alpha n; sum y = x + n; overlay y = x + alpha n; composite "
                              "y = (1 - alpha m) x + alpha m c, the noise an RGBA layer (colour c, coverage m: the "
                              "text prior) (pipeline/forward.py)")
-    alpha: float | None = Field(None, gt=0, description="the model's weight (blend: in (0, 1); overlay: > 0; "
-                                                        "composite: in (0, 1]); default: each row's alpha column")
+    alpha: float | Literal["auto"] | None = Field(
+        None, description="the model's weight (blend: in (0, 1); overlay: > 0; composite: in (0, 1]); auto: estimated "
+                          "per image with x and n (blend only; a row's alpha column is then only the truth its "
+                          "error is measured against); default: each row's alpha column, estimated where a blend's "
+                          "row has none")
     sigma_y: float = Field(0.0, ge=0, description="Gaussian read-out noise std, [0, 1] units")
 
     @model_validator(mode="after")
@@ -122,7 +125,16 @@ class ForwardConfig(_Strict):
         from pipeline.forward import FORWARD_MODELS, make_forward
 
         weight = FORWARD_MODELS[self.name].weight
-        if self.alpha is not None:
+        if self.alpha == "auto":
+            from pipeline.posterior.estimate import ESTIMABLE
+
+            if self.name not in ESTIMABLE:
+                raise ValueError(f"forward.alpha=auto: the {self.name} model's weight cannot be estimated (the "
+                                 "noise's own amplitude confounds it: docs/unknown-mixing.md); give a number or an "
+                                 "alpha column")
+        elif self.alpha is not None:
+            if self.alpha <= 0:
+                raise ValueError(f"forward.alpha must be > 0, got {self.alpha:g}")
             if weight is None:
                 raise ValueError(f"forward.alpha: the {self.name} model has no weight; drop forward.alpha")
             try:

@@ -107,6 +107,12 @@ class ForwardModel:
         """``c_n`` per row, (B,)."""
         raise NotImplementedError
 
+    def weight_terms(self, x: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(u, v)`` with ``A(x, n) = u + w v`` for the model's weight ``w`` (:attr:`weight`): every shipped model is
+        affine in its weight, so the weight that best explains ``y`` given ``(x, n)`` is the least-squares
+        ``<y - u, v> / <v, v>`` per row (:mod:`pipeline.posterior.estimate`)."""
+        raise NotImplementedError(f"the {self.name} model has no weight to estimate")
+
     def noise_channels(self, channels: int) -> int:
         """Channels of the noise for an image of ``channels``."""
         return channels + self.extra_noise_channels
@@ -187,6 +193,9 @@ class Blend(ForwardModel):
         a = _bcast(self.alpha, x)
         return (1.0 - a) * x + a * n
 
+    def weight_terms(self, x: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, n - x
+
     @property
     def coef_x(self) -> torch.Tensor:
         return 1.0 - self.alpha
@@ -233,6 +242,9 @@ class Overlay(ForwardModel):
 
     def apply(self, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         return x + _bcast(self.a, n) * n
+
+    def weight_terms(self, x: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, n
 
     @property
     def coef_x(self) -> torch.Tensor:
@@ -292,6 +304,10 @@ class Composite(ForwardModel):
 
     def image_part(self, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         return (1.0 - self._split(x, n)[1].clamp(0.0, 1.0)) * x
+
+    def weight_terms(self, x: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = n[:, -1:].clamp(0.0, 1.0)
+        return x, m * (n[:, :-1].clamp(0.0, 1.0) - x.clamp(0.0, 1.0))
 
     def project(self, y: torch.Tensor, x: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, am = self._split(x, n)

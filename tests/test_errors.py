@@ -56,33 +56,33 @@ def ingested(tmp_path_factory) -> Path:
     return root / "obs"
 
 
-def test_ingested_photos_stop_before_any_work_with_the_sets_that_fix_them(ingested, tiny_priors, tmp_path, capsys):
+def test_ingested_photos_without_an_alpha_clean_with_no_option_or_stop_with_the_sets_that_fix_them(
+        ingested, tiny_priors, tmp_path, capsys):
     obs = ingested
     out = tmp_path / "out"
     priors = ["--set", f"priors.image={tiny_priors[0]}", "--set", f"priors.noise={tiny_priors[1]}"]
-    proc = cli(capsys, "clean", str(obs), str(out), *priors, "--quiet", check=False)
-    assert proc.returncode == 2, proc.stderr
-    line = proc.stderr.strip()
-    assert "\n" not in line and "Traceback" not in line
-    assert line.endswith("Add --set forward.alpha=0.5")
-    assert "no 'alpha' column" in line
-    assert not out.exists()  # stopped before the work: no run folder, no summary row
-    # grey priors and RGB photos with the conversion off: that fix is named too
+    # grey priors and RGB photos with the conversion off: stopped before the work, naming the fix
     proc = cli(capsys, "clean", str(obs), str(out), *priors, "--set", "policy.convert_channels=false", "--quiet",
                check=False)
-    assert proc.returncode == 2 and proc.stderr.strip().endswith(
-        "Add --set forward.alpha=0.5 --set policy.convert_channels=true"), proc.stderr
+    line = proc.stderr.strip()
+    assert proc.returncode == 2 and "\n" not in line and "Traceback" not in line, proc.stderr
+    assert line.endswith("Add --set policy.convert_channels=true"), line
+    assert not out.exists()  # stopped before the work: no run folder, no summary row
     # the Ray job (and so `jointdiff clean` and `submit clean`) stops the same way, before Ray starts
     from pipeline.jobs.clean import run_clean
 
-    cfg = CleanConfig(priors={"image": tiny_priors[0], "noise": tiny_priors[1]})
-    with pytest.raises(ConfigError, match=r"Add --set forward\.alpha=0\.5$"):
+    cfg = CleanConfig(priors={"image": tiny_priors[0], "noise": tiny_priors[1]}, policy={"convert_channels": False})
+    with pytest.raises(ConfigError, match=r"Add --set policy\.convert_channels=true$"):
         run_clean(str(obs), str(out), cfg, progress=False)
-    # the size is no reason: every photo is cleaned at its own size
-    proc = cli(capsys, "clean", str(obs), str(out), *priors, "--set", "forward.alpha=0.5", "--set", "sampler.steps=2",
-               "--quiet")
+    # no alpha column and no forward.alpha: the blend's weight is estimated per photo; every photo is cleaned at
+    # its own size (only the step count is set, for time)
+    proc = cli(capsys, "clean", str(obs), str(out), *priors, "--set", "sampler.steps=2", "--run-id", "r", "--quiet")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (summary["inputs"], summary["cleaned"], summary["errors"]) == (len(PHOTOS), len(PHOTOS), 0)
+    m = pq.read_table(str(out / "runs" / "r" / "metrics")).to_pylist()
+    assert all(r["alpha"] is None and r["alpha_error"] is None and 0.02 <= r["alpha_hat"] <= 0.98 for r in m), m
+    cleaned = pq.read_table(str(out / "runs" / "r" / "cleaned"), columns=["id", "alpha_hat"]).to_pylist()
+    assert sorted((r["id"], r["alpha_hat"]) for r in cleaned) == sorted((r["id"], r["alpha_hat"]) for r in m)
 
 
 def test_a_dataset_with_a_few_odd_rows_goes_ahead(tiny_priors, tmp_path):
@@ -95,7 +95,7 @@ def test_a_dataset_with_a_few_odd_rows_goes_ahead(tiny_priors, tmp_path):
 
 def _mostly_bad(uri: str) -> None:
     """8 observations, 6 of them rejected for three reasons: arrays of 5, 6 and 7 channels (3), truncated PNGs (2),
-    no alpha (1)."""
+    an alpha out of the blend's range (1)."""
     _observations(uri, n=8, shard_size=8, bad_row=False)
 
     def spoil(rows):
@@ -103,7 +103,7 @@ def _mostly_bad(uri: str) -> None:
             rows[k]["observation"] = _npy(c)
         for k in (4, 5):
             rows[k]["observation"] = {"bytes": rows[k]["observation"]["bytes"][:40], "path": "x.png"}
-        rows[6]["alpha"] = None
+        rows[6]["alpha"] = 1.5
     _edit_shard(uri, "shard-00000.parquet", spoil)
 
 
@@ -123,7 +123,8 @@ def test_a_run_that_rejects_most_rows_is_recorded_then_exits_4_with_the_reasons_
                                                     "expected (H, W) or (H, W, C) with C at most 4")
     assert verdict[1].endswith("; 3 variants of this reason)")  # 5, 6 and 7 channels in one group
     assert verdict[2].split(" x ", 1)[1].startswith("decode: observation: cannot decode PNG")
-    assert "blend needs the noise's weight: the row's alpha column has None and forward.alpha is not set" in verdict[3]
+    assert ("blend needs the noise's weight: the row's alpha column has 1.5 (blend alpha must be in (0, 1), got 1.5) "
+            "and forward.alpha is not set") in verdict[3]
     assert verdict[4].startswith("every rejected row, with its id and reason: ")
     assert verdict[4].endswith("/runs/r/errors/ (the run's outputs and summary row are written)")
     # nothing is lost: the accounting ran and the summary row is written, also on stdout
@@ -177,8 +178,10 @@ def test_the_ray_job_and_the_flow_fail_such_runs_after_recording_them(prefect_ha
         state.result()
     assert len(read_summaries(str(tmp_path / "out")).to_pylist()) == 2  # both recorded
     assert (tmp_path / "out" / "runs" / "r" / "report.html").stat().st_size > 0  # and reported
-    # the flow checks the input before the work too, and fails at once
+    # the flow checks the input before the work too, and fails at once: an overlay (whose weight cannot be
+    # estimated) over a dataset without an alpha column
     pq.write_table(pq.read_table(tmp_path / "obs").drop_columns(["alpha"]), tmp_path / "obs" / "shard-00000.parquet")
+    config.write_text(yaml.safe_dump({**cfg.model_dump(mode="json"), "forward": {"name": "overlay"}}))
     with pytest.raises(ConfigError, match=r"Add --set forward\.alpha=0\.5$"):
         clean_dataset(str(tmp_path / "obs"), str(tmp_path / "out2"), config=str(config), progress=False)
 

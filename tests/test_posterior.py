@@ -427,3 +427,51 @@ def test_tuning_records_into_the_table(tmp_path):
     assert note is None and (s.lambda_x, s.kappa_n) == (25.0, 12.5)
     s, _ = resolve_weights(SamplerSettings(), "faces", "digits", "blend", table=after)
     assert s.lambda_x == 21.0
+
+
+def _mean_images(h: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    v, u = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, h), indexing="ij")
+    return (0.6 * v).reshape(1, h, h), (0.6 * torch.sin(3 * u)).reshape(1, h, h)
+
+
+def test_an_unknown_blend_weight_is_estimated_per_image_and_independent_of_the_batch():
+    """Gaussian priors with distinct mean images and a small variance pin each observation's alpha (the moment
+    estimate below is within 0.01 of it). Started from 0.5, each row's estimate moves to its own alpha; an image
+    cleaned alone gets the same estimate and the same pixels as in a batch that mixes alphas; rows whose weight is
+    given keep it."""
+    mx, mn = _mean_images()
+    var = 0.01
+    g = torch.Generator().manual_seed(0)
+    alphas = torch.tensor([0.25, 0.5, 0.75, 0.4])
+    b = len(alphas)
+    x = mx + var**0.5 * torch.randn(b, 1, 16, 16, generator=g)
+    n = mn + var**0.5 * torch.randn(b, 1, 16, 16, generator=g)
+    y = blend(b, alphas.tolist()).apply((x + 1) / 2, (n + 1) / 2)
+    moments = ((y - (mx + 1) / 2) * (mn - mx) / 2).flatten(1).sum(1) / ((mn - mx) / 2).pow(2).flatten(1).sum(1)
+    assert (moments - alphas).abs().max() < 0.01  # the data pin alpha
+    cfg = Settings(rule="projection", lambda_x=4.0, kappa_n=4.0)
+    seeds = [seed_for(f"i{i}") for i in range(b)]
+
+    def run(rows, estimate, given=0.5):
+        return joint_sample(GaussianPrior(mx, var, SDE), GaussianPrior(mn, var, SDE), SDE, y[rows],
+                            blend(len(rows), given), cfg, seeds=[seeds[i] for i in rows], estimate=estimate)
+
+    out = run(list(range(b)), torch.ones(b, dtype=torch.bool))
+    err = (out.weight - alphas).abs()
+    assert err.max() < 0.06, out.weight
+    assert (err[[0, 2, 3]] < (alphas[[0, 2, 3]] - 0.5).abs() / 2).all()  # at least halfway from 0.5 to the truth
+    alone = run([2], torch.ones(1, dtype=torch.bool))
+    assert torch.equal(alone.weight, out.weight[2:3]) and torch.equal(alone.x, out.x[2:3])
+    # a row with its weight given keeps it: only the others are estimated
+    mixed = run(list(range(b)), torch.tensor([True, False, True, False]), given=alphas.tolist())
+    assert mixed.weight[1] == alphas[1] and mixed.weight[3] == alphas[3]
+    assert torch.equal(mixed.weight[[0, 2]], out.weight[[0, 2]])
+
+
+def test_only_a_blends_weight_is_estimated():
+    from pipeline.config import CleanConfig
+
+    with pytest.raises(ValueError, match="forward.alpha=auto: the overlay model's weight cannot be estimated"):
+        CleanConfig.model_validate({"forward": {"name": "overlay", "alpha": "auto"}})
+    assert CleanConfig.model_validate({"forward": {"alpha": "auto"}}).forward.alpha == "auto"
+    assert CleanConfig.model_validate({"forward": {"alpha": 0.3}}).forward.alpha == 0.3

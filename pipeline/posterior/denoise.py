@@ -33,6 +33,8 @@ class DenoiseOutput:
     nfe: int  # network evaluations per prior per image: steps x posterior samples
     backward: bool
     seconds: float  # wall time of the batch / B
+    alpha_hat: torch.Tensor | None = None  # (B,) the forward weight each image was cleaned with (estimated: mean
+    # over its posterior samples); None for a model without a weight
 
 
 @dataclass
@@ -48,22 +50,29 @@ class Denoiser:
     tile_batch: int = 64  # images larger than the priors: tiles per network call (memory, not the result)
 
     @torch.no_grad()
-    def __call__(self, ids: list[str], y: torch.Tensor, forward: ForwardModel) -> DenoiseOutput:
+    def __call__(self, ids: list[str], y: torch.Tensor, forward: ForwardModel,
+                 estimate: torch.Tensor | None = None) -> DenoiseOutput:
+        """``estimate``: (B,) bool, the images whose forward weight is estimated (``forward.alpha: auto``)."""
         t0 = time.perf_counter()
         k = self.settings.n_samples
         b = y.shape[0]
         # sample j of image i sits at row j * B + i; its seed depends only on (id, j, settings seed)
         seeds = [seed_for(i, self.settings.seed, j) for j in range(k) for i in ids]
         out = joint_sample(self.x_model, self.n_model, self.sde, y.repeat(k, 1, 1, 1), forward.repeat(k),
-                           self.settings, seeds=seeds, runtime=self.runtime, tile_batch=self.tile_batch)
+                           self.settings, seeds=seeds, runtime=self.runtime, tile_batch=self.tile_batch,
+                           estimate=None if estimate is None else estimate.repeat(k))
         xs = out.x.clamp(0, 1).reshape(k, b, *y.shape[1:])
         ns = out.n.clamp(0, 1).reshape(k, b, *out.n.shape[1:])
         x_hat, n_hat = xs.mean(0), ns.mean(0)
+        alpha_hat = None if out.weight is None else out.weight.reshape(k, b).mean(0)
+        if alpha_hat is not None and estimate is not None:  # the image part with the weight it was cleaned with
+            forward = forward.with_params(**{type(forward).weight: alpha_hat.cpu()})  # type: ignore[misc]
         return DenoiseOutput(
             denoised=x_hat, noise_estimate=n_hat, uncertainty=xs.std(0) if k > 1 else None,
             residual=out.residual.reshape(k, b).mean(0),
             spread=metrics.spread(xs), removed_energy=metrics.removed_energy(y, forward.image_part(x_hat, n_hat), 1.0),
-            nfe=out.nfe * k, backward=out.backward, seconds=(time.perf_counter() - t0) / max(b, 1))
+            nfe=out.nfe * k, backward=out.backward, seconds=(time.perf_counter() - t0) / max(b, 1),
+            alpha_hat=alpha_hat)
 
 
 def truth_metrics(x_hat: torch.Tensor, clean: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:

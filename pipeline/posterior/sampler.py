@@ -227,13 +227,15 @@ class JointResult:
     residual: torch.Tensor  # per sample RMS of y - A(x, n) at the end, before the final projection
     nfe: int
     backward: bool
+    weight: torch.Tensor | None = None  # (B,) the forward model's weight at the end: estimated rows' estimates
 
 
 @torch.no_grad()
 def joint_sample(x_model: Net, n_model: Net, sde: VPSDE, y: torch.Tensor, forward: ForwardModel,
                  settings: SamplerSettings, seeds: Sequence[int] | None = None,
                  generator: torch.Generator | None = None, callback: Callback | None = None,
-                 runtime: Any = None, tile: int | None = None, tile_batch: int = 64) -> JointResult:
+                 runtime: Any = None, tile: int | None = None, tile_batch: int = 64,
+                 estimate: torch.Tensor | None = None) -> JointResult:
     """Draw one joint posterior sample ``(x, n)`` per observation in ``y`` ([0, 1] units, (B, C, H, W)), with
     ``forward`` holding one row of parameters per observation.
 
@@ -244,6 +246,8 @@ def joint_sample(x_model: Net, n_model: Net, sde: VPSDE, y: torch.Tensor, forwar
     ``tile``: the priors' trained size (default: the image prior's ``config.image_size`` where it has one);
     an image of another size is evaluated in overlapping tiles of it, at most ``tile_batch`` per network
     call (:mod:`pipeline.diffusion.tiles`); None: the networks see the whole image.
+    ``estimate``: (B,) bool, the rows whose forward weight (the blend's ``alpha``) is estimated with ``x`` and
+    ``n`` (:mod:`pipeline.posterior.estimate`; their given weight is ignored); the result's ``weight`` holds it.
     """
     if tile is None:
         tile = getattr(getattr(x_model, "config", None), "image_size", None)
@@ -254,11 +258,22 @@ def joint_sample(x_model: Net, n_model: Net, sde: VPSDE, y: torch.Tensor, forwar
     if runtime is not None:
         x_model, n_model = runtime.wrap(x_model, y.device), runtime.wrap(n_model, y.device)
     forward = forward.to(y.device)
-    d = GuidedDenoiser(x_model, n_model, sde, forward, y, settings, tile, tile_batch)
-    x, n = solve(d, Noise(seeds, generator, y.device), callback)
+    weight = type(forward).weight
+    if estimate is not None and bool(estimate.any()):
+        from pipeline.posterior.estimate import WeightEstimator, initial_weights
+
+        mask = estimate.to(y.device, torch.bool)
+        forward = forward.with_params(**{weight: initial_weights(getattr(forward, weight), mask)})  # type: ignore[arg-type]
+        est = WeightEstimator(GuidedDenoiser(x_model, n_model, sde, forward, y, settings, tile, tile_batch), mask)
+        x, n = solve(est, Noise(seeds, generator, y.device), callback)  # type: ignore[arg-type]
+        forward = est.d.forward
+    else:
+        d = GuidedDenoiser(x_model, n_model, sde, forward, y, settings, tile, tile_batch)
+        x, n = solve(d, Noise(seeds, generator, y.device), callback)
     x0, n0 = to01(x), to01(n)
     # the residual is measured before the projection: how far the priors' estimate is from explaining y
     residual = metrics.residual(y, forward.apply(x0, n0))
     if settings.final_projection:
         x0, n0 = project(forward, y, x0, n0)
-    return JointResult(x0, n0, residual, settings.nfe, RULES[settings.rule].backward)
+    return JointResult(x0, n0, residual, settings.nfe, RULES[settings.rule].backward,
+                       getattr(forward, weight) if weight is not None else None)

@@ -8,8 +8,9 @@ worker, and a resumed run decides exactly as a fresh one would. A shard whose id
 Parquet after 3 attempts, or no ``id`` column) is left to the shard's work, which rejects its rows saying why.
 
 :func:`check_inputs` reads the schema and the first rows' image headers of the first pending shard and stops
-with a :class:`~pipeline.config.ConfigError` naming the ``--set`` that fixes what would reject every row: a
-blend without an ``alpha`` column or ``forward.alpha``; images that do not fit the priors and a policy that
+with a :class:`~pipeline.config.ConfigError` naming the ``--set`` that fixes what would reject every row: an
+overlay or composite without an ``alpha`` column or ``forward.alpha`` (a blend's weight is estimated instead:
+:mod:`pipeline.posterior.estimate`); images that do not fit the priors and a policy that
 would not convert them (``policy.convert_channels``, ``policy.alpha``, ``policy.max_pixels``).
 """
 
@@ -24,6 +25,7 @@ from pipeline.data.shards import ShardError, read_table
 from pipeline.data.storage import local_path, open_fs
 from pipeline.data.validate import DOWNSCALE_LIMIT
 from pipeline.forward import FORWARD_MODELS
+from pipeline.posterior.estimate import ESTIMABLE
 from pipeline.run.models import prior_shape
 from pipeline.run.rows import peek_image
 
@@ -70,9 +72,9 @@ def check_inputs(run: Run) -> None:
     line that names the ``--set`` to add.
 
     Cheap and on the driver: the schema of the first pending shard and the image headers of its first
-    :data:`PREFLIGHT_ROWS` rows. It stops when the blend model has neither ``forward.alpha`` nor an
-    ``alpha`` column, or when none of the rows read fits the priors' size and channel count under
-    ``policy`` and a policy setting would convert them; a dataset with a few odd rows goes ahead (they
+    :data:`PREFLIGHT_ROWS` rows. It stops when a model whose weight cannot be estimated has neither
+    ``forward.alpha`` nor an ``alpha`` column, or when none of the rows read fits the priors' size and channel
+    count under ``policy`` and a policy setting would convert them; a dataset with a few odd rows goes ahead (they
     are rejected one by one). A shard that cannot be read, or has no ``observation`` column, is left to
     the shard's work (its rows become error rows that say why)."""
     import pyarrow.parquet as pq
@@ -98,7 +100,7 @@ def check_inputs(run: Run) -> None:
     cfg = run.cfg
     problems, fixes = [], []
     weight = FORWARD_MODELS[cfg.forward.name].weight
-    if weight is not None and cfg.forward.alpha is None and "alpha" not in names:
+    if weight is not None and cfg.forward.alpha is None and "alpha" not in names and cfg.forward.name not in ESTIMABLE:
         problems.append(f"it has no 'alpha' column and forward.alpha is not set (the {cfg.forward.name} model "
                         f"needs the noise's weight {weight})")
         fixes.append("--set forward.alpha=0.5")

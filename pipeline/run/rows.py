@@ -18,6 +18,7 @@ import numpy as np
 from pipeline.config import ForwardConfig
 from pipeline.data.validate import ImagePolicy, RowError, conform, decode_any, npy_header
 from pipeline.forward import FORWARD_MODELS, make_forward
+from pipeline.posterior.estimate import ESTIMABLE
 
 
 @dataclass
@@ -29,9 +30,10 @@ class Row:
     id: str
     y: np.ndarray
     clean: np.ndarray | None
-    alpha: float
+    alpha: float  # the weight given (forward.alpha or the row's alpha column), NaN where none is known
     grey: bool = False  # a grey image cleaned by RGB priors (as R = G = B): its results go back to grey
     alpha_plane: np.ndarray | None = None  # the input's alpha (policy.alpha=keep), put back on the cleaned image
+    estimate: bool = False  # the weight is estimated by the sampler (forward.alpha auto, or a blend without one)
 
     @property
     def pixels(self) -> int:
@@ -61,8 +63,10 @@ Rejected = tuple[int, Any, RowError]  # (row, id as stored, why)
 def decode_rows(cols: Mapping[str, list[Any]], policy: ImagePolicy, channels: int,
                 forward: ForwardConfig, duplicates: Mapping[int, str]) -> tuple[list[Row], list[Rejected]]:
     """The shard's columns as :class:`Row` s, and ``(row, id, error)`` for each row rejected: no id, a later copy
-    of an id (``duplicates``: row -> reason), an image that does not decode or fit, a blend without a valid
-    alpha (``forward.alpha`` wins over the row's ``alpha`` column)."""
+    of an id (``duplicates``: row -> reason), an image that does not decode or fit, a weight that is there and
+    invalid, or missing where the model's weight cannot be estimated (``forward.alpha`` wins over the row's
+    ``alpha`` column; a blend's missing weight, or every row's under ``forward.alpha: auto``, is estimated by the
+    sampler: :attr:`Row.estimate`)."""
     rows: list[Row] = []
     rejected: list[Rejected] = []
     truth = cols.get("clean")
@@ -83,26 +87,34 @@ def decode_rows(cols: Mapping[str, list[Any]], policy: ImagePolicy, channels: in
         except RowError as exc:
             rejected.append((row, id_, exc))
             continue
-        alpha = 0.0  # the sum has no weight
+        alpha, estimate = 0.0, False  # the sum has no weight
         weight = FORWARD_MODELS[forward.name].weight
         if weight is not None:
-            alpha = forward.alpha or (alphas[row] if alphas else None)
+            auto = forward.alpha == "auto"
+            alpha = None if auto else forward.alpha
+            if alpha is None:
+                alpha = alphas[row] if alphas else None
             why = "" if alpha is None or math.isnan(alpha) else None
             if why is None:
                 try:
                     make_forward(forward.name, 1, **{weight: alpha})
                 except ValueError as exc:
                     why = f" ({exc})"
-            if why is not None:
+            # a weight that is missing is estimated (a blend's); one that is there and wrong is the row's error
+            estimate = auto or (why == "" and forward.name in ESTIMABLE)
+            if why is not None and not estimate:
+                cannot = "" if why else f" (the {forward.name} model's weight cannot be estimated)"
                 rejected.append((row, id_, RowError("validate", f"{forward.name} needs the noise's weight: the row's "
                                                                 f"alpha column has {alpha!r}{why} and forward.alpha "
-                                                                "is not set")))
+                                                                f"is not set{cannot}")))
                 continue
+            if why is not None:
+                alpha = math.nan
         grey = y.shape[0] == 1 and channels == 3  # cleaned as R = G = B, returned grey
         if grey:
             y = np.repeat(y, 3, axis=0)
             clean = None if clean is None else np.repeat(clean[:1], 3, axis=0)
-        rows.append(Row(row, str(id_), y, clean, float(alpha), grey=grey, alpha_plane=kept))
+        rows.append(Row(row, str(id_), y, clean, float(alpha), grey=grey, alpha_plane=kept, estimate=estimate))
     return rows, rejected
 
 

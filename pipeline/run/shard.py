@@ -32,6 +32,7 @@ from pipeline.data.validate import error_row
 from pipeline.forward import FORWARD_MODELS, make_forward
 from pipeline.posterior.core import Runtime, auto_batch_size
 from pipeline.posterior.denoise import Denoiser, truth_metrics
+from pipeline.posterior.estimate import INITIAL
 from pipeline.posterior.sampler import SOLVERS
 from pipeline.run.models import check_pair, load_pinned
 from pipeline.run.outputs import ShardResult, encode, write
@@ -154,6 +155,16 @@ def batches(rows: list[Row], max_images: int, max_pixels: int) -> list[list[Row]
     return out
 
 
+def _alphas(r: Row, cleaned_with: float | None) -> dict[str, float | None]:
+    """The row's ``alpha`` (the weight given: forward.alpha or its alpha column; None where unknown), ``alpha_hat``
+    (the weight it was cleaned with: the estimate where estimated) and ``alpha_error`` (|alpha_hat - alpha| where
+    the weight was estimated and a given one is known, the truth of a corrupted dataset)."""
+    given = None if math.isnan(r.alpha) else r.alpha
+    hat = cleaned_with if cleaned_with is not None else given
+    err = abs(hat - given) if r.estimate and hat is not None and given is not None else None
+    return {"alpha": given, "alpha_hat": hat, "alpha_error": err}
+
+
 def sample(cleaner: ShardCleaner, rows: list[Row], result: ShardResult, reject: Callable[[Row, str], None],
            progress: Callable[[int], None] | None = None) -> None:
     """The joint posterior sampler over ``rows``, in batches of one image size and at most ``cleaner.batch_size``
@@ -173,9 +184,11 @@ def sample(cleaner: ShardCleaner, rows: list[Row], result: ShardResult, reject: 
         rows = [r for r in rows if r.y.shape[1:] == size]
     for batch in batches(rows, cleaner.batch_size, cleaner.batch_pixels):
         y = torch.from_numpy(np.stack([r.y for r in batch])).to(cleaner.device)
+        estimate = torch.tensor([r.estimate for r in batch])
+        given = [INITIAL if r.estimate else r.alpha for r in batch]  # an estimated row's weight is the sampler's
         forward = make_forward(fwd.name, len(batch), sigma_y=fwd.sigma_y,  # per row: a batch may mix weights
-                               **({weight: [r.alpha for r in batch]} if weight else {}))
-        out = denoiser([r.id for r in batch], y, forward)
+                               **({weight: given} if weight else {}))
+        out = denoiser([r.id for r in batch], y, forward, estimate if bool(estimate.any()) else None)
         truth = _truth_metrics(batch, out.denoised, y, cleaner.device)
         finite = torch.isfinite(out.denoised.flatten(1)).all(1) & torch.isfinite(out.noise_estimate.flatten(1)).all(1)
         for k, r in enumerate(batch):
@@ -195,7 +208,8 @@ def sample(cleaner: ShardCleaner, rows: list[Row], result: ShardResult, reject: 
                        residual=_finite_or_none(float(out.residual[k])),
                        spread=_finite_or_none(float(out.spread[k])),
                        removed_energy=_finite_or_none(float(out.removed_energy[k])),
-                       alpha=r.alpha, seconds=out.seconds, nfe=out.nfe, started_at=started)
+                       **_alphas(r, None if out.alpha_hat is None else float(out.alpha_hat[k])),
+                       seconds=out.seconds, nfe=out.nfe, started_at=started)
         if progress is not None:
             progress(len(batch))
 

@@ -35,6 +35,7 @@ SUMMARY_SCHEMA = pa.schema([
     ("ssim_mean", _F), ("ssim_median", _F), ("ssim_p05", _F),
     ("psnr_input_mean", _F), ("ssim_input_mean", _F),
     ("residual_mean", _F), ("spread_mean", _F), ("removed_energy_mean", _F),
+    ("alpha_estimated", pa.int64()), ("alpha_hat_median", _F), ("alpha_error_median", _F),
     ("wall_seconds", _F), ("images_per_s", _F), ("nfe", pa.int64()), ("models", pa.string()),
     ("sampler", pa.string()), ("config_hash", pa.string()), ("executor", pa.string()), ("output", pa.string()),
 ])
@@ -86,6 +87,11 @@ def format_summary(row: dict[str, Any]) -> str:
     else:
         lines.append(f"  no ground truth: residual {_fmt(row['residual_mean'], '.4f')}, removed-noise energy "
                      f"{_fmt(row['removed_energy_mean'], '.4f')} (means)")
+    if row.get("alpha_estimated"):
+        err = row.get("alpha_error_median")
+        lines.append(f"  alpha estimated for {row['alpha_estimated']} image(s) (none given, or forward.alpha=auto): "
+                     f"median {_fmt(row['alpha_hat_median'], '.3f')}"
+                     + (f", median error {err:.3f} against the given alpha" if err is not None else ""))
     lines.append(f"  {row['processed']} image(s) cleaned now in {row['wall_seconds']:.1f} s: "
                  f"{_fmt(row['images_per_s'], '.2f')} images/s, NFE {row['nfe']} per prior per image")
     from pipeline.data.storage import local_path

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.config import CleanConfig, ConfigError
+from pipeline.config import CleanConfig, ConfigError, ForwardConfig
 from pipeline.data.validate import ERRORS_SCHEMA, error_row
 from pipeline.run.local import run_local
 from pipeline.summary import read_summaries
@@ -79,6 +79,8 @@ def test_ingested_photos_without_an_alpha_clean_with_no_option_or_stop_with_the_
     proc = cli(capsys, "clean", str(obs), str(out), *priors, "--set", "sampler.steps=2", "--run-id", "r", "--quiet")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (summary["inputs"], summary["cleaned"], summary["errors"]) == (len(PHOTOS), len(PHOTOS), 0)
+    assert summary["alpha_estimated"] == len(PHOTOS) and summary["alpha_error_median"] is None
+    assert f"alpha estimated for {len(PHOTOS)} image(s) (none given, or forward.alpha=auto): median " in proc.stderr
     m = pq.read_table(str(out / "runs" / "r" / "metrics")).to_pylist()
     assert all(r["alpha"] is None and r["alpha_error"] is None and 0.02 <= r["alpha_hat"] <= 0.98 for r in m), m
     cleaned = pq.read_table(str(out / "runs" / "r" / "cleaned"), columns=["id", "alpha_hat"]).to_pylist()
@@ -214,3 +216,17 @@ def test_an_ingested_folder_trains_a_prior_and_becomes_a_test_set_with_truth(ing
     proc = cli(capsys, "train", "--config", str(cfg), "--quiet", "--set", f"data.source={tmp_path / 'test'}",
                      "--set", "data.column=image", check=False)
     assert proc.returncode == 2 and "no column 'image' (the shards have id, observation, clean" in proc.stderr
+
+
+def test_forward_alpha_auto_estimates_every_row_and_measures_it_against_the_alpha_column(tiny_priors, tmp_path):
+    """A corrupted dataset knows its alpha (0.5): with forward.alpha=auto it is estimated anyway, and the column
+    becomes the truth of alpha_error."""
+    _observations(str(tmp_path / "obs"), n=4, shard_size=4, bad_row=False)
+    cfg = _cfg(tiny_priors, steps=2).model_copy(update={"forward": ForwardConfig(alpha="auto")})
+    summary = run_local(str(tmp_path / "obs"), str(tmp_path / "out"), cfg, run_id="r", progress=False)
+    assert (summary["cleaned"], summary["alpha_estimated"]) == (4, 4)
+    m = pq.read_table(str(tmp_path / "out" / "runs" / "r" / "metrics")).to_pylist()
+    for r in m:
+        assert r["alpha"] == 0.5 and 0.02 <= r["alpha_hat"] <= 0.98
+        assert r["alpha_error"] == pytest.approx(abs(r["alpha_hat"] - 0.5), abs=1e-6)
+    assert summary["alpha_error_median"] == pytest.approx(float(np.median([r["alpha_error"] for r in m])), abs=1e-6)

@@ -38,6 +38,7 @@ def summary_row(run: Run, acc: Accounting, processed: int, executor: str, wall_s
         "psnr_input_mean": stats(col("psnr_input"))[0], "ssim_input_mean": stats(col("ssim_input"))[0],
         "residual_mean": stats(col("residual"))[0], "spread_mean": stats(col("spread"))[0],
         "removed_energy_mean": stats(col("removed_energy"))[0],
+        **_alpha_stats(col("alpha"), col("alpha_hat"), col("alpha_error")),
         "wall_seconds": float(wall_seconds),
         "images_per_s": processed / wall_seconds if wall_seconds > 0 and processed else None,
         "nfe": run.cfg.sampler.nfe * run.cfg.sampler.n_samples,
@@ -45,3 +46,11 @@ def summary_row(run: Run, acc: Accounting, processed: int, executor: str, wall_s
         "sampler": json.dumps(run.cfg.sampler.model_dump(mode="json"), sort_keys=True),
         "config_hash": run.config_hash, "executor": executor, "output": run.run_uri,
     }
+
+
+def _alpha_stats(alpha: list[Any], hat: list[Any], err: list[Any]) -> dict[str, Any]:
+    """How many images had their weight estimated (none given, or ``forward.alpha: auto``: an error against the
+    given one), the estimates' median and the errors' median."""
+    est = [h for a, h, e in zip(alpha, hat, err) if h is not None and (a is None or e is not None)]
+    return {"alpha_estimated": len(est), "alpha_hat_median": stats(est)[1],
+            "alpha_error_median": stats([e for e in err if e is not None])[1]}

@@ -197,6 +197,24 @@ def test_bench_quality_quick_writes_every_row_key(tmp_path, capsys):
     assert Image.open(tmp_path / "q.png").size == (2 * (96 + 2) + 2, 6 * (96 + 2) + 2)
 
 
+def test_bench_quality_unknown_alpha_compares_the_true_estimated_and_guessed_weight(tmp_path, capsys):
+    out = tmp_path / "q.json"
+    cli(capsys, "bench", "quality", "--quick", "--scenarios", "unknown-alpha", "--n", "3", "--n-val", "2",
+        "--steps", "2", "--json", str(out))
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert {"observation", "joint-oracle", "joint-auto", "joint-fixed", "gaussian"} <= set(rows)
+    assert all(r["scenario"] == "unknown-alpha" and r["alpha"] is None and r["n_images"] == 3 for r in rows.values())
+    auto = rows["joint-auto"]
+    assert 0 <= auto["alpha_error_median"] <= auto["alpha_error_mean"] * 3 and auto["alpha_error_mean"] < 0.6
+    assert rows["joint-oracle"]["alpha_error_mean"] == 0  # the true weights, reported as they were used
+    assert rows["joint-fixed"]["alpha_error_mean"] > 0.05  # 0.5 against weights drawn from [0.2, 0.8]
+    # the observations' alphas are drawn per image from [0.2, 0.8] (the fixed guess differs from the truth)
+    from pipeline.bench.quality import SCENARIOS, alphas_for
+
+    a = alphas_for(next(s for s in SCENARIOS if s.name == "unknown-alpha"), 50, 0)
+    assert 0.2 <= float(a.min()) < 0.3 and 0.7 < float(a.max()) <= 0.8
+
+
 def test_ctrl_c_during_clean_says_how_far_it_got_and_how_to_resume(tiny_priors, tmp_path):
     from pipeline.data.corrupt import corrupt, write_observations
     from pipeline.data.embedded import load_embedded

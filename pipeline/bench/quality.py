@@ -9,6 +9,13 @@ digits):
 | stripes     | faces     | stripes   | 0.5   | faces + stripes  |
 | alpha0.3/0.7| faces     | digits    | 0.3/0.7 | faces + digits |
 | ood         | patches   | digits    | 0.5   | faces + digits (out of distribution) |
+| unknown-alpha | faces   | digits    | U[0.2, 0.8] per image, hidden | faces + digits |
+
+The unknown-alpha scenario's sampler rows are ``joint-oracle`` (each observation's own alpha),
+``joint-auto`` (estimated: ``forward.alpha: auto``) and ``joint-fixed`` (0.5, what a user would guess), each
+with the median and mean ``|alpha_hat - alpha|`` of the weight it cleaned with, on the same observations, seeds
+and steps, with the sampler a run uses by default (DDIM, 50 steps, the tuned weights; ``--quick``: the most of
+``--steps``); its ``gaussian`` row is given the true alphas.
 
 Methods: ``observation``, ``nlm``, ``tv``, ``bm3d`` (when the package imports), ``gaussian`` (the
 joint sampler with the noise prior replaced by a Gaussian fitted to the noise training images) and
@@ -57,6 +64,7 @@ class Scenario:
     alpha: float
     image_prior: str = "faces"
     noise_prior: str = "digits"
+    alpha_range: tuple[float, float] | None = None  # each observation's alpha drawn from it, hidden from the sampler
 
 
 SCENARIOS = [
@@ -65,13 +73,30 @@ SCENARIOS = [
     Scenario("alpha0.3", "faces", "digits", 0.3),
     Scenario("alpha0.7", "faces", "digits", 0.7),
     Scenario("ood", "patches", "digits", 0.5),
+    Scenario("unknown-alpha", "faces", "digits", 0.5, alpha_range=(0.2, 0.8)),
 ]
+ALPHA_ROWS = ("joint-oracle", "joint-auto", "joint-fixed")  # the unknown-alpha scenario's sampler rows
+
+
+def alphas_for(sc: Scenario, n: int, seed: int) -> torch.Tensor:
+    """Each observation's alpha: ``sc.alpha`` for every one, or drawn uniformly from ``sc.alpha_range`` (seeded)."""
+    if sc.alpha_range is None:
+        return torch.full((n,), sc.alpha)
+    lo, hi = sc.alpha_range
+    return lo + (hi - lo) * torch.rand(n, generator=torch.Generator().manual_seed(10_000 + seed))
 
 
 def observations(sc: Scenario, split: str, n: int, seed: int = 0) -> Observations:
+    """The scenario's observations; with ``alpha_range`` each one is blended with its own alpha
+    (:func:`alphas_for`; ``Observations.alpha`` then holds ``sc.alpha`` only as a guess, the truth is per row)."""
     size = 32
-    return corrupt(load_embedded(sc.clean, split, size, 1), load_embedded(sc.noise, split, size, 1), n,
-                   alpha=sc.alpha, seed=seed)
+    obs = corrupt(load_embedded(sc.clean, split, size, 1), load_embedded(sc.noise, split, size, 1), n,
+                  alpha=sc.alpha, seed=seed)
+    if sc.alpha_range is not None:
+        a = alphas_for(sc, len(obs.ids), seed)
+        obs.observation[:] = make_forward("blend", len(obs.ids), alpha=a).apply(
+            torch.from_numpy(obs.clean), torch.from_numpy(obs.noise)).numpy()
+    return obs
 
 
 def sampler_settings(table: dict[str, Any], rule: str, steps: int, log: Any = print) -> SamplerSettings:
@@ -130,16 +155,24 @@ def score(x_hat: torch.Tensor, clean: torch.Tensor) -> dict[str, float | int]:
 
 
 def run_joint(x_model: torch.nn.Module, n_model: torch.nn.Module, sde: Any, obs: Observations,
-              settings: SamplerSettings, batch_size: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
-    """The :class:`Denoiser` on every observation (per-image seeds), returning ``(x_hat, n_hat)``."""
+              settings: SamplerSettings, batch_size: int = 50, alpha: torch.Tensor | None = None,
+              estimate: bool = False, alpha_out: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The :class:`Denoiser` on every observation (per-image seeds), returning ``(x_hat, n_hat)``. ``alpha``: each
+    observation's weight (default ``obs.alpha``); ``estimate``: the sampler estimates every weight
+    (``forward.alpha: auto``), its estimates appended to ``alpha_out``."""
     y = torch.from_numpy(obs.observation)
+    a = torch.as_tensor(obs.alpha if alpha is None else alpha, dtype=torch.float32).expand(len(obs.ids))
     denoiser = Denoiser(x_model, n_model, sde, settings)
     xs, ns = [], []
     for start in range(0, len(obs.ids), batch_size):
         rows = y[start:start + batch_size]
-        out = denoiser(obs.ids[start:start + batch_size], rows, make_forward("blend", len(rows), alpha=obs.alpha))
+        est = torch.ones(len(rows), dtype=torch.bool) if estimate else None
+        out = denoiser(obs.ids[start:start + batch_size], rows,
+                       make_forward("blend", len(rows), alpha=a[start:start + len(rows)]), est)
         xs.append(out.denoised)
         ns.append(out.noise_estimate)
+        if alpha_out is not None and out.alpha_hat is not None:
+            alpha_out.append(out.alpha_hat)
     return torch.cat(xs), torch.cat(ns)
 
 
@@ -177,7 +210,8 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
     for sc in chosen:
         obs = observations(sc, "test", n if sc.name == "main" else min(n, n_robust))
         y, clean = torch.from_numpy(obs.observation), torch.from_numpy(obs.clean)
-        base = {"clean": sc.clean, "noise": sc.noise, "alpha": sc.alpha, "scenario": sc.name}
+        base = {"clean": sc.clean, "noise": sc.noise, "alpha": None if sc.alpha_range else sc.alpha,
+                "scenario": sc.name}
         shown: dict[str, torch.Tensor] = {"observation": y.clamp(0, 1)}
         for m in methods:
             param = tune_baseline(m, sc, n_val)
@@ -190,26 +224,37 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
             log(_fmt(rows[-1]))
         x_model, sde, _ = model(sc.image_prior)
         n_model, _, _ = model(sc.noise_prior)
-        # the main scenario shows every rule and step count; the others the default rule at the most steps
+        # the main scenario shows every rule and step count; the others the default rule at the most steps; the
+        # unknown-alpha scenario that rule with the true alphas, with estimated ones and with a guess of 0.5
         plan = (joint_plan(table, rules, steps, quick, log) if sc.name == "main"
+                else [(m, _with_weights(SamplerSettings(**({"steps": max(steps)} if quick else {})), table, log))
+                      for m in ALPHA_ROWS] if sc.alpha_range is not None
                 else [(f"joint-{default_rule}", sampler_settings(table, default_rule, max(steps), log))])
+        truth = alphas_for(sc, len(obs.ids), 0)
         for method, cfg in plan:
             t0 = time.perf_counter()
-            x_hat, n_hat = run_joint(x_model, n_model, sde, obs, cfg)
+            hats: list[torch.Tensor] = []
+            alpha = None if sc.alpha_range is None else truth if method == "joint-oracle" else None
+            x_hat, n_hat = run_joint(x_model, n_model, sde, obs, cfg, alpha=alpha, estimate=method == "joint-auto",
+                                     alpha_out=hats)
             sec = (time.perf_counter() - t0) / len(obs.ids)
             if (cfg.rule, cfg.steps) == (default_rule, max(steps)):
                 shown["joint"], shown["noise estimate"] = x_hat, n_hat
+            extra = {}
+            if hats:  # how far the weight each image was cleaned with is from its own alpha (0 for the oracle)
+                err = (torch.cat(hats) - truth).abs()
+                extra = {"alpha_error_median": float(err.median()), "alpha_error_mean": float(err.mean())}
             rows.append({**base, "method": method, "rule": cfg.rule, "solver": cfg.solver, "steps": cfg.steps,
                          "nfe": cfg.nfe, "backward": RULES[cfg.rule].backward, "param": None,
                          "lambda_x": cfg.lambda_x, "kappa_n": cfg.kappa_n, **score(x_hat, clean),
-                         "seconds_per_image": sec})
+                         "seconds_per_image": sec, **extra})
             log(_fmt(rows[-1]))
         # gaussian: same image prior and sampler, the noise modelled as i.i.d. Gaussian (fitted moments)
         noise_train = torch.from_numpy(load_embedded(sc.noise, "train", 32, 1).images)
         g_prior = GaussianPrior.fit(noise_train, sde)
-        cfg = sampler_settings(table, default_rule, max(steps), log)
+        cfg = plan[0][1] if sc.alpha_range is not None else sampler_settings(table, default_rule, max(steps), log)
         t0 = time.perf_counter()
-        x_hat, _ = run_joint(x_model, g_prior, sde, obs, cfg)
+        x_hat, _ = run_joint(x_model, g_prior, sde, obs, cfg, alpha=None if sc.alpha_range is None else truth)
         sec = (time.perf_counter() - t0) / len(obs.ids)
         shown["gaussian"] = x_hat
         if figure and sc.name == "main":
@@ -218,7 +263,7 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
             k = min(8, len(obs.ids))
             save_grid(torch.cat([shown[p][:k] for p in panel if p in shown]).numpy(), figure, nrow=k, scale=3)
             log(f"wrote {figure}: rows {', '.join(p for p in panel if p in shown)}")
-        rows.append({**base, "method": "gaussian", "rule": default_rule, "solver": "euler-maruyama",
+        rows.append({**base, "method": "gaussian", "rule": cfg.rule, "solver": cfg.solver,
                      "steps": cfg.steps, "nfe": cfg.nfe, "backward": RULES[default_rule].backward, "param": None,
                      **score(x_hat, clean), "seconds_per_image": sec})
         log(_fmt(rows[-1]))
@@ -232,7 +277,9 @@ def _fmt(r: dict[str, Any]) -> str:
                 f"{r['n_images']} images  {r['seconds_per_image']:.3f} s/img")
     return (f"{r['scenario']:9s} {r['method']:16s} {steps:>5s} {r['nfe']:>5d}  PSNR {r['psnr_mean']:6.2f} "
             f"± {r['psnr_std']:5.2f} (med {r['psnr_median']:6.2f})  SSIM {r['ssim_mean']:.3f} "
-            f"± {r['ssim_std']:.3f}  {r['seconds_per_image']:.3f} s/img")
+            f"± {r['ssim_std']:.3f}  {r['seconds_per_image']:.3f} s/img"
+            + (f"  |alpha err| median {r['alpha_error_median']:.3f}" if r.get("alpha_error_median") is not None
+               else ""))
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -247,6 +294,10 @@ def table(rows: list[dict[str, Any]]) -> str:
                      f"{r['psnr_mean']:.2f} ± {r['psnr_std']:.2f} ({r['psnr_median']:.2f}) | "
                      f"{r['ssim_mean']:.3f} ± {r['ssim_std']:.3f} ({r['ssim_median']:.3f}) | "
                      f"{r['seconds_per_image']:.3f} |")
+    for r in rows:
+        if r.get("alpha_error_median") is not None:
+            lines.append(f"\n{r['scenario']} {r['method']}: |alpha_hat - alpha| median {r['alpha_error_median']:.3f}, "
+                         f"mean {r['alpha_error_mean']:.3f}")
     return "\n".join(lines)
 
 

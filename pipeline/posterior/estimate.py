@@ -13,11 +13,15 @@ just made, in [0, 1]), the weight that best explains the observation is the leas
     w_hat = <y - u, v> / <v, v>,     u, v at (x0_hat, n0_hat),
 
 clipped to the model's range (:data:`BOUNDS`). It is the M-step of an EM iteration whose E-step is the sampler's
-own estimate of ``(x, n)``; the next evaluation's guidance uses it (the solver's move towards the data is made
-with the model ``A(., .; w_hat)``), and so does the final projection. Far from ``t = 0`` Tweedie's estimates are
-close to the priors' means and say little about ``w``: the weight is first estimated at ``t <= start``
-(:data:`START`) and held at its initial value (:data:`INITIAL`) before. The sums are taken a strip of rows at a
-time, so no whole-image copy of the estimates is made (an image of 4096x4096 stays within its memory).
+own estimate of ``(x, n)``. The estimate moves :data:`DAMPING` of the way to it at each evaluation,
+``w <- w + DAMPING (w_hat - w)``: with the whole step it jumps from step to step, since the guidance has just
+pulled ``(x, n)`` towards explaining ``y`` with the previous ``w``. The next evaluation's guidance uses it (the
+solver's move towards the data is made with the model ``A(., .; w)``), and so does the final projection. Far from
+``t = 0`` Tweedie's estimates are close to the priors' means and say little about ``w``: the weight is first
+estimated at ``t <= start`` (:data:`START`) and held at its initial value (:data:`INITIAL`) before.
+:data:`START` and :data:`DAMPING` were picked on faces + digits validation observations (docs/unknown-mixing.md).
+The sums are taken a strip of rows at a time, so no whole-image copy of the estimates is made (an image of
+4096x4096 stays within its memory).
 
 **Identifiability.** For the blend both priors fix their images' amplitude (images in [0, 1] with the contrast
 of their training data), so ``alpha`` is identifiable wherever the two estimates differ (``v != 0``). The
@@ -42,6 +46,7 @@ ESTIMABLE = ("blend",)  # forward models whose weight the noise prior's amplitud
 BOUNDS = (0.02, 0.98)  # the estimate's range (the blend's alpha lies in (0, 1))
 INITIAL = 0.5  # the weight before the first estimate
 START = 0.5  # the time from which the weight is estimated (Tweedie's estimates say little before)
+DAMPING = 0.5  # each evaluation moves the estimate this fraction of the way to its least-squares weight
 STRIP_PIXELS = 1 << 20
 
 
@@ -68,7 +73,7 @@ class WeightEstimator:
     at ``t <= start``; the other rows keep theirs. Solvers call it as they call ``d``; :attr:`d` is the denoiser
     with the current estimate, :attr:`estimate` the (B,) weights in use (given ones where not estimated)."""
 
-    def __init__(self, d: GuidedDenoiser, mask: torch.Tensor, start: float = START,
+    def __init__(self, d: GuidedDenoiser, mask: torch.Tensor, start: float = START, damping: float = DAMPING,
                  bounds: tuple[float, float] = BOUNDS):
         name = d.forward.name
         if name not in ESTIMABLE:
@@ -77,7 +82,7 @@ class WeightEstimator:
         self.weight = type(d.forward).weight
         assert self.weight is not None
         self.mask = mask.to(device=d.y.device, dtype=torch.bool)
-        self.start, self.bounds = start, bounds
+        self.start, self.damping, self.bounds = start, damping, bounds
         self.d = d
 
     @property
@@ -92,7 +97,8 @@ class WeightEstimator:
         if float(t.reshape(-1)[0]) <= self.start and bool(self.mask.any()):
             w = least_squares_weight(self.d, x, n, g.eps_x, g.eps_n, t)
             cur = self.estimate.to(w.device)
-            new = torch.where(self.mask & torch.isfinite(w), w.clamp(*self.bounds), cur)
+            step = cur + self.damping * (w.clamp(*self.bounds) - cur)
+            new = torch.where(self.mask & torch.isfinite(w), step, cur)
             self.d = dataclasses.replace(self.d, forward=self.d.forward.with_params(**{self.weight: new}))
         return g
 

@@ -317,7 +317,7 @@ def _y_scale(y0: float, y1: float, legend: Sequence[str]) -> Callable[[float], f
 
 
 def _frame(kind: str, title: str, xlabel: str, ylabel: str, x: tuple[float, float], y: tuple[float, float],
-           body: list[str], legend: Sequence[str], count_axis: bool = False) -> str:
+           body: list[str], legend: Sequence[str], count_axis: bool = False, x_ticks: bool = False) -> str:
     (x0, x1), (y0, y1) = x, y
     px = lambda v: _M + (_W - _M - 10) * (v - x0) / ((x1 - x0) or 1)  # noqa: E731
     py = _y_scale(y0, y1, legend)
@@ -331,7 +331,7 @@ def _frame(kind: str, title: str, xlabel: str, ylabel: str, x: tuple[float, floa
     for t in _ticks(y0, y1, integer=count_axis):
         parts.append(f'<text x="{_M - 4}" y="{py(t) + 4:.1f}" text-anchor="end" font-size="10">{_fmt_tick(t)}</text>'
                      f'<line x1="{_M}" x2="{_W - 10}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#eee"/>')
-    if kind.endswith("-hist"):
+    if kind.endswith("-hist") or x_ticks:
         for t in _ticks(x0, x1):
             parts.append(f'<text x="{px(t):.1f}" y="{_H - _M + 24}" text-anchor="middle" font-size="10">'
                          f"{_fmt_tick(t)}</text>")
@@ -373,6 +373,18 @@ def svg_histogram(kind: str, title: str, xlabel: str, series: dict[str, Sequence
     return _frame(kind, title, xlabel, "images", (lo, hi), (0, top), body, list(counts), count_axis=True)
 
 
+def svg_scatter(kind: str, title: str, xlabel: str, ylabel: str, points: Sequence[tuple[float, float]],
+                lo: float = 0.0, hi: float = 1.0) -> str:
+    """Points ``(x, y)`` on equal axes from ``lo`` to ``hi``, with the diagonal ``y = x``."""
+    px = lambda v: _M + (_W - _M - 10) * (v - lo) / (hi - lo)  # noqa: E731
+    py = _y_scale(lo, hi, ["images"])
+    body = [f'<line class="diagonal" x1="{px(lo):.1f}" y1="{py(lo):.1f}" x2="{px(hi):.1f}" y2="{py(hi):.1f}" '
+            'stroke="#bbb" stroke-dasharray="4 3"/>']
+    body += [f'<circle class="point" cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{_colour(0, 1)}" '
+             'fill-opacity="0.7"/>' for x, y in points]
+    return _frame(kind, title, xlabel, ylabel, (lo, hi), (lo, hi), body, ["images"], x_ticks=True)
+
+
 def svg_lines(kind: str, title: str, ylabel: str, labels: Sequence[str], series: dict[str, Sequence[Any]]) -> str:
     """One line per series over the categories ``labels`` (shards), with a marker per point."""
     vals = _finite([v for s in series.values() for v in s])
@@ -400,7 +412,8 @@ def svg_lines(kind: str, title: str, ylabel: str, labels: Sequence[str], series:
 
 def plot_specs(run: RunData) -> list[tuple[str, str]]:
     """The report's plots as ``(kind, svg)``: with ground truth, PSNR and SSIM distributions (before vs
-    after) and their per-shard means; without, the reference-free figures the same way."""
+    after) and their per-shard means; without, the reference-free figures the same way; where the blend weight
+    was estimated, the estimates against the given alpha, or their distribution when none was given."""
     if run.metrics is None or not run.metrics.num_rows:
         return []
     by_shard: dict[str, list[dict[str, Any]]] = {}
@@ -411,6 +424,26 @@ def plot_specs(run: RunData) -> list[tuple[str, str]]:
     def per_shard(col: str) -> list[float | None]:
         means = [_finite([r[col] for r in by_shard[s]]) for s in shards]
         return [float(v.mean()) if v.size else None for v in means]
+    return _quality_plots(run, shards, per_shard) + _alpha_plots(run)
+
+
+def _alpha_plots(run: RunData) -> list[tuple[str, str]]:
+    """Where the sampler estimated the blend weight: the estimate against the given alpha (a dataset that knows
+    it, under ``forward.alpha: auto``), else the estimates' distribution."""
+    given, hat, err = run.column("alpha"), run.column("alpha_hat"), run.column("alpha_error")
+    pairs = [(a, h) for a, h, e in zip(given, hat, err) if None not in (a, h, e)]
+    if pairs:
+        return [("alpha-scatter", svg_scatter("alpha-scatter", "estimated against given alpha", "alpha (given)",
+                                              "alpha_hat (estimated)", pairs))]
+    est = [h for a, h in zip(given, hat) if a is None and h is not None]
+    if est:
+        return [("alpha-hist", svg_histogram("alpha-hist", "estimated alpha per image (none given)", "alpha_hat",
+                                             {"alpha_hat": est}))]
+    return []
+
+
+def _quality_plots(run: RunData, shards: list[str], per_shard: Callable[[str], list[float | None]]
+                   ) -> list[tuple[str, str]]:
     if run.has_truth:
         return [
             ("psnr-hist", svg_histogram("psnr-hist", "PSNR per image", "PSNR (dB)",

@@ -83,6 +83,9 @@ def test_ingested_photos_without_an_alpha_clean_with_no_option_or_stop_with_the_
     assert f"alpha estimated for {len(PHOTOS)} image(s) (none given, or forward.alpha=auto): median " in proc.stderr
     m = pq.read_table(str(out / "runs" / "r" / "metrics")).to_pylist()
     assert all(r["alpha"] is None and r["alpha_error"] is None and 0.02 <= r["alpha_hat"] <= 0.98 for r in m), m
+    # the report shows the estimates' distribution (no alpha was given)
+    report = (out / "runs" / "r" / "report.html").read_text()
+    assert 'data-plot="alpha-hist"' in report and 'data-plot="alpha-scatter"' not in report
     cleaned = pq.read_table(str(out / "runs" / "r" / "cleaned"), columns=["id", "alpha_hat"]).to_pylist()
     assert sorted((r["id"], r["alpha_hat"]) for r in cleaned) == sorted((r["id"], r["alpha_hat"]) for r in m)
 
@@ -230,3 +233,8 @@ def test_forward_alpha_auto_estimates_every_row_and_measures_it_against_the_alph
         assert r["alpha"] == 0.5 and 0.02 <= r["alpha_hat"] <= 0.98
         assert r["alpha_error"] == pytest.approx(abs(r["alpha_hat"] - 0.5), abs=1e-6)
     assert summary["alpha_error_median"] == pytest.approx(float(np.median([r["alpha_error"] for r in m])), abs=1e-6)
+    # the report plots each estimate against the given alpha: one point per image, and the diagonal
+    report = (tmp_path / "out" / "runs" / "r" / "report.html").read_text()
+    scatter = report[report.index('data-plot="alpha-scatter"'):]
+    scatter = scatter[:scatter.index("</svg>")]
+    assert scatter.count('class="point"') == 4 and 'class="diagonal"' in scatter

@@ -40,26 +40,23 @@ from typing import Any
 import torch
 
 from pipeline.diffusion.sampling import x0_from_eps
-from pipeline.posterior.guidance import Guidance, GuidedDenoiser, to01
+from pipeline.posterior.guidance import Guidance, GuidedDenoiser, _strips, to01
 
 ESTIMABLE = ("blend",)  # forward models whose weight the noise prior's amplitude does not confound
 BOUNDS = (0.02, 0.98)  # the estimate's range (the blend's alpha lies in (0, 1))
 INITIAL = 0.5  # the weight before the first estimate
 START = 0.5  # the time from which the weight is estimated (Tweedie's estimates say little before)
 DAMPING = 0.5  # each evaluation moves the estimate this fraction of the way to its least-squares weight
-STRIP_PIXELS = 1 << 20
 
 
 def least_squares_weight(d: GuidedDenoiser, x: torch.Tensor, n: torch.Tensor, eps_x: torch.Tensor,
                          eps_n: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Per row, the weight ``<y - u, v> / <v, v>`` at Tweedie's estimates of ``(x_t, n_t)`` (unclipped; NaN where
-    ``v`` is zero), summed a strip of rows at a time."""
+    ``v`` is zero), summed a strip of rows at a time (:func:`pipeline.posterior.guidance._strips`)."""
     b, _, h, w = x.shape
     num = torch.zeros(b, dtype=torch.float64, device=x.device)
     den = torch.zeros_like(num)
-    step = max(1, STRIP_PIXELS // max(w, 1))
-    for i in range(0, h, step):
-        rows = slice(i, min(i + step, h))
+    for rows in _strips(h, w, d.forward.pointwise):
         x0 = to01(x0_from_eps(d.sde, x[..., rows, :], eps_x[..., rows, :], t)).clamp_(0.0, 1.0)
         n0 = to01(x0_from_eps(d.sde, n[..., rows, :], eps_n[..., rows, :], t)).clamp_(0.0, 1.0)
         u, v = d.forward.weight_terms(x0, n0)

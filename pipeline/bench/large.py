@@ -74,15 +74,18 @@ class Scenario:
     noise_prior: str
     forward: str
     weight: float
-    rule: str  # the samplers' guidance rule (``--rules`` overrides it)
-    final_projection: bool  # whether the samplers end with the least-distance move onto y
+
+    @property
+    def sampler(self) -> dict[str, Any]:
+        """The sampler's rule and final projection for this scenario: what a run with its forward model takes by
+        default (:attr:`pipeline.forward.ForwardModel.sampler_defaults`; the composite overlay: ``projection``,
+        no final projection). ``--rules`` gives every scenario one rule."""
+        base = SamplerSettings()
+        return {"rule": base.rule, "final_projection": base.final_projection,
+                **FORWARD_MODELS[self.forward].sampler_defaults}
 
 
-# The composite overlay is sampled with `projection` and no final projection: measured on validation crops, `dps`
-# lands below the observation (its gradient through the text network hardly moves the coverage where the text is,
-# even with the image known), and the final projection puts what the layer missed back into the image.
-SCENARIOS = (Scenario("text", "text", "composite", TEXT_A, "projection", False),
-             Scenario("stripes", "stripes-rgb", "blend", STRIPES_ALPHA, "dps", True))
+SCENARIOS = (Scenario("text", "text", "composite", TEXT_A), Scenario("stripes", "stripes-rgb", "blend", STRIPES_ALPHA))
 
 # the joint sampler's (lambda_x, kappa_n) per rule, searched on validation crops
 JOINT_GRID = {"dps": [(20.0, 20.0), (10.0, 200.0), (20.0, 200.0)],
@@ -217,10 +220,15 @@ def seam_ratio(img: np.ndarray, tiling: Any) -> float:
     return float(across.mean() / inside.mean())
 
 
+def tilings(settings: SamplerSettings, sde: Any, forward: Any, shape: tuple[int, ...], tile: int) -> list[Any]:
+    """The tiling of each of the sampler's network evaluations for images of ``shape`` (C, H, W)."""
+    d = GuidedDenoiser(None, None, sde, forward, torch.zeros(1, *shape), settings, tile)  # type: ignore[arg-type]
+    return [d.tiling(t.reshape(1)) for t in sde.timesteps(settings.steps - 1, power=settings.time_power)]
+
+
 def last_tiling(settings: SamplerSettings, sde: Any, forward: Any, shape: tuple[int, ...], tile: int) -> Any:
     """The tiling of the sampler's last network evaluation for images of ``shape`` (C, H, W)."""
-    d = GuidedDenoiser(None, None, sde, forward, torch.zeros(1, *shape), settings, tile)  # type: ignore[arg-type]
-    return d.tiling(sde.timesteps(settings.steps - 1, power=settings.time_power)[-1].reshape(1))
+    return tilings(settings, sde, forward, shape, tile)[-1]
 
 
 def _summary(rows: list[dict[str, Any]], key: str) -> tuple[float, float]:
@@ -254,7 +262,7 @@ def large(quick: bool = False, steps: int | None = None, rule: str | None = None
     for sc in [s for s in SCENARIOS if scenarios is None or s.name in scenarios]:
         n_model, _, _ = load_model(resolve_model(sc.noise_prior))
         n_model.requires_grad_(False)
-        sc_rule = rule or sc.rule
+        sc_rule, final_projection = rule or sc.sampler["rule"], sc.sampler["final_projection"]
         obs = [(id_, x, *observe(sc, x, k, "test")) for k, (id_, x) in enumerate(test)]
         val_obs = [(x, observe(sc, x, k, "val")[0]) for k, (_, x) in enumerate(val)]
         mp = sum(x.shape[1] * x.shape[2] for _, x, _, _ in obs) / 1e6
@@ -278,9 +286,9 @@ def large(quick: bool = False, steps: int | None = None, rule: str | None = None
         small = [(x, observe(sc, x, k, "val")[0]) for k, (x, _) in enumerate(small)]
         for method, noise_net in (("gaussian", fitted), ("joint", n_model)):
             def val_psnr(lam_kap: tuple[float, float], net: Any = noise_net, fm: Any = fm,
-                         small: list[Any] = small, rule: str = sc_rule, sc: Scenario = sc) -> float:
+                         small: list[Any] = small, rule: str = sc_rule, fp: bool = final_projection) -> float:
                 st = SamplerSettings(rule=rule, steps=steps, lambda_x=lam_kap[0], kappa_n=lam_kap[1],
-                                     final_projection=sc.final_projection)
+                                     final_projection=fp)
                 d = Denoiser(x_model, net, sde, st, tile_batch=64)
                 return float(np.mean([_score(_back(d([f"val-{k}"], torch.from_numpy(_rgb(y))[None], fm)
                                                    .denoised[0].numpy(), x), x)["psnr"]
@@ -288,7 +296,7 @@ def large(quick: bool = False, steps: int | None = None, rule: str | None = None
             grid = JOINT_GRID[sc_rule] if sc_rule in JOINT_GRID else [RULES[sc_rule].weights]
             lam, kap = max(grid[:1] if quick else grid, key=val_psnr)
             settings = SamplerSettings(rule=sc_rule, steps=steps, lambda_x=lam, kappa_n=kap,
-                                       final_projection=sc.final_projection)
+                                       final_projection=final_projection)
             den = Denoiser(x_model, noise_net, sde, settings, tile_batch=64)
             xs, ns, seams = [], [], []
             with PeakRSS() as mem:
@@ -327,7 +335,7 @@ def large(quick: bool = False, steps: int | None = None, rule: str | None = None
         log(f"wrote {figure}: per scenario, observation | joint | best baseline | noise estimate | truth")
     meta = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": steps,
-            "rules": {sc.name: rule or sc.rule for sc in SCENARIOS},
+            "rules": {sc.name: rule or sc.sampler["rule"] for sc in SCENARIOS},
             "quick": quick, "crop": None if quick else crop, "seconds": time.perf_counter() - t_start,
             "photos": [i for i, _ in test], "validation_photos": [i for i, _ in val],
             "text_a": TEXT_A, "stripes_alpha": STRIPES_ALPHA}
@@ -449,8 +457,8 @@ def tiling_overhead(rules: tuple[str, ...] = ("dps", "projection"), size: int = 
     out: dict[str, Any] = {"size": size, "tile": tile, "steps": steps, "repeats": repeats}
     for rule in rules:
         settings, _ = resolve_weights(SamplerSettings(rule=rule, steps=steps), "natural", "stripes-rgb", "blend")
-        d = GuidedDenoiser(None, None, sde, make_forward("blend", 1, alpha=0.3), big, settings, tile)  # type: ignore[arg-type]
-        counts = [len(d.tiling(t.reshape(1)).origins) for t in sde.timesteps(steps - 1, power=settings.time_power)]
+        counts = [len(tl.origins) for tl in tilings(settings, sde, make_forward("blend", 1, alpha=0.3),
+                                                        tuple(big.shape[1:]), tile)]
         n_small = round(float(np.mean(counts)))
         small = torch.rand(n_small, 3, tile, tile, generator=gen)
         den = Denoiser(x_model, n_model, sde, settings, tile_batch=64)

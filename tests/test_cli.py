@@ -190,6 +190,7 @@ def test_bench_quality_quick_writes_every_row_key(tmp_path, capsys):
             "psnr_mean", "psnr_std", "psnr_median", "ssim_mean", "ssim_std", "ssim_median", "seconds_per_image"}
     for r in rows:
         assert keys <= set(r) and r["n_images"] == 2 and r["clean"] == "faces" and r["noise"] == "digits"
+        assert "alpha_error_median" not in r  # a known alpha: only the unknown-alpha scenario measures its error
     proj = [r for r in rows if r["method"] == "joint-projection"][0]
     assert proj["backward"] is False and proj["nfe"] == 2
     assert "| main | joint-dps | 2 | 2 |" in proc.stdout

@@ -224,19 +224,21 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
             log(_fmt(rows[-1]))
         x_model, sde, _ = model(sc.image_prior)
         n_model, _, _ = model(sc.noise_prior)
-        # the main scenario shows every rule and step count; the others the default rule at the most steps; the
-        # unknown-alpha scenario that rule with the true alphas, with estimated ones and with a guess of 0.5
-        plan = (joint_plan(table, rules, steps, quick, log) if sc.name == "main"
-                else [(m, _with_weights(SamplerSettings(**({"steps": max(steps)} if quick else {})), table, log))
-                      for m in ALPHA_ROWS] if sc.alpha_range is not None
-                else [(f"joint-{default_rule}", sampler_settings(table, default_rule, max(steps), log))])
+        # the main scenario shows every rule and step count; the unknown-alpha scenario the default sampler with the
+        # true alphas, with estimated ones and with a guess of 0.5; the others the default rule at the most steps
+        if sc.name == "main":
+            plan = joint_plan(table, rules, steps, quick, log)
+        elif sc.alpha_range is not None:
+            default = _with_weights(SamplerSettings(**({"steps": max(steps)} if quick else {})), table, log)
+            plan = [(m, default) for m in ALPHA_ROWS]
+        else:
+            plan = [(f"joint-{default_rule}", sampler_settings(table, default_rule, max(steps), log))]
         truth = alphas_for(sc, len(obs.ids), 0)
         for method, cfg in plan:
             t0 = time.perf_counter()
-            hats: list[torch.Tensor] = []
-            alpha = None if sc.alpha_range is None else truth if method == "joint-oracle" else None
-            x_hat, n_hat = run_joint(x_model, n_model, sde, obs, cfg, alpha=alpha, estimate=method == "joint-auto",
-                                     alpha_out=hats)
+            hats: list[torch.Tensor] | None = [] if sc.alpha_range is not None else None
+            x_hat, n_hat = run_joint(x_model, n_model, sde, obs, cfg, alpha=truth if method == "joint-oracle" else None,
+                                     estimate=method == "joint-auto", alpha_out=hats)
             sec = (time.perf_counter() - t0) / len(obs.ids)
             if (cfg.rule, cfg.steps) == (default_rule, max(steps)):
                 shown["joint"], shown["noise estimate"] = x_hat, n_hat

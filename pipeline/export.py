@@ -6,8 +6,10 @@ cleaned image as its own file, for people and tools that want files.
 * **Which run.** ``RUN`` is a run folder (``OUTPUT/runs/RUN_ID``) or an output root (then its only
   run, the one named by ``run_id``, or else the newest: the one whose latest summary row finished last,
   or for runs without one, whose last file was written last). :func:`resolve_run` says which it took.
-* **Names.** Each file is named after its row id, made safe by :func:`pipeline.untrusted.safe_names` (the
-  escaping that also names the ``path`` of every stored image struct): path separators and
+* **Names.** Each file is named after its row id less an image file's extension (``cat.jpg`` and ``cat.png``
+  become ``cat.png``, unless two ids of the run would then meet, or one would meet another id: those keep their
+  whole id), made safe by :func:`pipeline.untrusted.safe_names` (the escaping that also names the ``path`` of
+  every stored image struct): path separators and
   ``..`` replaced by ``_``, a leading dot too (no hidden file), control characters escaped as ``%XX``,
   at most :data:`MAX_NAME_BYTES` bytes with the ``.png`` suffix; ids that come out the same get
   ``~`` and a short hash of their raw id appended. ``DIR/export.csv`` maps each file to its id (and
@@ -15,7 +17,8 @@ cleaned image as its own file, for people and tools that want files.
   ``noise``, ``DIR/noise/<name>.png``; each through a temporary file and a rename, so a link at the
   target is replaced, never followed.
 * **Bit depth.** The source's: an image whose observation (in the run's input shard) is an 8-bit PNG
-  (or less) is written as 8-bit PNG, a 16-bit one (or a float ``.npy``) as 16-bit. ``cleaned/`` stores
+  (or less), or was ingested from an 8-bit file (its ``source_bits``; ingest stores 16-bit PNG), is written as
+  8-bit PNG, a 16-bit one (or a float ``.npy``) as 16-bit. ``cleaned/`` stores
   16-bit PNG, so 16-bit output is those bytes as they are; 8-bit output is rounded to the nearest
   level. When the input cannot be read from here, images are written at 16 bits and the result says so.
 """
@@ -29,13 +32,34 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.data.shards import decode_image, encode_png, from_float, list_parts, read_table, to_float
+from pipeline.data.shards import (
+    MissingColumnError,
+    decode_image,
+    encode_png,
+    from_float,
+    list_parts,
+    read_table,
+    to_float,
+)
 from pipeline.data.storage import join, open_fs, write_atomic
 from pipeline.untrusted import MAX_NAME_BYTES as MAX_NAME_BYTES  # re-exported: the names' limit
 from pipeline.untrusted import check_run_id, is_plain_name, safe_names
 
 SUFFIX = ".png"
 CSV_NAME = "export.csv"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".npy")  # dropped from names
+
+
+def file_names(ids: list[str]) -> dict[str, str]:
+    """Each id's PNG file name: the id less an image file's extension (:data:`IMAGE_EXTENSIONS`, any case) where
+    that meets no other id of ``ids`` and no other id's shortened form, else the whole id; made safe by
+    :func:`pipeline.untrusted.safe_names`."""
+    unique = list(dict.fromkeys(str(i) for i in ids))
+    short = {i: i[:i.rfind(".")] if i.lower().endswith(IMAGE_EXTENSIONS) and i.rfind(".") > 0 else i for i in unique}
+    met = Counter(short.values())
+    raw = set(unique)
+    keys = [short[i] if met[short[i]] == 1 and (short[i] == i or short[i] not in raw) else i for i in unique]
+    return dict(zip(unique, safe_names(keys, SUFFIX)))
 
 
 class ExportError(FileNotFoundError):
@@ -117,15 +141,22 @@ def png_bit_depth(data: bytes | None, path: str = "") -> int:
 
 
 def _source_bits(dataset: str | None, shard: str, rows: Iterable[int]) -> dict[int, int] | None:
-    """``{row: bits}`` of the observations of ``rows`` in the input shard; None if it cannot be read."""
+    """``{row: bits}`` of the observations of ``rows`` in the input shard (an ingested file's ``source_bits``
+    where there is one: 8 for 8 bits or fewer, else 16); None if it cannot be read."""
     if not dataset:
         return None
     try:
-        table = read_table(join(dataset, shard), ["observation"], attempts=2)
+        try:
+            table = read_table(join(dataset, shard), ["observation", "source_bits"], attempts=2)
+        except MissingColumnError:  # not an ingested dataset
+            table = read_table(join(dataset, shard), ["observation"], attempts=2)
     except Exception:
         return None
     cells = table.column("observation").to_pylist()
-    return {r: png_bit_depth((cells[r] or {}).get("bytes"), (cells[r] or {}).get("path") or "")
+    source = (table.column("source_bits").to_pylist() if "source_bits" in table.column_names
+              else [None] * len(cells))
+    return {r: (8 if source[r] <= 8 else 16) if source[r] is not None
+            else png_bit_depth((cells[r] or {}).get("bytes"), (cells[r] or {}).get("path") or "")
             for r in rows if 0 <= r < len(cells)}
 
 
@@ -185,7 +216,7 @@ def export_run(run: str, out_dir: str, run_id: str | None = None, noise: bool = 
     columns = ["id", "denoised"] + (["noise_estimate"] if noise else [])
     tables = [(p, read_table(p, ["id"], attempts=3).column("id").to_pylist()) for p in parts]
     ids = [i for _, shard_ids in tables for i in shard_ids]
-    names = dict(zip(ids, safe_names(ids, SUFFIX)))
+    names = file_names(ids)
     out_dir = str(out_dir).rstrip("/")
     fs, root = open_fs(out_dir)
     fs.makedirs(root, exist_ok=True)

@@ -88,6 +88,13 @@ def test_ingested_photos_without_an_alpha_clean_with_no_option_or_stop_with_the_
     assert 'data-plot="alpha-hist"' in report and 'data-plot="alpha-scatter"' not in report
     cleaned = pq.read_table(str(out / "runs" / "r" / "cleaned"), columns=["id", "alpha_hat"]).to_pylist()
     assert sorted((r["id"], r["alpha_hat"]) for r in cleaned) == sorted((r["id"], r["alpha_hat"]) for r in m)
+    # exported at the photos' depth: 8-bit PNGs (ingest stores 16 bits; the source's depth is kept beside it),
+    # named after the files without their extensions, each at its photo's size (grey: the priors are)
+    proc = cli(capsys, "export", str(out / "runs" / "r"), str(tmp_path / "png"), "--quiet")
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["bits"] == {"8": len(PHOTOS)}
+    for name in PHOTOS:
+        with Image.open(tmp_path / "png" / (name.rsplit(".", 1)[0] + ".png")) as im:
+            assert im.mode == "L" and im.size == Image.open(obs.parent / "photos" / name).size
 
 
 def test_a_dataset_with_a_few_odd_rows_goes_ahead(tiny_priors, tmp_path):

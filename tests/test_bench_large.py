@@ -1,4 +1,4 @@
-"""``jointdiff bench large --quick``: every row of both scenarios, finite seam ratios, figures consistent with the
+"""``jointdiff bench large --quick``: every row of the three scenarios, finite seam ratios, figures consistent with the
 per-image scores, and the seam ratio itself on images with and without a seam. No timing is asserted."""
 
 from __future__ import annotations
@@ -8,22 +8,31 @@ import math
 
 import numpy as np
 
-from pipeline.bench.large import seam_ratio
+from pipeline.bench.large import SCENARIOS, seam_ratio
 from pipeline.cli import main
 from pipeline.diffusion.tiles import Tiling
 
 
-def test_bench_large_quick_reports_every_row_of_both_scenarios(tmp_path, capsys):
+def test_bench_large_quick_reports_every_row_of_each_scenario(tmp_path, capsys):
     out, fig = tmp_path / "large.json", tmp_path / "large.png"
     assert main(["bench", "large", "--quick", "--threads", "2", "--json", str(out), "--figure", str(fig)]) == 0
     doc = json.loads(out.read_text())
-    methods = ["observation", "nlm", "tv", "bm3d", "inpaint", "gaussian", "joint"]
-    assert [(r["scenario"], r["method"]) for r in doc["rows"]] == [(s, m) for s in ("text", "stripes")
-                                                                   for m in methods]
+    baselines = ["observation", "nlm", "tv", "bm3d", "inpaint"]
+    samplers = {"text": ["gaussian", "joint"], "stripes": ["gaussian", "joint"],
+                "unknown-alpha": ["joint-oracle", "joint-auto", "joint-fixed"]}
+    assert [(r["scenario"], r["method"]) for r in doc["rows"]] == [(s, m) for s in samplers
+                                                                   for m in baselines + samplers[s]]
+    # the unknown-alpha photo's hidden alpha: the oracle cleans with it, the fixed row with 0.5, auto estimates it
+    truth = next(s for s in SCENARIOS if s.name == "unknown-alpha").weight_of(0, "test")
+    assert 0.2 <= truth <= 0.8
+    assert next(p for p in doc["per_image"] if p["scenario"] == "unknown-alpha")["alpha"] == truth
+    err = {r["method"]: r.get("alpha_error_median") for r in doc["rows"] if r["scenario"] == "unknown-alpha"}
+    assert err["joint-oracle"] == 0 and err["joint-fixed"] == abs(0.5 - truth) and err["nlm"] is None
+    assert 0 <= err["joint-auto"] <= 0.6
     for r in doc["rows"]:
         assert r["n_images"] == 1 and math.isfinite(r["psnr_mean"]) and 0 < r["ssim_mean"] <= 1
         assert r["seconds_per_megapixel"] >= 0 and r["peak_rss_mb"] > 0
-        if r["method"] in ("gaussian", "joint"):  # the samplers tile the 128x192 crop: a finite seam ratio
+        if r["method"] not in baselines:  # the samplers tile the 128x192 crop: a finite seam ratio
             assert r["steps"] == 4 and 0.5 < r["seam_ratio"] < 2
         else:
             assert r["seam_ratio"] is None
@@ -32,15 +41,16 @@ def test_bench_large_quick_reports_every_row_of_both_scenarios(tmp_path, capsys)
         assert r["psnr_mean"] == np.mean(per)
     assert {(p["height"], p["width"], p["channels"]) for p in doc["per_image"]} == {(128, 192, 3)}
     assert doc["meta"]["quick"] and doc["meta"]["steps"] == 4 and fig.stat().st_size > 0
-    assert doc["meta"]["rules"] == {"text": "projection", "stripes": "dps"}
-    assert {(r["scenario"], r["rule"], r["final_projection"]) for r in doc["rows"] if r["method"] == "joint"} == {
-        ("text", "projection", False), ("stripes", "dps", True)}
+    assert doc["meta"]["rules"] == {"text": "projection", "stripes": "dps", "unknown-alpha": "dps"}
+    assert {(r["scenario"], r["rule"], r["final_projection"]) for r in doc["rows"] if r["rule"]} == {
+        ("text", "projection", False), ("stripes", "dps", True), ("unknown-alpha", "dps", True)}
     # the tiling overhead: one 160x160 image in about 50 tiles against as many 32x32 images, each rule
     for rule in ("dps", "projection"):
         t = doc["tiling"][rule]
         assert 36 <= t["tiles_per_evaluation"] <= 64 and t["untiled_batch"] == round(t["tiles_per_evaluation"])
         assert math.isfinite(t["ratio"]) and t["ratio"] > 0
-    assert "| text | joint |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| text | joint |" in printed and "unknown-alpha joint-auto: |alpha_hat - alpha| median" in printed
 
 
 def test_the_seam_ratio_sees_a_step_at_the_tile_borders_and_nothing_in_a_smooth_image():

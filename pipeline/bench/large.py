@@ -3,11 +3,16 @@
 The photos are the ``natural`` test split (:data:`pipeline.data.embedded.NATURAL_PHOTOS`: astronaut and coffee in
 RGB, camera and coins grey), never seen by a prior, at native resolution: the full run cuts each to at most
 ``crop`` pixels a side (centre) so that it fits in 90 minutes on 2 CPU cores; ``--quick`` one 128x192 crop of
-astronaut at 4 steps. Two scenarios:
+astronaut at 4 steps. Three scenarios:
 
 * ``text``: an RGBA layer of random words (the training font families, test seeds:
   :func:`pipeline.data.text.text_layer`) composited with ``a`` = :data:`TEXT_A`; priors ``natural`` + ``text``;
-* ``stripes``: grey stripes blended with alpha :data:`STRIPES_ALPHA`; priors ``natural`` + ``stripes-rgb``.
+* ``stripes``: grey stripes blended with alpha :data:`STRIPES_ALPHA`; priors ``natural`` + ``stripes-rgb``;
+* ``unknown-alpha``: the same stripes, each photo blended with its own alpha drawn uniformly from
+  :data:`UNKNOWN_ALPHA` and hidden from the sampler. Its sampler rows are ``joint-oracle`` (each photo's own alpha),
+  ``joint-auto`` (``forward.alpha: auto``) and ``joint-fixed`` (0.5, what a user would guess), with the weights a
+  user's run takes (the tuned table's for ``natural`` + ``stripes-rgb``, not searched again), each with the median
+  and mean ``|alpha_hat - alpha|`` of the weight it cleaned with; no ``gaussian`` row.
 
 Grey photos are noised in grey (a text layer's colour by luminance), cleaned by the RGB priors as R = G = B and
 measured in grey, as a run does. Rows per scenario: the observation, NLM, TV, BM3D (when installed), ``inpaint``
@@ -49,6 +54,7 @@ import numpy as np
 import torch
 
 from pipeline import metrics
+from pipeline.bench.quality import ALPHA_ROWS, hidden_alphas
 from pipeline.data.corrupt import layer_for
 from pipeline.data.embedded import STRIPES_SPLITS, TEXT_SPLITS, grey_of, load_embedded, natural_photos, stripe
 from pipeline.forward import FORWARD_MODELS, make_forward
@@ -63,6 +69,7 @@ from pipeline.posterior.tuned import record as tuned_record
 
 TEXT_A = 0.8
 STRIPES_ALPHA = 0.3
+UNKNOWN_ALPHA = (0.2, 0.8)
 CROP = 192  # the full run: each test photo cut to at most this many pixels a side (fits 90 min on 2 cores)
 QUICK_CROP = (128, 192)
 MEMORY_SIZE = 4096
@@ -73,7 +80,14 @@ class Scenario:
     name: str
     noise_prior: str
     forward: str
-    weight: float
+    weight: float  # the weight every observation is made with; with ``alpha_range``, the guess of joint-fixed
+    alpha_range: tuple[float, float] | None = None  # each photo's weight drawn from it, hidden from the sampler
+
+    def weight_of(self, k: int, split: str) -> float:
+        """The weight photo ``k`` of ``split`` is observed with (:func:`pipeline.bench.quality.hidden_alphas`)."""
+        if self.alpha_range is None:
+            return self.weight
+        return float(hidden_alphas(self.alpha_range, k + 1, seed=SPLIT_SEEDS[split])[k])
 
     @property
     def sampler(self) -> dict[str, Any]:
@@ -85,7 +99,9 @@ class Scenario:
                 **FORWARD_MODELS[self.forward].sampler_defaults}
 
 
-SCENARIOS = (Scenario("text", "text", "composite", TEXT_A), Scenario("stripes", "stripes-rgb", "blend", STRIPES_ALPHA))
+SCENARIOS = (Scenario("text", "text", "composite", TEXT_A), Scenario("stripes", "stripes-rgb", "blend", STRIPES_ALPHA),
+             Scenario("unknown-alpha", "stripes-rgb", "blend", 0.5, alpha_range=UNKNOWN_ALPHA))
+SPLIT_SEEDS = {"test": 0, "val": 100}  # the hidden weights' seeds per split
 
 # the joint sampler's (lambda_x, kappa_n) per rule, searched on validation crops
 JOINT_GRID = {"dps": [(20.0, 20.0), (10.0, 200.0), (20.0, 200.0)],
@@ -146,13 +162,13 @@ def photos(split: str, quick: bool, crop: int = CROP) -> list[tuple[str, np.ndar
 def observe(sc: Scenario, x: np.ndarray, k: int, split: str) -> tuple[np.ndarray, np.ndarray]:
     """``(y, noise)`` of photo ``x`` (its ``k``-th of the split) under the scenario's noise, in its channels."""
     h, w = x.shape[1:]
-    if sc.name == "text":
+    if sc.noise_prior == "text":
         from pipeline.data.text import text_layer
 
         nz = layer_for(text_layer(TEXT_SPLITS[split][0] + k, (h, w), words=(3, 6)), x.shape[0])
     else:
         nz = np.broadcast_to(stripe(STRIPES_SPLITS[split][0] + k, 32, (h, w)).astype(np.float32), x.shape).copy()
-    fm = make_forward(sc.forward, 1, **{FORWARD_MODELS[sc.forward].weight: sc.weight})
+    fm = make_forward(sc.forward, 1, **{FORWARD_MODELS[sc.forward].weight: sc.weight_of(k, split)})
     y = fm.apply(torch.from_numpy(x)[None], torch.from_numpy(nz)[None])[0].numpy()
     return np.clip(y, 0, 1).astype(np.float32), nz
 
@@ -278,33 +294,45 @@ def large(quick: bool = False, steps: int | None = None, rule: str | None = None
                 sec = time.perf_counter() - t0
             rows.append(_row(sc, m, obs, results[m], sec / mp, mem.peak, param=param))
             log(_fmt(rows[-1]))
-        fitted = GaussianPrior.fit(torch.from_numpy(load_embedded(
-            "text" if sc.name == "text" else "stripes", "train", tile, 4 if sc.name == "text" else 3, n=2000).images),
-            sde)
         fm = make_forward(sc.forward, 1, **{FORWARD_MODELS[sc.forward].weight: sc.weight})
-        small = [(_centre_chw(x, *VAL_CROP), None) for x, _ in val_obs]
-        small = [(x, observe(sc, x, k, "val")[0]) for k, (x, _) in enumerate(small)]
-        for method, noise_net in (("gaussian", fitted), ("joint", n_model)):
-            def val_psnr(lam_kap: tuple[float, float], net: Any = noise_net, fm: Any = fm,
-                         small: list[Any] = small, rule: str = sc_rule, fp: bool = final_projection) -> float:
-                st = SamplerSettings(rule=rule, steps=steps, lambda_x=lam_kap[0], kappa_n=lam_kap[1],
-                                     final_projection=fp)
-                d = Denoiser(x_model, net, sde, st, tile_batch=64)
-                return float(np.mean([_score(_back(d([f"val-{k}"], torch.from_numpy(_rgb(y))[None], fm)
-                                                   .denoised[0].numpy(), x), x)["psnr"]
-                                      for k, (x, y) in enumerate(small)]))
-            grid = JOINT_GRID[sc_rule] if sc_rule in JOINT_GRID else [RULES[sc_rule].weights]
-            lam, kap = max(grid[:1] if quick else grid, key=val_psnr)
-            settings = SamplerSettings(rule=sc_rule, steps=steps, lambda_x=lam, kappa_n=kap,
-                                       final_projection=final_projection)
+        runs: list[tuple[str, Any, SamplerSettings]] = []  # (method, noise prior, settings)
+        if sc.alpha_range is None:
+            fitted = GaussianPrior.fit(torch.from_numpy(load_embedded(
+                "text" if sc.noise_prior == "text" else "stripes", "train", tile,
+                4 if sc.noise_prior == "text" else 3, n=2000).images), sde)
+            small = [(_centre_chw(x, *VAL_CROP), None) for x, _ in val_obs]
+            small = [(x, observe(sc, x, k, "val")[0]) for k, (x, _) in enumerate(small)]
+            for method, noise_net in (("gaussian", fitted), ("joint", n_model)):
+                def val_psnr(lam_kap: tuple[float, float], net: Any = noise_net, small: list[Any] = small,
+                             rule: str = sc_rule, fp: bool = final_projection, fm: Any = fm) -> float:
+                    st = SamplerSettings(rule=rule, steps=steps, lambda_x=lam_kap[0], kappa_n=lam_kap[1],
+                                         final_projection=fp)
+                    d = Denoiser(x_model, net, sde, st, tile_batch=64)
+                    return float(np.mean([_score(_back(d([f"val-{k}"], torch.from_numpy(_rgb(y))[None], fm)
+                                                       .denoised[0].numpy(), x), x)["psnr"]
+                                          for k, (x, y) in enumerate(small)]))
+                grid = JOINT_GRID[sc_rule] if sc_rule in JOINT_GRID else [RULES[sc_rule].weights]
+                lam, kap = max(grid[:1] if quick else grid, key=val_psnr)
+                runs.append((method, noise_net, SamplerSettings(rule=sc_rule, steps=steps, lambda_x=lam,
+                                                                kappa_n=kap, final_projection=final_projection)))
+        else:  # the weights a user's run takes, for the true, the estimated and the guessed alpha
+            settings, _ = resolve_weights(SamplerSettings(rule=sc_rule, steps=steps, final_projection=final_projection),
+                                          "natural", sc.noise_prior, sc.forward)
+            runs = [(method, n_model, settings) for method in ALPHA_ROWS]
+        truth = [sc.weight_of(k, "test") for k in range(len(obs))]
+        for method, noise_net, settings in runs:
             den = Denoiser(x_model, noise_net, sde, settings, tile_batch=64)
-            xs, ns, seams = [], [], []
+            xs, ns, seams, hats = [], [], [], []
             with PeakRSS() as mem:
                 t0 = time.perf_counter()
-                for id_, x, y, _ in obs:
-                    out = den([id_], torch.from_numpy(_rgb(y))[None], fm)
+                for k, (id_, x, y, _) in enumerate(obs):
+                    given = truth[k] if method in ("joint-oracle", "gaussian", "joint") else sc.weight
+                    fm_k = make_forward(sc.forward, 1, **{FORWARD_MODELS[sc.forward].weight: given})
+                    out = den([id_], torch.from_numpy(_rgb(y))[None], fm_k,
+                              torch.ones(1, dtype=torch.bool) if method == "joint-auto" else None)
+                    hats.append(given if out.alpha_hat is None else float(out.alpha_hat[0]))
                     x_hat, n_hat = out.denoised[0].numpy(), out.noise_estimate[0].numpy()
-                    seams.append(seam_ratio(x_hat, last_tiling(settings, sde, fm, x_hat.shape, tile)))
+                    seams.append(seam_ratio(x_hat, last_tiling(settings, sde, fm_k, x_hat.shape, tile)))
                     if x.shape[0] == 1:
                         x_hat, n_hat = grey_of(x_hat), grey_of(n_hat)
                     xs.append(x_hat)
@@ -313,19 +341,26 @@ def large(quick: bool = False, steps: int | None = None, rule: str | None = None
             results[method] = xs
             if method == "joint":
                 picked.append(tuned_entry(settings, "natural", sc.noise_prior, sc.forward))
+            if sc.alpha_range is not None:
+                results[f"{method} alpha"] = hats
             rows.append(_row(sc, method, obs, xs, sec / mp, mem.peak, steps=steps, seams=seams,
-                             weights=(settings.lambda_x, settings.kappa_n), settings=settings))
+                             weights=(settings.lambda_x, settings.kappa_n), settings=settings,
+                             alpha_error=np.abs(np.array(hats) - truth) if sc.alpha_range is not None else None))
             log(_fmt(rows[-1]))
-            if method == "joint":
+            if method in ("joint", "joint-auto"):
                 results["noise estimate"] = ns
         best = max(methods[1:], key=lambda m: next(r["psnr_mean"] for r in rows
                                                    if r["scenario"] == sc.name and r["method"] == m))
+        samplers = [m for m, _, _ in runs]
         for k, (id_, x, _, _) in enumerate(obs):
+            alpha = ({"alpha": truth[k], **{f"{m} alpha_hat": results[f"{m} alpha"][k] for m in samplers}}
+                     if sc.alpha_range is not None else {})
             per_image.append({"scenario": sc.name, "id": id_, "height": x.shape[1], "width": x.shape[2],
-                              "channels": x.shape[0],
-                              **{m: _score(results[m][k], x) for m in [*methods, "gaussian", "joint"]}})
+                              "channels": x.shape[0], **alpha,
+                              **{m: _score(results[m][k], x) for m in [*methods, *samplers]}})
         id_, x, y, nz = obs[0]
-        shown.append([_rgb(y), _rgb(results["joint"][0]), _rgb(results[best][0]),
+        joint = "joint" if "joint" in results else "joint-auto"
+        shown.append([_rgb(y), _rgb(results[joint][0]), _rgb(results[best][0]),
                       _layer_view(results["noise estimate"][0]), _rgb(x)])
     if record and not quick and picked:
         tuned_record(picked)
@@ -338,7 +373,7 @@ def large(quick: bool = False, steps: int | None = None, rule: str | None = None
             "rules": {sc.name: rule or sc.sampler["rule"] for sc in SCENARIOS},
             "quick": quick, "crop": None if quick else crop, "seconds": time.perf_counter() - t_start,
             "photos": [i for i, _ in test], "validation_photos": [i for i, _ in val],
-            "text_a": TEXT_A, "stripes_alpha": STRIPES_ALPHA}
+            "text_a": TEXT_A, "stripes_alpha": STRIPES_ALPHA, "unknown_alpha": list(UNKNOWN_ALPHA)}
     return {"meta": meta, "rows": rows, "per_image": per_image}
 
 
@@ -349,8 +384,8 @@ def _score(x_hat: np.ndarray, x: np.ndarray) -> dict[str, float]:
 
 def _row(sc: Scenario, method: str, obs: list[Any], xs: list[np.ndarray], s_per_mp: float, peak_mb: float,
          param: float | None = None, steps: int | None = None, seams: list[float] | None = None,
-         weights: tuple[float | None, float | None] | None = None,
-         settings: SamplerSettings | None = None) -> dict[str, Any]:
+         weights: tuple[float | None, float | None] | None = None, settings: SamplerSettings | None = None,
+         alpha_error: np.ndarray | None = None) -> dict[str, Any]:
     scores = [_score(x_hat, x) for x_hat, (_, x, _, _) in zip(xs, obs)]
     psnr, ssim = [s["psnr"] for s in scores], [s["ssim"] for s in scores]
     finite_seams = [s for s in (seams or []) if math.isfinite(s)]
@@ -361,7 +396,9 @@ def _row(sc: Scenario, method: str, obs: list[Any], xs: list[np.ndarray], s_per_
             "n_images": len(xs), "psnr_mean": float(np.mean(psnr)), "psnr_median": float(np.median(psnr)),
             "ssim_mean": float(np.mean(ssim)), "ssim_median": float(np.median(ssim)),
             "seam_ratio": float(np.mean(finite_seams)) if finite_seams else None,
-            "seconds_per_megapixel": s_per_mp, "peak_rss_mb": peak_mb}
+            "seconds_per_megapixel": s_per_mp, "peak_rss_mb": peak_mb,
+            **({"alpha_error_median": float(np.median(alpha_error)), "alpha_error_mean": float(np.mean(alpha_error))}
+               if alpha_error is not None else {})}
 
 
 def _layer_view(n: np.ndarray) -> np.ndarray:
@@ -395,7 +432,9 @@ def _fmt(r: dict[str, Any]) -> str:
     seam += f"  ({r['rule']}, {r['lambda_x']:g}/{r['kappa_n']:g})" if r.get("rule") else ""
     return (f"{r['scenario']:8s} {r['method']:12s} PSNR {r['psnr_mean']:6.2f} (med {r['psnr_median']:6.2f})  "
             f"SSIM {r['ssim_mean']:.3f} (med {r['ssim_median']:.3f})  {r['seconds_per_megapixel']:8.1f} s/MP  "
-            f"peak {r['peak_rss_mb']:6.0f} MB{seam}")
+            f"peak {r['peak_rss_mb']:6.0f} MB{seam}"
+            + (f"  |alpha err| median {r['alpha_error_median']:.3f}" if r.get("alpha_error_median") is not None
+               else ""))
 
 
 def table(doc: dict[str, Any]) -> str:
@@ -406,6 +445,10 @@ def table(doc: dict[str, Any]) -> str:
         lines.append(f"| {r['scenario']} | {r['method']} | {r['psnr_mean']:.2f} ({r['psnr_median']:.2f}) | "
                      f"{r['ssim_mean']:.3f} ({r['ssim_median']:.3f}) | {seam} | {r['seconds_per_megapixel']:.1f} | "
                      f"{r['peak_rss_mb']:.0f} |")
+    for r in doc["rows"]:
+        if r.get("alpha_error_median") is not None:
+            lines.append(f"\n{r['scenario']} {r['method']}: |alpha_hat - alpha| median {r['alpha_error_median']:.3f}, "
+                         f"mean {r['alpha_error_mean']:.3f}")
     if doc.get("tiling"):
         tl = doc["tiling"]
         lines.append(f"\ntiling overhead (one {tl['size']}x{tl['size']} image in {tl['tile']}-pixel tiles against as "

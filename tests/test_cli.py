@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 from PIL import Image
 
@@ -198,13 +199,19 @@ def test_bench_quality_quick_writes_every_row_key(tmp_path, capsys):
     assert Image.open(tmp_path / "q.png").size == (2 * (96 + 2) + 2, 6 * (96 + 2) + 2)
 
 
-def test_bench_quality_unknown_alpha_compares_the_true_estimated_and_guessed_weight(tmp_path, capsys):
+def test_bench_quality_unknown_alpha_and_read_out_compare_the_true_estimated_and_guessed_parameters(tmp_path,
+                                                                                                    capsys):
     out = tmp_path / "q.json"
-    cli(capsys, "bench", "quality", "--quick", "--scenarios", "unknown-alpha", "--n", "3", "--n-val", "2",
+    cli(capsys, "bench", "quality", "--quick", "--scenarios", "unknown-alpha,read-out", "--n", "3", "--n-val", "2",
         "--steps", "2", "--json", str(out))
-    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    doc = json.loads(out.read_text())["rows"]
+    rows = {r["method"]: r for r in doc if r["scenario"] == "unknown-alpha"}
     assert {"observation", "joint-oracle", "joint-auto", "joint-fixed", "gaussian"} <= set(rows)
-    assert all(r["scenario"] == "unknown-alpha" and r["alpha"] is None and r["n_images"] == 3 for r in rows.values())
+    assert all(r["alpha"] is None and r["n_images"] == 3 for r in rows.values())
+    # the read-out scenario: the sampler told each image's sigma_y against told nothing; no alpha is estimated
+    read_out = [r for r in doc if r["scenario"] == "read-out"]
+    assert [r["method"] for r in read_out if r["rule"]] == ["joint-oracle", "joint-fixed", "gaussian"]
+    assert all(r["alpha"] == 0.5 and "alpha_error_median" not in r for r in read_out)
     auto = rows["joint-auto"]
     assert 0 <= auto["alpha_error_median"] <= auto["alpha_error_mean"] * 3 and auto["alpha_error_mean"] < 0.6
     assert rows["joint-oracle"]["alpha_error_mean"] == 0  # the true weights, reported as they were used
@@ -214,6 +221,14 @@ def test_bench_quality_unknown_alpha_compares_the_true_estimated_and_guessed_wei
 
     a = alphas_for(next(s for s in SCENARIOS if s.name == "unknown-alpha"), 50, 0)
     assert 0.2 <= float(a.min()) < 0.3 and 0.7 < float(a.max()) <= 0.8
+    # the read-out scenario's observations carry white noise of each image's own sigma_y on top of the blend
+    from pipeline.bench.quality import observations, sigmas_for
+
+    sc = next(s for s in SCENARIOS if s.name == "read-out")
+    obs, sigma = observations(sc, "test", 20), sigmas_for(sc, 20, 0)
+    e = torch.from_numpy(obs.observation - (0.5 * obs.clean + 0.5 * obs.noise)).flatten(1)
+    assert 0.005 <= float(sigma.min()) and float(sigma.max()) <= 0.05 and float(sigma.max() - sigma.min()) > 0.02
+    assert torch.allclose(e.std(1), sigma, rtol=0.1) and e.mean(1).abs().max() < 0.01
 
 
 def test_ctrl_c_during_clean_says_how_far_it_got_and_how_to_resume(tiny_priors, tmp_path):

@@ -10,12 +10,15 @@ digits):
 | alpha0.3/0.7| faces     | digits    | 0.3/0.7 | faces + digits |
 | ood         | patches   | digits    | 0.5   | faces + digits (out of distribution) |
 | unknown-alpha | faces   | digits    | U[0.2, 0.8] per image, hidden | faces + digits |
+| read-out    | faces     | digits    | 0.5, read-out noise sigma_y U[0.005, 0.05] per image, hidden | faces + digits |
 
 The unknown-alpha scenario's sampler rows are ``joint-oracle`` (each observation's own alpha),
 ``joint-auto`` (estimated: ``forward.alpha: auto``) and ``joint-fixed`` (0.5, what a user would guess), each
 with the median and mean ``|alpha_hat - alpha|`` of the weight it cleaned with, on the same observations, seeds
 and steps, with the sampler a run uses by default (DDIM, 50 steps, the tuned weights; ``--quick``: the most of
-``--steps``); its ``gaussian`` row is given the true alphas.
+``--steps``); its ``gaussian`` row is given the true alphas. The read-out scenario's are ``joint-oracle`` (each
+observation's own ``sigma_y``) and ``joint-fixed`` (``forward.sigma_y`` at its default, :data:`FIXED_SIGMA_Y`,
+what a run uses when it is not told), with the same sampler; its ``gaussian`` row is given the true ``sigma_y``.
 
 Methods: ``observation``, ``nlm``, ``tv``, ``bm3d`` (when the package imports), ``gaussian`` (the
 joint sampler with the noise prior replaced by a Gaussian fitted to the noise training images) and
@@ -41,6 +44,7 @@ from typing import Any
 import torch
 
 from pipeline import metrics
+from pipeline.config import ForwardConfig
 from pipeline.data.corrupt import Observations, corrupt
 from pipeline.data.embedded import load_embedded
 from pipeline.diffusion.checkpoint import load_model
@@ -65,6 +69,7 @@ class Scenario:
     image_prior: str = "faces"
     noise_prior: str = "digits"
     alpha_range: tuple[float, float] | None = None  # each observation's alpha drawn from it, hidden from the sampler
+    sigma_y_range: tuple[float, float] | None = None  # each observation's read-out noise drawn from it, hidden
 
 
 SCENARIOS = [
@@ -74,28 +79,47 @@ SCENARIOS = [
     Scenario("alpha0.7", "faces", "digits", 0.7),
     Scenario("ood", "patches", "digits", 0.5),
     Scenario("unknown-alpha", "faces", "digits", 0.5, alpha_range=(0.2, 0.8)),
+    Scenario("read-out", "faces", "digits", 0.5, sigma_y_range=(0.005, 0.05)),
 ]
 ALPHA_ROWS = ("joint-oracle", "joint-auto", "joint-fixed")  # the unknown-alpha scenario's sampler rows
+SIGMA_ROWS = ("joint-oracle", "joint-fixed")  # the read-out scenario's sampler rows
+FIXED_SIGMA_Y = ForwardConfig.model_fields["sigma_y"].default  # what a run assumes when it is not told
+
+
+def hidden_alphas(alpha_range: tuple[float, float], n: int, seed: int) -> torch.Tensor:
+    """``n`` mixing weights drawn uniformly from ``alpha_range``, seeded (the unknown-alpha scenarios' truth)."""
+    lo, hi = alpha_range
+    return lo + (hi - lo) * torch.rand(n, generator=torch.Generator().manual_seed(10_000 + seed))
 
 
 def alphas_for(sc: Scenario, n: int, seed: int) -> torch.Tensor:
-    """Each observation's alpha: ``sc.alpha`` for every one, or drawn uniformly from ``sc.alpha_range`` (seeded)."""
+    """Each observation's alpha: ``sc.alpha`` for every one, or drawn from ``sc.alpha_range``
+    (:func:`hidden_alphas`)."""
     if sc.alpha_range is None:
         return torch.full((n,), sc.alpha)
-    lo, hi = sc.alpha_range
-    return lo + (hi - lo) * torch.rand(n, generator=torch.Generator().manual_seed(10_000 + seed))
+    return hidden_alphas(sc.alpha_range, n, seed)
+
+
+def sigmas_for(sc: Scenario, n: int, seed: int) -> torch.Tensor:
+    """Each observation's read-out noise: none, or drawn uniformly from ``sc.sigma_y_range`` (seeded)."""
+    if sc.sigma_y_range is None:
+        return torch.zeros(n)
+    lo, hi = sc.sigma_y_range
+    return lo + (hi - lo) * torch.rand(n, generator=torch.Generator().manual_seed(20_000 + seed))
 
 
 def observations(sc: Scenario, split: str, n: int, seed: int = 0) -> Observations:
     """The scenario's observations; with ``alpha_range`` each one is blended with its own alpha
-    (:func:`alphas_for`; ``Observations.alpha`` then holds ``sc.alpha`` only as a guess, the truth is per row)."""
+    (:func:`alphas_for`; ``Observations.alpha`` then holds ``sc.alpha`` only as a guess, the truth is per row); with
+    ``sigma_y_range`` each one carries Gaussian read-out noise of its own ``sigma_y`` (:func:`sigmas_for`)."""
     size = 32
     obs = corrupt(load_embedded(sc.clean, split, size, 1), load_embedded(sc.noise, split, size, 1), n,
                   alpha=sc.alpha, seed=seed)
-    if sc.alpha_range is not None:
-        a = alphas_for(sc, len(obs.ids), seed)
-        obs.observation[:] = make_forward("blend", len(obs.ids), alpha=a).apply(
-            torch.from_numpy(obs.clean), torch.from_numpy(obs.noise)).numpy()
+    if sc.alpha_range is not None or sc.sigma_y_range is not None:
+        fm = make_forward("blend", len(obs.ids), alpha=alphas_for(sc, len(obs.ids), seed),
+                          sigma_y=sigmas_for(sc, len(obs.ids), seed))
+        obs.observation[:] = fm.observe(torch.from_numpy(obs.clean), torch.from_numpy(obs.noise),
+                                        torch.Generator().manual_seed(30_000 + seed)).numpy()
     return obs
 
 
@@ -156,19 +180,23 @@ def score(x_hat: torch.Tensor, clean: torch.Tensor) -> dict[str, float | int]:
 
 def run_joint(x_model: torch.nn.Module, n_model: torch.nn.Module, sde: Any, obs: Observations,
               settings: SamplerSettings, batch_size: int = 50, alpha: torch.Tensor | None = None,
-              estimate: bool = False, alpha_out: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              estimate: bool = False, alpha_out: list[torch.Tensor] | None = None,
+              sigma_y: torch.Tensor | float = FIXED_SIGMA_Y) -> tuple[torch.Tensor, torch.Tensor]:
     """The :class:`Denoiser` on every observation (per-image seeds), returning ``(x_hat, n_hat)``. ``alpha``: each
     observation's weight (default ``obs.alpha``); ``estimate``: the sampler estimates every weight
-    (``forward.alpha: auto``), its estimates appended to ``alpha_out``."""
+    (``forward.alpha: auto``), its estimates appended to ``alpha_out``; ``sigma_y``: the read-out noise the sampler
+    is told of (one for all, or per observation)."""
     y = torch.from_numpy(obs.observation)
     a = torch.as_tensor(obs.alpha if alpha is None else alpha, dtype=torch.float32).expand(len(obs.ids))
+    sy = torch.as_tensor(sigma_y, dtype=torch.float32).expand(len(obs.ids))
     denoiser = Denoiser(x_model, n_model, sde, settings)
     xs, ns = [], []
     for start in range(0, len(obs.ids), batch_size):
         rows = y[start:start + batch_size]
         est = torch.ones(len(rows), dtype=torch.bool) if estimate else None
         out = denoiser(obs.ids[start:start + batch_size], rows,
-                       make_forward("blend", len(rows), alpha=a[start:start + len(rows)]), est)
+                       make_forward("blend", len(rows), alpha=a[start:start + len(rows)],
+                                    sigma_y=sy[start:start + len(rows)]), est)
         xs.append(out.denoised)
         ns.append(out.noise_estimate)
         if alpha_out is not None and out.alpha_hat is not None:
@@ -225,20 +253,24 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
         x_model, sde, _ = model(sc.image_prior)
         n_model, _, _ = model(sc.noise_prior)
         # the main scenario shows every rule and step count; the unknown-alpha scenario the default sampler with the
-        # true alphas, with estimated ones and with a guess of 0.5; the others the default rule at the most steps
+        # true alphas, with estimated ones and with a guess of 0.5; the read-out scenario the default sampler told
+        # each image's sigma_y and told nothing; the others the default rule at the most steps
+        hidden = sc.alpha_range is not None or sc.sigma_y_range is not None
         if sc.name == "main":
             plan = joint_plan(table, rules, steps, quick, log)
-        elif sc.alpha_range is not None:
+        elif hidden:
             default = _with_weights(SamplerSettings(**({"steps": max(steps)} if quick else {})), table, log)
-            plan = [(m, default) for m in ALPHA_ROWS]
+            plan = [(m, default) for m in (ALPHA_ROWS if sc.alpha_range is not None else SIGMA_ROWS)]
         else:
             plan = [(f"joint-{default_rule}", sampler_settings(table, default_rule, max(steps), log))]
-        truth = alphas_for(sc, len(obs.ids), 0)
+        truth, sigma_truth = alphas_for(sc, len(obs.ids), 0), sigmas_for(sc, len(obs.ids), 0)
         for method, cfg in plan:
             t0 = time.perf_counter()
             hats: list[torch.Tensor] | None = [] if sc.alpha_range is not None else None
-            x_hat, n_hat = run_joint(x_model, n_model, sde, obs, cfg, alpha=truth if method == "joint-oracle" else None,
-                                     estimate=method == "joint-auto", alpha_out=hats)
+            oracle = method == "joint-oracle"
+            x_hat, n_hat = run_joint(x_model, n_model, sde, obs, cfg, alpha=truth if oracle else None,
+                                     estimate=method == "joint-auto", alpha_out=hats,
+                                     sigma_y=sigma_truth if oracle else FIXED_SIGMA_Y)
             sec = (time.perf_counter() - t0) / len(obs.ids)
             if (cfg.rule, cfg.steps) == (default_rule, max(steps)):
                 shown["joint"], shown["noise estimate"] = x_hat, n_hat
@@ -254,9 +286,9 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
         # gaussian: same image prior and sampler, the noise modelled as i.i.d. Gaussian (fitted moments)
         noise_train = torch.from_numpy(load_embedded(sc.noise, "train", 32, 1).images)
         g_prior = GaussianPrior.fit(noise_train, sde)
-        cfg = plan[0][1] if sc.alpha_range is not None else sampler_settings(table, default_rule, max(steps), log)
+        cfg = plan[0][1] if hidden else sampler_settings(table, default_rule, max(steps), log)
         t0 = time.perf_counter()
-        x_hat, _ = run_joint(x_model, g_prior, sde, obs, cfg, alpha=None if sc.alpha_range is None else truth)
+        x_hat, _ = run_joint(x_model, g_prior, sde, obs, cfg, alpha=truth, sigma_y=sigma_truth)
         sec = (time.perf_counter() - t0) / len(obs.ids)
         shown["gaussian"] = x_hat
         if figure and sc.name == "main":

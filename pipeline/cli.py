@@ -219,6 +219,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     steps = _int_list(args.steps) if args.steps else None
     rules = args.rules.split(",") if args.rules else None
+    if args.scenarios and args.scenarios != "none" and args.kind in ("quality", "large"):
+        from pipeline.bench import large as lg
+
+        known = [s.name for s in (lg.SCENARIOS if args.kind == "large" else q.SCENARIOS)]
+        unknown = [s for s in args.scenarios.split(",") if s not in known]
+        if unknown:
+            raise ConfigError(f"--scenarios: bench {args.kind} has no scenario {', '.join(unknown)}; choose from "
+                              f"{', '.join(known)}")
     if args.kind == "speed":
         from pipeline.bench import speed as sp
 
@@ -548,7 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", default=None, help="comma-separated step counts (default 50,100,200)")
     b.add_argument("--rules", default=None, help="comma-separated guidance rules (default all)")
     b.add_argument("--scenarios", default=None, help="comma-separated: main,stripes,alpha0.3,alpha0.7,ood,"
-                   "unknown-alpha; large: text,stripes (none: with --memory, the memory figure alone)")
+                   "unknown-alpha,read-out; large: text,stripes,unknown-alpha (none: with --memory, the memory "
+                   "figure alone)")
     b.add_argument("--memory", action="store_true", help="large: also clean one 4096x4096 RGB image at 2 steps in a "
                    "child process and report its peak RSS")
     b.add_argument("--figure", default=None,

@@ -199,6 +199,14 @@ def test_bench_quality_quick_writes_every_row_key(tmp_path, capsys):
     assert Image.open(tmp_path / "q.png").size == (2 * (96 + 2) + 2, 6 * (96 + 2) + 2)
 
 
+def test_a_misspelt_scenario_is_one_line_naming_the_scenarios_there_are(capsys):
+    proc = cli(capsys, "bench", "large", "--quick", "--scenarios", "text,stripe", check=False)
+    assert proc.returncode == 2 and proc.stderr == ("jointdiff: --scenarios: bench large has no scenario stripe; "
+                                                    "choose from text, stripes, unknown-alpha\n")
+    proc = cli(capsys, "bench", "quality", "--quick", "--scenarios", "readout", check=False)
+    assert proc.returncode == 2 and "no scenario readout; choose from main, stripes, " in proc.stderr
+
+
 def test_bench_quality_unknown_alpha_and_read_out_compare_the_true_estimated_and_guessed_parameters(tmp_path,
                                                                                                     capsys):
     out = tmp_path / "q.json"

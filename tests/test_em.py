@@ -1,0 +1,54 @@
+"""Learning the image prior by EM (pipeline/em.py) on a case whose fixed point is known in closed form: Gaussian
+priors, a blend with read-out noise. The iteration with posterior samples reaches the maximum-likelihood Gaussian;
+a refit on posterior means (the mistake the E-step's samples avoid) shrinks the variance below it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from pipeline.diffusion.sde import VPSDE
+from pipeline.em import em_round, gaussian_mle, observation_gaussian, refit_gaussian
+from pipeline.forward import make_forward
+from pipeline.posterior.priors import GaussianPrior
+from pipeline.posterior.sampler import SamplerSettings
+from tests.conftest import exact_gaussian  # noqa: F401  (registers the exact posterior SDE's rule)
+
+SDE = VPSDE()
+MU_X = torch.tensor([[0.4, -0.3], [0.1, 0.6]]).reshape(1, 2, 2)  # the clean images' law (network units)
+V_X = 0.15
+MU_N = torch.tensor([[-0.5, 0.2], [0.3, -0.1]]).reshape(1, 2, 2)  # the noise's, known
+V_N = 0.10
+
+
+def test_em_with_posterior_samples_reaches_the_maximum_likelihood_gaussian_and_means_do_not():
+    g = torch.Generator().manual_seed(0)
+    m = 3000
+    x = MU_X + V_X**0.5 * torch.randn(m, 1, 2, 2, generator=g)
+    n = MU_N + V_N**0.5 * torch.randn(m, 1, 2, 2, generator=g)
+    forward = make_forward("blend", m, alpha=0.5, sigma_y=0.05)
+    y = forward.observe((x + 1) / 2, (n + 1) / 2, generator=g)
+    mle_mean, mle_var = gaussian_mle(y, forward, MU_N, V_N)
+    assert (mle_mean - MU_X).abs().max() < 0.05 and (mle_var / V_X - 1).abs().max() < 0.15  # the data's law
+
+    prior = observation_gaussian(y, SDE)  # round 0: the observations' own per-pixel moments, far from it
+    assert (prior.mean - mle_mean).abs().max() > 0.2
+    noise = GaussianPrior(MU_N, V_N, SDE)
+    base = SamplerSettings(rule="exact-gaussian", schedule="sde", solver="euler-maruyama", steps=200, lambda_x=1.0,
+                           kappa_n=1.0, data_var_n=V_N, final_projection=False)
+    for _ in range(15):  # EM's pace: each round closes about a sixth of the variance's gap here
+        settings = dataclasses.replace(base, data_var_x=float(prior.var.mean()))  # the E-step's exact posterior
+        prior = em_round(prior, noise, SDE, y, forward, settings, refit_gaussian(SDE), generator=g).prior
+    assert (prior.mean - mle_mean).abs().max() < 0.03, (prior.mean, mle_mean)
+    assert (prior.var / mle_var - 1).abs().max() < 0.12, (prior.var, mle_var)  # 3,000 samples per round
+
+    # the same iteration refitted on posterior means (closed form) converges to the means' variance: far below
+    cx, cn = 0.5, 0.5
+    yt = 2 * y - cx - cn
+    mean, var = observation_gaussian(y, SDE).mean, observation_gaussian(y, SDE).var
+    for _ in range(15):
+        var_y = cx**2 * var + cn**2 * V_N + 4 * 0.05**2
+        post_mean = mean + cx * var * (yt - cx * mean - cn * MU_N) / var_y
+        mean, var = post_mean.mean(0), post_mean.var(0)
+    assert (var / mle_var).max() < 0.7, (var, mle_var)

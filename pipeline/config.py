@@ -95,6 +95,9 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: the forward and backward pass under "
                                                                   "bfloat16 autocast (weights, EMA, optimiser in fp32)")
     compile: bool = Field(False, description="torch.compile the network (GPUs; slow to start on a CPU)")
+    init: str | None = Field(None, description="start from this model's weights (a shipped prior's name, a model "
+                                               "folder or a registry's .../latest): fine-tuning; its unet and sde "
+                                               "must be this run's. A resumed run continues its own state")
 
 
 class PriorConfig(_Strict):

@@ -52,3 +52,33 @@ def test_em_with_posterior_samples_reaches_the_maximum_likelihood_gaussian_and_m
         post_mean = mean + cx * var * (yt - cx * mean - cn * MU_N) / var_y
         mean, var = post_mean.mean(0), post_mean.var(0)
     assert (var / mle_var).max() < 0.7, (var, mle_var)
+
+
+def test_train_init_fine_tunes_a_models_weights_and_refuses_another_network(tiny_priors, tmp_path):
+    """The M-step of a diffusion prior is fine-tuning: ``train.init`` starts a new run (and its EMA) from a model's
+    weights; a model of another network is one line naming the setting; a resumed run keeps its own state."""
+    import pytest
+
+    from pipeline.diffusion.checkpoint import CheckpointConfigError, load_model
+    from pipeline.diffusion.train import Trainer
+    from pipeline.training import train_prior, train_settings
+    from tests.conftest import tiny_config
+
+    base = load_model(tiny_priors[0])[0].state_dict()
+    cfg = tiny_config(str(tmp_path / "ft"), steps=3, checkpoint_every=3, init=tiny_priors[0])
+    trainer = Trainer(train_settings(cfg))
+    for name, value in base.items():
+        assert torch.equal(trainer.model.state_dict()[name], value) and torch.equal(
+            trainer.ema.model.state_dict()[name], value), name
+    scratch = Trainer(train_settings(tiny_config(str(tmp_path / "scratch"))))
+    assert not all(torch.equal(scratch.model.state_dict()[k], v) for k, v in base.items())
+    # a run fine-tunes from there, and its exported model is a model of the same network
+    train_prior(cfg, progress=False)
+    tuned = load_model(str(tmp_path / "ft" / "model"))[0].state_dict()
+    assert tuned.keys() == base.keys() and any(not torch.equal(tuned[k], base[k]) for k in base)
+
+    other = tiny_config(str(tmp_path / "other"), init=tiny_priors[0])
+    other = other.model_copy(update={"unet": other.unet.model_copy(update={"base_channels": 16})})
+    with pytest.raises(CheckpointConfigError, match=r"its unet\.base_channels is 8, this run's 16; set "
+                                                     r"unet\.base_channels: 8 to fine-tune it$"):
+        Trainer(train_settings(other))

@@ -70,6 +70,7 @@ class TrainSettings:
     shift: int  # random translations by up to this many pixels
     grey_to_rgb: str  # "replicate" or "random": a grey image for an RGB prior, in every channel or one
     record: dict[str, Any]  # the caller's full config, written into every training state (for the record)
+    init: str | None  # a model folder whose weights a new run starts from (fine-tuning); a resumed run ignores it
 
 
 def _random_shift(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
@@ -125,6 +126,20 @@ class PatchPool:
         return torch.stack(out).to(self.device)
 
 
+def init_weights(uri: str, net: NetConfig, sde: VPSDE) -> dict[str, torch.Tensor]:
+    """The weights of the model folder ``uri`` for a run of network ``net`` and ``sde``: a
+    :class:`~pipeline.diffusion.checkpoint.CheckpointConfigError` naming the first setting that differs."""
+    from pipeline.diffusion.checkpoint import CheckpointConfigError, load_model
+
+    model, model_sde, _ = load_model(uri)
+    for what, mine, theirs in (("unet", asdict(net), asdict(model.config)), ("sde", asdict(sde), asdict(model_sde))):
+        for key in mine:
+            if mine[key] != theirs.get(key):
+                raise CheckpointConfigError(f"train.init={uri}: its {what}.{key} is {theirs.get(key)!r}, this run's "
+                                            f"{mine[key]!r}; set {what}.{key}: {theirs.get(key)!r} to fine-tune it")
+    return model.state_dict()
+
+
 def lr_at(step: int, base_lr: float, warmup: int) -> float:
     """Linear warm-up from ``base_lr / warmup`` to ``base_lr`` over ``warmup`` steps, then constant."""
     return base_lr * min(1.0, (step + 1) / warmup) if warmup > 0 else base_lr
@@ -138,6 +153,8 @@ class Trainer:
         self.device = torch.device(device)
         torch.manual_seed(tc.seed)  # initial weights
         self.model = UNet(tc.net).to(self.device)
+        if tc.init is not None:  # fine-tuning: the given model's weights, its network and SDE the run's own
+            self.model.load_state_dict(init_weights(tc.init, tc.net, tc.sde))
         self.sde = tc.sde
         self.ema = EMA(self.model, tc.ema_decay)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)

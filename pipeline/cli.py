@@ -219,14 +219,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     steps = _int_list(args.steps) if args.steps else None
     rules = args.rules.split(",") if args.rules else None
-    if args.scenarios and args.scenarios != "none" and args.kind in ("quality", "large"):
+    if args.scenarios is not None and args.kind in ("quality", "large"):
         from pipeline.bench import large as lg
 
         known = [s.name for s in (lg.SCENARIOS if args.kind == "large" else q.SCENARIOS)]
+        args.scenarios = ",".join(s.strip() for s in args.scenarios.split(",") if s.strip())
         unknown = [s for s in args.scenarios.split(",") if s not in known]
-        if unknown:
-            raise ConfigError(f"--scenarios: bench {args.kind} has no scenario {', '.join(unknown)}; choose from "
-                              f"{', '.join(known)}")
+        if args.scenarios == "none" and args.kind == "large" and args.memory:
+            unknown = []
+        if unknown or not args.scenarios:
+            raise ConfigError(f"--scenarios: bench {args.kind} has no scenario {', '.join(unknown) or '(none given)'}; "
+                              f"choose from {', '.join(known)}" + (" (or none, with --memory)" if args.kind == "large"
+                                                                   else ""))
     if args.kind == "speed":
         from pipeline.bench import speed as sp
 

@@ -71,4 +71,4 @@ def gaussian_mle(y01: torch.Tensor, forward: ForwardModel, noise_mean: torch.Ten
     yt = 2 * y01 - cx - cn
     mean = (yt.mean(0) - cn * torch.as_tensor(noise_mean)) / cx
     var = (yt.var(0, unbiased=False) - cn**2 * torch.as_tensor(noise_var) - 4 * sy**2) / cx**2
-    return mean, var
+    return mean, var.clamp_min(1e-4)  # few observations can leave less variance than the noise explains

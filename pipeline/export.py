@@ -6,9 +6,9 @@ cleaned image as its own file, for people and tools that want files.
 * **Which run.** ``RUN`` is a run folder (``OUTPUT/runs/RUN_ID``) or an output root (then its only
   run, the one named by ``run_id``, or else the newest: the one whose latest summary row finished last,
   or for runs without one, whose last file was written last). :func:`resolve_run` says which it took.
-* **Names.** Each file is named after its row id less an image file's extension (``cat.jpg`` and ``cat.png``
-  become ``cat.png``, unless two ids of the run would then meet, or one would meet another id: those keep their
-  whole id), made safe by :func:`pipeline.untrusted.safe_names` (the escaping that also names the ``path`` of
+* **Names.** Each file is named after its row id less an image file's extension (``cat.jpg`` becomes
+  ``cat.png``, unless two ids of the run would then meet, ignoring case, or one would meet another id: those keep
+  their whole id), made safe by :func:`pipeline.untrusted.safe_names` (the escaping that also names the ``path`` of
   every stored image struct): path separators and
   ``..`` replaced by ``_``, a leading dot too (no hidden file), control characters escaped as ``%XX``,
   at most :data:`MAX_NAME_BYTES` bytes with the ``.png`` suffix; ids that come out the same get
@@ -56,9 +56,10 @@ def file_names(ids: list[str]) -> dict[str, str]:
     :func:`pipeline.untrusted.safe_names`."""
     unique = list(dict.fromkeys(str(i) for i in ids))
     short = {i: i[:i.rfind(".")] if i.lower().endswith(IMAGE_EXTENSIONS) and i.rfind(".") > 0 else i for i in unique}
-    met = Counter(short.values())
-    raw = set(unique)
-    keys = [short[i] if met[short[i]] == 1 and (short[i] == i or short[i] not in raw) else i for i in unique]
+    met = Counter(v.casefold() for v in short.values())  # a.jpg and A.png would be one file where case is ignored
+    raw = {i.casefold() for i in unique}
+    keys = [short[i] if met[short[i].casefold()] == 1 and (short[i] == i or short[i].casefold() not in raw) else i
+            for i in unique]
     return dict(zip(unique, safe_names(keys, SUFFIX)))
 
 

@@ -21,7 +21,6 @@ from pipeline.diffusion.losses import heldout_loss
 from pipeline.diffusion.sde import VPSDE
 from pipeline.diffusion.train import PatchPool, Trainer, TrainSettings, fit
 from pipeline.diffusion.unet import count_parameters
-from pipeline.priors import resolve_model
 
 
 def git_commit() -> str | None:
@@ -40,7 +39,7 @@ def train_settings(config: PriorConfig) -> TrainSettings:
         lr=tc.lr, weight_decay=tc.weight_decay, warmup_steps=tc.warmup_steps, grad_clip=tc.grad_clip,
         ema_decay=tc.ema_decay, seed=tc.seed, checkpoint_every=tc.checkpoint_every, precision=tc.precision,
         compile=tc.compile, hflip=d.hflip, shift=d.shift, grey_to_rgb=d.grey_to_rgb, record=config.model_dump(),
-        init=resolve_model(tc.init) if tc.init is not None else None)
+        init=tc.init)
 
 
 def to_network(images: torch.Tensor) -> torch.Tensor:

@@ -67,18 +67,37 @@ def test_train_init_fine_tunes_a_models_weights_and_refuses_another_network(tiny
     base = load_model(tiny_priors[0])[0].state_dict()
     cfg = tiny_config(str(tmp_path / "ft"), steps=3, checkpoint_every=3, init=tiny_priors[0])
     trainer = Trainer(train_settings(cfg))
+    trainer.start_from(tiny_priors[0])  # what fit() does for a run that has no state to resume
     for name, value in base.items():
         assert torch.equal(trainer.model.state_dict()[name], value) and torch.equal(
             trainer.ema.model.state_dict()[name], value), name
     scratch = Trainer(train_settings(tiny_config(str(tmp_path / "scratch"))))
     assert not all(torch.equal(scratch.model.state_dict()[k], v) for k, v in base.items())
-    # a run fine-tunes from there, and its exported model is a model of the same network
-    train_prior(cfg, progress=False)
+    # a new run starts there: with a learning rate too small to move it, its exported model is the init's weights
+    still = tiny_config(str(tmp_path / "ft"), steps=3, checkpoint_every=3, init=tiny_priors[0], lr=1e-12)
+    train_prior(still, progress=False)
     tuned = load_model(str(tmp_path / "ft" / "model"))[0].state_dict()
-    assert tuned.keys() == base.keys() and any(not torch.equal(tuned[k], base[k]) for k in base)
+    assert tuned.keys() == base.keys() and all(torch.allclose(tuned[k], base[k], atol=1e-6) for k in base)
+    # resumed: its own state, even when the init model is gone
+    import shutil
+
+    gone = tmp_path / "gone"
+    shutil.copytree(tiny_priors[0], gone)
+    resumed = tiny_config(str(tmp_path / "ft2"), steps=3, checkpoint_every=1, init=str(gone))
+    from pipeline.diffusion.train import fit
+    from pipeline.training import load_train_data
+
+    data = load_train_data(resumed)[1]
+    fit(Trainer(train_settings(resumed)), data, resumed.output, stop_after=1)
+    shutil.rmtree(gone)
+    assert fit(Trainer(train_settings(resumed.model_copy(update={"train": resumed.train.model_copy(
+        update={"steps": 3})}))), data, resumed.output)["start_step"] == 1
 
     other = tiny_config(str(tmp_path / "other"), init=tiny_priors[0])
     other = other.model_copy(update={"unet": other.unet.model_copy(update={"base_channels": 16})})
     with pytest.raises(CheckpointConfigError, match=r"its unet\.base_channels is 8, this run's 16; set "
                                                      r"unet\.base_channels: 8 to fine-tune it$"):
-        Trainer(train_settings(other))
+        Trainer(train_settings(other)).start_from(tiny_priors[0])
+    dropout = tiny_config(str(tmp_path / "dropout"), init=tiny_priors[0])
+    dropout = dropout.model_copy(update={"unet": dropout.unet.model_copy(update={"dropout": 0.1})})
+    Trainer(train_settings(dropout)).start_from(tiny_priors[0])  # dropout changes no weight: allowed

@@ -124,10 +124,12 @@ def test_a_wrong_run_is_one_line_naming_the_path_and_what_was_expected(out, tmp_
 def test_exported_files_drop_an_image_extension_unless_two_ids_would_meet():
     from pipeline.export import file_names
 
-    ids = ["cat.jpg", "scan.TIFF", "dup.jpg", "dup.png", "twin.png", "twin", "notes.txt", ".png", "../up.jpeg"]
+    ids = ["cat.jpg", "scan.TIFF", "dup.jpg", "dup.png", "twin.png", "twin", "notes.txt", ".png", "../up.jpeg",
+           "Case.jpg", "case.png"]
     assert file_names(ids) == {"cat.jpg": "cat.png", "scan.TIFF": "scan.png", "dup.jpg": "dup.jpg.png",
                                "dup.png": "dup.png.png", "twin.png": "twin.png.png", "twin": "twin.png",
-                               "notes.txt": "notes.txt.png", ".png": "_png.png", "../up.jpeg": "___up.png"}
+                               "notes.txt": "notes.txt.png", ".png": "_png.png", "../up.jpeg": "___up.png",
+                               "Case.jpg": "Case.jpg.png", "case.png": "case.png.png"}
 
 
 def test_safe_names_are_unique_short_plain_file_names():

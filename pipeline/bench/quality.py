@@ -111,7 +111,8 @@ def sigmas_for(sc: Scenario, n: int, seed: int) -> torch.Tensor:
 def observations(sc: Scenario, split: str, n: int, seed: int = 0) -> Observations:
     """The scenario's observations; with ``alpha_range`` each one is blended with its own alpha
     (:func:`alphas_for`; ``Observations.alpha`` then holds ``sc.alpha`` only as a guess, the truth is per row); with
-    ``sigma_y_range`` each one carries Gaussian read-out noise of its own ``sigma_y`` (:func:`sigmas_for`)."""
+    ``sigma_y_range`` each one carries Gaussian read-out noise of its own ``sigma_y`` (:func:`sigmas_for`), clipped
+    to [0, 1] as a sensor's range and ``jointdiff corrupt`` clip it."""
     size = 32
     obs = corrupt(load_embedded(sc.clean, split, size, 1), load_embedded(sc.noise, split, size, 1), n,
                   alpha=sc.alpha, seed=seed)
@@ -119,7 +120,7 @@ def observations(sc: Scenario, split: str, n: int, seed: int = 0) -> Observation
         fm = make_forward("blend", len(obs.ids), alpha=alphas_for(sc, len(obs.ids), seed),
                           sigma_y=sigmas_for(sc, len(obs.ids), seed))
         obs.observation[:] = fm.observe(torch.from_numpy(obs.clean), torch.from_numpy(obs.noise),
-                                        torch.Generator().manual_seed(30_000 + seed)).numpy()
+                                        torch.Generator().manual_seed(30_000 + seed)).clamp(0, 1).numpy()  # a sensor's
     return obs
 
 
@@ -278,6 +279,8 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
             if hats:  # how far the weight each image was cleaned with is from its own alpha (0 for the oracle)
                 err = (torch.cat(hats) - truth).abs()
                 extra = {"alpha_error_median": float(err.median()), "alpha_error_mean": float(err.mean())}
+            if sc.sigma_y_range is not None:  # the read-out noise the sampler was told of
+                extra["sigma_y"] = "per image" if oracle else FIXED_SIGMA_Y
             rows.append({**base, "method": method, "rule": cfg.rule, "solver": cfg.solver, "steps": cfg.steps,
                          "nfe": cfg.nfe, "backward": RULES[cfg.rule].backward, "param": None,
                          "lambda_x": cfg.lambda_x, "kappa_n": cfg.kappa_n, **score(x_hat, clean),

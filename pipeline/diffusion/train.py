@@ -130,11 +130,12 @@ def init_weights(uri: str, net: NetConfig, sde: VPSDE) -> dict[str, torch.Tensor
     """The weights of the model folder ``uri`` for a run of network ``net`` and ``sde``: a
     :class:`~pipeline.diffusion.checkpoint.CheckpointConfigError` naming the first setting that differs."""
     from pipeline.diffusion.checkpoint import CheckpointConfigError, load_model
+    from pipeline.priors import resolve_model
 
-    model, model_sde, _ = load_model(uri)
+    model, model_sde, _ = load_model(resolve_model(uri))
     for what, mine, theirs in (("unet", asdict(net), asdict(model.config)), ("sde", asdict(sde), asdict(model_sde))):
         for key in mine:
-            if mine[key] != theirs.get(key):
+            if key != "dropout" and mine[key] != theirs.get(key):  # dropout changes no weight
                 raise CheckpointConfigError(f"train.init={uri}: its {what}.{key} is {theirs.get(key)!r}, this run's "
                                             f"{mine[key]!r}; set {what}.{key}: {theirs.get(key)!r} to fine-tune it")
     return model.state_dict()
@@ -153,8 +154,6 @@ class Trainer:
         self.device = torch.device(device)
         torch.manual_seed(tc.seed)  # initial weights
         self.model = UNet(tc.net).to(self.device)
-        if tc.init is not None:  # fine-tuning: the given model's weights, its network and SDE the run's own
-            self.model.load_state_dict(init_weights(tc.init, tc.net, tc.sde))
         self.sde = tc.sde
         self.ema = EMA(self.model, tc.ema_decay)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -262,6 +261,12 @@ class Trainer:
                     return join(state, d.rsplit("/", 1)[-1])
             return None
 
+    def start_from(self, uri: str) -> None:
+        """Fine-tuning: the model and its EMA take the weights of the model ``uri`` (:func:`init_weights`)."""
+        weights = init_weights(uri, self.settings.net, self.settings.sde)
+        self.model.load_state_dict(weights)
+        self.ema.model.load_state_dict(weights)
+
     def load_state(self, root: str) -> bool:
         """Resume from the latest training state under ``root/state``; returns whether it resumed."""
         step_dir = self._latest_dir(root)
@@ -351,6 +356,8 @@ def fit(trainer: Trainer, data: torch.Tensor | PatchPool, output: str,
     """
     tc = trainer.settings
     resumed = trainer.load_state(output)
+    if not resumed and tc.init is not None:  # a new run fine-tunes train.init; a resumed one continues its state
+        trainer.start_from(tc.init)
     trainer.prepare_net()
     if after_resume is not None:
         after_resume(trainer)

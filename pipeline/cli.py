@@ -269,6 +269,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             lg.write_json(doc, args.json)
             print(f"wrote {args.json}", file=sys.stderr)
         return 0
+    if args.kind == "em":
+        from pipeline.bench import em
+
+        setting = em.settings_for(args.quick, n_train=args.n, rounds=args.rounds, train_steps=args.train_steps,
+                                  n_test=args.n_test, steps=steps[0] if steps else None)
+        doc = em.em(**setting, state=args.state, threads=args.threads, log=lambda m: print(m, file=sys.stderr))
+        doc["meta"]["command"] = "jointdiff " + " ".join(argv_of(args))
+        print(em.table(doc))
+        em.write(doc, args.json, args.figure)
+        for path in (args.json, args.figure):
+            if path:
+                print(f"wrote {path}", file=sys.stderr)
+        return 0
     if args.kind == "nfe":
         from pipeline.bench import nfe
 
@@ -549,9 +562,16 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks: quality (denoising vs baselines), tune (guidance weights), "
                        "speed (compute floor, images/s, Ray vs one process, memory), nfe (PSNR against NFE per "
                        "solver), gpu (the paper's setting on one GPU: images/s, memory, FLOP/s; bench/gpu.py), "
-                       "large (held-out photos at their own size under text and stripes: quality, seams, s/MP, memory)")
-    b.add_argument("kind", choices=["quality", "tune", "speed", "nfe", "gpu", "large"])
-    b.add_argument("--quick", action="store_true", help="a few images and steps (a smoke test, minutes)")
+                       "large (held-out photos at their own size under text and stripes: quality, seams, s/MP, "
+                       "memory), em (an image prior learned from corrupted data by EM, round by round)")
+    b.add_argument("kind", choices=["quality", "tune", "speed", "nfe", "gpu", "large", "em"])
+    b.add_argument("--quick", action="store_true", help="a few images and steps (a smoke test, minutes; em: the "
+                   "setting its targets are judged on, about an hour)")
+    b.add_argument("--rounds", type=int, default=None, help="em: EM rounds (quick 4)")
+    b.add_argument("--train-steps", type=int, default=None, help="em: training steps per round (quick 600)")
+    b.add_argument("--n-test", type=int, default=None, help="em: test observations (quick 50)")
+    b.add_argument("--state", default=None, help="em: the resumable state's folder (default "
+                   "~/.cache/jointdiff/bench/em/<settings hash>)")
     b.add_argument("--json", default=None, help="write the rows as JSON here")
     b.add_argument("--n", type=int, default=None, help="test observations per scenario (default 100)")
     b.add_argument("--n-robust", type=int, default=None,

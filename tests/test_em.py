@@ -101,3 +101,33 @@ def test_train_init_fine_tunes_a_models_weights_and_refuses_another_network(tiny
     dropout = tiny_config(str(tmp_path / "dropout"), init=tiny_priors[0])
     dropout = dropout.model_copy(update={"unet": dropout.unet.model_copy(update={"dropout": 0.1})})
     Trainer(train_settings(dropout)).start_from(tiny_priors[0])  # dropout changes no weight: allowed
+
+
+def test_bench_em_runs_every_round_fine_tunes_the_last_and_resumes_where_it_stopped(tmp_path, capsys):
+    """``jointdiff bench em`` on tiny settings: round 0 (the observations' Gaussian), each round, the bound; round 2
+    fine-tunes round 1's prior; a second run finds every round done and recomputes nothing."""
+    import json
+
+    from tests.conftest import cli
+
+    args = ["bench", "em", "--n", "6", "--rounds", "2", "--train-steps", "2", "--n-test", "3", "--steps", "2",
+            "--threads", "1", "--state", str(tmp_path / "state"), "--json", str(tmp_path / "em.json"), "--figure",
+            str(tmp_path / "em.svg")]
+    first = cli(capsys, *args)
+    doc = json.loads((tmp_path / "em.json").read_text())
+    assert [(r["method"], r["round"], r["train_steps"]) for r in doc["rows"]] == [
+        ("round 0", 0, 0), ("round 1", 1, 2), ("round 2", 2, 4), ("clean-trained", None, 4)]
+    assert all(r["n_test"] == 3 and 0 < r["psnr_mean"] < 60 for r in doc["rows"])
+    assert all(r["residual_train"] >= 0 for r in doc["rows"][1:3])
+    assert f"em-round-2: training 2 steps on 6 images from {tmp_path}/state/round-1/train/model" in first.stderr
+    assert "clean-trained: training 4 steps on 6 images\n" in first.stderr
+    assert (tmp_path / "em.svg").read_text().startswith("<svg") and "| round 2 | 4 |" in first.stdout
+    # the hidden clean images train only the bound; the rounds train on their own posterior samples
+    import numpy as np
+
+    samples = np.load(tmp_path / "state" / "round-1" / "samples.npy")
+    assert samples.shape == (6, 1, 32, 32) and 0 <= samples.min() and samples.max() <= 1
+
+    again = cli(capsys, *args)
+    assert ": training" not in again.stderr and "posterior samples" not in again.stderr
+    assert json.loads((tmp_path / "em.json").read_text())["rows"] == doc["rows"]

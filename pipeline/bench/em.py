@@ -1,0 +1,261 @@
+"""``jointdiff bench em``: an image prior learned from corrupted observations alone, by EM (:mod:`pipeline.em`).
+
+The clean source is ``digits`` and the noise ``stripes`` (blend, alpha :data:`ALPHA`), 32x32 grey. The training
+split is corrupted and its clean images hidden; the noise prior is the shipped ``stripes``. Each round:
+
+* **E-step**: one posterior sample per training observation with the current image prior (the sampler below;
+  its result for one sample, the last evaluation's guided estimate and the final projection);
+* **M-step**: the image prior trained on those samples for ``train_steps`` steps (:func:`pipeline.training
+  .train_prior` on them, written as a shard dataset): round 1 from scratch (round 0 is no network), each later
+  round fine-tuning the previous round's (``train.init``).
+
+Round 0 is a Gaussian fitted to the training observations (per-pixel mean and variance,
+:func:`pipeline.em.observation_gaussian`). The upper bound, ``clean-trained``, is a prior of the same network
+trained on the hidden clean training images for as many steps as all rounds' training together. Every row
+cleans the same test observations with the same sampler settings (:data:`SAMPLER`, ``steps`` NFE); figures are
+PSNR/SSIM on them, and per round the mean residual the sampler left on the training observations (a figure
+without truth).
+
+State: each round's samples, training state and model, and each row's scores, live under ``state`` (default
+``~/.cache/jointdiff/bench/em/<settings hash>``): a stopped run resumes at the round (and the training step)
+where it stopped, and a finished round is not run again.
+
+``--quick`` is the setting the targets are judged on (:data:`QUICK`, fits an hour on 2 CPU cores); the full
+setting (:data:`FULL`) is for a GPU cluster.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import metrics
+from pipeline.config import PriorConfig
+from pipeline.data.corrupt import corrupt
+from pipeline.data.embedded import load_embedded
+from pipeline.data.shards import write_dataset
+from pipeline.diffusion.checkpoint import load_model
+from pipeline.em import observation_gaussian
+from pipeline.forward import make_forward
+from pipeline.posterior.denoise import Denoiser
+from pipeline.posterior.sampler import SamplerSettings
+from pipeline.priors import resolve_model
+
+CLEAN, NOISE, NOISE_PRIOR, ALPHA = "digits", "stripes", "stripes", 0.5
+# the image prior's network: the shipped digits prior's (0.69M parameters)
+NET = {"image_size": 32, "channels": 1, "base_channels": 16, "channel_mults": [1, 2, 4], "num_res_blocks": 1,
+       "attention_resolutions": [8], "dropout": 0.0}
+SAMPLER = {"rule": "dps", "solver": "ddim", "lambda_x": 20.0, "kappa_n": 20.0}  # the same for every row
+QUICK = {"n_train": 500, "rounds": 4, "train_steps": 600, "n_test": 50, "steps": 50, "batch_size": 32}
+# a GPU cluster's setting (not run here): every training digit, 8 rounds of 3,000 steps at batch 64, 200 test
+# images at 100 NFE; about 8 x (1,400 posterior samples at 100 NFE + 3,000 steps) + 24,000 steps for the bound
+FULL = {"n_train": 1400, "rounds": 8, "train_steps": 3000, "n_test": 197, "steps": 100, "batch_size": 64}
+
+
+def default_state(settings: dict[str, Any]) -> Path:
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(os.path.expanduser("~/.cache/jointdiff/bench/em")) / key
+
+
+def _prior_config(name: str, source: str, output: Path, steps: int, batch_size: int, init: str | None,
+                  threads: int | None) -> PriorConfig:
+    return PriorConfig.model_validate({
+        "name": name, "data": {"source": source, "size": 32, "channels": 1}, "unet": NET,
+        "train": {"steps": steps, "batch_size": batch_size, "warmup_steps": min(200, steps),
+                  "checkpoint_every": max(1, min(100, steps)), "init": init, "threads": threads},
+        "output": str(output)})
+
+
+def _train(name: str, images: np.ndarray, where: Path, steps: int, batch_size: int, init: str | None,
+           threads: int | None, log: Any) -> str:
+    """Train (resuming) a prior on ``images`` ([0, 1], (N, 1, 32, 32)) under ``where``; the model's folder."""
+    from pipeline.training import train_prior
+
+    model = where / "train" / "model"
+    if (model / "config.json").exists():
+        return str(model)
+    data = where / "images"
+    if not (data / "_complete").exists():
+        write_dataset(str(data), [f"{name}-{k:05d}" for k in range(len(images))], {"image": images},
+                      bits={"image": 16})
+        (data / "_complete").write_text("")
+    log(f"{name}: training {steps} steps on {len(images)} images" + (f" from {init}" if init else ""))
+    summary = train_prior(_prior_config(name, str(data), where / "train", steps, batch_size, init, threads),
+                          progress=False)
+    log(f"{name}: final loss {summary['final_loss']:.4f} ({summary['seconds']:.0f} s)")
+    return str(model)
+
+
+def _atomic(path: Path, data: bytes) -> None:
+    """``data`` into a temporary file beside ``path``, then renamed onto it: a run killed mid-write leaves no half
+    file for the resumed run to read."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def _clean(x_model: Any, n_model: Any, sde: Any, ids: list[str], y: torch.Tensor, settings: SamplerSettings,
+           batch: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampler on ``y``: ``(x_hat, residual)`` per observation."""
+    den = Denoiser(x_model, n_model, sde, settings)
+    xs, rs = [], []
+    for s in range(0, len(ids), batch):
+        out = den(ids[s:s + batch], y[s:s + batch], make_forward("blend", len(ids[s:s + batch]), alpha=ALPHA))
+        xs.append(out.denoised)
+        rs.append(out.residual)
+    return torch.cat(xs), torch.cat(rs)
+
+
+def em(n_train: int, rounds: int, train_steps: int, n_test: int, steps: int, batch_size: int,
+       state: Path | None = None, threads: int | None = None, log: Any = print) -> dict[str, Any]:
+    """Run the benchmark (see the module docstring); ``{"meta", "rows"}``."""
+    t_start = time.perf_counter()
+    setting = {"n_train": n_train, "rounds": rounds, "train_steps": train_steps, "n_test": n_test, "steps": steps,
+               "batch_size": batch_size, "clean": CLEAN, "noise": NOISE, "alpha": ALPHA, "net": NET,
+               "sampler": SAMPLER}
+    state = Path(state) if state is not None else default_state(setting)
+    state.mkdir(parents=True, exist_ok=True)
+    log(f"bench em: state in {state} (a stopped run resumes there)")
+    train = corrupt(load_embedded(CLEAN, "train", 32, 1), load_embedded(NOISE, "train", 32, 1), n_train,
+                    alpha=ALPHA, seed=0)
+    test = corrupt(load_embedded(CLEAN, "test", 32, 1), load_embedded(NOISE, "test", 32, 1), n_test, alpha=ALPHA,
+                   seed=1)
+    y_train, y_test = torch.from_numpy(train.observation), torch.from_numpy(test.observation)
+    clean_test = torch.from_numpy(test.clean)
+    n_model, sde, _ = load_model(resolve_model(NOISE_PRIOR))
+    n_model.requires_grad_(False)
+    settings = SamplerSettings(steps=steps, **SAMPLER)
+
+    def scored(name: str, x_model: Any, where: Path, **extra: Any) -> dict[str, Any]:
+        done = where / "scores.json"
+        if done.exists():
+            return json.loads(done.read_text())
+        t0 = time.perf_counter()
+        x_hat, _ = _clean(x_model, n_model, sde, test.ids, y_test, settings)
+        p, s = metrics.psnr(x_hat, clean_test), metrics.ssim(x_hat, clean_test)
+        row = {"method": name, "psnr_mean": float(p.mean()), "psnr_median": float(p.median()),
+               "ssim_mean": float(s.mean()), "n_test": n_test, "test_seconds": time.perf_counter() - t0, **extra}
+        _atomic(done, json.dumps(row).encode())
+        return row
+
+    rows = []
+    x_prior: Any = observation_gaussian(y_train, sde)
+    (state / "round-0").mkdir(exist_ok=True)
+    rows.append(scored("round 0", x_prior, state / "round-0", round=0, train_steps=0))
+    log(_fmt(rows[-1]))
+    model: str | None = None
+    for k in range(1, rounds + 1):
+        where = state / f"round-{k}"
+        where.mkdir(exist_ok=True)
+        samples_file = where / "samples.npy"
+        if not samples_file.exists():  # the E-step: a posterior sample of every training observation
+            t0 = time.perf_counter()
+            samples, residual = _clean(x_prior, n_model, sde, train.ids, y_train, settings)
+            _atomic(where / "residual.npy", _npy(residual.numpy()))
+            _atomic(samples_file, _npy(samples.numpy()))  # last: its presence marks the E-step done
+            log(f"round {k}: {n_train} posterior samples in {time.perf_counter() - t0:.0f} s, mean residual "
+                f"{float(residual.mean()):.4f}")
+        samples = np.load(samples_file)
+        residual = float(np.load(where / "residual.npy").mean())
+        model = _train(f"em-round-{k}", samples, where, train_steps, batch_size, model, threads, log)
+        x_prior = load_model(model)[0].requires_grad_(False)
+        rows.append(scored(f"round {k}", x_prior, where, round=k, train_steps=k * train_steps,
+                           residual_train=residual))
+        log(_fmt(rows[-1]))
+    where = state / "clean-trained"
+    where.mkdir(exist_ok=True)
+    bound = _train("clean-trained", train.clean, where, rounds * train_steps, batch_size, None, threads, log)
+    rows.append(scored("clean-trained", load_model(bound)[0].requires_grad_(False), where, round=None,
+                       train_steps=rounds * train_steps))
+    log(_fmt(rows[-1]))
+    meta = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "seconds": time.perf_counter() - t_start,
+            "state": str(state), **setting}
+    return {"meta": meta, "rows": rows}
+
+
+def _fmt(r: dict[str, Any]) -> str:
+    res = f"  train residual {r['residual_train']:.4f}" if r.get("residual_train") is not None else ""
+    return (f"{r['method']:14s} PSNR {r['psnr_mean']:6.2f} (med {r['psnr_median']:6.2f})  SSIM {r['ssim_mean']:.3f}"
+            f"  {r['train_steps']:6d} training steps{res}")
+
+
+def table(doc: dict[str, Any]) -> str:
+    lines = ["| prior | training steps | test PSNR mean (median) | test SSIM | training residual |",
+             "| --- | ---: | --- | ---: | ---: |"]
+    for r in doc["rows"]:
+        res = f"{r['residual_train']:.4f}" if r.get("residual_train") is not None else ""
+        lines.append(f"| {r['method']} | {r['train_steps']} | {r['psnr_mean']:.2f} ({r['psnr_median']:.2f}) | "
+                     f"{r['ssim_mean']:.3f} | {res} |")
+    return "\n".join(lines)
+
+
+def svg(doc: dict[str, Any], width: int = 480, height: int = 300) -> str:
+    """Test PSNR against round, with the clean-trained prior as a dashed line."""
+    rounds = [r for r in doc["rows"] if r["round"] is not None]
+    bound = next((r for r in doc["rows"] if r["round"] is None), None)
+    values = [r["psnr_mean"] for r in doc["rows"] if math.isfinite(r["psnr_mean"])]
+    lo, hi = math.floor(min(values)) - 1, math.ceil(max(values)) + 1
+    left, right, top, bottom = 56, 24, 16, 40
+    last = max(1, max(r["round"] for r in rounds))
+
+    def px(k: float) -> float:
+        return left + k / last * (width - left - right)
+
+    def py(p: float) -> float:
+        return top + (hi - p) / (hi - lo) * (height - top - bottom)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           'font-size="11">', f'<rect width="{width}" height="{height}" fill="white"/>']
+    for p in range(lo, hi + 1, max(1, (hi - lo) // 6)):
+        out.append(f'<line x1="{left}" x2="{width - right}" y1="{py(p):.1f}" y2="{py(p):.1f}" stroke="#ddd"/>'
+                   f'<text x="{left - 6}" y="{py(p) + 4:.1f}" text-anchor="end">{p}</text>')
+    for r in rounds:
+        out.append(f'<text x="{px(r["round"]):.1f}" y="{height - bottom + 16}" text-anchor="middle">{r["round"]}'
+                   '</text>')
+    out.append(f'<text x="{(left + width - right) / 2}" y="{height - 6}" text-anchor="middle">EM round</text>')
+    out.append(f'<text x="14" y="{(top + height - bottom) / 2}" transform="rotate(-90 14 '
+               f'{(top + height - bottom) / 2})" text-anchor="middle">test PSNR (dB)</text>')
+    if bound is not None:
+        out.append(f'<line x1="{left}" x2="{width - right}" y1="{py(bound["psnr_mean"]):.1f}" '
+                   f'y2="{py(bound["psnr_mean"]):.1f}" stroke="#d62728" stroke-dasharray="5,4"/>'
+                   f'<text x="{width - right}" y="{py(bound["psnr_mean"]) - 5:.1f}" text-anchor="end" '
+                   'fill="#d62728">trained on the clean images</text>')
+    pts = [(px(r["round"]), py(r["psnr_mean"])) for r in rounds]
+    out.append('<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="'
+               + " ".join(f"{a:.1f},{b:.1f}" for a, b in pts) + '"/>')
+    out += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="#1f77b4"/>' for a, b in pts]
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def write(doc: dict[str, Any], json_path: str | None, svg_path: str | None) -> None:
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(doc, indent=2) + "\n")
+    if svg_path:
+        Path(svg_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(svg_path).write_text(svg(doc))
+
+
+def settings_for(quick: bool, **given: Any) -> dict[str, Any]:
+    """The run's settings: :data:`QUICK` (``quick``) or :data:`FULL`, with the options given (not None) on top."""
+    return {**(QUICK if quick else FULL), **{k: v for k, v in given.items() if v is not None}}
+

@@ -21,6 +21,7 @@ from pipeline.diffusion.losses import heldout_loss
 from pipeline.diffusion.sde import VPSDE
 from pipeline.diffusion.train import PatchPool, Trainer, TrainSettings, fit
 from pipeline.diffusion.unet import count_parameters
+from pipeline.priors import resolve_model
 
 
 def git_commit() -> str | None:
@@ -39,7 +40,18 @@ def train_settings(config: PriorConfig) -> TrainSettings:
         lr=tc.lr, weight_decay=tc.weight_decay, warmup_steps=tc.warmup_steps, grad_clip=tc.grad_clip,
         ema_decay=tc.ema_decay, seed=tc.seed, checkpoint_every=tc.checkpoint_every, precision=tc.precision,
         compile=tc.compile, hflip=d.hflip, shift=d.shift, grey_to_rgb=d.grey_to_rgb, record=config.model_dump(),
-        init=tc.init)
+        init=_init_uri(tc.init))
+
+
+def _init_uri(init: str | None) -> str | None:
+    """``train.init`` as a model folder (a shipped prior's, a registry's newest version); as given where it cannot
+    be resolved now: a new run refuses it when it loads it, a resumed run never reads it."""
+    if init is None:
+        return None
+    try:
+        return resolve_model(init)
+    except Exception:
+        return init
 
 
 def to_network(images: torch.Tensor) -> torch.Tensor:

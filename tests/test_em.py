@@ -1,6 +1,6 @@
-"""Learning the image prior by EM (pipeline/em.py) on a case whose fixed point is known in closed form: Gaussian
-priors, a blend with read-out noise. The iteration with posterior samples reaches the maximum-likelihood Gaussian;
-a refit on posterior means (the mistake the E-step's samples avoid) shrinks the variance below it."""
+"""Learning the image prior by EM (pipeline/posterior/em.py) on a case whose fixed point is known in closed form:
+Gaussian priors, a blend with read-out noise. The iteration with posterior samples reaches the maximum-likelihood
+Gaussian; a refit on posterior means (the mistake the E-step's samples avoid) shrinks the variance below it."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import dataclasses
 import torch
 
 from pipeline.diffusion.sde import VPSDE
-from pipeline.em import em_round, gaussian_mle, observation_gaussian, refit_gaussian
 from pipeline.forward import make_forward
+from pipeline.posterior.em import em_round, gaussian_mle, observation_gaussian, refit_gaussian
 from pipeline.posterior.priors import GaussianPrior
 from pipeline.posterior.sampler import SamplerSettings
 from tests.conftest import exact_gaussian  # noqa: F401  (registers the exact posterior SDE's rule)

@@ -1,4 +1,5 @@
-"""``jointdiff bench em``: an image prior learned from corrupted observations alone, by EM (:mod:`pipeline.em`).
+"""``jointdiff bench em``: an image prior learned from corrupted observations alone, by EM
+(:mod:`pipeline.posterior.em`).
 
 The clean source is ``digits`` and the noise ``stripes`` (blend, alpha :data:`ALPHA`), 32x32 grey. The training
 split is corrupted and its clean images hidden; the noise prior is the shipped ``stripes``. Each round:
@@ -10,7 +11,7 @@ split is corrupted and its clean images hidden; the noise prior is the shipped `
   round fine-tuning the previous round's (``train.init``).
 
 Round 0 is a Gaussian fitted to the training observations (per-pixel mean and variance,
-:func:`pipeline.em.observation_gaussian`). The upper bound, ``clean-trained``, is a prior of the same network
+:func:`pipeline.posterior.em.observation_gaussian`). The upper bound, ``clean-trained``, is a prior of the same network
 trained on the hidden clean training images for as many steps as all rounds' training together. Every row
 cleans the same test observations with the same sampler settings (:data:`SAMPLER`, ``steps`` NFE); figures are
 PSNR/SSIM on them, and per round the mean residual the sampler left on the training observations (a figure
@@ -46,9 +47,9 @@ from pipeline.data.corrupt import corrupt
 from pipeline.data.embedded import load_embedded
 from pipeline.data.shards import write_dataset
 from pipeline.diffusion.checkpoint import load_model
-from pipeline.em import observation_gaussian
 from pipeline.forward import make_forward
 from pipeline.posterior.denoise import Denoiser
+from pipeline.posterior.em import observation_gaussian
 from pipeline.posterior.sampler import SamplerSettings
 from pipeline.priors import resolve_model
 

@@ -130,9 +130,8 @@ def init_weights(uri: str, net: NetConfig, sde: VPSDE) -> dict[str, torch.Tensor
     """The weights of the model folder ``uri`` for a run of network ``net`` and ``sde``: a
     :class:`~pipeline.diffusion.checkpoint.CheckpointConfigError` naming the first setting that differs."""
     from pipeline.diffusion.checkpoint import CheckpointConfigError, load_model
-    from pipeline.priors import resolve_model
 
-    model, model_sde, _ = load_model(resolve_model(uri))
+    model, model_sde, _ = load_model(uri)
     for what, mine, theirs in (("unet", asdict(net), asdict(model.config)), ("sde", asdict(sde), asdict(model_sde))):
         for key in mine:
             if key != "dropout" and mine[key] != theirs.get(key):  # dropout changes no weight

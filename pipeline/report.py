@@ -385,8 +385,10 @@ def svg_scatter(kind: str, title: str, xlabel: str, ylabel: str, points: Sequenc
     return _frame(kind, title, xlabel, ylabel, (lo, hi), (lo, hi), body, ["images"], x_ticks=True)
 
 
-def svg_lines(kind: str, title: str, ylabel: str, labels: Sequence[str], series: dict[str, Sequence[Any]]) -> str:
-    """One line per series over the categories ``labels`` (shards), with a marker per point."""
+def svg_lines(kind: str, title: str, ylabel: str, labels: Sequence[str], series: dict[str, Sequence[Any]],
+              xlabel: str = "shard") -> str:
+    """One line per series over the categories ``labels`` (shards, or what ``xlabel`` names), with a marker per
+    point."""
     vals = _finite([v for s in series.values() for v in s])
     lo, hi = (float(vals.min()), float(vals.max())) if vals.size else (0.0, 1.0)
     pad = (hi - lo) * 0.1 or 0.5
@@ -407,7 +409,7 @@ def svg_lines(kind: str, title: str, ylabel: str, labels: Sequence[str], series:
             short = lab.removesuffix(".parquet").removeprefix("shard-")
             body.append(f'<text x="{px(i):.1f}" y="{_H - _M + 24}" text-anchor="middle" font-size="10">'
                         f"{html.escape(short)}</text>")
-    return _frame(kind, title, "shard", ylabel, (0, 1), (lo, hi), body, list(series))
+    return _frame(kind, title, xlabel, ylabel, (0, 1), (lo, hi), body, list(series))
 
 
 def plot_specs(run: RunData) -> list[tuple[str, str]]:

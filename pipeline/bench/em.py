@@ -31,7 +31,6 @@ import datetime as dt
 import hashlib
 import io
 import json
-import math
 import os
 import platform
 import time
@@ -46,6 +45,7 @@ from pipeline.config import PriorConfig
 from pipeline.data.corrupt import corrupt
 from pipeline.data.embedded import load_embedded
 from pipeline.data.shards import write_dataset
+from pipeline.data.storage import write_atomic
 from pipeline.diffusion.checkpoint import load_model
 from pipeline.forward import make_forward
 from pipeline.posterior.denoise import Denoiser
@@ -98,14 +98,6 @@ def _train(name: str, images: np.ndarray, where: Path, steps: int, batch_size: i
     return str(model)
 
 
-def _atomic(path: Path, data: bytes) -> None:
-    """``data`` into a temporary file beside ``path``, then renamed onto it: a run killed mid-write leaves no half
-    file for the resumed run to read."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _npy(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a)
@@ -153,7 +145,7 @@ def em(n_train: int, rounds: int, train_steps: int, n_test: int, steps: int, bat
         p, s = metrics.psnr(x_hat, clean_test), metrics.ssim(x_hat, clean_test)
         row = {"method": name, "psnr_mean": float(p.mean()), "psnr_median": float(p.median()),
                "ssim_mean": float(s.mean()), "n_test": n_test, "test_seconds": time.perf_counter() - t0, **extra}
-        _atomic(done, json.dumps(row).encode())
+        write_atomic(str(done), json.dumps(row).encode())
         return row
 
     rows = []
@@ -169,8 +161,8 @@ def em(n_train: int, rounds: int, train_steps: int, n_test: int, steps: int, bat
         if not samples_file.exists():  # the E-step: a posterior sample of every training observation
             t0 = time.perf_counter()
             samples, residual = _clean(x_prior, n_model, sde, train.ids, y_train, settings)
-            _atomic(where / "residual.npy", _npy(residual.numpy()))
-            _atomic(samples_file, _npy(samples.numpy()))  # last: its presence marks the E-step done
+            write_atomic(str(where / "residual.npy"), _npy(residual.numpy()))
+            write_atomic(str(samples_file), _npy(samples.numpy()))  # last: its presence marks the E-step done
             log(f"round {k}: {n_train} posterior samples in {time.perf_counter() - t0:.0f} s, mean residual "
                 f"{float(residual.mean()):.4f}")
         samples = np.load(samples_file)
@@ -208,43 +200,17 @@ def table(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def svg(doc: dict[str, Any], width: int = 480, height: int = 300) -> str:
-    """Test PSNR against round, with the clean-trained prior as a dashed line."""
+def svg(doc: dict[str, Any]) -> str:
+    """Test PSNR against round, with the clean-trained prior as a flat line (:func:`pipeline.report.svg_lines`)."""
+    from pipeline.report import svg_lines
+
     rounds = [r for r in doc["rows"] if r["round"] is not None]
+    series = {"EM": [r["psnr_mean"] for r in rounds]}
     bound = next((r for r in doc["rows"] if r["round"] is None), None)
-    values = [r["psnr_mean"] for r in doc["rows"] if math.isfinite(r["psnr_mean"])]
-    lo, hi = math.floor(min(values)) - 1, math.ceil(max(values)) + 1
-    left, right, top, bottom = 56, 24, 16, 40
-    last = max(1, max(r["round"] for r in rounds))
-
-    def px(k: float) -> float:
-        return left + k / last * (width - left - right)
-
-    def py(p: float) -> float:
-        return top + (hi - p) / (hi - lo) * (height - top - bottom)
-
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-           'font-size="11">', f'<rect width="{width}" height="{height}" fill="white"/>']
-    for p in range(lo, hi + 1, max(1, (hi - lo) // 6)):
-        out.append(f'<line x1="{left}" x2="{width - right}" y1="{py(p):.1f}" y2="{py(p):.1f}" stroke="#ddd"/>'
-                   f'<text x="{left - 6}" y="{py(p) + 4:.1f}" text-anchor="end">{p}</text>')
-    for r in rounds:
-        out.append(f'<text x="{px(r["round"]):.1f}" y="{height - bottom + 16}" text-anchor="middle">{r["round"]}'
-                   '</text>')
-    out.append(f'<text x="{(left + width - right) / 2}" y="{height - 6}" text-anchor="middle">EM round</text>')
-    out.append(f'<text x="14" y="{(top + height - bottom) / 2}" transform="rotate(-90 14 '
-               f'{(top + height - bottom) / 2})" text-anchor="middle">test PSNR (dB)</text>')
     if bound is not None:
-        out.append(f'<line x1="{left}" x2="{width - right}" y1="{py(bound["psnr_mean"]):.1f}" '
-                   f'y2="{py(bound["psnr_mean"]):.1f}" stroke="#d62728" stroke-dasharray="5,4"/>'
-                   f'<text x="{width - right}" y="{py(bound["psnr_mean"]) - 5:.1f}" text-anchor="end" '
-                   'fill="#d62728">trained on the clean images</text>')
-    pts = [(px(r["round"]), py(r["psnr_mean"])) for r in rounds]
-    out.append('<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="'
-               + " ".join(f"{a:.1f},{b:.1f}" for a, b in pts) + '"/>')
-    out += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="#1f77b4"/>' for a, b in pts]
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
+        series["trained on the clean images"] = [bound["psnr_mean"]] * len(rounds)
+    return svg_lines("em-psnr", "test PSNR by EM round", "test PSNR (dB)", [str(r["round"]) for r in rounds], series,
+                     xlabel="EM round")
 
 
 def write(doc: dict[str, Any], json_path: str | None, svg_path: str | None) -> None:

@@ -223,11 +223,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from pipeline.bench import large as lg
 
         known = [s.name for s in (lg.SCENARIOS if args.kind == "large" else q.SCENARIOS)]
-        args.scenarios = ",".join(s.strip() for s in args.scenarios.split(",") if s.strip())
-        unknown = [s for s in args.scenarios.split(",") if s not in known]
-        if args.scenarios == "none" and args.kind == "large" and args.memory:
-            unknown = []
-        if unknown or not args.scenarios:
+        names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+        allowed = known + (["none"] if args.kind == "large" and args.memory else [])
+        unknown = [s for s in names if s not in allowed]
+        args.scenarios = ",".join(names)
+        if unknown or not names:
             raise ConfigError(f"--scenarios: bench {args.kind} has no scenario {', '.join(unknown) or '(none given)'}; "
                               f"choose from {', '.join(known)}" + (" (or none, with --memory)" if args.kind == "large"
                                                                    else ""))

@@ -86,10 +86,14 @@ SIGMA_ROWS = ("joint-oracle", "joint-fixed")  # the read-out scenario's sampler 
 FIXED_SIGMA_Y = ForwardConfig.model_fields["sigma_y"].default  # what a run assumes when it is not told
 
 
+def _uniform(bounds: tuple[float, float], n: int, seed: int) -> torch.Tensor:
+    lo, hi = bounds
+    return lo + (hi - lo) * torch.rand(n, generator=torch.Generator().manual_seed(seed))
+
+
 def hidden_alphas(alpha_range: tuple[float, float], n: int, seed: int) -> torch.Tensor:
     """``n`` mixing weights drawn uniformly from ``alpha_range``, seeded (the unknown-alpha scenarios' truth)."""
-    lo, hi = alpha_range
-    return lo + (hi - lo) * torch.rand(n, generator=torch.Generator().manual_seed(10_000 + seed))
+    return _uniform(alpha_range, n, 10_000 + seed)
 
 
 def alphas_for(sc: Scenario, n: int, seed: int) -> torch.Tensor:
@@ -104,8 +108,7 @@ def sigmas_for(sc: Scenario, n: int, seed: int) -> torch.Tensor:
     """Each observation's read-out noise: none, or drawn uniformly from ``sc.sigma_y_range`` (seeded)."""
     if sc.sigma_y_range is None:
         return torch.zeros(n)
-    lo, hi = sc.sigma_y_range
-    return lo + (hi - lo) * torch.rand(n, generator=torch.Generator().manual_seed(20_000 + seed))
+    return _uniform(sc.sigma_y_range, n, 20_000 + seed)
 
 
 def observations(sc: Scenario, split: str, n: int, seed: int = 0) -> Observations:

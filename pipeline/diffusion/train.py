@@ -31,9 +31,11 @@ import torch
 from pipeline.data.storage import join, makedirs, open_fs
 from pipeline.diffusion.checkpoint import (
     MAX_STATE_BYTES,
+    CheckpointConfigError,
     CheckpointError,
     build_model,
     check_state,
+    load_model,
     read_json,
     read_tensors,
     save_model,
@@ -129,8 +131,6 @@ class PatchPool:
 def init_weights(uri: str, net: NetConfig, sde: VPSDE) -> dict[str, torch.Tensor]:
     """The weights of the model folder ``uri`` for a run of network ``net`` and ``sde``: a
     :class:`~pipeline.diffusion.checkpoint.CheckpointConfigError` naming the first setting that differs."""
-    from pipeline.diffusion.checkpoint import CheckpointConfigError, load_model
-
     model, model_sde, _ = load_model(uri)
     for what, mine, theirs in (("unet", asdict(net), asdict(model.config)), ("sde", asdict(sde), asdict(model_sde))):
         for key in mine:

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from pipeline import metrics
-from pipeline.bench.quality import ALPHA_ROWS, hidden_alphas
+from pipeline.bench.quality import ALPHA_ROWS, alpha_error_lines, alpha_error_suffix, hidden_alphas
 from pipeline.data.corrupt import layer_for
 from pipeline.data.embedded import STRIPES_SPLITS, TEXT_SPLITS, grey_of, load_embedded, natural_photos, stripe
 from pipeline.forward import FORWARD_MODELS, make_forward
@@ -433,8 +433,7 @@ def _fmt(r: dict[str, Any]) -> str:
     return (f"{r['scenario']:8s} {r['method']:12s} PSNR {r['psnr_mean']:6.2f} (med {r['psnr_median']:6.2f})  "
             f"SSIM {r['ssim_mean']:.3f} (med {r['ssim_median']:.3f})  {r['seconds_per_megapixel']:8.1f} s/MP  "
             f"peak {r['peak_rss_mb']:6.0f} MB{seam}"
-            + (f"  |alpha err| median {r['alpha_error_median']:.3f}" if r.get("alpha_error_median") is not None
-               else ""))
+            + alpha_error_suffix(r))
 
 
 def table(doc: dict[str, Any]) -> str:
@@ -445,10 +444,7 @@ def table(doc: dict[str, Any]) -> str:
         lines.append(f"| {r['scenario']} | {r['method']} | {r['psnr_mean']:.2f} ({r['psnr_median']:.2f}) | "
                      f"{r['ssim_mean']:.3f} ({r['ssim_median']:.3f}) | {seam} | {r['seconds_per_megapixel']:.1f} | "
                      f"{r['peak_rss_mb']:.0f} |")
-    for r in doc["rows"]:
-        if r.get("alpha_error_median") is not None:
-            lines.append(f"\n{r['scenario']} {r['method']}: |alpha_hat - alpha| median {r['alpha_error_median']:.3f}, "
-                         f"mean {r['alpha_error_mean']:.3f}")
+    lines += alpha_error_lines(doc["rows"])
     if doc.get("tiling"):
         tl = doc["tiling"]
         lines.append(f"\ntiling overhead (one {tl['size']}x{tl['size']} image in {tl['tile']}-pixel tiles against as "

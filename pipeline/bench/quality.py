@@ -317,9 +317,7 @@ def _fmt(r: dict[str, Any]) -> str:
                 f"{r['n_images']} images  {r['seconds_per_image']:.3f} s/img")
     return (f"{r['scenario']:9s} {r['method']:16s} {steps:>5s} {r['nfe']:>5d}  PSNR {r['psnr_mean']:6.2f} "
             f"± {r['psnr_std']:5.2f} (med {r['psnr_median']:6.2f})  SSIM {r['ssim_mean']:.3f} "
-            f"± {r['ssim_std']:.3f}  {r['seconds_per_image']:.3f} s/img"
-            + (f"  |alpha err| median {r['alpha_error_median']:.3f}" if r.get("alpha_error_median") is not None
-               else ""))
+            f"± {r['ssim_std']:.3f}  {r['seconds_per_image']:.3f} s/img" + alpha_error_suffix(r))
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -334,11 +332,18 @@ def table(rows: list[dict[str, Any]]) -> str:
                      f"{r['psnr_mean']:.2f} ± {r['psnr_std']:.2f} ({r['psnr_median']:.2f}) | "
                      f"{r['ssim_mean']:.3f} ± {r['ssim_std']:.3f} ({r['ssim_median']:.3f}) | "
                      f"{r['seconds_per_image']:.3f} |")
-    for r in rows:
-        if r.get("alpha_error_median") is not None:
-            lines.append(f"\n{r['scenario']} {r['method']}: |alpha_hat - alpha| median {r['alpha_error_median']:.3f}, "
-                         f"mean {r['alpha_error_mean']:.3f}")
-    return "\n".join(lines)
+    return "\n".join(lines + alpha_error_lines(rows))
+
+
+def alpha_error_suffix(r: dict[str, Any]) -> str:
+    """A printed row's alpha error, where it has one."""
+    return f"  |alpha err| median {r['alpha_error_median']:.3f}" if r.get("alpha_error_median") is not None else ""
+
+
+def alpha_error_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The table's closing lines: each row's alpha error, where it has one."""
+    return [f"\n{r['scenario']} {r['method']}: |alpha_hat - alpha| median {r['alpha_error_median']:.3f}, "
+            f"mean {r['alpha_error_mean']:.3f}" for r in rows if r.get("alpha_error_median") is not None]
 
 
 def write_json(rows: list[dict[str, Any]], path: str, meta: dict[str, Any]) -> None:

@@ -412,6 +412,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_learn_prior(args: argparse.Namespace) -> int:
+    refuse_credentials([*args.set, *args.prior_set])  # the flow's parameters are stored in plain text
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from pipeline.jobs.learn import open_learning
+
+    params = dict(input_uri=args.input, output=args.output, noise_prior=args.noise_prior, rounds=args.rounds,
+                  config=args.config, overrides=args.set, prior_config=args.prior_config,
+                  prior_overrides=args.prior_set, name=args.name, registry=args.registry, validation=args.validation,
+                  run_id=args.run_id, start=args.start, tolerance=None if args.no_early_stop else args.tolerance,
+                  workers=args.workers, use_gpu=args.gpu, ray_address=args.ray_address)
+    # checked here, before Prefect starts: a wrong path, prior or setting is one line and no flow run
+    open_learning(**params)
+    try:
+        from flows.learn_prior import learn_prior
+    except ImportError as exc:
+        raise ConfigError(f"learn-prior runs the Prefect flow in flows/, which did not import ({exc}); "
+                          "install jointdiff with `make demo` or `pip install -e .`") from exc
+    result = learn_prior(**params, progress=not args.quiet)
+    print(f"learned prior: {result['latest'] or result['prior']} (round {result['chosen']}); cleaned dataset: "
+          f"{result['cleaned']}; every round: {result['root']}", file=sys.stderr)
+    print(json.dumps({k: v for k, v in result.items() if k != "rounds"}, default=str))
+    return 0
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     try:
         return _submit_action(args)
@@ -633,6 +658,43 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="clean config override")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=_cmd_demo)
+
+    lp = sub.add_parser("learn-prior", help="learn the image prior from a corrupted dataset and a noise prior alone "
+                        "(EM: clean with the current prior, fine-tune it on the posterior samples, repeat), as the "
+                        "Prefect flow learn-prior on Ray; publishes each round's prior (docs/learn-prior.md)")
+    lp.add_argument("input", metavar="INPUT", help="the corrupted dataset (observation shards, any URI: `jointdiff "
+                    "ingest` or `corrupt` makes them); its images at the noise prior's size")
+    lp.add_argument("output", metavar="OUTPUT", help="output root: OUTPUT/learn/<run id>/round-<k>/ (and the registry "
+                    "OUTPUT/models/ unless --registry)")
+    lp.add_argument("--noise-prior", required=True, help="the noise's prior: shipped name (stripes, digits, ...), "
+                    "model folder or registry .../latest")
+    lp.add_argument("--rounds", type=int, default=4, help="EM rounds after round 0 (default 4); fewer when the "
+                    "noise fit stops improving")
+    lp.add_argument("--config", default=None, help="cleaning recipe YAML (sampler, forward model); each round "
+                    "sets its priors and one posterior sample per image")
+    lp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="cleaning recipe override, "
+                    "e.g. forward.alpha=0.5, sampler.steps=50")
+    lp.add_argument("--prior-config", default=None, help="the image prior's YAML (unet, train); default: the noise "
+                    "prior's network, 600 steps a round at batch 32")
+    lp.add_argument("--prior-set", action="append", default=[], metavar="KEY=VALUE", help="image prior override, "
+                    "e.g. train.steps=1000")
+    lp.add_argument("--name", default="image", help="the prior's name in the registry (default image)")
+    lp.add_argument("--registry", default=None, help="registry root (default OUTPUT)")
+    lp.add_argument("--validation", default=None, help="a small dataset with truth (observation and clean "
+                    "columns): cleaned every round for PSNR/SSIM")
+    lp.add_argument("--start", default=None, help="round 0's prior, instead of a Gaussian of the observations "
+                    "(a shipped prior, model folder or registry .../latest); later rounds fine-tune it")
+    lp.add_argument("--tolerance", type=float, default=0.01, help="stop when the noise fit improves by less than "
+                    "this fraction (default 0.01)")
+    lp.add_argument("--no-early-stop", action="store_true", help="run every round, whatever the noise fit")
+    lp.add_argument("--run-id", default=None, help="default: derived from the input, priors and configs (run the "
+                    "same command again to resume)")
+    lp.add_argument("--workers", type=int, default=1, help="Ray Train workers per round (default 1)")
+    lp.add_argument("--gpu", action="store_true", help="train on GPUs")
+    lp.add_argument("--ray-address", default=None, help="a cluster to join (HEAD:6379; default RAY_ADDRESS, else "
+                    "a local Ray)")
+    lp.add_argument("--quiet", action="store_true")
+    lp.set_defaults(func=_cmd_learn_prior)
 
     sm = sub.add_parser("submit", help="run train or clean on a Ray cluster through the Ray Jobs API (as `ray job "
                         "submit`), and look after submitted jobs: status, logs, stop, list")

@@ -39,8 +39,16 @@ def publish(model_uri: str, root: str, name: str | None = None, version: str | N
     write_atomic(join(dest, CONFIG), json.dumps(cfg, indent=2, sort_keys=True).encode())
     card = {k: meta.get(k) for k in CARD_KEYS} | {"version": version, "source": str(model_uri)}
     write_atomic(join(dest, "card.json"), json.dumps(card, indent=2, sort_keys=True).encode())
-    write_atomic(join(root, "models", name, "latest.json"), json.dumps({"version": version}).encode())
+    point_latest(root, name, version)
     return dest
+
+
+def point_latest(root: str, name: str, version: str) -> None:
+    """Point ``<root>/models/<name>/latest`` at ``version`` (a published one: its ``config.json`` must exist)."""
+    fs, path = open_fs(join(root, "models", name, version, CONFIG))
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{join(root, 'models', name, version)}: no such published version")
+    write_atomic(join(root, "models", name, "latest.json"), json.dumps({"version": version}).encode())
 
 
 def resolve_latest(uri: str) -> str:

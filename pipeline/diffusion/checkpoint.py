@@ -1,7 +1,9 @@
 """Checkpoints: ``safetensors`` weights plus a JSON config, on any fsspec URI. Never pickles.
 
 A *model* is a folder with ``weights.safetensors`` (the EMA weights) and ``config.json``
-(``{"format": "jointdiff-model", "unet": {...}, "sde": {...}, "meta": {...}}``).
+(``{"format": "jointdiff-model", "unet": {...}, "sde": {...}, "meta": {...}}``). A per-pixel Gaussian prior
+(:mod:`pipeline.diffusion.gaussian`) is a model too: a ``gaussian`` section (``image_size``, ``channels``) in place
+of ``unet``, and the weights ``mean`` and ``var``.
 A *training state* (for resuming) is a folder with ``model``, ``ema`` and ``optimizer``
 safetensors files and ``state.json`` (step, RNG state, configs).
 
@@ -32,6 +34,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from pipeline.data.storage import join, local_path, makedirs, open_fs, write_atomic
+from pipeline.diffusion.gaussian import GaussianConfig, GaussianPrior, GaussianShape
 from pipeline.diffusion.sde import VPSDE
 from pipeline.diffusion.unet import NetConfig, UNet, UNetConfig
 from pipeline.untrusted import ConfigError
@@ -162,24 +165,27 @@ def _problems(exc: ValidationError, section: str) -> str:
     return "; ".join(out)
 
 
-def read_model_config(uri: str, data: bytes | None = None) -> tuple[UNetConfig, VPSDE, dict[str, Any]]:
-    """The validated ``(unet config, sde, meta)`` of the model folder ``uri``, from its ``config.json`` alone
+def read_model_config(uri: str, data: bytes | None = None) -> tuple[Any, VPSDE, dict[str, Any]]:
+    """The validated ``(net config, sde, meta)`` of the model folder ``uri``, from its ``config.json`` alone
     (``data``: that file's bytes, read already; no weights read, nothing built); :class:`CheckpointConfigError`
-    naming the file and the key otherwise."""
+    naming the file and the key otherwise. The net config is a ``UNetConfig``, or a ``GaussianConfig`` for a
+    Gaussian prior; both have ``image_size`` and ``channels``."""
     where = join(uri, CONFIG)
     shown = local_path(where)
     cfg = read_json(where, data=data)
-    if cfg.get("format") != MODEL_FORMAT or "unet" not in cfg:
+    kinds = [k for k in ("unet", "gaussian") if k in cfg]
+    if cfg.get("format") != MODEL_FORMAT or len(kinds) != 1:
         raise CheckpointConfigError(f"{shown}: not a jointdiff model config (expected format '{MODEL_FORMAT}' "
-                                    "with a 'unet' section)")
-    for section in ("unet", "sde", "meta"):
+                                    "with a 'unet' or a 'gaussian' section)")
+    kind = kinds[0]
+    for section in (kind, "sde", "meta"):
         if not isinstance(cfg.get(section, {}), dict):
             raise CheckpointConfigError(f"{shown}: {section}: expected a mapping, found a "
                                         f"{type(cfg[section]).__name__}")
     try:  # strictly: a config.json is written by save_model, so "32" for 32 is damage, not a convenience
-        unet = UNetConfig.model_validate(cfg["unet"], strict=True)
+        net = (UNetConfig if kind == "unet" else GaussianConfig).model_validate(cfg[kind], strict=True)
     except ValidationError as exc:
-        raise CheckpointConfigError(f"{shown}: {_problems(exc, 'unet')}") from None
+        raise CheckpointConfigError(f"{shown}: {_problems(exc, kind)}") from None
     sde_cfg = cfg.get("sde", {})
     unknown = sorted(set(sde_cfg) - {"beta_min", "beta_max", "eps"})
     if unknown:
@@ -188,7 +194,7 @@ def read_model_config(uri: str, data: bytes | None = None) -> tuple[UNetConfig, 
         sde = VPSDE(**sde_cfg)
     except ValueError as exc:
         raise CheckpointConfigError(f"{shown}: sde.{exc}") from None
-    return unet, sde, cfg.get("meta", {})
+    return net, sde, cfg.get("meta", {})
 
 
 def check_state(meta: dict[str, Any], uri: str) -> None:
@@ -222,13 +228,33 @@ def check_state(meta: dict[str, Any], uri: str) -> None:
             raise CheckpointConfigError(f"{shown}: {key}: expected {what}; {found}")
 
 
-def save_model(uri: str, model: UNet, sde: VPSDE, meta: dict[str, Any] | None = None) -> None:
-    """Write ``model``'s weights and config to the folder ``uri``."""
+def save_model(uri: str, model: UNet | GaussianPrior, sde: VPSDE, meta: dict[str, Any] | None = None) -> None:
+    """Write ``model``'s weights and config to the folder ``uri`` (a U-Net, or a per-pixel Gaussian prior)."""
     fs, path = open_fs(uri)
     makedirs(fs, path)
-    write_tensors(join(uri, WEIGHTS), model.state_dict(), metadata={"format": MODEL_FORMAT})
-    write_json(join(uri, CONFIG), {"format": MODEL_FORMAT, "unet": asdict(model.config),
+    kind = "gaussian" if isinstance(model, GaussianPrior) else "unet"
+    write_tensors(join(uri, WEIGHTS), {k: v.contiguous() for k, v in model.state_dict().items()},
+                  metadata={"format": MODEL_FORMAT})
+    write_json(join(uri, CONFIG), {"format": MODEL_FORMAT, kind: asdict(model.config),
                                    "sde": asdict(sde), "meta": meta or {}})
+
+
+def build_gaussian(shape: GaussianShape | Any, state: dict[str, torch.Tensor], sde: VPSDE,
+                   source: str) -> GaussianPrior:
+    """A per-pixel Gaussian prior from its weights ``mean`` and ``var`` (each (C, S, S), finite, ``var`` > 0)."""
+    if not isinstance(shape, GaussianShape):
+        shape = shape.settings()
+    want = (shape.channels, shape.image_size, shape.image_size)
+    if sorted(state) != ["mean", "var"]:
+        raise CheckpointError(f"{source}: a Gaussian prior's weights are 'mean' and 'var'; found "
+                              f"{sorted(state)[:4]}")
+    for k in ("mean", "var"):
+        v = state[k]
+        if tuple(v.shape) != want:
+            raise CheckpointError(f"{source}: {k} has shape {tuple(v.shape)}, the config says {want}")
+        if not torch.isfinite(v).all() or (k == "var" and not (v > 0).all()):
+            raise CheckpointError(f"{source}: {k} has {'non-positive or ' if k == 'var' else ''}non-finite values")
+    return GaussianPrior(state["mean"].float(), state["var"].float(), sde)
 
 
 def build_model(unet_config: NetConfig | UNetConfig, state: dict[str, torch.Tensor], source: str) -> UNet:
@@ -263,13 +289,15 @@ def build_model(unet_config: NetConfig | UNetConfig, state: dict[str, torch.Tens
 
 
 def load_model(uri: str, device: torch.device | str = "cpu",
-               files: tuple[bytes, bytes] | None = None) -> tuple[UNet, VPSDE, dict[str, Any]]:
+               files: tuple[bytes, bytes] | None = None) -> tuple[UNet | GaussianPrior, VPSDE, dict[str, Any]]:
     """Load a model folder written by :func:`save_model`; returns ``(model in eval mode, sde, meta)``.
     ``files``: the bytes of its ``config.json`` and weights, read already (a caller that hashed them loads
     exactly those; nothing is read from ``uri`` then)."""
     if str(uri).lower().endswith(_PICKLE_SUFFIXES):
         read_tensors(str(uri))  # raises the pickle refusal
     config, weights = files if files is not None else (None, None)
-    unet_config, sde, meta = read_model_config(uri, config)  # checked before the weights are read or anything built
-    model = build_model(unet_config, read_tensors(join(uri, WEIGHTS), weights), str(uri))
+    net, sde, meta = read_model_config(uri, config)  # checked before the weights are read or anything built
+    state = read_tensors(join(uri, WEIGHTS), weights)
+    model = build_gaussian(net, state, sde, str(uri)) if isinstance(net, GaussianConfig) else \
+        build_model(net, state, str(uri))
     return model.to(device).eval(), sde, meta

@@ -132,6 +132,9 @@ def init_weights(uri: str, net: NetConfig, sde: VPSDE) -> dict[str, torch.Tensor
     """The weights of the model folder ``uri`` for a run of network ``net`` and ``sde``: a
     :class:`~pipeline.diffusion.checkpoint.CheckpointConfigError` naming the first setting that differs."""
     model, model_sde, _ = load_model(uri)
+    if not isinstance(model, UNet):
+        raise CheckpointConfigError(f"train.init={uri}: a Gaussian prior, not a network: leave train.init out to "
+                                    "train from scratch")
     for what, mine, theirs in (("unet", asdict(net), asdict(model.config)), ("sde", asdict(sde), asdict(model_sde))):
         for key in mine:
             if key != "dropout" and mine[key] != theirs.get(key):  # dropout changes no weight

@@ -1,0 +1,366 @@
+"""``jointdiff learn-prior``: an image prior learned from the corrupted dataset itself, by EM, on Ray.
+
+The people who need a dataset cleaned often have only the corrupted dataset and a prior of its noise. This job
+learns the image prior from the observations (:mod:`pipeline.posterior.em` has the method and its closed-form
+check). Round ``k`` has a prior of the clean images and does three things:
+
+1. **the prior**: round 0 is a Gaussian fitted to the observations per pixel (saved as a model folder,
+   :mod:`pipeline.diffusion.gaussian`), or a model given as ``start``; round ``k >= 1`` is the image prior
+   trained by Ray Train (:func:`~pipeline.jobs.train_prior.train_distributed`) on the posterior samples that
+   round ``k - 1`` drew, fine-tuning round ``k - 1``'s network (``train.init``; round 1 from scratch when round
+   0 is the Gaussian). Each round's prior is published to the registry as version ``<run id>-round-<k>``;
+2. **the E-step**: the cleaning job (:func:`~pipeline.jobs.clean.run_clean`, Ray Data) over every training
+   observation with this prior and the noise prior, one posterior sample per image (``sampler.n_samples=1``:
+   samples, not means, so that the next fit sees the posterior's spread). Its cleaned shards are the next
+   round's training data, and the cleaned dataset the job hands over;
+3. **the figure**: how well the noise estimates of that cleaning fit the noise prior, its denoising loss on
+   them (:func:`~pipeline.diffusion.losses.heldout_loss`: fixed times and noise, network units; lower is
+   better): no truth needed. A bad image prior leaves image content in the noise estimates, which the noise prior
+   finds unlikely. With a validation set (observations and their truth), that set is cleaned too and its
+   PSNR/SSIM recorded.
+
+It stops after ``rounds`` rounds, or earlier when the figure did not improve on the best so far by
+``tolerance`` (relative). The chosen round is the one with the best figure; the registry's ``latest`` points at
+its prior, and its cleaning is the cleaned dataset.
+
+Everything lives under ``OUTPUT/learn/<run id>/round-<k>/`` (``model/`` or ``train/{state,model}``, ``clean/``
+(a cleaning run's output root: ``runs/e-step/...``), ``validation/``, ``samples.png``, ``loss.png``,
+``round.json``) and ``OUTPUT/learn/<run id>/learn.json``. A round is done when its ``round.json`` exists; a
+stopped job run again with the same arguments skips the rounds done and resumes the round under way where it
+stopped: training at its last state, cleaning at its first unfinished shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import CleanConfig, ConfigError, PriorConfig, load_config
+from pipeline.data.storage import join, open_fs, write_atomic
+
+DEFAULT_TRAIN = {"steps": 600, "batch_size": 32, "warmup_steps": 200, "checkpoint_every": 100}
+"""Each round's training unless the prior config says otherwise (``bench em --quick``'s setting)."""
+FIT_ROWS = 1000  # observations the round-0 Gaussian and each round's noise figure read (the first ones)
+LINEAR = ("blend", "sum")  # forward models whose noise has the image's channels (the noise figure reads it)
+
+
+@dataclass(frozen=True)
+class Learning:
+    """One learn-prior job, checked (:func:`open_learning`)."""
+
+    input_uri: str
+    output: str
+    run_id: str
+    noise: str  # the noise prior: a shipped name, a model folder, a registry's .../latest
+    clean: CleanConfig  # the cleaning recipe; each round replaces its priors and draws one sample per image
+    prior: PriorConfig  # the image prior's network and each round's training; data, output and init set per round
+    name: str  # the registry's model name
+    registry: str
+    validation: str | None
+    rounds: int
+    tolerance: float | None  # None: every round runs
+    workers: int
+    use_gpu: bool
+    start: str | None
+    ray_address: str | None = None
+
+    @property
+    def root(self) -> str:
+        return join(self.output, "learn", self.run_id)
+
+    def round_uri(self, k: int) -> str:
+        return join(self.root, f"round-{k}")
+
+    def version(self, k: int) -> str:
+        return f"{self.run_id}-round-{k}"
+
+
+def _exists(uri: str) -> bool:
+    fs, path = open_fs(uri)
+    return fs.exists(path)
+
+
+def _read(uri: str) -> dict[str, Any]:
+    fs, path = open_fs(uri)
+    return json.loads(fs.cat_file(path))
+
+
+def _write(uri: str, obj: dict[str, Any]) -> None:
+    write_atomic(uri, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def _log(message: str) -> None:
+    print(f"learn-prior: {message}", file=sys.stderr, flush=True)
+
+
+def open_learning(input_uri: str, output: str, noise_prior: str, config: str | None = None,
+                  overrides: list[str] | None = None, prior_config: str | None = None,
+                  prior_overrides: list[str] | None = None, name: str = "image", registry: str | None = None,
+                  validation: str | None = None, run_id: str | None = None, rounds: int = 4,
+                  tolerance: float | None = 0.01, workers: int = 1, use_gpu: bool = False, start: str | None = None,
+                  ray_address: str | None = None) -> Learning:
+    """The job, checked before any work: the input and validation datasets exist and have images, the noise
+    prior (and ``start``) load, the forward model is one whose noise has the image's channels, and the image
+    prior's network fits the noise prior. Each problem is one :class:`ConfigError` line naming the input."""
+    from pipeline.data import storage
+    from pipeline.data.datasets import image_column
+    from pipeline.data.shards import ShardError
+    from pipeline.data.storage import absolute_uri
+    from pipeline.diffusion.checkpoint import CheckpointError, read_model_config
+    from pipeline.priors import resolve_model
+    from pipeline.run.models import model_uri
+    from pipeline.untrusted import check_run_id, is_plain_name
+
+    if rounds < 1:
+        raise ConfigError(f"--rounds {rounds}: at least 1 (round 0 is the starting prior, then 1 to K rounds)")
+    if tolerance is not None and not 0 <= tolerance < 1:
+        raise ConfigError(f"--tolerance {tolerance}: a relative improvement in [0, 1), e.g. 0.01")
+    if not is_plain_name(name):
+        raise ConfigError(f"--name {name!r}: a plain folder name (the registry's models/NAME)")
+    clean = load_config(CleanConfig, config, overrides or [])
+    storage.configure(clean.storage)
+    if clean.forward.name not in LINEAR:
+        raise ConfigError(f"forward.name={clean.forward.name}: learn-prior learns under {' or '.join(LINEAR)} "
+                          "(a noise of the image's channels); clean with a prior learned under blend, or train one")
+    for what, uri in (("INPUT", input_uri), ("--validation", validation)):
+        if uri is None:
+            continue
+        try:
+            image_column(uri, "observation", None)
+        except ShardError as exc:
+            raise ConfigError(f"{what} {uri}: {exc}; make one with `jointdiff ingest` or `jointdiff corrupt`") from None
+
+    def net_of(key: str, model: str) -> Any:
+        try:
+            return read_model_config(resolve_model(model))
+        except (CheckpointError, FileNotFoundError, OSError) as exc:
+            raise ConfigError(f"{key} {model}: {exc}") from None
+
+    noise = noise_prior
+    noise_net, noise_sde, _ = net_of("--noise-prior", noise)
+    start_net = net_of("--start", start)[0] if start else None
+    base = {"name": name, "data": {"source": input_uri, "size": noise_net.image_size, "channels": noise_net.channels},
+            "train": dict(DEFAULT_TRAIN), "output": "unset", "sde": {k: getattr(noise_sde, k) for k in
+                                                                       ("beta_min", "beta_max", "eps")}}
+    if not prior_config:  # the image prior's network: the start model's, else the noise prior's
+        net = start_net or noise_net
+        if not hasattr(net, "base_channels"):
+            raise ConfigError("the noise prior is a Gaussian, which gives no network to copy: give the image prior's "
+                              "network with --prior-config")
+        base["unet"] = {k: getattr(net, k) for k in type(net).model_fields}
+    prior = load_config(PriorConfig, prior_config, prior_overrides or [], defaults=base)
+    shape = (prior.unet.channels, prior.unet.image_size)
+    if shape != (noise_net.channels, noise_net.image_size):
+        raise ConfigError(f"the image prior's network is {shape[0]}x{shape[1]}x{shape[1]} but the noise prior "
+                          f"{noise} is {noise_net.channels}x{noise_net.image_size}x{noise_net.image_size}: they must "
+                          "match (set unet.image_size and unet.channels)")
+    if start_net is not None and (start_net.channels, start_net.image_size) != shape:
+        raise ConfigError(f"--start {start}: {start_net.channels}x{start_net.image_size}x{start_net.image_size}, not "
+                          f"the {shape[0]}x{shape[1]}x{shape[1]} of the noise prior")
+    input_uri = absolute_uri(input_uri)
+    pinned = {"input": input_uri, "noise": model_uri(noise), "start": model_uri(start) if start else None,
+              "recipe": clean.recipe.model_dump(mode="json"), "prior": prior.model_dump(mode="json"),
+              "validation": absolute_uri(validation) if validation else None}
+    if run_id is None:  # the same job again (more rounds, another tolerance) finds its rounds
+        run_id = "learn-" + hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest()[:10]
+    check_run_id(run_id, "--run-id")
+    return Learning(input_uri, absolute_uri(output), run_id, pinned["noise"], clean, prior, name,
+                    absolute_uri(registry) if registry else absolute_uri(output), pinned["validation"], rounds,
+                    tolerance, workers, use_gpu, pinned["start"], ray_address)
+
+
+def _recipe_overrides(job: Learning, image: str) -> list[str]:
+    return [f"priors.image={image}", f"priors.noise={job.noise}", "sampler.n_samples=1"]
+
+
+def _clean_config(job: Learning, image: str) -> CleanConfig:
+    from pipeline.config import with_ray
+
+    dumped = job.clean.model_dump(mode="json")
+    dumped["priors"] = {"image": image, "noise": job.noise}
+    dumped["sampler"] = {**dumped["sampler"], "n_samples": 1}
+    return with_ray(CleanConfig.model_validate(dumped), address=job.ray_address)
+
+
+def round_zero_prior(job: Learning) -> str:
+    """Round 0's prior: ``start``, or a per-pixel Gaussian of the first :data:`FIT_ROWS` observations, saved
+    as a model folder under ``round-0/model``; its URI."""
+    import torch
+
+    from pipeline.data.datasets import load_images
+    from pipeline.diffusion.checkpoint import save_model
+    from pipeline.diffusion.gaussian import GaussianPrior
+    from pipeline.diffusion.sde import VPSDE
+
+    if job.start:
+        return job.start
+    where = join(job.round_uri(0), "model")
+    if not _exists(join(where, "config.json")):
+        d = job.prior.data
+        obs = load_images(job.input_uri, "train", job.prior.unet.image_size, d.channels, "observation", None,
+                          n=FIT_ROWS)
+        sde = VPSDE(**job.prior.sde.model_dump())
+        gauss = GaussianPrior.fit(torch.from_numpy(obs.images), sde, per_pixel=True)
+        save_model(where, gauss, sde, {"name": job.name, "dataset": job.input_uri, "n_train_images": len(obs.ids),
+                                       "kind": "per-pixel Gaussian of the observations (EM round 0)"})
+        _log(f"round 0: a per-pixel Gaussian of {len(obs.ids)} observations -> {where}")
+    return where
+
+
+def train_round(job: Learning, k: int, samples: str, init: str | None) -> dict[str, Any]:
+    """Round ``k``'s prior: trained on Ray Train on the cleaned shards ``samples`` (their ``denoised`` column),
+    from ``init``'s weights (None: from scratch); resumes a stopped training. The model's card."""
+    from pipeline.jobs.train_prior import train_distributed
+
+    tc = job.prior.train.model_copy(update={"init": init})
+    data = job.prior.data.model_copy(update={"source": samples, "column": "denoised", "split": "train"})
+    config = job.prior.model_copy(update={"name": job.name, "data": data, "train": tc,
+                                          "output": join(job.round_uri(k), "train")})
+    _log(f"round {k}: training {tc.steps} steps on the posterior samples of round {k - 1} "
+         f"({'from scratch' if init is None else 'from round ' + str(k - 1)}), {job.workers} Ray Train worker(s)")
+    return train_distributed(config, num_workers=job.workers, use_gpu=job.use_gpu, ray_address=job.ray_address)
+
+
+def noise_fit(cleaned: str, noise: str, channels: int, size: int, rows: int = FIT_ROWS) -> float:
+    """The noise prior's denoising loss on the noise estimates of a cleaning run (``cleaned``: its
+    ``cleaned/`` folder; the first ``rows``), network units: lower, more like the noise it was trained on."""
+    import torch
+
+    from pipeline.data.datasets import load_images
+    from pipeline.diffusion.checkpoint import load_model
+    from pipeline.diffusion.losses import heldout_loss
+    from pipeline.priors import resolve_model
+
+    model, sde, _ = load_model(resolve_model(noise))
+    est = load_images(cleaned, "train", size, channels, "noise_estimate", None, n=rows)
+    with torch.no_grad():
+        return heldout_loss(model, sde, torch.from_numpy(est.images) * 2 - 1, n_times=20)
+
+
+def _previews(job: Learning, k: int, model: str, trained: bool) -> dict[str, str]:
+    """``sample_sheet``: ``samples.png``, 16 unconditional samples of the prior (100 steps, seed 0), and for a
+    trained round ``loss_curve``: ``loss.png``; their URIs."""
+    from pipeline.diffusion.checkpoint import load_model
+    from pipeline.diffusion.sampling import sample
+    from pipeline.priors import resolve_model
+    from pipeline.training import preview
+    from pipeline.viz import grid, loss_curve, png_bytes
+
+    out = {}
+    if trained:
+        losses, samples = preview(join(job.round_uri(k), "train"), model, 16, 100)
+        out["loss_curve"] = join(job.round_uri(k), "loss.png")
+        write_atomic(out["loss_curve"], png_bytes(loss_curve(losses)))
+    else:
+        net, sde, _ = load_model(resolve_model(model))
+        samples = sample(net, sde, 16, 100, seed=0).numpy()
+    out["sample_sheet"] = join(job.round_uri(k), "samples.png")
+    write_atomic(out["sample_sheet"], png_bytes(grid(samples, 8, scale=2)))
+    return out
+
+
+def run_round(job: Learning, k: int, previous: dict[str, Any] | None, progress: bool = True) -> dict[str, Any]:
+    """Round ``k`` (see the module docstring), resumed where a stopped run left it; its record (also
+    ``round-<k>/round.json``). ``previous``: round ``k - 1``'s record (None for round 0)."""
+    from pipeline.jobs.clean import run_clean
+    from pipeline.registry import publish
+
+    done = join(job.round_uri(k), "round.json")
+    if _exists(done):
+        record = _read(done)
+        _log(f"round {k}: done before (noise fit {record['noise_fit']:.4f}), skipped")
+        return record
+    t0 = time.perf_counter()
+    card: dict[str, Any] = {}
+    if k == 0:
+        model = round_zero_prior(job)
+    else:
+        assert previous is not None
+        init = previous["model"] if previous.get("network") else None
+        card = train_round(job, k, previous["samples"], init)
+        model = join(job.round_uri(k), "train", "model")
+    from pipeline.run.models import model_uri
+
+    model = model_uri(model)
+    published = publish(model, job.registry, job.name, job.version(k)) if (k or not job.start) else None
+    cfg = _clean_config(job, published or model)
+    _log(f"round {k}: cleaning the training observations with this prior (one posterior sample each)")
+    summary = run_clean(job.input_uri, join(job.round_uri(k), "clean"), cfg, run_id="e-step", progress=progress)
+    cleaned = join(summary["output"], "cleaned")
+    fit = noise_fit(cleaned, job.noise, job.prior.unet.channels, job.prior.unet.image_size)
+    record: dict[str, Any] = {
+        "round": k, "model": model, "published": published, "network": k > 0 or bool(job.start),
+        "noise_fit": fit, "residual_mean": summary.get("residual_mean"), "psnr_mean": summary.get("psnr_mean"),
+        "ssim_mean": summary.get("ssim_mean"), "cleaned_rows": summary.get("cleaned"),
+        "errors": summary.get("errors"), "samples": cleaned, "run": summary["output"],
+        "report": summary.get("report"), "final_loss": card.get("final_loss"), "train_steps": card.get("steps"),
+        "train_seconds": card.get("train_seconds")}
+    if job.validation:
+        _log(f"round {k}: cleaning the validation set")
+        val = run_clean(job.validation, join(job.round_uri(k), "validation"), cfg, run_id="validation",
+                        progress=progress)
+        record.update(validation_psnr=val.get("psnr_mean"), validation_ssim=val.get("ssim_mean"),
+                      validation_report=val.get("report"))
+    record.update(_previews(job, k, model, trained=k > 0))
+    record["seconds"] = time.perf_counter() - t0
+    _write(done, record)
+    _log(f"round {k}: {describe(record)}")
+    return record
+
+
+def describe(record: dict[str, Any]) -> str:
+    """One line of a round's figures."""
+    parts = [f"noise fit {record['noise_fit']:.4f}"]
+    if record.get("residual_mean") is not None:
+        parts.append(f"residual {record['residual_mean']:.4f}")
+    if record.get("psnr_mean") is not None:
+        parts.append(f"PSNR against the input's truth {record['psnr_mean']:.2f} dB")
+    if record.get("validation_psnr") is not None:
+        parts.append(f"validation PSNR {record['validation_psnr']:.2f} dB, SSIM {record['validation_ssim']:.3f}")
+    if record.get("published"):
+        parts.append(f"published {record['published']}")
+    return ", ".join(parts)
+
+
+def decide(records: list[dict[str, Any]], tolerance: float | None) -> tuple[int, bool]:
+    """``(best round, stop)``: the round with the lowest noise fit, and whether the last round failed to improve
+    on the best before it by ``tolerance`` (relative; None: never stop early)."""
+    fits = [r["noise_fit"] for r in records]
+    best = min(range(len(fits)), key=fits.__getitem__)
+    stop = tolerance is not None and len(fits) > 1 and fits[-1] > min(fits[:-1]) * (1 - tolerance)
+    return best, stop
+
+
+def learn(job: Learning, progress: bool = True, round_fn: Any = None) -> dict[str, Any]:
+    """Rounds 0 to ``job.rounds`` (or fewer: :func:`decide`), each through ``round_fn(k, previous)`` (default
+    :func:`run_round`; the Prefect flow passes its task); the result, also ``learn.json``."""
+    from pipeline.jobs.session import ray_session
+    from pipeline.registry import point_latest
+
+    round_fn = round_fn or (lambda k, prev: run_round(job, k, prev, progress))
+    _log(f"run {job.run_id}: up to {job.rounds} round(s) in {job.root}")
+    records: list[dict[str, Any]] = []
+    stopped = "rounds"
+    with ray_session(job.ray_address):  # one Ray for every round's jobs (joined by each)
+        for k in range(job.rounds + 1):
+            records.append(round_fn(k, records[-1] if records else None))
+            best, stop = decide(records, job.tolerance)
+            if stop:
+                stopped = "no improvement"
+                _log(f"round {k}: the noise fit did not improve on round {best}'s by {job.tolerance:.0%}: stopping "
+                     "(--no-early-stop runs every round)")
+                break
+    chosen = records[best]
+    if chosen.get("published"):
+        point_latest(job.registry, job.name, job.version(best))
+    result = {"run_id": job.run_id, "input": job.input_uri, "noise_prior": job.noise, "rounds": records,
+              "chosen": best, "stopped": stopped, "prior": chosen.get("published") or chosen["model"],
+              "latest": join(job.registry, "models", job.name, "latest") if chosen.get("published") else None,
+              "cleaned": chosen["samples"], "report": chosen.get("report"), "root": job.root}
+    _write(join(job.root, "learn.json"), result)
+    _log(f"chose round {best} ({describe(chosen)}); cleaned dataset {chosen['samples']}")
+    return result

@@ -43,15 +43,17 @@ storage credentials (what the Prefect server checks before it creates a deployme
 
 
 class RefusingFlow(Flow):
-    """A flow that refuses storage credentials among its ``overrides`` when called, before Prefect creates (and
-    stores) the run."""
+    """A flow that refuses storage credentials among its ``overrides`` (any parameter whose name ends so) when
+    called, before Prefect creates (and stores) the run."""
 
     def __call__(self, *args: Any, return_state: bool = False, wait_for: Any = None, **kwargs: Any) -> Any:
         try:
-            overrides = inspect.signature(self.fn).bind_partial(*args, **kwargs).arguments.get("overrides")
+            bound = inspect.signature(self.fn).bind_partial(*args, **kwargs).arguments
         except TypeError:
-            overrides = None  # a call that does not fit the signature: Prefect says why
-        refuse_credentials([overrides] if isinstance(overrides, str) else overrides or [])
+            bound = {}  # a call that does not fit the signature: Prefect says why
+        for key, overrides in bound.items():  # overrides, and learn-prior's prior_overrides
+            if key.endswith("overrides"):
+                refuse_credentials([overrides] if isinstance(overrides, str) else overrides or [])
         return super().__call__(*args, return_state=return_state, wait_for=wait_for, **kwargs)
 
     def with_options(self, *args: Any, **kwargs: Any) -> Any:

@@ -88,19 +88,23 @@ def test_the_deployment_schema_refuses_every_spelling_the_check_refuses():
     from prefect.utilities.schema_tools import ValidationError, validate
 
     from flows.clean_dataset import clean_dataset
+    from flows.learn_prior import learn_prior
     from flows.train_priors import train_priors
 
-    for flow in (clean_dataset, train_priors):
+    bases = {clean_dataset: {"input_uri": "s3://b/in", "output": "s3://b/out"},
+             train_priors: {"image_config": "a.yaml", "noise_config": "b.yaml", "registry": "s3://m"},
+             learn_prior: {"input_uri": "s3://b/in", "output": "s3://b/out", "noise_prior": "stripes"}}
+    for flow, base in bases.items():
         schema = parameter_schema(flow).model_dump()
-        base = {"input_uri": "s3://b/in", "output": "s3://b/out"} if flow is clean_dataset else \
-            {"image_config": "a.yaml", "noise_config": "b.yaml", "registry": "s3://m"}
-        for pair in REFUSED.values():
-            with pytest.raises(ValidationError) as exc:
-                validate({**base, "overrides": ["sampler.steps=2", pair]}, schema, raise_on_error=True)
-            assert SECRET not in str(exc.value), str(exc.value)
-        dotted = [p for p in ALLOWED if not p.startswith("storage") or p.startswith("storage.")]
-        assert validate({**base, "overrides": dotted}, schema) == []
-        assert validate({**base, "overrides": None}, schema) == []
+        keys = ["overrides", "prior_overrides"] if flow is learn_prior else ["overrides"]
+        for key in keys:
+            for pair in REFUSED.values():
+                with pytest.raises(ValidationError) as exc:
+                    validate({**base, key: ["sampler.steps=2", pair]}, schema, raise_on_error=True)
+                assert SECRET not in str(exc.value), str(exc.value)
+            dotted = [p for p in ALLOWED if not p.startswith("storage") or p.startswith("storage.")]
+            assert validate({**base, key: dotted}, schema) == []
+            assert validate({**base, key: None}, schema) == []
 
 
 @pytest.mark.parametrize("pair", REFUSED.values(), ids=REFUSED.keys())
@@ -128,6 +132,11 @@ def test_calling_the_flows_from_python_refuses_before_a_run_exists(prefect_harne
     with pytest.raises(ConfigError, match=r"--set storage.options=\.\.\."):
         train_priors("configs/prior_faces.yaml", "configs/prior_digits.yaml", str(tmp_path / "reg"),
                      overrides=[REFUSED["options-mapping"]])
+    from flows.learn_prior import learn_prior
+
+    with pytest.raises(ConfigError, match=r"--set storage.options=\.\.\."):
+        learn_prior(str(tmp_path / "obs"), str(tmp_path / "out"), "stripes",
+                    prior_overrides=[REFUSED["options-mapping"]])
     assert _run_ids() == before and SECRET not in _stored_parameters()
 
 

@@ -117,7 +117,7 @@ def test_bench_em_runs_every_round_fine_tunes_the_last_and_resumes_where_it_stop
     doc = json.loads((tmp_path / "em.json").read_text())
     assert [(r["method"], r["round"], r["train_steps"]) for r in doc["rows"]] == [
         ("round 0", 0, 0), ("round 1", 1, 2), ("round 2", 2, 4), ("clean-trained", None, 4)]
-    assert all(r["n_test"] == 3 and 0 < r["psnr_mean"] < 60 for r in doc["rows"])
+    assert all(r["n_test"] == 3 and 0 < r["psnr_mean"] < 60 and r["noise_fit"] > 0 for r in doc["rows"])
     assert all(r["residual_train"] >= 0 for r in doc["rows"][1:3])
     assert f"em-round-2: training 2 steps on 6 images from {tmp_path}/state/round-1/train/model" in first.stderr
     assert "clean-trained: training 4 steps on 6 images\n" in first.stderr

@@ -14,8 +14,9 @@ Round 0 is a Gaussian fitted to the training observations (per-pixel mean and va
 :func:`pipeline.posterior.em.observation_gaussian`). The upper bound, ``clean-trained``, is a prior of the same network
 trained on the hidden clean training images for as many steps as all rounds' training together. Every row
 cleans the same test observations with the same sampler settings (:data:`SAMPLER`, ``steps`` NFE); figures are
-PSNR/SSIM on them, and per round the mean residual the sampler left on the training observations (a figure
-without truth).
+PSNR/SSIM on them, the noise fit (the noise prior's denoising loss on the test noise estimates: the figure without
+truth that ``jointdiff learn-prior`` stops on) and per round the mean residual the sampler left on the training
+observations (another figure without truth, which does not move).
 
 State: each round's samples, training state and model, and each row's scores, live under ``state`` (default
 ``~/.cache/jointdiff/bench/em/<settings hash>``): a stopped run resumes at the round (and the training step)
@@ -47,6 +48,7 @@ from pipeline.data.embedded import load_embedded
 from pipeline.data.shards import write_dataset
 from pipeline.data.storage import write_atomic
 from pipeline.diffusion.checkpoint import load_model
+from pipeline.diffusion.losses import heldout_loss
 from pipeline.forward import make_forward
 from pipeline.posterior.denoise import Denoiser
 from pipeline.posterior.em import observation_gaussian
@@ -105,15 +107,16 @@ def _npy(a: np.ndarray) -> bytes:
 
 
 def _clean(x_model: Any, n_model: Any, sde: Any, ids: list[str], y: torch.Tensor, settings: SamplerSettings,
-           batch: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sampler on ``y``: ``(x_hat, residual)`` per observation."""
+           batch: int = 50) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sampler on ``y``: ``(x_hat, residual, noise estimate)`` per observation."""
     den = Denoiser(x_model, n_model, sde, settings)
-    xs, rs = [], []
+    xs, rs, ns = [], [], []
     for s in range(0, len(ids), batch):
         out = den(ids[s:s + batch], y[s:s + batch], make_forward("blend", len(ids[s:s + batch]), alpha=ALPHA))
         xs.append(out.denoised)
         rs.append(out.residual)
-    return torch.cat(xs), torch.cat(rs)
+        ns.append(out.noise_estimate)
+    return torch.cat(xs), torch.cat(rs), torch.cat(ns)
 
 
 def em(n_train: int, rounds: int, train_steps: int, n_test: int, steps: int, batch_size: int,
@@ -141,10 +144,13 @@ def em(n_train: int, rounds: int, train_steps: int, n_test: int, steps: int, bat
         if done.exists():
             return json.loads(done.read_text())
         t0 = time.perf_counter()
-        x_hat, _ = _clean(x_model, n_model, sde, test.ids, y_test, settings)
+        x_hat, _, n_hat = _clean(x_model, n_model, sde, test.ids, y_test, settings)
         p, s = metrics.psnr(x_hat, clean_test), metrics.ssim(x_hat, clean_test)
+        # the reference-free figure of `jointdiff learn-prior` (pipeline.jobs.learn.noise_fit), on the test cleaning
+        fit = heldout_loss(n_model, sde, n_hat * 2 - 1, n_times=20)
         row = {"method": name, "psnr_mean": float(p.mean()), "psnr_median": float(p.median()),
-               "ssim_mean": float(s.mean()), "n_test": n_test, "test_seconds": time.perf_counter() - t0, **extra}
+               "ssim_mean": float(s.mean()), "noise_fit": fit, "n_test": n_test,
+               "test_seconds": time.perf_counter() - t0, **extra}
         write_atomic(str(done), json.dumps(row).encode())
         return row
 
@@ -160,7 +166,7 @@ def em(n_train: int, rounds: int, train_steps: int, n_test: int, steps: int, bat
         samples_file = where / "samples.npy"
         if not samples_file.exists():  # the E-step: a posterior sample of every training observation
             t0 = time.perf_counter()
-            samples, residual = _clean(x_prior, n_model, sde, train.ids, y_train, settings)
+            samples, residual, _ = _clean(x_prior, n_model, sde, train.ids, y_train, settings)
             write_atomic(str(where / "residual.npy"), _npy(residual.numpy()))
             write_atomic(str(samples_file), _npy(samples.numpy()))  # last: its presence marks the E-step done
             log(f"round {k}: {n_train} posterior samples in {time.perf_counter() - t0:.0f} s, mean residual "
@@ -187,16 +193,16 @@ def em(n_train: int, rounds: int, train_steps: int, n_test: int, steps: int, bat
 def _fmt(r: dict[str, Any]) -> str:
     res = f"  train residual {r['residual_train']:.4f}" if r.get("residual_train") is not None else ""
     return (f"{r['method']:14s} PSNR {r['psnr_mean']:6.2f} (med {r['psnr_median']:6.2f})  SSIM {r['ssim_mean']:.3f}"
-            f"  {r['train_steps']:6d} training steps{res}")
+            f"  noise fit {r['noise_fit']:.4f}  {r['train_steps']:6d} training steps{res}")
 
 
 def table(doc: dict[str, Any]) -> str:
-    lines = ["| prior | training steps | test PSNR mean (median) | test SSIM | training residual |",
-             "| --- | ---: | --- | ---: | ---: |"]
+    lines = ["| prior | training steps | test PSNR mean (median) | test SSIM | noise fit | training residual |",
+             "| --- | ---: | --- | ---: | ---: | ---: |"]
     for r in doc["rows"]:
         res = f"{r['residual_train']:.4f}" if r.get("residual_train") is not None else ""
         lines.append(f"| {r['method']} | {r['train_steps']} | {r['psnr_mean']:.2f} ({r['psnr_median']:.2f}) | "
-                     f"{r['ssim_mean']:.3f} | {res} |")
+                     f"{r['ssim_mean']:.3f} | {r['noise_fit']:.4f} | {res} |")
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import ConfigError, refuse_credentials
 from pipeline.jobs.commands import add_clean_arguments, add_train_arguments, load_clean, print_summary, run_command
@@ -367,20 +368,27 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_flow(name: str, who: str) -> Any:
+    """The flow ``flows.<name>.<name>``, set up to run on a temporary Prefect server started here."""
+    # the temporary Prefect server's usage analytics cannot reach the network from most machines
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect gives its temporary server 20 s to start, which a busy 2-core machine can miss (seen in CI)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(f"flows.{name}"), name)
+    except ImportError as exc:
+        raise ConfigError(f"{who} runs the Prefect flow in flows/, which did not import ({exc}); "
+                          "install jointdiff with `make demo` or `pip install -e .`") from exc
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.data.corrupt import corrupt, write_observations
     from pipeline.data.datasets import load_images
 
     refuse_credentials(args.set)  # the flow's parameters are stored in plain text: before any work
-    # the temporary Prefect server's usage analytics cannot reach the network from most demo machines
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Prefect gives its temporary server 20 s to start, which a busy 2-core machine can miss (seen in CI)
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    try:
-        from flows.clean_dataset import clean_dataset
-    except ImportError as exc:
-        raise ConfigError(f"the demo runs the Prefect flow in flows/, which did not import ({exc}); "
-                          "install jointdiff with `make demo` or `pip install -e .`") from exc
+    clean_dataset = _local_flow("clean_dataset", "the demo")
 
     out = Path(args.out).resolve()
     bucket = out / "bucket"
@@ -414,8 +422,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_learn_prior(args: argparse.Namespace) -> int:
     refuse_credentials([*args.set, *args.prior_set])  # the flow's parameters are stored in plain text
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from pipeline.jobs.learn import open_learning
 
     params = dict(input_uri=args.input, output=args.output, noise_prior=args.noise_prior, rounds=args.rounds,
@@ -425,12 +431,7 @@ def _cmd_learn_prior(args: argparse.Namespace) -> int:
                   workers=args.workers, use_gpu=args.gpu, ray_address=args.ray_address)
     # checked here, before Prefect starts: a wrong path, prior or setting is one line and no flow run
     open_learning(**params)
-    try:
-        from flows.learn_prior import learn_prior
-    except ImportError as exc:
-        raise ConfigError(f"learn-prior runs the Prefect flow in flows/, which did not import ({exc}); "
-                          "install jointdiff with `make demo` or `pip install -e .`") from exc
-    result = learn_prior(**params, progress=not args.quiet)
+    result = _local_flow("learn_prior", "learn-prior")(**params, progress=not args.quiet)
     print(f"learned prior: {result['latest'] or result['prior']} (round {result['chosen']}); cleaned dataset: "
           f"{result['cleaned']}; every round: {result['root']}", file=sys.stderr)
     print(json.dumps({k: v for k, v in result.items() if k != "rounds"}, default=str))

@@ -21,8 +21,10 @@ CARD_KEYS = ("name", "dataset", "split", "dataset_hash", "n_train_images", "step
              "train_seconds", "workers", "git_commit", "created_by", "created_at")
 
 
-def publish(model_uri: str, root: str, name: str | None = None, version: str | None = None) -> str:
-    """Copy the model folder ``model_uri`` into the registry under ``root``; returns the version's URI."""
+def publish(model_uri: str, root: str, name: str | None = None, version: str | None = None,
+            move_latest: bool = True) -> str:
+    """Copy the model folder ``model_uri`` into the registry under ``root`` and (``move_latest``) point ``latest``
+    at it; returns the version's URI."""
     cfg = read_json(join(model_uri, CONFIG))
     meta = cfg.get("meta", {})
     name = name or meta.get("name")
@@ -39,7 +41,8 @@ def publish(model_uri: str, root: str, name: str | None = None, version: str | N
     write_atomic(join(dest, CONFIG), json.dumps(cfg, indent=2, sort_keys=True).encode())
     card = {k: meta.get(k) for k in CARD_KEYS} | {"version": version, "source": str(model_uri)}
     write_atomic(join(dest, "card.json"), json.dumps(card, indent=2, sort_keys=True).encode())
-    point_latest(root, name, version)
+    if move_latest:
+        point_latest(root, name, version)
     return dest
 
 

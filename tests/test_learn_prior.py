@@ -13,6 +13,7 @@ import torch
 
 from pipeline.data.corrupt import corrupt, write_observations
 from pipeline.data.embedded import load_embedded
+from pipeline.data.shards import write_dataset
 from pipeline.diffusion.checkpoint import CheckpointError, load_model, save_model, write_tensors
 from pipeline.diffusion.sde import VPSDE
 from pipeline.jobs.learn import decide
@@ -119,22 +120,30 @@ def test_the_flow_learns_round_by_round_publishes_each_prior_and_resumes_after_a
     assert json.loads((root / "learn.json").read_text())["rounds"] == second["rounds"]
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["learn-prior-em"])))
-    assert arts and "data:image/png;base64," in arts[0].data and "| 2" in arts[0].data
+    # one artifact per flow run: the second's table has rounds 0 to 2, each with its samples
+    assert len(arts) == 2 and any("\n| 2" in a.data and a.data.count("data:image/png;base64,") == 5 for a in arts)
 
 
 @pytest.mark.parametrize("argv, message", [
     (["missing", "out", "--noise-prior", "digits"], "INPUT missing: .*no such dataset folder; make one with"),
     (["OBS", "out", "--noise-prior", "nope"], "--noise-prior nope: "),
     (["OBS", "out", "--noise-prior", "digits", "--set", "forward.name=composite"],
-     "forward.name=composite: learn-prior learns under blend or sum"),
+     "forward.name=composite: its noise is an RGBA layer, which learn-prior.s noise fit does not read"),
     (["OBS", "out", "--noise-prior", "digits", "--rounds", "0"], "--rounds 0: at least 1"),
     (["OBS", "out", "--noise-prior", "digits", "--prior-set", "unet.image_size=64"],
-     "the image prior's network is 1x64x64 but the noise prior digits is 1x32x32"),
+     "the image prior .its network. and --noise-prior digits: the image prior is 1x64x64 but the noise prior is "
+     "1x32x32"),
+    (["OBS", "out", "--noise-prior", "digits", "--workers", "0"], "--workers 0: at least 1"),
+    (["OBS", "out", "--noise-prior", "digits", "--validation", "NOTRUTH"],
+     "--validation .*NOTRUTH: no column 'clean' .*\\(the truth that PSNR is measured against\\)"),
+    (["OBS", "out", "--noise-prior", "digits", "--start", "faces", "--prior-set", "unet.base_channels=8"],
+     "--start faces: the image prior's network differs from it \\(unet.base_channels 8, --start's 16\\)"),
 ])
 def test_a_wrong_argument_is_one_line_before_any_work(capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
     obs = corrupt(load_embedded("faces", "train", 32, 1), load_embedded("digits", "train", 32, 1), 4, alpha=0.5)
     write_observations(str(tmp_path / "OBS"), obs, shard_size=4)
+    write_dataset(str(tmp_path / "NOTRUTH"), obs.ids, {"observation": obs.observation}, bits={"observation": 16})
     res = cli(capsys, "learn-prior", *argv, check=False)
     assert res.returncode == 2
     err = res.stderr.strip()

@@ -48,10 +48,9 @@ from pipeline.data.embedded import load_embedded
 from pipeline.data.shards import write_dataset
 from pipeline.data.storage import write_atomic
 from pipeline.diffusion.checkpoint import load_model
-from pipeline.diffusion.losses import heldout_loss
 from pipeline.forward import make_forward
 from pipeline.posterior.denoise import Denoiser
-from pipeline.posterior.em import observation_gaussian
+from pipeline.posterior.em import noise_fit, observation_gaussian
 from pipeline.posterior.sampler import SamplerSettings
 from pipeline.priors import resolve_model
 
@@ -141,13 +140,13 @@ def em(n_train: int, rounds: int, train_steps: int, n_test: int, steps: int, bat
 
     def scored(name: str, x_model: Any, where: Path, **extra: Any) -> dict[str, Any]:
         done = where / "scores.json"
-        if done.exists():
-            return json.loads(done.read_text())
+        if done.exists() and "noise_fit" in (row := json.loads(done.read_text())):
+            return row  # (a row scored before rows had the noise fit is scored again)
         t0 = time.perf_counter()
         x_hat, _, n_hat = _clean(x_model, n_model, sde, test.ids, y_test, settings)
         p, s = metrics.psnr(x_hat, clean_test), metrics.ssim(x_hat, clean_test)
         # the reference-free figure of `jointdiff learn-prior` (pipeline.jobs.learn.noise_fit), on the test cleaning
-        fit = heldout_loss(n_model, sde, n_hat * 2 - 1, n_times=20)
+        fit = noise_fit(n_model, sde, n_hat)
         row = {"method": name, "psnr_mean": float(p.mean()), "psnr_median": float(p.median()),
                "ssim_mean": float(s.mean()), "noise_fit": fit, "n_test": n_test,
                "test_seconds": time.perf_counter() - t0, **extra}

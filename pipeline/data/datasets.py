@@ -65,8 +65,7 @@ def load_images(source: str, split: str = "train", size: int | None = 32, channe
     message (None: the caller has none); ``n``: only the first ``n`` images."""
     if source in NAMES:
         return load_embedded(source, split, size, channels, n=n)
-    ids, arrays = read_images(source, image_column(source, column, column_key))
-    ids, arrays = ids[:n], arrays[:n]
+    ids, arrays = read_images(source, image_column(source, column, column_key), limit=n)
     # training images: resized to size (or kept), alpha dropped, channels converted; non-finite is an error
     policy = ImagePolicy(size=size, channels=channels, resize="resize", alpha="drop", max_pixels=2**62)
     out = []

@@ -329,13 +329,18 @@ def iter_images(shard_uri: str, column: str = "image") -> Iterator[tuple[int, st
                              f"cannot decode image: {exc}") from exc
 
 
-def read_images(uri: str, column: str = "image") -> tuple[list[str], list[np.ndarray]]:
-    """All ``(ids, stored arrays)`` of a dataset folder (or of one ``.parquet`` shard)."""
+def read_images(uri: str, column: str = "image", limit: int | None = None) -> tuple[list[str], list[np.ndarray]]:
+    """All ``(ids, stored arrays)`` of a dataset folder (or of one ``.parquet`` shard); with ``limit``, the first
+    ``limit`` rows only (the shards after them are not read)."""
     shards = [uri] if str(uri).endswith(".parquet") else list_shards(uri)
     ids: list[str] = []
     arrays: list[np.ndarray] = []
     for shard in shards:
+        if limit is not None and len(ids) >= limit:
+            break
         for _row, id_, arr in iter_images(shard, column):
+            if limit is not None and len(ids) >= limit:
+                break
             ids.append(id_)
             arrays.append(arr)
     return ids, arrays

@@ -165,7 +165,7 @@ def _problems(exc: ValidationError, section: str) -> str:
     return "; ".join(out)
 
 
-def read_model_config(uri: str, data: bytes | None = None) -> tuple[Any, VPSDE, dict[str, Any]]:
+def read_model_config(uri: str, data: bytes | None = None) -> tuple[UNetConfig | GaussianConfig, VPSDE, dict[str, Any]]:
     """The validated ``(net config, sde, meta)`` of the model folder ``uri``, from its ``config.json`` alone
     (``data``: that file's bytes, read already; no weights read, nothing built); :class:`CheckpointConfigError`
     naming the file and the key otherwise. The net config is a ``UNetConfig``, or a ``GaussianConfig`` for a
@@ -233,13 +233,17 @@ def save_model(uri: str, model: UNet | GaussianPrior, sde: VPSDE, meta: dict[str
     fs, path = open_fs(uri)
     makedirs(fs, path)
     kind = "gaussian" if isinstance(model, GaussianPrior) else "unet"
+    if kind == "gaussian" and getattr(model, "config", None) is None:  # before anything is written
+        raise ValueError(f"a Gaussian prior of mean shape {tuple(model.mean.shape)} has no image shape: only a "
+                         "per-pixel prior of square images (C, S, S) can be saved")
+    net = model.config
     write_tensors(join(uri, WEIGHTS), {k: v.contiguous() for k, v in model.state_dict().items()},
                   metadata={"format": MODEL_FORMAT})
-    write_json(join(uri, CONFIG), {"format": MODEL_FORMAT, kind: asdict(model.config),
+    write_json(join(uri, CONFIG), {"format": MODEL_FORMAT, kind: asdict(net),
                                    "sde": asdict(sde), "meta": meta or {}})
 
 
-def build_gaussian(shape: GaussianShape | Any, state: dict[str, torch.Tensor], sde: VPSDE,
+def build_gaussian(shape: GaussianShape | GaussianConfig, state: dict[str, torch.Tensor], sde: VPSDE,
                    source: str) -> GaussianPrior:
     """A per-pixel Gaussian prior from its weights ``mean`` and ``var`` (each (C, S, S), finite, ``var`` > 0)."""
     if not isinstance(shape, GaussianShape):

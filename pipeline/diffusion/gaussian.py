@@ -47,10 +47,10 @@ class GaussianPrior(nn.Module):
 
     @property
     def config(self) -> GaussianShape:
-        """The shape, for a per-pixel prior (``mean`` of shape (C, S, S)); a ValueError for a scalar one."""
+        """The shape, for a per-pixel prior (``mean`` of shape (C, S, S)). A scalar prior has none (an
+        ``AttributeError``, so ``getattr(prior, "config", None)`` is None: the sampler does not tile for it)."""
         if self.mean.dim() != 3 or self.mean.shape[-1] != self.mean.shape[-2]:
-            raise ValueError(f"a Gaussian prior of mean shape {tuple(self.mean.shape)} has no image shape: only a "
-                             "per-pixel prior of square images (C, S, S) can be saved or tiled")
+            raise AttributeError("a scalar Gaussian prior has no image shape")
         return GaussianShape(image_size=int(self.mean.shape[-1]), channels=int(self.mean.shape[0]))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

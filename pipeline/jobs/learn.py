@@ -36,6 +36,7 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,7 @@ class Learning:
     workers: int
     use_gpu: bool
     start: str | None
+    start_is_network: bool = False  # --start is a network (later rounds fine-tune it), not a Gaussian
     ray_address: str | None = None
 
     @property
@@ -103,36 +105,46 @@ def open_learning(input_uri: str, output: str, noise_prior: str, config: str | N
                   validation: str | None = None, run_id: str | None = None, rounds: int = 4,
                   tolerance: float | None = 0.01, workers: int = 1, use_gpu: bool = False, start: str | None = None,
                   ray_address: str | None = None) -> Learning:
-    """The job, checked before any work: the input and validation datasets exist and have images, the noise
-    prior (and ``start``) load, the forward model is one whose noise has the image's channels, and the image
-    prior's network fits the noise prior. Each problem is one :class:`ConfigError` line naming the input."""
+    """The job, checked before any work: the input and validation datasets exist and have the columns used, the
+    noise prior (and ``start``) load, the forward model's noise has the image's channels, and the image prior's
+    network fits the noise prior (size, channels, SDE) and ``start``. Each problem is one :class:`ConfigError`
+    line naming the input."""
     from pipeline.data import storage
     from pipeline.data.datasets import image_column
     from pipeline.data.shards import ShardError
     from pipeline.data.storage import absolute_uri
     from pipeline.diffusion.checkpoint import CheckpointError, read_model_config
+    from pipeline.diffusion.sde import VPSDE
+    from pipeline.diffusion.unet import UNetConfig
+    from pipeline.forward import FORWARD_MODELS
     from pipeline.priors import resolve_model
-    from pipeline.run.models import model_uri
+    from pipeline.run.models import check_pair, model_uri
     from pipeline.untrusted import check_run_id, is_plain_name
 
     if rounds < 1:
         raise ConfigError(f"--rounds {rounds}: at least 1 (round 0 is the starting prior, then 1 to K rounds)")
     if tolerance is not None and not 0 <= tolerance < 1:
         raise ConfigError(f"--tolerance {tolerance}: a relative improvement in [0, 1), e.g. 0.01")
+    if workers < 1:
+        raise ConfigError(f"--workers {workers}: at least 1 Ray Train worker")
     if not is_plain_name(name):
         raise ConfigError(f"--name {name!r}: a plain folder name (the registry's models/NAME)")
     clean = load_config(CleanConfig, config, overrides or [])
     storage.configure(clean.storage)
-    if clean.forward.name not in LINEAR:
-        raise ConfigError(f"forward.name={clean.forward.name}: learn-prior learns under {' or '.join(LINEAR)} "
-                          "(a noise of the image's channels); clean with a prior learned under blend, or train one")
-    for what, uri in (("INPUT", input_uri), ("--validation", validation)):
+    if FORWARD_MODELS[clean.forward.name].extra_noise_channels:
+        raise ConfigError(f"forward.name={clean.forward.name}: its noise is an RGBA layer, which learn-prior's noise "
+                          "fit does not read; learn under blend, sum or overlay")
+    for what, uri, column in (("INPUT", input_uri, "observation"), ("--validation", validation, "observation"),
+                              ("--validation", validation, "clean")):
         if uri is None:
             continue
         try:
-            image_column(uri, "observation", None)
+            image_column(uri, column, None)
         except ShardError as exc:
             raise ConfigError(f"{what} {uri}: {exc}; make one with `jointdiff ingest` or `jointdiff corrupt`") from None
+        except ConfigError as exc:
+            why = " (the truth that PSNR is measured against)" if column == "clean" else ""
+            raise ConfigError(f"{what} {exc}{why}") from None
 
     def net_of(key: str, model: str) -> Any:
         try:
@@ -142,39 +154,46 @@ def open_learning(input_uri: str, output: str, noise_prior: str, config: str | N
 
     noise = noise_prior
     noise_net, noise_sde, _ = net_of("--noise-prior", noise)
-    start_net = net_of("--start", start)[0] if start else None
-    base = {"name": name, "data": {"source": input_uri, "size": noise_net.image_size, "channels": noise_net.channels},
-            "train": dict(DEFAULT_TRAIN), "output": "unset", "sde": {k: getattr(noise_sde, k) for k in
-                                                                       ("beta_min", "beta_max", "eps")}}
+    start_net, start_sde, _ = net_of("--start", start) if start else (None, None, None)
+    start_is_network = isinstance(start_net, UNetConfig)
+    base = {"name": name, "data": {"size": noise_net.image_size, "channels": noise_net.channels},
+            "train": dict(DEFAULT_TRAIN), "output": "unset",
+            "sde": {k: getattr(noise_sde, k) for k in ("beta_min", "beta_max", "eps")}}
     if not prior_config:  # the image prior's network: the start model's, else the noise prior's
-        net = start_net or noise_net
-        if not hasattr(net, "base_channels"):
-            raise ConfigError("the noise prior is a Gaussian, which gives no network to copy: give the image prior's "
-                              "network with --prior-config")
-        base["unet"] = {k: getattr(net, k) for k in type(net).model_fields}
-    prior = load_config(PriorConfig, prior_config, prior_overrides or [], defaults=base)
-    shape = (prior.unet.channels, prior.unet.image_size)
-    if shape != (noise_net.channels, noise_net.image_size):
-        raise ConfigError(f"the image prior's network is {shape[0]}x{shape[1]}x{shape[1]} but the noise prior "
-                          f"{noise} is {noise_net.channels}x{noise_net.image_size}x{noise_net.image_size}: they must "
-                          "match (set unet.image_size and unet.channels)")
-    if start_net is not None and (start_net.channels, start_net.image_size) != shape:
-        raise ConfigError(f"--start {start}: {start_net.channels}x{start_net.image_size}x{start_net.image_size}, not "
-                          f"the {shape[0]}x{shape[1]}x{shape[1]} of the noise prior")
+        net = start_net if start_is_network else noise_net
+        if not isinstance(net, UNetConfig):
+            raise ConfigError("neither --start nor the noise prior is a network to copy (a Gaussian prior): give the "
+                              "image prior's network with --prior-config")
+        base["unet"] = net.model_dump()
     input_uri = absolute_uri(input_uri)
+    base["data"]["source"] = input_uri  # replaced by each round's samples; here for validation only
+    prior = load_config(PriorConfig, prior_config, prior_overrides or [], defaults=base)
+    prior_sde = VPSDE(**prior.sde.model_dump())
+    try:
+        check_pair(prior.unet, prior_sde, noise_net, noise_sde, clean.forward.name)
+        if start_net is not None:
+            check_pair(start_net, start_sde, noise_net, noise_sde, clean.forward.name)
+    except ConfigError as exc:
+        raise ConfigError(f"the image prior ({'--start ' + start if start else 'its network'}) and --noise-prior "
+                          f"{noise}: {exc}") from None
+    if start_is_network:
+        mine, theirs = prior.unet.model_dump(), start_net.model_dump()
+        differ = [k for k in mine if k != "dropout" and mine[k] != theirs[k]]
+        if differ or prior_sde != start_sde:
+            what = f"unet.{differ[0]} {mine[differ[0]]!r}, --start's {theirs[differ[0]]!r}" if differ else "sde"
+            raise ConfigError(f"--start {start}: the image prior's network differs from it ({what}); later rounds "
+                              "fine-tune it: leave unet out of --prior-config, or set it alike")
+    registry = absolute_uri(registry) if registry else absolute_uri(output)
+    # what the rounds depend on: the same job again (more rounds, another tolerance, a validation set) finds them
     pinned = {"input": input_uri, "noise": model_uri(noise), "start": model_uri(start) if start else None,
               "recipe": clean.recipe.model_dump(mode="json"), "prior": prior.model_dump(mode="json"),
-              "validation": absolute_uri(validation) if validation else None}
-    if run_id is None:  # the same job again (more rounds, another tolerance) finds its rounds
+              "name": name, "registry": registry}
+    if run_id is None:
         run_id = "learn-" + hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest()[:10]
     check_run_id(run_id, "--run-id")
-    return Learning(input_uri, absolute_uri(output), run_id, pinned["noise"], clean, prior, name,
-                    absolute_uri(registry) if registry else absolute_uri(output), pinned["validation"], rounds,
-                    tolerance, workers, use_gpu, pinned["start"], ray_address)
-
-
-def _recipe_overrides(job: Learning, image: str) -> list[str]:
-    return [f"priors.image={image}", f"priors.noise={job.noise}", "sampler.n_samples=1"]
+    return Learning(input_uri, absolute_uri(output), run_id, pinned["noise"], clean, prior, name, registry,
+                    absolute_uri(validation) if validation else None, rounds, tolerance, workers, use_gpu,
+                    pinned["start"], start_is_network, ray_address)
 
 
 def _clean_config(job: Learning, image: str) -> CleanConfig:
@@ -187,58 +206,63 @@ def _clean_config(job: Learning, image: str) -> CleanConfig:
 
 
 def round_zero_prior(job: Learning) -> str:
-    """Round 0's prior: ``start``, or a per-pixel Gaussian of the first :data:`FIT_ROWS` observations, saved
-    as a model folder under ``round-0/model``; its URI."""
+    """Round 0's prior: ``start``, or a per-pixel Gaussian of the first :data:`FIT_ROWS` observations
+    (:func:`pipeline.posterior.em.observation_gaussian`), saved as a model folder under ``round-0/model``; its
+    URI."""
     import torch
 
     from pipeline.data.datasets import load_images
     from pipeline.diffusion.checkpoint import save_model
-    from pipeline.diffusion.gaussian import GaussianPrior
     from pipeline.diffusion.sde import VPSDE
+    from pipeline.posterior.em import observation_gaussian
 
     if job.start:
         return job.start
     where = join(job.round_uri(0), "model")
     if not _exists(join(where, "config.json")):
-        d = job.prior.data
-        obs = load_images(job.input_uri, "train", job.prior.unet.image_size, d.channels, "observation", None,
-                          n=FIT_ROWS)
+        obs = load_images(job.input_uri, "train", job.prior.unet.image_size, job.prior.unet.channels, "observation",
+                          None, n=FIT_ROWS)
         sde = VPSDE(**job.prior.sde.model_dump())
-        gauss = GaussianPrior.fit(torch.from_numpy(obs.images), sde, per_pixel=True)
-        save_model(where, gauss, sde, {"name": job.name, "dataset": job.input_uri, "n_train_images": len(obs.ids),
-                                       "kind": "per-pixel Gaussian of the observations (EM round 0)"})
+        save_model(where, observation_gaussian(torch.from_numpy(obs.images), sde), sde,
+                   {"name": job.name, "dataset": job.input_uri, "n_train_images": len(obs.ids),
+                    "kind": "per-pixel Gaussian of the observations (EM round 0)"})
         _log(f"round 0: a per-pixel Gaussian of {len(obs.ids)} observations -> {where}")
     return where
 
 
 def train_round(job: Learning, k: int, samples: str, init: str | None) -> dict[str, Any]:
     """Round ``k``'s prior: trained on Ray Train on the cleaned shards ``samples`` (their ``denoised`` column),
-    from ``init``'s weights (None: from scratch); resumes a stopped training. The model's card."""
+    from ``init``'s weights (None: from scratch); resumes a stopped training, and a finished one is not trained
+    or exported again (its bytes, which the registry and the round's cleaning pinned, stay). The model's card."""
+    from pipeline.diffusion.checkpoint import read_json
     from pipeline.jobs.train_prior import train_distributed
 
+    output = join(job.round_uri(k), "train")
     tc = job.prior.train.model_copy(update={"init": init})
+    if _exists(join(output, "model", "config.json")):
+        meta = read_json(join(output, "model", "config.json"))["meta"]
+        if meta.get("steps") == tc.steps:
+            return meta
     data = job.prior.data.model_copy(update={"source": samples, "column": "denoised", "split": "train"})
-    config = job.prior.model_copy(update={"name": job.name, "data": data, "train": tc,
-                                          "output": join(job.round_uri(k), "train")})
+    config = job.prior.model_copy(update={"name": job.name, "data": data, "train": tc, "output": output})
     _log(f"round {k}: training {tc.steps} steps on the posterior samples of round {k - 1} "
          f"({'from scratch' if init is None else 'from round ' + str(k - 1)}), {job.workers} Ray Train worker(s)")
     return train_distributed(config, num_workers=job.workers, use_gpu=job.use_gpu, ray_address=job.ray_address)
 
 
-def noise_fit(cleaned: str, noise: str, channels: int, size: int, rows: int = FIT_ROWS) -> float:
-    """The noise prior's denoising loss on the noise estimates of a cleaning run (``cleaned``: its
-    ``cleaned/`` folder; the first ``rows``), network units: lower, more like the noise it was trained on."""
+def noise_fit_of(cleaned: str, noise: str, channels: int, size: int, rows: int = FIT_ROWS) -> float:
+    """:func:`pipeline.posterior.em.noise_fit` of a cleaning run's noise estimates (``cleaned``: its
+    ``cleaned/`` folder; the first ``rows``) under the noise prior ``noise``."""
     import torch
 
     from pipeline.data.datasets import load_images
     from pipeline.diffusion.checkpoint import load_model
-    from pipeline.diffusion.losses import heldout_loss
+    from pipeline.posterior.em import noise_fit
     from pipeline.priors import resolve_model
 
     model, sde, _ = load_model(resolve_model(noise))
     est = load_images(cleaned, "train", size, channels, "noise_estimate", None, n=rows)
-    with torch.no_grad():
-        return heldout_loss(model, sde, torch.from_numpy(est.images) * 2 - 1, n_times=20)
+    return noise_fit(model, sde, torch.from_numpy(est.images))
 
 
 def _previews(job: Learning, k: int, model: str, trained: bool) -> dict[str, str]:
@@ -267,6 +291,7 @@ def run_round(job: Learning, k: int, previous: dict[str, Any] | None, progress: 
     """Round ``k`` (see the module docstring), resumed where a stopped run left it; its record (also
     ``round-<k>/round.json``). ``previous``: round ``k - 1``'s record (None for round 0)."""
     from pipeline.jobs.clean import run_clean
+    from pipeline.priors import resolve_model
     from pipeline.registry import publish
 
     done = join(job.round_uri(k), "round.json")
@@ -286,14 +311,15 @@ def run_round(job: Learning, k: int, previous: dict[str, Any] | None, progress: 
     from pipeline.run.models import model_uri
 
     model = model_uri(model)
-    published = publish(model, job.registry, job.name, job.version(k)) if (k or not job.start) else None
-    cfg = _clean_config(job, published or model)
+    # a new version; latest moves only when the job has chosen (learn)
+    published = publish(resolve_model(model), job.registry, job.name, job.version(k), move_latest=False)
+    cfg = _clean_config(job, published)
     _log(f"round {k}: cleaning the training observations with this prior (one posterior sample each)")
     summary = run_clean(job.input_uri, join(job.round_uri(k), "clean"), cfg, run_id="e-step", progress=progress)
     cleaned = join(summary["output"], "cleaned")
-    fit = noise_fit(cleaned, job.noise, job.prior.unet.channels, job.prior.unet.image_size)
+    fit = noise_fit_of(cleaned, job.noise, job.prior.unet.channels, job.prior.unet.image_size)
     record: dict[str, Any] = {
-        "round": k, "model": model, "published": published, "network": k > 0 or bool(job.start),
+        "round": k, "model": model, "published": published, "network": k > 0 or job.start_is_network,
         "noise_fit": fit, "residual_mean": summary.get("residual_mean"), "psnr_mean": summary.get("psnr_mean"),
         "ssim_mean": summary.get("ssim_mean"), "cleaned_rows": summary.get("cleaned"),
         "errors": summary.get("errors"), "samples": cleaned, "run": summary["output"],
@@ -335,7 +361,10 @@ def decide(records: list[dict[str, Any]], tolerance: float | None) -> tuple[int,
     return best, stop
 
 
-def learn(job: Learning, progress: bool = True, round_fn: Any = None) -> dict[str, Any]:
+RoundFn = Callable[[int, "dict[str, Any] | None"], "dict[str, Any]"]
+
+
+def learn(job: Learning, progress: bool = True, round_fn: RoundFn | None = None) -> dict[str, Any]:
     """Rounds 0 to ``job.rounds`` (or fewer: :func:`decide`), each through ``round_fn(k, previous)`` (default
     :func:`run_round`; the Prefect flow passes its task); the result, also ``learn.json``."""
     from pipeline.jobs.session import ray_session
@@ -355,11 +384,10 @@ def learn(job: Learning, progress: bool = True, round_fn: Any = None) -> dict[st
                      "(--no-early-stop runs every round)")
                 break
     chosen = records[best]
-    if chosen.get("published"):
-        point_latest(job.registry, job.name, job.version(best))
+    point_latest(job.registry, job.name, job.version(best))
     result = {"run_id": job.run_id, "input": job.input_uri, "noise_prior": job.noise, "rounds": records,
-              "chosen": best, "stopped": stopped, "prior": chosen.get("published") or chosen["model"],
-              "latest": join(job.registry, "models", job.name, "latest") if chosen.get("published") else None,
+              "chosen": best, "stopped": stopped, "prior": chosen["published"],
+              "latest": join(job.registry, "models", job.name, "latest"),
               "cleaned": chosen["samples"], "report": chosen.get("report"), "root": job.root}
     _write(join(job.root, "learn.json"), result)
     _log(f"chose round {best} ({describe(chosen)}); cleaned dataset {chosen['samples']}")

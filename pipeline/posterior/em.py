@@ -59,6 +59,16 @@ def em_round(x_prior: Any, n_prior: Any, sde: VPSDE, y01: torch.Tensor, forward:
     return Round(refit(out.x), out.x)
 
 
+def noise_fit(n_model: Any, sde: VPSDE, noise01: torch.Tensor) -> float:
+    """The figure without truth that tracks EM's rounds: the noise prior's denoising loss on noise estimates
+    (``noise01``, [0, 1] units, (N, C, H, W)), at 20 fixed times with fixed noise, network units; lower is better.
+    A poor image prior leaves image content in the noise estimates, which the noise prior finds unlikely."""
+    from pipeline.diffusion.losses import heldout_loss
+
+    with torch.no_grad():
+        return heldout_loss(n_model, sde, noise01 * 2 - 1, n_times=20)
+
+
 def gaussian_mle(y01: torch.Tensor, forward: ForwardModel, noise_mean: torch.Tensor | float,
                  noise_var: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-pixel Gaussian ``N(mean, var)`` of ``x`` (network units) that makes the observations most likely

@@ -377,10 +377,34 @@ def _local_flow(name: str, who: str) -> Any:
     import importlib
 
     try:
-        return getattr(importlib.import_module(f"flows.{name}"), name)
+        flow = getattr(importlib.import_module(f"flows.{name}"), name)
     except ImportError as exc:
         raise ConfigError(f"{who} runs the Prefect flow in flows/, which did not import ({exc}); "
                           "install jointdiff with `make demo` or `pip install -e .`") from exc
+    _detached_prefect_server()
+    return flow
+
+
+def _detached_prefect_server() -> None:
+    """Where no Prefect API is configured, start the temporary server that a flow run here would start, in a
+    session of its own. A Ctrl-C at the terminal goes to the whole foreground process group: Prefect's server
+    would stop with the job, and the flow would then spend minutes retrying to report its end to it. Started
+    here, Prefect's calls find it running (one server per process) and it stops when this process exits."""
+    import functools
+    import subprocess
+
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    server = SubprocessASGIServer()
+    if PREFECT_API_URL.value() or server.running:
+        return
+    popen = subprocess.Popen
+    subprocess.Popen = functools.partial(popen, start_new_session=True)  # type: ignore[misc]
+    try:
+        server.start(timeout=PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+    finally:
+        subprocess.Popen = popen  # type: ignore[misc]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -431,7 +455,12 @@ def _cmd_learn_prior(args: argparse.Namespace) -> int:
                   workers=args.workers, use_gpu=args.gpu, ray_address=args.ray_address)
     # checked here, before Prefect starts: a wrong path, prior or setting is one line and no flow run
     open_learning(**params)
-    result = _local_flow("learn_prior", "learn-prior")(**params, progress=not args.quiet)
+    flow = _local_flow("learn_prior", "learn-prior")
+    try:
+        result = flow(**params, progress=not args.quiet)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt("interrupted; run the same command again to resume: the rounds done are kept, and "
+                                "the round under way resumes at its last training state and cleaned shard") from None
     print(f"learned prior: {result['latest'] or result['prior']} (round {result['chosen']}); cleaned dataset: "
           f"{result['cleaned']}; every round: {result['root']}", file=sys.stderr)
     print(json.dumps({k: v for k, v in result.items() if k != "rounds"}, default=str))

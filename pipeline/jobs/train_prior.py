@@ -100,6 +100,26 @@ def _worker_data(cfg: PriorConfig, rank: int, world: int) -> tuple[Any, Any, boo
     return train_set, data[rank::world], random_channel, len(train_set), images_hash(train_set)
 
 
+def _fit_interruptibly(trainer: Any) -> None:
+    """``trainer.fit()``, with Ctrl-C as :class:`KeyboardInterrupt`. Ray Train handles SIGINT itself: it aborts
+    the run and leaves by ``sys.exit`` (no message, exit code 1), and keeps its handler installed afterwards, so
+    a later Ctrl-C (in the next round's cleaning) would abort a run that has ended. Here its exit becomes an
+    interruption that says how to resume, and the handler before it is put back."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        trainer.fit()
+    except SystemExit:
+        raise KeyboardInterrupt("training interrupted; its state is kept at the last checkpoint: run the same "
+                                "command again to resume") from None
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+
+
 def train_distributed(config: PriorConfig, num_workers: int = 2, use_gpu: bool = False,
                       ray_address: str | None = None, registry: str | None = None,
                       stop_after: int | None = None) -> dict[str, Any] | None:
@@ -122,7 +142,7 @@ def train_distributed(config: PriorConfig, num_workers: int = 2, use_gpu: bool =
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
-        TorchTrainer(
+        trainer = TorchTrainer(
             _worker_loop,
             # the driver's commit: workers run in Ray's session folder, outside the repository
             train_loop_config={"prior": config.model_dump(mode="json"), "storage": storage.current().resolved(),
@@ -131,7 +151,8 @@ def train_distributed(config: PriorConfig, num_workers: int = 2, use_gpu: bool =
                                          resources_per_worker={"CPU": config.train.threads or 1}),
             run_config=RunConfig(name=f"train-{config.name}",
                                  storage_path=f"{tempfile.gettempdir()}/jointdiff-ray-train"),
-        ).fit()
+        )
+        _fit_interruptibly(trainer)
     if stop_after is not None:
         return None
     meta = read_json(join(config.output, "model", "config.json"))["meta"]

@@ -152,3 +152,23 @@ def test_a_wrong_argument_is_one_line_before_any_work(capsys, tmp_path, monkeypa
 
     assert re.search(message, err), err
     assert not (tmp_path / "out").exists()
+
+
+def test_ray_trains_own_ctrl_c_exit_becomes_an_interruption_and_its_handler_is_removed():
+    """Ray Train's ``fit`` installs a SIGINT handler that aborts the run by ``sys.exit`` and stays installed; the
+    wrapper turns the exit into an interruption that says how to resume and puts the handler before it back."""
+    import signal
+    import sys
+
+    from pipeline.jobs.train_prior import _fit_interruptibly
+
+    before = signal.getsignal(signal.SIGINT)
+
+    class Trainer:  # what TorchTrainer.fit does on Ctrl-C (ray/train/v2/api/data_parallel_trainer.py)
+        def fit(self):
+            signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
+            sys.exit(0)
+
+    with pytest.raises(KeyboardInterrupt, match="run the same command again to resume"):
+        _fit_interruptibly(Trainer())
+    assert signal.getsignal(signal.SIGINT) is before

@@ -245,8 +245,11 @@ def train_round(job: Learning, k: int, samples: str, init: str | None) -> dict[s
             return meta
     data = job.prior.data.model_copy(update={"source": samples, "column": "denoised", "split": "train"})
     config = job.prior.model_copy(update={"name": job.name, "data": data, "train": tc, "output": output})
-    _log(f"round {k}: training {tc.steps} steps on the posterior samples of round {k - 1} "
-         f"({'from scratch' if init is None else 'from round ' + str(k - 1)}), {job.workers} Ray Train worker(s)")
+    how = "from scratch" if init is None else f"from round {k - 1}"
+    if _exists(join(output, "state", "latest.json")):
+        how += ", resuming at its last saved state"
+    _log(f"round {k}: training {tc.steps} steps on the posterior samples of round {k - 1} ({how}), "
+         f"{job.workers} Ray Train worker(s)")
     return train_distributed(config, num_workers=job.workers, use_gpu=job.use_gpu, ray_address=job.ray_address)
 
 

@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, refuse_credentials
-from pipeline.jobs.commands import add_clean_arguments, add_train_arguments, load_clean, print_summary, run_command
+from pipeline.jobs.commands import (
+    LEARN_INTERRUPTED,
+    add_clean_arguments,
+    add_learn_arguments,
+    add_train_arguments,
+    learn_params,
+    load_clean,
+    print_summary,
+    run_command,
+)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -448,19 +457,14 @@ def _cmd_learn_prior(args: argparse.Namespace) -> int:
     refuse_credentials([*args.set, *args.prior_set])  # the flow's parameters are stored in plain text
     from pipeline.jobs.learn import open_learning
 
-    params = dict(input_uri=args.input, output=args.output, noise_prior=args.noise_prior, rounds=args.rounds,
-                  config=args.config, overrides=args.set, prior_config=args.prior_config,
-                  prior_overrides=args.prior_set, name=args.name, registry=args.registry, validation=args.validation,
-                  run_id=args.run_id, start=args.start, tolerance=None if args.no_early_stop else args.tolerance,
-                  workers=args.workers, use_gpu=args.gpu, ray_address=args.ray_address)
+    params = learn_params(args)
     # checked here, before Prefect starts: a wrong path, prior or setting is one line and no flow run
     open_learning(**params)
     flow = _local_flow("learn_prior", "learn-prior")
     try:
         result = flow(**params, progress=not args.quiet)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt("interrupted; run the same command again to resume: the rounds done are kept, and "
-                                "the round under way resumes at its last training state and cleaned shard") from None
+        raise KeyboardInterrupt(LEARN_INTERRUPTED) from None
     print(f"learned prior: {result['latest'] or result['prior']} (round {result['chosen']}); cleaned dataset: "
           f"{result['cleaned']}; every round: {result['root']}", file=sys.stderr)
     print(json.dumps({k: v for k, v in result.items() if k != "rounds"}, default=str))
@@ -689,41 +693,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=_cmd_demo)
 
-    lp = sub.add_parser("learn-prior", help="learn the image prior from a corrupted dataset and a noise prior alone "
-                        "(EM: clean with the current prior, fine-tune it on the posterior samples, repeat), as the "
-                        "Prefect flow learn-prior on Ray; publishes each round's prior (docs/learn-prior.md)")
-    lp.add_argument("input", metavar="INPUT", help="the corrupted dataset (observation shards, any URI: `jointdiff "
-                    "ingest` or `corrupt` makes them); its images at the noise prior's size")
-    lp.add_argument("output", metavar="OUTPUT", help="output root: OUTPUT/learn/<run id>/round-<k>/ (and the registry "
-                    "OUTPUT/models/ unless --registry)")
-    lp.add_argument("--noise-prior", required=True, help="the noise's prior: shipped name (stripes, digits, ...), "
-                    "model folder or registry .../latest")
-    lp.add_argument("--rounds", type=int, default=4, help="EM rounds after round 0 (default 4); fewer when the "
-                    "noise fit stops improving")
-    lp.add_argument("--config", default=None, help="cleaning recipe YAML (sampler, forward model); each round "
-                    "sets its priors and one posterior sample per image")
-    lp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="cleaning recipe override, "
-                    "e.g. forward.alpha=0.5, sampler.steps=50")
-    lp.add_argument("--prior-config", default=None, help="the image prior's YAML (unet, train); default: the noise "
-                    "prior's network, 600 steps a round at batch 32")
-    lp.add_argument("--prior-set", action="append", default=[], metavar="KEY=VALUE", help="image prior override, "
-                    "e.g. train.steps=1000")
-    lp.add_argument("--name", default="image", help="the prior's name in the registry (default image)")
-    lp.add_argument("--registry", default=None, help="registry root (default OUTPUT)")
-    lp.add_argument("--validation", default=None, help="a small dataset with truth (observation and clean "
-                    "columns): cleaned every round for PSNR/SSIM")
-    lp.add_argument("--start", default=None, help="round 0's prior, instead of a Gaussian of the observations "
-                    "(a shipped prior, model folder or registry .../latest); later rounds fine-tune it")
-    lp.add_argument("--tolerance", type=float, default=0.01, help="stop when the noise fit improves by less than "
-                    "this fraction (default 0.01)")
-    lp.add_argument("--no-early-stop", action="store_true", help="run every round, whatever the noise fit")
-    lp.add_argument("--run-id", default=None, help="default: derived from the input, priors and configs (run the "
-                    "same command again to resume)")
-    lp.add_argument("--workers", type=int, default=1, help="Ray Train workers per round (default 1)")
-    lp.add_argument("--gpu", action="store_true", help="train on GPUs")
-    lp.add_argument("--ray-address", default=None, help="a cluster to join (HEAD:6379; default RAY_ADDRESS, else "
-                    "a local Ray)")
-    lp.add_argument("--quiet", action="store_true")
+    lp = add_learn_arguments(sub.add_parser(
+        "learn-prior", help="learn the image prior from a corrupted dataset and a noise prior alone (EM: clean with "
+        "the current prior, fine-tune it on the posterior samples, repeat), as the Prefect flow learn-prior on Ray; "
+        "publishes each round's prior (docs/learn-prior.md)"))
     lp.set_defaults(func=_cmd_learn_prior)
 
     sm = sub.add_parser("submit", help="run train or clean on a Ray cluster through the Ray Jobs API (as `ray job "
@@ -731,13 +704,15 @@ def build_parser() -> argparse.ArgumentParser:
     sa = sm.add_subparsers(dest="action", required=True)
     for kind, text in (("clean", "submit `jointdiff clean ARGS` (INPUT OUTPUT --config ... --set ...)"),
                        ("train", "submit `jointdiff train ARGS` on Ray Train (--config ... --workers N --gpu "
-                                 "--registry ...)")):
+                                 "--registry ...)"),
+                       ("learn-prior", "submit `jointdiff learn-prior ARGS` (INPUT OUTPUT --noise-prior ... "
+                                       "--rounds K ...), the EM job without Prefect")):
         k = sa.add_parser(kind, help=text, description=text + ". Arguments other than the ones below are the "
                           f"job's own, checked here by `jointdiff {kind}`'s parser before submitting.")
         k.add_argument("--follow", action="store_true", help="print the job's logs until it ends; exit 0 if it "
                        "succeeded, 1 if not")
         k.add_argument("--working-dir", default=".", help="folder shipped to the cluster as the job's working "
-                       "directory (default: here); --config must be inside it")
+                       "directory (default: here); --config (and --prior-config) must be inside it")
         k.add_argument("--runtime-env", default=None, help="runtime env YAML (default: WORKING_DIR/"
                        "deploy/runtime_env.yaml when present)")
         k.add_argument("--job-id", default=None, help="submission id (default jointdiff-KIND-UTCSTAMP-XXXX)")

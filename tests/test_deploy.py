@@ -369,6 +369,44 @@ def test_submit_clean_runs_on_a_token_authenticated_head(ray_head, tiny_priors, 
     assert "jd-test-clean" in capsys.readouterr().out
 
 
+def test_submit_learn_prior_runs_the_em_job_on_a_token_authenticated_head(ray_head, tiny_priors, tmp_path,
+                                                                          monkeypatch, capsys):
+    """`jointdiff submit learn-prior` with relative paths (a broken row in the input): the EM job runs on the
+    cluster without Prefect, publishes round 0 and round 1 to the registry under OUTPUT, and prints its result."""
+    import os
+
+    from pipeline.cli import main
+
+    url, _, token = ray_head
+    obs, wd = _tiny_job(tmp_path, tiny_priors, n=6)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    monkeypatch.chdir(wd)
+    noise = os.path.relpath(tiny_priors[1], wd)  # a model folder here, as the user types it
+    rc = main(["submit", "learn-prior", "../obs", "../out", "--noise-prior", noise, "--rounds", "1",
+               "--config", "configs/clean.yaml", "--set", "forward.alpha=0.5",
+               *[x for s in ("train.steps=2", "train.batch_size=4", "train.warmup_steps=1",
+                             "train.checkpoint_every=2", "train.threads=1") for x in ("--prior-set", s)],
+               "--run-id", "em", "--quiet", "--address", url, "--follow", "--job-id", "jd-test-learn"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.out + captured.err
+    assert "job jd-test-learn: SUCCEEDED" in captured.err and token not in captured.out + captured.err
+    assert "round 0: a per-pixel Gaussian of 5 observations" in captured.out  # the broken row left out
+    result = json.loads([line for line in captured.out.splitlines() if line.startswith('{"run_id": "em"')][-1])
+    root = tmp_path / "out" / "learn" / "em"
+    assert result["root"] == root.as_uri() and result["chosen"] in (0, 1)
+    assert json.loads((tmp_path / "out" / "models" / "image" / "latest.json").read_text()) == {
+        "version": f"em-round-{result['chosen']}"}
+    for k in (0, 1):
+        record = json.loads((root / f"round-{k}" / "round.json").read_text())
+        assert record["cleaned_rows"] == 5 and record["errors"] == 1 and record["noise_fit"] > 0
+    assert main(["submit", "status", "jd-test-learn", "--address", url, "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["entrypoint"].startswith(f"python3 -m pipeline.jobs.entry learn-prior file://{obs} "
+                                           f"file://{tmp_path}/out --noise-prior file://{tiny_priors[1]} ")
+
+
 def test_a_submission_without_the_right_token_is_refused(ray_head, tmp_path, monkeypatch, capsys):
     from pipeline.cli import main
 

@@ -78,6 +78,65 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def add_learn_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of ``jointdiff learn-prior`` (and of its submitted job, ``python -m pipeline.jobs.learn``)."""
+    p.add_argument("input", metavar="INPUT", help="the corrupted dataset (observation shards, any URI: `jointdiff "
+                    "ingest` or `corrupt` makes them); its images at the noise prior's size")
+    p.add_argument("output", metavar="OUTPUT", help="output root: OUTPUT/learn/<run id>/round-<k>/ (and the registry "
+                    "OUTPUT/models/ unless --registry)")
+    p.add_argument("--noise-prior", required=True, help="the noise's prior: shipped name (stripes, digits, ...), "
+                    "model folder or registry .../latest")
+    p.add_argument("--rounds", type=int, default=4, help="EM rounds after round 0 (default 4); fewer when the "
+                    "noise fit stops improving")
+    p.add_argument("--config", default=None, help="cleaning recipe YAML (sampler, forward model); each round "
+                    "sets its priors and one posterior sample per image")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="cleaning recipe override, "
+                    "e.g. forward.alpha=0.5, sampler.steps=50")
+    p.add_argument("--prior-config", default=None, help="the image prior's YAML (unet, train); default: the noise "
+                    "prior's network, 600 steps a round at batch 32")
+    p.add_argument("--prior-set", action="append", default=[], metavar="KEY=VALUE", help="image prior override, "
+                    "e.g. train.steps=1000")
+    p.add_argument("--name", default="image", help="the prior's name in the registry (default image)")
+    p.add_argument("--registry", default=None, help="registry root (default OUTPUT)")
+    p.add_argument("--validation", default=None, help="a small dataset with truth (observation and clean "
+                    "columns): cleaned every round for PSNR/SSIM")
+    p.add_argument("--start", default=None, help="round 0's prior, instead of a Gaussian of the observations "
+                    "(a shipped prior, model folder or registry .../latest); later rounds fine-tune it")
+    p.add_argument("--tolerance", type=float, default=0.01, help="stop when the noise fit improves by less than "
+                    "this fraction (default 0.01)")
+    p.add_argument("--no-early-stop", action="store_true", help="run every round, whatever the noise fit")
+    p.add_argument("--run-id", default=None, help="default: derived from the input, priors and configs (run the "
+                    "same command again to resume)")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers per round (default 1)")
+    p.add_argument("--gpu", action="store_true", help="train on GPUs")
+    p.add_argument("--ray-address", default=None, help="a cluster to join as the driver, from a machine of it "
+                   "(HEAD:6379; default RAY_ADDRESS, else a local Ray); from outside, `jointdiff submit learn-prior`")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(command="learn-prior")
+    return p
+
+
+def learn_parser(prog: str) -> argparse.ArgumentParser:
+    return add_learn_arguments(argparse.ArgumentParser(
+        prog=prog, description="Learn the image prior from a corrupted dataset and a noise prior, by EM."))
+
+
+LEARN_FLAGS = ("--quiet", "--gpu", "--no-early-stop", "-h", "--help")  # learn-prior's options that take no value
+
+
+def learn_params(args: argparse.Namespace) -> dict[str, Any]:
+    """``learn-prior``'s arguments as :func:`pipeline.jobs.learn.open_learning`'s (and the flow's) parameters."""
+    return dict(input_uri=args.input, output=args.output, noise_prior=args.noise_prior, rounds=args.rounds,
+                config=args.config, overrides=args.set, prior_config=args.prior_config,
+                prior_overrides=args.prior_set, name=args.name, registry=args.registry, validation=args.validation,
+                run_id=args.run_id, start=args.start, tolerance=None if args.no_early_stop else args.tolerance,
+                workers=args.workers, use_gpu=args.gpu, ray_address=args.ray_address)
+
+
+LEARN_INTERRUPTED = ("interrupted; run the same command again to resume: the rounds done are kept, and the round under "
+                     "way resumes at its last training state and cleaned shard")
+
+
 def clean_parser(prog: str, executor: bool = True) -> argparse.ArgumentParser:
     return add_clean_arguments(argparse.ArgumentParser(prog=prog, description="Clean an observation dataset."),
                                executor)

@@ -7,8 +7,9 @@ entry point with the ``python3`` on the head's ``PATH``, which need not be the P
 started as ``.venv/bin/ray start --head`` without activating the venv finds the system Python first). So:
 
 1. if this Python has the requirements, run the job: :func:`pipeline.jobs.clean.main` (``jointdiff clean ARGS``
-   on Ray) or :func:`pipeline.jobs.train_prior.main` (``jointdiff train ARGS`` on Ray Train, two workers unless
-   ``--workers`` says otherwise);
+   on Ray), :func:`pipeline.jobs.train_prior.main` (``jointdiff train ARGS`` on Ray Train, two workers unless
+   ``--workers`` says otherwise) or :func:`pipeline.jobs.learn.main` (``jointdiff learn-prior ARGS``, without
+   Prefect);
 2. else, on Linux, find the Python that runs Ray's workers on this node (the raylet's
    ``--python_worker_command``) and run the job with it, once;
 3. else print one line naming the Python and the missing packages, and what to do; exit 2.
@@ -25,7 +26,7 @@ from pathlib import Path
 REQUIREMENTS = {"numpy": "numpy", "torch": "torch", "pyarrow": "pyarrow", "fsspec": "fsspec", "pydantic": "pydantic",
                 "yaml": "PyYAML", "PIL": "pillow", "safetensors": "safetensors", "skimage": "scikit-image",
                 "ray": "ray", "tqdm": "tqdm"}
-KINDS = ("clean", "train")
+KINDS = ("clean", "train", "learn-prior")
 _REEXEC = "JOINTDIFF_ENTRY_REEXEC"
 
 
@@ -72,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
               "cluster from the jointdiff image (deploy/docker/Dockerfile)", file=sys.stderr)
         return 2
     kind, args = argv[0], argv[1:]
+    if kind == "learn-prior":
+        from pipeline.jobs.learn import main as learn_main
+
+        return learn_main(args)  # the EM job (pipeline.jobs.learn), without Prefect
     if kind == "train":
         from pipeline.jobs.train_prior import main as train_main
 

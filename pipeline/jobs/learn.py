@@ -211,7 +211,6 @@ def round_zero_prior(job: Learning) -> str:
     URI."""
     import torch
 
-    from pipeline.data.datasets import load_images
     from pipeline.diffusion.checkpoint import save_model
     from pipeline.diffusion.sde import VPSDE
     from pipeline.posterior.em import observation_gaussian
@@ -220,14 +219,39 @@ def round_zero_prior(job: Learning) -> str:
         return job.start
     where = join(job.round_uri(0), "model")
     if not _exists(join(where, "config.json")):
-        obs = load_images(job.input_uri, "train", job.prior.unet.image_size, job.prior.unet.channels, "observation",
-                          None, n=FIT_ROWS)
+        images, skipped = _readable_observations(job)
         sde = VPSDE(**job.prior.sde.model_dump())
-        save_model(where, observation_gaussian(torch.from_numpy(obs.images), sde), sde,
-                   {"name": job.name, "dataset": job.input_uri, "n_train_images": len(obs.ids),
+        save_model(where, observation_gaussian(torch.from_numpy(images), sde), sde,
+                   {"name": job.name, "dataset": job.input_uri, "n_train_images": len(images),
                     "kind": "per-pixel Gaussian of the observations (EM round 0)"})
-        _log(f"round 0: a per-pixel Gaussian of {len(obs.ids)} observations -> {where}")
+        _log(f"round 0: a per-pixel Gaussian of {len(images)} observations -> {where}"
+             + (f" ({skipped} row(s) that do not decode left out: the cleaning runs' errors tables name them)"
+                if skipped else ""))
     return where
+
+
+def _readable_observations(job: Learning) -> tuple[Any, int]:
+    """The first :data:`FIT_ROWS` observations that decode, at the prior's size and channels ([0, 1], (N, C, S,
+    S)), and how many rows before them did not (a broken row is the cleaning runs' to report, not round 0's)."""
+    import numpy as np
+
+    from pipeline.data.shards import decode_image, list_shards, read_table
+    from pipeline.data.validate import ImagePolicy, conform
+
+    policy = ImagePolicy(size=job.prior.unet.image_size, channels=job.prior.unet.channels, resize="resize",
+                         alpha="drop", max_pixels=2**62)
+    images, skipped = [], 0
+    for shard in list_shards(job.input_uri):
+        for cell in read_table(shard, ["observation"]).column("observation").to_pylist():
+            try:
+                images.append(conform(decode_image(cell["bytes"], cell.get("path") or ""), policy))
+            except Exception:
+                skipped += 1
+            if len(images) >= FIT_ROWS:
+                return np.stack(images), skipped
+    if not images:
+        raise ConfigError(f"INPUT {job.input_uri}: no observation decodes; see `jointdiff clean`'s errors table")
+    return np.stack(images), skipped
 
 
 def train_round(job: Learning, k: int, samples: str, init: str | None) -> dict[str, Any]:
@@ -395,3 +419,25 @@ def learn(job: Learning, progress: bool = True, round_fn: RoundFn | None = None)
     _write(join(job.root, "learn.json"), result)
     _log(f"chose round {best} ({describe(chosen)}); cleaned dataset {chosen['samples']}")
     return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.jobs.learn INPUT OUTPUT --noise-prior MODEL ...`` (what ``jointdiff submit learn-prior``
+    runs on a cluster): ``jointdiff learn-prior``'s job without Prefect, joining the cluster of ``RAY_ADDRESS``;
+    the result as one JSON line on stdout."""
+    from pipeline.jobs.commands import LEARN_INTERRUPTED, learn_params, learn_parser, run_command
+
+    def job(args: Any) -> int:
+        learning = open_learning(**learn_params(args))
+        try:
+            result = learn(learning, progress=not args.quiet)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(LEARN_INTERRUPTED) from None
+        print(json.dumps({k: v for k, v in result.items() if k != "rounds"}, default=str))
+        return 0
+
+    return run_command(job, learn_parser("python -m pipeline.jobs.learn").parse_args(argv), "learn-prior")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -54,7 +54,8 @@ from pipeline.untrusted import read_yaml
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
-ENTRYPOINTS = {"clean": "pipeline.jobs.clean", "train": "pipeline.jobs.train_prior"}
+ENTRYPOINTS = {"clean": "pipeline.jobs.clean", "train": "pipeline.jobs.train_prior",
+               "learn-prior": "pipeline.jobs.learn"}
 CLEAN_FLAGS = ("--quiet", "-h", "--help")  # the options of `jointdiff clean` that take no value
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 RUNTIME_ENV_FILE = "deploy/runtime_env.yaml"  # relative to the working directory
@@ -254,40 +255,57 @@ def _option(args: list[str], name: str) -> int | None:
 def job_command(kind: str, job_args: Sequence[str], working_dir: Path) -> list[str]:
     """The job's entry point as argv: ``python -m <module> ARGS``, checked by the real parser, with the
     config path made relative to ``working_dir`` (the job runs there, on the cluster)."""
-    from pipeline.jobs.commands import clean_parser, train_parser
+    from pipeline.data.storage import absolute_uri
+    from pipeline.jobs.commands import LEARN_FLAGS, clean_parser, learn_parser, train_parser
 
     if kind not in ENTRYPOINTS:
         raise ConfigError(f"cannot submit {kind!r}: choose one of {', '.join(ENTRYPOINTS)}")
     args = list(job_args)
     if any(a == "--ray-address" or a.startswith("--ray-address=") for a in args):
         raise ConfigError("--ray-address is set by the cluster for a submitted job (RAY_ADDRESS); leave it out")
-    i = _option(args, "--config")
-    if i is not None:
-        value = args[i].split("=", 1)[1] if args[i].startswith("--config=") else args[i]
+    for flag in ("--config", "--prior-config"):  # learn-prior has two config files
+        i = _option(args, flag)
+        if i is None:
+            continue
+        value = args[i].split("=", 1)[1] if args[i].startswith(f"{flag}=") else args[i]
         config = Path(value).expanduser().resolve()
         if not config.is_file():
-            raise ConfigError(f"--config {value}: no such file")
+            raise ConfigError(f"{flag} {value}: no such file")
         try:
             rel = config.relative_to(working_dir.resolve())
         except ValueError:
-            raise ConfigError(f"--config {value} is outside the working directory {working_dir}, which is what is "
+            raise ConfigError(f"{flag} {value} is outside the working directory {working_dir}, which is what is "
                               "shipped to the cluster: move it inside, or pass --working-dir") from None
-        args[i] = f"--config={rel}" if args[i].startswith("--config=") else str(rel)
+        args[i] = f"{flag}={rel}" if args[i].startswith(f"{flag}=") else str(rel)
         check_config_credentials(config, value)
-    parser = train_parser("jointdiff train") if kind == "train" else clean_parser("jointdiff clean", executor=False)
+    parser = {"train": lambda: train_parser("jointdiff train"),
+              "learn-prior": lambda: learn_parser("jointdiff learn-prior")}.get(
+        kind, lambda: clean_parser("jointdiff clean", executor=False))()
     try:
         parsed = parser.parse_args(args)
     except SystemExit as exc:  # argparse printed the problem; the arguments are not repeated (a value may be secret)
         raise ConfigError(f"the arguments for `{kind}` were refused by its parser (above)") from exc
-    refuse_credentials(parsed.set)  # the arguments become the job's entry point, shown by the dashboard
+    # the arguments become the job's entry point, shown by the dashboard
+    refuse_credentials([*parsed.set, *getattr(parsed, "prior_set", [])])
     if getattr(parsed, "run_id", None) is not None:  # refused here, not minutes later on the cluster
         check_run_id(parsed.run_id, "--run-id")
     if kind == "clean":
         args = _absolute_positionals(args, [parsed.input, parsed.output])
+    if kind == "learn-prior":
+        args = _absolute_positionals(args, [parsed.input, parsed.output], LEARN_FLAGS)
+        # local folders as the job will find them; a prior only where it is a folder here (else a shipped name)
+        for flag in ("--validation", "--registry", "--start", "--noise-prior"):
+            i = _option(args, flag)
+            value = args[i].split("=", 1)[1] if i is not None and args[i].startswith(f"{flag}=") else \
+                (args[i] if i is not None else None)
+            local = flag in ("--validation", "--registry") or (value is not None and Path(value).expanduser().exists())
+            if value is not None and "://" not in value and local:
+                args[i] = f"{flag}={absolute_uri(value)}" if args[i].startswith(f"{flag}=") else absolute_uri(value)
     return ["python3", "-m", "pipeline.jobs.entry", kind, *args]
 
 
-def _absolute_positionals(args: list[str], values: list[str | None]) -> list[str]:
+def _absolute_positionals(args: list[str], values: list[str | None],
+                          flags: Sequence[str] = CLEAN_FLAGS) -> list[str]:
     """``args`` with the positional INPUT and OUTPUT, where local paths, made absolute ``file://`` URIs (the
     job runs in a folder of its own on the cluster, where a relative path means something else)."""
     from pipeline.data.storage import absolute_uri
@@ -297,7 +315,7 @@ def _absolute_positionals(args: list[str], values: list[str | None]) -> list[str
         if skip:
             skip = False
         elif a.startswith("-"):
-            skip = "=" not in a and a not in CLEAN_FLAGS  # an option's value is never a positional
+            skip = "=" not in a and a not in flags  # an option's value is never a positional
         elif not a.startswith("-") and todo and a == todo[0]:
             a = absolute_uri(todo.pop(0))
         out.append(a)

@@ -53,7 +53,8 @@ class RefusingFlow(Flow):
             bound = {}  # a call that does not fit the signature: Prefect says why
         for key, overrides in bound.items():  # overrides, and learn-prior's prior_overrides
             if key.endswith("overrides"):
-                refuse_credentials([overrides] if isinstance(overrides, str) else overrides or [])
+                refuse_credentials([overrides] if isinstance(overrides, str) else overrides or [],
+                                   "--prior-set" if key == "prior_overrides" else "--set")
         return super().__call__(*args, return_state=return_state, wait_for=wait_for, **kwargs)
 
     def with_options(self, *args: Any, **kwargs: Any) -> Any:

@@ -88,7 +88,8 @@ def learn_prior(input_uri: str, output: str, noise_prior: str, rounds: int = 4, 
     600 steps at batch 32). ``tolerance``: stop when the noise fit improves by less (relative; None: run every
     round). Returns the result (also ``learn.json``): the rounds' records, the chosen round,
     the prior and the cleaned dataset."""
-    refuse_credentials([*(overrides or []), *(prior_overrides or [])])
+    refuse_credentials(overrides or [])  # a deployment run made without the schema's check: use none of them
+    refuse_credentials(prior_overrides or [], "--prior-set")
     job = open_learning(input_uri, output, noise_prior, config, overrides, prior_config, prior_overrides, name=name,
                         registry=registry, validation=validation, run_id=run_id, rounds=rounds, tolerance=tolerance,
                         workers=workers, use_gpu=use_gpu, start=start, ray_address=ray_address)

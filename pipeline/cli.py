@@ -49,8 +49,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         summary["published"] = publish(f"{config.output}/model", args.registry, config.name)
     if summary["steps"] >= config.train.steps:
-        print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
-              f"held-out loss {summary.get('heldout_loss') or float('nan'):.4f}, "
+        heldout = summary.get("heldout_loss")
+        heldout = f"held-out loss {heldout:.4f}" if heldout is not None else "no held-out loss (no test split)"
+        print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, {heldout}, "
               f"{summary['seconds_total']:.0f} s of training; model in {config.output}/model",
               file=sys.stderr)
     print(json.dumps({k: v for k, v in summary.items() if k != "train_config"}, default=str))
@@ -454,7 +455,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_learn_prior(args: argparse.Namespace) -> int:
-    refuse_credentials([*args.set, *args.prior_set])  # the flow's parameters are stored in plain text
+    refuse_credentials(args.set)  # the flow's parameters are stored in plain text
+    refuse_credentials(args.prior_set, "--prior-set")
     from pipeline.jobs.learn import open_learning
 
     params = learn_params(args)

@@ -441,13 +441,13 @@ def _under_storage(top: str, node: Any) -> bool:
     return False
 
 
-def refuse_credentials(pairs: Iterable[str]) -> None:
+def refuse_credentials(pairs: Iterable[str], flag: str = "--set") -> None:
     """Refuse overrides that set storage credentials or options (:func:`credential_overrides`), in one line
-    that names their keys and never their values; before they are stored or sent anywhere."""
+    that names their keys (as ``flag KEY=...``) and never their values; before they are stored or sent anywhere."""
     keys = credential_overrides(pairs)
     if keys:
         raise ConfigError(
-            f"{', '.join(f'--set {k}=...' for k in keys)}: only storage.endpoint_url, storage.region and "
+            f"{', '.join(f'{flag} {k}=...' for k in keys)}: only storage.endpoint_url, storage.region and "
             "storage.anon may be set by an override, which is stored and shown in plain text (a Prefect flow "
             "run's parameters, a Ray job's entry point); credentials come from the environment (AWS_*), the "
             "cluster's own identity (instance profile, Kubernetes service account) or the config file's "

@@ -134,7 +134,7 @@ def test_calling_the_flows_from_python_refuses_before_a_run_exists(prefect_harne
                      overrides=[REFUSED["options-mapping"]])
     from flows.learn_prior import learn_prior
 
-    with pytest.raises(ConfigError, match=r"--set storage.options=\.\.\."):
+    with pytest.raises(ConfigError, match=r"--prior-set storage.options=\.\.\."):
         learn_prior(str(tmp_path / "obs"), str(tmp_path / "out"), "stripes",
                     prior_overrides=[REFUSED["options-mapping"]])
     assert _run_ids() == before and SECRET not in _stored_parameters()

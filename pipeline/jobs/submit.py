@@ -286,7 +286,8 @@ def job_command(kind: str, job_args: Sequence[str], working_dir: Path) -> list[s
     except SystemExit as exc:  # argparse printed the problem; the arguments are not repeated (a value may be secret)
         raise ConfigError(f"the arguments for `{kind}` were refused by its parser (above)") from exc
     # the arguments become the job's entry point, shown by the dashboard
-    refuse_credentials([*parsed.set, *getattr(parsed, "prior_set", [])])
+    refuse_credentials(parsed.set)
+    refuse_credentials(getattr(parsed, "prior_set", []), "--prior-set")
     if getattr(parsed, "run_id", None) is not None:  # refused here, not minutes later on the cluster
         check_run_id(parsed.run_id, "--run-id")
     if kind == "clean":

@@ -9,6 +9,8 @@ ambiguous, so the column must be named; so must any other image column.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from pipeline.data.embedded import NAMES, ImageSet, load_embedded
@@ -58,20 +60,29 @@ def image_column(source: str, column: str | None = None, column_key: str | None 
 
 
 def load_images(source: str, split: str = "train", size: int | None = 32, channels: int = 1,
-                column: str | None = None, column_key: str | None = "data.column", n: int | None = None) -> ImageSet:
+                column: str | None = None, column_key: str | None = "data.column", n: int | None = None,
+                on_bad: Callable[[ValueError], None] | None = None) -> ImageSet:
     """Images in [0, 1], (N, C, size, size); ``size=None``: each at its own size, a list of (C, H, W).
     ``source`` is an embedded name or a shard URI; ``column`` its image column (default:
     :func:`image_column`'s choice); ``column_key`` the config key that names the column, for the error
-    message (None: the caller has none); ``n``: only the first ``n`` images."""
+    message (None: the caller has none); ``n``: only the first ``n`` images that decode. A row that does not
+    decode or conform raises a ``ValueError`` naming it, or with ``on_bad`` is passed to it and left out."""
     if source in NAMES:
         return load_embedded(source, split, size, channels, n=n)
-    ids, arrays = read_images(source, image_column(source, column, column_key), limit=n)
+    column = image_column(source, column, column_key)
+    ids, arrays = read_images(source, column, limit=n, on_bad=on_bad)
     # training images: resized to size (or kept), alpha dropped, channels converted; non-finite is an error
     policy = ImagePolicy(size=size, channels=channels, resize="resize", alpha="drop", max_pixels=2**62)
-    out = []
+    kept, out = [], []
     for id_, arr in zip(ids, arrays):
         try:
             out.append(conform(arr, policy))
+            kept.append(id_)
         except RowError as exc:
-            raise ValueError(f"{source}: image {id_!r}: {exc.reason}") from None
-    return ImageSet(ids, out if size is None else np.stack(out))
+            bad = ValueError(f"{source}: image {id_!r}: {exc.reason}")
+            if on_bad is None:
+                raise bad from None
+            on_bad(bad)
+    if size is not None and not out:
+        raise ValueError(f"{source}: no image to load in column '{column}' (none there, or none decodes)")
+    return ImageSet(kept, out if size is None else np.stack(out))

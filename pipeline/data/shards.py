@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -312,8 +312,10 @@ def list_parts(uri: str) -> list[str]:
     return [join(uri, p[len(root.rstrip("/")) + 1:]) for p in sorted(fs.find(root)) if p.endswith(".parquet")]
 
 
-def iter_images(shard_uri: str, column: str = "image") -> Iterator[tuple[int, str, np.ndarray]]:
-    """Yield ``(row, id, stored array)`` for each row; a bad row raises :class:`ShardError`."""
+def iter_images(shard_uri: str, column: str = "image",
+                on_bad: Callable[[ShardError], None] | None = None) -> Iterator[tuple[int, str, np.ndarray]]:
+    """Yield ``(row, id, stored array)`` for each row; a bad row raises :class:`ShardError`, or with ``on_bad`` is
+    passed to it and left out."""
     table = read_table(shard_uri, ["id", column])
     ids = table.column("id").to_pylist()
     cells = table.column(column).to_pylist()
@@ -325,20 +327,23 @@ def iter_images(shard_uri: str, column: str = "image") -> Iterator[tuple[int, st
         except ShardError:
             raise
         except Exception as exc:
-            raise ShardError(f"{shard_uri}: row {row} (id {id_!r}), column '{column}': "
-                             f"cannot decode image: {exc}") from exc
+            bad = ShardError(f"{shard_uri}: row {row} (id {id_!r}), column '{column}': cannot decode image: {exc}")
+            if on_bad is None:
+                raise bad from exc
+            on_bad(bad)
 
 
-def read_images(uri: str, column: str = "image", limit: int | None = None) -> tuple[list[str], list[np.ndarray]]:
+def read_images(uri: str, column: str = "image", limit: int | None = None,
+                on_bad: Callable[[ShardError], None] | None = None) -> tuple[list[str], list[np.ndarray]]:
     """All ``(ids, stored arrays)`` of a dataset folder (or of one ``.parquet`` shard); with ``limit``, the first
-    ``limit`` rows only (the shards after them are not read)."""
+    ``limit`` rows only (the shards after them are not read); ``on_bad``: as :func:`iter_images`."""
     shards = [uri] if str(uri).endswith(".parquet") else list_shards(uri)
     ids: list[str] = []
     arrays: list[np.ndarray] = []
     for shard in shards:
         if limit is not None and len(ids) >= limit:
             break
-        for _row, id_, arr in iter_images(shard, column):
+        for _row, id_, arr in iter_images(shard, column, on_bad):
             if limit is not None and len(ids) >= limit:
                 break
             ids.append(id_)

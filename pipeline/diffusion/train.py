@@ -128,6 +128,18 @@ class PatchPool:
         return torch.stack(out).to(self.device)
 
 
+def fine_tune_mismatch(net: NetConfig, sde: VPSDE, other_net: NetConfig,
+                       other_sde: VPSDE) -> tuple[str, Any, Any] | None:
+    """The first setting in which a run of ``net`` and ``sde`` could not start from the weights of a model of
+    ``other_net`` and ``other_sde``: ``("unet.KEY" or "sde.KEY", this run's value, the model's)``, or None
+    (``dropout`` changes no weight)."""
+    for what, mine, theirs in (("unet", asdict(net), asdict(other_net)), ("sde", asdict(sde), asdict(other_sde))):
+        for key in mine:
+            if key != "dropout" and mine[key] != theirs.get(key):
+                return f"{what}.{key}", mine[key], theirs.get(key)
+    return None
+
+
 def init_weights(uri: str, net: NetConfig, sde: VPSDE) -> dict[str, torch.Tensor]:
     """The weights of the model folder ``uri`` for a run of network ``net`` and ``sde``: a
     :class:`~pipeline.diffusion.checkpoint.CheckpointConfigError` naming the first setting that differs."""
@@ -135,11 +147,11 @@ def init_weights(uri: str, net: NetConfig, sde: VPSDE) -> dict[str, torch.Tensor
     if not isinstance(model, UNet):
         raise CheckpointConfigError(f"train.init={uri}: a Gaussian prior, not a network: leave train.init out to "
                                     "train from scratch")
-    for what, mine, theirs in (("unet", asdict(net), asdict(model.config)), ("sde", asdict(sde), asdict(model_sde))):
-        for key in mine:
-            if key != "dropout" and mine[key] != theirs.get(key):  # dropout changes no weight
-                raise CheckpointConfigError(f"train.init={uri}: its {what}.{key} is {theirs.get(key)!r}, this run's "
-                                            f"{mine[key]!r}; set {what}.{key}: {theirs.get(key)!r} to fine-tune it")
+    differ = fine_tune_mismatch(net, sde, model.config, model_sde)
+    if differ is not None:
+        key, mine, theirs = differ
+        raise CheckpointConfigError(f"train.init={uri}: its {key} is {theirs!r}, this run's {mine!r}; set "
+                                    f"{key}: {theirs!r} to fine-tune it")
     return model.state_dict()
 
 

@@ -42,6 +42,7 @@ from typing import Any
 
 from pipeline.config import CleanConfig, ConfigError, PriorConfig, load_config
 from pipeline.data.storage import join, open_fs, write_atomic
+from pipeline.diffusion.checkpoint import read_json, write_json
 
 DEFAULT_TRAIN = {"steps": 600, "batch_size": 32, "warmup_steps": 200, "checkpoint_every": 100}
 """Each round's training unless the prior config says otherwise (``bench em --quick``'s setting)."""
@@ -86,15 +87,6 @@ def _exists(uri: str) -> bool:
     return fs.exists(path)
 
 
-def _read(uri: str) -> dict[str, Any]:
-    fs, path = open_fs(uri)
-    return json.loads(fs.cat_file(path))
-
-
-def _write(uri: str, obj: dict[str, Any]) -> None:
-    write_atomic(uri, (json.dumps(obj, indent=2, default=str) + "\n").encode())
-
-
 def _log(message: str) -> None:
     print(f"learn-prior: {message}", file=sys.stderr, flush=True)
 
@@ -115,6 +107,7 @@ def open_learning(input_uri: str, output: str, noise_prior: str, config: str | N
     from pipeline.data.storage import absolute_uri
     from pipeline.diffusion.checkpoint import CheckpointError, read_model_config
     from pipeline.diffusion.sde import VPSDE
+    from pipeline.diffusion.train import fine_tune_mismatch
     from pipeline.diffusion.unet import UNetConfig
     from pipeline.forward import FORWARD_MODELS
     from pipeline.priors import resolve_model
@@ -176,13 +169,12 @@ def open_learning(input_uri: str, output: str, noise_prior: str, config: str | N
     except ConfigError as exc:
         raise ConfigError(f"the image prior ({'--start ' + start if start else 'its network'}) and --noise-prior "
                           f"{noise}: {exc}") from None
-    if start_is_network:
-        mine, theirs = prior.unet.model_dump(), start_net.model_dump()
-        differ = [k for k in mine if k != "dropout" and mine[k] != theirs[k]]
-        if differ or prior_sde != start_sde:
-            what = f"unet.{differ[0]} {mine[differ[0]]!r}, --start's {theirs[differ[0]]!r}" if differ else "sde"
-            raise ConfigError(f"--start {start}: the image prior's network differs from it ({what}); later rounds "
-                              "fine-tune it: leave unet out of --prior-config, or set it alike")
+    differ = start_is_network and fine_tune_mismatch(prior.unet.settings(), prior_sde, start_net.settings(),
+                                                     start_sde)
+    if differ:
+        key, mine, theirs = differ
+        raise ConfigError(f"--start {start}: the image prior's network differs from it ({key} {mine!r}, --start's "
+                          f"{theirs!r}); later rounds fine-tune it: leave unet out of --prior-config, or set it alike")
     registry = absolute_uri(registry) if registry else absolute_uri(output)
     # what the rounds depend on: the same job again (more rounds, another tolerance, a validation set) finds them
     pinned = {"input": input_uri, "noise": model_uri(noise), "start": model_uri(start) if start else None,
@@ -211,6 +203,7 @@ def round_zero_prior(job: Learning) -> str:
     URI."""
     import torch
 
+    from pipeline.data.datasets import load_images
     from pipeline.diffusion.checkpoint import save_model
     from pipeline.diffusion.sde import VPSDE
     from pipeline.posterior.em import observation_gaussian
@@ -219,46 +212,24 @@ def round_zero_prior(job: Learning) -> str:
         return job.start
     where = join(job.round_uri(0), "model")
     if not _exists(join(where, "config.json")):
-        images, skipped = _readable_observations(job)
+        # a broken row is the cleaning runs' to report (their errors tables), not round 0's: left out here
+        bad: list[ValueError] = []
+        obs = load_images(job.input_uri, "train", job.prior.unet.image_size, job.prior.unet.channels, "observation",
+                          None, n=FIT_ROWS, on_bad=bad.append)
         sde = VPSDE(**job.prior.sde.model_dump())
-        save_model(where, observation_gaussian(torch.from_numpy(images), sde), sde,
-                   {"name": job.name, "dataset": job.input_uri, "n_train_images": len(images),
+        save_model(where, observation_gaussian(torch.from_numpy(obs.images), sde), sde,
+                   {"name": job.name, "dataset": job.input_uri, "n_train_images": len(obs.ids),
                     "kind": "per-pixel Gaussian of the observations (EM round 0)"})
-        _log(f"round 0: a per-pixel Gaussian of {len(images)} observations -> {where}"
-             + (f" ({skipped} row(s) that do not decode left out: the cleaning runs' errors tables name them)"
-                if skipped else ""))
+        _log(f"round 0: a per-pixel Gaussian of {len(obs.ids)} observations -> {where}"
+             + (f" ({len(bad)} row(s) that do not decode left out: the cleaning runs' errors tables name them)"
+                if bad else ""))
     return where
-
-
-def _readable_observations(job: Learning) -> tuple[Any, int]:
-    """The first :data:`FIT_ROWS` observations that decode, at the prior's size and channels ([0, 1], (N, C, S,
-    S)), and how many rows before them did not (a broken row is the cleaning runs' to report, not round 0's)."""
-    import numpy as np
-
-    from pipeline.data.shards import decode_image, list_shards, read_table
-    from pipeline.data.validate import ImagePolicy, conform
-
-    policy = ImagePolicy(size=job.prior.unet.image_size, channels=job.prior.unet.channels, resize="resize",
-                         alpha="drop", max_pixels=2**62)
-    images, skipped = [], 0
-    for shard in list_shards(job.input_uri):
-        for cell in read_table(shard, ["observation"]).column("observation").to_pylist():
-            try:
-                images.append(conform(decode_image(cell["bytes"], cell.get("path") or ""), policy))
-            except Exception:
-                skipped += 1
-            if len(images) >= FIT_ROWS:
-                return np.stack(images), skipped
-    if not images:
-        raise ConfigError(f"INPUT {job.input_uri}: no observation decodes; see `jointdiff clean`'s errors table")
-    return np.stack(images), skipped
 
 
 def train_round(job: Learning, k: int, samples: str, init: str | None) -> dict[str, Any]:
     """Round ``k``'s prior: trained on Ray Train on the cleaned shards ``samples`` (their ``denoised`` column),
     from ``init``'s weights (None: from scratch); resumes a stopped training, and a finished one is not trained
     or exported again (its bytes, which the registry and the round's cleaning pinned, stay). The model's card."""
-    from pipeline.diffusion.checkpoint import read_json
     from pipeline.jobs.train_prior import train_distributed
 
     output = join(job.round_uri(k), "train")
@@ -323,7 +294,7 @@ def run_round(job: Learning, k: int, previous: dict[str, Any] | None, progress: 
 
     done = join(job.round_uri(k), "round.json")
     if _exists(done):
-        record = _read(done)
+        record = read_json(done)
         _log(f"round {k}: done before (noise fit {record['noise_fit']:.4f}), skipped")
         return record
     t0 = time.perf_counter()
@@ -360,7 +331,7 @@ def run_round(job: Learning, k: int, previous: dict[str, Any] | None, progress: 
                       validation_report=val.get("report"))
     record.update(_previews(job, k, model, trained=k > 0))
     record["seconds"] = time.perf_counter() - t0
-    _write(done, record)
+    write_json(done, record, atomic=True)
     _log(f"round {k}: {describe(record)}")
     return record
 
@@ -416,7 +387,7 @@ def learn(job: Learning, progress: bool = True, round_fn: RoundFn | None = None)
               "chosen": best, "stopped": stopped, "prior": chosen["published"],
               "latest": join(job.registry, "models", job.name, "latest"),
               "cleaned": chosen["samples"], "report": chosen.get("report"), "root": job.root}
-    _write(join(job.root, "learn.json"), result)
+    write_json(join(job.root, "learn.json"), result, atomic=True)
     _log(f"chose round {best} ({describe(chosen)}); cleaned dataset {chosen['samples']}")
     return result
 

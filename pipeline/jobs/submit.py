@@ -252,6 +252,16 @@ def _option(args: list[str], name: str) -> int | None:
     return found
 
 
+def _value(args: list[str], i: int, name: str) -> str:
+    """The value at ``args[i]`` (:func:`_option`'s index): of ``--name=VALUE`` or of ``--name VALUE``."""
+    return args[i].split("=", 1)[1] if args[i].startswith(f"{name}=") else args[i]
+
+
+def _replace_value(args: list[str], i: int, name: str, value: str) -> None:
+    """Put ``value`` at ``args[i]`` in the form the user wrote (``--name=VALUE`` or ``--name VALUE``)."""
+    args[i] = f"{name}={value}" if args[i].startswith(f"{name}=") else value
+
+
 def job_command(kind: str, job_args: Sequence[str], working_dir: Path) -> list[str]:
     """The job's entry point as argv: ``python -m <module> ARGS``, checked by the real parser, with the
     config path made relative to ``working_dir`` (the job runs there, on the cluster)."""
@@ -267,7 +277,7 @@ def job_command(kind: str, job_args: Sequence[str], working_dir: Path) -> list[s
         i = _option(args, flag)
         if i is None:
             continue
-        value = args[i].split("=", 1)[1] if args[i].startswith(f"{flag}=") else args[i]
+        value = _value(args, i, flag)
         config = Path(value).expanduser().resolve()
         if not config.is_file():
             raise ConfigError(f"{flag} {value}: no such file")
@@ -276,11 +286,14 @@ def job_command(kind: str, job_args: Sequence[str], working_dir: Path) -> list[s
         except ValueError:
             raise ConfigError(f"{flag} {value} is outside the working directory {working_dir}, which is what is "
                               "shipped to the cluster: move it inside, or pass --working-dir") from None
-        args[i] = f"{flag}={rel}" if args[i].startswith(f"{flag}=") else str(rel)
+        _replace_value(args, i, flag, str(rel))
         check_config_credentials(config, value)
-    parser = {"train": lambda: train_parser("jointdiff train"),
-              "learn-prior": lambda: learn_parser("jointdiff learn-prior")}.get(
-        kind, lambda: clean_parser("jointdiff clean", executor=False))()
+    if kind == "train":
+        parser = train_parser("jointdiff train")
+    elif kind == "learn-prior":
+        parser = learn_parser("jointdiff learn-prior")
+    else:
+        parser = clean_parser("jointdiff clean", executor=False)
     try:
         parsed = parser.parse_args(args)
     except SystemExit as exc:  # argparse printed the problem; the arguments are not repeated (a value may be secret)
@@ -297,11 +310,10 @@ def job_command(kind: str, job_args: Sequence[str], working_dir: Path) -> list[s
         # local folders as the job will find them; a prior only where it is a folder here (else a shipped name)
         for flag in ("--validation", "--registry", "--start", "--noise-prior"):
             i = _option(args, flag)
-            value = args[i].split("=", 1)[1] if i is not None and args[i].startswith(f"{flag}=") else \
-                (args[i] if i is not None else None)
-            local = flag in ("--validation", "--registry") or (value is not None and Path(value).expanduser().exists())
-            if value is not None and "://" not in value and local:
-                args[i] = f"{flag}={absolute_uri(value)}" if args[i].startswith(f"{flag}=") else absolute_uri(value)
+            if i is None or "://" in (value := _value(args, i, flag)):
+                continue
+            if flag in ("--validation", "--registry") or Path(value).expanduser().exists():
+                _replace_value(args, i, flag, absolute_uri(value))
     return ["python3", "-m", "pipeline.jobs.entry", kind, *args]
 
 

@@ -172,3 +172,15 @@ def test_ray_trains_own_ctrl_c_exit_becomes_an_interruption_and_its_handler_is_r
     with pytest.raises(KeyboardInterrupt, match="run the same command again to resume"):
         _fit_interruptibly(Trainer())
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_submit_makes_learn_priors_local_paths_absolute_and_keeps_a_shipped_prior_a_name(tmp_path, monkeypatch):
+    from pipeline.jobs.submit import job_command
+
+    monkeypatch.chdir(tmp_path)
+    argv = job_command("learn-prior", ["obs", "out", "--noise-prior", "digits", "--start=reg/models/x/latest",
+                                       "--validation", "val", "--quiet"], tmp_path)
+    root = tmp_path.as_uri()
+    assert argv == ["python3", "-m", "pipeline.jobs.entry", "learn-prior", f"{root}/obs", f"{root}/out",
+                    "--noise-prior", "digits", f"--start={root}/reg/models/x/latest", "--validation", f"{root}/val",
+                    "--quiet"]

@@ -307,13 +307,15 @@ def job_command(kind: str, job_args: Sequence[str], working_dir: Path) -> list[s
         args = _absolute_positionals(args, [parsed.input, parsed.output])
     if kind == "learn-prior":
         args = _absolute_positionals(args, [parsed.input, parsed.output], LEARN_FLAGS)
-        # local folders as the job will find them; a prior only where it is a folder here (else a shipped name)
+        # local paths as the job will find them (a prior's: a model folder or a registry's .../latest; a shipped
+        # prior's name stays a name)
+        from pipeline.priors import SHIPPED
+
         for flag in ("--validation", "--registry", "--start", "--noise-prior"):
             i = _option(args, flag)
-            if i is None or "://" in (value := _value(args, i, flag)):
+            if i is None or "://" in (value := _value(args, i, flag)) or value in SHIPPED:
                 continue
-            if flag in ("--validation", "--registry") or Path(value).expanduser().exists():
-                _replace_value(args, i, flag, absolute_uri(value))
+            _replace_value(args, i, flag, absolute_uri(value))
     return ["python3", "-m", "pipeline.jobs.entry", kind, *args]
 
 

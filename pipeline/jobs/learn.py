@@ -47,7 +47,6 @@ from pipeline.diffusion.checkpoint import read_json, write_json
 DEFAULT_TRAIN = {"steps": 600, "batch_size": 32, "warmup_steps": 200, "checkpoint_every": 100}
 """Each round's training unless the prior config says otherwise (``bench em --quick``'s setting)."""
 FIT_ROWS = 1000  # observations the round-0 Gaussian and each round's noise figure read (the first ones)
-LINEAR = ("blend", "sum")  # forward models whose noise has the image's channels (the noise figure reads it)
 
 
 @dataclass(frozen=True)
@@ -291,6 +290,7 @@ def run_round(job: Learning, k: int, previous: dict[str, Any] | None, progress: 
     from pipeline.jobs.clean import run_clean
     from pipeline.priors import resolve_model
     from pipeline.registry import publish
+    from pipeline.run.models import model_uri
 
     done = join(job.round_uri(k), "round.json")
     if _exists(done):
@@ -306,8 +306,6 @@ def run_round(job: Learning, k: int, previous: dict[str, Any] | None, progress: 
         init = previous["model"] if previous.get("network") else None
         card = train_round(job, k, previous["samples"], init)
         model = join(job.round_uri(k), "train", "model")
-    from pipeline.run.models import model_uri
-
     model = model_uri(model)
     # a new version; latest moves only when the job has chosen (learn)
     published = publish(resolve_model(model), job.registry, job.name, job.version(k), move_latest=False)

@@ -539,6 +539,40 @@ def _follow(sj, client, job_id: str, address: str) -> int:  # noqa: ANN001 (modu
     return 0 if status == "SUCCEEDED" else 1
 
 
+def _cmd_train_supervised(args: argparse.Namespace) -> int:
+    from pipeline.config import PriorConfig, load_config
+    from pipeline.diffusion.train import TrainingInterrupted
+    from pipeline.training import supervised_plan, train_supervised
+
+    image = load_config(PriorConfig, args.image_config)
+    noise = load_config(PriorConfig, args.noise_config)
+    try:
+        plan = supervised_plan(image, noise, args.forward, args.batch_size, args.steps)
+    except ValueError as exc:
+        raise ConfigError(f"--forward {args.forward}: {exc}") from None
+    budget = " + ".join(f"{b['prior']} {b['steps']} x {b['batch_size']} x {b['parameters']:,}" for b in plan["budget"])
+    print(f"supervised {image.name}+{noise.name} ({args.forward}, weight U{tuple(plan['weight_range'])}): "
+          f"{plan['parameters']:,} parameters (base_channels {plan['net'].base_channels}; the priors "
+          f"{plan['budget_parameters']:,}), {plan['steps']} steps x {plan['batch_size']} (matched compute "
+          f"{plan['matched_steps']}: {budget}) -> {args.output}", file=sys.stderr)
+    if args.plan:
+        return 0
+    try:
+        summary = train_supervised(image, noise, args.forward, args.output, steps=args.steps,
+                                   batch_size=args.batch_size, device=args.device, threads=args.threads,
+                                   progress=not args.quiet)
+    except TrainingInterrupted as stop:
+        print(f"\ninterrupted at step {stop.step}; the training state is saved in {args.output}/state. "
+              "Run the same command again to resume.", file=sys.stderr)
+        return 130
+    heldout = summary.get("heldout_loss")
+    print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
+          + (f"held-out loss {heldout:.4f}" if heldout is not None else "no held-out loss (no test split)")
+          + f", {summary['seconds_total']:.0f} s of training; model in {args.output}/model", file=sys.stderr)
+    print(json.dumps({k: v for k, v in summary.items() if k != "train_config"}, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jointdiff", description="Remove structured noise from image "
                                 "datasets with two diffusion priors and joint posterior sampling.")
@@ -547,6 +581,23 @@ def build_parser() -> argparse.ArgumentParser:
     t = add_train_arguments(sub.add_parser("train", help="train one diffusion prior (in this process, or on Ray "
                                                          "Train with --workers / --ray-address)"))
     t.set_defaults(func=_cmd_train)
+
+    ts = sub.add_parser("train-supervised", help="train the supervised network for a pair of prior recipes: "
+                        "observation -> clean image in one evaluation (the fast path's network)")
+    ts.add_argument("output", help="folder for the training state and the exported model (OUTPUT/model)")
+    ts.add_argument("--image-config", required=True, help="the image prior's recipe (its data, network and "
+                    "training settings), e.g. configs/prior_faces.yaml")
+    ts.add_argument("--noise-config", required=True, help="the noise prior's recipe, e.g. configs/prior_digits.yaml")
+    ts.add_argument("--forward", default="blend", help="how pairs are made: blend (alpha from U[0.2, 0.8]) or "
+                    "composite (a from U[0.5, 1]); default blend")
+    ts.add_argument("--steps", type=int, default=None, help="default: the two priors' training compute "
+                    "(steps x batch x parameters) at this network's size")
+    ts.add_argument("--batch-size", type=int, default=None, help="default: the image prior's")
+    ts.add_argument("--device", default=None, help="default: the image recipe's train.device")
+    ts.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the image recipe's)")
+    ts.add_argument("--plan", action="store_true", help="print the network size and steps, then exit")
+    ts.add_argument("--quiet", action="store_true", help="no progress bar")
+    ts.set_defaults(func=_cmd_train_supervised)
 
     s = sub.add_parser("sample", help="draw unconditional samples from a prior into a PNG grid")
     s.add_argument("checkpoint", help="model folder/URI, or a shipped prior: faces, digits, stripes")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import getpass
 import subprocess
@@ -203,3 +204,126 @@ def preview(output: str, model_uri: str, n_samples: int = 16, steps: int = 100) 
     losses = read_json(join(output, "state", state["dir"], "state.json"), max_bytes=MAX_STATE_BYTES)["losses"]
     model, sde, _ = load_model(model_uri)
     return losses, sample(model, sde, n_samples, steps, seed=0).numpy()
+
+
+def _on_device(config: PriorConfig, device: str | None, split: str | None = None) -> PriorConfig:
+    """``config`` with its training data on ``device`` (default: its own) and from ``split`` (default: its own)."""
+    train = config.train.model_copy(update={"device": device or config.train.device})
+    data = config.data.model_copy(update={"split": split or config.data.split})
+    return config.model_copy(update={"train": train, "data": data})
+
+
+def supervised_plan(image: PriorConfig, noise: PriorConfig, forward: str, batch_size: int | None = None,
+                    steps: int | None = None) -> dict[str, Any]:
+    """What :func:`train_supervised` trains for the pair ``image`` + ``noise`` (two prior recipes): the image
+    prior's U-Net widened to the two priors' parameters together, for their training compute together
+    (:func:`pipeline.posterior.supervised.matched_budget`) unless ``steps`` is given; at the image prior's batch
+    size unless ``batch_size`` is."""
+    from pipeline.diffusion.unet import UNet
+    from pipeline.posterior.supervised import WEIGHT_RANGES, matched_budget, width_for
+
+    if forward not in WEIGHT_RANGES:
+        raise ValueError(f"forward model {forward!r}: the supervised network is trained for "
+                         f"{', '.join(WEIGHT_RANGES)}")
+    parts = []
+    for c in (image, noise):
+        with torch.device("meta"):
+            parts.append((c.train.steps, c.train.batch_size, count_parameters(UNet(c.unet.settings()))))
+    budget = sum(p for _, _, p in parts)
+    net = width_for(dataclasses.replace(image.unet.settings(), dropout=0.0), budget)
+    with torch.device("meta"):
+        params = count_parameters(UNet(net))
+    batch = batch_size or image.train.batch_size
+    matched = matched_budget(parts, batch, params)
+    return {"net": net, "parameters": params, "budget_parameters": budget, "matched_steps": matched,
+            "steps": steps or matched, "batch_size": batch, "weight_range": list(WEIGHT_RANGES[forward]),
+            "budget": [{"prior": c.name, "steps": s, "batch_size": b, "parameters": p}
+                       for c, (s, b, p) in zip((image, noise), parts)]}
+
+
+def _heldout_pairs(trainer: Any, image: PriorConfig, noise: PriorConfig, draw: Any, n: int = 256) -> float | None:
+    """The supervised loss of ``trainer``'s EMA model on ``n`` pairs drawn from the test splits (generator seed 0,
+    no flips or shifts); None where a source has no test split (a shard dataset)."""
+    from pipeline.diffusion.train import draw_images
+    from pipeline.posterior.supervised import pair_loss, synthesize
+
+    if image.data.source not in NAMES or noise.data.source not in NAMES:
+        return None
+    _, clean, _ = load_train_data(_on_device(image, None, "test"))
+    _, noise_data, _ = load_train_data(_on_device(noise, None, "test"))
+    g = torch.Generator(device=trainer.device).manual_seed(0)
+    x0 = draw_images(clean, n, g, hflip=False, shift=0, grey_to_rgb=image.data.grey_to_rgb,
+                     channels=trainer.model.config.channels)
+    n0 = draw_images(noise_data, n, g, hflip=False, shift=0, grey_to_rgb=draw.grey_to_rgb, channels=draw.channels)
+    lo, hi = trainer.weight_range
+    w = lo + (hi - lo) * torch.rand(n, generator=g, device=trainer.device)
+    y = synthesize((x0 + 1) / 2, (n0 + 1) / 2, trainer.forward, w) * 2 - 1
+    model = trainer.ema.model.eval()
+    with torch.no_grad():
+        return float(pair_loss(model, y, x0))
+
+
+def train_supervised(image: PriorConfig, noise: PriorConfig, forward: str, output: str, *,
+                     steps: int | None = None, batch_size: int | None = None, device: str | None = None,
+                     threads: int | None = None, progress: bool = True,
+                     stop_after: int | None = None) -> dict[str, Any]:
+    """Train the supervised network for the pair of prior recipes ``image`` + ``noise`` under ``forward`` (resuming
+    from ``output/state``), export its EMA to ``output/model``; returns the summary (the card's meta).
+
+    Pairs are drawn on the fly: a clean image as the image prior draws them, a noise image as the noise prior does,
+    a weight from :data:`pipeline.posterior.supervised.WEIGHT_RANGES`. The recipe (learning rate, warm-up, EMA,
+    seed) is the image prior's."""
+    from pipeline.posterior.supervised import TASK, NoiseDraw, SupervisedTrainer
+
+    plan = supervised_plan(image, noise, forward, batch_size, steps)
+    threads = threads or image.train.threads
+    if threads:
+        torch.set_num_threads(threads)
+    image, noise = _on_device(image, device), _on_device(noise, device)
+    clean_set, clean, _ = load_train_data(image)
+    noise_set, noise_data, _ = load_train_data(noise)
+    base = train_settings(image)
+    settings = dataclasses.replace(base, net=plan["net"], steps=plan["steps"], batch_size=plan["batch_size"],
+                                   init=None, record={"supervised": {**plan, "net": dataclasses.asdict(plan["net"]),
+                                                                      "image": image.model_dump(),
+                                                                      "noise": noise.model_dump(),
+                                                                      "forward": forward}})
+    nd = noise.data
+    draw = NoiseDraw(hflip=nd.hflip, shift=nd.shift, grey_to_rgb=nd.grey_to_rgb, channels=noise.unet.channels)
+    trainer = SupervisedTrainer(settings, draw, forward, tuple(plan["weight_range"]), image.train.device)
+    bar = tqdm(total=settings.steps, desc=f"train supervised {image.name}+{noise.name}", unit="step",
+               dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0) if progress else None
+
+    def on_step(step: int, loss: float) -> None:
+        if bar is not None:
+            if bar.n == 0 and step > 1:
+                bar.update(step - 1)
+            bar.update(1)
+            if step % 25 == 0:
+                bar.set_postfix(loss=f"{sum(trainer.losses[-25:]) / 25:.4f}")
+
+    summary = fit(trainer, (clean, noise_data), output, on_step=on_step, stop_after=stop_after)
+    if bar is not None:
+        bar.close()
+    summary["seconds_total"] = trainer.train_seconds
+    if trainer.step_count < settings.steps:
+        return summary
+    heldout = _heldout_pairs(trainer, image, noise, draw)
+    meta = {
+        "name": f"{image.name}-{noise.name}", "task": TASK, "image": image.name, "noise": noise.name,
+        "image_dataset": image.data.source, "noise_dataset": noise.data.source, "forward": forward,
+        "weight_range": plan["weight_range"], "channels": plan["net"].channels, "size": plan["net"].image_size,
+        "steps": trainer.step_count, "batch_size": settings.batch_size, "parameters": plan["parameters"],
+        "budget": plan["budget"], "matched_steps": plan["matched_steps"],
+        "n_train_images": len(clean_set), "n_noise_images": len(noise_set),
+        "dataset_hash": images_hash(clean_set), "noise_dataset_hash": images_hash(noise_set),
+        "final_loss": summary["final_loss"], "heldout_loss": heldout,
+        "heldout_loss_definition": "MSE (network units) of the EMA model on 256 pairs drawn from the test splits, "
+                                   "seed 0",
+        "train_seconds": trainer.train_seconds, "train_config": image.train.model_dump(),
+        "git_commit": git_commit(), "created_by": getpass.getuser(),
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    trainer.export(join(output, "model"), meta)
+    summary.update(meta)
+    return summary

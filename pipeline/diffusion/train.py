@@ -128,6 +128,29 @@ class PatchPool:
         return torch.stack(out).to(self.device)
 
 
+def draw_images(data: torch.Tensor | PatchPool, n: int, g: torch.Generator, *, hflip: bool, shift: int,
+                grey_to_rgb: str, channels: int) -> torch.Tensor:
+    """``n`` random network-space images of ``data`` (with replacement; patches of a :class:`PatchPool`), drawn
+    from ``g``: a grey image for a ``channels``-channel network in one random colour channel (``grey_to_rgb`` =
+    ``random``), shifted by up to ``shift`` pixels and flipped left-right at random (``hflip``)."""
+    if isinstance(data, PatchPool):
+        x0 = data.draw(n, g)
+    else:
+        idx = torch.randint(data.shape[0], (n,), generator=g, device=data.device)
+        x0 = data[idx]
+    if grey_to_rgb == "random" and x0.shape[1] == 1 and channels == 3:
+        # the grey image in one random colour channel, black (-1) in the other two
+        chan = torch.randint(3, (x0.shape[0],), generator=g, device=x0.device)
+        onehot = torch.nn.functional.one_hot(chan, 3).to(x0.dtype)[:, :, None, None]
+        x0 = onehot * x0 + (onehot - 1)
+    if shift:
+        x0 = _random_shift(x0, shift, g)
+    if hflip:
+        flip = torch.rand(x0.shape[0], generator=g, device=x0.device) < 0.5
+        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+    return x0
+
+
 def fine_tune_mismatch(net: NetConfig, sde: VPSDE, other_net: NetConfig,
                        other_sde: VPSDE) -> tuple[str, Any, Any] | None:
     """The first setting in which a run of ``net`` and ``sde`` could not start from the weights of a model of
@@ -183,31 +206,21 @@ class Trainer:
     def draw_batch(self, data: torch.Tensor | PatchPool) -> torch.Tensor:
         """A random batch (with replacement) of network-space images (or of patches of them), flipped if
         configured."""
-        g = self.generator
-        if isinstance(data, PatchPool):
-            x0 = data.draw(self.settings.batch_size, g)
-        else:
-            idx = torch.randint(data.shape[0], (self.settings.batch_size,), generator=g, device=self.device)
-            x0 = data[idx]
-        if self.settings.grey_to_rgb == "random" and x0.shape[1] == 1 and self.model.config.channels == 3:
-            # the grey image in one random colour channel, black (-1) in the other two
-            chan = torch.randint(3, (x0.shape[0],), generator=g, device=self.device)
-            onehot = torch.nn.functional.one_hot(chan, 3).to(x0.dtype)[:, :, None, None]
-            x0 = onehot * x0 + (onehot - 1)
-        if self.settings.shift:
-            x0 = _random_shift(x0, self.settings.shift, g)
-        if self.settings.hflip:
-            flip = torch.rand(x0.shape[0], generator=g, device=self.device) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        return x0
+        tc = self.settings
+        return draw_images(data, tc.batch_size, self.generator, hflip=tc.hflip, shift=tc.shift,
+                           grey_to_rgb=tc.grey_to_rgb, channels=self.model.config.channels)
 
     def step(self, x0: torch.Tensor) -> float:
+        return self._optimise(lambda net: random_dsm_loss(net, self.sde, x0, self.generator))
+
+    def _optimise(self, loss_of: Callable[[torch.nn.Module], torch.Tensor]) -> float:
+        """One optimisation step on ``loss_of(network)``: learning rate, backward, clipping, AdamW, EMA."""
         tc = self.settings
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step_count, tc.lr, tc.warmup_steps)
         self.model.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
-            loss = random_dsm_loss(self.net or self.model, self.sde, x0, self.generator).float()
+            loss = loss_of(self.net or self.model).float()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)

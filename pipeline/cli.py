@@ -687,12 +687,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default=None, help="write the rows as JSON here")
     b.add_argument("--n", type=int, default=None, help="test observations per scenario (default 100)")
     b.add_argument("--n-robust", type=int, default=None,
-                   help="test observations for the other scenarios (stripes, alpha 0.3/0.7, ood; default 50)")
+                   help="test observations for the other scenarios (default 50)")
     b.add_argument("--n-val", type=int, default=None, help="validation observations for tuning (default 20)")
     b.add_argument("--steps", default=None, help="comma-separated step counts (default 50,100,200)")
     b.add_argument("--rules", default=None, help="comma-separated guidance rules (default all)")
     b.add_argument("--scenarios", default=None, help="comma-separated: main,stripes,alpha0.3,alpha0.7,ood,"
-                   "unknown-alpha,read-out; large: text,stripes,unknown-alpha (none: with --memory, the memory "
+                   "font-digits,stripes-fine,alpha0.1,alpha0.9,unknown-alpha,read-out; large:"
+                   " text,stripes,unknown-alpha (none: with --memory, the memory "
                    "figure alone)")
     b.add_argument("--memory", action="store_true", help="large: also clean one 4096x4096 RGB image at 2 steps in a "
                    "child process and report its peak RSS")

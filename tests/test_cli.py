@@ -195,8 +195,19 @@ def test_bench_quality_quick_writes_every_row_key(tmp_path, capsys):
     proj = [r for r in rows if r["method"] == "joint-projection"][0]
     assert proj["backward"] is False and proj["nfe"] == 2
     assert "| main | joint-dps | 2 | 2 |" in proc.stdout
-    # the figure: 6 rows (observation, joint, gaussian, NLM, truth, noise estimate) of the 2 images, 3x scale
-    assert Image.open(tmp_path / "q.png").size == (2 * (96 + 2) + 2, 6 * (96 + 2) + 2)
+    # the gaussian baseline: per-pixel, its weights the best of a validation grid that includes 0
+    gauss = next(r for r in rows if r["method"] == "gaussian")
+    scores = gauss["validation_psnr"]
+    assert {"0/20", "20/20"} <= set(scores) and any(k.endswith("/0") for k in scores)
+    assert scores[f"{gauss['lambda_x']:g}/{gauss['kappa_n']:g}"] == max(scores.values())
+    # the supervised row, where the pair's network ships: one evaluation
+    from pipeline.priors import supervised_for
+
+    shipped = supervised_for("faces", "digits") is not None
+    assert ("supervised" in methods) == shipped
+    assert all(r["nfe"] == 1 for r in rows if r["method"] == "supervised")
+    # the figure: rows (observation, joint, [supervised,] gaussian, NLM, truth, noise estimate) of the 2 images
+    assert Image.open(tmp_path / "q.png").size == (2 * (96 + 2) + 2, (6 + shipped) * (96 + 2) + 2)
 
 
 def test_a_misspelt_scenario_is_one_line_naming_the_scenarios_there_are(capsys):

@@ -57,3 +57,29 @@ def test_unknown_names_are_rejected():
         load_embedded("celeba")
     with pytest.raises(ValueError, match="unknown split"):
         load_embedded("faces", "validation")
+
+
+def _cycles(img: np.ndarray) -> float:
+    """The dominant frequency of a 2-D pattern, in cycles per image side."""
+    f = np.abs(np.fft.fft2(img - img.mean()))
+    fy, fx = np.unravel_index(f.argmax(), f.shape)
+    fy, fx = min(fy, img.shape[0] - fy), min(fx, img.shape[1] - fx)
+    return float(np.hypot(fy, fx))
+
+
+def test_the_out_of_distribution_noise_lies_outside_training():
+    # stripes-fine: every test pattern finer than every training stripe (1.5-6 cycles a side; 8-12 here)
+    fine = load_embedded("stripes-fine", "test", size=64, n=40).images[:, 0]
+    train = load_embedded("stripes", "train", size=64, n=200).images[:, 0]
+    assert min(_cycles(x) for x in fine) > max(_cycles(x) for x in train) + 1
+    # font-digits: typeset glyphs, drawn as the handwriting is (white on black, filling the raster), yet each one
+    # farther from its nearest handwritten training digit than a handwritten test digit is
+    import torch
+
+    from pipeline.training import nearest_distances
+
+    hand = torch.from_numpy(load_embedded("digits", "train", 16, 1).images)
+    typed = torch.from_numpy(load_embedded("font-digits", "test", 16, 1, n=100).images)
+    held = torch.from_numpy(load_embedded("digits", "test", 16, 1, n=100).images)
+    assert abs(float(typed.mean()) - float(held.mean())) < 0.15
+    assert float(nearest_distances(typed, hand)[0].median()) > 1.2 * float(nearest_distances(held, hand)[0].median())

@@ -3,13 +3,16 @@
 Scenarios (clean test images under test noise images, fixed seeds; a face appears under several
 digits):
 
-| scenario    | clean     | noise     | alpha | priors           |
-|-------------|-----------|-----------|-------|------------------|
-| main        | faces     | digits    | 0.5   | faces + digits   |
-| stripes     | faces     | stripes   | 0.5   | faces + stripes  |
-| alpha0.3/0.7| faces     | digits    | 0.3/0.7 | faces + digits |
-| ood         | patches   | digits    | 0.5   | faces + digits (out of distribution) |
-| unknown-alpha | faces   | digits    | U[0.2, 0.8] per image, hidden | faces + digits |
+| scenario    | clean     | noise     | alpha | priors           | out of distribution |
+|-------------|-----------|-----------|-------|------------------|---------------------|
+| main        | faces     | digits    | 0.5   | faces + digits   | |
+| stripes     | faces     | stripes   | 0.5   | faces + stripes  | |
+| alpha0.3/0.7| faces     | digits    | 0.3/0.7 | faces + digits | |
+| ood         | patches   | digits    | 0.5   | faces + digits   | the clean images: photo crops |
+| font-digits | faces     | font-digits | 0.5 | faces + digits   | the noise: typeset digits in a held-out font |
+| stripes-fine| faces     | stripes-fine | 0.5 | faces + stripes | the noise: stripes finer than any in training |
+| alpha0.1/0.9| faces     | digits    | 0.1/0.9 | faces + digits | the weight: outside the supervised U[0.2, 0.8] |
+| unknown-alpha | faces   | digits    | U[0.2, 0.8] per image, hidden | faces + digits | |
 | read-out    | faces     | digits    | 0.5, read-out noise sigma_y U[0.005, 0.05] per image, hidden | faces + digits |
 
 The unknown-alpha scenario's sampler rows are ``joint-oracle`` (each observation's own alpha),
@@ -21,7 +24,10 @@ observation's own ``sigma_y``) and ``joint-fixed`` (``forward.sigma_y`` at its d
 what a run uses when it is not told), with the same sampler; its ``gaussian`` row is given the true ``sigma_y``.
 
 Methods: ``observation``, ``nlm``, ``tv``, ``bm3d`` (when the package imports), ``gaussian`` (the
-joint sampler with the noise prior replaced by a Gaussian fitted to the noise training images) and
+joint sampler with the noise prior replaced by a per-pixel Gaussian fitted to the noise prior's training images,
+:func:`gaussian_prior`, its weights tuned on the pair's validation split over a grid that includes 0,
+:func:`tune_gaussian`), ``supervised`` (the pair's supervised network, one evaluation per image:
+:mod:`pipeline.posterior.supervised`; absent with a note where none ships) and
 ``joint-<rule>`` for each guidance rule and step count (Euler-Maruyama), and ``joint-paper`` /
 ``joint-paper-authors`` for the ``paper`` preset (:mod:`pipeline.posterior.paper`) at its own 600 steps with
 its re-tuned and with the authors' weights. Classical parameters are tuned per
@@ -56,7 +62,8 @@ from pipeline.posterior.guidance import RULES
 from pipeline.posterior.paper import AUTHORS
 from pipeline.posterior.priors import GaussianPrior
 from pipeline.posterior.sampler import PRESETS, SamplerSettings
-from pipeline.priors import resolve_model
+from pipeline.posterior.supervised import restore
+from pipeline.priors import resolve_model, supervised_for
 from pipeline.viz import save_grid
 
 
@@ -70,6 +77,7 @@ class Scenario:
     noise_prior: str = "digits"
     alpha_range: tuple[float, float] | None = None  # each observation's alpha drawn from it, hidden from the sampler
     sigma_y_range: tuple[float, float] | None = None  # each observation's read-out noise drawn from it, hidden
+    shift: str | None = None  # out of distribution: "clean", "noise" or "alpha" (None: in distribution)
 
 
 SCENARIOS = [
@@ -77,10 +85,17 @@ SCENARIOS = [
     Scenario("stripes", "faces", "stripes", 0.5, noise_prior="stripes"),
     Scenario("alpha0.3", "faces", "digits", 0.3),
     Scenario("alpha0.7", "faces", "digits", 0.7),
-    Scenario("ood", "patches", "digits", 0.5),
+    Scenario("ood", "patches", "digits", 0.5, shift="clean"),
+    Scenario("font-digits", "faces", "font-digits", 0.5, shift="noise"),
+    Scenario("stripes-fine", "faces", "stripes-fine", 0.5, noise_prior="stripes", shift="noise"),
+    Scenario("alpha0.1", "faces", "digits", 0.1, shift="alpha"),
+    Scenario("alpha0.9", "faces", "digits", 0.9, shift="alpha"),
     Scenario("unknown-alpha", "faces", "digits", 0.5, alpha_range=(0.2, 0.8)),
     Scenario("read-out", "faces", "digits", 0.5, sigma_y_range=(0.005, 0.05)),
 ]
+"""``shift``: what moves away from training: the clean images (``patches``: crops of photos, not faces), the noise
+(``font-digits``: typeset digits in a held-out font, not handwriting; ``stripes-fine``: stripes finer than any the
+stripes prior saw) or the weight (alpha outside the supervised network's training range U[0.2, 0.8])."""
 ALPHA_ROWS = ("joint-oracle", "joint-auto", "joint-fixed")  # the unknown-alpha scenario's sampler rows
 SIGMA_ROWS = ("joint-oracle", "joint-fixed")  # the read-out scenario's sampler rows
 FIXED_SIGMA_Y = ForwardConfig.model_fields["sigma_y"].default  # what a run assumes when it is not told
@@ -208,6 +223,51 @@ def run_joint(x_model: torch.nn.Module, n_model: torch.nn.Module, sde: Any, obs:
     return torch.cat(xs), torch.cat(ns)
 
 
+# the gaussian baseline's weights: lambda_x over GAUSSIAN_LAMBDAS at kappa_n = GAUSSIAN_START_KAPPA, then kappa_n
+# over GAUSSIAN_KAPPAS at the best lambda_x; 0 (no pull) is in both grids
+GAUSSIAN_LAMBDAS = (0.0, 2.0, 5.0, 10.0, 20.0)
+GAUSSIAN_KAPPAS = (0.0, 5.0, 20.0, 50.0)
+GAUSSIAN_START_KAPPA = 20.0
+
+
+def gaussian_prior(noise_prior: str, sde: Any) -> GaussianPrior:
+    """The ``gaussian`` baseline's noise model: per-pixel mean and variance of the noise prior's training images
+    (``digits``, ``stripes``: the prior's name is its dataset's)."""
+    return GaussianPrior.fit(torch.from_numpy(load_embedded(noise_prior, "train", 32, 1).images), sde, per_pixel=True)
+
+
+def pair_validation(sc: Scenario, n_val: int) -> Observations:
+    """The validation observations of the in-distribution scenario with ``sc``'s priors (``main`` for faces +
+    digits, ``stripes`` for faces + stripes): what the gaussian baseline's weights are tuned on, as the joint
+    sampler's were (a scenario out of distribution is not tuned for)."""
+    home = next(s for s in SCENARIOS if (s.image_prior, s.noise_prior) == (sc.image_prior, sc.noise_prior)
+                and s.shift is None and s.alpha_range is None and s.sigma_y_range is None)
+    return observations(home, "val", n_val, seed=100)
+
+
+def tune_gaussian(x_model: torch.nn.Module, g_prior: GaussianPrior, sde: Any, val: Observations,
+                  settings: SamplerSettings, log: Any = print) -> tuple[SamplerSettings, dict[str, float]]:
+    """The gaussian baseline's ``lambda_x`` / ``kappa_n`` for ``settings``, by mean validation PSNR on ``val``
+    (a coordinate search over :data:`GAUSSIAN_LAMBDAS`, then :data:`GAUSSIAN_KAPPAS`; a diverging setting scores
+    minus infinity); returns the settings and every score (``"lambda_x/kappa_n"``)."""
+    clean = torch.from_numpy(val.clean)
+    scores: dict[str, float] = {}
+
+    def evaluate(lam: float, kap: float) -> float:
+        x_hat, _ = run_joint(x_model, g_prior, sde, val, dataclasses.replace(settings, lambda_x=lam, kappa_n=kap))
+        p = metrics.psnr(x_hat, clean).mean().item()
+        p = p if math.isfinite(p) else float("-inf")
+        scores[f"{lam:g}/{kap:g}"] = round(p, 3)
+        log(f"tune gaussian {settings.rule} {settings.steps} steps lambda_x {lam:g} kappa_n {kap:g}: val PSNR {p:.2f}")
+        return p
+
+    first = {lam: evaluate(lam, GAUSSIAN_START_KAPPA) for lam in GAUSSIAN_LAMBDAS}
+    lam = max(first, key=first.get)
+    second = {GAUSSIAN_START_KAPPA: first[lam],
+              **{k: evaluate(lam, k) for k in GAUSSIAN_KAPPAS if k != GAUSSIAN_START_KAPPA}}
+    return dataclasses.replace(settings, lambda_x=lam, kappa_n=max(second, key=second.get)), scores
+
+
 def tune_baseline(name: str, sc: Scenario, n_val: int) -> float:
     val = observations(sc, "val", n_val, seed=100)
     y, clean = torch.from_numpy(val.observation), torch.from_numpy(val.clean)
@@ -233,6 +293,7 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
     methods = ["observation", "nlm", "tv"] + (["bm3d"] if bm3d_available() else [])
     rows: list[dict[str, Any]] = []
     models: dict[str, Any] = {}
+    gaussian_tuned: dict[tuple[Any, ...], tuple[SamplerSettings, dict[str, float]]] = {}
 
     def model(name: str) -> Any:
         if name not in models:
@@ -243,7 +304,7 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
         obs = observations(sc, "test", n if sc.name == "main" else min(n, n_robust))
         y, clean = torch.from_numpy(obs.observation), torch.from_numpy(obs.clean)
         base = {"clean": sc.clean, "noise": sc.noise, "alpha": None if sc.alpha_range else sc.alpha,
-                "scenario": sc.name}
+                "scenario": sc.name, "shift": sc.shift}
         shown: dict[str, torch.Tensor] = {"observation": y.clamp(0, 1)}
         for m in methods:
             param = tune_baseline(m, sc, n_val)
@@ -289,24 +350,43 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
                          "lambda_x": cfg.lambda_x, "kappa_n": cfg.kappa_n, **score(x_hat, clean),
                          "seconds_per_image": sec, **extra})
             log(_fmt(rows[-1]))
-        # gaussian: same image prior and sampler, the noise modelled as i.i.d. Gaussian (fitted moments)
-        noise_train = torch.from_numpy(load_embedded(sc.noise, "train", 32, 1).images)
-        g_prior = GaussianPrior.fit(noise_train, sde)
+        # gaussian: the same image prior and sampler, the noise a per-pixel Gaussian fitted to the noise prior's
+        # training images, its weights tuned on the pair's validation split (tune_gaussian)
         cfg = plan[0][1] if hidden else sampler_settings(table, default_rule, max(steps), log)
+        g_prior = gaussian_prior(sc.noise_prior, sde)
+        key = (sc.image_prior, sc.noise_prior, cfg.rule, cfg.solver, cfg.steps)
+        if key not in gaussian_tuned:
+            gaussian_tuned[key] = tune_gaussian(x_model, g_prior, sde, pair_validation(sc, n_val), cfg, log)
+        g_cfg, g_scores = gaussian_tuned[key]
         t0 = time.perf_counter()
-        x_hat, _ = run_joint(x_model, g_prior, sde, obs, cfg, alpha=truth, sigma_y=sigma_truth)
+        x_hat, _ = run_joint(x_model, g_prior, sde, obs, g_cfg, alpha=truth, sigma_y=sigma_truth)
         sec = (time.perf_counter() - t0) / len(obs.ids)
         shown["gaussian"] = x_hat
+        rows.append({**base, "method": "gaussian", "rule": g_cfg.rule, "solver": g_cfg.solver,
+                     "steps": g_cfg.steps, "nfe": g_cfg.nfe, "backward": RULES[g_cfg.rule].backward, "param": None,
+                     "lambda_x": g_cfg.lambda_x, "kappa_n": g_cfg.kappa_n, "validation_psnr": g_scores,
+                     **score(x_hat, clean), "seconds_per_image": sec})
+        log(_fmt(rows[-1]))
+        # supervised: the pair's network, one evaluation per image (pipeline.posterior.supervised)
+        sup = supervised_for(sc.image_prior, sc.noise_prior)
+        if sup is None:
+            log(f"{sc.name}: no supervised network ships for {sc.image_prior} + {sc.noise_prior}; train one with "
+                "jointdiff train-supervised (docs/supervised.md)")
+        else:
+            s_model, _, _ = model(sup)
+            t0 = time.perf_counter()
+            x_hat = restore(s_model, y)
+            sec = (time.perf_counter() - t0) / len(obs.ids)
+            shown["supervised"] = x_hat
+            rows.append({**base, "method": "supervised", "rule": None, "solver": None, "steps": None, "nfe": 1,
+                         "backward": False, "param": None, **score(x_hat, clean), "seconds_per_image": sec})
+            log(_fmt(rows[-1]))
         if figure and sc.name == "main":
-            panel = ["observation", "joint", "gaussian", "nlm", "truth", "noise estimate"]
+            panel = ["observation", "joint", "supervised", "gaussian", "nlm", "truth", "noise estimate"]
             shown["truth"] = clean
             k = min(8, len(obs.ids))
             save_grid(torch.cat([shown[p][:k] for p in panel if p in shown]).numpy(), figure, nrow=k, scale=3)
             log(f"wrote {figure}: rows {', '.join(p for p in panel if p in shown)}")
-        rows.append({**base, "method": "gaussian", "rule": cfg.rule, "solver": cfg.solver,
-                     "steps": cfg.steps, "nfe": cfg.nfe, "backward": RULES[default_rule].backward, "param": None,
-                     **score(x_hat, clean), "seconds_per_image": sec})
-        log(_fmt(rows[-1]))
     return rows
 
 

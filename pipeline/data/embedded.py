@@ -8,11 +8,18 @@
 | `stripes` | synthetic sinusoidal stripes           | seeds 0-4999  | seeds 1,000,000+ | seeds 2,000,000+   |
 | `natural` | scikit-image's photos, native size     | 12 photos     | 2 photos         | 4 photos           |
 | `text`    | RGBA text layers (:mod:`.text`)         | seeds 0-39999 | seeds 1,000,000+ | seeds 2,000,000+   |
+| `font-digits` | typeset digits in a held-out font  | seeds 0-1399  | seeds 1,000,000+ | seeds 2,000,000+   |
+| `stripes-fine` | stripes of 8-12 cycles a side     | seeds 0-4999  | seeds 1,000,000+ | seeds 2,000,000+   |
 
 `patches` sources: train = moon, clock, hubble_deep_field, immunohistochemistry, grass, gravel,
 brick, cell, retina; val = rocket, coins; test = camera, astronaut, coffee, chelsea. `stripes` val and
 test have 500 images each; so do `text` val and test. `text` is 4 channels only (colour and coverage): crops of
 random words in three font families, the fourth (:data:`pipeline.data.text.HELD_OUT`) kept out of every split.
+
+`font-digits` and `stripes-fine` are noise that no prior was trained on (the out-of-distribution scenarios of
+``bench quality``): the digits 0-9 set in DejaVu Serif (:data:`pipeline.data.text.HELD_OUT`), drawn as `digits` are
+(white on black, an 8x8 raster enlarged), against `digits`' handwriting; and stripes finer than any in `stripes`
+(:data:`STRIPES_FINE_CYCLES` against :data:`STRIPES_CYCLES`). Their val and test splits have 200 and 500 images.
 
 `natural` is split *by photo* (:data:`NATURAL_PHOTOS`), grey and RGB, at native resolution: train =
 chelsea (also shipped as ``cat``), the stereo_motorcycle pair (left and right, one split), hubble_deep_field,
@@ -36,7 +43,7 @@ from functools import lru_cache
 import numpy as np
 
 SPLITS = ("train", "val", "test")
-NAMES = ("faces", "digits", "patches", "stripes", "natural", "text")
+NAMES = ("faces", "digits", "patches", "stripes", "natural", "text", "font-digits", "stripes-fine")
 
 FACES_SPLITS = {"train": range(0, 70), "val": range(70, 80), "test": range(80, 100)}
 DIGITS_SPLITS = {"train": range(0, 1400), "val": range(1400, 1600), "test": range(1600, 1797)}
@@ -61,6 +68,8 @@ STRIPES_SPLITS = {"train": (0, 5000), "val": (1_000_000, 500), "test": (2_000_00
 TEXT_SPLITS = {"train": (0, 40000), "val": (1_000_000, 500), "test": (2_000_000, 500)}
 # Stripe frequency in cycles per image side, so the pattern does not depend on the pixel size.
 STRIPES_CYCLES = (1.5, 6.0)
+STRIPES_FINE_CYCLES = (8.0, 12.0)  # `stripes-fine`: out of the stripes prior's range
+FONT_DIGITS_SPLITS = {"train": (0, 1400), "val": (1_000_000, 200), "test": (2_000_000, 500)}
 
 
 @dataclass
@@ -181,11 +190,13 @@ def _patches(split: str, size: int) -> tuple[list[str], np.ndarray]:
     return ids, np.stack(out)
 
 
-def stripe(seed: int, size: int, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """One stripe image ``0.5 + 0.5 sin(2 pi f (u cos a + v sin a) + phase)`` from its seed, ``size`` x ``size``;
-    with ``shape`` (h, w), the same pattern (the same period in pixels) over an image of that shape."""
+def stripe(seed: int, size: int, shape: tuple[int, int] | None = None,
+           cycles_range: tuple[float, float] = STRIPES_CYCLES) -> np.ndarray:
+    """One stripe image ``0.5 + 0.5 sin(2 pi f (u cos a + v sin a) + phase)`` from its seed, ``size`` x ``size``,
+    ``f`` drawn from ``cycles_range`` (cycles per side); with ``shape`` (h, w), the same pattern (the same period in
+    pixels) over an image of that shape."""
     rng = np.random.default_rng(seed)
-    cycles = rng.uniform(*STRIPES_CYCLES)
+    cycles = rng.uniform(*cycles_range)
     angle = rng.uniform(0.0, np.pi)
     phase = rng.uniform(0.0, 2 * np.pi)
     h, w = shape or (size, size)
@@ -197,6 +208,41 @@ def _stripes(split: str, size: int) -> tuple[list[str], np.ndarray]:
     start, count = STRIPES_SPLITS[split]
     seeds = range(start, start + count)
     return [f"stripes-{split}-{s:07d}" for s in seeds], np.stack([stripe(s, size) for s in seeds])
+
+
+def _stripes_fine(split: str, size: int) -> tuple[list[str], np.ndarray]:
+    start, count = STRIPES_SPLITS[split]
+    seeds = range(start, start + count)
+    return ([f"stripes-fine-{split}-{s:07d}" for s in seeds],
+            np.stack([stripe(s, size, cycles_range=STRIPES_FINE_CYCLES) for s in seeds]))
+
+
+def font_digit(seed: int) -> np.ndarray:
+    """One digit (0-9, from the seed) set in the held-out font, drawn as ``load_digits`` draws its handwriting:
+    white on black, 8x8, the glyph filling most of the raster at a random small slant and offset; [0, 1]."""
+    from PIL import Image, ImageDraw
+
+    from pipeline.data.text import HELD_OUT, font
+
+    rng = np.random.default_rng(seed)
+    canvas = Image.new("L", (64, 64), 0)
+    f = font(HELD_OUT, int(rng.integers(70, 82)))  # a digit about 52-60 px high: the raster's height
+    digit = str(int(rng.integers(10)))
+    draw = ImageDraw.Draw(canvas)
+    left, top, right, bottom = draw.textbbox((0, 0), digit, font=f, stroke_width=3)
+    x = (64 - (right - left)) / 2 - left + rng.uniform(-3, 3)
+    y = (64 - (bottom - top)) / 2 - top + rng.uniform(-3, 3)
+    draw.text((x, y), digit, fill=255, font=f, stroke_width=3, stroke_fill=255)  # a pen's width
+    canvas = canvas.rotate(float(rng.uniform(-12, 12)), resample=Image.BILINEAR)
+    small = np.asarray(canvas.resize((8, 8), Image.BOX), dtype=np.float64)
+    return small / max(small.max(), 1.0)
+
+
+def _font_digits(split: str, size: int) -> tuple[list[str], np.ndarray]:
+    start, count = FONT_DIGITS_SPLITS[split]
+    seeds = range(start, start + count)
+    return [f"font-digits-{split}-{s:07d}" for s in seeds], np.stack([resize_square(font_digit(s), size)
+                                                                      for s in seeds])
 
 
 def _text(split: str, size: int, n: int | None = None) -> tuple[list[str], np.ndarray]:
@@ -249,4 +295,4 @@ def _natural(split: str, size: int) -> tuple[list[str], list[np.ndarray]]:
 
 
 _LOADERS = {"faces": _faces, "digits": _digits, "patches": _patches, "stripes": _stripes, "natural": _natural,
-            "text": _text}
+            "text": _text, "font-digits": _font_digits, "stripes-fine": _stripes_fine}

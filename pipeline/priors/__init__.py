@@ -14,6 +14,19 @@ from __future__ import annotations
 from pathlib import Path
 
 SHIPPED = ("faces", "digits", "stripes", "natural", "stripes-rgb", "text")
+# the supervised competitors (``jointdiff train-supervised``), one per pair of shipped priors
+SUPERVISED = {("faces", "digits"): "supervised-faces-digits", ("faces", "stripes"): "supervised-faces-stripes",
+              ("natural", "text"): "supervised-natural-text",
+              ("natural", "stripes-rgb"): "supervised-natural-stripes"}
+
+
+def supervised_for(image_prior: str, noise_prior: str) -> str | None:
+    """The folder of the shipped supervised network for a pair of shipped priors; None when there is none (not
+    trained yet, or not a shipped pair)."""
+    name = SUPERVISED.get((image_prior, noise_prior))
+    if name is None or not (_HERE / name / "weights.safetensors").exists():
+        return None
+    return str(_HERE / name)
 _HERE = Path(__file__).resolve().parent
 
 
@@ -21,6 +34,8 @@ def resolve_model(name_or_uri: str) -> str:
     """A shipped prior's folder for a bare name; a registry's ``.../models/<name>/latest`` resolved to
     its newest version; else the URI unchanged, when it holds a ``config.json``. Anything else raises
     :class:`~pipeline.diffusion.checkpoint.CheckpointError` naming the shipped priors and the accepted forms."""
+    if name_or_uri in SUPERVISED.values() and (_HERE / name_or_uri / "weights.safetensors").exists():
+        return str(_HERE / name_or_uri)
     if name_or_uri in SHIPPED:
         folder = _HERE / name_or_uri
         if not (folder / "weights.safetensors").exists():

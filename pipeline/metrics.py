@@ -29,6 +29,15 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (-10.0 * torch.log10(mse)).float()
 
 
+def masked_psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB per image over the pixels where ``mask`` (broadcast to the images) is true; NaN for an image
+    with no such pixel."""
+    m = mask.expand_as(target).flatten(1).double()
+    se = (pred.double() - target.double()).pow(2).flatten(1)
+    mse = (se * m).sum(1) / m.sum(1)
+    return (-10.0 * torch.log10(mse)).float()
+
+
 def _blur(z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``z`` (B, C, H, W) filtered channel by channel with the separable window ``g``, valid positions only."""
     c, k = z.shape[1], g.numel()

@@ -188,13 +188,25 @@ def _summary(values: list[float]) -> tuple[float, float, float]:
             statistics.median(values))
 
 
-def score(x_hat: torch.Tensor, clean: torch.Tensor) -> dict[str, float | int]:
+STROKE = 0.1  # a pixel of the noise image above this is a noise pixel (a stroke, a stripe's crest): the split
+
+
+def score(x_hat: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor | None = None) -> dict[str, float | int]:
+    """PSNR / SSIM (mean, std, median over the images); with the ``noise`` images, also the mean PSNR over the
+    noise pixels (above :data:`STROKE`) and over the rest: where each method's error lies."""
     p, s = metrics.psnr(x_hat, clean).tolist(), metrics.ssim(x_hat, clean).tolist()
     pm, ps, pmed = _summary(p)
     sm, ss, smed = _summary(s)
     diverged = int((~torch.isfinite(x_hat.flatten(1)).all(1)).sum())
-    return {"psnr_mean": pm, "psnr_std": ps, "psnr_median": pmed, "ssim_mean": sm, "ssim_std": ss,
-            "ssim_median": smed, "n_images": len(p), "n_diverged": diverged}
+    out = {"psnr_mean": pm, "psnr_std": ps, "psnr_median": pmed, "ssim_mean": sm, "ssim_std": ss,
+           "ssim_median": smed, "n_images": len(p), "n_diverged": diverged}
+    if noise is not None:
+        mask = noise > STROKE
+        for name, m in (("psnr_noise_pixels", mask), ("psnr_other_pixels", ~mask)):
+            v = [x for x in metrics.masked_psnr(x_hat, clean, m).tolist() if not math.isnan(x)]
+            out[name] = _summary(v)[0] if v else None
+        out["noise_pixel_fraction"] = float(mask.double().mean())
+    return out
 
 
 def run_joint(x_model: torch.nn.Module, n_model: torch.nn.Module, sde: Any, obs: Observations,
@@ -302,7 +314,7 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
 
     for sc in chosen:
         obs = observations(sc, "test", n if sc.name == "main" else min(n, n_robust))
-        y, clean = torch.from_numpy(obs.observation), torch.from_numpy(obs.clean)
+        y, clean, noise = torch.from_numpy(obs.observation), torch.from_numpy(obs.clean), torch.from_numpy(obs.noise)
         base = {"clean": sc.clean, "noise": sc.noise, "alpha": None if sc.alpha_range else sc.alpha,
                 "scenario": sc.name, "shift": sc.shift}
         shown: dict[str, torch.Tensor] = {"observation": y.clamp(0, 1)}
@@ -313,7 +325,7 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
             shown[m] = x_hat
             sec = (time.perf_counter() - t0) / len(obs.ids)
             rows.append({**base, "method": m, "rule": None, "solver": None, "steps": None, "nfe": 0,
-                         "backward": False, "param": param, **score(x_hat, clean), "seconds_per_image": sec})
+                         "backward": False, "param": param, **score(x_hat, clean, noise), "seconds_per_image": sec})
             log(_fmt(rows[-1]))
         x_model, sde, _ = model(sc.image_prior)
         n_model, _, _ = model(sc.noise_prior)
@@ -321,13 +333,16 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
         # true alphas, with estimated ones and with a guess of 0.5; the read-out scenario the default sampler told
         # each image's sigma_y and told nothing; the others the default rule at the most steps
         hidden = sc.alpha_range is not None or sc.sigma_y_range is not None
+        # and every scenario with a known weight also the sampler a run uses by default (DDIM, 50 steps, tuned weights;
+        # --quick: the most of --steps), the row the supervised network's speed and quality are held against
+        default = _with_weights(SamplerSettings(**({"steps": max(steps)} if quick else {})), table, log)
         if sc.name == "main":
-            plan = joint_plan(table, rules, steps, quick, log)
+            plan = joint_plan(table, rules, steps, quick, log) + [("joint-default", default)]
         elif hidden:
-            default = _with_weights(SamplerSettings(**({"steps": max(steps)} if quick else {})), table, log)
             plan = [(m, default) for m in (ALPHA_ROWS if sc.alpha_range is not None else SIGMA_ROWS)]
         else:
-            plan = [(f"joint-{default_rule}", sampler_settings(table, default_rule, max(steps), log))]
+            plan = [(f"joint-{default_rule}", sampler_settings(table, default_rule, max(steps), log)),
+                    ("joint-default", default)]
         truth, sigma_truth = alphas_for(sc, len(obs.ids), 0), sigmas_for(sc, len(obs.ids), 0)
         for method, cfg in plan:
             t0 = time.perf_counter()
@@ -337,7 +352,7 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
                                      estimate=method == "joint-auto", alpha_out=hats,
                                      sigma_y=sigma_truth if oracle else FIXED_SIGMA_Y)
             sec = (time.perf_counter() - t0) / len(obs.ids)
-            if (cfg.rule, cfg.steps) == (default_rule, max(steps)):
+            if (cfg.rule, cfg.steps) == (default_rule, max(steps)) and method != "joint-default":
                 shown["joint"], shown["noise estimate"] = x_hat, n_hat
             extra = {}
             if hats:  # how far the weight each image was cleaned with is from its own alpha (0 for the oracle)
@@ -347,7 +362,7 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
                 extra["sigma_y"] = "per image" if oracle else FIXED_SIGMA_Y
             rows.append({**base, "method": method, "rule": cfg.rule, "solver": cfg.solver, "steps": cfg.steps,
                          "nfe": cfg.nfe, "backward": RULES[cfg.rule].backward, "param": None,
-                         "lambda_x": cfg.lambda_x, "kappa_n": cfg.kappa_n, **score(x_hat, clean),
+                         "lambda_x": cfg.lambda_x, "kappa_n": cfg.kappa_n, **score(x_hat, clean, noise),
                          "seconds_per_image": sec, **extra})
             log(_fmt(rows[-1]))
         # gaussian: the same image prior and sampler, the noise a per-pixel Gaussian fitted to the noise prior's
@@ -358,6 +373,12 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
         if key not in gaussian_tuned:
             gaussian_tuned[key] = tune_gaussian(x_model, g_prior, sde, pair_validation(sc, n_val), cfg, log)
         g_cfg, g_scores = gaussian_tuned[key]
+        # invert-mean: the blend inverted with the noise's per-pixel mean, the true weight (no prior at all)
+        a = truth.view(-1, 1, 1, 1)
+        x_hat = ((y - a * (g_prior.mean + 1) / 2) / (1 - a)).clamp(0, 1)
+        rows.append({**base, "method": "invert-mean", "rule": None, "solver": None, "steps": None, "nfe": 0,
+                     "backward": False, "param": None, **score(x_hat, clean, noise), "seconds_per_image": 0.0})
+        log(_fmt(rows[-1]))
         t0 = time.perf_counter()
         x_hat, _ = run_joint(x_model, g_prior, sde, obs, g_cfg, alpha=truth, sigma_y=sigma_truth)
         sec = (time.perf_counter() - t0) / len(obs.ids)
@@ -365,7 +386,7 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
         rows.append({**base, "method": "gaussian", "rule": g_cfg.rule, "solver": g_cfg.solver,
                      "steps": g_cfg.steps, "nfe": g_cfg.nfe, "backward": RULES[g_cfg.rule].backward, "param": None,
                      "lambda_x": g_cfg.lambda_x, "kappa_n": g_cfg.kappa_n, "validation_psnr": g_scores,
-                     **score(x_hat, clean), "seconds_per_image": sec})
+                     **score(x_hat, clean, noise), "seconds_per_image": sec})
         log(_fmt(rows[-1]))
         # supervised: the pair's network, one evaluation per image (pipeline.posterior.supervised)
         sup = supervised_for(sc.image_prior, sc.noise_prior)
@@ -379,7 +400,7 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
             sec = (time.perf_counter() - t0) / len(obs.ids)
             shown["supervised"] = x_hat
             rows.append({**base, "method": "supervised", "rule": None, "solver": None, "steps": None, "nfe": 1,
-                         "backward": False, "param": None, **score(x_hat, clean), "seconds_per_image": sec})
+                         "backward": False, "param": None, **score(x_hat, clean, noise), "seconds_per_image": sec})
             log(_fmt(rows[-1]))
         if figure and sc.name == "main":
             panel = ["observation", "joint", "supervised", "gaussian", "nlm", "truth", "noise estimate"]
@@ -401,18 +422,24 @@ def _fmt(r: dict[str, Any]) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = "| scenario | method | steps | NFE | PSNR mean ± std (median) | SSIM mean ± std (median) | s/image |"
-    lines = [head, "| --- | --- | ---: | ---: | --- | --- | ---: |"]
+    head = ("| scenario | method | steps | NFE | PSNR mean ± std (median) | SSIM mean ± std (median) | s/image | "
+            "PSNR noise / other pixels |")
+    lines = [head, "| --- | --- | ---: | ---: | --- | --- | ---: | --- |"]
     for r in rows:
         if r.get("n_diverged"):
             lines.append(f"| {r['scenario']} | {r['method']} | {r['steps'] or ''} | {r['nfe']} | diverged on "
-                         f"{r['n_diverged']} of {r['n_images']} images | | {r['seconds_per_image']:.3f} |")
+                         f"{r['n_diverged']} of {r['n_images']} images | | {r['seconds_per_image']:.3f} | |")
             continue
         lines.append(f"| {r['scenario']} | {r['method']} | {r['steps'] or ''} | {r['nfe']} | "
                      f"{r['psnr_mean']:.2f} ± {r['psnr_std']:.2f} ({r['psnr_median']:.2f}) | "
                      f"{r['ssim_mean']:.3f} ± {r['ssim_std']:.3f} ({r['ssim_median']:.3f}) | "
-                     f"{r['seconds_per_image']:.3f} |")
+                     f"{r['seconds_per_image']:.3f} | {_split(r)} |")
     return "\n".join(lines + alpha_error_lines(rows))
+
+
+def _split(r: dict[str, Any]) -> str:
+    a, b = r.get("psnr_noise_pixels"), r.get("psnr_other_pixels")
+    return f"{a:.2f} / {b:.2f}" if a is not None and b is not None else ""
 
 
 def alpha_error_suffix(r: dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""``jointdiff bench large --quick``: every row of the three scenarios, finite seam ratios, figures consistent with the
+"""``jointdiff bench large --quick``: every row of the five scenarios, finite seam ratios, figures consistent with the
 per-image scores, and the seam ratio itself on images with and without a seam. No timing is asserted."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import numpy as np
 from pipeline.bench.large import SCENARIOS, seam_ratio
 from pipeline.cli import main
 from pipeline.diffusion.tiles import Tiling
+from pipeline.priors import supervised_for
 
 
 def test_bench_large_quick_reports_every_row_of_each_scenario(tmp_path, capsys):
@@ -19,9 +20,15 @@ def test_bench_large_quick_reports_every_row_of_each_scenario(tmp_path, capsys):
     doc = json.loads(out.read_text())
     baselines = ["observation", "nlm", "tv", "bm3d", "inpaint"]
     samplers = {"text": ["gaussian", "joint"], "stripes": ["gaussian", "joint"],
-                "unknown-alpha": ["joint-oracle", "joint-auto", "joint-fixed"]}
+                "unknown-alpha": ["joint-oracle", "joint-auto", "joint-fixed"], "text-serif": ["gaussian", "joint"],
+                "faces": ["gaussian", "joint"]}
+    noise = {sc.name: sc.noise_prior for sc in SCENARIOS}
+    learned = {s: ["supervised"] if supervised_for("natural", noise[s]) else [] for s in samplers}
     assert [(r["scenario"], r["method"]) for r in doc["rows"]] == [(s, m) for s in samplers
-                                                                   for m in baselines + samplers[s]]
+                                                                   for m in baselines + samplers[s] + learned[s]]
+    shifts = {r["scenario"]: (r["shift"], r["clean"]) for r in doc["rows"]}
+    assert shifts["text-serif"] == ("noise", "natural") and shifts["faces"] == ("clean", "faces")
+    assert shifts["text"] == (None, "natural")
     # the unknown-alpha photo's hidden alpha: the oracle cleans with it, the fixed row with 0.5, auto estimates it
     truth = next(s for s in SCENARIOS if s.name == "unknown-alpha").weight_of(0, "test")
     assert 0.2 <= truth <= 0.8
@@ -30,20 +37,25 @@ def test_bench_large_quick_reports_every_row_of_each_scenario(tmp_path, capsys):
     assert err["joint-oracle"] == 0 and err["joint-fixed"] == abs(0.5 - truth) and err["nlm"] is None
     assert 0 <= err["joint-auto"] <= 0.6
     for r in doc["rows"]:
-        assert r["n_images"] == 1 and math.isfinite(r["psnr_mean"]) and 0 < r["ssim_mean"] <= 1
+        faces = r["scenario"] == "faces"  # four 32x32 faces, each one tile: no seam to measure
+        assert r["n_images"] == (4 if faces else 1) and math.isfinite(r["psnr_mean"]) and 0 < r["ssim_mean"] <= 1
         assert r["seconds_per_megapixel"] >= 0 and r["peak_rss_mb"] > 0
-        if r["method"] not in baselines:  # the samplers tile the 128x192 crop: a finite seam ratio
+        if r["method"] not in baselines + ["supervised"] and not faces:  # the samplers tile the 128x192 crop
             assert r["steps"] == 4 and 0.5 < r["seam_ratio"] < 2
         else:
             assert r["seam_ratio"] is None
         # the table's figure is the per-image score's mean
         per = [p[r["method"]]["psnr"] for p in doc["per_image"] if p["scenario"] == r["scenario"]]
         assert r["psnr_mean"] == np.mean(per)
-    assert {(p["height"], p["width"], p["channels"]) for p in doc["per_image"]} == {(128, 192, 3)}
+    assert {(p["height"], p["width"], p["channels"]) for p in doc["per_image"]} == {(128, 192, 3), (32, 32, 1)}
     assert doc["meta"]["quick"] and doc["meta"]["steps"] == 4 and fig.stat().st_size > 0
-    assert doc["meta"]["rules"] == {"text": "projection", "stripes": "dps", "unknown-alpha": "dps"}
+    assert doc["meta"]["rules"] == {"text": "projection", "stripes": "dps", "unknown-alpha": "dps",
+                                    "text-serif": "projection", "faces": "dps"}
     assert {(r["scenario"], r["rule"], r["final_projection"]) for r in doc["rows"] if r["rule"]} == {
-        ("text", "projection", False), ("stripes", "dps", True), ("unknown-alpha", "dps", True)}
+        ("text", "projection", False), ("stripes", "dps", True), ("unknown-alpha", "dps", True),
+        ("text-serif", "projection", False), ("faces", "dps", True)}
+    # the gaussian baseline: a per-pixel prior, its weights from a grid with 0 (quick: the grid's first, 0 / 0)
+    assert all((r["lambda_x"], r["kappa_n"]) == (0.0, 0.0) for r in doc["rows"] if r["method"] == "gaussian")
     # the tiling overhead: one 160x160 image in about 50 tiles against as many 32x32 images, each rule
     for rule in ("dps", "projection"):
         t = doc["tiling"][rule]

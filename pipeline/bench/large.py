@@ -57,15 +57,18 @@ from pipeline import metrics
 from pipeline.bench.quality import ALPHA_ROWS, alpha_error_lines, alpha_error_suffix, hidden_alphas
 from pipeline.data.corrupt import layer_for
 from pipeline.data.embedded import STRIPES_SPLITS, TEXT_SPLITS, grey_of, load_embedded, natural_photos, stripe
+from pipeline.data.text import HELD_OUT
 from pipeline.forward import FORWARD_MODELS, make_forward
 from pipeline.posterior.baselines import BASELINES, bm3d_available
 from pipeline.posterior.denoise import Denoiser
 from pipeline.posterior.guidance import RULES, GuidedDenoiser
 from pipeline.posterior.priors import GaussianPrior
 from pipeline.posterior.sampler import SamplerSettings
+from pipeline.posterior.supervised import restore
 from pipeline.posterior.tuned import TABLE, resolve_weights
 from pipeline.posterior.tuned import entry as tuned_entry
 from pipeline.posterior.tuned import record as tuned_record
+from pipeline.priors import supervised_for
 
 TEXT_A = 0.8
 STRIPES_ALPHA = 0.3
@@ -82,6 +85,9 @@ class Scenario:
     forward: str
     weight: float  # the weight every observation is made with; with ``alpha_range``, the guess of joint-fixed
     alpha_range: tuple[float, float] | None = None  # each photo's weight drawn from it, hidden from the sampler
+    clean: str = "natural"  # the test images: the natural photos, or the faces (out of the natural prior's kind)
+    families: tuple[str, ...] | None = None  # the text layer's font families (default: the training ones)
+    shift: str | None = None  # out of distribution: "clean" or "noise" (None: in distribution)
 
     def weight_of(self, k: int, split: str) -> float:
         """The weight photo ``k`` of ``split`` is observed with (:func:`pipeline.bench.quality.hidden_alphas`)."""
@@ -100,12 +106,15 @@ class Scenario:
 
 
 SCENARIOS = (Scenario("text", "text", "composite", TEXT_A), Scenario("stripes", "stripes-rgb", "blend", STRIPES_ALPHA),
-             Scenario("unknown-alpha", "stripes-rgb", "blend", 0.5, alpha_range=UNKNOWN_ALPHA))
+             Scenario("unknown-alpha", "stripes-rgb", "blend", 0.5, alpha_range=UNKNOWN_ALPHA),
+             Scenario("text-serif", "text", "composite", TEXT_A, families=(HELD_OUT,), shift="noise"),
+             Scenario("faces", "stripes-rgb", "blend", STRIPES_ALPHA, clean="faces", shift="clean"))
 SPLIT_SEEDS = {"test": 0, "val": 100}  # the hidden weights' seeds per split
 
 # the joint sampler's (lambda_x, kappa_n) per rule, searched on validation crops
 JOINT_GRID = {"dps": [(20.0, 20.0), (10.0, 200.0), (20.0, 200.0)],
               "projection": [(1.0, 20.0), (2.0, 20.0), (2.0, 40.0)]}
+GAUSSIAN_GRID = [(0.0, 0.0), (0.0, 20.0)]  # the gaussian baseline's grid: these, then the rule's JOINT_GRID
 VAL_CROP = (64, 96)  # the validation crops the sampler's weights are searched on
 
 # baselines' validation grids (inpaint: the mask threshold)
@@ -159,13 +168,25 @@ def photos(split: str, quick: bool, crop: int = CROP) -> list[tuple[str, np.ndar
     return out
 
 
+FACES_SIZE = 32  # the faces scenario's test images: the faces test split at the quality benchmark's size
+
+
+def test_images(sc: Scenario, split: str, quick: bool, crop: int = CROP) -> list[tuple[str, np.ndarray]]:
+    """The scenario's clean images of ``split``: the photos (:func:`photos`), or the faces, grey (``quick``: 4)."""
+    if sc.clean == "natural":
+        return photos(split, quick, crop)
+    faces = load_embedded("faces", split, FACES_SIZE, 1, n=4 if quick else None)
+    return list(zip(faces.ids, faces.images))
+
+
 def observe(sc: Scenario, x: np.ndarray, k: int, split: str) -> tuple[np.ndarray, np.ndarray]:
     """``(y, noise)`` of photo ``x`` (its ``k``-th of the split) under the scenario's noise, in its channels."""
     h, w = x.shape[1:]
     if sc.noise_prior == "text":
-        from pipeline.data.text import text_layer
+        from pipeline.data.text import TRAIN_FAMILIES, text_layer
 
-        nz = layer_for(text_layer(TEXT_SPLITS[split][0] + k, (h, w), words=(3, 6)), x.shape[0])
+        nz = layer_for(text_layer(TEXT_SPLITS[split][0] + k, (h, w), families=sc.families or TRAIN_FAMILIES,
+                                  words=(3, 6)), x.shape[0])
     else:
         nz = np.broadcast_to(stripe(STRIPES_SPLITS[split][0] + k, 32, (h, w)).astype(np.float32), x.shape).copy()
     fm = make_forward(sc.forward, 1, **{FORWARD_MODELS[sc.forward].weight: sc.weight_of(k, split)})
@@ -266,7 +287,6 @@ def large(quick: bool = False, steps: int | None = None, rule: str | None = None
 
     t_start = time.perf_counter()
     steps = steps or (4 if quick else 50)
-    test, val = photos("test", quick, crop), photos("val", quick, crop)
     methods = ["observation", "nlm", "tv"] + (["bm3d"] if bm3d_available() else []) + ["inpaint"]
     x_model, sde, _ = load_model(resolve_model("natural"))
     x_model.requires_grad_(False)
@@ -279,6 +299,7 @@ def large(quick: bool = False, steps: int | None = None, rule: str | None = None
         n_model, _, _ = load_model(resolve_model(sc.noise_prior))
         n_model.requires_grad_(False)
         sc_rule, final_projection = rule or sc.sampler["rule"], sc.sampler["final_projection"]
+        test, val = test_images(sc, "test", quick, crop), test_images(sc, "val", quick, crop)
         obs = [(id_, x, *observe(sc, x, k, "test")) for k, (id_, x) in enumerate(test)]
         val_obs = [(x, observe(sc, x, k, "val")[0]) for k, (_, x) in enumerate(val)]
         mp = sum(x.shape[1] * x.shape[2] for _, x, _, _ in obs) / 1e6
@@ -299,7 +320,7 @@ def large(quick: bool = False, steps: int | None = None, rule: str | None = None
         if sc.alpha_range is None:
             fitted = GaussianPrior.fit(torch.from_numpy(load_embedded(
                 "text" if sc.noise_prior == "text" else "stripes", "train", tile,
-                4 if sc.noise_prior == "text" else 3, n=2000).images), sde)
+                4 if sc.noise_prior == "text" else 3, n=2000).images), sde, per_pixel=True)
             small = [(_centre_chw(x, *VAL_CROP), None) for x, _ in val_obs]
             small = [(x, observe(sc, x, k, "val")[0]) for k, (x, _) in enumerate(small)]
             for method, noise_net in (("gaussian", fitted), ("joint", n_model)):
@@ -312,6 +333,8 @@ def large(quick: bool = False, steps: int | None = None, rule: str | None = None
                                                        .denoised[0].numpy(), x), x)["psnr"]
                                           for k, (x, y) in enumerate(small)]))
                 grid = JOINT_GRID[sc_rule] if sc_rule in JOINT_GRID else [RULES[sc_rule].weights]
+                if method == "gaussian":  # its weights from a grid with 0 (no pull): the baseline at its best
+                    grid = [*GAUSSIAN_GRID, *grid]
                 lam, kap = max(grid[:1] if quick else grid, key=val_psnr)
                 runs.append((method, noise_net, SamplerSettings(rule=sc_rule, steps=steps, lambda_x=lam,
                                                                 kappa_n=kap, final_projection=final_projection)))
@@ -349,6 +372,22 @@ def large(quick: bool = False, steps: int | None = None, rule: str | None = None
             log(_fmt(rows[-1]))
             if method in ("joint", "joint-auto"):
                 results["noise estimate"] = ns
+        # supervised: the pair's network, one evaluation per tile (pipeline.posterior.supervised)
+        learned: list[str] = []
+        sup = supervised_for("natural", sc.noise_prior)
+        if sup is None:
+            log(f"{sc.name}: no supervised network ships for natural + {sc.noise_prior}; train one with jointdiff "
+                "train-supervised (docs/supervised.md)")
+        else:
+            s_model, _, _ = load_model(sup)
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                results["supervised"] = [_back(restore(s_model, torch.from_numpy(_rgb(y))[None])[0].numpy(), x)
+                                         for _, x, y, _ in obs]
+                sec = time.perf_counter() - t0
+            rows.append(_row(sc, "supervised", obs, results["supervised"], sec / mp, mem.peak))
+            log(_fmt(rows[-1]))
+            learned.append("supervised")
         best = max(methods[1:], key=lambda m: next(r["psnr_mean"] for r in rows
                                                    if r["scenario"] == sc.name and r["method"] == m))
         samplers = [m for m, _, _ in runs]
@@ -357,7 +396,7 @@ def large(quick: bool = False, steps: int | None = None, rule: str | None = None
                      if sc.alpha_range is not None else {})
             per_image.append({"scenario": sc.name, "id": id_, "height": x.shape[1], "width": x.shape[2],
                               "channels": x.shape[0], **alpha,
-                              **{m: _score(results[m][k], x) for m in [*methods, *samplers]}})
+                              **{m: _score(results[m][k], x) for m in [*methods, *samplers, *learned]}})
         id_, x, y, nz = obs[0]
         joint = "joint" if "joint" in results else "joint-auto"
         shown.append([_rgb(y), _rgb(results[joint][0]), _rgb(results[best][0]),
@@ -372,7 +411,8 @@ def large(quick: bool = False, steps: int | None = None, rule: str | None = None
             "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": steps,
             "rules": {sc.name: rule or sc.sampler["rule"] for sc in SCENARIOS},
             "quick": quick, "crop": None if quick else crop, "seconds": time.perf_counter() - t_start,
-            "photos": [i for i, _ in test], "validation_photos": [i for i, _ in val],
+            "photos": [i for i, _ in photos("test", quick, crop)],
+            "validation_photos": [i for i, _ in photos("val", quick, crop)],
             "text_a": TEXT_A, "stripes_alpha": STRIPES_ALPHA, "unknown_alpha": list(UNKNOWN_ALPHA)}
     return {"meta": meta, "rows": rows, "per_image": per_image}
 
@@ -389,7 +429,8 @@ def _row(sc: Scenario, method: str, obs: list[Any], xs: list[np.ndarray], s_per_
     scores = [_score(x_hat, x) for x_hat, (_, x, _, _) in zip(xs, obs)]
     psnr, ssim = [s["psnr"] for s in scores], [s["ssim"] for s in scores]
     finite_seams = [s for s in (seams or []) if math.isfinite(s)]
-    return {"scenario": sc.name, "method": method, "steps": steps, "param": param,
+    return {"scenario": sc.name, "shift": sc.shift, "clean": sc.clean, "method": method, "steps": steps,
+            "param": param,
             "lambda_x": weights[0] if weights else None, "kappa_n": weights[1] if weights else None,
             "rule": settings.rule if settings else None,
             "final_projection": settings.final_projection if settings else None,

@@ -233,7 +233,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.scenarios is not None and args.kind in ("quality", "large"):
         from pipeline.bench import large as lg
 
-        known = [s.name for s in (lg.SCENARIOS if args.kind == "large" else q.SCENARIOS)]
+        known = [s.name for s in lg.SCENARIOS] if args.kind == "large" else [s.name for s in q.SCENARIOS] + ["mixed"]
         names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
         allowed = known + (["none"] if args.kind == "large" and args.memory else [])
         unknown = [s for s in names if s not in allowed]
@@ -560,7 +560,8 @@ def _cmd_train_supervised(args: argparse.Namespace) -> int:
     try:
         summary = train_supervised(image, noise, args.forward, args.output, steps=args.steps,
                                    batch_size=args.batch_size, device=args.device, threads=args.threads,
-                                   progress=not args.quiet)
+                                   progress=not args.quiet,
+                                   route_priors=tuple(args.route_priors) if args.route_priors else None)
     except TrainingInterrupted as stop:
         print(f"\ninterrupted at step {stop.step}; the training state is saved in {args.output}/state. "
               "Run the same command again to resume.", file=sys.stderr)
@@ -595,6 +596,9 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--batch-size", type=int, default=None, help="default: the image prior's")
     ts.add_argument("--device", default=None, help="default: the image recipe's train.device")
     ts.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the image recipe's)")
+    ts.add_argument("--route-priors", nargs=2, metavar=("IMAGE", "NOISE"), default=None,
+                    help="the priors the router (sampler.path=routed) is calibrated with (default: the recipes' "
+                    "names, where they are shipped priors); run again on a finished OUTPUT to recalibrate")
     ts.add_argument("--plan", action="store_true", help="print the network size and steps, then exit")
     ts.add_argument("--quiet", action="store_true", help="no progress bar")
     ts.set_defaults(func=_cmd_train_supervised)

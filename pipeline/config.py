@@ -285,6 +285,9 @@ class Priors(_Strict):
 
     image: str = Field("faces", description="the prior of the clean images")
     noise: str = Field("digits", description="the prior of the structured noise")
+    supervised: str | None = Field(None, description="the supervised network of sampler.path fast / routed "
+                                                     "(jointdiff train-supervised); default: the one shipped for the "
+                                                     "two priors")
 
 
 class Recipe(_Strict):

@@ -22,7 +22,7 @@ from pipeline.diffusion.losses import heldout_loss
 from pipeline.diffusion.sde import VPSDE
 from pipeline.diffusion.train import PatchPool, Trainer, TrainSettings, fit
 from pipeline.diffusion.unet import count_parameters
-from pipeline.priors import resolve_model
+from pipeline.priors import SHIPPED, resolve_model
 
 
 def git_commit() -> str | None:
@@ -241,38 +241,73 @@ def supervised_plan(image: PriorConfig, noise: PriorConfig, forward: str, batch_
                        for c, (s, b, p) in zip((image, noise), parts)]}
 
 
-def _heldout_pairs(trainer: Any, image: PriorConfig, noise: PriorConfig, draw: Any, n: int = 256) -> float | None:
-    """The supervised loss of ``trainer``'s EMA model on ``n`` pairs drawn from the test splits (generator seed 0,
-    no flips or shifts); None where a source has no test split (a shard dataset)."""
+def _pairs(trainer: Any, image: PriorConfig, noise: PriorConfig, draw: Any, split: str, n: int,
+           seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``n`` pairs drawn from ``split`` of both sources as training draws them, without flips or shifts (generator
+    ``seed``): ``(observations, clean images, weights)``, network units; None where a source has no such split (a
+    shard dataset)."""
     from pipeline.diffusion.train import draw_images
-    from pipeline.posterior.supervised import pair_loss, synthesize
+    from pipeline.posterior.supervised import synthesize
 
     if image.data.source not in NAMES or noise.data.source not in NAMES:
         return None
-    _, clean, _ = load_train_data(_on_device(image, None, "test"))
-    _, noise_data, _ = load_train_data(_on_device(noise, None, "test"))
-    g = torch.Generator(device=trainer.device).manual_seed(0)
+    _, clean, _ = load_train_data(_on_device(image, None, split))
+    _, noise_data, _ = load_train_data(_on_device(noise, None, split))
+    g = torch.Generator(device=trainer.device).manual_seed(seed)
     x0 = draw_images(clean, n, g, hflip=False, shift=0, grey_to_rgb=image.data.grey_to_rgb,
                      channels=trainer.model.config.channels)
     n0 = draw_images(noise_data, n, g, hflip=False, shift=0, grey_to_rgb=draw.grey_to_rgb, channels=draw.channels)
     lo, hi = trainer.weight_range
     w = lo + (hi - lo) * torch.rand(n, generator=g, device=trainer.device)
-    y = synthesize((x0 + 1) / 2, (n0 + 1) / 2, trainer.forward, w) * 2 - 1
-    model = trainer.ema.model.eval()
+    return synthesize((x0 + 1) / 2, (n0 + 1) / 2, trainer.forward, w) * 2 - 1, x0, w
+
+
+def _heldout_pairs(trainer: Any, image: PriorConfig, noise: PriorConfig, draw: Any, n: int = 256) -> float | None:
+    """The supervised loss of ``trainer``'s EMA model on ``n`` pairs of the test splits (:func:`_pairs`, seed 0);
+    None where a source has no test split."""
+    from pipeline.posterior.supervised import pair_loss
+
+    pairs = _pairs(trainer, image, noise, draw, "test", n, 0)
+    if pairs is None:
+        return None
+    y, x0, _ = pairs
     with torch.no_grad():
-        return float(pair_loss(model, y, x0))
+        return float(pair_loss(trainer.ema.model.eval(), y, x0))
+
+
+def route_calibration(trainer: Any, image: PriorConfig, noise: PriorConfig, draw: Any, priors: tuple[str, str],
+                      n: int = 256) -> dict[str, Any] | None:
+    """The router's calibration (:func:`pipeline.posterior.supervised.calibrate`) of ``trainer``'s EMA model with
+    the priors ``priors`` (image, noise) on ``n`` pairs of the validation splits (seed 1), as a dict for the card;
+    None where the forward model is not linear in the noise or a source has no validation split."""
+    from pipeline.diffusion.checkpoint import load_model
+    from pipeline.forward import FORWARD_MODELS, make_forward
+    from pipeline.posterior.supervised import calibrate
+
+    forward = trainer.forward
+    pairs = _pairs(trainer, image, noise, draw, "val", n, 1) if FORWARD_MODELS[forward].linear else None
+    if pairs is None:
+        return None
+    y, _, w = pairs
+    x_model, sde, _ = load_model(resolve_model(priors[0]), trainer.device)
+    n_model, _, _ = load_model(resolve_model(priors[1]), trainer.device)
+    fm = make_forward(forward, n, **{FORWARD_MODELS[forward].weight: w.cpu()})
+    cal = calibrate(trainer.ema.model.eval(), x_model, n_model, sde, (y + 1) / 2, fm, priors,
+                    [f"val-{k}" for k in range(n)])
+    return dataclasses.asdict(cal)
 
 
 def train_supervised(image: PriorConfig, noise: PriorConfig, forward: str, output: str, *,
                      steps: int | None = None, batch_size: int | None = None, device: str | None = None,
-                     threads: int | None = None, progress: bool = True,
-                     stop_after: int | None = None) -> dict[str, Any]:
+                     threads: int | None = None, progress: bool = True, stop_after: int | None = None,
+                     route_priors: tuple[str, str] | None = None) -> dict[str, Any]:
     """Train the supervised network for the pair of prior recipes ``image`` + ``noise`` under ``forward`` (resuming
     from ``output/state``), export its EMA to ``output/model``; returns the summary (the card's meta).
 
     Pairs are drawn on the fly: a clean image as the image prior draws them, a noise image as the noise prior does,
     a weight from :data:`pipeline.posterior.supervised.WEIGHT_RANGES`. The recipe (learning rate, warm-up, EMA,
-    seed) is the image prior's."""
+    seed) is the image prior's. ``route_priors`` (image, noise; default the recipes' names where those are shipped
+    priors): the priors the router's calibration is made with (:func:`route_calibration`, ``meta.route``)."""
     from pipeline.posterior.supervised import TASK, NoiseDraw, SupervisedTrainer
 
     plan = supervised_plan(image, noise, forward, batch_size, steps)
@@ -309,6 +344,9 @@ def train_supervised(image: PriorConfig, noise: PriorConfig, forward: str, outpu
     if trainer.step_count < settings.steps:
         return summary
     heldout = _heldout_pairs(trainer, image, noise, draw)
+    if route_priors is None and image.name in SHIPPED and noise.name in SHIPPED:
+        route_priors = (image.name, noise.name)
+    route = route_calibration(trainer, image, noise, draw, route_priors) if route_priors else None
     meta = {
         "name": f"{image.name}-{noise.name}", "task": TASK, "image": image.name, "noise": noise.name,
         "image_dataset": image.data.source, "noise_dataset": noise.data.source, "forward": forward,
@@ -317,7 +355,7 @@ def train_supervised(image: PriorConfig, noise: PriorConfig, forward: str, outpu
         "budget": plan["budget"], "matched_steps": plan["matched_steps"],
         "n_train_images": len(clean_set), "n_noise_images": len(noise_set),
         "dataset_hash": images_hash(clean_set), "noise_dataset_hash": images_hash(noise_set),
-        "final_loss": summary["final_loss"], "heldout_loss": heldout,
+        "final_loss": summary["final_loss"], "heldout_loss": heldout, "route": route,
         "heldout_loss_definition": "MSE (network units) of the EMA model on 256 pairs drawn from the test splits, "
                                    "seed 0",
         "train_seconds": trainer.train_seconds, "train_config": image.train.model_dump(),

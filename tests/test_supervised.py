@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,3 +115,97 @@ def test_cli_plan_and_forward_refusal(capsys, tmp_path):
     bad = cli(capsys, "train-supervised", str(tmp_path / "o"), "--image-config", "configs/prior_faces.yaml",
               "--noise-config", "configs/prior_digits.yaml", "--forward", "sum", check=False)
     assert bad.returncode == 2 and "--forward sum" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# --- the fast path and the router (sampler.path fast / routed) -------------------------------------------
+
+@pytest.fixture(scope="module")
+def routed_setup(tiny_priors, tmp_path_factory):
+    """A tiny supervised network for the tiny priors' pair, calibrated with them; 8 observations in 2 shards."""
+    from pipeline.data.corrupt import corrupt, write_observations
+    from pipeline.data.embedded import load_embedded
+
+    root = tmp_path_factory.mktemp("routed")
+    image = recipe("img", "faces", str(root / "unused"))
+    noise = recipe("noise", "digits", str(root / "unused"))
+    train_supervised(image, noise, "blend", str(root / "sup"), steps=20, progress=False, route_priors=tiny_priors)
+    obs = str(root / "obs")
+    write_observations(obs, corrupt(load_embedded("faces", "test", 16), load_embedded("digits", "test", 16), 8,
+                                    alpha=0.5, seed=0), shard_size=4)
+    return str(root / "sup" / "model"), obs
+
+
+def _run(tiny_priors, sup, obs, out, path, quantile=0.5):
+    from pipeline.config import CleanConfig, SamplerConfig
+    from pipeline.run.local import run_local
+
+    cfg = CleanConfig(priors={"image": tiny_priors[0], "noise": tiny_priors[1], "supervised": sup},
+                      sampler=SamplerConfig(steps=3, path=path, route_quantile=quantile), batch_size=4, device="cpu")
+    summary = run_local(obs, out, cfg, run_id=path, progress=False)
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(f"{out}/runs/{path}/cleaned").to_pylist()
+    metrics = pq.read_table(f"{out}/runs/{path}/metrics").to_pylist()
+    return summary, {r["id"]: r for r in rows}, {r["id"]: r for r in metrics}
+
+
+def _pixels(cell: dict) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(cell["bytes"])), dtype=np.float64) / 65535
+
+
+def test_the_card_holds_the_routers_calibration(routed_setup, tiny_priors):
+    _, _, meta = load_model(routed_setup[0])
+    route = meta["route"]
+    assert (route["image_prior"], route["noise_prior"]) == tuple(tiny_priors) and route["n_pairs"] == 256
+    q = [route["quantiles"][k] for k in ("0.5", "0.8", "0.9", "0.95", "0.99")]
+    assert q == sorted(q) and q[0] < q[-1] and route["x_std"] > 0 and route["n_std"] > 0
+
+
+def test_routed_cleans_every_row_once_and_records_the_path_that_cleaned_it(routed_setup, tiny_priors, tmp_path):
+    sup, obs = routed_setup
+    out = str(tmp_path / "out")
+    s_joint, joint, _ = _run(tiny_priors, sup, obs, out, "joint")
+    s_fast, fast, _ = _run(tiny_priors, sup, obs, out, "fast")
+    s_routed, routed, metrics = _run(tiny_priors, sup, obs, out, "routed")
+    assert s_routed["cleaned"] == s_fast["cleaned"] == s_joint["cleaned"] == 8 and len(routed) == 8
+    assert set(routed) == set(joint) == set(fast) == set(metrics)
+    assert {r["path"] for r in joint.values()} == {"joint"} and {r["path"] for r in fast.values()} == {"fast"}
+    assert all(r["nfe"] == 1 and r["route_score"] is None for r in fast.values())
+    _, _, meta = load_model(sup)
+    threshold = meta["route"]["quantiles"]["0.5"]
+    paths = {i: r["path"] for i, r in routed.items()}
+    assert set(paths.values()) == {"fast", "joint"}, paths  # at the median, some of each
+    for i, r in routed.items():
+        assert metrics[i]["path"] == r["path"] and metrics[i]["route_score"] == r["route_score"]
+        assert (r["route_score"] > threshold) == (r["path"] == "joint")
+        # each image is exactly what the path that cleaned it gives alone: the joint sampler's pixels (its noise is
+        # seeded by the image's id, not its batch) or the network's
+        same = joint[i] if r["path"] == "joint" else fast[i]
+        for col in ("denoised", "noise_estimate"):  # up to float rounding in a batch of another size
+            assert np.abs(_pixels(r[col]) - _pixels(same[col])).max() < 2e-3, (i, col)
+        assert r["nfe"] == 1 + 8 + (3 if r["path"] == "joint" else 0)  # network, router (4 times x 2 priors), steps
+    assert sup.split("/")[-2] in s_routed["models"] and sup.split("/")[-2] not in s_joint["models"]
+
+
+def test_the_paths_refuse_what_they_cannot_do_in_one_line(routed_setup, tiny_priors, tmp_path, capsys):
+    sup, obs = routed_setup
+    base = ["clean", obs, str(tmp_path / "o"), "--set", f"priors.image={tiny_priors[0]}", "--set",
+            f"priors.noise={tiny_priors[1]}", "--set", "sampler.steps=2", "--quiet"]
+    cases = [
+        (["--set", "sampler.path=fast"], "no supervised network ships for priors"),
+        (["--set", "sampler.path=fast", "--set", f"priors.supervised={tiny_priors[0]}"], "is a prior, not a "
+         "supervised network"),
+        (["--set", "sampler.path=fast", "--set", f"priors.supervised={sup}", "--set", "forward.alpha=auto"],
+         "does not estimate forward.alpha"),
+        (["--set", "sampler.path=routed", "--set", f"priors.supervised={sup}", "--set", "priors.noise=digits",
+          "--set", "priors.image=faces"], "is calibrated for"),
+    ]
+    for extra, message in cases:
+        proc = cli(capsys, *base, *extra, check=False)
+        line = proc.stderr.strip()
+        assert proc.returncode == 2 and message in line and "\n" not in line and "Traceback" not in line, line
+    assert not (tmp_path / "o").exists()

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline import metrics
@@ -408,6 +409,85 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
             k = min(8, len(obs.ids))
             save_grid(torch.cat([shown[p][:k] for p in panel if p in shown]).numpy(), figure, nrow=k, scale=3)
             log(f"wrote {figure}: rows {', '.join(p for p in panel if p in shown)}")
+    if scenarios is None or "mixed" in scenarios:
+        rows += mixed(n, max(steps) if quick else None, log)
+    return rows
+
+
+MIXED_OOD = ("font-digits", "ood", "alpha0.1", "alpha0.9")
+"""The mixed set's out-of-distribution half, in equal parts; the other half is the main scenario's test images."""
+ROUTE_QUANTILES = (0.8, 0.9, 0.95)  # the routed rows of the mixed set: sampler.route_quantile
+
+
+def mixed_observations(n: int, seed: int = 0) -> tuple[Observations, torch.Tensor, list[str]]:
+    """The mixed test set of the fast-path comparison: ``n // 2`` observations of the main scenario and ``n // 2``
+    out of distribution (:data:`MIXED_OOD`, equal parts), with each observation's alpha and scenario."""
+    half = n // 2
+    parts = [("main", half)] + [(name, half // len(MIXED_OOD) + (k < half % len(MIXED_OOD)))
+                                for k, name in enumerate(MIXED_OOD)]
+    obs, alphas, kinds = [], [], []
+    for name, k in parts:
+        sc = next(s for s in SCENARIOS if s.name == name)
+        o = observations(sc, "test", k, seed)
+        obs.append(o)
+        alphas.append(torch.full((k,), sc.alpha))
+        kinds += [name] * k
+    joined = Observations([i for o in obs for i in o.ids], np.concatenate([o.observation for o in obs]),
+                          np.concatenate([o.clean for o in obs]), np.concatenate([o.noise for o in obs]), 0.5,
+                          "blend")
+    return joined, torch.cat(alphas), kinds
+
+
+def mixed(n: int, steps: int | None = None, log: Any = print) -> list[dict[str, Any]]:
+    """The fast path against the default sampler on the mixed set (:func:`mixed_observations`): ``supervised``
+    (one evaluation), ``routed-q<Q>`` (the network, then the joint sampler on the images whose score is above the
+    network's validation quantile ``Q``, :class:`pipeline.posterior.supervised.FastDenoiser`) and ``joint-default``
+    (DDIM, 50 steps, the tuned weights; ``steps``: fewer), each with its PSNR on the whole set and on each half,
+    seconds per image, and for the routed rows the fraction sent on. [] where the faces + digits network does not
+    ship."""
+    from pipeline.posterior.supervised import FastDenoiser, RouteCalibration
+
+    sup = supervised_for("faces", "digits")
+    if sup is None:
+        log("mixed: no supervised network ships for faces + digits; train one with jointdiff train-supervised")
+        return []
+    obs, alphas, kinds = mixed_observations(n)
+    y, clean, noise = torch.from_numpy(obs.observation), torch.from_numpy(obs.clean), torch.from_numpy(obs.noise)
+    network, _, meta = load_model(sup)
+    x_model, sde, _ = load_model(resolve_model("faces"))
+    n_model, _, _ = load_model(resolve_model("digits"))
+    default = _with_weights(SamplerSettings(**({"steps": steps} if steps else {})), tuned.load_table(), log)
+    calibration = RouteCalibration(**meta["route"])
+    joint = Denoiser(x_model, n_model, sde, default)
+    inside = torch.tensor([k == "main" for k in kinds])
+    plan: list[tuple[str, Any]] = [("supervised", FastDenoiser(network)),
+                                   *[(f"routed-q{q:g}", FastDenoiser(network, joint, calibration, q))
+                                     for q in ROUTE_QUANTILES], ("joint-default", joint)]
+    rows = []
+    for method, den in plan:
+        xs, paths = [], []
+        t0 = time.perf_counter()
+        for start in range(0, len(obs.ids), 50):
+            sl = slice(start, start + 50)
+            out = den(obs.ids[sl], y[sl], make_forward("blend", len(obs.ids[sl]), alpha=alphas[sl]))
+            xs.append(out.denoised)
+            paths += out.path or ["joint"] * len(obs.ids[sl])
+        sec = (time.perf_counter() - t0) / len(obs.ids)
+        x_hat = torch.cat(xs)
+        sent = torch.tensor([p == "joint" for p in paths])
+        p = metrics.psnr(x_hat, clean)
+        rows.append({"scenario": "mixed", "clean": "faces / patches", "noise": "digits / font-digits",
+                     "alpha": None, "shift": "half", "method": method, "rule": default.rule if method != "supervised"
+                     else None, "solver": None, "steps": default.steps if method != "supervised" else None,
+                     "nfe": 1 if method == "supervised" else default.nfe, "backward": method != "supervised",
+                     "param": None, **score(x_hat, clean, noise), "seconds_per_image": sec,
+                     "psnr_in_distribution": float(p[inside].mean()),
+                     "psnr_out_of_distribution": float(p[~inside].mean()),
+                     "routed_fraction": float(sent.float().mean()),
+                     "routed_fraction_out_of_distribution": float(sent[~inside].float().mean()),
+                     "route_quantile": float(method.removeprefix("routed-q")) if method.startswith("routed") else None})
+        log(_fmt(rows[-1]) + f"  in {rows[-1]['psnr_in_distribution']:.2f} / out "
+            f"{rows[-1]['psnr_out_of_distribution']:.2f}  routed {rows[-1]['routed_fraction']:.2f}")
     return rows
 
 

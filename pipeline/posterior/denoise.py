@@ -35,6 +35,9 @@ class DenoiseOutput:
     seconds: float  # wall time of the batch / B
     alpha_hat: torch.Tensor | None = None  # (B,) the forward weight each image was cleaned with (estimated: mean
     # over its posterior samples); None for a model without a weight
+    path: list[str] | None = None  # per image, what cleaned it (sampler.path fast / routed: "fast" or "joint")
+    route_score: torch.Tensor | None = None  # (B,) the router's score (NaN where none was computed)
+    nfe_per_image: list[int] | None = None  # network evaluations per image where they differ (routed)
 
 
 @dataclass

@@ -90,6 +90,14 @@ class SamplerSettings:
                                                                        "spread)"})
     tile_overlap: int = field(default=8, metadata={"ge": 0, "description": "images larger than the priors: "
                                                                           "pixels shared by neighbouring tiles"})
+    path: str = field(default="joint", metadata={
+        "check": lambda v: _one_of("path", v, PATHS),
+        "description": "joint: the joint sampler on every image; fast: the supervised network (priors.supervised) "
+                       "alone, one evaluation per image; routed: the network on every image, the joint sampler "
+                       "on those whose answer the priors find unusual (docs/supervised.md)"})
+    route_quantile: float = field(default=0.9, metadata={
+        "gt": 0, "lt": 1, "description": "routed: an image goes to the joint sampler when its score is above this "
+                                         "quantile of the network's validation scores (0.5, 0.8, 0.9, 0.95, 0.99)"})
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -98,6 +106,15 @@ class SamplerSettings:
     @property
     def nfe(self) -> int:
         return self.steps
+
+
+PATHS = ("joint", "fast", "routed")
+
+
+def _one_of(name: str, v: str, choices: tuple[str, ...]) -> str:
+    if v not in choices:
+        raise ValueError(f"unknown {name} {v!r}; choose one of {', '.join(choices)}")
+    return v
 
 
 class Noise:

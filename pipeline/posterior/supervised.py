@@ -23,7 +23,7 @@ from pipeline.diffusion.nets import NetConfig, UNet
 from pipeline.diffusion.tiles import Tiling, tiled
 from pipeline.diffusion.train import PatchPool, Trainer, TrainSettings, draw_images
 from pipeline.diffusion.unet import count_parameters
-from pipeline.forward import FORWARD_MODELS, make_forward
+from pipeline.forward import FORWARD_MODELS, ForwardModel, make_forward
 
 TASK = "supervised"
 WEIGHT_RANGES: dict[str, tuple[float, float]] = {"blend": (0.2, 0.8), "composite": (0.5, 1.0)}
@@ -111,3 +111,141 @@ def restore(model: torch.nn.Module, y01: torch.Tensor, batch: int = 256) -> torc
     t = torch.zeros(y01.shape[0], device=y01.device)
     out = tiled(model, y01 * 2 - 1, t, tiling, batch)
     return ((out + 1) / 2).clamp(0.0, 1.0)
+
+
+# --- the fast path and the router ------------------------------------------------------------------------
+
+ROUTE_TIMES = (0.05, 0.1, 0.2, 0.4)
+"""The diffusion times at which the priors score the network's answer (:func:`prior_losses`): low noise levels,
+where a prior tells detail it knows from detail it does not."""
+
+
+def implied_noise(y01: torch.Tensor, x01: torch.Tensor, forward: ForwardModel) -> torch.Tensor:
+    """The noise that explains ``y`` given the image ``x`` under a forward model linear in the noise:
+    ``(y - coef_x x) / coef_n``, in [0, 1]."""
+    cx = forward.coef_x.to(y01).view(-1, 1, 1, 1)
+    cn = forward.coef_n.to(y01).view(-1, 1, 1, 1)
+    return ((y01 - cx * x01) / cn).clamp(0.0, 1.0)
+
+
+@torch.no_grad()
+def prior_losses(model: torch.nn.Module, sde: Any, ids: list[str], z01: torch.Tensor, tile_batch: int = 64,
+                 overlap: int = 8) -> torch.Tensor:
+    """Per image, a prior's denoising loss on ``z01`` ([0, 1]) at :data:`ROUTE_TIMES`, with noise drawn from the
+    image's id (so an image's figure never depends on its batch); network units, lower is more likely. Images
+    larger than the prior are scored in tiles."""
+    from pipeline.posterior.sampler import seed_for
+
+    z = z01 * 2 - 1
+    size = model.config.image_size
+    h, w = z.shape[-2:]
+    tiling = Tiling(h, w, size, 0 if (h, w) == (size, size) else overlap)
+    out = torch.zeros(z.shape[0], device=z.device)
+    for j, t_val in enumerate(ROUTE_TIMES):
+        e = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(seed_for(i, 0, 1000 + j)))
+                         for i in ids]).to(z.device)
+        t = torch.full((z.shape[0],), t_val, device=z.device)
+        a, s = sde.alpha(t).view(-1, 1, 1, 1), sde.sigma(t).view(-1, 1, 1, 1)
+        pred = tiled(model, a * z + s * e, t, tiling, tile_batch)
+        out += (pred - e).pow(2).flatten(1).mean(1)
+    return out / len(ROUTE_TIMES)
+
+
+@dataclass(frozen=True)
+class RouteCalibration:
+    """How unusual the network's answers are on validation pairs of its training kind: the mean and std of the
+    image prior's and the noise prior's loss (:func:`prior_losses`), and quantiles of the score
+    (:meth:`score`). Held in the supervised model's card (``meta.route``)."""
+
+    image_prior: str
+    noise_prior: str
+    x_mean: float
+    x_std: float
+    n_mean: float
+    n_std: float
+    quantiles: dict[str, float]
+    n_pairs: int
+
+    def score(self, loss_x: torch.Tensor, loss_n: torch.Tensor) -> torch.Tensor:
+        """The larger of the two losses' z-scores against validation: high where either prior finds its part of
+        the answer unusual."""
+        return torch.maximum((loss_x - self.x_mean) / self.x_std, (loss_n - self.n_mean) / self.n_std)
+
+    def threshold(self, quantile: float) -> float:
+        """The score above which an image is routed: the validation score's ``quantile`` (routes about
+        ``1 - quantile`` of images like the validation pairs)."""
+        key = f"{quantile:g}"
+        if key not in self.quantiles:
+            raise ValueError(f"sampler.route_quantile={quantile:g}: the network's card is calibrated at "
+                             f"{', '.join(self.quantiles)}")
+        return self.quantiles[key]
+
+
+ROUTE_QUANTILES = (0.5, 0.8, 0.9, 0.95, 0.99)
+
+
+def calibrate(network: torch.nn.Module, x_model: torch.nn.Module, n_model: torch.nn.Module, sde: Any,
+              y01: torch.Tensor, forward: ForwardModel, names: tuple[str, str],
+              ids: list[str]) -> RouteCalibration:
+    """A :class:`RouteCalibration` from validation observations ``y01`` (pairs of the network's training kind,
+    never its training images) under ``forward``, for the priors ``names`` (image, noise)."""
+    x = restore(network, y01)
+    lx = prior_losses(x_model, sde, ids, x)
+    ln = prior_losses(n_model, sde, ids, implied_noise(y01, x, forward))
+    cal = RouteCalibration(names[0], names[1], float(lx.mean()), float(lx.std()), float(ln.mean()),
+                           float(ln.std()), {}, len(ids))
+    s = cal.score(lx, ln)
+    q = {f"{p:g}": float(torch.quantile(s, p)) for p in ROUTE_QUANTILES}
+    return RouteCalibration(**{**cal.__dict__, "quantiles": q})
+
+
+class FastDenoiser:
+    """``sampler.path: fast`` and ``routed``: the supervised network on every image (one evaluation); ``routed``
+    also scores each answer with both priors (:func:`prior_losses`, :meth:`RouteCalibration.score`) and sends the
+    images scoring above the calibrated threshold to the joint sampler (``joint``, a
+    :class:`~pipeline.posterior.denoise.Denoiser`). Called as the joint denoiser is; the output's ``path`` says,
+    per image, which path cleaned it."""
+
+    def __init__(self, network: torch.nn.Module, joint: Any = None, calibration: RouteCalibration | None = None,
+                 quantile: float = 0.9):
+        self.network, self.joint, self.calibration = network, joint, calibration
+        self.threshold = None if calibration is None else calibration.threshold(quantile)
+
+    def __call__(self, ids: list[str], y: torch.Tensor, forward: ForwardModel,
+                 estimate: torch.Tensor | None = None) -> Any:
+        import time
+
+        from pipeline import metrics
+        from pipeline.posterior.denoise import DenoiseOutput
+
+        if estimate is not None and bool(estimate.any()):
+            raise ValueError("the supervised network does not estimate the forward weight: give forward.alpha or "
+                             "an alpha column, or use sampler.path=joint for forward.alpha=auto")
+        t0 = time.perf_counter()
+        x = restore(self.network, y)
+        n = implied_noise(y, x, forward)
+        b = y.shape[0]
+        path = ["fast"] * b
+        score = torch.full((b,), float("nan"))
+        nfe = torch.ones(b, dtype=torch.long)
+        residual = (y - forward.apply(x, n)).pow(2).flatten(1).mean(1).sqrt()
+        if self.joint is not None and self.calibration is not None:
+            j = self.joint
+            lx = prior_losses(j.x_model, j.sde, ids, x, j.tile_batch)
+            ln = prior_losses(j.n_model, j.sde, ids, n, j.tile_batch)
+            score = self.calibration.score(lx, ln).cpu()
+            nfe += 2 * len(ROUTE_TIMES)
+            send = [k for k in range(b) if score[k] > self.threshold]
+            if send:
+                out = j([ids[k] for k in send], y[send], forward.take(send))
+                x, n, residual = x.clone(), n.clone(), residual.clone()
+                x[send], n[send], residual[send] = out.denoised, out.noise_estimate, out.residual
+                for k in send:
+                    path[k] = "joint"
+                    nfe[k] += out.nfe
+        forward_x = forward.image_part(x, n)
+        return DenoiseOutput(
+            denoised=x, noise_estimate=n, uncertainty=None, residual=residual,
+            spread=torch.zeros(b), removed_energy=metrics.removed_energy(y, forward_x, 1.0), nfe=int(nfe.max()),
+            backward=any(p == "joint" for p in path), seconds=(time.perf_counter() - t0) / max(b, 1),
+            path=path, route_score=score, nfe_per_image=nfe.tolist())

@@ -26,7 +26,7 @@ from typing import Any
 
 from pipeline.config import ConfigError
 from pipeline.data.storage import absolute_uri, join, local_path, open_fs
-from pipeline.priors import SHIPPED, resolve_model
+from pipeline.priors import SHIPPED, SUPERVISED, resolve_model
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def model_uri(name_or_uri: str) -> str:
     user wrote it, what does not resolve)."""
     from pipeline.registry import resolve_latest
 
-    if name_or_uri in SHIPPED:
+    if name_or_uri in SHIPPED or name_or_uri in SUPERVISED.values():
         return name_or_uri
     uri = resolve_latest(name_or_uri)
     if "://" not in uri and Path(uri).expanduser().exists():
@@ -166,3 +166,45 @@ def prior_shape(name_or_uri: str) -> tuple[int, int]:
     unet = read_model_config(resolve_model(name_or_uri))[0]
     return unet.channels, unet.image_size
 
+
+
+def check_supervised(recipe: Any) -> str:
+    """The supervised network of a recipe with ``sampler.path`` fast or routed (``priors.supervised``, else the one
+    shipped for the two priors); :class:`ConfigError` in one line unless it is a supervised network
+    (``jointdiff train-supervised``) of the image prior's channels, the forward model is linear in the noise (the
+    network's noise estimate is the noise that explains ``y``), the weight is given (not ``auto``), and, for
+    ``routed``, its card holds a calibration for these two priors."""
+    from pipeline.diffusion.checkpoint import CheckpointError, read_model_config
+    from pipeline.forward import FORWARD_MODELS
+    from pipeline.priors import supervised_for
+
+    path, p = recipe.sampler.path, recipe.priors
+    where = f"sampler.path={path}"
+    name = p.supervised or (SUPERVISED[(p.image, p.noise)] if supervised_for(p.image, p.noise) else None)
+    if name is None:
+        raise ConfigError(f"{where}: no supervised network ships for priors {p.image} + {p.noise}; train one with "
+                          "jointdiff train-supervised and give it as priors.supervised")
+    if not FORWARD_MODELS[recipe.forward.name].linear:
+        raise ConfigError(f"{where}: forward.name={recipe.forward.name} is not linear in the noise, so the "
+                          "network's answer gives no noise estimate; use sampler.path=joint")
+    if recipe.forward.alpha == "auto":
+        raise ConfigError(f"{where}: the supervised network does not estimate forward.alpha; give a number or an "
+                          "alpha column, or use sampler.path=joint")
+    try:
+        net, _, meta = read_model_config(resolve_model(name))
+    except (CheckpointError, FileNotFoundError) as exc:
+        raise ConfigError(f"priors.supervised: {exc}") from None
+    if meta.get("task") != "supervised":
+        raise ConfigError(f"priors.supervised: {name} is a prior, not a supervised network (jointdiff "
+                          "train-supervised writes one)")
+    x_channels = read_model_config(resolve_model(p.image))[0].channels
+    if net.channels != x_channels:
+        raise ConfigError(f"priors.supervised: {name} has {net.channels} channel(s), the image prior "
+                          f"{x_channels}")
+    route = meta.get("route")
+    if path == "routed" and not (isinstance(route, dict) and (route.get("image_prior"), route.get("noise_prior"))
+                                 == (p.image, p.noise)):
+        cal = f"{route.get('image_prior')} + {route.get('noise_prior')}" if isinstance(route, dict) else "no priors"
+        raise ConfigError(f"sampler.path=routed: {name} is calibrated for {cal}, not {p.image} + {p.noise}; run "
+                          f"jointdiff train-supervised OUTPUT ... --route-priors {p.image} {p.noise} to calibrate it")
+    return name

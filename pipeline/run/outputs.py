@@ -4,11 +4,12 @@ Under ``<output>/runs/<run_id>/``, per source shard:
 
 * ``cleaned/<shard>``: ``id, denoised, noise_estimate[, uncertainty]`` (16-bit PNG), the metric columns,
   ``alpha_hat`` (the forward weight the image was cleaned with: estimated under ``forward.alpha: auto``),
-  ``run_id, model_ids`` (the pinned models, ``URI@sha256:PREFIX+URI@sha256:PREFIX``), ``sampler`` (JSON),
-  ``nfe, seconds``;
+  ``run_id, model_ids`` (the pinned models, ``URI@sha256:PREFIX+URI@sha256:PREFIX``, then ``+`` the supervised
+  network's under ``sampler.path`` fast / routed), ``sampler`` (JSON), ``path`` and ``route_score`` (what cleaned
+  the row, :func:`_path_cols`), ``nfe, seconds``;
 * ``metrics/run_id=<run_id>/<shard>``: one row per image for dashboards (Hive-partitioned by run id), with
   ``alpha`` (the weight given, null where none was), ``alpha_hat`` and ``alpha_error`` (``|alpha_hat - alpha|``
-  where the weight was estimated and a given one is known);
+  where the weight was estimated and a given one is known), ``path`` and ``route_score``;
 * ``errors/<shard>``: one row per rejected input row (``run_id, dataset, shard, row, id, stage, reason``).
 
 Files are named by source shard, so redoing a shard replaces rather than duplicates. A folder holds a shard's
@@ -65,7 +66,7 @@ def encode(result: ShardResult, run_id: str, dataset: str, shard: str, model_ids
     images = {k: c.get(k, []) for k in image_cols}  # present even when every row was rejected
     extra = {**metric_cols, "run_id": pa.array([run_id] * n, pa.string()),
              "model_ids": pa.array([model_ids] * n, pa.string()), "sampler": pa.array([sampler] * n, pa.string()),
-             "alpha_hat": pa.array(c.get("alpha_hat", []), pa.float32()),
+             "alpha_hat": pa.array(c.get("alpha_hat", []), pa.float32()), **_path_cols(c, n),
              "nfe": pa.array(c.get("nfe", []), pa.int32()), "seconds": pa.array(c.get("seconds", []), pa.float64())}
     cleaned = build_table(c.get("id", []), images, bits={k: 16 for k in images}, extra=extra)
     metrics = pa.table({
@@ -74,10 +75,17 @@ def encode(result: ShardResult, run_id: str, dataset: str, shard: str, model_ids
         "row": pa.array(c.get("row", []), pa.int64()), "id": pa.array(c.get("id", []), pa.string()),
         **metric_cols, "alpha": pa.array(c.get("alpha", []), pa.float32()),
         "alpha_hat": pa.array(c.get("alpha_hat", []), pa.float32()),
-        "alpha_error": pa.array(c.get("alpha_error", []), pa.float32()),
+        "alpha_error": pa.array(c.get("alpha_error", []), pa.float32()), **_path_cols(c, n),
         "nfe": pa.array(c.get("nfe", []), pa.int32()), "seconds": pa.array(c.get("seconds", []), pa.float64()),
     })
     return ShardTables(cleaned, metrics, pa.Table.from_pylist(result.errors, schema=ERRORS_SCHEMA))
+
+
+def _path_cols(c: dict[str, list[Any]], n: int) -> dict[str, pa.Array]:
+    """``path`` (what cleaned the row: ``joint``, or under ``sampler.path`` fast / routed ``fast`` or ``joint``)
+    and ``route_score`` (the router's score, null where none was computed)."""
+    return {"path": pa.array(c.get("path", ["joint"] * n), pa.string()),
+            "route_score": pa.array(c.get("route_score", [None] * n), pa.float64())}
 
 
 def write(run_uri: str, run_id: str, shard: str, tables: ShardTables) -> None:

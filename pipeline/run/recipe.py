@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline.config import Priors, Recipe, SamplerConfig
 from pipeline.posterior.tuned import resolve_weights
-from pipeline.run.models import PinnedModel, pin
+from pipeline.run.models import PinnedModel, check_supervised, pin
 
 
 @dataclass(frozen=True)
@@ -27,18 +27,21 @@ class PinnedRecipe:
     image: PinnedModel
     noise: PinnedModel
     note: str | None = None  # one line when the sampler's weights were not tuned for this combination
+    supervised: PinnedModel | None = None  # sampler.path fast / routed: the supervised network
 
     def key(self) -> dict[str, Any]:
-        """Everything that decides the pixels, as plain JSON: the whole recipe, each prior as its pinned URI and
+        """Everything that decides the pixels, as plain JSON: the whole recipe, each model as its pinned URI and
         fingerprint. What :func:`pipeline.run.identity.identify` hashes."""
         out = self.recipe.model_dump(mode="json")
         out["priors"] = {"image": asdict(self.image), "noise": asdict(self.noise)}
+        if self.supervised is not None:
+            out["priors"]["supervised"] = asdict(self.supervised)
         return out
 
     @property
     def model_ids(self) -> str:
-        """``IMAGE+NOISE``, each ``URI@sha256:PREFIX``: the cleaned rows' ``model_ids``."""
-        return f"{self.image.ref}+{self.noise.ref}"
+        """``IMAGE+NOISE[+SUPERVISED]``, each ``URI@sha256:PREFIX``: the cleaned rows' ``model_ids``."""
+        return f"{self.image.ref}+{self.noise.ref}" + (f"+{self.supervised.ref}" if self.supervised else "")
 
 
 def resolve(recipe: Recipe) -> PinnedRecipe:
@@ -49,6 +52,10 @@ def resolve(recipe: Recipe) -> PinnedRecipe:
     image, noise = pin(recipe.priors.image), pin(recipe.priors.noise)
     settings, note = resolve_weights(recipe.sampler.settings(), recipe.priors.image, recipe.priors.noise,
                                      recipe.forward.name)
-    pinned = recipe.model_copy(update={"priors": Priors(image=image.uri, noise=noise.uri),
+    supervised = None
+    if settings.path != "joint":
+        supervised = pin(check_supervised(recipe))
+    pinned = recipe.model_copy(update={"priors": Priors(image=image.uri, noise=noise.uri,
+                                                        supervised=supervised.uri if supervised else None),
                                        "sampler": SamplerConfig.model_validate(asdict(settings))})
-    return PinnedRecipe(pinned, image, noise, note)
+    return PinnedRecipe(pinned, image, noise, note, supervised)

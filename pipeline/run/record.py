@@ -41,11 +41,20 @@ def summary_row(run: Run, acc: Accounting, processed: int, executor: str, wall_s
         **_alpha_stats(col("alpha"), col("alpha_hat"), col("alpha_error")),
         "wall_seconds": float(wall_seconds),
         "images_per_s": processed / wall_seconds if wall_seconds > 0 and processed else None,
-        "nfe": run.cfg.sampler.nfe * run.cfg.sampler.n_samples,
-        "models": json.dumps({"image": run.pinned.image.ref, "noise": run.pinned.noise.ref}),
+        "nfe": _nfe(run, col("nfe")),
+        "models": json.dumps({"image": run.pinned.image.ref, "noise": run.pinned.noise.ref,
+                              **({"supervised": run.pinned.supervised.ref} if run.pinned.supervised else {})}),
         "sampler": json.dumps(run.cfg.sampler.model_dump(mode="json"), sort_keys=True),
         "config_hash": run.config_hash, "executor": executor, "output": run.run_uri,
     }
+
+
+def _nfe(run: Any, per_row: list[Any]) -> int:
+    """Network evaluations per image: the sampler's steps times its posterior samples; under ``sampler.path`` fast
+    or routed, the rows' mean (1 for the network alone, more where the router sent an image on), rounded."""
+    if run.cfg.sampler.path == "joint" or not per_row:
+        return run.cfg.sampler.nfe * run.cfg.sampler.n_samples
+    return round(sum(per_row) / len(per_row))
 
 
 def _alpha_stats(alpha: list[Any], hat: list[Any], err: list[Any]) -> dict[str, Any]:

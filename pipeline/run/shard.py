@@ -68,6 +68,28 @@ class ShardCleaner:
         tile_pixels = self.shape[1] * self.shape[2]
         self.batch_pixels = cfg.batch_pixels or self.batch_size * tile_pixels
         self.tile_batch = max(1, self.batch_pixels // tile_pixels)
+        # sampler.path fast / routed: the supervised network, pinned like the priors
+        self.network, self.calibration = None, None
+        if pinned.supervised is not None:
+            from pipeline.posterior.supervised import RouteCalibration
+
+            self.network, _, meta = load_pinned(pinned.supervised, self.device)
+            self.network.requires_grad_(False)
+            if self.settings.path == "routed":
+                self.calibration = RouteCalibration(**meta["route"])
+
+    def denoiser(self) -> Any:
+        """What cleans a batch: the joint sampler (:class:`Denoiser`), or under ``sampler.path`` fast / routed the
+        supervised network, routed to the joint sampler where its answer is unusual
+        (:class:`pipeline.posterior.supervised.FastDenoiser`)."""
+        joint = Denoiser(self.x_model, self.n_model, self.sde, self.settings, self.runtime,
+                         tile_batch=self.tile_batch)
+        if self.network is None:
+            return joint
+        from pipeline.posterior.supervised import FastDenoiser
+
+        routed = self.settings.path == "routed"
+        return FastDenoiser(self.network, joint if routed else None, self.calibration, self.settings.route_quantile)
 
     def _batch_size(self) -> int:
         """``cfg.batch_size``, or for ``auto`` the batch that fills ``gpu.memory_margin`` of the free GPU
@@ -174,9 +196,9 @@ def sample(cleaner: ShardCleaner, rows: list[Row], result: ShardResult, reject: 
     started = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     fwd = cleaner.cfg.forward
     weight = FORWARD_MODELS[fwd.name].weight  # the parameter each row's alpha column holds (none for the sum)
-    denoiser = Denoiser(cleaner.x_model, cleaner.n_model, cleaner.sde, cleaner.settings, cleaner.runtime,
-                        tile_batch=cleaner.tile_batch)
-    if getattr(SOLVERS[cleaner.settings.solver], "finishes", False):  # the paper preset: the priors' size only
+    denoiser = cleaner.denoiser()
+    # the paper preset: the priors' size only
+    if getattr(SOLVERS[cleaner.settings.solver], "finishes", False) and cleaner.settings.path != "fast":
         size = cleaner.shape[1:]
         for r in [r for r in rows if r.y.shape[1:] != size]:
             reject(r, f"{r.y.shape[1]}x{r.y.shape[2]} pixels: the {cleaner.settings.solver} solver runs at the "
@@ -209,7 +231,10 @@ def sample(cleaner: ShardCleaner, rows: list[Row], result: ShardResult, reject: 
                        spread=_finite_or_none(float(out.spread[k])),
                        removed_energy=_finite_or_none(float(out.removed_energy[k])),
                        **_alphas(r, None if out.alpha_hat is None else float(out.alpha_hat[k])),
-                       seconds=out.seconds, nfe=out.nfe, started_at=started)
+                       path=out.path[k] if out.path else "joint",
+                       route_score=None if out.route_score is None else _finite_or_none(float(out.route_score[k])),
+                       seconds=out.seconds, nfe=out.nfe_per_image[k] if out.nfe_per_image else out.nfe,
+                       started_at=started)
         if progress is not None:
             progress(len(batch))
 

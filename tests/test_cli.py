@@ -208,6 +208,16 @@ def test_bench_quality_quick_writes_every_row_key(tmp_path, capsys):
     assert all(r["nfe"] == 1 for r in rows if r["method"] == "supervised")
     # the figure: rows (observation, joint, [supervised,] gaussian, NLM, truth, noise estimate) of the 2 images
     assert Image.open(tmp_path / "q.png").size == (2 * (96 + 2) + 2, (6 + shipped) * (96 + 2) + 2)
+    # the mixed set, where the network ships: half in distribution, half out; routed between fast and joint
+    out = tmp_path / "m.json"
+    cli(capsys, "bench", "quality", "--quick", "--scenarios", "mixed", "--n", "10", "--steps", "2", "--json", str(out))
+    mixed = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert bool(mixed) == shipped
+    if shipped:
+        assert set(mixed) == {"supervised", "routed-q0.8", "routed-q0.9", "routed-q0.95", "joint-default"}
+        assert mixed["supervised"]["routed_fraction"] == 0 and mixed["joint-default"]["routed_fraction"] == 1
+        fractions = [mixed[f"routed-q{q}"]["routed_fraction"] for q in ("0.8", "0.9", "0.95")]
+        assert fractions == sorted(fractions, reverse=True) and all(r["n_images"] == 10 for r in mixed.values())
 
 
 def test_a_misspelt_scenario_is_one_line_naming_the_scenarios_there_are(capsys):

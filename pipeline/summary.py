@@ -92,6 +92,10 @@ def format_summary(row: dict[str, Any]) -> str:
         lines.append(f"  alpha estimated for {row['alpha_estimated']} image(s) (none given, or forward.alpha=auto): "
                      f"median {_fmt(row['alpha_hat_median'], '.3f')}"
                      + (f", median error {err:.3f} against the given alpha" if err is not None else ""))
+    if row.get("paths"):
+        paths = row["paths"]
+        lines.append(f"  cleaned by the supervised network: {paths.get('fast', 0)}, by the joint sampler: "
+                     f"{paths.get('joint', 0)} (sampler.path; each row's path is in its path column)")
     lines.append(f"  {row['processed']} image(s) cleaned now in {row['wall_seconds']:.1f} s: "
                  f"{_fmt(row['images_per_s'], '.2f')} images/s, NFE {row['nfe']} per prior per image")
     from pipeline.data.storage import local_path

@@ -189,6 +189,12 @@ def test_routed_cleans_every_row_once_and_records_the_path_that_cleaned_it(route
             assert np.abs(_pixels(r[col]) - _pixels(same[col])).max() < 2e-3, (i, col)
         assert r["nfe"] == 1 + 8 + (3 if r["path"] == "joint" else 0)  # network, router (4 times x 2 priors), steps
     assert sup.split("/")[-2] in s_routed["models"] and sup.split("/")[-2] not in s_joint["models"]
+    counts = {p: list(paths.values()).count(p) for p in ("fast", "joint")}
+    assert s_routed["paths"] == counts and s_fast["paths"] == {"fast": 8} and s_joint["paths"] is None
+    from pipeline.summary import format_summary
+
+    assert (f"cleaned by the supervised network: {counts['fast']}, by the joint sampler: {counts['joint']}"
+            in format_summary(s_routed))
 
 
 def test_the_paths_refuse_what_they_cannot_do_in_one_line(routed_setup, tiny_priors, tmp_path, capsys):

@@ -46,6 +46,9 @@ def summary_row(run: Run, acc: Accounting, processed: int, executor: str, wall_s
                               **({"supervised": run.pinned.supervised.ref} if run.pinned.supervised else {})}),
         "sampler": json.dumps(run.cfg.sampler.model_dump(mode="json"), sort_keys=True),
         "config_hash": run.config_hash, "executor": executor, "output": run.run_uri,
+        # not a history column: how many rows each path cleaned (sampler.path fast / routed), for the printed summary
+        "paths": {p: col("path").count(p) for p in sorted(set(col("path")))} if run.cfg.sampler.path != "joint"
+        else None,
     }
 
 

@@ -223,8 +223,8 @@ def test_bench_quality_quick_writes_every_row_key(tmp_path, capsys):
 def test_a_misspelt_scenario_is_one_line_naming_the_scenarios_there_are(capsys):
     proc = cli(capsys, "bench", "large", "--quick", "--scenarios", "text,stripe", check=False)
     assert proc.returncode == 2 and proc.stderr == ("jointdiff: --scenarios: bench large has no scenario stripe; "
-                                                    "choose from text, stripes, unknown-alpha (or none, with "
-                                                    "--memory)\n")
+                                                    "choose from text, stripes, unknown-alpha, text-serif, faces "
+                                                    "(or none, with --memory)\n")
     proc = cli(capsys, "bench", "large", "--quick", "--scenarios", "none", check=False)  # none: only with --memory
     assert proc.returncode == 2 and "has no scenario none;" in proc.stderr
     proc = cli(capsys, "bench", "quality", "--quick", "--scenarios", "readout", check=False)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from pipeline.config import PriorConfig
 from pipeline.data.datasets import load_images
 from pipeline.data.embedded import NAMES
-from pipeline.data.storage import join
+from pipeline.data.storage import join, makedirs, open_fs
 from pipeline.diffusion.losses import heldout_loss
 from pipeline.diffusion.sde import VPSDE
 from pipeline.diffusion.train import PatchPool, Trainer, TrainSettings, fit
@@ -297,6 +297,51 @@ def route_calibration(trainer: Any, image: PriorConfig, noise: PriorConfig, draw
     return dataclasses.asdict(cal)
 
 
+SELECTION = ("the EMA weights at the checkpoint (every train.checkpoint_every steps, and the last) with the lowest "
+             "MSE on 256 pairs drawn from the validation splits, seed 2")
+
+
+def _select(trainer: Any, val: tuple[torch.Tensor, torch.Tensor, torch.Tensor], output: str, step: int) -> None:
+    """At a checkpoint: the EMA model's loss on the validation pairs ``val``, added to ``OUTPUT/best/best.json``'s
+    curve (entries from a run that was resumed before them dropped); its weights to ``best/ema.safetensors`` when
+    it is the lowest yet."""
+    from pipeline.diffusion.checkpoint import CheckpointError, read_json, write_json, write_tensors
+    from pipeline.posterior.supervised import pair_loss
+
+    y, x0, _ = val
+    model = trainer.ema.model.eval()
+    with torch.no_grad():
+        loss = float(pair_loss(model, y, x0))
+    where = join(output, "best", "best.json")
+    try:
+        record = read_json(where)
+    except (CheckpointError, FileNotFoundError):
+        record = {"step": None, "val_loss": None, "curve": []}
+    # a resumed run redoes the steps after its state exactly (one generator for every draw), so an entry or a best
+    # from those steps is redone with the same figures and weights: the curve keeps what came before this step
+    curve = [c for c in record["curve"] if c[0] < step] + [[step, loss]]
+    if record["val_loss"] is None or loss < record["val_loss"]:
+        fs, path = open_fs(join(output, "best"))
+        makedirs(fs, path)
+        write_tensors(join(output, "best", "ema.safetensors"), trainer.ema.model.state_dict())
+        record = {"step": step, "val_loss": loss}
+    write_json(where, {**record, "curve": curve}, atomic=True)
+
+
+def _selected(trainer: Any, output: str) -> dict[str, Any]:
+    """The finished run's selection: the EMA model takes the selected checkpoint's weights (:func:`_select`);
+    the card's record of it. Empty (the last weights) where there was no validation split."""
+    from pipeline.diffusion.checkpoint import CheckpointError, read_json, read_tensors
+
+    try:
+        record = read_json(join(output, "best", "best.json"))
+    except (CheckpointError, FileNotFoundError):
+        return {}
+    trainer.ema.model.load_state_dict(read_tensors(join(output, "best", "ema.safetensors")))
+    return {"selected_step": record["step"], "val_loss": record["val_loss"], "val_curve": record["curve"],
+            "selection": SELECTION}
+
+
 def train_supervised(image: PriorConfig, noise: PriorConfig, forward: str, output: str, *,
                      steps: int | None = None, batch_size: int | None = None, device: str | None = None,
                      threads: int | None = None, progress: bool = True, stop_after: int | None = None,
@@ -329,6 +374,8 @@ def train_supervised(image: PriorConfig, noise: PriorConfig, forward: str, outpu
     bar = tqdm(total=settings.steps, desc=f"train supervised {image.name}+{noise.name}", unit="step",
                dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0) if progress else None
 
+    val = _pairs(trainer, image, noise, draw, "val", 256, 2)  # checkpoint selection (None: no validation split)
+
     def on_step(step: int, loss: float) -> None:
         if bar is not None:
             if bar.n == 0 and step > 1:
@@ -336,6 +383,8 @@ def train_supervised(image: PriorConfig, noise: PriorConfig, forward: str, outpu
             bar.update(1)
             if step % 25 == 0:
                 bar.set_postfix(loss=f"{sum(trainer.losses[-25:]) / 25:.4f}")
+        if val is not None and (step % settings.checkpoint_every == 0 or step == settings.steps):
+            _select(trainer, val, output, step)
 
     summary = fit(trainer, (clean, noise_data), output, on_step=on_step, stop_after=stop_after)
     if bar is not None:
@@ -343,6 +392,7 @@ def train_supervised(image: PriorConfig, noise: PriorConfig, forward: str, outpu
     summary["seconds_total"] = trainer.train_seconds
     if trainer.step_count < settings.steps:
         return summary
+    selected = _selected(trainer, output)
     heldout = _heldout_pairs(trainer, image, noise, draw)
     if route_priors is None and image.name in SHIPPED and noise.name in SHIPPED:
         route_priors = (image.name, noise.name)
@@ -355,7 +405,7 @@ def train_supervised(image: PriorConfig, noise: PriorConfig, forward: str, outpu
         "budget": plan["budget"], "matched_steps": plan["matched_steps"],
         "n_train_images": len(clean_set), "n_noise_images": len(noise_set),
         "dataset_hash": images_hash(clean_set), "noise_dataset_hash": images_hash(noise_set),
-        "final_loss": summary["final_loss"], "heldout_loss": heldout, "route": route,
+        "final_loss": summary["final_loss"], "heldout_loss": heldout, "route": route, **selected,
         "heldout_loss_definition": "MSE (network units) of the EMA model on 256 pairs drawn from the test splits, "
                                    "seed 0",
         "train_seconds": trainer.train_seconds, "train_config": image.train.model_dump(),

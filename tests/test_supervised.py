@@ -83,6 +83,15 @@ def test_training_learns_resumes_exactly_and_round_trips(tmp_path):
     assert meta["steps"] == 80 and meta["parameters"] == count_parameters(ma)
     assert meta["heldout_loss"] is not None and meta["heldout_loss"] < losses[0]
     assert full["final_loss"] == meta["final_loss"]
+    # the exported weights are the checkpoint with the lowest validation loss (every 5 steps and the last), the
+    # same curve in the run that was interrupted and resumed
+    curve = meta["val_curve"]
+    assert [c[0] for c in curve] == list(range(5, 81, 5)) and curve == load_model(b + "/model")[2]["val_curve"]
+    assert meta["selected_step"] == min(curve, key=lambda c: c[1])[0] and meta["val_loss"] == min(c[1] for c in curve)
+    from pipeline.diffusion.checkpoint import read_tensors
+
+    best = read_tensors(a + "/best/ema.safetensors")
+    assert all(torch.equal(best[k], v) for k, v in ma.state_dict().items())
     # the exported network restores better than the observation it is given
     from pipeline.data.corrupt import corrupt
     from pipeline.data.embedded import load_embedded

@@ -133,13 +133,18 @@ def estimate_line(run: Run, cleaner: ShardCleaner, workers: int = 1, at_least_s:
     the measured seconds per megapixel, over ``workers``), or None for a run shorter than ``at_least_s``."""
     if not run.mean_pixels or not run.pending_rows or getattr(SOLVERS[cleaner.settings.solver], "finishes", False):
         return None  # the paper preset's solver runs its own guidance, at the priors' size only
+    if cleaner.settings.path == "fast":
+        return None  # one network evaluation per image
+    routed = cleaner.settings.path == "routed"
     per_mp = seconds_per_megapixel(cleaner)
     mp = run.pending_rows * run.mean_pixels / 1e6
     total = mp * per_mp / max(1, workers)
     if total < at_least_s:
         return None
     took = f"{total / 3600:.1f} h" if total >= 5400 else f"{total / 60:.0f} min" if total >= 90 else f"{total:.0f} s"
-    return (f"clean {run.run_id}: about {took}: {run.pending_rows} image(s) of ~{run.mean_pixels / 1e6:.2f} MP "
+    return (f"clean {run.run_id}: {'at most' if routed else 'about'} {took}"
+            f"{' (if the router sent every image to the joint sampler)' if routed else ''}: "
+            f"{run.pending_rows} image(s) of ~{run.mean_pixels / 1e6:.2f} MP "
             f"(the first rows' sizes) at {per_mp:.0f} s/MP ({cleaner.settings.steps} steps, measured here on "
             f"{cleaner.device}{f', over {workers} actors' if workers > 1 else ''})")
 

@@ -696,8 +696,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", default=None, help="comma-separated step counts (default 50,100,200)")
     b.add_argument("--rules", default=None, help="comma-separated guidance rules (default all)")
     b.add_argument("--scenarios", default=None, help="comma-separated: main,stripes,alpha0.3,alpha0.7,ood,"
-                   "font-digits,stripes-fine,alpha0.1,alpha0.9,unknown-alpha,read-out; large:"
-                   " text,stripes,unknown-alpha (none: with --memory, the memory "
+                   "font-digits,stripes-fine,alpha0.1,alpha0.9,unknown-alpha,read-out,mixed; large:"
+                   " text,stripes,unknown-alpha,text-serif,faces (none: with --memory, the memory "
                    "figure alone)")
     b.add_argument("--memory", action="store_true", help="large: also clean one 4096x4096 RGB image at 2 steps in a "
                    "child process and report its peak RSS")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.config import PriorConfig
+from pipeline.config import ConfigError, PriorConfig
 from pipeline.data.datasets import load_images
 from pipeline.data.embedded import NAMES
 from pipeline.data.storage import join, makedirs, open_fs
@@ -225,6 +225,9 @@ def supervised_plan(image: PriorConfig, noise: PriorConfig, forward: str, batch_
     if forward not in WEIGHT_RANGES:
         raise ValueError(f"forward model {forward!r}: the supervised network is trained for "
                          f"{', '.join(WEIGHT_RANGES)}")
+    from pipeline.run.models import check_pair
+
+    check_pair(image.unet, image.sde, noise.unet, noise.sde, forward)  # the pairs can be made (ConfigError)
     parts = []
     for c in (image, noise):
         with torch.device("meta"):
@@ -244,8 +247,8 @@ def supervised_plan(image: PriorConfig, noise: PriorConfig, forward: str, batch_
 def _pairs(trainer: Any, image: PriorConfig, noise: PriorConfig, draw: Any, split: str, n: int,
            seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """``n`` pairs drawn from ``split`` of both sources as training draws them, without flips or shifts (generator
-    ``seed``): ``(observations, clean images, weights)``, network units; None where a source has no such split (a
-    shard dataset)."""
+    ``seed``): ``(observations, clean images)`` in network units and the weights; None where a source has no such
+    split (a shard dataset)."""
     from pipeline.diffusion.train import draw_images
     from pipeline.posterior.supervised import synthesize
 
@@ -303,8 +306,8 @@ SELECTION = ("the EMA weights at the checkpoint (every train.checkpoint_every st
 
 def _select(trainer: Any, val: tuple[torch.Tensor, torch.Tensor, torch.Tensor], output: str, step: int) -> None:
     """At a checkpoint: the EMA model's loss on the validation pairs ``val``, added to ``OUTPUT/best/best.json``'s
-    curve (entries from a run that was resumed before them dropped); its weights to ``best/ema.safetensors`` when
-    it is the lowest yet."""
+    curve; its weights to ``best/ema-<step>.safetensors`` when it is the lowest yet (a resumed run first rewinds
+    the record to its state: :func:`_rewind_best`)."""
     from pipeline.diffusion.checkpoint import CheckpointError, read_json, write_json, write_tensors
     from pipeline.posterior.supervised import pair_loss
 
@@ -317,13 +320,11 @@ def _select(trainer: Any, val: tuple[torch.Tensor, torch.Tensor, torch.Tensor], 
         record = read_json(where)
     except (CheckpointError, FileNotFoundError):
         record = {"step": None, "val_loss": None, "curve": []}
-    # a resumed run redoes the steps after its state exactly (one generator for every draw), so an entry or a best
-    # from those steps is redone with the same figures and weights: the curve keeps what came before this step
     curve = [c for c in record["curve"] if c[0] < step] + [[step, loss]]
     if record["val_loss"] is None or loss < record["val_loss"]:
         fs, path = open_fs(join(output, "best"))
-        makedirs(fs, path)
-        write_tensors(join(output, "best", "ema.safetensors"), trainer.ema.model.state_dict())
+        makedirs(fs, path)  # each best under its own name, then the record: a kill never loses the one before
+        write_tensors(join(output, "best", f"ema-{step:07d}.safetensors"), trainer.ema.model.state_dict())
         record = {"step": step, "val_loss": loss}
     write_json(where, {**record, "curve": curve}, atomic=True)
 
@@ -337,7 +338,9 @@ def _selected(trainer: Any, output: str) -> dict[str, Any]:
         record = read_json(join(output, "best", "best.json"))
     except (CheckpointError, FileNotFoundError):
         return {}
-    trainer.ema.model.load_state_dict(read_tensors(join(output, "best", "ema.safetensors")))
+    if record.get("step") is None:
+        return {}
+    trainer.ema.model.load_state_dict(read_tensors(join(output, "best", f"ema-{record['step']:07d}.safetensors")))
     return {"selected_step": record["step"], "val_loss": record["val_loss"], "val_curve": record["curve"],
             "selection": SELECTION}
 
@@ -359,7 +362,13 @@ def train_supervised(image: PriorConfig, noise: PriorConfig, forward: str, outpu
     threads = threads or image.train.threads
     if threads:
         torch.set_num_threads(threads)
+    device = device or image.train.device  # both sources where the trainer and its generator are
     image, noise = _on_device(image, device), _on_device(noise, device)
+    if route_priors is None and image.name in SHIPPED and noise.name in SHIPPED:
+        route_priors = (image.name, noise.name)
+    if route_priors:  # before hours of training: the priors the router is calibrated with must fit the pairs
+        _check_route_priors(route_priors, image, noise, forward)
+    _check_resume(output, plan, image, noise, forward)
     clean_set, clean, _ = load_train_data(image)
     noise_set, noise_data, _ = load_train_data(noise)
     base = train_settings(image)
@@ -375,6 +384,7 @@ def train_supervised(image: PriorConfig, noise: PriorConfig, forward: str, outpu
                dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0) if progress else None
 
     val = _pairs(trainer, image, noise, draw, "val", 256, 2)  # checkpoint selection (None: no validation split)
+    _rewind_best(output)
 
     def on_step(step: int, loss: float) -> None:
         if bar is not None:
@@ -394,9 +404,6 @@ def train_supervised(image: PriorConfig, noise: PriorConfig, forward: str, outpu
         return summary
     selected = _selected(trainer, output)
     heldout = _heldout_pairs(trainer, image, noise, draw)
-    if route_priors is None and image.name in SHIPPED and noise.name in SHIPPED:
-        route_priors = (image.name, noise.name)
-    route = route_calibration(trainer, image, noise, draw, route_priors) if route_priors else None
     meta = {
         "name": f"{image.name}-{noise.name}", "task": TASK, "image": image.name, "noise": noise.name,
         "image_dataset": image.data.source, "noise_dataset": noise.data.source, "forward": forward,
@@ -405,13 +412,75 @@ def train_supervised(image: PriorConfig, noise: PriorConfig, forward: str, outpu
         "budget": plan["budget"], "matched_steps": plan["matched_steps"],
         "n_train_images": len(clean_set), "n_noise_images": len(noise_set),
         "dataset_hash": images_hash(clean_set), "noise_dataset_hash": images_hash(noise_set),
-        "final_loss": summary["final_loss"], "heldout_loss": heldout, "route": route, **selected,
+        "final_loss": summary["final_loss"], "heldout_loss": heldout, "route": None, **selected,
         "heldout_loss_definition": "MSE (network units) of the EMA model on 256 pairs drawn from the test splits, "
                                    "seed 0",
         "train_seconds": trainer.train_seconds, "train_config": image.train.model_dump(),
         "git_commit": git_commit(), "created_by": getpass.getuser(),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    trainer.export(join(output, "model"), meta)
+    trainer.export(join(output, "model"), meta)  # exported first: a calibration that fails loses no training
+    if route_priors:
+        meta["route"] = route_calibration(trainer, image, noise, draw, route_priors)
+        trainer.export(join(output, "model"), meta)
     summary.update(meta)
     return summary
+
+
+def _check_route_priors(priors: tuple[str, str], image: PriorConfig, noise: PriorConfig, forward: str) -> None:
+    """:class:`ConfigError` in one line unless the router's priors resolve and have the recipes' sizes and
+    channels (:func:`pipeline.run.models.check_models`)."""
+    from pipeline.run.models import check_models, prior_shape
+
+    check_models(priors[0], priors[1], forward=forward)
+    for key, name, recipe in (("image", priors[0], image), ("noise", priors[1], noise)):
+        want = (recipe.unet.channels, recipe.unet.image_size)
+        if prior_shape(name) != want:
+            raise ConfigError(f"--route-priors: the {key} prior {name} is {prior_shape(name)} (channels, size), the "
+                              f"{key} recipe {want}; name priors of the recipes' shape")
+
+
+def _check_resume(output: str, plan: dict[str, Any], image: PriorConfig, noise: PriorConfig, forward: str) -> None:
+    """A state under ``output`` from another pair, forward model or weight range: one line
+    (:class:`~pipeline.diffusion.checkpoint.CheckpointConfigError`) before anything is trained; a new run (no
+    state) clears the checkpoint selection a run before it left (``best/``)."""
+    from pipeline.data.storage import open_fs
+    from pipeline.diffusion.checkpoint import MAX_STATE_BYTES, CheckpointConfigError, CheckpointError, read_json
+
+    try:
+        latest = read_json(join(output, "state", "latest.json"))["dir"]
+        saved = read_json(join(output, "state", latest, "state.json"), max_bytes=MAX_STATE_BYTES)["config"]
+    except (CheckpointError, FileNotFoundError, KeyError, TypeError):
+        fs, path = open_fs(join(output, "best"))
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        return
+    was = saved.get("supervised", {}) if isinstance(saved, dict) else {}
+    mine = {"forward": forward, "image": image.model_dump().get("data"), "noise": noise.model_dump().get("data"),
+            "weight_range": plan["weight_range"]}
+    theirs = {"forward": was.get("forward"), "image": (was.get("image") or {}).get("data"),
+              "noise": (was.get("noise") or {}).get("data"), "weight_range": was.get("weight_range")}
+    for key in mine:
+        if mine[key] != theirs[key]:
+            raise CheckpointConfigError(f"{output}: its training state is of another {key} ({theirs[key]}) than this "
+                                        f"run's ({mine[key]}); use a new OUTPUT, or the recipes it was started with")
+
+
+def _rewind_best(output: str) -> None:
+    """A resumed run: the checkpoint selection as it was at the state it resumes from (entries of the steps it
+    redoes dropped; a best among them replaced by the best before them whose weights are kept)."""
+    from pipeline.data.storage import open_fs
+    from pipeline.diffusion.checkpoint import CheckpointError, read_json, write_json
+
+    try:
+        step = int(read_json(join(output, "state", "latest.json"))["step"])
+        record = read_json(join(output, "best", "best.json"))
+    except (CheckpointError, FileNotFoundError, KeyError, TypeError, ValueError):
+        return
+    curve = [c for c in record.get("curve", []) if c[0] <= step]
+    if record.get("step") is not None and record["step"] > step:
+        fs, _ = open_fs(output)
+        kept = [c for c in curve if fs.exists(open_fs(join(output, "best", f"ema-{c[0]:07d}.safetensors"))[1])]
+        best = min(kept, key=lambda c: c[1], default=None)
+        record = {"step": best[0], "val_loss": best[1]} if best else {"step": None, "val_loss": None}
+    write_json(join(output, "best", "best.json"), {**record, "curve": curve}, atomic=True)

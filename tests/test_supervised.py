@@ -90,7 +90,7 @@ def test_training_learns_resumes_exactly_and_round_trips(tmp_path):
     assert meta["selected_step"] == min(curve, key=lambda c: c[1])[0] and meta["val_loss"] == min(c[1] for c in curve)
     from pipeline.diffusion.checkpoint import read_tensors
 
-    best = read_tensors(a + "/best/ema.safetensors")
+    best = read_tensors(a + f"/best/ema-{meta['selected_step']:07d}.safetensors")
     assert all(torch.equal(best[k], v) for k, v in ma.state_dict().items())
     # the exported network restores better than the observation it is given
     from pipeline.data.corrupt import corrupt
@@ -156,6 +156,28 @@ def _run(tiny_priors, sup, obs, out, path, quantile=0.5):
     rows = pq.read_table(f"{out}/runs/{path}/cleaned").to_pylist()
     metrics = pq.read_table(f"{out}/runs/{path}/metrics").to_pylist()
     return summary, {r["id"]: r for r in rows}, {r["id"]: r for r in metrics}
+
+
+def test_a_state_of_another_pair_is_refused_and_a_new_run_starts_its_own_selection(tmp_path, capsys):
+    image = recipe("img", "faces", str(tmp_path / "unused"))
+    noise = recipe("noise", "digits", str(tmp_path / "unused"))
+    out = str(tmp_path / "o")
+    train_supervised(image, noise, "blend", out, steps=10, progress=False)
+    other = recipe("noise", "stripes", str(tmp_path / "unused"))
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"its training state is of another noise"):
+        train_supervised(image, other, "blend", out, steps=20, progress=False)
+    # the state deleted by hand: a new run, whose selection is its own (the old best is not kept)
+    import shutil
+
+    shutil.rmtree(tmp_path / "o" / "state")
+    (tmp_path / "o" / "best" / "ema-9999999.safetensors").write_bytes(b"stale")
+    train_supervised(image, noise, "blend", out, steps=10, progress=False)
+    assert sorted(p.name for p in (tmp_path / "o" / "best").iterdir() if p.name.endswith(".safetensors")) == [
+        f"ema-{s:07d}.safetensors" for s in sorted({c[0] for c in load_model(out + "/model")[2]["val_curve"]
+                                                     if c[1] == min(d[1] for d in load_model(out + "/model")[2][
+                                                         "val_curve"] if d[0] <= c[0])})]
 
 
 def _pixels(cell: dict) -> np.ndarray:
@@ -224,3 +246,23 @@ def test_the_paths_refuse_what_they_cannot_do_in_one_line(routed_setup, tiny_pri
         line = proc.stderr.strip()
         assert proc.returncode == 2 and message in line and "\n" not in line and "Traceback" not in line, line
     assert not (tmp_path / "o").exists()
+
+
+def test_rows_without_alpha_are_rejected_by_fast_and_sent_on_by_routed(routed_setup, tiny_priors, tmp_path):
+    import pyarrow.parquet as pq
+
+    sup, obs = routed_setup
+    src = tmp_path / "noalpha"
+    src.mkdir()
+    for shard in sorted(p for p in __import__("pathlib").Path(obs).glob("shard-*.parquet")):
+        t = pq.read_table(shard)
+        pq.write_table(t.drop_columns(["alpha"]), src / shard.name)
+    from pipeline.data.accounting import RejectedRowsError
+
+    with pytest.raises(RejectedRowsError, match=r"8 x sample: no alpha: .*sampler.path=fast does not estimate"):
+        _run(tiny_priors, sup, str(src), str(tmp_path / "out"), "fast")
+    errors = pq.read_table(str(tmp_path / "out" / "runs" / "fast" / "errors")).to_pylist()
+    assert all(e["stage"] == "sample" and e["reason"].startswith("no alpha: ") for e in errors)
+    summary, routed, _ = _run(tiny_priors, sup, str(src), str(tmp_path / "out"), "routed")
+    assert summary["cleaned"] == 8 and {r["path"] for r in routed.values()} == {"joint"}
+    assert all(r["alpha_hat"] is not None for r in routed.values())

@@ -19,7 +19,8 @@ random words in three font families, the fourth (:data:`pipeline.data.text.HELD_
 `font-digits` and `stripes-fine` are noise that no prior was trained on (the out-of-distribution scenarios of
 ``bench quality``): the digits 0-9 set in DejaVu Serif (:data:`pipeline.data.text.HELD_OUT`), drawn as `digits` are
 (white on black, an 8x8 raster enlarged), against `digits`' handwriting; and stripes finer than any in `stripes`
-(:data:`STRIPES_FINE_CYCLES` against :data:`STRIPES_CYCLES`). Their val and test splits have 200 and 500 images.
+(:data:`STRIPES_FINE_CYCLES` against :data:`STRIPES_CYCLES`). `font-digits` val and test have 200 and 500
+images, `stripes-fine` 500 each.
 
 `natural` is split *by photo* (:data:`NATURAL_PHOTOS`), grey and RGB, at native resolution: train =
 chelsea (also shipped as ``cat``), the stereo_motorcycle pair (left and right, one split), hubble_deep_field,

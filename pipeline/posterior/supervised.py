@@ -102,12 +102,13 @@ def is_supervised(meta: dict[str, Any]) -> bool:
 
 
 @torch.no_grad()
-def restore(model: torch.nn.Module, y01: torch.Tensor, batch: int = 256) -> torch.Tensor:
+def restore(model: torch.nn.Module, y01: torch.Tensor, batch: int = 256,
+            overlap: int = TILE_OVERLAP) -> torch.Tensor:
     """The network's clean image for observations ``y01`` ``(B, C, H, W)`` in [0, 1], of any size: tiles of the
     network's size overlapping by :data:`TILE_OVERLAP`, blended; [0, 1]."""
     size = model.config.image_size
     h, w = y01.shape[-2:]
-    tiling = Tiling(h, w, size, 0 if (h, w) == (size, size) else TILE_OVERLAP)
+    tiling = Tiling(h, w, size, 0 if (h, w) == (size, size) else overlap)
     t = torch.zeros(y01.shape[0], device=y01.device)
     out = tiled(model, y01 * 2 - 1, t, tiling, batch)
     return ((out + 1) / 2).clamp(0.0, 1.0)
@@ -202,14 +203,16 @@ def calibrate(network: torch.nn.Module, x_model: torch.nn.Module, n_model: torch
 class FastDenoiser:
     """``sampler.path: fast`` and ``routed``: the supervised network on every image (one evaluation); ``routed``
     also scores each answer with both priors (:func:`prior_losses`, :meth:`RouteCalibration.score`) and sends the
-    images scoring above the calibrated threshold to the joint sampler (``joint``, a
-    :class:`~pipeline.posterior.denoise.Denoiser`). Called as the joint denoiser is; the output's ``path`` says,
-    per image, which path cleaned it."""
+    images scoring above the calibrated threshold, and those whose weight is to be estimated, to the joint sampler
+    (``joint``, a :class:`~pipeline.posterior.denoise.Denoiser`). Called as the joint denoiser is; the output's
+    ``path`` says, per image, which path cleaned it. A row the network cleaned has no ``residual`` or ``spread``
+    (NaN): its noise estimate explains the observation by construction, and it is one answer, not samples."""
 
     def __init__(self, network: torch.nn.Module, joint: Any = None, calibration: RouteCalibration | None = None,
-                 quantile: float = 0.9):
+                 quantile: float = 0.9, tile_batch: int = 256, overlap: int = TILE_OVERLAP):
         self.network, self.joint, self.calibration = network, joint, calibration
         self.threshold = None if calibration is None else calibration.threshold(quantile)
+        self.tile_batch, self.overlap = tile_batch, overlap
 
     def __call__(self, ids: list[str], y: torch.Tensor, forward: ForwardModel,
                  estimate: torch.Tensor | None = None) -> Any:
@@ -218,34 +221,43 @@ class FastDenoiser:
         from pipeline import metrics
         from pipeline.posterior.denoise import DenoiseOutput
 
-        if estimate is not None and bool(estimate.any()):
-            raise ValueError("the supervised network does not estimate the forward weight: give forward.alpha or "
-                             "an alpha column, or use sampler.path=joint for forward.alpha=auto")
         t0 = time.perf_counter()
-        x = restore(self.network, y)
-        n = implied_noise(y, x, forward)
         b = y.shape[0]
+        estimate = torch.zeros(b, dtype=torch.bool) if estimate is None else estimate.cpu()
+        if self.joint is None and bool(estimate.any()):
+            raise ValueError("the supervised network does not estimate the forward weight: give forward.alpha or an "
+                             "alpha column, or use sampler.path=routed or joint")
+        x = restore(self.network, y, self.tile_batch)
+        n = implied_noise(y, x, forward)
         path = ["fast"] * b
         score = torch.full((b,), float("nan"))
         nfe = torch.ones(b, dtype=torch.long)
-        residual = (y - forward.apply(x, n)).pow(2).flatten(1).mean(1).sqrt()
+        nan = torch.full((b,), float("nan"), device=y.device)
+        residual, spread, uncertainty, alpha_hat = nan.clone(), nan.clone(), None, None
         if self.joint is not None and self.calibration is not None:
             j = self.joint
-            lx = prior_losses(j.x_model, j.sde, ids, x, j.tile_batch)
-            ln = prior_losses(j.n_model, j.sde, ids, n, j.tile_batch)
+            lx = prior_losses(j.x_model, j.sde, ids, x, self.tile_batch, self.overlap)
+            ln = prior_losses(j.n_model, j.sde, ids, n, self.tile_batch, self.overlap)
             score = self.calibration.score(lx, ln).cpu()
             nfe += 2 * len(ROUTE_TIMES)
-            send = [k for k in range(b) if score[k] > self.threshold]
+            send = [k for k in range(b) if score[k] > self.threshold or estimate[k]]
             if send:
-                out = j([ids[k] for k in send], y[send], forward.take(send))
-                x, n, residual = x.clone(), n.clone(), residual.clone()
-                x[send], n[send], residual[send] = out.denoised, out.noise_estimate, out.residual
+                est = estimate[send] if bool(estimate[send].any()) else None
+                out = j([ids[k] for k in send], y[send], forward.take(send), est)
+                x, n = x.clone(), n.clone()
+                x[send], n[send], residual[send], spread[send] = (out.denoised, out.noise_estimate,
+                                                                  out.residual.to(y.device), out.spread.to(y.device))
+                if out.uncertainty is not None:
+                    uncertainty = torch.zeros_like(x)
+                    uncertainty[send] = out.uncertainty
+                if out.alpha_hat is not None:  # the weight each sent row was cleaned with; the others' is given
+                    alpha_hat = getattr(forward, type(forward).weight).clone().float().cpu()
+                    alpha_hat[send] = out.alpha_hat.cpu().float()
                 for k in send:
                     path[k] = "joint"
                     nfe[k] += out.nfe
-        forward_x = forward.image_part(x, n)
         return DenoiseOutput(
-            denoised=x, noise_estimate=n, uncertainty=None, residual=residual,
-            spread=torch.zeros(b), removed_energy=metrics.removed_energy(y, forward_x, 1.0), nfe=int(nfe.max()),
+            denoised=x, noise_estimate=n, uncertainty=uncertainty, residual=residual, spread=spread,
+            removed_energy=metrics.removed_energy(y, forward.image_part(x, n), 1.0), nfe=int(nfe.max()),
             backward=any(p == "joint" for p in path), seconds=(time.perf_counter() - t0) / max(b, 1),
-            path=path, route_score=score, nfe_per_image=nfe.tolist())
+            alpha_hat=alpha_hat, path=path, route_score=score, nfe_per_image=nfe.tolist())

@@ -190,6 +190,9 @@ def check_supervised(recipe: Any) -> str:
     if recipe.forward.alpha == "auto":
         raise ConfigError(f"{where}: the supervised network does not estimate forward.alpha; give a number or an "
                           "alpha column, or use sampler.path=joint")
+    if recipe.sampler.n_samples > 1:
+        raise ConfigError(f"{where}: the supervised network gives one answer, not posterior samples; leave "
+                          "sampler.n_samples at 1, or use sampler.path=joint")
     try:
         net, _, meta = read_model_config(resolve_model(name))
     except (CheckpointError, FileNotFoundError) as exc:
@@ -197,6 +200,10 @@ def check_supervised(recipe: Any) -> str:
     if meta.get("task") != "supervised":
         raise ConfigError(f"priors.supervised: {name} is a prior, not a supervised network (jointdiff "
                           "train-supervised writes one)")
+    if meta.get("forward") != recipe.forward.name:
+        raise ConfigError(f"priors.supervised: {name} was trained on the {meta.get('forward')} forward model, this run "
+                          f"uses forward.name={recipe.forward.name}; train one for it with jointdiff train-supervised "
+                          "or use sampler.path=joint")
     x_channels = read_model_config(resolve_model(p.image))[0].channels
     if net.channels != x_channels:
         raise ConfigError(f"priors.supervised: {name} has {net.channels} channel(s), the image prior "
@@ -207,4 +214,8 @@ def check_supervised(recipe: Any) -> str:
         cal = f"{route.get('image_prior')} + {route.get('noise_prior')}" if isinstance(route, dict) else "no priors"
         raise ConfigError(f"sampler.path=routed: {name} is calibrated for {cal}, not {p.image} + {p.noise}; run "
                           f"jointdiff train-supervised OUTPUT ... --route-priors {p.image} {p.noise} to calibrate it")
+    q = f"{recipe.sampler.route_quantile:g}"
+    if path == "routed" and q not in route.get("quantiles", {}):
+        raise ConfigError(f"sampler.route_quantile={q}: {name} is calibrated at "
+                          f"{', '.join(route.get('quantiles', {}))}; use one of those")
     return name

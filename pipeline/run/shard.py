@@ -89,7 +89,8 @@ class ShardCleaner:
         from pipeline.posterior.supervised import FastDenoiser
 
         routed = self.settings.path == "routed"
-        return FastDenoiser(self.network, joint if routed else None, self.calibration, self.settings.route_quantile)
+        return FastDenoiser(self.network, joint if routed else None, self.calibration, self.settings.route_quantile,
+                            tile_batch=self.tile_batch, overlap=self.settings.tile_overlap)
 
     def _batch_size(self) -> int:
         """``cfg.batch_size``, or for ``auto`` the batch that fills ``gpu.memory_margin`` of the free GPU
@@ -209,6 +210,11 @@ def sample(cleaner: ShardCleaner, rows: list[Row], result: ShardResult, reject: 
             reject(r, f"{r.y.shape[1]}x{r.y.shape[2]} pixels: the {cleaner.settings.solver} solver runs at the "
                       f"priors' size ({size[0]}x{size[1]}) only; use sampler.solver=ddim for other sizes")
         rows = [r for r in rows if r.y.shape[1:] == size]
+    if cleaner.settings.path == "fast":  # the network alone cannot estimate a weight; routed sends such rows on
+        for r in [r for r in rows if r.estimate]:
+            reject(r, "no alpha: the row has no alpha value and sampler.path=fast does not estimate one; give "
+                      "forward.alpha or an alpha column, or use sampler.path=routed or joint")
+        rows = [r for r in rows if not r.estimate]
     for batch in batches(rows, cleaner.batch_size, cleaner.batch_pixels):
         y = torch.from_numpy(np.stack([r.y for r in batch])).to(cleaner.device)
         estimate = torch.tensor([r.estimate for r in batch])

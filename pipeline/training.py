@@ -244,33 +244,29 @@ def supervised_plan(image: PriorConfig, noise: PriorConfig, forward: str, batch_
                        for c, (s, b, p) in zip((image, noise), parts)]}
 
 
-def _pairs(trainer: Any, image: PriorConfig, noise: PriorConfig, draw: Any, split: str, n: int,
+def _pairs(trainer: Any, image: PriorConfig, noise: PriorConfig, split: str, n: int,
            seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """``n`` pairs drawn from ``split`` of both sources as training draws them, without flips or shifts (generator
-    ``seed``): ``(observations, clean images)`` in network units and the weights; None where a source has no such
-    split (a shard dataset)."""
-    from pipeline.diffusion.train import draw_images
-    from pipeline.posterior.supervised import synthesize
+    ``seed``; :func:`pipeline.posterior.supervised.draw_pairs`); None where a source has no such split (a shard
+    dataset)."""
+    from pipeline.posterior.supervised import draw_pairs
 
     if image.data.source not in NAMES or noise.data.source not in NAMES:
         return None
     _, clean, _ = load_train_data(_on_device(image, None, split))
     _, noise_data, _ = load_train_data(_on_device(noise, None, split))
-    g = torch.Generator(device=trainer.device).manual_seed(seed)
-    x0 = draw_images(clean, n, g, hflip=False, shift=0, grey_to_rgb=image.data.grey_to_rgb,
-                     channels=trainer.model.config.channels)
-    n0 = draw_images(noise_data, n, g, hflip=False, shift=0, grey_to_rgb=draw.grey_to_rgb, channels=draw.channels)
-    lo, hi = trainer.weight_range
-    w = lo + (hi - lo) * torch.rand(n, generator=g, device=trainer.device)
-    return synthesize((x0 + 1) / 2, (n0 + 1) / 2, trainer.forward, w) * 2 - 1, x0, w
+    plain = {"hflip": False, "shift": 0}
+    return draw_pairs(clean, noise_data, n, torch.Generator(device=trainer.device).manual_seed(seed),
+                      dataclasses.replace(trainer.clean_draw, **plain),
+                      dataclasses.replace(trainer.noise_draw, **plain), trainer.forward, trainer.weight_range)
 
 
-def _heldout_pairs(trainer: Any, image: PriorConfig, noise: PriorConfig, draw: Any, n: int = 256) -> float | None:
+def _heldout_pairs(trainer: Any, image: PriorConfig, noise: PriorConfig, n: int = 256) -> float | None:
     """The supervised loss of ``trainer``'s EMA model on ``n`` pairs of the test splits (:func:`_pairs`, seed 0);
     None where a source has no test split."""
     from pipeline.posterior.supervised import pair_loss
 
-    pairs = _pairs(trainer, image, noise, draw, "test", n, 0)
+    pairs = _pairs(trainer, image, noise, "test", n, 0)
     if pairs is None:
         return None
     y, x0, _ = pairs
@@ -278,7 +274,7 @@ def _heldout_pairs(trainer: Any, image: PriorConfig, noise: PriorConfig, draw: A
         return float(pair_loss(trainer.ema.model.eval(), y, x0))
 
 
-def route_calibration(trainer: Any, image: PriorConfig, noise: PriorConfig, draw: Any, priors: tuple[str, str],
+def route_calibration(trainer: Any, image: PriorConfig, noise: PriorConfig, priors: tuple[str, str],
                       n: int = 256) -> dict[str, Any] | None:
     """The router's calibration (:func:`pipeline.posterior.supervised.calibrate`) of ``trainer``'s EMA model with
     the priors ``priors`` (image, noise) on ``n`` pairs of the validation splits (seed 1), as a dict for the card;
@@ -288,7 +284,7 @@ def route_calibration(trainer: Any, image: PriorConfig, noise: PriorConfig, draw
     from pipeline.posterior.supervised import calibrate
 
     forward = trainer.forward
-    pairs = _pairs(trainer, image, noise, draw, "val", n, 1) if FORWARD_MODELS[forward].linear else None
+    pairs = _pairs(trainer, image, noise, "val", n, 1) if FORWARD_MODELS[forward].linear else None
     if pairs is None:
         return None
     y, _, w = pairs
@@ -356,7 +352,7 @@ def train_supervised(image: PriorConfig, noise: PriorConfig, forward: str, outpu
     a weight from :data:`pipeline.posterior.supervised.WEIGHT_RANGES`. The recipe (learning rate, warm-up, EMA,
     seed) is the image prior's. ``route_priors`` (image, noise; default the recipes' names where those are shipped
     priors): the priors the router's calibration is made with (:func:`route_calibration`, ``meta.route``)."""
-    from pipeline.posterior.supervised import TASK, NoiseDraw, SupervisedTrainer
+    from pipeline.posterior.supervised import TASK, Draw, SupervisedTrainer
 
     plan = supervised_plan(image, noise, forward, batch_size, steps)
     threads = threads or image.train.threads
@@ -378,12 +374,12 @@ def train_supervised(image: PriorConfig, noise: PriorConfig, forward: str, outpu
                                                                       "noise": noise.model_dump(),
                                                                       "forward": forward}})
     nd = noise.data
-    draw = NoiseDraw(hflip=nd.hflip, shift=nd.shift, grey_to_rgb=nd.grey_to_rgb, channels=noise.unet.channels)
+    draw = Draw(hflip=nd.hflip, shift=nd.shift, grey_to_rgb=nd.grey_to_rgb, channels=noise.unet.channels)
     trainer = SupervisedTrainer(settings, draw, forward, tuple(plan["weight_range"]), image.train.device)
     bar = tqdm(total=settings.steps, desc=f"train supervised {image.name}+{noise.name}", unit="step",
                dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0) if progress else None
 
-    val = _pairs(trainer, image, noise, draw, "val", 256, 2)  # checkpoint selection (None: no validation split)
+    val = _pairs(trainer, image, noise, "val", 256, 2)  # checkpoint selection (None: no validation split)
     _rewind_best(output)
 
     def on_step(step: int, loss: float) -> None:
@@ -403,7 +399,7 @@ def train_supervised(image: PriorConfig, noise: PriorConfig, forward: str, outpu
     if trainer.step_count < settings.steps:
         return summary
     selected = _selected(trainer, output)
-    heldout = _heldout_pairs(trainer, image, noise, draw)
+    heldout = _heldout_pairs(trainer, image, noise)
     meta = {
         "name": f"{image.name}-{noise.name}", "task": TASK, "image": image.name, "noise": noise.name,
         "image_dataset": image.data.source, "noise_dataset": noise.data.source, "forward": forward,
@@ -421,7 +417,7 @@ def train_supervised(image: PriorConfig, noise: PriorConfig, forward: str, outpu
     }
     trainer.export(join(output, "model"), meta)  # exported first: a calibration that fails loses no training
     if route_priors:
-        meta["route"] = route_calibration(trainer, image, noise, draw, route_priors)
+        meta["route"] = route_calibration(trainer, image, noise, route_priors)
         trainer.export(join(output, "model"), meta)
     summary.update(meta)
     return summary

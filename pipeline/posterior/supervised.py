@@ -14,7 +14,7 @@ exports is a U-Net's with ``meta.task = "supervised"`` (:data:`TASK`) and the pa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -31,8 +31,9 @@ TILE_OVERLAP = 8
 
 
 @dataclass(frozen=True)
-class NoiseDraw:
-    """How the noise training images are drawn: the noise prior's own augmentation settings."""
+class Draw:
+    """How one source's training images are drawn (:func:`pipeline.diffusion.train.draw_images`): its prior's own
+    augmentation settings and the network's channels."""
 
     hflip: bool
     shift: int
@@ -63,29 +64,36 @@ def width_for(net: NetConfig, params: int) -> NetConfig:
     return NetConfig(**{**net.__dict__, "base_channels": best})
 
 
+def draw_pairs(clean: torch.Tensor | PatchPool, noise: torch.Tensor | PatchPool, n: int, g: torch.Generator,
+               clean_draw: Draw, noise_draw: Draw, forward: str,
+               weight_range: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` pairs, all drawn from ``g`` in this order: clean images, noise images, one weight each from
+    ``weight_range``; returns ``(observations, clean images)`` in network units and the weights."""
+    x0 = draw_images(clean, n, g, **asdict(clean_draw))
+    n0 = draw_images(noise, n, g, **asdict(noise_draw))
+    lo, hi = weight_range
+    w = lo + (hi - lo) * torch.rand(n, generator=g, device=x0.device)
+    return synthesize((x0 + 1) / 2, (n0 + 1) / 2, forward, w) * 2 - 1, x0, w
+
+
 class SupervisedTrainer(Trainer):
     """:class:`Trainer` for the supervised network: a batch is a pair ``(observation, clean)`` drawn by
     :meth:`draw_batch` from ``(clean images, noise images)``; the loss is the mean squared error of the network's
     output (time 0) against the clean image, in network units ([-1, 1])."""
 
-    def __init__(self, settings: TrainSettings, noise: NoiseDraw, forward: str,
+    def __init__(self, settings: TrainSettings, noise: Draw, forward: str,
                  weight_range: tuple[float, float], device: torch.device | str = "cpu"):
         super().__init__(settings, device)
-        self.noise = noise
+        self.clean_draw = Draw(settings.hflip, settings.shift, settings.grey_to_rgb, settings.net.channels)
+        self.noise_draw = noise
         self.forward = forward
         self.weight_range = weight_range
 
     def draw_batch(self, data: tuple[torch.Tensor | PatchPool, torch.Tensor | PatchPool]  # type: ignore[override]
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        clean, noise = data
-        x0 = super().draw_batch(clean)
-        nd = self.noise
-        n0 = draw_images(noise, x0.shape[0], self.generator, hflip=nd.hflip, shift=nd.shift,
-                         grey_to_rgb=nd.grey_to_rgb, channels=nd.channels)
-        lo, hi = self.weight_range
-        w = lo + (hi - lo) * torch.rand(x0.shape[0], generator=self.generator, device=x0.device)
-        y = synthesize((x0 + 1) / 2, (n0 + 1) / 2, self.forward, w)
-        return y * 2 - 1, x0
+        y, x0, _ = draw_pairs(*data, self.settings.batch_size, self.generator, self.clean_draw, self.noise_draw,
+                              self.forward, self.weight_range)
+        return y, x0
 
     def step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> float:  # type: ignore[override]
         return self._optimise(lambda net: pair_loss(net, *batch))
@@ -131,7 +139,7 @@ def implied_noise(y01: torch.Tensor, x01: torch.Tensor, forward: ForwardModel) -
 
 @torch.no_grad()
 def prior_losses(model: torch.nn.Module, sde: Any, ids: list[str], z01: torch.Tensor, tile_batch: int = 64,
-                 overlap: int = 8) -> torch.Tensor:
+                 overlap: int = TILE_OVERLAP) -> torch.Tensor:
     """Per image, a prior's denoising loss on ``z01`` ([0, 1]) at :data:`ROUTE_TIMES`, with noise drawn from the
     image's id (so an image's figure never depends on its batch); network units, lower is more likely. Images
     larger than the prior are scored in tiles."""

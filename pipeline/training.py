@@ -126,6 +126,25 @@ def finish_training(config: PriorConfig, trainer: Trainer, summary: dict[str, An
     return summary
 
 
+def _progress_bar(total: int, desc: str) -> tqdm:
+    """A training run's progress bar (steps, steps/s, ETA), redrawn every second on a terminal, every 30 s in a
+    log."""
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True,
+                mininterval=1.0 if sys.stderr.isatty() else 30.0)
+
+
+def _advance(bar: tqdm | None, trainer: Trainer, step: int, every: int) -> None:
+    """``bar`` after ``step`` (a resumed run's first step jumps to where it is), with the mean loss of the last
+    ``every`` steps every ``every`` steps."""
+    if bar is None:
+        return
+    if bar.n == 0 and step > 1:
+        bar.update(step - 1)
+    bar.update(1)
+    if step % every == 0:
+        bar.set_postfix(loss=f"{sum(trainer.losses[-every:]) / every:.4f}")
+
+
 def train_prior(config: PriorConfig, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
     """Train ``config`` to its step count (resuming), export the EMA model to ``<output>/model``.
 
@@ -137,18 +156,10 @@ def train_prior(config: PriorConfig, progress: bool = True, stop_after: int | No
         torch.set_num_threads(tc.threads)
     train_set, data, random_channel = load_train_data(config)
     trainer = Trainer(train_settings(config), tc.device)
-    bar = None
-    if progress:
-        bar = tqdm(total=tc.steps, desc=f"train {config.name}", unit="step", dynamic_ncols=True,
-                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    bar = _progress_bar(tc.steps, f"train {config.name}") if progress else None
 
     def on_step(step: int, loss: float) -> None:
-        if bar is not None:
-            if bar.n == 0 and step > 1:
-                bar.update(step - 1)  # resumed: jump to where we are
-            bar.update(1)
-            if step % tc.log_every == 0:
-                bar.set_postfix(loss=f"{sum(trainer.losses[-tc.log_every:]) / tc.log_every:.4f}")
+        _advance(bar, trainer, step, tc.log_every)
 
     t0 = time.perf_counter()
     summary = fit(trainer, data, config.output, on_step=on_step, stop_after=stop_after)
@@ -364,7 +375,7 @@ def train_supervised(image: PriorConfig, noise: PriorConfig, forward: str, outpu
         route_priors = (image.name, noise.name)
     if route_priors:  # before hours of training: the priors the router is calibrated with must fit the pairs
         _check_route_priors(route_priors, image, noise, forward)
-    _check_resume(output, plan, image, noise, forward)
+    resumed_at = _check_resume(output, plan, image, noise, forward)
     clean_set, clean, _ = load_train_data(image)
     noise_set, noise_data, _ = load_train_data(noise)
     base = train_settings(image)
@@ -376,19 +387,14 @@ def train_supervised(image: PriorConfig, noise: PriorConfig, forward: str, outpu
     nd = noise.data
     draw = Draw(hflip=nd.hflip, shift=nd.shift, grey_to_rgb=nd.grey_to_rgb, channels=noise.unet.channels)
     trainer = SupervisedTrainer(settings, draw, forward, tuple(plan["weight_range"]), image.train.device)
-    bar = tqdm(total=settings.steps, desc=f"train supervised {image.name}+{noise.name}", unit="step",
-               dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0) if progress else None
+    bar = _progress_bar(settings.steps, f"train supervised {image.name}+{noise.name}") if progress else None
 
     val = _pairs(trainer, image, noise, "val", 256, 2)  # checkpoint selection (None: no validation split)
-    _rewind_best(output)
+    if resumed_at is not None:
+        _rewind_best(output, resumed_at)
 
     def on_step(step: int, loss: float) -> None:
-        if bar is not None:
-            if bar.n == 0 and step > 1:
-                bar.update(step - 1)
-            bar.update(1)
-            if step % 25 == 0:
-                bar.set_postfix(loss=f"{sum(trainer.losses[-25:]) / 25:.4f}")
+        _advance(bar, trainer, step, image.train.log_every)
         if val is not None and (step % settings.checkpoint_every == 0 or step == settings.steps):
             _select(trainer, val, output, step)
 
@@ -430,27 +436,28 @@ def _check_route_priors(priors: tuple[str, str], image: PriorConfig, noise: Prio
 
     check_models(priors[0], priors[1], forward=forward)
     for key, name, recipe in (("image", priors[0], image), ("noise", priors[1], noise)):
-        want = (recipe.unet.channels, recipe.unet.image_size)
-        if prior_shape(name) != want:
-            raise ConfigError(f"--route-priors: the {key} prior {name} is {prior_shape(name)} (channels, size), the "
+        want, shape = (recipe.unet.channels, recipe.unet.image_size), prior_shape(name)
+        if shape != want:
+            raise ConfigError(f"--route-priors: the {key} prior {name} is {shape} (channels, size), the "
                               f"{key} recipe {want}; name priors of the recipes' shape")
 
 
-def _check_resume(output: str, plan: dict[str, Any], image: PriorConfig, noise: PriorConfig, forward: str) -> None:
-    """A state under ``output`` from another pair, forward model or weight range: one line
-    (:class:`~pipeline.diffusion.checkpoint.CheckpointConfigError`) before anything is trained; a new run (no
-    state) clears the checkpoint selection a run before it left (``best/``)."""
-    from pipeline.data.storage import open_fs
+def _check_resume(output: str, plan: dict[str, Any], image: PriorConfig, noise: PriorConfig,
+                  forward: str) -> int | None:
+    """The step of the training state under ``output`` a run resumes from (None: a new run, which clears the
+    checkpoint selection a run before it left, ``best/``); a state from another pair, forward model or weight
+    range: one line (:class:`~pipeline.diffusion.checkpoint.CheckpointConfigError`) before anything is trained."""
     from pipeline.diffusion.checkpoint import MAX_STATE_BYTES, CheckpointConfigError, CheckpointError, read_json
 
     try:
-        latest = read_json(join(output, "state", "latest.json"))["dir"]
-        saved = read_json(join(output, "state", latest, "state.json"), max_bytes=MAX_STATE_BYTES)["config"]
-    except (CheckpointError, FileNotFoundError, KeyError, TypeError):
+        latest = read_json(join(output, "state", "latest.json"))
+        saved = read_json(join(output, "state", latest["dir"], "state.json"), max_bytes=MAX_STATE_BYTES)["config"]
+        step = int(latest["step"])
+    except (CheckpointError, FileNotFoundError, KeyError, TypeError, ValueError):
         fs, path = open_fs(join(output, "best"))
         if fs.exists(path):
             fs.rm(path, recursive=True)
-        return
+        return None
     was = saved.get("supervised", {}) if isinstance(saved, dict) else {}
     mine = {"forward": forward, "image": image.model_dump().get("data"), "noise": noise.model_dump().get("data"),
             "weight_range": plan["weight_range"]}
@@ -460,23 +467,22 @@ def _check_resume(output: str, plan: dict[str, Any], image: PriorConfig, noise: 
         if mine[key] != theirs[key]:
             raise CheckpointConfigError(f"{output}: its training state is of another {key} ({theirs[key]}) than this "
                                         f"run's ({mine[key]}); use a new OUTPUT, or the recipes it was started with")
+    return step
 
 
-def _rewind_best(output: str) -> None:
-    """A resumed run: the checkpoint selection as it was at the state it resumes from (entries of the steps it
-    redoes dropped; a best among them replaced by the best before them whose weights are kept)."""
-    from pipeline.data.storage import open_fs
+def _rewind_best(output: str, step: int) -> None:
+    """A run resumed at ``step``: the checkpoint selection as it was then (entries of the steps it redoes dropped;
+    a best among them replaced by the best before them whose weights are kept)."""
     from pipeline.diffusion.checkpoint import CheckpointError, read_json, write_json
 
     try:
-        step = int(read_json(join(output, "state", "latest.json"))["step"])
         record = read_json(join(output, "best", "best.json"))
-    except (CheckpointError, FileNotFoundError, KeyError, TypeError, ValueError):
+    except (CheckpointError, FileNotFoundError):
         return
     curve = [c for c in record.get("curve", []) if c[0] <= step]
     if record.get("step") is not None and record["step"] > step:
-        fs, _ = open_fs(output)
-        kept = [c for c in curve if fs.exists(open_fs(join(output, "best", f"ema-{c[0]:07d}.safetensors"))[1])]
-        best = min(kept, key=lambda c: c[1], default=None)
-        record = {"step": best[0], "val_loss": best[1]} if best else {"step": None, "val_loss": None}
+        fs, best = open_fs(join(output, "best"))
+        kept = [c for c in curve if fs.exists(f"{best}/ema-{c[0]:07d}.safetensors")]
+        low = min(kept, key=lambda c: c[1], default=None)
+        record = {"step": low[0], "val_loss": low[1]} if low else {"step": None, "val_loss": None}
     write_json(join(output, "best", "best.json"), {**record, "curve": curve}, atomic=True)

@@ -379,7 +379,7 @@ def large(quick: bool = False, steps: int | None = None, rule: str | None = None
             log(f"{sc.name}: no supervised network ships for natural + {sc.noise_prior}; train one with jointdiff "
                 "train-supervised (docs/supervised.md)")
         else:
-            s_model, _, _ = load_model(sup)
+            s_model, _, _ = load_model(resolve_model(sup))
             with PeakRSS() as mem:
                 t0 = time.perf_counter()
                 results["supervised"] = [_back(restore(s_model, torch.from_numpy(_rgb(y))[None])[0].numpy(), x)

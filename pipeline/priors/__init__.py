@@ -21,12 +21,16 @@ SUPERVISED = {("faces", "digits"): "supervised-faces-digits", ("faces", "stripes
 
 
 def supervised_for(image_prior: str, noise_prior: str) -> str | None:
-    """The folder of the shipped supervised network for a pair of shipped priors; None when there is none (not
-    trained yet, or not a shipped pair)."""
+    """The name of the shipped supervised network for a pair of shipped priors (a model argument like a prior's
+    name); None when there is none (not trained yet, or not a shipped pair)."""
     name = SUPERVISED.get((image_prior, noise_prior))
-    if name is None or not (_HERE / name / "weights.safetensors").exists():
-        return None
-    return str(_HERE / name)
+    return name if name is not None and _ships(name) else None
+
+
+def _ships(name: str) -> bool:
+    return (_HERE / name / "weights.safetensors").exists()
+
+
 _HERE = Path(__file__).resolve().parent
 
 
@@ -34,7 +38,7 @@ def resolve_model(name_or_uri: str) -> str:
     """A shipped prior's folder for a bare name; a registry's ``.../models/<name>/latest`` resolved to
     its newest version; else the URI unchanged, when it holds a ``config.json``. Anything else raises
     :class:`~pipeline.diffusion.checkpoint.CheckpointError` naming the shipped priors and the accepted forms."""
-    if name_or_uri in SUPERVISED.values() and (_HERE / name_or_uri / "weights.safetensors").exists():
+    if name_or_uri in SUPERVISED.values() and _ships(name_or_uri):
         return str(_HERE / name_or_uri)
     if name_or_uri in SHIPPED:
         folder = _HERE / name_or_uri

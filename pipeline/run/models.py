@@ -176,11 +176,12 @@ def check_supervised(recipe: Any) -> str:
     ``routed``, its card holds a calibration for these two priors."""
     from pipeline.diffusion.checkpoint import CheckpointError, read_model_config
     from pipeline.forward import FORWARD_MODELS
+    from pipeline.posterior.supervised import is_supervised
     from pipeline.priors import supervised_for
 
     path, p = recipe.sampler.path, recipe.priors
     where = f"sampler.path={path}"
-    name = p.supervised or (SUPERVISED[(p.image, p.noise)] if supervised_for(p.image, p.noise) else None)
+    name = p.supervised or supervised_for(p.image, p.noise)
     if name is None:
         raise ConfigError(f"{where}: no supervised network ships for priors {p.image} + {p.noise}; train one with "
                           "jointdiff train-supervised and give it as priors.supervised")
@@ -197,14 +198,14 @@ def check_supervised(recipe: Any) -> str:
         net, _, meta = read_model_config(resolve_model(name))
     except (CheckpointError, FileNotFoundError) as exc:
         raise ConfigError(f"priors.supervised: {exc}") from None
-    if meta.get("task") != "supervised":
+    if not is_supervised(meta):
         raise ConfigError(f"priors.supervised: {name} is a prior, not a supervised network (jointdiff "
                           "train-supervised writes one)")
     if meta.get("forward") != recipe.forward.name:
         raise ConfigError(f"priors.supervised: {name} was trained on the {meta.get('forward')} forward model, this run "
                           f"uses forward.name={recipe.forward.name}; train one for it with jointdiff train-supervised "
                           "or use sampler.path=joint")
-    x_channels = read_model_config(resolve_model(p.image))[0].channels
+    x_channels = prior_shape(p.image)[0]
     if net.channels != x_channels:
         raise ConfigError(f"priors.supervised: {name} has {net.channels} channel(s), the image prior "
                           f"{x_channels}")

@@ -218,22 +218,29 @@ def run_joint(x_model: torch.nn.Module, n_model: torch.nn.Module, sde: Any, obs:
     observation's weight (default ``obs.alpha``); ``estimate``: the sampler estimates every weight
     (``forward.alpha: auto``), its estimates appended to ``alpha_out``; ``sigma_y``: the read-out noise the sampler
     is told of (one for all, or per observation)."""
+    outs = denoise_batches(Denoiser(x_model, n_model, sde, settings), obs, alpha, sigma_y, estimate, batch_size)
+    if alpha_out is not None:
+        alpha_out += [out.alpha_hat for out in outs if out.alpha_hat is not None]
+    return torch.cat([out.denoised for out in outs]), torch.cat([out.noise_estimate for out in outs])
+
+
+def denoise_batches(denoiser: Any, obs: Observations, alpha: torch.Tensor | None = None,
+                    sigma_y: torch.Tensor | float = FIXED_SIGMA_Y, estimate: bool = False,
+                    batch_size: int = 50) -> list[Any]:
+    """``denoiser`` (a :class:`Denoiser` or a :class:`~pipeline.posterior.supervised.FastDenoiser`) on every
+    observation under the blend, ``batch_size`` at a time: each batch's output. ``alpha`` / ``sigma_y``: each
+    observation's (default ``obs.alpha`` / one for all); ``estimate``: every weight is estimated."""
     y = torch.from_numpy(obs.observation)
     a = torch.as_tensor(obs.alpha if alpha is None else alpha, dtype=torch.float32).expand(len(obs.ids))
     sy = torch.as_tensor(sigma_y, dtype=torch.float32).expand(len(obs.ids))
-    denoiser = Denoiser(x_model, n_model, sde, settings)
-    xs, ns = [], []
+    outs = []
     for start in range(0, len(obs.ids), batch_size):
         rows = y[start:start + batch_size]
         est = torch.ones(len(rows), dtype=torch.bool) if estimate else None
-        out = denoiser(obs.ids[start:start + batch_size], rows,
-                       make_forward("blend", len(rows), alpha=a[start:start + len(rows)],
-                                    sigma_y=sy[start:start + len(rows)]), est)
-        xs.append(out.denoised)
-        ns.append(out.noise_estimate)
-        if alpha_out is not None and out.alpha_hat is not None:
-            alpha_out.append(out.alpha_hat)
-    return torch.cat(xs), torch.cat(ns)
+        outs.append(denoiser(obs.ids[start:start + batch_size], rows,
+                             make_forward("blend", len(rows), alpha=a[start:start + len(rows)],
+                                          sigma_y=sy[start:start + len(rows)]), est))
+    return outs
 
 
 # the gaussian baseline's weights: lambda_x over GAUSSIAN_LAMBDAS at kappa_n = GAUSSIAN_START_KAPPA, then kappa_n
@@ -453,8 +460,8 @@ def mixed(n: int, steps: int | None = None, log: Any = print) -> list[dict[str, 
         log("mixed: no supervised network ships for faces + digits; train one with jointdiff train-supervised")
         return []
     obs, alphas, kinds = mixed_observations(n)
-    y, clean, noise = torch.from_numpy(obs.observation), torch.from_numpy(obs.clean), torch.from_numpy(obs.noise)
-    network, _, meta = load_model(sup)
+    clean, noise = torch.from_numpy(obs.clean), torch.from_numpy(obs.noise)
+    network, _, meta = load_model(resolve_model(sup))
     x_model, sde, _ = load_model(resolve_model("faces"))
     n_model, _, _ = load_model(resolve_model("digits"))
     default = _with_weights(SamplerSettings(**({"steps": steps} if steps else {})), tuned.load_table(), log)
@@ -466,16 +473,12 @@ def mixed(n: int, steps: int | None = None, log: Any = print) -> list[dict[str, 
                                      for q in ROUTE_QUANTILES], ("joint-default", joint)]
     rows = []
     for method, den in plan:
-        xs, paths, nfes = [], [], []
         t0 = time.perf_counter()
-        for start in range(0, len(obs.ids), 50):
-            sl = slice(start, start + 50)
-            out = den(obs.ids[sl], y[sl], make_forward("blend", len(obs.ids[sl]), alpha=alphas[sl]))
-            xs.append(out.denoised)
-            paths += out.path or ["joint"] * len(obs.ids[sl])
-            nfes += out.nfe_per_image or [out.nfe] * len(obs.ids[sl])
+        outs = denoise_batches(den, obs, alphas)
         sec = (time.perf_counter() - t0) / len(obs.ids)
-        x_hat = torch.cat(xs)
+        x_hat = torch.cat([out.denoised for out in outs])
+        paths = [p for out in outs for p in out.path or ["joint"] * len(out.denoised)]
+        nfes = [k for out in outs for k in out.nfe_per_image or [out.nfe] * len(out.denoised)]
         sent = torch.tensor([p == "joint" for p in paths])
         p = metrics.psnr(x_hat, clean)
         rows.append({"scenario": "mixed", "clean": "faces / patches", "noise": "digits / font-digits",

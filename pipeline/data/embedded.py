@@ -39,7 +39,7 @@ Ids are ``<name>-<split>-<index>`` with the index into the source (stable across
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 
@@ -205,17 +205,12 @@ def stripe(seed: int, size: int, shape: tuple[int, int] | None = None,
     return 0.5 + 0.5 * np.sin(2 * np.pi * cycles * (u * np.cos(angle) + v * np.sin(angle)) + phase)
 
 
-def _stripes(split: str, size: int) -> tuple[list[str], np.ndarray]:
+def _stripes(split: str, size: int, name: str = "stripes",
+             cycles_range: tuple[float, float] = STRIPES_CYCLES) -> tuple[list[str], np.ndarray]:
     start, count = STRIPES_SPLITS[split]
     seeds = range(start, start + count)
-    return [f"stripes-{split}-{s:07d}" for s in seeds], np.stack([stripe(s, size) for s in seeds])
-
-
-def _stripes_fine(split: str, size: int) -> tuple[list[str], np.ndarray]:
-    start, count = STRIPES_SPLITS[split]
-    seeds = range(start, start + count)
-    return ([f"stripes-fine-{split}-{s:07d}" for s in seeds],
-            np.stack([stripe(s, size, cycles_range=STRIPES_FINE_CYCLES) for s in seeds]))
+    return ([f"{name}-{split}-{s:07d}" for s in seeds],
+            np.stack([stripe(s, size, cycles_range=cycles_range) for s in seeds]))
 
 
 def font_digit(seed: int) -> np.ndarray:
@@ -296,4 +291,5 @@ def _natural(split: str, size: int) -> tuple[list[str], list[np.ndarray]]:
 
 
 _LOADERS = {"faces": _faces, "digits": _digits, "patches": _patches, "stripes": _stripes, "natural": _natural,
-            "text": _text, "font-digits": _font_digits, "stripes-fine": _stripes_fine}
+            "text": _text, "font-digits": _font_digits,
+            "stripes-fine": partial(_stripes, name="stripes-fine", cycles_range=STRIPES_FINE_CYCLES)}

@@ -754,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     lp = add_learn_arguments(sub.add_parser(
         "learn-prior", help="learn the image prior from a corrupted dataset and a noise prior alone (EM: clean with "
         "the current prior, fine-tune it on the posterior samples, repeat), as the Prefect flow learn-prior on Ray; "
-        "publishes each round's prior (docs/learn-prior.md)"))
+        "publishes each round's prior (docs/how-to/learn-prior.md)"))
     lp.set_defaults(func=_cmd_learn_prior)
 
     sm = sub.add_parser("submit", help="run train or clean on a Ray cluster through the Ray Jobs API (as `ray job "

@@ -133,8 +133,8 @@ class ForwardConfig(_Strict):
 
             if self.name not in ESTIMABLE:
                 raise ValueError(f"forward.alpha=auto: the {self.name} model's weight cannot be estimated (the "
-                                 "noise's own amplitude confounds it: docs/unknown-mixing.md); give a number or an "
-                                 "alpha column")
+                                 "noise's own amplitude confounds it: docs/how-to/unknown-mixing.md); give a number "
+                                 "or an alpha column")
         elif self.alpha is not None:
             if self.alpha <= 0:
                 raise ValueError(f"forward.alpha must be > 0, got {self.alpha:g}")

@@ -277,7 +277,7 @@ class Composite(ForwardModel):
     extra_noise_channels: ClassVar[int] = 1
     # measured on bench large's validation crops: `dps` lands below the observation (its gradient through the text
     # network hardly moves the coverage where the text is, even with the image known) and the final projection puts
-    # what the layer missed back into the image (docs/text-overlays.md)
+    # what the layer missed back into the image (docs/how-to/text-overlays.md)
     sampler_defaults: ClassVar[dict[str, Any]] = {"rule": "projection", "final_projection": False}
 
     def check(self) -> None:

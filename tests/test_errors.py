@@ -1,4 +1,4 @@
-"""What a user meets when a run cannot clean their rows (docs/errors.md): the checks before any work,
+"""What a user meets when a run cannot clean their rows (docs/reference/errors.md): the checks before any work,
 the verdict on a run that rejected too many rows (exit 4), and ingested photos as training data.
 
 The commands run by the CLI's ``main`` in this process (tests/conftest.py ``cli``): the same exit codes and

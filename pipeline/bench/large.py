@@ -377,7 +377,7 @@ def large(quick: bool = False, steps: int | None = None, rule: str | None = None
         sup = supervised_for("natural", sc.noise_prior)
         if sup is None:
             log(f"{sc.name}: no supervised network ships for natural + {sc.noise_prior}; train one with jointdiff "
-                "train-supervised (docs/supervised.md)")
+                "train-supervised (docs/how-to/supervised.md)")
         else:
             s_model, _, _ = load_model(resolve_model(sup))
             with PeakRSS() as mem:

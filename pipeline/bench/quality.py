@@ -401,7 +401,7 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
         sup = supervised_for(sc.image_prior, sc.noise_prior)
         if sup is None:
             log(f"{sc.name}: no supervised network ships for {sc.image_prior} + {sc.noise_prior}; train one with "
-                "jointdiff train-supervised (docs/supervised.md)")
+                "jointdiff train-supervised (docs/how-to/supervised.md)")
         else:
             s_model, _, _ = model(sup)
             t0 = time.perf_counter()

@@ -19,7 +19,7 @@ pulled ``(x, n)`` towards explaining ``y`` with the previous ``w``. The next eva
 solver's move towards the data is made with the model ``A(., .; w)``), and so does the final projection. Far from
 ``t = 0`` Tweedie's estimates are close to the priors' means and say little about ``w``: the weight is first
 estimated at ``t <= start`` (:data:`START`) and held at its initial value (:data:`INITIAL`) before.
-:data:`START` and :data:`DAMPING` were picked on faces + digits validation observations (docs/unknown-mixing.md).
+:data:`START` and :data:`DAMPING` were picked on faces + digits validation observations (docs/how-to/unknown-mixing.md).
 The sums are taken a strip of rows at a time, so no whole-image copy of the estimates is made (an image of
 4096x4096 stays within its memory).
 

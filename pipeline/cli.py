@@ -23,6 +23,7 @@ from pipeline.jobs.commands import (
     load_clean,
     print_summary,
     run_command,
+    summary_line,
 )
 
 
@@ -54,7 +55,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, {heldout}, "
               f"{summary['seconds_total']:.0f} s of training; model in {config.output}/model",
               file=sys.stderr)
-    print(json.dumps({k: v for k, v in summary.items() if k != "train_config"}, default=str))
+    summary_line({k: v for k, v in summary.items() if k != "train_config"})
     return 0
 
 
@@ -102,7 +103,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
               f"(min {rep['samples_min']:.3f}, max {rep['samples_max']:.3f}){unseen}", file=sys.stderr)
         result["nearest"] = rep
     print(f"wrote {args.n} samples to {args.out} in {seconds:.1f} s", file=sys.stderr)
-    print(json.dumps(result))
+    summary_line(result)
     return 0
 
 
@@ -127,12 +128,12 @@ def _size_arg(v: str) -> int | str:
 
 
 CORRUPT_FLAGS = ("clean", "noise", "out", "alpha", "forward", "sigma_y", "split", "n", "size", "channels",
-                 "noise_channel", "seed", "shard_size")
+                 "noise_channel", "seed", "shard_size", "format")
 
 
 def _cmd_corrupt(args: argparse.Namespace) -> int:
     from pipeline.config import CorruptConfig, load_config
-    from pipeline.data.corrupt import corrupt, write_observations
+    from pipeline.data.corrupt import corrupt
     from pipeline.data.datasets import load_images
 
     # a config file (or section) gives the defaults; flags given on the command line win
@@ -147,9 +148,9 @@ def _cmd_corrupt(args: argparse.Namespace) -> int:
         clean = load_images(c.clean, c.split, None, c.channels, column_key=None)
         obs = corrupt_native(clean, c.noise, c.split, c.n or len(clean), alpha=c.alpha, seed=c.seed,
                              forward=c.forward, sigma_y=c.sigma_y)
-        shards = write_observations(c.out, obs, shard_size=c.shard_size)
+        where = _write_corrupted(c, obs)
         print(f"wrote {len(obs.ids)} observations ({c.forward}, alpha {c.alpha}, seed {c.seed}) of {c.clean} under "
-              f"{c.noise} at each image's own size in {len(shards)} shard(s) to {c.out}", file=sys.stderr)
+              f"{c.noise} at each image's own size {where}", file=sys.stderr)
         return 0
     clean = load_images(c.clean, c.split, c.size, c.channels, column_key=None)
     noise_channels = 4 if c.noise == "text" else 1 if c.noise_channel == "random" else c.channels
@@ -157,10 +158,32 @@ def _cmd_corrupt(args: argparse.Namespace) -> int:
     n = c.n or len(clean)
     obs = corrupt(clean, noise, n, alpha=c.alpha, seed=c.seed, forward=c.forward,
                   sigma_y=c.sigma_y, noise_channel=c.noise_channel)
-    shards = write_observations(c.out, obs, shard_size=c.shard_size)
+    where = _write_corrupted(c, obs)
     print(f"wrote {n} observations ({c.forward}, alpha {c.alpha}, seed {c.seed}) of {c.clean} under "
-          f"{c.noise} in {len(shards)} shard(s) to {c.out}", file=sys.stderr)
+          f"{c.noise} {where}", file=sys.stderr)
     return 0
+
+
+def _write_corrupted(c: Any, obs: Any) -> str:
+    """Write ``corrupt``'s observations as ``c.format`` says; where they went, for the last line."""
+    if c.format == "shards":
+        from pipeline.data.corrupt import write_observations
+
+        shards = write_observations(c.out, obs, shard_size=c.shard_size)
+        return f"in {len(shards)} shard(s) to {c.out}"
+    import numpy as np
+
+    from pipeline.data import storage
+    from pipeline.data.shards import encode_png
+    from pipeline.untrusted import safe_names
+
+    fs, root = storage.open_fs(c.out)
+    storage.makedirs(fs, root)
+    for name, y in zip(safe_names(obs.ids), obs.observation, strict=True):
+        pixels = np.round(np.clip(np.moveaxis(np.asarray(y), 0, -1), 0, 1) * 255).astype(np.uint8)
+        with fs.open(f"{root.rstrip('/')}/{name}", "wb") as f:
+            f.write(encode_png(pixels))
+    return f"as PNG files in {c.out} (no truth kept: no PSNR for them)"
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
@@ -181,7 +204,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     print(f"{summary['inputs']} inputs: {summary['ingested']} ingested, {summary['errors']} rejected "
           f"(see {args.dst.rstrip('/')}/_errors/); {len(summary['written'])} shard(s) written, "
           f"{len(summary['skipped'])} already complete{hidden}", file=sys.stderr)
-    print(json.dumps(summary))
+    summary_line(summary)
     return 0
 
 
@@ -363,7 +386,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     done = export_run(args.run, args.dir, run_id=args.run_id, noise=args.noise, progress=not args.quiet,
                       log=lambda m: print(m, file=sys.stderr))
     print(done.describe(), file=sys.stderr)
-    print(json.dumps(dataclasses.asdict(done)))
+    summary_line(dataclasses.asdict(done))
     return 0
 
 
@@ -450,7 +473,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"the run history: jointdiff runs {(bucket / 'cleaning').as_uri()}", file=sys.stderr)
     print(f"the report (written by the flow; open it in a browser):\n  {summary['report'].removeprefix('file://')}",
           file=sys.stderr)
-    print(json.dumps(summary, default=str))
+    summary_line(summary)
     return 0
 
 
@@ -469,7 +492,7 @@ def _cmd_learn_prior(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt(LEARN_INTERRUPTED) from None
     print(f"learned prior: {result['latest'] or result['prior']} (round {result['chosen']}); cleaned dataset: "
           f"{result['cleaned']}; every round: {result['root']}", file=sys.stderr)
-    print(json.dumps({k: v for k, v in result.items() if k != "rounds"}, default=str))
+    summary_line({k: v for k, v in result.items() if k != "rounds"})
     return 0
 
 
@@ -570,7 +593,7 @@ def _cmd_train_supervised(args: argparse.Namespace) -> int:
     print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
           + (f"held-out loss {heldout:.4f}" if heldout is not None else "no held-out loss (no test split)")
           + f", {summary['seconds_total']:.0f} s of training; model in {args.output}/model", file=sys.stderr)
-    print(json.dumps({k: v for k, v in summary.items() if k != "train_config"}, default=str))
+    summary_line({k: v for k, v in summary.items() if k != "train_config"})
     return 0
 
 
@@ -604,7 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
     ts.set_defaults(func=_cmd_train_supervised)
 
     s = sub.add_parser("sample", help="draw unconditional samples from a prior into a PNG grid")
-    s.add_argument("checkpoint", help="model folder/URI, or a shipped prior: faces, digits, stripes")
+    s.add_argument("checkpoint", help="model folder/URI, or a shipped prior: faces, digits, stripes, natural, "
+                                         "stripes-rgb, text")
     s.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     s.add_argument("--steps", type=int, default=500, help="Euler-Maruyama steps (default 500)")
     s.add_argument("--seed", type=int, default=0)
@@ -652,6 +676,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grey noise on RGB images: in every channel (default), or in one random channel (the paper)")
     c.add_argument("--seed", type=int, default=None, help="default 0")
     c.add_argument("--shard-size", type=int, default=None, help="default 1000")
+    c.add_argument("--format", default=None, choices=["shards", "png"],
+                   help="shards (default): Parquet observation shards with the truth, for metrics; png: the "
+                        "observations alone as PNG files named by id, a folder of images to try `jointdiff "
+                        "ingest` on")
     c.set_defaults(func=_cmd_corrupt)
 
     ig = sub.add_parser("ingest", help="image files (folder, tar or zip on any URI) -> observation shards")

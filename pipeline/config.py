@@ -180,6 +180,10 @@ class CorruptConfig(_Strict):
     noise_channel: Literal["all", "random"] = "all"
     seed: int = 0
     shard_size: int = Field(1000, ge=1)
+    format: Literal["shards", "png"] = Field(
+        "shards", description="shards: Parquet observation shards with the truth (clean, noise, alpha) for "
+                              "metrics; png: the observations alone as 8-bit PNG files named by id, a folder of "
+                              "images to try `jointdiff ingest` on")
 
     @field_validator("channels")
     @classmethod

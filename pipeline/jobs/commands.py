@@ -159,13 +159,20 @@ def load_clean(args: argparse.Namespace) -> tuple[CleanConfig, str, str]:
     return cfg, input_uri, output
 
 
+def summary_line(summary: Any) -> None:
+    """A command's result as one JSON line on stdout, for scripts (``> run.json``, ``| jq``): only when stdout is
+    not a terminal, where the lines on stderr already say it for people."""
+    if not sys.stdout.isatty():
+        print(json.dumps(summary, default=str), flush=True)
+
+
 def print_summary(summary: dict[str, Any]) -> int:
     """A run's summary for people on stderr, its row as one JSON line on stdout (what a followed job's caller
-    reads back); 0."""
+    reads back; not to a terminal); 0."""
     from pipeline.summary import format_summary
 
     print(format_summary(summary), file=sys.stderr)
-    print(json.dumps({k: v for k, v in summary.items() if k != "job"}, default=str))
+    summary_line({k: v for k, v in summary.items() if k != "job"})
     return 0
 
 
@@ -195,7 +202,7 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
 
         print(format_summary(exc.summary), file=sys.stderr)
         print(f"{prog} {command}: {exc}", file=sys.stderr)
-        print(json.dumps({k: v for k, v in exc.summary.items() if k != "job"}, default=str))
+        summary_line({k: v for k, v in exc.summary.items() if k != "job"})
         return 4
     except KeyboardInterrupt as exc:
         print(f"\n{prog} {command}: {exc or 'interrupted'}", file=sys.stderr)

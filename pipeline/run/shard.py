@@ -145,7 +145,7 @@ def estimate_line(run: Run, cleaner: ShardCleaner, workers: int = 1, at_least_s:
     took = f"{total / 3600:.1f} h" if total >= 5400 else f"{total / 60:.0f} min" if total >= 90 else f"{total:.0f} s"
     return (f"clean {run.run_id}: {'at most' if routed else 'about'} {took}"
             f"{' (if the router sent every image to the joint sampler)' if routed else ''}: "
-            f"{run.pending_rows} image(s) of ~{run.mean_pixels / 1e6:.2f} MP "
+            f"{run.pending_rows} image(s) of ~{run.mean_pixels / 1e6:.2g} MP "
             f"(the first rows' sizes) at {per_mp:.0f} s/MP ({cleaner.settings.steps} steps, measured here on "
             f"{cleaner.device}{f', over {workers} actors' if workers > 1 else ''})")
 

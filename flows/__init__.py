@@ -1,4 +1,4 @@
-"""Prefect flows: thin orchestration over pipeline.jobs (DESIGN.md).
+"""Prefect flows: thin orchestration over pipeline.jobs (docs/concepts/architecture.md).
 
 Both flows take config ``overrides`` (``key=value``, as ``--set``), and Prefect stores a flow run's
 parameters in plain text -- before the flow's body runs, and before its parameters are validated. So storage

@@ -1,15 +1,15 @@
 """What a person looks at after a cleaning run: the HTML report, the run history table, and the
-dashboard's DuckDB queries (DESIGN.md "Data contracts"; README "Looking at a run").
+dashboard's DuckDB queries (docs/concepts/outputs.md; docs/how-to/dashboards.md).
 
 * :func:`write_report` (``jointdiff report RUN_URI``) reads a run folder ``<output>/runs/<run_id>/``
   on any URI (its ``metrics/``, ``errors/``, ``cleaned/``, the run's rows in ``<output>/summary/`` and,
   for the observation and the truth, the input shards the metrics point at) and writes one
   self-contained HTML file, ``report.html`` in the run folder by default.
 * :func:`runs_table` (``jointdiff runs OUTPUT``) lists the run history, newest first.
-* :data:`DASHBOARD_QUERIES` are the two queries a dashboard runs over the Parquet outputs; the README
+* :data:`DASHBOARD_QUERIES` are the two queries a dashboard runs over the Parquet outputs; docs/how-to/dashboards.md
   shows them verbatim and a test runs them against runs made for the purpose.
 
-Decisions (where DESIGN.md is silent):
+Decisions (where docs/concepts/architecture.md is silent):
 
 * **No JavaScript, no plotting library.** Plots are inline SVG drawn here (histograms and per-shard
   lines), images are 8-bit PNG data URIs; a Content-Security-Policy meta tag forbids every network
@@ -52,7 +52,7 @@ MAX_ERROR_ROWS = 500
 REPORT_NAME = "report.html"
 
 # The dashboard contract: what a dashboard (DuckDB, Superset, Grafana) runs over OUTPUT, the output
-# root of the runs. The README shows these verbatim; tests/test_report.py runs them. The error rate reads
+# root of the runs. docs/how-to/dashboards.md shows these verbatim; tests/test_report.py runs them. The error rate reads
 # each run's latest summary row, not errors/: a run that rejected nothing writes no errors file, and
 # DuckDB fails on a pattern that matches no file.
 PSNR_TREND_PER_DAY = """\

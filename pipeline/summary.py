@@ -1,4 +1,4 @@
-"""The run history: one summary row per cleaning run in ``<output>/summary/`` (DESIGN.md).
+"""The run history: one summary row per cleaning run in ``<output>/summary/`` (docs/concepts/architecture.md).
 
 Every invocation of a run (``jointdiff clean``, with either executor, or the Prefect flow) appends
 one Parquet file ``summary/<finished_at>-<run_id>.parquet`` holding one row, so appending never

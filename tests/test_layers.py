@@ -1,12 +1,12 @@
-"""The arrows between the layers of DESIGN.md, checked on the source: every import in ``pipeline/`` and ``flows/``,
-including imports inside functions, is parsed (not executed), mapped from module to
+"""The arrows between the layers of docs/concepts/architecture.md, checked on the source: every import in
+``pipeline/`` and ``flows/``, including imports inside functions, is parsed (not executed), mapped from module to
 layer, and checked against the one-way list below; the module graph must also have no cycle.
 
-DESIGN.md: ``cli -> flows -> jobs -> run -> {posterior, diffusion, data, forward, metrics}``; nothing imports the
-CLI; ``diffusion/`` knows nothing of noise removal or of the application config; ``posterior/`` knows nothing of
-Ray or storage; ``jobs/`` knows nothing of Prefect; ``data/`` does not import ``posterior/``. The layers DESIGN.md
-leaves implicit are placed here: ``bench`` (benchmarks, reached only from the CLI), ``outputs`` (the run's report,
-summary history, PNG export, plots), ``config`` (the pydantic boundary), ``models`` (shipped priors and the
+docs/concepts/architecture.md: ``cli -> flows -> jobs -> run -> {posterior, diffusion, data, forward, metrics}``;
+nothing imports the CLI; ``diffusion/`` knows nothing of noise removal or of the application config; ``posterior/``
+knows nothing of Ray or storage; ``jobs/`` knows nothing of Prefect; ``data/`` does not import ``posterior/``. The
+other layers of the page are placed here: ``bench`` (benchmarks, reached only from the CLI), ``outputs`` (the run's
+report, summary history, PNG export, plots), ``config`` (the pydantic boundary), ``models`` (shipped priors and the
 registry) and ``base`` (bounded parsing of untrusted input; the registries and dataclass-declared settings of
 :mod:`pipeline.settings`; used everywhere).
 """
@@ -123,7 +123,7 @@ def test_every_module_has_a_layer():
 def test_arrows_point_one_way():
     wrong = sorted(f"{a} ({layer(a)}) -> {b} ({layer(b)})" for a, deps in graph().items() for b in deps
                    if layer(b) != layer(a) and layer(b) not in ALLOWED.get(layer(a), ()))
-    assert not wrong, "imports against DESIGN.md's arrows:\n" + "\n".join(wrong)
+    assert not wrong, "imports against the arrows of docs/concepts/architecture.md:\n" + "\n".join(wrong)
 
 
 def test_no_import_cycle():

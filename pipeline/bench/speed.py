@@ -209,7 +209,7 @@ def speed(quick: bool = False, steps: int | None = None, batches: tuple[int, ...
           rules: list[str] | None = None, threads: int | None = None, device: str = "cpu",
           repeats: int | None = None, image_prior: str = "faces", noise_prior: str = "digits",
           log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the speed benchmark; returns the JSON document (figures under the keys the README names)."""
+    """Run the speed benchmark; returns the JSON document (figures under the keys docs/bench/speed.md names)."""
     t_start = time.perf_counter()
     dev = torch.device(device)
     threads = threads or torch.get_num_threads()

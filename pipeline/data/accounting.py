@@ -1,6 +1,6 @@
 """The shard plan of a run and its accounting: every input row once, in cleaned or in errors.
 
-A run lives under ``<output>/runs/<run_id>/`` (DESIGN.md). Each source shard, once all its outputs
+A run lives under ``<output>/runs/<run_id>/`` (docs/concepts/architecture.md). Each source shard, once all its outputs
 are written, gets a completion marker ``_done/<shard>.json`` (written last, atomically) that records
 the version of the input shard it was made from (size and ETag, else modification time:
 :func:`~pipeline.data.storage.version_of`). The plan lists the input's shards in a stable order and

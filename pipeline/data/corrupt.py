@@ -9,7 +9,7 @@ does with MNIST on CelebA, into one random colour channel (``noise_channel="rand
 Text layers (``text``, RGBA) are composited (``forward="composite"``): the noise keeps its colour in the image's
 channels (grey for grey images) and its coverage as alpha.
 
-Columns (DESIGN.md "observations"): ``id``, ``observation`` (16-bit PNG, or float32 ``.npy`` when
+Columns (docs/concepts/outputs.md): ``id``, ``observation`` (16-bit PNG, or float32 ``.npy`` when
 values leave [0, 1], e.g. the sum model), ``clean``, ``noise`` (8-bit PNG, the ground truth; RGBA for a layer),
 ``alpha`` (float32), ``forward`` (string).
 """

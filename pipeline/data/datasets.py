@@ -1,7 +1,7 @@
 """Resolve a ``DataConfig`` to images: an embedded dataset name or a URI of image shards.
 
 Which column of a shard dataset holds the images: the one named, else ``image`` (an images dataset,
-DESIGN.md), else ``observation`` when the shards have no ``clean`` column: what ``jointdiff ingest``
+docs/concepts/outputs.md), else ``observation`` when the shards have no ``clean`` column: what ``jointdiff ingest``
 writes from a folder of photos, so an ingested folder can train a prior or be corrupted into a test
 set as it is. A dataset with both ``observation`` and ``clean`` (a test set with its truth) is
 ambiguous, so the column must be named; so must any other image column.

@@ -232,7 +232,7 @@ def build_table(ids: Sequence[str], images: dict[str, Sequence[np.ndarray] | np.
 def write_image_shards(uri: str, ids: Sequence[str], images: Sequence[np.ndarray] | np.ndarray,
                        column: str = "image", shard_size: int = 1000, bits: int = 8,
                        extra: dict[str, Sequence[object]] | None = None) -> list[str]:
-    """Write one image column (an images dataset, DESIGN.md) as shards under ``uri``."""
+    """Write one image column (an images dataset, docs/concepts/outputs.md) as shards under ``uri``."""
     if len(ids) != len(images):
         raise ValueError(f"{len(ids)} ids but {len(images)} images")
     return write_dataset(uri, ids, {column: images}, {column: bits}, extra, shard_size)

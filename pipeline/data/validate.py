@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.data.embedded import resize_square, to_channels
 from pipeline.data.shards import decode_image, decoder_failure, to_float
 
-# the errors table (DESIGN.md): one row per rejected input row; row -1 stands for a whole unreadable shard
+# the errors table (docs/concepts/outputs.md): one row per rejected input row; row -1: a whole unreadable shard
 ERRORS_SCHEMA = pa.schema([("run_id", pa.string()), ("dataset", pa.string()), ("shard", pa.string()),
                            ("row", pa.int64()), ("id", pa.string()), ("stage", pa.string()),
                            ("reason", pa.string())])

@@ -28,7 +28,7 @@ Steps 1, 2 and the gradients of 4 are the guided joint denoiser and its guidance
   settings; the sampler itself refuses to run without weights.
 
 DDIM at 50 steps is the default: on the quality benchmark it matches the paper's 600 Euler-Maruyama steps
-(README "Speed"). Every quantity is per sample, the forward model's parameters are per row, and each
+(docs/bench/speed.md). Every quantity is per sample, the forward model's parameters are per row, and each
 sample's noise comes from its own generator, seeded from its image id, so a result never depends on the
 rest of its batch. This module imports only torch: ``pipeline/bench/gpu.py`` runs it on a bare GPU machine.
 """

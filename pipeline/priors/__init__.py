@@ -1,4 +1,4 @@
-"""Demo priors shipped with the package (EMA weights + config; see README "Shipped priors").
+"""Demo priors shipped with the package (EMA weights + config; see docs/reference/priors.md).
 
 ``faces`` (image prior) and ``digits`` / ``stripes`` (noise priors), all 32x32 grey, ``natural`` /
 ``stripes-rgb`` (image and noise priors for photos of any size: 32x32 RGB patches) and ``text`` (32x32 RGBA text

@@ -1,4 +1,4 @@
-"""A shard's outputs: encoded into the three tables of DESIGN.md's data contracts, and written.
+"""A shard's outputs: encoded into the three tables of the data contracts (docs/concepts/outputs.md), and written.
 
 Under ``<output>/runs/<run_id>/``, per source shard:
 

@@ -34,9 +34,11 @@ class _Strict(BaseModel):
 
 
 class SDEConfig(_Strict):
-    beta_min: float = Field(0.1, gt=0, allow_inf_nan=False)
-    beta_max: float = Field(20.0, gt=0, allow_inf_nan=False)
-    eps: float = Field(1e-3, gt=0, lt=1, allow_inf_nan=False)
+    """The VP-SDE's noise schedule: beta(t) linear from beta_min to beta_max over t in [eps, 1]."""
+
+    beta_min: float = Field(0.1, gt=0, allow_inf_nan=False, description="beta(0), the schedule's start")
+    beta_max: float = Field(20.0, gt=0, allow_inf_nan=False, description="beta(1), the schedule's end")
+    eps: float = Field(1e-3, gt=0, lt=1, allow_inf_nan=False, description="the smallest time trained and sampled")
 
     @model_validator(mode="after")
     def _a_schedule(self) -> SDEConfig:
@@ -47,11 +49,13 @@ class SDEConfig(_Strict):
 
 
 class DataConfig(_Strict):
+    """The prior's training images."""
+
     source: str = Field(..., description="embedded dataset name (faces, digits, patches, stripes) "
                                          "or a URI of Parquet image shards")
     split: str = Field("train", description="split of an embedded dataset")
-    size: int = Field(32, ge=4)
-    channels: int = 1
+    size: int = Field(32, ge=4, description="square size the images are resized to (the prior's size)")
+    channels: int = Field(1, description="1 (grey), 3 (RGB) or 4 (RGBA: a text layer)")
     hflip: bool = Field(False, description="random horizontal flips (faces: yes; digits: no)")
     shift: int = Field(0, ge=0, description="random translations by up to this many pixels (edge-replicated)")
     column: str | None = Field(None, description="image column of a shard dataset; default 'image', else "
@@ -80,18 +84,21 @@ class DataConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    steps: int = Field(3000, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(200, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    ema_decay: float = Field(0.999, ge=0, lt=1)
-    seed: int = 0
-    checkpoint_every: int = Field(500, ge=1)
-    log_every: int = Field(25, ge=1)
+    """Denoising score matching with AdamW, a linear warm-up and an EMA of the weights (the model exported)."""
+
+    steps: int = Field(3000, ge=1, description="optimiser steps")
+    batch_size: int = Field(64, ge=1, description="images per step")
+    lr: float = Field(5e-4, gt=0, description="AdamW learning rate after the warm-up")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(200, ge=0, description="steps of linear learning-rate warm-up from 0")
+    grad_clip: float = Field(1.0, gt=0, description="gradient norm clipped to this")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="decay of the weights' exponential moving average")
+    seed: int = Field(0, description="seed of the data order, noise and initial weights (a resumed run continues "
+                                     "its own draws)")
+    checkpoint_every: int = Field(500, ge=1, description="steps between resumable states (and the held-out loss)")
+    log_every: int = Field(25, ge=1, description="steps between loss reports")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
-    device: str = "cpu"
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:N")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: the forward and backward pass under "
                                                                   "bfloat16 autocast (weights, EMA, optimiser in fp32)")
     compile: bool = Field(False, description="torch.compile the network (GPUs; slow to start on a CPU)")
@@ -103,7 +110,7 @@ class TrainConfig(_Strict):
 class PriorConfig(_Strict):
     """``jointdiff train``: one diffusion prior."""
 
-    name: str
+    name: str = Field(..., description="the prior's name (its model card; the registry's folder)")
     data: DataConfig
     unet: UNetConfig = Field(default_factory=UNetConfig)
     sde: SDEConfig = Field(default_factory=SDEConfig)
@@ -112,6 +119,8 @@ class PriorConfig(_Strict):
 
 
 class ForwardConfig(_Strict):
+    """The forward model: how an observation is made from a clean image and a noise image."""
+
     name: Literal["blend", "sum", "overlay", "composite"] = Field(
         "blend", description="blend y = (1 - alpha) x + alpha n; sum y = x + n; overlay y = x + alpha n; composite "
                              "y = (1 - alpha m) x + alpha m c, the noise an RGBA layer (colour c, coverage m: the "
@@ -170,16 +179,17 @@ class CorruptConfig(_Strict):
     alpha: float = Field(0.5, gt=0, le=1, description="the forward model's weight (blend: in (0, 1))")
     forward: Literal["blend", "sum", "overlay", "composite"] | None = Field(
         None, description="default: composite for text (RGBA layers), blend for the rest")
-    sigma_y: float = Field(0.0, ge=0)
-    split: Literal["train", "val", "test"] = "test"
+    sigma_y: float = Field(0.0, ge=0, description="Gaussian read-out noise std ([0, 1] units)")
+    split: Literal["train", "val", "test"] = Field("test", description="split of embedded datasets")
     n: int | None = Field(None, ge=1, description="observations (default: one per clean image)")
     size: Annotated[int, Field(ge=4)] | Literal["native"] = Field(
         32, description="square size of both; native: each clean image at its own size (`natural` or a shard "
                         "dataset), the noise rendered at it (stripes, text)")
-    channels: int = 1
-    noise_channel: Literal["all", "random"] = "all"
-    seed: int = 0
-    shard_size: int = Field(1000, ge=1)
+    channels: int = Field(1, description="channels of the clean images: 1 (grey) or 3 (RGB)")
+    noise_channel: Literal["all", "random"] = Field(
+        "all", description="grey noise on RGB images: in every channel, or in one random channel (the paper)")
+    seed: int = Field(0, description="seed of the pairing and the noise")
+    shard_size: int = Field(1000, ge=1, description="observations per shard")
     format: Literal["shards", "png"] = Field(
         "shards", description="shards: Parquet observation shards with the truth (clean, noise, alpha) for "
                               "metrics; png: the observations alone as 8-bit PNG files named by id, a folder of "

@@ -103,3 +103,22 @@ def test_sum_observations_are_cleaned_not_lost(tmp_path):
     assert (res["cleaned"], res["errors"]) == (3, 0)
     cleaned = tmp_path / "out" / "runs" / "r" / "cleaned" / "shard-00000.parquet"
     assert read_table(str(cleaned)).column("id").to_pylist() == obs.ids
+
+
+def test_corrupt_as_png_files_writes_the_observations_a_shard_would_hold(tmp_path, capsys):
+    """``--format png``: the same observations as the shards, as 8-bit PNG files named by id (a folder of images
+    for ``jointdiff ingest``), and nothing else."""
+    from PIL import Image
+
+    from tests.conftest import cli
+
+    args = ["--size", "40", "--channels", "3", "--alpha", "0.3", "--n", "3"]
+    cli(capsys, "corrupt", "natural", "stripes", str(tmp_path / "shards"), *args)
+    done = cli(capsys, "corrupt", "natural", "stripes", str(tmp_path / "png"), *args, "--format", "png")
+    assert "as PNG files in" in done.stderr
+    ids, ys = read_images(str(tmp_path / "shards"), "observation")
+    assert sorted(f.name for f in (tmp_path / "png").iterdir()) == sorted(f"{i}.png" for i in ids)
+    for i, y in zip(ids, ys, strict=True):
+        png = np.asarray(Image.open(tmp_path / "png" / f"{i}.png"), dtype=np.float32) / 255
+        assert png.shape == (40, 40, 3)
+        assert np.abs(png - np.moveaxis(to_float(y), 0, -1)).max() <= 0.5 / 255 + 1e-6

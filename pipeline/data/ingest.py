@@ -60,7 +60,9 @@ class IngestConfig(BaseModel):
                                                             "larger file is a shard of its own)")
     bits: int = Field(16, description="PNG bit depth of the observation column (8 or 16)")
     extensions: list[str] = Field(default_factory=lambda: [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp",
-                                                           ".webp", ".npy"])
+                                                           ".webp", ".npy"],
+                                  description="file name endings read as images (any case); a file with another "
+                                              "ending is a row of the errors table")
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
 

@@ -45,7 +45,7 @@ class StorageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://minio:9000")
-    region: str | None = None
+    region: str | None = Field(None, description="the bucket's region (default AWS_REGION / AWS_DEFAULT_REGION)")
     key: str | None = Field(None, description="access key id")
     secret: SecretStr | None = Field(None, description="secret access key (never printed)")
     token: SecretStr | None = Field(None, description="session token (never printed)")

@@ -51,13 +51,19 @@ class NetConfig:
     image_size: int = field(default=32, metadata={"check": _power_of_two,
                                                   "description": "square input size, a power of two in [16, 256]"})
     channels: int = field(default=1, metadata={"check": check_channels, "description": "1 (grayscale) or 3 (RGB)"})
-    base_channels: int = field(default=32, metadata={"ge": 8, "le": MAX_WIDTH})
+    base_channels: int = field(default=32, metadata={"ge": 8, "le": MAX_WIDTH,
+                                                      "description": "channels of the first level"})
     channel_mults: list[int] = field(default_factory=lambda: [1, 2, 2],
-                                     metadata={"items": {"ge": 1, "le": 16}, "max_length": 8})
-    num_res_blocks: int = field(default=1, metadata={"ge": 1, "le": 16})
+                                     metadata={"items": {"ge": 1, "le": 16}, "max_length": 8,
+                                               "description": "each level's width as a multiple of base_channels; "
+                                                              "one level per entry, halving the resolution"})
+    num_res_blocks: int = field(default=1, metadata={"ge": 1, "le": 16,
+                                                     "description": "residual blocks per level"})
     attention_resolutions: list[int] = field(default_factory=list,
-                                             metadata={"items": {"ge": 1, "le": 256}, "max_length": 8})
-    dropout: float = field(default=0.0, metadata={"ge": 0.0, "lt": 1.0, "allow_inf_nan": False})
+                                             metadata={"items": {"ge": 1, "le": 256}, "max_length": 8,
+                                                       "description": "resolutions (in pixels) with self-attention"})
+    dropout: float = field(default=0.0, metadata={"ge": 0.0, "lt": 1.0, "allow_inf_nan": False,
+                                                     "description": "dropout probability in the residual blocks"})
     time_scale: float = field(default=1000.0, metadata={"gt": 0, "le": 1e6, "allow_inf_nan": False,
                                                         "description": "t is multiplied by this before the embedding"})
 

@@ -98,7 +98,7 @@ class SamplerSettings:
     route_quantile: float = field(default=0.9, metadata={
         "gt": 0, "lt": 1, "description": "routed: an image goes to the joint sampler when its score is above this "
                                          "quantile of the network's validation scores (0.5, 0.8, 0.9, 0.95, 0.99)"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"description": "seed of the sampler's noise, combined with each image's id"})
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -185,15 +185,9 @@ CONFIGS: tuple[tuple[str, str, str, str, str, tuple[str, ...]], ...] = (
 
 
 def _model_in(tp: Any) -> Any:
-    from pydantic import BaseModel
+    from pipeline.config import _model_in as model_in
 
-    if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return tp
-    for arg in typing.get_args(tp):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
+    return model_in(tp)
 
 
 def _bounds(metadata: list[Any]) -> list[str]:

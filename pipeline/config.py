@@ -293,7 +293,7 @@ class GPUConfig(_Strict):
 
 
 class Priors(_Strict):
-    """The two priors of a clean recipe. Each is a shipped name (faces, digits, stripes), a model folder or
+    """The two priors of a clean recipe. Each is a shipped name (docs/reference/priors.md), a model folder or
     URI (``config.json`` + ``weights.safetensors``), or a registry's ``ROOT/models/NAME/latest``; a run
     resolves both once, on its driver, to a pinned version (:mod:`pipeline.run.recipe`)."""
 

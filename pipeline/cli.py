@@ -171,18 +171,12 @@ def _write_corrupted(c: Any, obs: Any) -> str:
 
         shards = write_observations(c.out, obs, shard_size=c.shard_size)
         return f"in {len(shards)} shard(s) to {c.out}"
-    import numpy as np
-
-    from pipeline.data import storage
-    from pipeline.data.shards import encode_png
+    from pipeline.data.shards import encode_png, from_float
+    from pipeline.data.storage import join, write_atomic
     from pipeline.untrusted import safe_names
 
-    fs, root = storage.open_fs(c.out)
-    storage.makedirs(fs, root)
     for name, y in zip(safe_names(obs.ids), obs.observation, strict=True):
-        pixels = np.round(np.clip(np.moveaxis(np.asarray(y), 0, -1), 0, 1) * 255).astype(np.uint8)
-        with fs.open(f"{root.rstrip('/')}/{name}", "wb") as f:
-            f.write(encode_png(pixels))
+        write_atomic(join(c.out, name), encode_png(from_float(y, 8)))
     return f"as PNG files in {c.out} (no truth kept: no PSNR for them)"
 
 

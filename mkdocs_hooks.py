@@ -61,6 +61,16 @@ def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction |
     return next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
 
 
+def _helps(sub: argparse._SubParsersAction) -> dict[str, str]:
+    """Each subcommand's one-line help."""
+    return {c.dest: c.help or "" for c in sub._choices_actions}
+
+
+def _name(action: argparse.Action) -> str:
+    """A positional argument's name as the synopsis and the table show it."""
+    return action.metavar if isinstance(action.metavar, str) else action.dest.upper()
+
+
 def _value(action: argparse.Action) -> str:
     """What a flag takes: nothing (a switch), its choices, or a metavar / type name."""
     if action.nargs == 0:
@@ -109,13 +119,7 @@ def _command_section(path: list[str], parser: argparse.ArgumentParser, summary: 
     positionals = [a for a in parser._actions if not a.option_strings]
     flags = [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
     sub = _subparsers(parser)
-    words = []
-    for a in positionals:
-        if a is sub:
-            words.append(a.dest.upper())
-        else:
-            name = a.metavar if isinstance(a.metavar, str) else a.dest.upper()
-            words.append(name)  # no brackets: the table says which are optional
+    words = [a.dest.upper() if a is sub else _name(a) for a in positionals]  # no brackets: the table says which
     if parser.get_default("passthrough"):
         words.append("ARGS")
     synopsis = " ".join(path + words + (["OPTIONS"] if flags else []))
@@ -125,17 +129,16 @@ def _command_section(path: list[str], parser: argparse.ArgumentParser, summary: 
         for a in positionals:
             if a is sub:
                 continue
-            name = a.metavar if isinstance(a.metavar, str) else a.dest.upper()
             takes = " | ".join(_code(str(c)) for c in a.choices) if a.choices else ""
             need = "optional" if a.nargs == "?" else "required"
-            rows.append((_code(name), takes, need, _help(a, parser)))
+            rows.append((_code(_name(a)), takes, need, _help(a, parser)))
         out += _table(("argument", "value", "needed", "meaning"), rows)
     if flags:
         rows = [(" ".join(_code(o) for o in a.option_strings), _value(a), _default(a), _help(a, parser))
                 for a in flags]
         out += _table(("flag", "value", "default", "meaning"), rows)
     if sub is not None:
-        helps = {c.dest: c.help or "" for c in sub._choices_actions}
+        helps = _helps(sub)
         out += [f"{sub.dest.upper()} is one of:", ""]
         out += [f"* [`{name}`](#{'-'.join(path[1:] + [name])}): {helps.get(name, '')}" for name in sub.choices]
         out.append("")
@@ -159,7 +162,7 @@ def cli_page() -> str:
         "```text", "jointdiff COMMAND ...", "```", "",
         "| command | what it does |", "|---|---|",
     ]
-    helps = {c.dest: c.help or "" for c in sub._choices_actions}
+    helps = _helps(sub)
     out += [f"| [`{name}`](#{name}) | {_cell(helps.get(name, ''))} |" for name in sub.choices]
     out.append("")
     for name, child in sub.choices.items():
@@ -486,12 +489,10 @@ def _simple_tables(text: str) -> str:
             header, body, end = body, lines[j + 1:k], k
         rows = [_split(r, cols) for r in body if r.strip()]
         if header is not None:
-            head = [" ".join(c) for c in zip(*[_split(h, cols) for h in header])]
-            out += ["", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-            out += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
+            head = tuple(" ".join(c) for c in zip(*[_split(h, cols) for h in header]))
+            out += [""] + _table(head, [tuple(r) for r in rows])
         else:
-            out += [""] + [f"* {r[0]}: {' '.join(r[1:])}" for r in rows]
-        out.append("")
+            out += [""] + [f"* {r[0]}: {' '.join(r[1:])}" for r in rows] + [""]
         i = end + 1
     return "\n".join(out)
 

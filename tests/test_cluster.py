@@ -173,20 +173,22 @@ def test_a_node_lost_half_way_loses_nothing_and_changes_no_pixel(tiny_priors, tm
         worker = cluster.add_worker(num_cpus=2)
         head_id, worker_id = cluster.node_id(0), cluster.node_id(worker)
         log = open(tmp_path / "job.log", "w")
-        # The head's actor never finishes its second shard (a test hook). Once the worker node is lost, no actor
-        # is left to work and Ray Data cannot place new ones: only the driver's stall check (5 s without a
+        # The head's actor never finishes its second shard, nor does one of the worker node's actors (a test hook),
+        # so a shard is surely in progress on the worker node when it is killed. Once the worker node is lost, no
+        # actor is left to work and Ray Data cannot place new ones: only the driver's stall check (5 s without a
         # finished shard, fewer live actors than planned) can finish the run, with a fresh pool on the head.
-        hang = f"{tmp_path}/hang@{head_id}"
+        hang, stuck = f"{tmp_path}/hang@{head_id}", f"{tmp_path}/stuck@{worker_id}"
         job = subprocess.Popen([JOINTDIFF, "clean", "obs", "out", "--config", "clean.yaml", "--run-id", "r",
                                 "--ray-address", cluster.gcs, "--quiet"], cwd=folder,
-                               env={**cluster.client_env(), "JOINTDIFF_TEST_HANG_ONCE": hang},
+                               env={**cluster.client_env(), "JOINTDIFF_TEST_HANG_ONCE": f"{hang},{stuck}"},
                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         run = folder / "out" / "runs" / "r"
-        while True:  # until shards are done on both nodes and one is being cleaned on the worker node
+        while True:  # until shards are done on both nodes and one is stuck on the worker node
             done, attempts = _records(run, "_done"), _records(run, "_attempts")
             pending_on_worker = sorted(s for s, a in attempts.items()
                                        if a.get("node_id") == worker_id and s not in done)
-            if {head_id, worker_id} <= {d.get("node_id") for d in done.values()} and pending_on_worker:
+            if ({head_id, worker_id} <= {d.get("node_id") for d in done.values()} and pending_on_worker
+                    and Path(stuck.split("@")[0]).exists()):
                 break
             assert job.poll() is None, (tmp_path / "job.log").read_text()
             assert time.time() < deadline - 60, "no shards on both nodes:\n" + (tmp_path / "job.log").read_text()

@@ -95,18 +95,22 @@ class ShardActor:
         os._exit(1)
 
     def _maybe_hang(self) -> None:
-        # Test hook: ``PATH`` or ``PATH@NODE_ID``: the first actor (on that node) to start its second shard never
-        # finishes it, as an actor stuck on a lost node would look to the driver.
+        # Test hook: ``PATH`` or ``PATH@NODE_ID``, several separated by commas: for each, the first actor (on that
+        # node) to start its second shard never finishes it, as an actor stuck on a lost node would look to the
+        # driver.
         self._started += 1
-        path, _, node = (self.hang_once or "").partition("@")
-        if not path or (node and node != self.node_id) or self._started != 2:
+        if self._started != 2:
             return
-        try:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return
-        while True:
-            time.sleep(3600)
+        for entry in filter(None, (self.hang_once or "").split(",")):
+            path, _, node = entry.partition("@")
+            if node and node != self.node_id:
+                continue
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue
+            while True:
+                time.sleep(3600)
 
     def cleaner(self) -> ShardCleaner:
         """The actor's cleaner (the run's pinned priors, verified), built on the first call, in the thread that

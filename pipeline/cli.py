@@ -259,6 +259,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             raise ConfigError(f"--scenarios: bench {args.kind} has no scenario {', '.join(unknown) or '(none given)'}; "
                               f"choose from {', '.join(known)}" + (" (or none, with --memory)" if args.kind == "large"
                                                                    else ""))
+    if args.methods is not None:
+        from pipeline.bench import large as lg
+
+        names = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in names if m not in lg.METHODS]
+        if args.kind != "large" or unknown or not names:
+            what = ("only bench large takes it" if args.kind != "large"
+                    else f"bench large has no method {', '.join(unknown) or '(none given)'}")
+            raise ConfigError(f"--methods: {what}; choose from {', '.join(lg.METHODS)}")
+        args.methods = ",".join(names)
     if args.kind == "speed":
         from pipeline.bench import speed as sp
 
@@ -277,12 +287,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from pipeline.bench import large as lg
 
         log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-        doc = lg.large(quick=args.quick, steps=steps[0] if steps else None, rule=rules[0] if rules else None,
-                       scenarios=args.scenarios.split(",") if args.scenarios else None, figure=args.figure,
-                       log=log) if not (args.memory and args.scenarios == "none") else {"meta": {
-                           "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(),
-                           "machine": f"{platform.machine()}, {os.cpu_count()} cores"}, "rows": []}
-        if args.scenarios != "none":
+        if args.memory and args.scenarios == "none":
+            doc = {"meta": {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(),
+                            "machine": f"{platform.machine()}, {os.cpu_count()} cores"}, "rows": []}
+        else:
+            doc = lg.large(quick=args.quick, steps=steps[0] if steps else None, rule=rules[0] if rules else None,
+                           scenarios=args.scenarios.split(",") if args.scenarios else None, figure=args.figure,
+                           log=log, methods=args.methods.split(",") if args.methods else None)
+        if args.scenarios != "none" and "joint" in (args.methods or "joint").split(","):  # the samplers' tiling
             doc["tiling"] = lg.tiling_overhead(steps=2 if args.quick else 6, repeats=1 if args.quick else 3, log=log)
         if args.memory:
             doc["memory"] = lg.memory(threads=args.threads, rule=rules[0] if rules else "dps",
@@ -721,6 +733,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "font-digits,stripes-fine,alpha0.1,alpha0.9,unknown-alpha,read-out,mixed; large:"
                    " text,stripes,unknown-alpha,text-serif,faces (none: with --memory, the memory "
                    "figure alone)")
+    b.add_argument("--methods", default=None, help="large: comma-separated rows to measure: observation,nlm,tv,bm3d,"
+                   "inpaint,gaussian,joint,supervised (default all); the test images are the same whatever is chosen")
     b.add_argument("--memory", action="store_true", help="large: also clean one 4096x4096 RGB image at 2 steps in a "
                    "child process and report its peak RSS")
     b.add_argument("--figure", default=None,

@@ -63,6 +63,18 @@ def test_bench_large_quick_reports_every_row_of_each_scenario(tmp_path, capsys):
         assert math.isfinite(t["ratio"]) and t["ratio"] > 0
     printed = capsys.readouterr().out
     assert "| text | joint |" in printed and "unknown-alpha joint-auto: |alpha_hat - alpha| median" in printed
+    # --methods: a subset of the rows, on the same test images (the same figures as the full run's rows)
+    part = tmp_path / "part.json"
+    assert main(["bench", "large", "--quick", "--threads", "2", "--scenarios", "stripes,faces", "--methods",
+                 "observation,supervised", "--json", str(part)]) == 0
+    sub = json.loads(part.read_text())
+    assert sub["meta"]["methods"] == ["observation", "supervised"]
+    assert [(r["scenario"], r["method"]) for r in sub["rows"]] == [(s, m) for s in ("stripes", "faces")
+                                                                   for m in ["observation"] + learned[s]]
+    full = {(r["scenario"], r["method"]): r for r in doc["rows"]}
+    for r in sub["rows"]:
+        assert (r["psnr_mean"], r["ssim_mean"]) == (full[r["scenario"], r["method"]]["psnr_mean"],
+                                                    full[r["scenario"], r["method"]]["ssim_mean"])
 
 
 def test_the_seam_ratio_sees_a_step_at_the_tile_borders_and_nothing_in_a_smooth_image():

@@ -117,6 +117,9 @@ JOINT_GRID = {"dps": [(20.0, 20.0), (10.0, 200.0), (20.0, 200.0)],
 GAUSSIAN_GRID = [(0.0, 0.0), (0.0, 20.0)]  # the gaussian baseline's grid: these, then the rule's JOINT_GRID
 VAL_CROP = (64, 96)  # the validation crops the sampler's weights are searched on
 
+CLASSICAL = ("observation", "nlm", "tv", "bm3d", "inpaint")  # the baselines' rows (bm3d where it is installed)
+METHODS = (*CLASSICAL, "gaussian", "joint", "supervised")  # what --methods may name
+
 # baselines' validation grids (inpaint: the mask threshold)
 GRIDS: dict[str, list[float]] = {
     "observation": [0.0], "nlm": [0.05, 0.1, 0.2, 0.4], "tv": [0.05, 0.1, 0.2, 0.4],
@@ -277,17 +280,20 @@ def _summary(rows: list[dict[str, Any]], key: str) -> tuple[float, float]:
 
 def large(quick: bool = False, steps: int | None = None, rule: str | None = None, crop: int = CROP,
           scenarios: list[str] | None = None, figure: str | None = None, log: Any = print,
-          record: bool = True) -> dict[str, Any]:
+          record: bool = True, methods: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns ``{"meta", "rows", "per_image"}`` (see the module docstring). ``rule``: every
-    scenario's guidance rule (default: each scenario's own, :data:`SCENARIOS`). ``record`` (not with ``quick``):
-    write the joint sampler's weights picked on validation into the tuned table
+    scenario's guidance rule (default: each scenario's own, :data:`SCENARIOS`). ``methods``: the rows to measure,
+    of :data:`METHODS` (default all; ``joint`` stands for the unknown-alpha scenario's three sampler rows); the
+    test images do not depend on it, so rows of runs with different ``methods`` compare. ``record`` (not with
+    ``quick``): write the joint sampler's weights picked on validation into the tuned table
     (:mod:`pipeline.posterior.tuned`), so that a run with the same priors, forward model and settings uses them."""
     from pipeline.diffusion.checkpoint import load_model
     from pipeline.run.models import resolve_model
 
     t_start = time.perf_counter()
     steps = steps or (4 if quick else 50)
-    methods = ["observation", "nlm", "tv"] + (["bm3d"] if bm3d_available() else []) + ["inpaint"]
+    wanted = set(METHODS if methods is None else methods)
+    methods = [m for m in CLASSICAL if m in wanted and (m != "bm3d" or bm3d_available())]
     x_model, sde, _ = load_model(resolve_model("natural"))
     x_model.requires_grad_(False)
     tile = x_model.config.image_size
@@ -318,12 +324,13 @@ def large(quick: bool = False, steps: int | None = None, rule: str | None = None
         fm = make_forward(sc.forward, 1, **{FORWARD_MODELS[sc.forward].weight: sc.weight})
         runs: list[tuple[str, Any, SamplerSettings]] = []  # (method, noise prior, settings)
         if sc.alpha_range is None:
-            fitted = GaussianPrior.fit(torch.from_numpy(load_embedded(
+            fitted = None if "gaussian" not in wanted else GaussianPrior.fit(torch.from_numpy(load_embedded(
                 "text" if sc.noise_prior == "text" else "stripes", "train", tile,
                 4 if sc.noise_prior == "text" else 3, n=2000).images), sde, per_pixel=True)
             small = [(_centre_chw(x, *VAL_CROP), None) for x, _ in val_obs]
             small = [(x, observe(sc, x, k, "val")[0]) for k, (x, _) in enumerate(small)]
-            for method, noise_net in (("gaussian", fitted), ("joint", n_model)):
+            for method, noise_net in [(m, net) for m, net in (("gaussian", fitted), ("joint", n_model))
+                                      if m in wanted]:
                 def val_psnr(lam_kap: tuple[float, float], net: Any = noise_net, small: list[Any] = small,
                              rule: str = sc_rule, fp: bool = final_projection, fm: Any = fm) -> float:
                     st = SamplerSettings(rule=rule, steps=steps, lambda_x=lam_kap[0], kappa_n=lam_kap[1],
@@ -341,7 +348,7 @@ def large(quick: bool = False, steps: int | None = None, rule: str | None = None
         else:  # the weights a user's run takes, for the true, the estimated and the guessed alpha
             settings, _ = resolve_weights(SamplerSettings(rule=sc_rule, steps=steps, final_projection=final_projection),
                                           "natural", sc.noise_prior, sc.forward)
-            runs = [(method, n_model, settings) for method in ALPHA_ROWS]
+            runs = [(method, n_model, settings) for method in ALPHA_ROWS if "joint" in wanted]
         truth = [sc.weight_of(k, "test") for k in range(len(obs))]
         for method, noise_net, settings in runs:
             den = Denoiser(x_model, noise_net, sde, settings, tile_batch=64)
@@ -362,7 +369,7 @@ def large(quick: bool = False, steps: int | None = None, rule: str | None = None
                     ns.append(n_hat)
                 sec = time.perf_counter() - t0
             results[method] = xs
-            if method == "joint":
+            if method == "joint" and sc.shift is None:  # an out-of-distribution scenario's pick is not the pair's
                 picked.append(tuned_entry(settings, "natural", sc.noise_prior, sc.forward))
             if sc.alpha_range is not None:
                 results[f"{method} alpha"] = hats
@@ -374,11 +381,11 @@ def large(quick: bool = False, steps: int | None = None, rule: str | None = None
                 results["noise estimate"] = ns
         # supervised: the pair's network, one evaluation per tile (pipeline.posterior.supervised)
         learned: list[str] = []
-        sup = supervised_for("natural", sc.noise_prior)
-        if sup is None:
+        sup = supervised_for("natural", sc.noise_prior) if "supervised" in wanted else None
+        if sup is None and "supervised" in wanted:
             log(f"{sc.name}: no supervised network ships for natural + {sc.noise_prior}; train one with jointdiff "
                 "train-supervised (docs/how-to/supervised.md)")
-        else:
+        elif sup is not None:
             s_model, _, _ = load_model(resolve_model(sup))
             with PeakRSS() as mem:
                 t0 = time.perf_counter()
@@ -388,8 +395,6 @@ def large(quick: bool = False, steps: int | None = None, rule: str | None = None
             rows.append(_row(sc, "supervised", obs, results["supervised"], sec / mp, mem.peak))
             log(_fmt(rows[-1]))
             learned.append("supervised")
-        best = max(methods[1:], key=lambda m: next(r["psnr_mean"] for r in rows
-                                                   if r["scenario"] == sc.name and r["method"] == m))
         samplers = [m for m, _, _ in runs]
         for k, (id_, x, _, _) in enumerate(obs):
             alpha = ({"alpha": truth[k], **{f"{m} alpha_hat": results[f"{m} alpha"][k] for m in samplers}}
@@ -397,20 +402,26 @@ def large(quick: bool = False, steps: int | None = None, rule: str | None = None
             per_image.append({"scenario": sc.name, "id": id_, "height": x.shape[1], "width": x.shape[2],
                               "channels": x.shape[0], **alpha,
                               **{m: _score(results[m][k], x) for m in [*methods, *samplers, *learned]}})
-        id_, x, y, nz = obs[0]
         joint = "joint" if "joint" in results else "joint-auto"
+        if joint not in results or len(methods) < 2:
+            continue  # the figure shows the joint sampler beside the best baseline
+        best = max(methods[1:], key=lambda m: next(r["psnr_mean"] for r in rows
+                                                   if r["scenario"] == sc.name and r["method"] == m))
+        id_, x, y, nz = obs[0]
         shown.append([_rgb(y), _rgb(results[joint][0]), _rgb(results[best][0]),
                       _layer_view(results["noise estimate"][0]), _rgb(x)])
     if record and not quick and picked:
         tuned_record(picked)
         log(f"recorded the joint sampler's weights of {len(picked)} scenario(s) in {TABLE}")
-    if figure:
+    if figure and shown:
         _figure(shown, figure)
         log(f"wrote {figure}: per scenario, observation | joint | best baseline | noise estimate | truth")
     meta = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": steps,
             "rules": {sc.name: rule or sc.sampler["rule"] for sc in SCENARIOS},
-            "quick": quick, "crop": None if quick else crop, "seconds": time.perf_counter() - t_start,
+            "quick": quick, "crop": None if quick else crop,
+            "methods": [*methods, *[m for m in METHODS[len(CLASSICAL):] if m in wanted]],
+            "seconds": time.perf_counter() - t_start,
             "photos": [i for i, _ in photos("test", quick, crop)],
             "validation_photos": [i for i, _ in photos("val", quick, crop)],
             "text_a": TEXT_A, "stripes_alpha": STRIPES_ALPHA, "unknown_alpha": list(UNKNOWN_ALPHA)}

@@ -113,6 +113,11 @@ class ForwardModel:
         ``<y - u, v> / <v, v>`` per row (:mod:`pipeline.posterior.estimate`)."""
         raise NotImplementedError(f"the {self.name} model has no weight to estimate")
 
+    def explain(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The noise that explains ``y`` given the image ``x`` (both in [0, 1]), within [0, 1]: for a linear model
+        ``(y - c_x x) / c_n``. What the supervised network's answer implies about the noise."""
+        return ((y - _bcast(self.coef_x, y) * x) / _bcast(self.coef_n, y)).clamp(0.0, 1.0)
+
     def noise_channels(self, channels: int) -> int:
         """Channels of the noise for an image of ``channels``."""
         return channels + self.extra_noise_channels
@@ -315,6 +320,17 @@ class Composite(ForwardModel):
         r = self._shrunk(y - ((1.0 - am) * x + am * c))
         k = (1.0 - am) ** 2 + am**2  # at least 1/2
         return x + (1.0 - am) / k * r, torch.cat([c + am / k * r, n[:, -1:]], dim=1)
+
+    def explain(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The layer of least coverage that explains ``y`` over ``x``: per pixel, the smallest ``m`` in [0, 1] for
+        which the colour ``c = x + (y - x) / (a m)`` stays within [0, 1] in every channel, and that ``c`` (``x``
+        where ``m`` is 0). Where even ``m = 1`` cannot (``a < 1`` and ``y`` far from ``x``), ``c`` is clipped."""
+        a = _bcast(self.a, y)
+        d = y - x
+        room = torch.where(d > 0, 1.0 - x, x).clamp_min(1e-6)  # how far c may move from x towards d's side
+        m = (d.abs() / (a * room)).amax(1, keepdim=True).clamp(0.0, 1.0)
+        c = torch.where(m > 0, x + d / (a * m).clamp_min(1e-6), x).clamp(0.0, 1.0)
+        return torch.cat([c, m], dim=1)
 
     @property
     def coef_x(self) -> torch.Tensor:

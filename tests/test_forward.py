@@ -82,3 +82,22 @@ def test_every_registered_model_has_its_parameters_defaults_and_weight_column():
         assert cls.name == name and set(cls.estimable) <= set(cls.params)
         assert cls.weight is None or cls.weight in cls.params
     assert make_forward("blend", 2).alpha.tolist() == [0.5, 0.5]  # the paper's default
+
+
+def test_explain_gives_the_noise_that_explains_y_and_the_composites_layer_of_least_coverage():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 8, 8, generator=g)
+    # linear: the noise itself
+    blend = make_forward("blend", 3, alpha=[0.2, 0.5, 0.8])
+    n = torch.rand(3, 3, 8, 8, generator=g)
+    assert torch.allclose(blend.explain(blend.apply(x, n), x), n, atol=1e-5)
+    # the composite: a layer (colour, coverage) that recomposites to y, with no more coverage than the true one,
+    # and none where y is the image
+    comp = make_forward("composite", 3, a=[0.5, 0.8, 1.0])
+    layer = torch.rand(3, 4, 8, 8, generator=g)
+    layer[:, 3:, :, :4] = 0  # no text on the left half
+    y = comp.apply(x, layer)
+    found = comp.explain(y, x)
+    assert found.shape == layer.shape and found.min() >= 0 and found.max() <= 1
+    assert (comp.apply(x, found) - y).abs().max() < 1e-5
+    assert (found[:, 3:] <= layer[:, 3:] + 1e-5).all() and found[:, 3:, :, :4].abs().max() < 1e-6

@@ -266,3 +266,38 @@ def test_rows_without_alpha_are_rejected_by_fast_and_sent_on_by_routed(routed_se
     summary, routed, _ = _run(tiny_priors, sup, str(src), str(tmp_path / "out"), "routed")
     assert summary["cleaned"] == 8 and {r["path"] for r in routed.values()} == {"joint"}
     assert all(r["alpha_hat"] is not None for r in routed.values())
+
+
+def test_fast_cleans_text_on_photos_with_the_shipped_network_and_its_layer_recomposites_the_observation(tmp_path):
+    """The composite (not linear) on the fast path: the shipped natural + text network, its noise estimate the layer
+    of least coverage that explains each observation given the network's answer."""
+    import pyarrow.parquet as pq
+
+    from pipeline.config import CleanConfig
+    from pipeline.data.corrupt import corrupt, write_observations
+    from pipeline.data.embedded import load_embedded
+    from pipeline.priors import supervised_for
+    from pipeline.run.local import run_local
+
+    if supervised_for("natural", "text") is None:
+        pytest.skip("supervised-natural-text does not ship in this checkout")
+    obs = str(tmp_path / "obs")
+    write_observations(obs, corrupt(load_embedded("natural", "test", 32, 3, n=8), load_embedded("text", "test", 32, 4),
+                                    8, alpha=0.8, seed=0, forward="composite"), shard_size=8)
+    cfg = CleanConfig(priors={"image": "natural", "noise": "text"}, forward={"name": "composite", "alpha": 0.8},
+                      sampler={"path": "fast"}, device="cpu")
+    summary = run_local(obs, str(tmp_path / "out"), cfg, run_id="fast", progress=False)
+    assert (summary["cleaned"], summary["errors"]) == (8, 0)
+    run = tmp_path / "out" / "runs" / "fast"
+    metrics = pq.read_table(run / "metrics").to_pylist()
+    assert {m["path"] for m in metrics} == {"fast"} and {m["nfe"] for m in metrics} == {1}
+    texted = [m for m in metrics if m["psnr_input"] is not None]  # an empty layer leaves the patch as it was
+    assert len(texted) >= 6
+    assert np.mean([m["psnr"] for m in texted]) > np.mean([m["psnr_input"] for m in texted]) + 5
+    inputs = {r["id"]: r for r in pq.read_table(obs).to_pylist()}
+    fwd = make_forward("composite", 1, a=0.8)
+    for r in pq.read_table(run / "cleaned").to_pylist():
+        x, layer = _pixels(r["denoised"]), _pixels(r["noise_estimate"])
+        assert layer.shape[-1] == 4  # RGBA: the colour, then the coverage
+        y = fwd.apply(torch.from_numpy(x.transpose(2, 0, 1))[None], torch.from_numpy(layer.transpose(2, 0, 1))[None])
+        assert np.abs(y[0].numpy().transpose(1, 2, 0) - _pixels(inputs[r["id"]]["observation"])).max() < 0.02

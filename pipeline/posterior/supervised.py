@@ -130,11 +130,9 @@ where a prior tells detail it knows from detail it does not."""
 
 
 def implied_noise(y01: torch.Tensor, x01: torch.Tensor, forward: ForwardModel) -> torch.Tensor:
-    """The noise that explains ``y`` given the image ``x`` under a forward model linear in the noise:
-    ``(y - coef_x x) / coef_n``, in [0, 1]."""
-    cx = forward.coef_x.to(y01).view(-1, 1, 1, 1)
-    cn = forward.coef_n.to(y01).view(-1, 1, 1, 1)
-    return ((y01 - cx * x01) / cn).clamp(0.0, 1.0)
+    """The noise that explains ``y`` given the image ``x`` (:meth:`~pipeline.forward.ForwardModel.explain`): for a
+    model linear in the noise ``(y - coef_x x) / coef_n``; for the composite, the layer of least coverage."""
+    return forward.explain(y01, x01)
 
 
 @torch.no_grad()

@@ -229,6 +229,12 @@ def test_a_misspelt_scenario_is_one_line_naming_the_scenarios_there_are(capsys):
     assert proc.returncode == 2 and "has no scenario none;" in proc.stderr
     proc = cli(capsys, "bench", "quality", "--quick", "--scenarios", "readout", check=False)
     assert proc.returncode == 2 and "no scenario readout; choose from main, stripes, " in proc.stderr
+    proc = cli(capsys, "bench", "large", "--quick", "--methods", "joint,supervized", check=False)
+    assert proc.returncode == 2 and proc.stderr == ("jointdiff: --methods: bench large has no method supervized; "
+                                                    "choose from observation, nlm, tv, bm3d, inpaint, gaussian, "
+                                                    "joint, supervised\n")
+    proc = cli(capsys, "bench", "quality", "--quick", "--methods", "joint", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("jointdiff: --methods: only bench large takes it;")
 
 
 def test_bench_quality_unknown_alpha_and_read_out_compare_the_true_estimated_and_guessed_parameters(tmp_path,

@@ -129,12 +129,6 @@ ROUTE_TIMES = (0.05, 0.1, 0.2, 0.4)
 where a prior tells detail it knows from detail it does not."""
 
 
-def implied_noise(y01: torch.Tensor, x01: torch.Tensor, forward: ForwardModel) -> torch.Tensor:
-    """The noise that explains ``y`` given the image ``x`` (:meth:`~pipeline.forward.ForwardModel.explain`): for a
-    model linear in the noise ``(y - coef_x x) / coef_n``; for the composite, the layer of least coverage."""
-    return forward.explain(y01, x01)
-
-
 @torch.no_grad()
 def prior_losses(model: torch.nn.Module, sde: Any, ids: list[str], z01: torch.Tensor, tile_batch: int = 64,
                  overlap: int = TILE_OVERLAP) -> torch.Tensor:
@@ -198,7 +192,7 @@ def calibrate(network: torch.nn.Module, x_model: torch.nn.Module, n_model: torch
     never its training images) under ``forward``, for the priors ``names`` (image, noise)."""
     x = restore(network, y01)
     lx = prior_losses(x_model, sde, ids, x)
-    ln = prior_losses(n_model, sde, ids, implied_noise(y01, x, forward))
+    ln = prior_losses(n_model, sde, ids, forward.explain(y01, x))
     cal = RouteCalibration(names[0], names[1], float(lx.mean()), float(lx.std()), float(ln.mean()),
                            float(ln.std()), {}, len(ids))
     s = cal.score(lx, ln)
@@ -234,7 +228,7 @@ class FastDenoiser:
             raise ValueError("the supervised network does not estimate the forward weight: give forward.alpha or an "
                              "alpha column, or use sampler.path=routed or joint")
         x = restore(self.network, y, self.tile_batch)
-        n = implied_noise(y, x, forward)
+        n = forward.explain(y, x)
         path = ["fast"] * b
         score = torch.full((b,), float("nan"))
         nfe = torch.ones(b, dtype=torch.long)

@@ -51,8 +51,9 @@ class SDEConfig(_Strict):
 class DataConfig(_Strict):
     """The prior's training images."""
 
-    source: str = Field(..., description="embedded dataset name (faces, digits, patches, stripes) "
-                                         "or a URI of Parquet image shards")
+    source: str = Field(..., description="embedded dataset name (faces, digits, patches, stripes, "
+                                         "natural, text, font-digits, stripes-fine) or a URI of Parquet image "
+                                         "shards")
     split: str = Field("train", description="split of an embedded dataset")
     size: int = Field(32, ge=4, description="square size the images are resized to (the prior's size)")
     channels: int = Field(1, description="1 (grey), 3 (RGB) or 4 (RGBA: a text layer)")

@@ -547,7 +547,7 @@ def write_json(rows: list[dict[str, Any]], path: str, meta: dict[str, Any]) -> N
     Path(path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, allow_nan=False) + "\n")
 
 
-# Grids for `bench tune` (lambda_x = kappa_n first, then the ratio kappa_n / lambda_x).
+# Grids for `bench tune` (lambda_x with kappa_n = lambda_x / 2 first, then the ratio kappa_n / lambda_x).
 # per rule: the schedule and the lambda_x grid at 200 steps (scaled by sqrt(200 / steps) for other counts)
 TUNE_GRIDS: dict[str, tuple[str, list[float]]] = {
     "dps": ("constant", [4.0, 7.0, 10.0, 14.0]),

@@ -7,8 +7,8 @@ What may differ, and only that, is masked on both sides before comparing:
 - numbers (PSNR, times, sizes, counts' digits), run and ingest ids (``run-…``), timestamps, and the folder the
   block ran in (the README shows it as ``…``);
 - progress bars (their last state stays on a terminal; their speeds vary): lines with ``NN%|``;
-- the estimated-time line ``clean run-…: about …``, which a run prints only when it expects to take 30 s or more:
-  the README's run (50 steps) prints it, the test's (2 steps) may not.
+- the estimated-time line ``clean run-…: about …``, which a run prints only when it expects to take 30 s or more
+  (the README's run at 50 steps may, the test's at 2 steps may not).
 
 The test runs ``clean`` at 2 sampler steps, with the weights the tuned table gives the README's run at 50 steps
 (``lambda_x`` 20, ``kappa_n`` 20), so that no note about untuned weights is printed. Each command also writes its
@@ -70,8 +70,6 @@ def test_the_readme_quick_start_runs_and_prints_what_the_readme_shows(tmp_path):
     steps = quickstart()
     assert steps[0][0].startswith("make install"), "the block starts by setting up .venv (the test has one)"
     assert [shlex.split(c)[1] for c, _ in steps[1:]] == ["corrupt", "ingest", "clean", "export"]
-    clean_lines = dict(steps)[next(c for c, _ in steps if " clean " in c)]
-    assert any(ESTIMATE.match(line) for line in clean_lines), "the README's run prints its estimate"
     for command, expected in steps[1:]:
         argv = shlex.split(command)
         assert argv[0] == "jointdiff"

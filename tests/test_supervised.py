@@ -240,6 +240,8 @@ def test_the_paths_refuse_what_they_cannot_do_in_one_line(routed_setup, tiny_pri
          "does not estimate forward.alpha"),
         (["--set", "sampler.path=routed", "--set", f"priors.supervised={sup}", "--set", "priors.noise=digits",
           "--set", "priors.image=faces"], "is calibrated for"),
+        (["--set", "sampler.path=routed", "--set", "priors.image=natural", "--set", "priors.noise=text", "--set",
+          "forward.name=composite", "--set", "forward.alpha=0.5"], "calibrated for forward models linear in the noise"),
     ]
     for extra, message in cases:
         proc = cli(capsys, *base, *extra, check=False)

@@ -504,7 +504,7 @@ def _summary_html(run: RunData) -> str:
                   ("wall time (last invocation)", f"{s['wall_seconds']:.1f} s"),
                   ("images/s", _num(s["images_per_s"], ".3f")),
                   ("NFE per prior per image" if json.loads(s["sampler"]).get("path", "joint") == "joint"
-                   else "NFE per image (the rows' mean; the supervised network counts 1)", s["nfe"]),
+                   else "NFE per image (the rows' mean over every network; the supervised network counts 1)", s["nfe"]),
                   ("models", "<br>".join(f"{html.escape(k)}: <code>{html.escape(str(v))}</code>"
                                          for k, v in models.items())),
                   ("sampler", f"<code>{html.escape(str(s['sampler']))}</code>"),

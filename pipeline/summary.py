@@ -96,8 +96,8 @@ def format_summary(row: dict[str, Any]) -> str:
         paths = row["paths"]
         lines.append(f"  cleaned by the supervised network: {paths.get('fast', 0)}, by the joint sampler: "
                      f"{paths.get('joint', 0)} (sampler.path; each row's path is in its path column)")
-    nfe = (f"NFE {row['nfe']} per image (the rows' mean: 1 for the supervised network, more where the joint "
-           "sampler ran)" if row.get("paths") else f"NFE {row['nfe']} per prior per image")
+    nfe = (f"NFE {row['nfe']} per image (the rows' mean over every network: the supervised network counts 1)"
+           if row.get("paths") else f"NFE {row['nfe']} per prior per image")
     lines.append(f"  {row['processed']} image(s) cleaned now in {row['wall_seconds']:.1f} s: "
                  f"{_fmt(row['images_per_s'], '.2f')} images/s, {nfe}")
     from pipeline.data.storage import local_path

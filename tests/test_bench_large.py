@@ -7,6 +7,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 
 from pipeline.bench.large import SCENARIOS, seam_ratio
 from pipeline.cli import main
@@ -36,6 +37,9 @@ def test_bench_large_quick_reports_every_row_of_each_scenario(tmp_path, capsys):
     err = {r["method"]: r.get("alpha_error_median") for r in doc["rows"] if r["scenario"] == "unknown-alpha"}
     assert err["joint-oracle"] == 0 and err["joint-fixed"] == abs(0.5 - truth) and err["nlm"] is None
     assert 0 <= err["joint-auto"] <= 0.6
+    if learned["unknown-alpha"]:  # the fast path's estimate, from the noise prior (the quick crop of astronaut)
+        hat = next(p for p in doc["per_image"] if p["scenario"] == "unknown-alpha")["supervised alpha_hat"]
+        assert err["supervised"] == pytest.approx(abs(hat - truth)) and err["supervised"] < 0.05
     for r in doc["rows"]:
         faces = r["scenario"] == "faces"  # four 32x32 faces, each one tile: no seam to measure
         assert r["n_images"] == (4 if faces else 1) and math.isfinite(r["psnr_mean"]) and 0 < r["ssim_mean"] <= 1

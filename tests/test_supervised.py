@@ -236,8 +236,8 @@ def test_the_paths_refuse_what_they_cannot_do_in_one_line(routed_setup, tiny_pri
         (["--set", "sampler.path=fast"], "no supervised network ships for priors"),
         (["--set", "sampler.path=fast", "--set", f"priors.supervised={tiny_priors[0]}"], "is a prior, not a "
          "supervised network"),
-        (["--set", "sampler.path=fast", "--set", f"priors.supervised={sup}", "--set", "forward.alpha=auto"],
-         "does not estimate forward.alpha"),
+        (["--set", "sampler.path=routed", "--set", f"priors.supervised={sup}", "--set", "forward.alpha=auto"],
+         "sends every image whose weight is estimated to the joint sampler"),
         (["--set", "sampler.path=routed", "--set", f"priors.supervised={sup}", "--set", "priors.noise=digits",
           "--set", "priors.image=faces"], "is calibrated for"),
         (["--set", "sampler.path=routed", "--set", "priors.image=natural", "--set", "priors.noise=text", "--set",
@@ -250,7 +250,8 @@ def test_the_paths_refuse_what_they_cannot_do_in_one_line(routed_setup, tiny_pri
     assert not (tmp_path / "o").exists()
 
 
-def test_rows_without_alpha_are_rejected_by_fast_and_sent_on_by_routed(routed_setup, tiny_priors, tmp_path):
+def test_rows_without_alpha_get_the_noise_priors_weight_on_fast_and_are_sent_on_by_routed(routed_setup, tiny_priors,
+                                                                                           tmp_path):
     import pyarrow.parquet as pq
 
     sup, obs = routed_setup
@@ -259,12 +260,16 @@ def test_rows_without_alpha_are_rejected_by_fast_and_sent_on_by_routed(routed_se
     for shard in sorted(p for p in __import__("pathlib").Path(obs).glob("shard-*.parquet")):
         t = pq.read_table(shard)
         pq.write_table(t.drop_columns(["alpha"]), src / shard.name)
-    from pipeline.data.accounting import RejectedRowsError
+    from pipeline.posterior.supervised import WEIGHT_COARSE
 
-    with pytest.raises(RejectedRowsError, match=r"8 x sample: no alpha: .*sampler.path=fast does not estimate"):
-        _run(tiny_priors, sup, str(src), str(tmp_path / "out"), "fast")
-    errors = pq.read_table(str(tmp_path / "out" / "runs" / "fast" / "errors")).to_pylist()
-    assert all(e["stage"] == "sample" and e["reason"].startswith("no alpha: ") for e in errors)
+    summary, fast, metrics = _run(tiny_priors, sup, str(src), str(tmp_path / "out"), "fast")
+    _, given, _ = _run(tiny_priors, sup, obs, str(tmp_path / "given"), "fast")
+    assert summary["cleaned"] == 8 and summary["alpha_estimated"] == 8 and {r["path"] for r in fast.values()} == {
+        "fast"}
+    for i, r in fast.items():  # the network's answer does not depend on the weight; its noise estimate does
+        assert np.array_equal(_pixels(r["denoised"]), _pixels(given[i]["denoised"]))
+        assert 0.02 - 1e-6 <= r["alpha_hat"] <= 0.98 + 1e-6 and metrics[i]["alpha"] is None
+        assert len(WEIGHT_COARSE) + 1 <= r["nfe"] <= len(WEIGHT_COARSE) + 9  # the network, then the noise prior
     summary, routed, _ = _run(tiny_priors, sup, str(src), str(tmp_path / "out"), "routed")
     assert summary["cleaned"] == 8 and {r["path"] for r in routed.values()} == {"joint"}
     assert all(r["alpha_hat"] is not None for r in routed.values())
@@ -303,3 +308,32 @@ def test_fast_cleans_text_on_photos_with_the_shipped_network_and_its_layer_recom
         assert layer.shape[-1] == 4  # RGBA: the colour, then the coverage
         y = fwd.apply(torch.from_numpy(x.transpose(2, 0, 1))[None], torch.from_numpy(layer.transpose(2, 0, 1))[None])
         assert np.abs(y[0].numpy().transpose(1, 2, 0) - _pixels(inputs[r["id"]]["observation"])).max() < 0.02
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.7])
+def test_fast_estimates_an_unknown_blend_weight_with_the_noise_prior(tmp_path, alpha):
+    """``forward.alpha: auto`` on the fast path: the shipped natural + stripes network cleans, and the weight whose
+    implied noise the stripes prior finds most likely is each photo crop's own, where the network's answer leaves
+    stripes to find."""
+    import pyarrow.parquet as pq
+
+    from pipeline.config import CleanConfig
+    from pipeline.data.corrupt import corrupt, write_observations
+    from pipeline.data.embedded import load_embedded
+    from pipeline.priors import supervised_for
+    from pipeline.run.local import run_local
+
+    if supervised_for("natural", "stripes-rgb") is None:
+        pytest.skip("supervised-natural-stripes does not ship in this checkout")
+    obs = str(tmp_path / "obs")
+    photos, stripes = load_embedded("natural", "test", 32, 3, n=8), load_embedded("stripes", "test", 32, 3)
+    write_observations(obs, corrupt(photos, stripes, 8, alpha=alpha, seed=0), shard_size=8)
+    cfg = CleanConfig(priors={"image": "natural", "noise": "stripes-rgb"}, forward={"alpha": "auto"},
+                      sampler={"path": "fast"}, device="cpu")
+    summary = run_local(obs, str(tmp_path / "out"), cfg, run_id="auto", progress=False)
+    assert (summary["cleaned"], summary["alpha_estimated"]) == (8, 8)
+    metrics = pq.read_table(tmp_path / "out" / "runs" / "auto" / "metrics").to_pylist()
+    errors = sorted(m["alpha_error"] for m in metrics)
+    assert all(m["alpha"] == pytest.approx(alpha) and m["path"] == "fast" for m in metrics)
+    assert np.median(errors) <= 0.02 and errors[-1] < 0.06, errors  # guessing 0.5 errs by 0.2 on every row
+    assert np.mean([m["psnr"] - m["psnr_input"] for m in metrics]) > 5

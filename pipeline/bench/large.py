@@ -64,7 +64,7 @@ from pipeline.posterior.denoise import Denoiser
 from pipeline.posterior.guidance import RULES, GuidedDenoiser
 from pipeline.posterior.priors import GaussianPrior
 from pipeline.posterior.sampler import SamplerSettings
-from pipeline.posterior.supervised import restore
+from pipeline.posterior.supervised import estimate_weight, restore
 from pipeline.posterior.tuned import TABLE, resolve_weights
 from pipeline.posterior.tuned import entry as tuned_entry
 from pipeline.posterior.tuned import record as tuned_record
@@ -387,17 +387,27 @@ def large(quick: bool = False, steps: int | None = None, rule: str | None = None
                 "train-supervised (docs/how-to/supervised.md)")
         elif sup is not None:
             s_model, _, _ = load_model(resolve_model(sup))
+            hats = []
             with PeakRSS() as mem:
                 t0 = time.perf_counter()
-                results["supervised"] = [_back(restore(s_model, torch.from_numpy(_rgb(y))[None])[0].numpy(), x)
-                                         for _, x, y, _ in obs]
+                results["supervised"] = []
+                for id_, x, y, _ in obs:
+                    y_t = torch.from_numpy(_rgb(y))[None]
+                    x_t = restore(s_model, y_t)
+                    if sc.alpha_range is not None:  # the weight as sampler.path=fast estimates it: the noise prior's
+                        hats.append(float(estimate_weight(n_model, sde, [id_], y_t, x_t, fm)[0][0]))
+                    results["supervised"].append(_back(x_t[0].numpy(), x))
                 sec = time.perf_counter() - t0
-            rows.append(_row(sc, "supervised", obs, results["supervised"], sec / mp, mem.peak))
+            if hats:
+                results["supervised alpha"] = hats
+            rows.append(_row(sc, "supervised", obs, results["supervised"], sec / mp, mem.peak,
+                             alpha_error=np.abs(np.array(hats) - truth) if hats else None))
             log(_fmt(rows[-1]))
             learned.append("supervised")
         samplers = [m for m, _, _ in runs]
         for k, (id_, x, _, _) in enumerate(obs):
-            alpha = ({"alpha": truth[k], **{f"{m} alpha_hat": results[f"{m} alpha"][k] for m in samplers}}
+            alpha = ({"alpha": truth[k], **{f"{m} alpha_hat": results[f"{m} alpha"][k]
+                                            for m in [*samplers, *learned] if f"{m} alpha" in results}}
                      if sc.alpha_range is not None else {})
             per_image.append({"scenario": sc.name, "id": id_, "height": x.shape[1], "width": x.shape[2],
                               "channels": x.shape[0], **alpha,

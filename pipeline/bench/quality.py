@@ -63,7 +63,7 @@ from pipeline.posterior.guidance import RULES
 from pipeline.posterior.paper import AUTHORS
 from pipeline.posterior.priors import GaussianPrior
 from pipeline.posterior.sampler import PRESETS, SamplerSettings
-from pipeline.posterior.supervised import restore
+from pipeline.posterior.supervised import estimate_weight, restore
 from pipeline.priors import resolve_model, supervised_for
 from pipeline.viz import save_grid
 
@@ -406,10 +406,18 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
             s_model, _, _ = model(sup)
             t0 = time.perf_counter()
             x_hat = restore(s_model, y)
+            extra, nfe = {}, 1
+            if sc.alpha_range is not None:  # the weight as sampler.path=fast estimates it: the noise prior's pick
+                hats, tried = estimate_weight(n_model, sde, list(obs.ids), y, x_hat,
+                                              make_forward("blend", len(obs.ids), alpha=0.5))
+                err = (hats - truth).abs()
+                extra = {"alpha_error_median": float(err.median()), "alpha_error_mean": float(err.mean())}
+                nfe = 1 + tried
             sec = (time.perf_counter() - t0) / len(obs.ids)
             shown["supervised"] = x_hat
-            rows.append({**base, "method": "supervised", "rule": None, "solver": None, "steps": None, "nfe": 1,
-                         "backward": False, "param": None, **score(x_hat, clean, noise), "seconds_per_image": sec})
+            rows.append({**base, "method": "supervised", "rule": None, "solver": None, "steps": None, "nfe": nfe,
+                         "backward": False, "param": None, **score(x_hat, clean, noise), "seconds_per_image": sec,
+                         **extra})
             log(_fmt(rows[-1]))
         if figure and sc.name == "main":
             panel = ["observation", "joint", "supervised", "gaussian", "nlm", "truth", "noise estimate"]

@@ -152,6 +152,77 @@ def prior_losses(model: torch.nn.Module, sde: Any, ids: list[str], z01: torch.Te
     return out / len(ROUTE_TIMES)
 
 
+WEIGHT_TIME = 0.1
+"""The diffusion time at which the noise prior scores each candidate weight's noise (:func:`estimate_weight`)."""
+WEIGHT_COARSE = tuple(round(0.05 * k, 2) for k in range(1, 20))
+"""The weights first tried (0.05 to 0.95); then every :data:`WEIGHT_FINE` within 0.04 of the best of them."""
+WEIGHT_FINE = 0.01
+WEIGHT_TILES = 16
+"""At most this many of an image's tiles (spread evenly over it) are scored: the cost does not grow with its size."""
+
+
+@torch.no_grad()
+def estimate_weight(n_model: torch.nn.Module, sde: Any, ids: list[str], y01: torch.Tensor, x01: torch.Tensor,
+                    forward: ForwardModel, tile_batch: int = 256) -> tuple[torch.Tensor, int]:
+    """Per image, the weight of ``forward`` (an :data:`~pipeline.posterior.estimate.ESTIMABLE` model, the blend's
+    alpha) whose noise the noise prior finds most likely, given the image ``x01`` (the supervised network's answer)
+    and the observation ``y01`` (both ``(B, C, H, W)`` in [0, 1]); and the noise prior's evaluations per image.
+
+    Each candidate weight ``w`` implies a noise, ``forward.explain(y, x)`` with that weight; the noise prior's
+    denoising loss on it at :data:`WEIGHT_TIME` (the same seeded noise for every candidate, drawn from the image's
+    id) is lowest near the true weight: a smaller weight over-amplifies ``y - x`` beyond the noise's range, a
+    larger one leaves a faded copy of the image in the noise. The candidates are :data:`WEIGHT_COARSE`, then every
+    :data:`WEIGHT_FINE` around the best of them, within :data:`~pipeline.posterior.estimate.BOUNDS`; an image
+    larger than the prior is scored on at most :data:`WEIGHT_TILES` of its tiles."""
+    from pipeline.posterior.estimate import BOUNDS
+    from pipeline.posterior.sampler import seed_for
+
+    weight = type(forward).weight
+    size = n_model.config.image_size
+    b, _, h, w = y01.shape
+    tiling = Tiling(h, w, size, 0)
+    origins = tiling.origins
+    if len(origins) > WEIGHT_TILES:
+        origins = [origins[round(i * (len(origins) - 1) / (WEIGHT_TILES - 1))] for i in range(WEIGHT_TILES)]
+    t_one = torch.zeros(b, device=y01.device)
+    yt, _ = tiling.gather(y01, origins, t_one)
+    xt, _ = tiling.gather(x01, origins, t_one)
+    n_tiles = len(origins)
+    a_t, s_t = float(sde.alpha(torch.tensor(WEIGHT_TIME))), float(sde.sigma(torch.tensor(WEIGHT_TIME)))
+    out = torch.empty(b)
+    lo, hi = BOUNDS
+    fine = [round(k * WEIGHT_FINE, 2) for k in range(-4, 5) if k]
+    tried = 0
+    for k in range(b):
+        yk, xk = yt[k * n_tiles:(k + 1) * n_tiles], xt[k * n_tiles:(k + 1) * n_tiles]
+        g = torch.Generator().manual_seed(seed_for(ids[k], 0, 2000))
+        e = torch.randn((n_tiles, forward.noise_channels(yk.shape[1]), size, size), generator=g).to(yk.device)
+        scores: dict[float, float] = {}
+
+        def score(cands: list[float], yk: torch.Tensor = yk, xk: torch.Tensor = xk, e: torch.Tensor = e,
+                  scores: dict[float, float] = scores) -> None:
+            cands = [c for c in cands if c not in scores]
+            if not cands:
+                return
+            m = len(cands)
+            fm = make_forward(forward.name, m * n_tiles, **{weight: torch.tensor(cands).repeat_interleave(n_tiles)})
+            z = fm.explain(yk.repeat(m, 1, 1, 1), xk.repeat(m, 1, 1, 1)) * 2 - 1
+            ee = e.repeat(m, 1, 1, 1)
+            zt = a_t * z + s_t * ee
+            t = torch.full((zt.shape[0],), WEIGHT_TIME, device=zt.device)
+            pred = torch.cat([n_model(zt[i:i + tile_batch], t[i:i + tile_batch])
+                              for i in range(0, zt.shape[0], tile_batch)])
+            loss = (pred - ee).pow(2).flatten(1).mean(1).view(m, n_tiles).mean(1)
+            scores.update(zip(cands, loss.tolist(), strict=True))
+
+        score(list(WEIGHT_COARSE))
+        best = min(scores, key=scores.__getitem__)
+        score([c for c in (round(best + d, 2) for d in fine) if lo <= c <= hi])
+        tried = max(tried, len(scores))
+        out[k] = min(scores, key=scores.__getitem__)
+    return out, tried
+
+
 @dataclass(frozen=True)
 class RouteCalibration:
     """How unusual the network's answers are on validation pairs of its training kind: the mean and std of the
@@ -204,13 +275,16 @@ class FastDenoiser:
     """``sampler.path: fast`` and ``routed``: the supervised network on every image (one evaluation); ``routed``
     also scores each answer with both priors (:func:`prior_losses`, :meth:`RouteCalibration.score`) and sends the
     images scoring above the calibrated threshold, and those whose weight is to be estimated, to the joint sampler
-    (``joint``, a :class:`~pipeline.posterior.denoise.Denoiser`). Called as the joint denoiser is; the output's
+    (``joint``, a :class:`~pipeline.posterior.denoise.Denoiser`). On ``fast``, a row whose weight is to be estimated
+    gets the weight the noise prior finds most likely for the network's answer (:func:`estimate_weight`; ``noise``:
+    the noise prior and its SDE). Called as the joint denoiser is; the output's
     ``path`` says, per image, which path cleaned it. A row the network cleaned has no ``residual`` or ``spread``
     (NaN): its noise estimate explains the observation by construction, and it is one answer, not samples."""
 
     def __init__(self, network: torch.nn.Module, joint: Any = None, calibration: RouteCalibration | None = None,
-                 quantile: float = 0.9, tile_batch: int = 256, overlap: int = TILE_OVERLAP):
-        self.network, self.joint, self.calibration = network, joint, calibration
+                 quantile: float = 0.9, tile_batch: int = 256, overlap: int = TILE_OVERLAP,
+                 noise: tuple[torch.nn.Module, Any] | None = None):
+        self.network, self.joint, self.calibration, self.noise = network, joint, calibration, noise
         self.threshold = None if calibration is None else calibration.threshold(quantile)
         self.tile_batch, self.overlap = tile_batch, overlap
 
@@ -224,16 +298,26 @@ class FastDenoiser:
         t0 = time.perf_counter()
         b = y.shape[0]
         estimate = torch.zeros(b, dtype=torch.bool) if estimate is None else estimate.cpu()
-        if self.joint is None and bool(estimate.any()):
+        if self.joint is None and self.noise is None and bool(estimate.any()):
             raise ValueError("the supervised network does not estimate the forward weight: give forward.alpha or an "
                              "alpha column, or use sampler.path=routed or joint")
         x = restore(self.network, y, self.tile_batch)
+        nfe = torch.ones(b, dtype=torch.long)
+        alpha_hat = None
+        if self.joint is None and bool(estimate.any()):  # fast: the noise prior picks the weight of these rows
+            rows = torch.nonzero(estimate).flatten()
+            hats, tried = estimate_weight(*self.noise, [ids[k] for k in rows.tolist()], y[rows], x[rows],
+                                          forward.take(rows), self.tile_batch)
+            name = type(forward).weight
+            weights = getattr(forward, name).clone().float()
+            weights[rows.to(weights.device)] = hats.to(weights.device)
+            forward = forward.with_params(**{name: weights})
+            alpha_hat, nfe[rows] = weights.cpu(), nfe[rows] + tried
         n = forward.explain(y, x)
         path = ["fast"] * b
         score = torch.full((b,), float("nan"))
-        nfe = torch.ones(b, dtype=torch.long)
         nan = torch.full((b,), float("nan"), device=y.device)
-        residual, spread, uncertainty, alpha_hat = nan.clone(), nan.clone(), None, None
+        residual, spread, uncertainty = nan.clone(), nan.clone(), None
         if self.joint is not None and self.calibration is not None:
             j = self.joint
             lx = prior_losses(j.x_model, j.sde, ids, x, self.tile_batch, self.overlap)

@@ -171,9 +171,9 @@ def prior_shape(name_or_uri: str) -> tuple[int, int]:
 def check_supervised(recipe: Any) -> str:
     """The supervised network of a recipe with ``sampler.path`` fast or routed (``priors.supervised``, else the one
     shipped for the two priors); :class:`ConfigError` in one line unless it is a supervised network
-    (``jointdiff train-supervised``) of the image prior's channels, the weight is given (not ``auto``: the noise
-    estimate is the noise that explains ``y`` given the network's answer, which needs it), and, for ``routed``, the
-    forward model is linear in the noise and the card holds a calibration for these two priors."""
+    (``jointdiff train-supervised``) of the image prior's channels, and, for ``routed``, the weight is given (not
+    ``auto``: routed sends the rows to estimate to the joint sampler), the forward model is linear in the noise and
+    the card holds a calibration for these two priors. (``fast`` estimates a weight with the noise prior.)"""
     from pipeline.diffusion.checkpoint import CheckpointError, read_model_config
     from pipeline.forward import FORWARD_MODELS
     from pipeline.posterior.supervised import is_supervised
@@ -188,9 +188,9 @@ def check_supervised(recipe: Any) -> str:
     if path == "routed" and not FORWARD_MODELS[recipe.forward.name].linear:
         raise ConfigError(f"{where}: the router is calibrated for forward models linear in the noise only, not "
                           f"forward.name={recipe.forward.name}; use sampler.path=fast or joint")
-    if recipe.forward.alpha == "auto":
-        raise ConfigError(f"{where}: the supervised network does not estimate forward.alpha; give a number or an "
-                          "alpha column, or use sampler.path=joint")
+    if recipe.forward.alpha == "auto" and path == "routed":
+        raise ConfigError(f"{where} sends every image whose weight is estimated to the joint sampler; with "
+                          "forward.alpha=auto use sampler.path=fast or joint")
     if recipe.sampler.n_samples > 1:
         raise ConfigError(f"{where}: the supervised network gives one answer, not posterior samples; leave "
                           "sampler.n_samples at 1, or use sampler.path=joint")

@@ -54,7 +54,8 @@ def summary_row(run: Run, acc: Accounting, processed: int, executor: str, wall_s
 
 def _nfe(run: Any, per_row: list[Any]) -> int:
     """Network evaluations per image: the sampler's steps times its posterior samples; under ``sampler.path`` fast
-    or routed, the rows' mean (1 for the network alone, more where the router sent an image on), rounded."""
+    or routed, the rows' mean over every network (1 for the network alone; more where the noise prior estimated the
+    weight, the router checked the answer or sent the image on), rounded."""
     if run.cfg.sampler.path == "joint" or not per_row:
         return run.cfg.sampler.nfe * run.cfg.sampler.n_samples
     return round(sum(per_row) / len(per_row))

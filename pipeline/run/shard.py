@@ -51,8 +51,8 @@ class ShardCleaner:
         self.cfg, self.pinned = cfg, pinned
         self.device = resolve_device(cfg.device)
         self.x_model, self.sde, _ = load_pinned(pinned.image, self.device)
-        self.n_model, n_sde, _ = load_pinned(pinned.noise, self.device)
-        check_pair(self.x_model.config, self.sde, self.n_model.config, n_sde, cfg.forward.name)
+        self.n_model, self.n_sde, _ = load_pinned(pinned.noise, self.device)
+        check_pair(self.x_model.config, self.sde, self.n_model.config, self.n_sde, cfg.forward.name)
         self.shape = (self.x_model.config.channels, self.x_model.config.image_size, self.x_model.config.image_size)
         # images keep their size; another channel count is converted to the priors' (or refused) by policy,
         # except grey for RGB priors, which is cleaned as R = G = B and goes back to grey (pipeline.run.rows)
@@ -90,7 +90,8 @@ class ShardCleaner:
 
         routed = self.settings.path == "routed"
         return FastDenoiser(self.network, joint if routed else None, self.calibration, self.settings.route_quantile,
-                            tile_batch=self.tile_batch, overlap=self.settings.tile_overlap)
+                            tile_batch=self.tile_batch, overlap=self.settings.tile_overlap,
+                            noise=None if routed else (self.n_model, self.n_sde))
 
     def _batch_size(self) -> int:
         """``cfg.batch_size``, or for ``auto`` the batch that fills ``gpu.memory_margin`` of the free GPU
@@ -210,11 +211,6 @@ def sample(cleaner: ShardCleaner, rows: list[Row], result: ShardResult, reject: 
             reject(r, f"{r.y.shape[1]}x{r.y.shape[2]} pixels: the {cleaner.settings.solver} solver runs at the "
                       f"priors' size ({size[0]}x{size[1]}) only; use sampler.solver=ddim for other sizes")
         rows = [r for r in rows if r.y.shape[1:] == size]
-    if cleaner.settings.path == "fast":  # the network alone cannot estimate a weight; routed sends such rows on
-        for r in [r for r in rows if r.estimate]:
-            reject(r, "no alpha: the row has no alpha value and sampler.path=fast does not estimate one; give "
-                      "forward.alpha or an alpha column, or use sampler.path=routed or joint")
-        rows = [r for r in rows if not r.estimate]
     for batch in batches(rows, cleaner.batch_size, cleaner.batch_pixels):
         y = torch.from_numpy(np.stack([r.y for r in batch])).to(cleaner.device)
         estimate = torch.tensor([r.estimate for r in batch])

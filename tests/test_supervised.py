@@ -144,17 +144,19 @@ def routed_setup(tiny_priors, tmp_path_factory):
     return str(root / "sup" / "model"), obs
 
 
-def _run(tiny_priors, sup, obs, out, path, quantile=0.5):
+def _run(tiny_priors, sup, obs, out, path, quantile=0.5, batch_size=4, run_id=None):
     from pipeline.config import CleanConfig, SamplerConfig
     from pipeline.run.local import run_local
 
     cfg = CleanConfig(priors={"image": tiny_priors[0], "noise": tiny_priors[1], "supervised": sup},
-                      sampler=SamplerConfig(steps=3, path=path, route_quantile=quantile), batch_size=4, device="cpu")
-    summary = run_local(obs, out, cfg, run_id=path, progress=False)
+                      sampler=SamplerConfig(steps=3, path=path, route_quantile=quantile), batch_size=batch_size,
+                      device="cpu")
+    run_id = run_id or path
+    summary = run_local(obs, out, cfg, run_id=run_id, progress=False)
     import pyarrow.parquet as pq
 
-    rows = pq.read_table(f"{out}/runs/{path}/cleaned").to_pylist()
-    metrics = pq.read_table(f"{out}/runs/{path}/metrics").to_pylist()
+    rows = pq.read_table(f"{out}/runs/{run_id}/cleaned").to_pylist()
+    metrics = pq.read_table(f"{out}/runs/{run_id}/metrics").to_pylist()
     return summary, {r["id"]: r for r in rows}, {r["id"]: r for r in metrics}
 
 
@@ -252,26 +254,38 @@ def test_the_paths_refuse_what_they_cannot_do_in_one_line(routed_setup, tiny_pri
 
 def test_rows_without_alpha_get_the_noise_priors_weight_on_fast_and_are_sent_on_by_routed(routed_setup, tiny_priors,
                                                                                            tmp_path):
+    """Half of each shard's rows without an alpha value: in a batch with given rows, fast estimates only theirs, the
+    same at any batch size; routed sends them to the joint sampler."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     sup, obs = routed_setup
-    src = tmp_path / "noalpha"
+    src = tmp_path / "halfalpha"
     src.mkdir()
     for shard in sorted(p for p in __import__("pathlib").Path(obs).glob("shard-*.parquet")):
         t = pq.read_table(shard)
-        pq.write_table(t.drop_columns(["alpha"]), src / shard.name)
-    from pipeline.posterior.supervised import WEIGHT_COARSE
-
+        alpha = [a if k % 2 else None for k, a in enumerate(t.column("alpha").to_pylist())]
+        pq.write_table(t.set_column(t.schema.get_field_index("alpha"), "alpha", pa.array(alpha, pa.float32())),
+                       src / shard.name)
     summary, fast, metrics = _run(tiny_priors, sup, str(src), str(tmp_path / "out"), "fast")
+    _, alone, _ = _run(tiny_priors, sup, str(src), str(tmp_path / "out"), "fast", batch_size=1, run_id="alone")
     _, given, _ = _run(tiny_priors, sup, obs, str(tmp_path / "given"), "fast")
-    assert summary["cleaned"] == 8 and summary["alpha_estimated"] == 8 and {r["path"] for r in fast.values()} == {
+    assert summary["cleaned"] == 8 and summary["alpha_estimated"] == 4 and {r["path"] for r in fast.values()} == {
         "fast"}
-    for i, r in fast.items():  # the network's answer does not depend on the weight; its noise estimate does
+    for i, r in fast.items():
+        # the network's answer does not depend on the weight; its noise estimate does
         assert np.array_equal(_pixels(r["denoised"]), _pixels(given[i]["denoised"]))
-        assert 0.02 - 1e-6 <= r["alpha_hat"] <= 0.98 + 1e-6 and metrics[i]["alpha"] is None
-        assert len(WEIGHT_COARSE) + 1 <= r["nfe"] <= len(WEIGHT_COARSE) + 9  # the network, then the noise prior
-    summary, routed, _ = _run(tiny_priors, sup, str(src), str(tmp_path / "out"), "routed")
-    assert summary["cleaned"] == 8 and {r["path"] for r in routed.values()} == {"joint"}
+        if metrics[i]["alpha"] is None:  # the network, then the noise prior: 19 weights, then 7 or 8 around the best
+            assert r["nfe"] in (27, 28) and metrics[i]["alpha_error"] is None
+        else:
+            assert r["nfe"] == 1 and r["alpha_hat"] == pytest.approx(metrics[i]["alpha"]) == pytest.approx(0.5)
+            assert np.array_equal(_pixels(r["noise_estimate"]), _pixels(given[i]["noise_estimate"]))
+        # alone in its batch, each row is cleaned, and its weight picked, as in the batch of 4
+        assert (alone[i]["alpha_hat"], alone[i]["nfe"]) == (r["alpha_hat"], r["nfe"])
+        assert np.abs(_pixels(alone[i]["noise_estimate"]) - _pixels(r["noise_estimate"])).max() < 2e-3
+    summary, routed, metrics = _run(tiny_priors, sup, str(src), str(tmp_path / "out"), "routed")
+    assert summary["cleaned"] == 8
+    assert all(r["path"] == "joint" for i, r in routed.items() if metrics[i]["alpha"] is None)
     assert all(r["alpha_hat"] is not None for r in routed.values())
 
 

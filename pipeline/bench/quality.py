@@ -26,8 +26,9 @@ what a run uses when it is not told), with the same sampler; its ``gaussian`` ro
 Methods: ``observation``, ``nlm``, ``tv``, ``bm3d`` (when the package imports), ``gaussian`` (the
 joint sampler with the noise prior replaced by a per-pixel Gaussian fitted to the noise prior's training images,
 :func:`gaussian_prior`, its weights tuned on the pair's validation split over a grid that includes 0,
-:func:`tune_gaussian`), ``supervised`` (the pair's supervised network, one evaluation per image:
-:mod:`pipeline.posterior.supervised`; absent with a note where none ships) and
+:func:`tune_gaussian`), ``supervised`` (the pair's supervised network, one evaluation per image, plus the noise
+prior's pick of the weight where it is hidden: :mod:`pipeline.posterior.supervised`; absent with a note where none
+ships) and
 ``joint-<rule>`` for each guidance rule and step count (Euler-Maruyama), and ``joint-paper`` /
 ``joint-paper-authors`` for the ``paper`` preset (:mod:`pipeline.posterior.paper`) at its own 600 steps with
 its re-tuned and with the authors' weights. Classical parameters are tuned per
@@ -397,7 +398,8 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
                      "lambda_x": g_cfg.lambda_x, "kappa_n": g_cfg.kappa_n, "validation_psnr": g_scores,
                      **score(x_hat, clean, noise), "seconds_per_image": sec})
         log(_fmt(rows[-1]))
-        # supervised: the pair's network, one evaluation per image (pipeline.posterior.supervised)
+        # supervised: the pair's network, one evaluation per image (pipeline.posterior.supervised), and where the
+        # weight is hidden the noise prior's pick of it, as sampler.path=fast makes it
         sup = supervised_for(sc.image_prior, sc.noise_prior)
         if sup is None:
             log(f"{sc.name}: no supervised network ships for {sc.image_prior} + {sc.noise_prior}; train one with "
@@ -408,11 +410,11 @@ def quality(quick: bool = False, n: int | None = None, n_robust: int | None = No
             x_hat = restore(s_model, y)
             extra, nfe = {}, 1
             if sc.alpha_range is not None:  # the weight as sampler.path=fast estimates it: the noise prior's pick
-                hats, tried = estimate_weight(n_model, sde, list(obs.ids), y, x_hat,
-                                              make_forward("blend", len(obs.ids), alpha=0.5))
-                err = (hats - truth).abs()
+                est, tried = estimate_weight(n_model, sde, list(obs.ids), y, x_hat,
+                                             make_forward("blend", len(obs.ids), alpha=0.5))
+                err = (est - truth).abs()
                 extra = {"alpha_error_median": float(err.median()), "alpha_error_mean": float(err.mean())}
-                nfe = 1 + tried
+                nfe = 1 + round(float(tried.float().mean()))  # the network, then the noise prior (mean per image)
             sec = (time.perf_counter() - t0) / len(obs.ids)
             shown["supervised"] = x_hat
             rows.append({**base, "method": "supervised", "rule": None, "solver": None, "steps": None, "nfe": nfe,

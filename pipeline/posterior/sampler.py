@@ -93,8 +93,9 @@ class SamplerSettings:
     path: str = field(default="joint", metadata={
         "check": lambda v: _one_of("path", v, PATHS),
         "description": "joint: the joint sampler on every image; fast: the supervised network (priors.supervised) "
-                       "alone, one evaluation per image; routed: the network on every image, the joint sampler "
-                       "on those whose answer the priors find unusual (docs/how-to/supervised.md)"})
+                       "alone, one evaluation per image (plus the noise prior's pick of an unknown weight); "
+                       "routed: the network on every image, the joint sampler on those whose answer the priors "
+                       "find unusual (docs/how-to/supervised.md)"})
     route_quantile: float = field(default=0.9, metadata={
         "gt": 0, "lt": 1, "description": "routed: an image goes to the joint sampler when its score is above this "
                                          "quantile of the network's validation scores (0.5, 0.8, 0.9, 0.95, 0.99)"})

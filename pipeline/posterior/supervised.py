@@ -163,17 +163,18 @@ WEIGHT_TILES = 16
 
 @torch.no_grad()
 def estimate_weight(n_model: torch.nn.Module, sde: Any, ids: list[str], y01: torch.Tensor, x01: torch.Tensor,
-                    forward: ForwardModel, tile_batch: int = 256) -> tuple[torch.Tensor, int]:
+                    forward: ForwardModel, tile_batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image, the weight of ``forward`` (an :data:`~pipeline.posterior.estimate.ESTIMABLE` model, the blend's
     alpha) whose noise the noise prior finds most likely, given the image ``x01`` (the supervised network's answer)
-    and the observation ``y01`` (both ``(B, C, H, W)`` in [0, 1]); and the noise prior's evaluations per image.
+    and the observation ``y01`` (both ``(B, C, H, W)`` in [0, 1]); and the noise prior's evaluations per image (B,).
 
     Each candidate weight ``w`` implies a noise, ``forward.explain(y, x)`` with that weight; the noise prior's
     denoising loss on it at :data:`WEIGHT_TIME` (the same seeded noise for every candidate, drawn from the image's
     id) is lowest near the true weight: a smaller weight over-amplifies ``y - x`` beyond the noise's range, a
     larger one leaves a faded copy of the image in the noise. The candidates are :data:`WEIGHT_COARSE`, then every
     :data:`WEIGHT_FINE` around the best of them, within :data:`~pipeline.posterior.estimate.BOUNDS`; an image
-    larger than the prior is scored on at most :data:`WEIGHT_TILES` of its tiles."""
+    larger than the prior is scored on at most :data:`WEIGHT_TILES` of its tiles, each inside the image (an image
+    smaller than a tile is reflected to fill it). The estimate depends on the image's id, size and pixels only."""
     from pipeline.posterior.estimate import BOUNDS
     from pipeline.posterior.sampler import seed_for
 
@@ -181,7 +182,12 @@ def estimate_weight(n_model: torch.nn.Module, sde: Any, ids: list[str], y01: tor
     size = n_model.config.image_size
     b, _, h, w = y01.shape
     tiling = Tiling(h, w, size, 0)
-    origins = tiling.origins
+
+    def inside(starts: list[int], side: int) -> list[int]:  # the last tile moved in from over the border
+        return sorted({min(s, side - size) for s in starts}) if side >= size else [0]
+
+    origins = [(a, c) for a in inside(sorted({o[0] for o in tiling.origins}), h)
+               for c in inside(sorted({o[1] for o in tiling.origins}), w)]
     if len(origins) > WEIGHT_TILES:
         origins = [origins[round(i * (len(origins) - 1) / (WEIGHT_TILES - 1))] for i in range(WEIGHT_TILES)]
     t_one = torch.zeros(b, device=y01.device)
@@ -192,7 +198,7 @@ def estimate_weight(n_model: torch.nn.Module, sde: Any, ids: list[str], y01: tor
     out = torch.empty(b)
     lo, hi = BOUNDS
     fine = [round(k * WEIGHT_FINE, 2) for k in range(-4, 5) if k]
-    tried = 0
+    tried = torch.zeros(b, dtype=torch.long)
     for k in range(b):
         yk, xk = yt[k * n_tiles:(k + 1) * n_tiles], xt[k * n_tiles:(k + 1) * n_tiles]
         g = torch.Generator().manual_seed(seed_for(ids[k], 0, 2000))
@@ -218,7 +224,7 @@ def estimate_weight(n_model: torch.nn.Module, sde: Any, ids: list[str], y01: tor
         score(list(WEIGHT_COARSE))
         best = min(scores, key=scores.__getitem__)
         score([c for c in (round(best + d, 2) for d in fine) if lo <= c <= hi])
-        tried = max(tried, len(scores))
+        tried[k] = len(scores)
         out[k] = min(scores, key=scores.__getitem__)
     return out, tried
 

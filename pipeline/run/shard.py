@@ -136,7 +136,7 @@ def estimate_line(run: Run, cleaner: ShardCleaner, workers: int = 1, at_least_s:
     if not run.mean_pixels or not run.pending_rows or getattr(SOLVERS[cleaner.settings.solver], "finishes", False):
         return None  # the paper preset's solver runs its own guidance, at the priors' size only
     if cleaner.settings.path == "fast":
-        return None  # one network evaluation per image
+        return None  # one network evaluation per image (and at most 27 of the noise prior): seconds
     routed = cleaner.settings.path == "routed"
     per_mp = seconds_per_megapixel(cleaner)
     mp = run.pending_rows * run.mean_pixels / 1e6

@@ -457,7 +457,9 @@ def _quality_plots(run: RunData, shards: list[str], per_shard: Callable[[str], l
             ("ssim-shard", svg_lines("ssim-shard", "mean SSIM per shard", "SSIM", shards,
                                      {"observation": per_shard("ssim_input"), "cleaned": per_shard("ssim")})),
         ]
-    figures = ["residual", "removed_energy"] + (["spread"] if _finite(run.column("spread")).size else [])
+    # a row the supervised network cleaned has no residual or spread (sampler.path fast): no empty plot for them
+    figures = [f for f in ("residual", "removed_energy", "spread")
+               if f == "removed_energy" or _finite(run.column(f)).size]
     names = {"residual": "residual (RMS)", "removed_energy": "removed-noise energy", "spread": "posterior spread"}
     out = [(f"{f}-hist", svg_histogram(f"{f}-hist", f"{names[f]} per image (no ground truth)", names[f],
                                        {names[f]: run.column(f)})) for f in figures]

@@ -132,8 +132,11 @@ def _expected(run_uri: Path) -> dict:
     if truth:
         plots = ["psnr-hist", "ssim-hist", "psnr-shard", "ssim-shard"]
     else:
-        has_spread = any(m["spread"] is not None and np.isfinite(m["spread"]) for m in metrics)
-        plots = ["residual-hist", "removed_energy-hist"] + (["spread-hist"] if has_spread else [])
+        def has(f: str) -> bool:  # the supervised network's rows have neither residual nor spread
+            return any(m[f] is not None and np.isfinite(m[f]) for m in metrics)
+
+        plots = (["residual-hist"] if has("residual") else []) + ["removed_energy-hist"]
+        plots += ["spread-hist"] if has("spread") else []
         plots.append("reference-free-shard")
     return {"images": shown * len(panels), "panels": {p: shown for p in panels}, "plots": plots,
             "errors": errors, "cleaned": len(metrics), "groups": groups}

@@ -254,8 +254,9 @@ def test_the_paths_refuse_what_they_cannot_do_in_one_line(routed_setup, tiny_pri
 
 def test_rows_without_alpha_get_the_noise_priors_weight_on_fast_and_are_sent_on_by_routed(routed_setup, tiny_priors,
                                                                                            tmp_path):
-    """Half of each shard's rows without an alpha value: in a batch with given rows, fast estimates only theirs, the
-    same at any batch size; routed sends them to the joint sampler."""
+    """Half of each shard's rows without an alpha value, and no truth: in a batch with given rows, fast estimates only
+    theirs, the same at any batch size; routed sends them to the joint sampler. The fast run's report plots no
+    residual (the network's rows have none)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -265,13 +266,18 @@ def test_rows_without_alpha_get_the_noise_priors_weight_on_fast_and_are_sent_on_
     for shard in sorted(p for p in __import__("pathlib").Path(obs).glob("shard-*.parquet")):
         t = pq.read_table(shard)
         alpha = [a if k % 2 else None for k, a in enumerate(t.column("alpha").to_pylist())]
-        pq.write_table(t.set_column(t.schema.get_field_index("alpha"), "alpha", pa.array(alpha, pa.float32())),
-                       src / shard.name)
+        t = t.set_column(t.schema.get_field_index("alpha"), "alpha", pa.array(alpha, pa.float32()))
+        pq.write_table(t.drop_columns(["clean"]), src / shard.name)
     summary, fast, metrics = _run(tiny_priors, sup, str(src), str(tmp_path / "out"), "fast")
     _, alone, _ = _run(tiny_priors, sup, str(src), str(tmp_path / "out"), "fast", batch_size=1, run_id="alone")
     _, given, _ = _run(tiny_priors, sup, obs, str(tmp_path / "given"), "fast")
     assert summary["cleaned"] == 8 and summary["alpha_estimated"] == 4 and {r["path"] for r in fast.values()} == {
         "fast"}
+    from tests.test_report import _Dom
+
+    dom = _Dom()
+    dom.feed((tmp_path / "out" / "runs" / "fast" / "report.html").read_text())
+    assert dom.plots[:2] == ["removed_energy-hist", "reference-free-shard"], dom.plots
     for i, r in fast.items():
         # the network's answer does not depend on the weight; its noise estimate does
         assert np.array_equal(_pixels(r["denoised"]), _pixels(given[i]["denoised"]))

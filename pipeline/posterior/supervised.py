@@ -178,16 +178,14 @@ def estimate_weight(n_model: torch.nn.Module, sde: Any, ids: list[str], y01: tor
     from pipeline.posterior.estimate import BOUNDS
     from pipeline.posterior.sampler import seed_for
 
-    weight = type(forward).weight
     size = n_model.config.image_size
     b, _, h, w = y01.shape
-    tiling = Tiling(h, w, size, 0)
+    tiling = Tiling(h, w, size, 0)  # its reflection fills a tile over an image smaller than one
 
-    def inside(starts: list[int], side: int) -> list[int]:  # the last tile moved in from over the border
-        return sorted({min(s, side - size) for s in starts}) if side >= size else [0]
+    def starts(side: int) -> list[int]:  # tiles side by side, the last one moved in to end at the border
+        return sorted({*range(0, side - size + 1, size), side - size}) if side >= size else [0]
 
-    origins = [(a, c) for a in inside(sorted({o[0] for o in tiling.origins}), h)
-               for c in inside(sorted({o[1] for o in tiling.origins}), w)]
+    origins = [(a, c) for a in starts(h) for c in starts(w)]
     if len(origins) > WEIGHT_TILES:
         origins = [origins[round(i * (len(origins) - 1) / (WEIGHT_TILES - 1))] for i in range(WEIGHT_TILES)]
     t_one = torch.zeros(b, device=y01.device)
@@ -203,30 +201,31 @@ def estimate_weight(n_model: torch.nn.Module, sde: Any, ids: list[str], y01: tor
         yk, xk = yt[k * n_tiles:(k + 1) * n_tiles], xt[k * n_tiles:(k + 1) * n_tiles]
         g = torch.Generator().manual_seed(seed_for(ids[k], 0, 2000))
         e = torch.randn((n_tiles, forward.noise_channels(yk.shape[1]), size, size), generator=g).to(yk.device)
-        scores: dict[float, float] = {}
-
-        def score(cands: list[float], yk: torch.Tensor = yk, xk: torch.Tensor = xk, e: torch.Tensor = e,
-                  scores: dict[float, float] = scores) -> None:
-            cands = [c for c in cands if c not in scores]
-            if not cands:
-                return
-            m = len(cands)
-            fm = make_forward(forward.name, m * n_tiles, **{weight: torch.tensor(cands).repeat_interleave(n_tiles)})
-            z = fm.explain(yk.repeat(m, 1, 1, 1), xk.repeat(m, 1, 1, 1)) * 2 - 1
-            ee = e.repeat(m, 1, 1, 1)
-            zt = a_t * z + s_t * ee
-            t = torch.full((zt.shape[0],), WEIGHT_TIME, device=zt.device)
-            pred = torch.cat([n_model(zt[i:i + tile_batch], t[i:i + tile_batch])
-                              for i in range(0, zt.shape[0], tile_batch)])
-            loss = (pred - ee).pow(2).flatten(1).mean(1).view(m, n_tiles).mean(1)
-            scores.update(zip(cands, loss.tolist(), strict=True))
-
-        score(list(WEIGHT_COARSE))
+        scores = dict(zip(WEIGHT_COARSE, _weight_losses(n_model, forward, list(WEIGHT_COARSE), yk, xk, e, a_t, s_t,
+                                                        tile_batch), strict=True))
         best = min(scores, key=scores.__getitem__)
-        score([c for c in (round(best + d, 2) for d in fine) if lo <= c <= hi])
+        around = [c for c in (round(best + d, 2) for d in fine) if lo <= c <= hi and c not in scores]
+        if around:
+            scores.update(zip(around, _weight_losses(n_model, forward, around, yk, xk, e, a_t, s_t, tile_batch),
+                              strict=True))
         tried[k] = len(scores)
         out[k] = min(scores, key=scores.__getitem__)
     return out, tried
+
+
+def _weight_losses(n_model: torch.nn.Module, forward: ForwardModel, cands: list[float], y: torch.Tensor,
+                   x: torch.Tensor, e: torch.Tensor, a_t: float, s_t: float, tile_batch: int) -> list[float]:
+    """:func:`estimate_weight`'s score of each candidate weight: the noise prior's denoising loss, at
+    :data:`WEIGHT_TIME` with the noise ``e``, on the noise that each implies over one image's tiles ``y``, ``x``."""
+    m, n_tiles = len(cands), y.shape[0]
+    fm = make_forward(forward.name, m * n_tiles,
+                      **{type(forward).weight: torch.tensor(cands).repeat_interleave(n_tiles)})
+    z = fm.explain(y.repeat(m, 1, 1, 1), x.repeat(m, 1, 1, 1)) * 2 - 1
+    ee = e.repeat(m, 1, 1, 1)
+    zt = a_t * z + s_t * ee
+    t = torch.full((zt.shape[0],), WEIGHT_TIME, device=zt.device)
+    pred = torch.cat([n_model(zt[i:i + tile_batch], t[i:i + tile_batch]) for i in range(0, zt.shape[0], tile_batch)])
+    return (pred - ee).pow(2).flatten(1).mean(1).view(m, n_tiles).mean(1).tolist()
 
 
 @dataclass(frozen=True)
